@@ -1,0 +1,32 @@
+"""sed_dask: distributed, out-of-core Spectral Edge Dynamics of training trajectories.
+
+Public entry points are imported lazily so that ``import sed_dask`` stays cheap (no torch import)
+and so that worker processes only load what their tasks need.
+"""
+from __future__ import annotations
+
+import importlib
+
+from . import config  # noqa: F401  (registers package defaults with dask.config)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    # name -> module that defines it
+    "TrajectoryStore": "sed_dask.store",
+    "open_store": "sed_dask.store",
+    "ingest": "sed_dask.ingest",
+    "spectrum": "sed_dask.spectra",
+    "sketch": "sed_dask.sketch",
+    "connect": "sed_dask.cluster",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sed_dask' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

@@ -1,0 +1,63 @@
+"""The ``sed-dask`` command. Each subcommand lives in its own module exposing ``register(subparsers)``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# subcommand modules, in the order shown by --help
+COMMANDS = ["ingest", "spectrum", "query"]
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    """The connection options every distributed subcommand accepts (see sed_dask.cluster)."""
+    g = p.add_argument_group("cluster")
+    g.add_argument("--scheduler-address", metavar="ADDR", help="connect to a running Dask scheduler")
+    g.add_argument("--scheduler-file", metavar="FILE", help="connect via a scheduler file (SLURM, dask-mpi)")
+    g.add_argument("--n-workers", type=int, default=None,
+                   help="workers of the temporary LocalCluster when no cluster is given")
+    g.add_argument("--memory-limit", default=None, help="per-worker memory limit of the temporary LocalCluster")
+
+
+def connect_from_args(args):
+    """A ``sed_dask.cluster.connect`` context for parsed CLI arguments."""
+    from ..cluster import connect
+
+    local = {}
+    if getattr(args, "n_workers", None):
+        local["n_workers"] = args.n_workers
+    if getattr(args, "memory_limit", None):
+        local["memory_limit"] = args.memory_limit
+    return connect(address=args.scheduler_address, scheduler_file=args.scheduler_file,
+                   local_kwargs=local)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    p = argparse.ArgumentParser(prog="sed-dask", description="Spectral Edge Dynamics of training trajectories on Dask.")
+    p.add_argument("--version", action="version", version=f"sed_dask {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"sed_dask.cli.{name}").register(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    from ..errors import SEDError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (SEDError, ConnectionError, FileNotFoundError) as exc:
+        print(f"sed-dask {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""The Zarr v3 trajectory store: one group per run holding ``params (step, P)`` float32.
+
+Layout (one store may hold many runs, e.g. seeds)::
+
+    <root>/                       attrs: sed_dask_store_format
+      <run>/                      attrs: provenance, selection policy, parameter index + hash
+        params   (row, P) float32 chunks (1, chunk) shards (1, shard), fill NaN
+        steps    (row,)   int64   training step of each row, strictly increasing
+        complete (row,)   uint8   completion record, one Zarr chunk per row (no shared writes)
+        metrics/                  step (m,) int64 + one float64 array per metric name
+
+Rows are allocated by the client before any data task runs; a row counts only once its
+``complete`` flag is 1, so a crash at any point leaves completed rows intact and re-running
+ingestion rewrites only incomplete rows. Writers always own whole shards.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import zarr
+
+from . import config
+from .errors import StoreError
+
+STORE_FORMAT = 1
+_STEP_CHUNK = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    """One selected tensor's place in the flat parameter vector."""
+
+    name: str
+    offset: int
+    size: int
+    shape: tuple[int, ...]
+    source_dtype: str
+    group: str
+
+    def to_record(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+class ParamIndex:
+    """Ordered tensors of the flat parameter vector, with a content hash.
+
+    The hash covers names, offsets, sizes, shapes and source dtypes (not groups, which are an
+    analysis choice), so two stores agree on it exactly when their flat vectors mean the same thing.
+    """
+
+    def __init__(self, entries: Sequence[TensorEntry]):
+        self.entries = tuple(entries)
+        off = 0
+        for e in self.entries:
+            if e.offset != off:
+                raise StoreError(f"parameter index is not contiguous at tensor {e.name!r} "
+                                 f"(offset {e.offset}, expected {off})")
+            off += e.size
+        self.n_params = off
+
+    @classmethod
+    def from_tensors(cls, tensors: Iterable[tuple[str, tuple[int, ...], str]], *, group_of=None):
+        """Build from ``(name, shape, source_dtype)`` in the order given."""
+        from .layers import default_group
+
+        group_of = group_of or default_group
+        entries, off = [], 0
+        for name, shape, dtype in tensors:
+            size = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+            entries.append(TensorEntry(name, off, size, tuple(int(s) for s in shape), str(dtype),
+                                       group_of(name)))
+            off += size
+        return cls(entries)
+
+    @classmethod
+    def from_records(cls, records: Sequence[dict]) -> "ParamIndex":
+        return cls([TensorEntry(r["name"], int(r["offset"]), int(r["size"]), tuple(r["shape"]),
+                                r["source_dtype"], r["group"]) for r in records])
+
+    def to_records(self) -> list[dict]:
+        return [e.to_record() for e in self.entries]
+
+    @property
+    def hash(self) -> str:
+        key = [[e.name, e.offset, e.size, list(e.shape), e.source_dtype] for e in self.entries]
+        return hashlib.sha256(json.dumps(key, separators=(",", ":")).encode()).hexdigest()[:16]
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __getitem__(self, name: str) -> TensorEntry:
+        for e in self.entries:
+            if e.name == name:
+                return e
+        raise KeyError(name)
+
+    def regroup(self, group_of) -> "ParamIndex":
+        """The same index with groups from ``group_of(name)`` (a callable or a name->group dict)."""
+        f = group_of.__getitem__ if isinstance(group_of, dict) else group_of
+        return ParamIndex([dataclasses.replace(e, group=f(e.name)) for e in self.entries])
+
+    def group_ranges(self) -> dict[str, list[tuple[int, int]]]:
+        """Group -> sorted, merged ``[start, stop)`` ranges of the flat vector."""
+        out: dict[str, list[tuple[int, int]]] = {}
+        for e in self.entries:
+            rs = out.setdefault(e.group, [])
+            if rs and rs[-1][1] == e.offset:
+                rs[-1] = (rs[-1][0], e.offset + e.size)
+            else:
+                rs.append((e.offset, e.offset + e.size))
+        return out
+
+    def segments(self, start: int, stop: int) -> list[tuple[TensorEntry, int, int]]:
+        """Tensors overlapping flat ``[start, stop)`` as ``(entry, lo, hi)`` flat offsets *within the tensor*."""
+        out = []
+        for e in self.entries:
+            if e.offset >= stop:
+                break
+            if e.offset + e.size <= start:
+                continue
+            lo, hi = max(start, e.offset) - e.offset, min(stop, e.offset + e.size) - e.offset
+            out.append((e, lo, hi))
+        return out
+
+
+def _open_group(store, mode: str, storage_options: dict | None):
+    if isinstance(store, zarr.Group):
+        return store
+    kw = {"storage_options": storage_options} if storage_options else {}
+    try:
+        return zarr.open_group(store, mode=mode, **kw)
+    except FileNotFoundError as exc:
+        raise StoreError(f"no trajectory store at {store!r}") from exc
+
+
+class TrajectoryStore:
+    """A Zarr group holding one subgroup per run."""
+
+    def __init__(self, root: zarr.Group):
+        self.root = root
+
+    @property
+    def url(self) -> str:
+        return str(self.root.store_path)
+
+    @property
+    def runs(self) -> list[str]:
+        return sorted(name for name, _ in self.root.groups())
+
+    def run(self, name: str) -> "RunStore":
+        try:
+            g = self.root[name]
+        except KeyError:
+            raise StoreError(f"unknown run {name!r} in store {self.url}; runs present: {self.runs}") from None
+        if not isinstance(g, zarr.Group) or "params" not in g:
+            raise StoreError(f"{name!r} in store {self.url} is not a trajectory run")
+        return RunStore(g, name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.runs
+
+    def create_run(
+        self,
+        name: str,
+        *,
+        index: ParamIndex,
+        policy: dict,
+        chunk_bytes=None,
+        shard_bytes=None,
+        compressor=None,
+        attrs: dict | None = None,
+    ) -> "RunStore":
+        """Create an empty run (0 rows) with its layout fixed by ``index`` and the chunk settings."""
+        if name in self.runs:
+            raise StoreError(f"run {name!r} already exists in store {self.url}")
+        if not name or "/" in name:
+            raise StoreError(f"invalid run name {name!r}")
+        P = index.n_params
+        if P == 0:
+            raise StoreError(f"run {name!r}: the parameter selection is empty")
+        chunk = max(1, min(P, config.get_bytes("store.chunk-bytes", chunk_bytes) // 4))
+        shard = max(chunk, config.get_bytes("store.shard-bytes", shard_bytes) // 4)
+        shard = (shard // chunk) * chunk
+        shards = None
+        if shard > chunk and P > chunk:
+            shard = min(shard, -(-P // chunk) * chunk)
+            shards = (1, shard)
+        else:
+            shard = chunk
+        comp = compressor if compressor is not None else config.get("store.compressor")
+        compressors = None if comp in (None, "none") else _compressor(comp)
+        g = self.root.create_group(name)
+        g.create_array("params", shape=(0, P), chunks=(1, chunk), shards=shards, dtype="float32",
+                       fill_value=np.nan, compressors=compressors,
+                       dimension_names=("row", "param"), config={"write_empty_chunks": True})
+        g.create_array("steps", shape=(0,), chunks=(_STEP_CHUNK,), dtype="int64", fill_value=-1,
+                       dimension_names=("row",))
+        g.create_array("complete", shape=(0,), chunks=(1,), dtype="uint8", fill_value=0,
+                       dimension_names=("row",))
+        from . import __version__
+
+        g.attrs.update({
+            "sed_dask_version": __version__,
+            "selection_policy": policy,
+            "param_index": index.to_records(),
+            "param_index_hash": index.hash,
+            "n_params": P,
+            "write_unit": shard,
+            "sources": {},
+            "nonfinite": [],
+            **(attrs or {}),
+        })
+        return RunStore(g, name)
+
+
+def _compressor(spec):
+    if isinstance(spec, str):
+        if spec.startswith("zstd"):
+            level = int(spec.split(":")[1]) if ":" in spec else 1
+            return (zarr.codecs.ZstdCodec(level=level),)
+        if spec.startswith("blosc"):
+            return (zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),)
+        raise StoreError(f"unknown compressor {spec!r} (use none, zstd[:level] or blosc)")
+    return spec if isinstance(spec, tuple) else (spec,)
+
+
+class RunStore:
+    """One run: the params array, its step labels, completion records and metrics."""
+
+    def __init__(self, group: zarr.Group, name: str):
+        self.group = group
+        self.name = name
+        self.params: zarr.Array = group["params"]
+        self._steps: zarr.Array = group["steps"]
+        self._complete: zarr.Array = group["complete"]
+
+    # ----------------------------------------------------------------- metadata
+    @property
+    def attrs(self) -> dict:
+        return dict(self.group.attrs)
+
+    @property
+    def index(self) -> ParamIndex:
+        return ParamIndex.from_records(self.group.attrs["param_index"])
+
+    @property
+    def policy(self) -> dict:
+        return dict(self.group.attrs["selection_policy"])
+
+    @property
+    def n_params(self) -> int:
+        return int(self.params.shape[1])
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.params.shape[0])
+
+    @property
+    def write_unit(self) -> int:
+        """Elements along P that one writer owns (a whole shard, or a chunk when unsharded)."""
+        return int(self.group.attrs["write_unit"])
+
+    @property
+    def read_unit(self) -> int:
+        return int(self.params.chunks[1])
+
+    def write_ranges(self) -> list[tuple[int, int]]:
+        """``[start, stop)`` P-ranges, each one whole write unit (the last may be short)."""
+        u, P = self.write_unit, self.n_params
+        return [(s, min(s + u, P)) for s in range(0, P, u)]
+
+    # ----------------------------------------------------------------- rows
+    def row_steps(self) -> np.ndarray:
+        """Step label of every allocated row (complete or not)."""
+        return np.asarray(self._steps[:], dtype=np.int64) if self.n_rows else np.zeros(0, np.int64)
+
+    def completed(self) -> np.ndarray:
+        """Boolean completion record per allocated row."""
+        return np.asarray(self._complete[:], dtype=bool) if self.n_rows else np.zeros(0, bool)
+
+    @property
+    def steps(self) -> np.ndarray:
+        """Steps of completed rows, in row order (strictly increasing)."""
+        return self.row_steps()[self.completed()]
+
+    def allocate(self, steps: Sequence[int]) -> np.ndarray:
+        """Append rows for new ``steps`` (all greater than every stored step); return their row numbers.
+
+        Validation happens before anything is resized, so a bad request changes nothing.
+        """
+        steps = np.asarray(list(steps), dtype=np.int64)
+        if steps.size == 0:
+            return np.zeros(0, np.int64)
+        if np.any(np.diff(steps) <= 0):
+            d = steps[1:][np.diff(steps) <= 0][0]
+            raise StoreError(f"run {self.name!r}: steps to append must be strictly increasing; "
+                             f"step {int(d)} is duplicated or out of order")
+        have = self.row_steps()
+        if have.size and steps[0] <= have[-1]:
+            raise StoreError(f"run {self.name!r}: cannot append step {int(steps[0])}; the run already "
+                             f"holds steps up to {int(have[-1])} (appending must add later steps)")
+        n0 = self.n_rows
+        n1 = n0 + steps.size
+        self._steps.resize((n1,))
+        self._complete.resize((n1,))
+        self._steps[n0:n1] = steps
+        self.params.resize((n1, self.n_params))
+        return np.arange(n0, n1)
+
+    def mark_complete(self, row: int, *, source: str | None = None) -> None:
+        self._complete[row] = 1
+
+    def record_sources(self, sources: dict[int, str]) -> None:
+        """Remember the source file of each step (client side; one writer)."""
+        cur = dict(self.group.attrs.get("sources", {}))
+        cur.update({str(int(k)): str(v) for k, v in sources.items()})
+        self.group.attrs["sources"] = cur
+
+    def check_complete(self) -> np.ndarray:
+        """Steps, after checking that every allocated row is complete (else a clear error)."""
+        done = self.completed()
+        if not done.all():
+            missing = self.row_steps()[~done]
+            raise StoreError(f"run {self.name!r}: ingestion is incomplete for steps "
+                             f"{missing[:10].tolist()}{'...' if missing.size > 10 else ''}; "
+                             "re-run `sed-dask ingest` to finish it")
+        return self.row_steps()
+
+    # ----------------------------------------------------------------- metrics
+    def set_metrics(self, steps: Sequence[int], values: dict[str, Sequence[float]]) -> None:
+        """Store metric series (e.g. val_loss) by step, replacing earlier series of the same names."""
+        steps = np.asarray(steps, dtype=np.int64)
+        order = np.argsort(steps, kind="stable")
+        steps = steps[order]
+        if np.any(np.diff(steps) == 0):
+            d = steps[1:][np.diff(steps) == 0][0]
+            raise StoreError(f"run {self.name!r}: metrics have a duplicate step {int(d)}")
+        old = self.metrics()
+        if old and not np.array_equal(old.get("step"), steps):
+            # merge onto the union of steps, keeping earlier series that are not replaced
+            union = np.union1d(old["step"], steps)
+            merged = {"step": union}
+            for k, v in old.items():
+                if k != "step":
+                    a = np.full(union.size, np.nan)
+                    a[np.searchsorted(union, old["step"])] = v
+                    merged[k] = a
+            pos = np.searchsorted(union, steps)
+            for k, v in values.items():
+                a = np.full(union.size, np.nan)
+                a[pos] = np.asarray(v, dtype=np.float64)[order]
+                merged[k] = a
+        else:
+            merged = dict(old) if old else {}
+            merged["step"] = steps
+            for k, v in values.items():
+                v = np.asarray(v, dtype=np.float64)
+                if v.shape != steps.shape:
+                    raise StoreError(f"run {self.name!r}: metric {k!r} has {v.size} values for {steps.size} steps")
+                merged[k] = v[order]
+        mg = self.group.require_group("metrics")
+        for k, v in merged.items():
+            dtype = "int64" if k == "step" else "float64"
+            mg.create_array(k, shape=v.shape, dtype=dtype, overwrite=True,
+                            dimension_names=("metric_step",))[:] = v
+
+    def metrics(self) -> dict[str, np.ndarray]:
+        """``{"step": ..., name: values}``; empty if the run has no metrics."""
+        if "metrics" not in self.group:
+            return {}
+        mg = self.group["metrics"]
+        return {k: np.asarray(a[:]) for k, a in mg.arrays()}
+
+    def read(self, rows: slice | Sequence[int], start: int = 0, stop: int | None = None) -> np.ndarray:
+        """float32 block ``params[rows, start:stop]`` (for tests and small reads)."""
+        return np.asarray(self.params[rows, start:stop])
+
+
+def open_store(store, *, mode: str = "a", storage_options: dict | None = None) -> TrajectoryStore:
+    """Open (or with mode 'a'/'w', create) a trajectory store from a path, fsspec URL or zarr Group."""
+    if isinstance(store, TrajectoryStore):
+        return store
+    if mode == "a" and not isinstance(store, zarr.Group):
+        # create the root on first use, but never overwrite
+        g = _open_group(store, "a", storage_options)
+    else:
+        g = _open_group(store, mode, storage_options)
+    fmt = g.attrs.get("sed_dask_store_format")
+    if fmt is None:
+        if mode == "r":
+            if not list(g.groups()):
+                raise StoreError(f"{store!r} is not a sed_dask trajectory store (no runs)")
+        else:
+            g.attrs["sed_dask_store_format"] = STORE_FORMAT
+    elif fmt > STORE_FORMAT:
+        raise StoreError(f"store {store!r} has format {fmt}, newer than this sed_dask ({STORE_FORMAT})")
+    return TrajectoryStore(g)
+
+
+def write_trajectory(store, run: str, steps: Sequence[int], params, *, index: ParamIndex | None = None,
+                     policy: dict | None = None, metrics: dict | None = None, **create_kw) -> RunStore:
+    """Write an in-memory or array-like ``(n_steps, P)`` trajectory as a run, one row at a time.
+
+    For trajectories that already exist as arrays (tests, simulations, other tools); checkpoint
+    files go through :func:`sed_dask.ingest`. ``metrics`` maps a name to one value per step.
+    """
+    ts = open_store(store)
+    P = int(params.shape[1])
+    if index is None:
+        index = ParamIndex([TensorEntry("params", 0, P, (P,), str(np.dtype(params.dtype)), "all")])
+    if index.n_params != P:
+        raise StoreError(f"index describes {index.n_params} parameters but the array has {P} columns")
+    rs = ts.create_run(run, index=index, policy=policy or {"name": "array"}, **create_kw)
+    rows = rs.allocate(steps)
+    for r in rows:
+        row = np.asarray(params[int(r)], dtype=np.float32)
+        if not np.isfinite(row).all():
+            raise StoreError(f"run {run!r}: step {int(steps[int(r)])} holds NaN/Inf")
+        rs.params[int(r), :] = row
+        rs.mark_complete(int(r))
+    if metrics:
+        rs.set_metrics(steps, metrics)
+    return rs
