@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 
 from . import config  # noqa: F401  (registers package defaults with dask.config)
+from . import accessor  # noqa: F401  (registers the ds.sed accessor; imports xarray only)
 
 __version__ = "0.1.0"
 
@@ -16,7 +17,11 @@ _LAZY = {
     "TrajectoryStore": "sed_dask.store",
     "open_store": "sed_dask.store",
     "ingest": "sed_dask.ingest",
+    "open_checkpoint": "sed_dask.readers",
+    "discover_checkpoints": "sed_dask.discover",
+    "load_metrics": "sed_dask.metrics_io",
     "spectrum": "sed_dask.spectra",
+    "banded_gram": "sed_dask.gram",
     "sketch": "sed_dask.sketch",
     "connect": "sed_dask.cluster",
 }

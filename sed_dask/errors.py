@@ -15,3 +15,14 @@ class NonFiniteError(CheckpointError):
 
 class StoreError(SEDError, ValueError):
     """The trajectory or results store is missing something, or disagrees with the request."""
+
+
+class AnalysisError(SEDError, ValueError):
+    """An analysis query cannot run: unknown variable, missing metric, or a series too short.
+
+    The message names the variable and the (run, W, group) series at fault.
+    """
+
+
+class MetricsError(SEDError, ValueError):
+    """A metrics file (val_loss etc.) cannot be parsed or contradicts itself."""

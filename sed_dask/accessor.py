@@ -1,0 +1,69 @@
+"""``ds.sed``: a thin Dataset accessor forwarding to :mod:`sed_dask.analysis`.
+
+Functions are the API; the accessor is sugar (ecosystem_notes §5, xskillscore style). It imports
+only xarray at import time — the analysis modules load on first use — so registering it on
+``import sed_dask`` stays cheap and never pulls in the engine, Dask distributed or torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+import xarray as xr
+
+# accessor method -> "module:function" in sed_dask.analysis
+_FORWARD = {
+    "var": "_series:resolve",
+    "signal_rank": "edge:signal_rank",
+    "edge_summary": "edge:edge_summary",
+    "edge_null": "edge:edge_null",
+    "phases": "phases:phases",
+    "collapse_step": "phases:collapse_step",
+    "lag_correlation": "lag:lag_correlation",
+    "lag_sweep": "lag:lag_sweep",
+    "sliding_correlation": "lag:sliding_correlation",
+    "phase_correlation": "lag:phase_correlation",
+    "granger": "granger:granger",
+    "granger_multivariate": "granger:granger_multivariate",
+    "detect_shift": "shift:detect_shift",
+    "onset": "warning:onset",
+    "lead_time": "warning:lead_time",
+    "attach_metrics": "metrics:attach_metrics",
+}
+
+
+def _target(spec: str):
+    mod, fn = spec.split(":")
+    return getattr(importlib.import_module(f"sed_dask.analysis.{mod}"), fn)
+
+
+def _forwarder(name: str, spec: str):
+    def method(self, *args, **kwargs):
+        return _target(spec)(self._ds, *args, **kwargs)
+
+    mod, fn = spec.split(":")
+    method.__name__ = name
+    method.__qualname__ = f"SEDAccessor.{name}"
+    method.__doc__ = f"``{fn}(ds, ...)`` from :mod:`sed_dask.analysis.{mod}` on this Dataset."
+    return method
+
+
+@xr.register_dataset_accessor("sed")
+class SEDAccessor:
+    """Spectral-edge queries on a results Dataset: ``ds.sed.lag_correlation(...)`` etc."""
+
+    def __init__(self, ds: xr.Dataset):
+        self._ds = ds
+
+    def __dir__(self):
+        return sorted(set(super().__dir__()) | set(_FORWARD))
+
+    def help(self, name: str) -> str:
+        """Full docstring of the analysis function behind ``ds.sed.<name>``."""
+        if name not in _FORWARD:
+            raise AttributeError(f"ds.sed has no query {name!r}; available: {sorted(_FORWARD)}")
+        return _target(_FORWARD[name]).__doc__ or ""
+
+
+for _name, _spec in _FORWARD.items():
+    setattr(SEDAccessor, _name, _forwarder(_name, _spec))
+del _name, _spec

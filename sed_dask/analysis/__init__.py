@@ -1,0 +1,33 @@
+"""Analysis queries over the results Dataset (docs/result_schema.md): pure functions on xarray.
+
+One module per query family: ``edge`` (signal rank, edge summary, null significance), ``phases``
+(three-phase segmentation, collapse step, cross-seed summaries), ``lag`` (detrended lagged
+correlation, W sweep / lag flip, sliding and phase correlations), ``granger``, ``shift`` (CUSUM,
+t-test scan, max-derivative), ``warning`` (onset and lead time) and ``metrics`` (attach metrics).
+Every function takes the Dataset first, variables by name / ``sed_role`` / alias, and keyword-only
+tuning arguments; ``ds.sed`` (sed_dask.accessor) forwards to them. Imports flow results ->
+analysis only: nothing here imports the engine, the readers, Dask distributed or torch.
+"""
+from __future__ import annotations
+
+from ._series import require_metric, resolve
+from .edge import edge_null, edge_summary, null_distribution, signal_rank, window_statistic
+from .granger import granger, granger_multivariate, granger_test, residualize
+from .lag import (detrend_series, lag_correlation, lag_flips, lag_sweep, lagged_corr, peak_lag, pearson,
+                  phase_correlation, sliding_correlation)
+from .metrics import attach_metrics
+from .phases import collapse_step, cross_seed_summary, phase_intervals, phases, segment
+from .shift import cusum, detect_shift, max_derivative, welch_scan
+from .warning import event_index, lead_time, onset, onset_index
+
+__all__ = [
+    "resolve", "require_metric",
+    "signal_rank", "edge_summary", "edge_null", "null_distribution", "window_statistic",
+    "segment", "phase_intervals", "phases", "collapse_step", "cross_seed_summary",
+    "detrend_series", "pearson", "lagged_corr", "peak_lag", "lag_correlation", "lag_sweep", "lag_flips",
+    "sliding_correlation", "phase_correlation",
+    "granger_test", "granger", "granger_multivariate", "residualize",
+    "cusum", "welch_scan", "max_derivative", "detect_shift",
+    "onset_index", "event_index", "onset", "lead_time",
+    "attach_metrics",
+]

@@ -1,0 +1,236 @@
+"""Edge queries: signal rank (mode of k*), per-series edge summary, edge significance vs a null.
+
+Per-window k* and the edge ratio are computed by the engine (result_schema.md); here they are
+summarised over windows and tested against a matched-norm random-direction null (sed_spec §4.5).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import xarray as xr
+
+from ..errors import AnalysisError
+from ._series import (STEP, Collector, describe, iter_series, mp_adjacent_ratio, resolve, select,
+                      series_dims)
+
+
+def signal_rank(ds: xr.Dataset, *, variable="signal_rank", run=None, window=None,
+                group=None) -> xr.Dataset:
+    """Mode of k* over windows per (run, W[, group]); ties go to the smallest k.
+
+    The reference takes ``Counter.most_common`` (sed_spec §3.2), whose tie order is insertion
+    order; the smallest k is the deterministic, conservative choice. Returns ``k_mode``,
+    ``k_mode_count``, ``k_mode_freq`` (= count / n_windows) and ``n_windows`` (finite k*).
+    """
+    da = select(resolve(ds, variable), run=run, window=window, group=group)
+    vals = da.transpose(*series_dims(da), STEP).values.astype(float)
+    ok = np.isfinite(vals)
+    if ok.any() and (np.any(vals[ok] < 1) or np.any(vals[ok] != np.round(vals[ok]))):
+        raise AnalysisError(f"{da.name!r} must hold positive integer ranks (k*)")
+    kmax = int(np.nanmax(vals)) if ok.any() else 1
+    ks = np.arange(1, kmax + 1)
+    counts = (vals[..., None] == ks).sum(axis=-2)            # (..., k)
+    n = ok.sum(axis=-1)
+    mode = ks[np.argmax(counts, axis=-1)].astype(float)      # argmax = first max = smallest k
+    best = counts.max(axis=-1).astype(float)
+    mode[n == 0] = np.nan
+    best[n == 0] = np.nan
+    dims = series_dims(da)
+    coords = {d: da[d] for d in dims}
+    out = xr.Dataset(
+        {"k_mode": (dims, mode, {"long_name": "signal rank: mode of k* over windows (ties -> smallest)",
+                                 "units": "1", "sed_role": "signal_rank_mode"}),
+         "k_mode_count": (dims, best, {"long_name": "windows whose k* equals the mode", "units": "1"}),
+         "k_mode_freq": (dims, np.where(n > 0, best / np.maximum(n, 1), np.nan),
+                         {"long_name": "fraction of windows whose k* equals the mode", "units": "1"}),
+         "n_windows": (dims, n, {"long_name": "windows with a finite k*", "units": "1"})},
+        coords=coords, attrs={"source_variable": str(da.name)})
+    return out
+
+
+def edge_summary(ds: xr.Dataset, *, variable="edge_ratio", rank="signal_rank", run=None,
+                 window=None, group=None) -> xr.Dataset:
+    """Per (run, W[, group]): signal rank, edge-ratio mean/median/min/max (+ step of the max),
+    and how often the edge exceeds the W-aware MP adjacent-ratio noise level 1 + 2W^(-2/3)
+    (sed_spec §4.3: ``n_above_mp``, ``excess_over_mp``)."""
+    edge = select(resolve(ds, variable), run=run, window=window, group=group)
+    out = signal_rank(ds, variable=rank, run=run, window=window, group=group)
+    finite = edge.notnull()
+    out["edge_mean"] = edge.mean(STEP)
+    out["edge_median"] = edge.median(STEP)
+    out["edge_min"] = edge.min(STEP)
+    out["edge_max"] = edge.max(STEP)
+    out["edge_max_step"] = edge.fillna(-np.inf).idxmax(STEP).where(finite.any(STEP))
+    if "window" in edge.dims:
+        mp = xr.DataArray(mp_adjacent_ratio(edge["window"].values), dims="window",
+                          coords={"window": edge["window"]})
+        out["mp_adjacent_ratio"] = mp
+        out["n_above_mp"] = (edge > mp).sum(STEP)
+        out["excess_over_mp"] = out["edge_mean"] - mp
+    for v in ("edge_mean", "edge_median", "edge_min", "edge_max"):
+        out[v].attrs.update(units="1", long_name=f"{v.split('_')[1]} of {edge.name} over windows")
+    out.attrs["edge_variable"] = str(edge.name)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ null
+
+def window_statistic(sigma: np.ndarray, *, n_params: float, statistic="edge_ratio") -> np.ndarray:
+    """The edge statistic of spectra ``sigma`` (..., W), sorted descending.
+
+    ``"edge_ratio"``: max ρ_k over the noise-floor-restricted candidates {k : σ_{k+1} ≥ σ_MP}
+    (fallback k ≤ ⌊W/2⌋), σ_MP = √n̄ (1 + √(W/P)), n̄ = mean of the bottom-half eigenvalues —
+    the engine's default k* rule (result_schema.md, sed_spec §3.2, §4.2). Taking the *max* over the
+    same candidate set in data and null includes the look-elsewhere effect of choosing k*.
+    An int k: ρ_k at fixed k (e.g. 2 for r23). ``"pc2"``: 100 λ₂/Σλ (sed_spec §4.5).
+    """
+    sigma = np.asarray(sigma, dtype=float)
+    W = sigma.shape[-1]
+    lam = sigma ** 2
+    if statistic == "pc2":
+        return 100.0 * lam[..., 1] / lam.sum(axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rho = np.where(sigma[..., 1:] > 0, sigma[..., :-1] / sigma[..., 1:], np.nan)
+    if isinstance(statistic, (int, np.integer)) and not isinstance(statistic, bool):
+        if not 1 <= statistic < W:
+            raise AnalysisError(f"ratio index k={statistic} needs 1 <= k < W={W}")
+        return rho[..., statistic - 1]
+    if statistic != "edge_ratio":
+        raise AnalysisError(f"unknown null statistic {statistic!r} (use 'edge_ratio', 'pc2' or an int k)")
+    nbar = lam[..., W // 2:].mean(axis=-1)
+    floor = np.sqrt(nbar) * (1.0 + np.sqrt(W / n_params))
+    cand = sigma[..., 1:] >= floor[..., None]
+    fallback = np.arange(1, W) <= W // 2
+    cand = np.where(cand.any(axis=-1, keepdims=True), cand, fallback)
+    return np.nanmax(np.where(cand, rho, -np.inf), axis=-1)
+
+
+def null_gram(norms: np.ndarray, *, n_params: int, n_null: int, rng: np.random.Generator
+              ) -> np.ndarray:
+    """``n_null`` Gram matrices of W deltas with the given norms and isotropic random directions.
+
+    Exact for any P ≥ W, simulated in W-space: the Gram of W Gaussian vectors in R^P is
+    Wishart(P, I_W), drawn by the Bartlett decomposition A = LLᵀ (L_ii² ~ χ²(P−i), L_ij ~ N(0,1));
+    normalising gives the cosines of uniformly random directions. For P ≫ W this is the spec's
+    diag(‖δ_i‖²) + N(0, ‖δ_i‖²‖δ_j‖²/P) off-diagonals (sed_spec §4.5) without the approximation.
+    """
+    norms = np.asarray(norms, dtype=float)
+    W = norms.size
+    if n_params < W:
+        raise AnalysisError(f"null needs P >= W (P={n_params}, W={W})")
+    L = np.tril(rng.standard_normal((n_null, W, W)), k=-1)
+    idx = np.arange(W)
+    L[:, idx, idx] = np.sqrt(rng.chisquare(float(n_params) - idx, size=(n_null, W)))
+    A = L @ np.swapaxes(L, -1, -2)
+    d = np.sqrt(np.einsum("bii->bi", A))
+    C = A / (d[:, :, None] * d[:, None, :])
+    return C * np.outer(norms, norms)
+
+
+def null_distribution(norms, *, n_params: int, n_null: int = 999, statistic="edge_ratio",
+                      rng=None) -> np.ndarray:
+    """Null statistic values for one window (see :func:`null_gram`, :func:`window_statistic`)."""
+    rng = np.random.default_rng(rng)
+    G = null_gram(norms, n_params=n_params, n_null=n_null, rng=rng)
+    lam = np.clip(np.linalg.eigvalsh(G)[..., ::-1], 0.0, None)
+    return window_statistic(np.sqrt(lam), n_params=n_params, statistic=statistic)
+
+
+def _n_params_for(ds: xr.Dataset, key: dict, n_params) -> int:
+    """P for a series: the ``n_params`` argument, the ``param_count`` coordinate, or the attr."""
+    run, grp = key.get("run"), key.get("group")
+    if n_params is not None:
+        if isinstance(n_params, dict):
+            for k in ((run, grp), run, grp):
+                if k in n_params:
+                    return int(n_params[k])
+            raise AnalysisError(f"n_params has no entry for {describe(key)}")
+        return int(n_params)
+    if "param_count" in ds.variables:               # coordinate (run, group) written by the engine
+        v = ds["param_count"].sel({d: key[d] for d in ds["param_count"].dims if d in key})
+        if v.ndim == 0 and np.isfinite(float(v)) and float(v) > 0:
+            return int(v)
+    attr = ds.attrs.get("n_params")
+    if attr is not None and (grp is None or grp == "all"):
+        attr = json.loads(attr) if isinstance(attr, str) else attr
+        if isinstance(attr, dict) and run in attr:
+            return int(attr[run])
+        if isinstance(attr, (int, float)):
+            return int(attr)
+    raise AnalysisError(f"parameter count P unknown for {describe(key)}: pass n_params= or add the "
+                        "'param_count(run, group)' coordinate (result_schema.md)")
+
+
+def edge_null(ds: xr.Dataset, *, statistic="edge_ratio", n_null: int = 999, q: float = 0.95,
+              seed: int | None = 0, norms: str = "delta_norm", n_params=None, run=None, window=None,
+              group=None) -> xr.Dataset:
+    """Edge significance per window against matched-norm random directions (sed_spec §4.5).
+
+    Null: the window's W deltas keep their norms ‖δ_i‖ but point in independent uniformly random
+    directions of R^P (the companion repos' "random walk, matched step norms"). The statistic is
+    recomputed from ``sigma`` with the same rule on data and null (:func:`window_statistic`).
+    ``norms="delta_norm"`` uses the ``delta_norm(run, step[, group])`` variable; ``"equal"`` uses
+    ‖δ_i‖² = Σσ²/W for every delta (matched total energy only — weaker, but needs nothing extra).
+    p = (1 + #{null ≥ obs}) / (n_null + 1): the +1 correction the reference lacks (sed_spec §15.4).
+    Returns ``observed``, ``null_quantile``, ``p_value``, ``significant`` (obs > quantile) on
+    (run, W[, group], step), and ``frac_significant`` per series.
+    """
+    if not 0 < q < 1:
+        raise AnalysisError(f"q must be in (0, 1), got {q}")
+    if norms not in ("delta_norm", "equal"):
+        raise AnalysisError(f"norms must be 'delta_norm' or 'equal', got {norms!r}")
+    if "sigma" not in ds.data_vars:
+        raise AnalysisError("edge_null needs the 'sigma' variable (result_schema.md)")
+    sig = select(ds["sigma"], run=run, window=window, group=group)
+    dn = None
+    if norms == "delta_norm":
+        if "delta_norm" not in ds.data_vars:
+            raise AnalysisError("delta_norm not in dataset: the matched-norm null needs "
+                                "'delta_norm(run, step[, group])' (result_schema.md); "
+                                "or pass norms='equal' for an equal-norm null")
+        dn = ds["delta_norm"]
+    rng = np.random.default_rng(seed)
+    dims = [d for d in series_dims(sig) if d != "sv"]
+    col = Collector(sig, dims)
+    steps_all = sig[STEP].values
+    for key, s in iter_series(sig, dims):
+        W = int(key["window"]) if "window" in key else int(s["sv"].max())
+        P = _n_params_for(ds, key, n_params)
+        sv = s.sel(sv=slice(1, W)).transpose(STEP, "sv").values.astype(float)
+        obs = np.full(steps_all.size, np.nan)
+        qv = np.full(steps_all.size, np.nan)
+        pv = np.full(steps_all.size, np.nan)
+        if dn is not None:
+            d = dn.sel({k: v for k, v in key.items() if k in dn.dims})
+            dsteps, dvals = d[STEP].values, d.values.astype(float)
+            ok = np.isfinite(dvals)
+            dsteps, dvals = dsteps[ok], dvals[ok]
+            pos = {st: i for i, st in enumerate(dsteps.tolist())}
+        for i, st in enumerate(steps_all.tolist()):
+            row = sv[i]
+            if not np.all(np.isfinite(row)) or row[0] <= 0:
+                continue
+            if dn is None:
+                wn = np.full(W, np.sqrt(np.sum(row ** 2) / W))
+            else:
+                j = pos.get(st)
+                if j is None or j < W - 1:
+                    raise AnalysisError(f"{describe(key, 'delta_norm')}: no {W} delta norms ending at "
+                                        f"step {st}")
+                wn = dvals[j - W + 1:j + 1]
+            obs[i] = window_statistic(row, n_params=P, statistic=statistic)
+            null = null_distribution(wn, n_params=P, n_null=n_null, statistic=statistic, rng=rng)
+            qv[i] = np.quantile(null, q)
+            pv[i] = (1.0 + np.sum(null >= obs[i])) / (n_null + 1.0)
+        valid = np.isfinite(obs)
+        col.add(key, along=(STEP, steps_all), observed=obs, null_quantile=qv, p_value=pv,
+                significant=valid & (obs > qv))
+        col.add(key, frac_significant=float(np.mean(obs[valid] > qv[valid])) if valid.any() else np.nan,
+                n_windows=int(valid.sum()))
+    out = col.dataset(statistic=str(statistic), n_null=n_null, q=q, norms=norms,
+                      seed=-1 if seed is None else seed)
+    out["observed"].attrs.update(long_name=f"observed {statistic} (recomputed from sigma)", units="1")
+    out["null_quantile"].attrs.update(long_name=f"{q:g} quantile of the matched-norm null", units="1")
+    out["p_value"].attrs.update(long_name="null p-value (1 + #null>=obs)/(n_null + 1)", units="1")
+    return out

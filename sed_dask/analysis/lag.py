@@ -1,0 +1,282 @@
+"""Detrended lagged cross-correlation with val loss, W sweep / lag flip, sliding and
+phase-specific correlations (sed_spec §6, §10).
+
+Sign convention (sed_spec §6.2): at lag ℓ > 0 the pair is (x[t], y[t+ℓ]), i.e. corr(x[0:n−ℓ],
+y[ℓ:n]) — **positive lag = the spectral feature leads the target**; ℓ < 0 = the target leads.
+Lags are in checkpoint-index units of the run's own step grid.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+from scipy import stats
+
+from ..errors import AnalysisError
+from ._series import (STEP, Collector, at, finite, iter_series, need, pair_series, paired_grid,
+                      resolve, select)
+from .phases import phase_intervals, segment
+
+DETRENDS = ("cubic", "quadratic", "linear", "none", "cubic_raw")
+PEAKS = ("min", "absmax", "max")
+_DEG = {"linear": 1, "quadratic": 2, "cubic": 3}
+
+
+def detrend_series(steps, values, *, method: str = "cubic") -> np.ndarray:
+    """Residual of a polynomial trend fitted to the finite points (NaNs stay NaN).
+
+    Default: cubic in normalised time t = (s − s₀)/(s_last − s₀) ∈ [0, 1] — the reference's cubic
+    trend (sed_spec §6.1) without its ill-conditioned fit on raw steps up to 2.6·10⁴ (§15.4).
+    ``"cubic_raw"`` reproduces the reference (``np.polyfit`` on raw steps); ``"linear"`` is the
+    theory script's variant; ``"none"`` returns the values unchanged.
+    """
+    v = np.asarray(values, dtype=float).copy()
+    if method == "none":
+        return v
+    if method not in DETRENDS:
+        raise AnalysisError(f"unknown detrend {method!r}; choose from {DETRENDS}")
+    s = np.asarray(steps, dtype=float)
+    ok = np.isfinite(v)
+    if method == "cubic_raw":
+        deg, t = 3, s
+    else:
+        deg = _DEG[method]
+        span = s[ok].max() - s[ok].min() if ok.any() else 0.0
+        t = (s - (s[ok].min() if ok.any() else 0.0)) / (span if span > 0 else 1.0)
+    if ok.sum() <= deg:
+        raise AnalysisError(f"{method} detrending needs more than {deg} finite points, got {ok.sum()}")
+    coef = np.polyfit(t[ok], v[ok], deg)
+    v[ok] -= np.polyval(coef, t[ok])
+    return v
+
+
+def pearson(a, b) -> tuple[float, float]:
+    """Pearson r and two-sided p (t with n−2 df, as scipy.stats.pearsonr); NaN if a side is constant."""
+    a = np.asarray(a, dtype=float)
+    b = np.asarray(b, dtype=float)
+    n = a.size
+    if n < 3:
+        return np.nan, np.nan
+    a = a - a.mean()
+    b = b - b.mean()
+    den = np.sqrt(np.dot(a, a) * np.dot(b, b))
+    if not den > 0:
+        return np.nan, np.nan
+    r = float(np.clip(np.dot(a, b) / den, -1.0, 1.0))
+    if abs(r) == 1.0:
+        return r, 0.0
+    t = r * np.sqrt((n - 2) / (1.0 - r * r))
+    return r, float(2.0 * stats.t.sf(abs(t), n - 2))
+
+
+def lagged_corr(x, y, *, lags=range(-5, 8), min_overlap: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """r(ℓ) and the pair count for each lag; pairs with a NaN on either side are excluded.
+
+    ℓ ≥ 0: corr(x[0:n−ℓ], y[ℓ:n]); ℓ < 0: corr(x[|ℓ|:n], y[0:n−|ℓ|]) (sed_spec §6.2). A lag is
+    kept only with ≥ ``min_overlap`` pairs (the reference's n − |ℓ| > 5).
+    """
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    n = x.size
+    lags = np.asarray(list(lags), dtype=int)
+    r = np.full(lags.size, np.nan)
+    cnt = np.zeros(lags.size, dtype=int)
+    for i, lag in enumerate(lags):
+        if abs(lag) >= n:
+            continue
+        a, b = (x[:n - lag], y[lag:]) if lag >= 0 else (x[-lag:], y[:n + lag])
+        ok = np.isfinite(a) & np.isfinite(b)
+        cnt[i] = ok.sum()
+        if cnt[i] >= min_overlap:
+            r[i] = pearson(a[ok], b[ok])[0]
+    return r, cnt
+
+
+def peak_lag(lags, r, *, peak: str = "min") -> tuple[float, float]:
+    """(lag, r) at the peak. ``"min"``: most negative r — the reference rule (sed_spec §6.3), which
+    assumes a negative edge/val-loss coupling; ``"absmax"``: largest |r| (theory script);
+    ``"max"``: largest r. Ties go to the first lag in grid order."""
+    if peak not in PEAKS:
+        raise AnalysisError(f"unknown peak rule {peak!r}; choose from {PEAKS}")
+    r = np.asarray(r, dtype=float)
+    if not np.isfinite(r).any():
+        return np.nan, np.nan
+    score = {"min": -r, "absmax": np.abs(r), "max": r}[peak]
+    i = int(np.nanargmax(np.where(np.isfinite(r), score, -np.inf)))
+    return float(np.asarray(list(lags))[i]), float(r[i])
+
+
+def lag_correlation(ds: xr.Dataset, variable="edge_ratio", target="val_loss", *,
+                    lags=range(-5, 8), detrend: str = "cubic", peak: str = "min",
+                    gaps: str = "keep", min_overlap: int = 6, sv=None, target_sv=None, run=None,
+                    window=None, group=None) -> xr.Dataset:
+    """Detrended lagged Pearson r between a spectral series and a target (default val_loss).
+
+    Both series are matched by exact step, detrended (``detrend``, default cubic on normalised t)
+    on their jointly finite points, and correlated over ``lags`` (default range(−5, 8), the GPT-2
+    grid; the TinyStories sweep used range(−3, 6)). Sign: a positive lag ℓ means the variable
+    leads, r(ℓ) = corr(x[0:n−ℓ], y[ℓ:n]) (sed_spec §6.2); lags count the run's own checkpoints.
+    Returns ``r`` and ``n_overlap`` on a ``lag`` dim plus ``peak_lag``/``peak_r`` per
+    (run, W[, group]).
+    """
+    x, y = pair_series(ds, variable, target, sv=sv, target_sv=target_sv, run=run, window=window, group=group)
+    lags = np.asarray(list(lags), dtype=int)
+    if lags.size == 0:
+        raise AnalysisError("lags is empty")
+    col = Collector(x)
+    for key, xs in iter_series(x):
+        steps, xv, yv = paired_grid(xs, at(y, key), gaps=gaps)
+        n_pairs = int(np.sum(np.isfinite(xv)))
+        need(n_pairs, min_overlap + int(np.abs(lags).min()), f"lagged correlation with {y.name!r}",
+             key, x.name)
+        xd = detrend_series(steps, xv, method=detrend)
+        yd = detrend_series(steps, yv, method=detrend)
+        r, cnt = lagged_corr(xd, yd, lags=lags, min_overlap=min_overlap)
+        pl, pr = peak_lag(lags, r, peak=peak)
+        col.add(key, along=("lag", lags), r=r, n_overlap=cnt)
+        col.add(key, peak_lag=pl, peak_r=pr, n_points=n_pairs)
+    out = col.dataset(variable=str(x.name), target=str(y.name), detrend=detrend, peak=peak,
+                      gaps=gaps, lag_convention="lag>0: variable leads target, corr(x[0:n-l], y[l:n])")
+    out["lag"].attrs.update(units="checkpoints", long_name="lag (positive = variable leads target)")
+    out["r"].attrs.update(long_name=f"lagged Pearson r({x.name}, {y.name})", units="1")
+    return out
+
+
+def lag_sweep(ds: xr.Dataset, variable="edge_ratio", target="val_loss", *, windows=None,
+              **options) -> xr.Dataset:
+    """:func:`lag_correlation` over every W plus lag-flip flags (sed_spec §6.4).
+
+    ``peak_sign`` = sign(peak_lag); ``flip_next`` is True where the sign differs from the next
+    larger W's and both are non-zero (a zero lag is neither leading nor lagging, so it is no flip).
+    Use :func:`lag_flips` for the table of flip pairs.
+    """
+    out = lag_correlation(ds, variable, target, window=windows, **options)
+    if "window" not in out.dims or out.sizes["window"] < 2:
+        raise AnalysisError("lag_sweep needs a window dim with at least two W values")
+    out = out.sortby("window")
+    sign = np.sign(out["peak_lag"])
+    nxt = sign.shift(window=-1)
+    out["peak_sign"] = sign
+    out["flip_next"] = (sign * nxt) < 0
+    out["flip_next"].attrs["long_name"] = "sign of peak lag flips between this W and the next larger W"
+    return out
+
+
+def lag_flips(sweep: xr.Dataset, *, pairs: str = "consecutive") -> pd.DataFrame:
+    """Tidy table of W pairs whose peak-lag signs are opposite (non-zero).
+
+    ``pairs="consecutive"`` compares neighbouring W values (the README's "W=10→20→30");
+    ``"all"`` compares every pair.
+    """
+    if pairs not in ("consecutive", "all"):
+        raise AnalysisError(f"pairs must be 'consecutive' or 'all', got {pairs!r}")
+    sweep = sweep.sortby("window")
+    Ws = sweep["window"].values.tolist()
+    other = [d for d in sweep["peak_lag"].dims if d != "window"]
+    rows = []
+    stacked = sweep[["peak_lag", "peak_r"]].to_dataframe().reset_index()
+    for labels, g in (stacked.groupby(other, sort=False) if other else [((), stacked)]):
+        g = g.set_index("window")
+        labels = labels if isinstance(labels, tuple) else (labels,)
+        cand = ([(Ws[i], Ws[i + 1]) for i in range(len(Ws) - 1)] if pairs == "consecutive"
+                else [(a, b) for i, a in enumerate(Ws) for b in Ws[i + 1:]])
+        for a, b in cand:
+            la, lb = g.loc[a, "peak_lag"], g.loc[b, "peak_lag"]
+            if np.isfinite(la) and np.isfinite(lb) and np.sign(la) * np.sign(lb) < 0:
+                rows.append({**dict(zip(other, labels)), "window_a": a, "window_b": b,
+                             "peak_lag_a": int(la), "peak_lag_b": int(lb),
+                             "peak_r_a": g.loc[a, "peak_r"], "peak_r_b": g.loc[b, "peak_r"]})
+    cols = list(other) + ["window_a", "window_b", "peak_lag_a", "peak_lag_b", "peak_r_a", "peak_r_b"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def sliding_correlation(ds: xr.Dataset, variable="edge_ratio", target="val_loss", *,
+                        align: str = "center", width: int | None = None, detrend: str = "none",
+                        gaps: str = "keep", sv=None, target_sv=None, run=None, window=None,
+                        group=None) -> xr.Dataset:
+    """Local Pearson r(x, y) in a moving window of checkpoints (sed_spec §10).
+
+    ``align="center"``: width 11 (TinyStories), labelled by the centre step; ``"trailing"``:
+    width 8 (GPT-2), labelled by the last step. A window is skipped if either series has a NaN
+    in it (the reference checks only val_loss, so its drift NaNs gave r = NaN). Raw series by
+    default (``detrend="none"``), as the reference. Also returns per-series summaries: min/max/
+    mean r, the number of sign changes, and fractions with |r| > 0.5 and p < 0.05.
+    """
+    if align not in ("center", "trailing"):
+        raise AnalysisError(f"align must be 'center' or 'trailing', got {align!r}")
+    width = (11 if align == "center" else 8) if width is None else int(width)
+    if align == "center" and width % 2 == 0:
+        raise AnalysisError(f"a centred window needs an odd width, got {width}")
+    if width < 3:
+        raise AnalysisError(f"width must be >= 3, got {width}")
+    x, y = pair_series(ds, variable, target, sv=sv, target_sv=target_sv, run=run, window=window, group=group)
+    steps_all = x[STEP].values
+    pos = {s: i for i, s in enumerate(steps_all.tolist())}
+    col = Collector(x)
+    for key, xs in iter_series(x):
+        steps, xv, yv = paired_grid(xs, at(y, key), gaps=gaps)
+        need(int(np.isfinite(xv).sum()), width, f"sliding correlation (width {width})", key, x.name)
+        xv = detrend_series(steps, xv, method=detrend)
+        yv = detrend_series(steps, yv, method=detrend)
+        r = np.full(steps_all.size, np.nan)
+        p = np.full(steps_all.size, np.nan)
+        for i in range(steps.size):
+            lo, hi = (i - width // 2, i + width // 2 + 1) if align == "center" else (i - width + 1, i + 1)
+            if lo < 0 or hi > steps.size:
+                continue
+            a, b = xv[lo:hi], yv[lo:hi]
+            if np.all(np.isfinite(a)) and np.all(np.isfinite(b)):
+                r[pos[steps[i]]], p[pos[steps[i]]] = pearson(a, b)
+        ok = np.isfinite(r)
+        sg = np.sign(r[ok])
+        col.add(key, along=(STEP, steps_all), r=r, p=p)
+        col.add(key, r_min=np.min(r[ok]) if ok.any() else np.nan,
+                r_max=np.max(r[ok]) if ok.any() else np.nan,
+                r_mean=np.mean(r[ok]) if ok.any() else np.nan,
+                n_sign_changes=int(np.sum(sg[1:] * sg[:-1] < 0)),
+                frac_abs_r_gt_0_5=float(np.mean(np.abs(r[ok]) > 0.5)) if ok.any() else np.nan,
+                frac_p_lt_0_05=float(np.mean(p[ok] < 0.05)) if ok.any() else np.nan)
+    return col.dataset(variable=str(x.name), target=str(y.name), align=align, width=width,
+                       detrend=detrend)
+
+
+def phase_correlation(ds: xr.Dataset, variable="edge_ratio", target="val_loss", *,
+                      method: str = "peak", segment_variable=None, min_points: int = 4,
+                      detrend: str = "none", sv=None, target_sv=None, run=None, window=None,
+                      group=None, **options) -> xr.Dataset:
+    """Pearson r(x, y) within each phase of :func:`sed_dask.analysis.phases.segment`
+    (sed_spec §10.1). Phases come from ``segment_variable`` (default: ``variable``) with shared
+    boundary points; fewer than ``min_points`` (4) aligned pairs give NaN. Also reports
+    Δy = y_start − y_end (positive = improvement for a loss) and x_start / x_end.
+    The README's collapse-phase "r = 0.937 ± 0.019" is method="derivative", summarised with
+    :func:`cross_seed_summary` over runs.
+    """
+    x, y = pair_series(ds, variable, target, sv=sv, target_sv=target_sv, run=run, window=window, group=group)
+    seg = x if segment_variable is None else select(resolve(ds, segment_variable), run=run,
+                                                    window=window, group=group)
+    col = Collector(x)
+    names = np.array(["rise", "plateau", "collapse"])
+    for key, xs in iter_series(x):
+        sst, sx = finite(at(seg, key))
+        need(sx.size, max(min_points, 3 * options.get("min_size", 3) if method == "changepoint" else 1),
+             f"phase segmentation ({method})", key, seg.name)
+        a, b = segment(sx, (sst - sst[0]).astype(float) if method == "changepoint" else None,
+                       method=method, **options)
+        steps, xv, yv = paired_grid(xs, at(y, key), gaps="drop")
+        xv = detrend_series(steps, xv, method=detrend)
+        yv = detrend_series(steps, yv, method=detrend)
+        res = {k: np.full(3, np.nan) for k in ("r", "p", "n", "start_step", "end_step", "x_start",
+                                               "x_end", "y_start", "y_end")}
+        for j, (ph, (s0, s1)) in enumerate(phase_intervals(a, b, sx.size).items()):
+            lo, hi = sst[s0], sst[s1 - 1]
+            m = (steps >= lo) & (steps <= hi)
+            res["start_step"][j], res["end_step"][j] = lo, hi
+            res["n"][j] = m.sum()
+            if m.sum() >= min_points:
+                res["r"][j], res["p"][j] = pearson(xv[m], yv[m])
+                res["x_start"][j], res["x_end"][j] = xv[m][0], xv[m][-1]
+                res["y_start"][j], res["y_end"][j] = yv[m][0], yv[m][-1]
+        col.add(key, along=("phase", names), **res,
+                delta_y=res["y_start"] - res["y_end"], delta_x=res["x_end"] - res["x_start"])
+    return col.dataset(variable=str(x.name), target=str(y.name), method=method, detrend=detrend,
+                       segment_variable=str(seg.name))

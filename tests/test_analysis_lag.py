@@ -1,0 +1,156 @@
+"""Lagged cross-correlation, sign convention, W sweep / lag flip, sliding and phase correlations."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from sed_dask.analysis import (detrend_series, lag_correlation, lag_flips, lag_sweep, lagged_corr,
+                               pearson, peak_lag, phase_correlation, sliding_correlation)
+from sed_dask.errors import AnalysisError
+from synthetic import make_results, plant_lag as planted, with_series
+
+LEADS = {5: 2, 8: -1}          # planted: edge leads val_loss by 2 at W=5, lags it by 1 at W=8
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return planted(make_results(groups=("all", "mlp"), windows=(5, 8), n_deltas=50), LEADS)
+
+
+def test_sign_convention_on_arrays():
+    rng = np.random.default_rng(0)
+    e = rng.standard_normal(60)
+    for L in (3, -2):
+        x = -np.roll(e, -L)            # x[t] = -e[t+L]
+        r, n = lagged_corr(x, e, lags=range(-5, 8))
+        lag, rmin = peak_lag(range(-5, 8), r)
+        assert lag == L and rmin < -0.95
+        assert n[list(range(-5, 8)).index(L)] == 60 - abs(L)
+    r, n = lagged_corr(np.arange(8.0), np.arange(8.0), lags=[0, 2, 3])
+    assert np.isfinite(r[:2]).all() and np.isnan(r[2]) and n[2] == 5      # overlap must exceed 5
+
+
+def test_peak_rules():
+    lags = [-1, 0, 1, 2]
+    r = [0.2, -0.5, 0.9, np.nan]
+    assert peak_lag(lags, r, peak="min") == (0, -0.5)
+    assert peak_lag(lags, r, peak="absmax") == (1, 0.9)
+    assert peak_lag(lags, r, peak="max") == (1, 0.9)
+    with pytest.raises(AnalysisError):
+        peak_lag(lags, r, peak="median")
+
+
+def test_pearson_matches_scipy():
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal(15), rng.standard_normal(15)
+    r, p = pearson(a, b)
+    ref = stats.pearsonr(a, b)
+    assert r == pytest.approx(ref.statistic, abs=1e-12) and p == pytest.approx(ref.pvalue, rel=1e-9)
+    assert np.isnan(pearson(np.ones(5), a[:5])[0])
+
+
+def test_detrend_variants():
+    steps = np.arange(200, 26001, 200).astype(float)
+    t = steps / 1e4
+    cubic = 1 + 2 * t - 0.3 * t ** 2 + 0.05 * t ** 3
+    assert np.abs(detrend_series(steps, cubic)).max() < 1e-9
+    assert np.abs(detrend_series(steps, cubic, method="cubic_raw")).max() < 1e-6
+    noisy = cubic + np.random.default_rng(0).standard_normal(steps.size)
+    np.testing.assert_allclose(detrend_series(steps, noisy),
+                               detrend_series(steps, noisy, method="cubic_raw"), atol=1e-6)
+    lin = detrend_series(steps, cubic, method="linear")
+    assert np.abs(lin).max() > 1e-3 and abs(lin.mean()) < 1e-9
+    v = noisy.copy()
+    v[5] = np.nan
+    out = detrend_series(steps, v)
+    assert np.isnan(out[5]) and np.isfinite(out[6])
+    np.testing.assert_array_equal(detrend_series(steps, v, method="none"), v)
+
+
+def test_planted_lead_and_lag_on_multi_run_dataset(ds):
+    out = lag_correlation(ds)
+    assert out.r.dims == ("run", "window", "group", "lag")
+    for W, L in LEADS.items():
+        pl = out.peak_lag.sel(window=W)
+        assert (pl == L).all(), (W, pl.values)
+        assert (out.peak_r.sel(window=W) < -0.9).all()
+    # the missing val_loss eval leaves a hole: kept on the grid, the lag stays exact ...
+    assert int(out.n_overlap.sel(run="s1", window=5, group="all", lag=2)) < int(out.n_points.sel(
+        run="s1", window=5, group="all"))
+    # ... while the reference's compression shifts part of the pairs
+    drop = lag_correlation(ds, gaps="drop")
+    assert (drop.peak_r.sel(window=5) > out.peak_r.sel(window=5)).all()
+    # s3 lacks step 4000: lags count its own checkpoints, not the union grid
+    assert int(out.peak_lag.sel(run="s3", window=8, group="mlp")) == -1
+    absmax = lag_correlation(ds, peak="absmax", lags=range(-3, 6), detrend="linear")
+    assert (absmax.peak_lag.sel(window=5) == 2).all()
+
+
+def test_w_sweep_lag_flip(ds):
+    sw = lag_sweep(ds)
+    assert sw.flip_next.sel(window=5).all() and not sw.flip_next.sel(window=8).any()
+    table = lag_flips(sw)
+    assert len(table) == 3 * 2
+    assert set(table.columns) >= {"run", "group", "window_a", "window_b", "peak_lag_a", "peak_lag_b"}
+    assert (table.peak_lag_a == 2).all() and (table.peak_lag_b == -1).all()
+    same = planted(make_results(runs=("a",), windows=(5, 8), lacking={}), leads={5: 2, 8: 1})
+    assert lag_flips(lag_sweep(same)).empty
+    with pytest.raises(AnalysisError, match="at least two W"):
+        lag_sweep(ds, windows=[5])
+
+
+def test_sliding_correlation_center_and_trailing():
+    ds = make_results(runs=("a", "b"), windows=(5,), n_deltas=60, lacking={})
+    rng = np.random.default_rng(5)
+    e = rng.standard_normal(60)
+    sign = np.where(np.arange(60) < 35, 1.0, -1.0)
+    d = with_series(ds, "val_loss", lambda k, s: e)
+    d = with_series(d, "edge_ratio", lambda k, s: sign * e + 0.05 * rng.standard_normal(60))
+    c = sliding_correlation(d)
+    r = c.r.sel(run="a", window=5).values
+    first = np.nonzero(np.isfinite(r))[0][0]
+    # first window W-1=4; the missing eval at index 33 blocks centres 28..38
+    assert first == 4 + 5
+    assert r[first] > 0.9 and np.nanmin(r) < -0.9
+    assert np.all(np.isnan(r[28:39]))
+    assert int(c.n_sign_changes.sel(run="a", window=5)) == 1
+    t = sliding_correlation(d, align="trailing")
+    rt = t.r.sel(run="a", window=5).values
+    assert np.nonzero(np.isfinite(rt))[0][0] == 4 + 7
+    with pytest.raises(AnalysisError, match="odd"):
+        sliding_correlation(d, width=10)
+
+
+def test_phase_correlation_collapse_phase():
+    ds = make_results(runs=("a", "b", "c"), windows=(5,), n_deltas=50, lacking={})
+    i = np.arange(50.0)
+    edge = np.where(i < 15, 1.1 + 0.06 * i, np.where(i < 30, 2.0, 2.0 - 0.045 * (i - 29)))
+    rng = np.random.default_rng(0)
+    d = with_series(ds, "edge_ratio", lambda k, s: edge + 0.001 * rng.standard_normal(50))
+    d = with_series(d, "val_loss", lambda k, s: 1 + 0.8 * edge + 0.002 * rng.standard_normal(50))
+    for method in ("peak", "derivative", "threshold", "changepoint"):
+        pc = phase_correlation(d, method=method)
+        assert pc.r.dims == ("run", "window", "phase")
+        assert (pc.r.sel(phase="collapse") > 0.99).all(), method
+        assert (pc.delta_y.sel(phase="collapse") > 0).all()
+    from sed_dask.analysis import cross_seed_summary
+    s = cross_seed_summary(phase_correlation(d, method="derivative").r.sel(phase="collapse", drop=True))
+    assert s.r_mean.item() > 0.99 and s.r_n.item() == 3
+
+
+def test_errors_name_the_problem(ds):
+    with pytest.raises(AnalysisError, match=r"val_loss not in dataset; attach with "
+                                            r"sed_dask.analysis.attach_metrics or ingest --metrics"):
+        lag_correlation(ds.drop_vars("val_loss"))
+    with pytest.raises(AnalysisError, match="unknown variable 'sigma_9'"):
+        lag_correlation(ds, "sigma_9")
+    with pytest.raises(AnalysisError, match="has an 'sv' dimension"):
+        lag_correlation(ds, "ratio")
+    short = make_results(runs=("a",), windows=(5,), n_deltas=10, lacking={})
+    with pytest.raises(AnalysisError, match=r"\(run='a', W=5\).*at least"):
+        lag_correlation(short)
+    r23 = lag_correlation(ds, "r23", run="s1", window=5)
+    assert r23.attrs["variable"] == "r23"
+    with pytest.raises(AnalysisError, match=r"run=\['s9'\] not in the dataset"):
+        lag_correlation(ds, run="s9")

@@ -1,0 +1,153 @@
+"""Phase segmentation, collapse step and cross-seed summaries on planted three-phase series."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sed_dask.analysis import collapse_step, cross_seed_summary, phase_intervals, phases, segment
+from sed_dask.errors import AnalysisError
+from synthetic import make_results, with_series
+
+
+def three_phase(n, b1, b2, *, lo=1.1, hi=2.0, end=1.0, noise=0.0, rng=None):
+    """Linear rise to ``hi`` until b1, flat plateau until b2, linear collapse to ``end``."""
+    i = np.arange(n, dtype=float)
+    x = np.where(i < b1, lo + (hi - lo) * i / b1,
+                 np.where(i < b2, hi, hi - (hi - end) * (i - b2 + 1) / (n - b2)))
+    if noise:
+        x = x + noise * np.random.default_rng(rng).standard_normal(n)
+    return x
+
+
+def test_peak_method_hand_example():
+    x = np.array([1.0, 1.2, 1.5, 2.0, 1.9, 1.8, 1.6, 1.2, 1.0])
+    assert segment(x, method="peak") == (3, 5)           # 0.85 * 2.0 = 1.7
+    assert segment(x, method="peak", plateau=0.7) == (2, 6)
+    assert phase_intervals(3, 5, 9) == {"rise": (0, 4), "plateau": (3, 6), "collapse": (5, 9)}
+
+
+def test_threshold_method():
+    x = np.full(20, 1.1)
+    x[5:13] = 1.5
+    assert segment(x, method="threshold") == (5, 12)
+    assert segment(np.full(7, 1.0), method="threshold") == (0, 6)
+    assert segment(x, method="threshold", threshold=1.6) == (0, 19)
+
+
+def test_derivative_method_finds_decline_start():
+    x = np.concatenate([np.linspace(1.0, 2.0, 10), np.full(10, 2.0), 2.0 - 0.05 * np.arange(1, 21)])
+    a, b = segment(x, method="derivative")
+    assert a == int(np.argmax(x))
+    assert 17 <= b <= 20                      # the size-5 moving average starts falling 2 points early
+    flat = np.concatenate([np.linspace(1, 2, 5), np.full(5, 2.0)])
+    assert segment(flat, method="derivative") == (4, 4)   # never falls: collapse starts at the peak
+
+
+@pytest.mark.parametrize("model", ["linear", "constant"])
+def test_changepoint_recovers_planted_breaks(model):
+    if model == "constant":
+        x = np.concatenate([np.full(12, 1.2), np.full(15, 2.0), np.full(13, 1.05)])
+        x = x + 0.02 * np.random.default_rng(0).standard_normal(x.size)
+        assert segment(x, method="changepoint", model="constant") == (12, 27)
+    else:
+        x = three_phase(50, 15, 30, noise=0.02, rng=1)
+        a, b = segment(x, method="changepoint", model="linear")
+        assert abs(a - 15) <= 1 and abs(b - 30) <= 1
+
+
+def test_changepoint_exact_against_brute_force():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(16)
+
+    def sse(seg):
+        t = np.arange(seg.size)
+        c = np.polyfit(t, seg, 1)
+        return np.sum((seg - np.polyval(c, t)) ** 2)
+
+    best = min(((sse(x[:i]) + sse(x[i:j]) + sse(x[j:]), (i, j))
+                for i in range(3, 14) for j in range(i + 3, 14)))
+    assert segment(x, method="changepoint", model="linear") == best[1]
+
+
+def test_phases_on_dataset_with_nans_and_groups():
+    ds = make_results(groups=("all", "attn"), windows=(5, 8))
+    breaks = {"s1": (14, 26), "s2": (10, 30), "s3": (18, 28)}
+
+    def plant(key, steps):
+        b1, b2 = breaks[key["run"]]
+        return three_phase(steps.size, b1, b2, noise=0.005, rng=len(key["run"]))
+
+    d = with_series(ds, "edge_ratio", plant)
+    d["edge_ratio"].loc[dict(run="s1", step=5000)] = np.nan       # a degenerate window
+    out = phases(d, method="changepoint", model="linear")
+    for r, (b1, b2) in breaks.items():
+        for w in (5, 8):
+            row = out.sel(run=r, window=w, group="attn")
+            assert abs(int(row.plateau_start_step) - d.step.values[b1]) <= 200
+            assert abs(int(row.collapse_start_step) - d.step.values[b2]) <= 200
+    lab = out.phase.sel(run="s2", window=5, group="all")
+    assert set(np.unique(lab.values[np.isfinite(lab.values)])) == {0.0, 1.0, 2.0}
+    assert np.isnan(out.phase.sel(run="s1", window=5, group="all", step=5000))
+    pk = phases(d, method="peak")
+    assert (pk.peak_value > 1.9).all()
+    assert out.phase.attrs["flag_meanings"] == "rise plateau collapse"
+
+
+def test_collapse_step_fixed_auto_and_list():
+    ds = make_results(runs=("a", "b"), windows=(5, 8), lacking={})
+    # plateau at 2.0, then linear decline: crosses 1.684 (auto, W=5), 1.5 (auto, W=8), 1.2 (fixed)
+    x = np.concatenate([np.linspace(1.2, 2.0, 10), np.full(10, 2.0), np.linspace(1.95, 1.0, 20)])
+    d = with_series(ds, "edge_ratio", lambda k, s: x)
+    steps = d.step.values
+
+    def first_below(tau, W):
+        idx = np.arange(40) >= W - 1
+        p = int(np.argmax(np.where(idx, x, -np.inf)))
+        return steps[p + np.nonzero(x[p:] < tau)[0][0]]
+
+    fixed = collapse_step(d)
+    assert int(fixed.collapse_step.sel(run="a", window=5)) == first_below(1.20, 5)
+    auto = collapse_step(d, tau="auto")
+    assert int(auto.collapse_step.sel(run="a", window=5)) == first_below(1 + 2 * 5 ** (-2 / 3), 5)
+    assert int(auto.collapse_step.sel(run="a", window=8)) == first_below(1.5, 8)
+    assert float(auto.tau.sel(run="a", window=8)) == pytest.approx(1.5)
+    many = collapse_step(d, tau=[1.15, 1.20, 1.25, 1.30])
+    assert many.collapse_step.dims == ("run", "window", "tau")
+    cs = many.collapse_step.sel(run="b", window=5).values
+    assert np.all(np.diff(cs) <= 0)          # a higher tau is crossed earlier
+    never = collapse_step(d, tau=0.5)
+    assert np.isnan(never.collapse_step).all()
+    with pytest.raises(AnalysisError, match="tau"):
+        collapse_step(d, tau="sometimes")
+
+
+def test_cross_seed_summary_population_std():
+    ds = make_results(runs=("a", "b", "c", "d"), windows=(5,), lacking={})
+    ends = {"a": 20, "b": 24, "c": 28, "d": None}
+
+    def plant(key, steps):
+        e = ends[key["run"]]
+        if e is None:
+            return np.full(steps.size, 2.0)
+        return np.where(np.arange(steps.size) < e, 2.0, 1.0)
+
+    cs = collapse_step(with_series(ds, "edge_ratio", plant))
+    got = cross_seed_summary(cs, "collapse_step")
+    vals = np.array([ds.step.values[e] for e in (20, 24, 28)], dtype=float)
+    assert got.collapse_step_mean.item() == pytest.approx(vals.mean())
+    assert got.collapse_step_std.item() == pytest.approx(np.std(vals))          # ddof = 0
+    assert got.collapse_step_n.item() == 3
+    s1 = cross_seed_summary(cs, "collapse_step", ddof=1)
+    assert s1.collapse_step_std.item() == pytest.approx(np.std(vals, ddof=1))
+    with pytest.raises(AnalysisError, match="unknown variable"):
+        cross_seed_summary(cs, "nope")
+
+
+def test_too_short_series_names_run_and_window():
+    ds = make_results(runs=("a",), windows=(5,), n_deltas=12, lacking={})
+    with pytest.raises(AnalysisError, match=r"'edge_ratio' \(run='a', W=5\).*at least 9"):
+        phases(ds, method="changepoint")
+    with pytest.raises(AnalysisError, match=r"unknown variable 'edgy'"):
+        phases(ds, "edgy")
+    with pytest.raises(AnalysisError, match=r"W=\[7\] not in the dataset"):
+        phases(ds, window=7)
