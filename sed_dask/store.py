@@ -139,6 +139,9 @@ class ParamIndex:
 def _open_group(store, mode: str, storage_options: dict | None):
     if isinstance(store, zarr.Group):
         return store
+    if isinstance(store, str) and store.startswith("file://"):
+        # fsspec's local filesystem does not create parent directories unless asked to
+        storage_options = {"auto_mkdir": True, **(storage_options or {})}
     kw = {"storage_options": storage_options} if storage_options else {}
     try:
         return zarr.open_group(store, mode=mode, **kw)
@@ -154,7 +157,13 @@ class TrajectoryStore:
 
     @property
     def url(self) -> str:
-        return str(self.root.store_path)
+        """A path or fsspec URL that ``open_store`` accepts (storage_options are not included)."""
+        sp = self.root.store_path
+        fs = getattr(sp.store, "fs", None)  # FsspecStore: str(store_path) is a repr, not a URL
+        if fs is not None:
+            base = getattr(fs, "sync_fs", fs).unstrip_protocol(sp.store.path)
+            return f"{base.rstrip('/')}/{sp.path}" if sp.path else base
+        return str(sp)
 
     @property
     def runs(self) -> list[str]:
@@ -283,13 +292,43 @@ class RunStore:
         return [(s, min(s + u, P)) for s in range(0, P, u)]
 
     # ----------------------------------------------------------------- rows
+    def _n_consistent(self) -> int:
+        """Rows present in all three row arrays (they differ only after a crash inside ``allocate``)."""
+        return min(self.params.shape[0], self._steps.shape[0], self._complete.shape[0])
+
     def row_steps(self) -> np.ndarray:
         """Step label of every allocated row (complete or not)."""
-        return np.asarray(self._steps[:], dtype=np.int64) if self.n_rows else np.zeros(0, np.int64)
+        n = self._n_consistent()
+        return np.asarray(self._steps[:n], dtype=np.int64) if n else np.zeros(0, np.int64)
 
     def completed(self) -> np.ndarray:
         """Boolean completion record per allocated row."""
-        return np.asarray(self._complete[:], dtype=bool) if self.n_rows else np.zeros(0, bool)
+        n = self._n_consistent()
+        return np.asarray(self._complete[:n], dtype=bool) if n else np.zeros(0, bool)
+
+    def row_of(self, step: int) -> int | None:
+        """Row holding ``step`` (complete or not), or None."""
+        hit = np.flatnonzero(self.row_steps() == int(step))
+        return int(hit[0]) if hit.size else None
+
+    def repair(self) -> int:
+        """Undo a half-finished ``allocate`` (a crash between resizes); return the rows dropped.
+
+        Only trailing rows that were never given a step can be dropped; they cannot be complete,
+        because a row is marked complete only after its data is written.
+        """
+        lens = (self.params.shape[0], self._steps.shape[0], self._complete.shape[0])
+        n = min(lens)
+        if n:
+            steps = np.asarray(self._steps[:n])
+            valid = np.flatnonzero(steps >= 0)
+            n = int(valid[-1]) + 1 if valid.size else 0
+        if lens == (n, n, n):
+            return 0
+        self._steps.resize((n,))
+        self._complete.resize((n,))
+        self.params.resize((n, self.n_params))
+        return max(lens) - n
 
     @property
     def steps(self) -> np.ndarray:
@@ -312,12 +351,14 @@ class RunStore:
         if have.size and steps[0] <= have[-1]:
             raise StoreError(f"run {self.name!r}: cannot append step {int(steps[0])}; the run already "
                              f"holds steps up to {int(have[-1])} (appending must add later steps)")
+        self.repair()
         n0 = self.n_rows
         n1 = n0 + steps.size
-        self._steps.resize((n1,))
-        self._complete.resize((n1,))
-        self._steps[n0:n1] = steps
+        # the step labels go last: a crash in between leaves rows without a step, which repair() drops
         self.params.resize((n1, self.n_params))
+        self._complete.resize((n1,))
+        self._steps.resize((n1,))
+        self._steps[n0:n1] = steps
         return np.arange(n0, n1)
 
     def mark_complete(self, row: int, *, source: str | None = None) -> None:
@@ -328,6 +369,16 @@ class RunStore:
         cur = dict(self.group.attrs.get("sources", {}))
         cur.update({str(int(k)): str(v) for k, v in sources.items()})
         self.group.attrs["sources"] = cur
+
+    def update_attrs(self, **attrs) -> None:
+        """Set run attributes (client side only: attribute writes from several processes race)."""
+        self.group.attrs.update(attrs)
+
+    def record_nonfinite(self, records: Sequence[dict]) -> None:
+        """Append NaN/Inf findings (``{step, file, tensor, n_nan, n_inf}``) to the ``nonfinite`` attr."""
+        if records:
+            cur = list(self.group.attrs.get("nonfinite", []))
+            self.group.attrs["nonfinite"] = cur + [dict(r) for r in records]
 
     def check_complete(self) -> np.ndarray:
         """Steps, after checking that every allocated row is complete (else a clear error)."""

@@ -1,0 +1,73 @@
+"""``sed-dask ingest SRC... --store OUT --run NAME``: checkpoints -> trajectory store."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+
+from . import add_cluster_args, connect_from_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "ingest", help="ingest checkpoints into a trajectory store (resumable)",
+        description="Copy the selected parameters of every checkpoint into run NAME of a Zarr trajectory "
+                    "store, one Dask task per (checkpoint, shard). Re-running finishes an interrupted "
+                    "ingestion and appends later checkpoints; completed rows are never rewritten.")
+    p.add_argument("sources", nargs="+", metavar="SRC",
+                   help="checkpoint files, directories of checkpoints, sharded-checkpoint directories or globs")
+    p.add_argument("--store", required=True, help="trajectory store path or fsspec URL")
+    p.add_argument("--run", required=True, help="run name inside the store (e.g. a seed)")
+    p.add_argument("--metrics", metavar="FILE", help="metrics by step (JSON or CSV; e.g. pilot_metrics.json)")
+    p.add_argument("--steps", metavar="LIST", help="only these steps, comma-separated")
+    p.add_argument("--policy", choices=["params_dedup_no_buffers", "full_state_dict_sorted"], default=None,
+                   help="parameter selection (default params_dedup_no_buffers; an existing run keeps its own)")
+    p.add_argument("--include", action="append", metavar="RX", help="keep only tensors matching RX (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="RX", help="drop tensors matching RX (repeatable)")
+    p.add_argument("--on-nonfinite", choices=["raise", "record"], default=None,
+                   help="NaN/Inf in a parameter: fail that checkpoint (default) or store it and record it")
+    p.add_argument("--chunk-bytes", default=None, help="Zarr read unit along P for a new run (e.g. 4MiB)")
+    p.add_argument("--shard-bytes", default=None, help="Zarr write unit (one task) for a new run (e.g. 64MiB)")
+    p.add_argument("--threads", action="store_true",
+                   help="run the tasks on threads in this process instead of a Dask cluster")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_cluster_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..ingest import ingest
+
+    steps = [int(s) for s in args.steps.split(",") if s.strip()] if args.steps else None
+    sources = args.sources[0] if len(args.sources) == 1 else args.sources
+    kw = dict(steps=steps, metrics=args.metrics, policy=args.policy, include=args.include, exclude=args.exclude,
+              on_nonfinite=args.on_nonfinite, chunk_bytes=args.chunk_bytes, shard_bytes=args.shard_bytes,
+              progress=not args.no_progress)
+    if args.threads:
+        kw["scheduler"] = "threads"
+        ctx = contextlib.nullcontext(None)
+        if getattr(args, "config", None):  # --config still applies (e.g. store chunking defaults)
+            from ..config import load_config_file, use_config
+
+            ctx = _with_none(use_config(load_config_file(args.config)))
+    else:
+        ctx = connect_from_args(args)
+    with ctx as client:
+        summary = ingest(sources, args.store, args.run, client=client, **kw)
+    if args.json:
+        d = dataclasses.asdict(summary)
+        d["gb_per_s"] = summary.gb_per_s
+        print(json.dumps(d))
+    else:
+        print(summary)
+        for rec in summary.nonfinite:
+            print(f"  non-finite: step {rec['step']} tensor {rec['tensor']}: {rec['n_nan']} NaN, {rec['n_inf']} Inf")
+    return 0
+
+
+@contextlib.contextmanager
+def _with_none(cm):
+    with cm:
+        yield None

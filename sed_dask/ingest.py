@@ -1,0 +1,443 @@
+"""Parallel, resumable, validated ingestion of checkpoints into the trajectory store.
+
+One task per (checkpoint, write unit): it opens the checkpoint itself (nothing large travels
+through the graph), reads only the tensor slices overlapping its P-range, and writes the whole
+shard ``params[row, lo:hi]``, so a task's memory is bounded by the shard, not the model. The
+client marks a row complete once all of its ranges succeeded.
+
+Order of work, chosen so that a bad input fails before anything is written and a crash at any
+point loses nothing already done:
+
+1. discover steps; load the metrics file; open the store read-only and plan (skip complete rows,
+   retry incomplete ones, append later steps; an earlier step than those stored is an error);
+2. apply the selection policy to the first checkpoint (headers plus a few small reads);
+3. validate the header-level key set/shapes/dtypes of *every* checkpoint to ingest;
+4. create the run / allocate rows, then run the data tasks, marking rows complete as they finish.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import datetime
+import itertools
+import logging
+import os
+import queue
+import time
+import uuid
+from collections.abc import Mapping
+
+import numpy as np
+
+from . import config
+from .discover import discover_checkpoints
+from .errors import CheckpointError, NonFiniteError, SEDError, StoreError
+from .readers import open_checkpoint
+from .selection import Selection, SelectionPolicy, check_same_keys, resolve_policy, select
+from .store import RunStore, open_store
+
+logger = logging.getLogger(__name__)
+
+_LOCAL_SCHEDULERS = {"threads": None, "threading": None, "sync": 1, "synchronous": 1, "single-threaded": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestSummary:
+    """What one :func:`ingest` call did."""
+
+    run: str
+    n_new: int                 # checkpoints written by this call
+    n_skipped: int             # checkpoints already complete in the store, left untouched
+    steps: list[int]           # completed steps of the run after this call
+    n_params: int
+    bytes: int                 # float32 bytes written by this call
+    seconds: float
+    nonfinite: list[dict] = dataclasses.field(default_factory=list)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / 1e9 / self.seconds if self.seconds > 0 else float("nan")
+
+    def __str__(self) -> str:
+        return (f"run {self.run!r}: {self.n_new} checkpoint(s) ingested, {self.n_skipped} already complete; "
+                f"{len(self.steps)} steps x {self.n_params:,} params; {self.bytes / 1e9:.3f} GB in "
+                f"{self.seconds:.1f} s ({self.gb_per_s:.2f} GB/s)")
+
+
+# ----------------------------------------------------------------------------- the task
+def ingest_range(path: str, step: int, row: int, lo: int, hi: int, segments, params, complete,
+                 on_nonfinite: str, zarr_settings: dict | None = None) -> dict:
+    """Copy flat params ``[lo, hi)`` of one checkpoint into ``params[row, lo:hi]``.
+
+    ``segments`` are ``(index name, name in file, start, stop)`` slices of the tensors overlapping
+    the range, in order. A row already marked complete is never rewritten.
+    """
+    if zarr_settings is not None:
+        with contextlib.suppress(Exception):
+            config.configure_zarr(**zarr_settings)
+    if complete[row]:
+        return {"row": row, "nbytes": 0, "nonfinite": [], "skipped": True}
+    buf = np.empty(hi - lo, dtype=np.float32)
+    with open_checkpoint(path) as reader:
+        pos = 0
+        for _, raw, a, b in segments:
+            reader.read(raw, a, b, out=buf[pos:pos + b - a])
+            pos += b - a
+    if pos != hi - lo:
+        raise CheckpointError(f"{path}: segments cover {pos} elements of range [{lo}:{hi})")
+    bad = []
+    if not np.isfinite(buf.sum()):  # one cheap pass; locate offenders only when it fails
+        pos = 0
+        for name, raw, a, b in segments:
+            part = buf[pos:pos + b - a]
+            pos += b - a
+            n_nan, n_inf = int(np.isnan(part).sum()), int(np.isinf(part).sum())
+            if n_nan or n_inf:
+                bad.append({"step": int(step), "file": path, "tensor": name, "name_in_file": raw,
+                            "elements": [int(a), int(b)], "n_nan": n_nan, "n_inf": n_inf})
+        if bad and on_nonfinite == "raise":
+            b0 = bad[0]
+            also = f" (and {len(bad) - 1} more tensor(s) in this range)" if len(bad) > 1 else ""
+            raise NonFiniteError(
+                f"{path} (step {step}): tensor {b0['tensor']!r} holds {b0['n_nan']} NaN and {b0['n_inf']} Inf "
+                f"values in elements [{b0['elements'][0]}:{b0['elements'][1]}]{also}; pass "
+                "on_nonfinite='record' (--on-nonfinite record) to store it and record it in the run attrs")
+    params.with_config({"write_empty_chunks": True})[row, lo:hi] = buf
+    return {"row": row, "nbytes": int(buf.nbytes), "nonfinite": bad, "skipped": False}
+
+
+# ----------------------------------------------------------------------------- planning
+@dataclasses.dataclass
+class _Todo:
+    step: int
+    path: str
+    row: int | None        # None: a new row to allocate
+    names: dict[str, str]  # index name -> name in this file
+
+
+def _policy_for(existing: RunStore | None, policy, include, exclude) -> SelectionPolicy:
+    if existing is not None and policy is None and include is None and exclude is None:
+        try:
+            return SelectionPolicy.from_spec(existing.policy)
+        except (KeyError, ValueError) as exc:
+            raise StoreError(f"run {existing.name!r} was not written by checkpoint ingestion "
+                             f"(selection policy {existing.policy}); use a new run name") from exc
+    return resolve_policy(policy, include=include, exclude=exclude)
+
+
+def _index_diff(old, new) -> str:
+    a = {e.name: (e.shape, e.source_dtype) for e in old}
+    b = {e.name: (e.shape, e.source_dtype) for e in new}
+    missing = [n for n in a if n not in b]
+    extra = [n for n in b if n not in a]
+    if missing or extra:
+        return f"tensors only in the run: {missing[:10]}; only in the new checkpoints: {extra[:10]}"
+    for n in a:
+        if a[n] != b[n]:
+            return f"tensor {n!r}: run has shape/dtype {list(a[n][0])}/{a[n][1]}, new checkpoints {list(b[n][0])}/{b[n][1]}"
+    return "tensor order differs"
+
+
+def _existing_run(store, run: str, storage_options) -> RunStore | None:
+    """The run opened read-only if the store and run exist, else None (creates nothing)."""
+    try:
+        ts = open_store(store, mode="r", storage_options=storage_options)
+    except StoreError:
+        return None
+    return ts.run(run) if run in ts else None
+
+
+def _is_memory_store(rs: RunStore) -> bool:
+    store = rs.group.store
+    if type(store).__name__ == "MemoryStore":
+        return True
+    proto = getattr(getattr(store, "fs", None), "protocol", None)
+    proto = proto if isinstance(proto, (tuple, list)) else (proto,)
+    return "memory" in proto
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "safetensors", "zarr", "numpy", "dask", "distributed"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[pkg] = md.version(pkg)
+    return out
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _load_metrics_arg(metrics):
+    """``(parsed metrics, source description)``; parsed before anything is written."""
+    if metrics is None:
+        return None, None
+    from .metrics_io import load_metrics, parse_metrics
+
+    if isinstance(metrics, (str, os.PathLike)):
+        return load_metrics(metrics), os.path.abspath(os.fspath(metrics))
+    if isinstance(metrics, Mapping):
+        metrics = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in metrics.items()}
+    return parse_metrics(metrics, where="metrics"), "<in memory>"
+
+
+# ----------------------------------------------------------------------------- executors
+class _LocalExecutor:
+    """Thread pool with the submit/cancel surface used below (the threaded scheduler)."""
+
+    kind = "threads"
+
+    def __init__(self, n: int | None):
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=n or os.cpu_count() or 1,
+                                                          thread_name_prefix="sed-ingest")
+
+    def submit(self, fn, *args, key=None, priority=0):
+        return self.pool.submit(fn, *args)
+
+    def cancel(self, futures):
+        for f in futures:
+            f.cancel()
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _DaskExecutor:
+    kind = "distributed"
+
+    def __init__(self, client):
+        self.client = client
+
+    def submit(self, fn, *args, key=None, priority=0):
+        return self.client.submit(fn, *args, key=key, pure=False, priority=priority, retries=0)
+
+    def cancel(self, futures):
+        self.client.cancel(list(futures))
+
+    def close(self):
+        pass
+
+
+@contextlib.contextmanager
+def _executor(rs, *, client, address, scheduler_file, scheduler):
+    import dask
+
+    explicit = client is not None or address or scheduler_file
+    mode = scheduler
+    if mode is None and not explicit:
+        cfg = dask.config.get("scheduler", None)
+        mode = cfg if isinstance(cfg, str) and cfg in _LOCAL_SCHEDULERS else None
+        if mode is None and _is_memory_store(rs):
+            mode = "threads"  # an in-memory store lives in this process only
+    if mode is not None and mode not in _LOCAL_SCHEDULERS and mode not in ("distributed", "dask.distributed"):
+        raise ValueError(f"unknown scheduler {mode!r}; use 'threads', 'sync' or 'distributed'")
+    if mode in _LOCAL_SCHEDULERS:
+        ex = _LocalExecutor(_LOCAL_SCHEDULERS[mode] or dask.config.get("num_workers", None))
+        try:
+            yield ex
+        finally:
+            ex.close()
+        return
+    from .cluster import connect
+
+    with connect(client, address=address, scheduler_file=scheduler_file) as c:
+        yield _DaskExecutor(c)
+
+
+# ----------------------------------------------------------------------------- ingest
+def ingest(sources, store, run: str, *, client=None, address: str | None = None,
+           scheduler_file: str | None = None, scheduler: str | None = None, steps=None, metrics=None,
+           policy=None, include=None, exclude=None, on_nonfinite: str | None = None, chunk_bytes=None,
+           shard_bytes=None, compressor=None, storage_options: dict | None = None,
+           tasks_in_flight: int | None = None, progress: bool = True) -> IngestSummary:
+    """Ingest checkpoints into run ``run`` of a trajectory store; resumable and idempotent.
+
+    ``sources``: a directory, a glob, a list of files/directories, or a ``{step: path}`` mapping.
+    ``steps`` restricts ingestion to those steps. ``metrics``: a JSON/CSV file or a parsed object
+    (see :mod:`sed_dask.metrics_io`). ``policy``/``include``/``exclude``: the parameter selection
+    (:mod:`sed_dask.selection`; an existing run keeps its own when none is given).
+    ``on_nonfinite``: ``"raise"`` (default) or ``"record"``. ``scheduler="threads"``/``"sync"`` runs
+    in this process (also picked for in-memory stores and under ``dask.config.set(scheduler=...)``);
+    otherwise tasks run on the cluster from ``sed_dask.cluster.connect``. ``tasks_in_flight``
+    bounds the tasks submitted at once (default ``sed_dask.ingest.tasks-in-flight``).
+    """
+    t0 = time.perf_counter()
+    on_nonfinite = config.get("ingest.on-nonfinite", on_nonfinite)
+    if on_nonfinite not in ("raise", "record"):
+        raise ValueError(f"on_nonfinite must be 'raise' or 'record', got {on_nonfinite!r}")
+    ckpts = discover_checkpoints(sources, steps=steps)
+    metric_data, metric_source = _load_metrics_arg(metrics)
+    existing = _existing_run(store, run, storage_options)  # read-only: nothing is written before validation
+
+    # ---- plan: which steps are done, which to (re)write, which are new
+    row_steps = existing.row_steps() if existing is not None else np.zeros(0, np.int64)
+    done = existing.completed() if existing is not None else np.zeros(0, bool)
+    row_of = {int(s): i for i, s in enumerate(row_steps) if s >= 0}
+    valid = row_steps[row_steps >= 0]
+    last = int(valid.max()) if valid.size else None
+    todo: list[_Todo] = []
+    skipped = []
+    for step, path in ckpts.items():
+        path = os.path.abspath(path)  # workers may run elsewhere in the shared filesystem
+        if step in row_of:
+            if done[row_of[step]]:
+                skipped.append(step)
+            else:
+                todo.append(_Todo(step, path, row_of[step], {}))
+        elif last is not None and step < last:
+            raise StoreError(f"run {run!r}: step {step} ({path}) is earlier than the last stored step {last}; "
+                             "a run can only be extended with later steps (nothing was written)")
+        else:
+            todo.append(_Todo(step, path, None, {}))
+    n_total = len(set(row_of) | set(ckpts))
+    if n_total < 2:
+        raise CheckpointError(f"run {run!r} needs at least 2 checkpoints to form a delta; found {n_total} "
+                              f"({', '.join(ckpts.values()) or 'none'})")
+
+    pol = _policy_for(existing, policy, include, exclude)
+    if existing is not None and not pol.same_as(existing.policy):
+        raise StoreError(f"run {run!r} was written with selection policy {_spec_str(existing.policy)}; "
+                         f"this call asks for {_spec_str(pol.spec())}; use the same policy or a new run")
+    if not todo:
+        rs = open_store(store, storage_options=storage_options).run(run)
+        if metric_data is not None:
+            _store_metrics(rs, metric_data, metric_source)
+        return IngestSummary(run, 0, len(skipped), [int(s) for s in rs.steps], rs.n_params, 0,
+                             time.perf_counter() - t0)
+
+    # ---- the first checkpoint to ingest defines the key set; every other one must match it
+    ref = todo[0]
+    with open_checkpoint(ref.path) as r:
+        sel: Selection = select(r, pol)
+        fmt = r.format
+    ref.names = dict(sel.sources)
+    if existing is not None and sel.index.hash != existing.attrs.get("param_index_hash"):
+        raise StoreError(f"run {run!r}: the parameter index of {ref.path} (step {ref.step}) differs from the run's "
+                         f"(hash {sel.index.hash} vs {existing.attrs.get('param_index_hash')}): "
+                         f"{_index_diff(existing.index, sel.index)}")
+    for td in todo[1:]:
+        with open_checkpoint(td.path) as r:
+            infos = r.tensors()
+            norm = pol.names(infos, path=td.path)
+            check_same_keys(sel.keys, {n: infos[raw] for n, raw in norm.items()}, path=td.path, step=td.step,
+                            ref_path=ref.path, ref_step=ref.step)
+        td.names = {n: norm[n] for n in sel.sources}
+
+    # ---- create / allocate (the first writes of this call)
+    ts = open_store(store, storage_options=storage_options)
+    if existing is None:
+        prov = {"created": _now(), "source_format": fmt, "library_versions": _versions(),
+                "first_checkpoint": os.path.abspath(ref.path),
+                "source_dtypes": sorted({e.source_dtype for e in sel.index})}
+        rs = ts.create_run(run, index=sel.index, policy=sel.record(), chunk_bytes=chunk_bytes,
+                           shard_bytes=shard_bytes, compressor=compressor, attrs={"provenance": prov})
+    else:
+        rs = ts.run(run)
+        if chunk_bytes is not None or shard_bytes is not None:
+            logger.warning("run %r exists: its chunk/shard layout is kept, chunk_bytes/shard_bytes ignored", run)
+    new = [td for td in todo if td.row is None]
+    for td, r in zip(new, rs.allocate([td.step for td in new])):
+        td.row = int(r)
+    rs.record_sources({td.step: os.path.abspath(td.path) for td in todo})
+    all_steps = rs.row_steps()
+    spans = sorted({int(d) for d in np.diff(all_steps)}) if all_steps.size > 1 else []
+    rs.update_attrs(step_spans=spans[:20])
+    if len(spans) > 1:
+        logger.info("run %r: uneven checkpoint spacing %s (deltas are not normalised by step span)", run, spans[:5])
+    if metric_data is not None:
+        _store_metrics(rs, metric_data, metric_source)
+
+    # ---- data tasks
+    ranges = rs.write_ranges()
+    segs_of = [[(e.name, lo0, hi0) for e, lo0, hi0 in sel.index.segments(lo, hi)] for lo, hi in ranges]
+    settings = config.zarr_settings() if hasattr(config, "zarr_settings") else None
+    nonfinite: list[dict] = []
+    failed: dict[int, BaseException] = {}
+    n_new = nbytes = 0
+    window = max(1, int(config.get("ingest.tasks-in-flight", tasks_in_flight)))
+    jobs = ((i, td, lo, hi, segs) for i, td in enumerate(todo) for (lo, hi), segs in zip(ranges, segs_of))
+    remaining = {td.row: len(ranges) for td in todo}
+    raced: set[int] = set()
+    done_q: queue.Queue = queue.Queue()
+    pending: dict = {}
+    with _executor(rs, client=client, address=address, scheduler_file=scheduler_file, scheduler=scheduler) as ex:
+
+        def submit_more():
+            # a bounded window of tasks in flight: a 1,000-checkpoint x 600-shard run never puts
+            # 600k tasks on the scheduler, and earlier checkpoints complete (and are marked) first
+            for i, td, lo, hi, segs in itertools.islice(jobs, max(0, window - len(pending))):
+                s = [(n, td.names[n], a, b) for n, a, b in segs]
+                f = ex.submit(ingest_range, td.path, td.step, td.row, lo, hi, s, rs.params, rs._complete,
+                              on_nonfinite, settings, key=f"sed-ingest-{run}-{td.step}-{lo}-{uuid.uuid4().hex[:8]}",
+                              priority=-i)
+                pending[f] = td
+                f.add_done_callback(done_q.put)
+
+        bar = _progress(len(todo) * len(ranges), run, progress)
+        try:
+            submit_more()
+            while pending:
+                try:
+                    f = done_q.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                td = pending.pop(f, None)
+                if td is None:
+                    continue
+                try:
+                    res = f.result()
+                except Exception as exc:  # data-level failure: this row stays incomplete
+                    failed.setdefault(td.row, exc)
+                else:
+                    nbytes += res["nbytes"]
+                    nonfinite += res["nonfinite"]
+                    remaining[td.row] -= 1
+                    if res["skipped"]:  # another ingestion completed this row meanwhile
+                        raced.add(td.row)
+                    if remaining[td.row] == 0 and td.row not in failed:
+                        rs.mark_complete(td.row)
+                        n_new += td.row not in raced
+                del f
+                bar.update(1)
+                submit_more()
+        except BaseException:
+            ex.cancel(list(pending))
+            raise
+        finally:
+            bar.close()
+            if nonfinite:
+                rs.record_nonfinite(sorted(nonfinite, key=lambda d: (d["step"], d["elements"][0])))
+            log = list(rs.attrs.get("ingest_log", []))
+            log.append({"time": _now(), "executor": ex.kind, "n_new": n_new, "n_failed": len(failed),
+                        "seconds": round(time.perf_counter() - t0, 3)})
+            rs.update_attrs(ingest_log=log[-50:])
+    if failed:
+        by_step = sorted(((td.step, failed[td.row]) for td in todo if td.row in failed), key=lambda x: x[0])
+        first = by_step[0][1]
+        if not isinstance(first, (SEDError, OSError)):
+            logger.error("run %r: step %s failed with an unexpected error", run, by_step[0][0])
+            raise first
+        cls = type(first) if isinstance(first, SEDError) else CheckpointError
+        detail = "; ".join(f"step {s}: {e}" for s, e in by_step[:3])
+        raise cls(f"ingestion of run {run!r} failed for {len(failed)} checkpoint(s), whose rows stay incomplete "
+                  f"(completed rows are kept; fix the input and re-run): {detail}") from first
+    return IngestSummary(run, n_new, len(skipped), [int(s) for s in rs.steps], rs.n_params, nbytes,
+                         time.perf_counter() - t0, nonfinite)
+
+
+def _spec_str(spec: Mapping) -> str:
+    return f"{spec.get('name')} v{spec.get('version')} {spec.get('options')}"
+
+
+def _store_metrics(rs: RunStore, data: dict, source: str | None) -> None:
+    rs.set_metrics(data["step"], {k: v for k, v in data.items() if k != "step"})
+    rs.update_attrs(metrics_source=source)
+
+
+def _progress(total: int, run: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"ingest {run}", unit="range", disable=not enabled, leave=False)

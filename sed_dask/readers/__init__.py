@@ -1,0 +1,71 @@
+"""Checkpoint readers behind one small protocol (:class:`CheckpointReader`).
+
+``open_checkpoint(path)`` picks the reader: a ``.safetensors`` file, a ``torch.save`` file
+(``.pt``/``.pth``/``.bin``/``.ckpt``; zip or legacy), or a directory holding a Hugging Face
+sharded checkpoint (``*.index.json``), a single ``model.safetensors`` or a ``pytorch_model.bin``
+(the layout of HF Trainer ``checkpoint-N/`` folders).
+"""
+from __future__ import annotations
+
+import os
+
+from ..errors import CheckpointError
+from .base import CheckpointReader, ReaderBase, TensorInfo, flat_slices
+from .hf_sharded import ShardedReader, find_index
+from .safetensors_file import SafetensorsReader, is_safetensors
+from .torch_pt import TorchReader, find_state_dict
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
+SINGLE_FILES_IN_DIR = ("model.safetensors", "pytorch_model.bin")
+
+__all__ = ["CheckpointReader", "TensorInfo", "ReaderBase", "TorchReader", "SafetensorsReader", "ShardedReader",
+           "open_checkpoint", "open_file", "checkpoint_format", "flat_slices", "find_state_dict"]
+
+
+def open_file(path: str) -> ReaderBase:
+    """A reader for one checkpoint file, chosen by suffix, else by sniffing its first bytes."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        return SafetensorsReader(path)
+    if path.endswith(".index.json"):
+        return ShardedReader(path)
+    if path.endswith(TORCH_SUFFIXES):
+        return TorchReader(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    if is_safetensors(path):
+        return SafetensorsReader(path)
+    return TorchReader(path)
+
+
+def checkpoint_format(path) -> str:
+    """``"safetensors"``, ``"pt"`` or ``"hf_sharded"`` (no data read)."""
+    return _reader_class(str(path)).format
+
+
+def _reader_class(path: str):
+    if os.path.isdir(path):
+        if find_index(path):
+            return ShardedReader
+        for name in SINGLE_FILES_IN_DIR:
+            if os.path.isfile(os.path.join(path, name)):
+                return SafetensorsReader if name.endswith(".safetensors") else TorchReader
+        raise CheckpointError(f"{path}: directory holds no checkpoint (looked for *.index.json, "
+                              f"{', '.join(SINGLE_FILES_IN_DIR)})")
+    return type(open_file(path))
+
+
+def open_checkpoint(path) -> ReaderBase:
+    """Open a checkpoint file or directory with the right reader. Nothing is read until asked."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        cls = _reader_class(path)
+        if cls is ShardedReader:
+            return ShardedReader(path)
+        for name in SINGLE_FILES_IN_DIR:
+            p = os.path.join(path, name)
+            if os.path.isfile(p):
+                return open_file(p)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return open_file(path)
