@@ -1,0 +1,304 @@
+"""Report: PNG figures and HTML/Markdown summary tables of a results Dataset.
+
+Works from the Dataset (docs/result_schema.md) plus precomputed inputs, so the analysis queries
+feed it without the report re-implementing them. Figures, in the spirit of the paper:
+
+* ``spectrum``       σ_j and ρ_k = σ_k/σ_{k+1} of one window; noise floor, k* highlighted, ratios
+                     whose σ_{k+1} is below the floor greyed (paper Fig 1A);
+* ``edge_phases``    edge ratio over training per run, phases shaded, collapse and events marked;
+* ``edge_val_loss``  edge ratio and validation loss over steps (twin axes);
+* ``lag_flip``       detrended lagged correlation r(ℓ) with val loss for every W, peak lags marked;
+* ``early_warning``  the warning series with onset (or collapse) and event (grokking) marked.
+
+Inputs (all optional, keyword-only):
+
+* ``events``: ``{run: {name: step}}`` or a DataFrame (index run, one column per event). Default:
+  ``{"grok": first step with val_acc ≥ 0.9}`` when ``val_acc`` is in the Dataset.
+* ``analysis``: a mapping with any of
+    - ``"window"``: the W of the single-W figures (default 10 if present, else the smallest);
+    - ``"phases"``: output of ``sed_dask.analysis.phases`` (``plateau_start_step``,
+      ``collapse_start_step`` per run[, window]) or a DataFrame of intervals with columns
+      ``run, phase, start, end`` [``window``];
+    - ``"collapse"``: output of ``analysis.collapse_step`` or ``{run: step}``;
+    - ``"lag"``: output of ``analysis.lag_sweep`` / ``lag_correlation`` (``r`` on a ``lag`` dim)
+      or a DataArray ``r(window, lag[, run])``; without it a plain cubic-detrended version is
+      computed here (sed_spec §6), labelled as such;
+    - ``"warning"``: output of ``analysis.lead_time`` / ``onset`` (``onset_step``) or
+      ``{run: step}``; ``"warning_variable"``: the series it was computed on (default edge_ratio);
+    - ``"findings"``: a DataFrame (index run) or ``{run: {column: value}}`` for the summary table;
+      default: assembled from the Dataset and the inputs above;
+    - ``"spectrum_at"``: ``{"run": .., "step": ..}`` of the spectrum figure (default: first run,
+      step of its peak edge ratio).
+"""
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from .figures import (base, edge_phases_figure, edge_val_loss_figure, finite, lag_figure, phase_intervals,
+                      run_value, spectrum_figure, warning_figure)
+
+__all__ = ["make_report", "FIGURES", "findings_table", "normalize_events", "phase_intervals",
+           "lag_correlation_simple"]
+
+FIGURES = ("spectrum", "edge_phases", "edge_val_loss", "lag_flip", "early_warning")
+REQUIRED = ("sigma", "ratio", "k_star", "edge_ratio", "noise_floor")
+GROK_ACC = 0.9
+
+
+def _label(v) -> str:
+    return str(v.item() if hasattr(v, "item") else v)
+
+
+def normalize_events(events, ds: xr.Dataset, runs) -> dict[str, dict[str, float]]:
+    """``{run: {event: step}}`` from a mapping or DataFrame; default: grokking from ``val_acc``."""
+    out: dict[str, dict[str, float]] = {r: {} for r in runs}
+    if events is None:
+        if "val_acc" in ds.data_vars:
+            for r in runs:
+                st, acc = finite(ds["val_acc"].sel(run=r))
+                hit = np.nonzero(acc >= GROK_ACC)[0]
+                if hit.size:
+                    out[r]["grok"] = float(st[hit[0]])
+        return out
+    if isinstance(events, pd.DataFrame):
+        events = {idx: row.to_dict() for idx, row in events.iterrows()}
+    for r, ev in events.items():
+        if str(r) in out:
+            out[str(r)].update({str(k): float(v) for k, v in ev.items()
+                                if v is not None and np.isfinite(float(v))})
+    return out
+
+
+def _detrend(t: np.ndarray, v: np.ndarray) -> np.ndarray:
+    tn = (t - t.mean()) / (np.ptp(t) or 1.0)  # raw steps make polyfit ill-conditioned
+    return v - np.polyval(np.polyfit(tn, v, 3), tn)
+
+
+def lag_correlation_simple(ds: xr.Dataset, *, runs, windows, lags=range(-5, 8), variable="edge_ratio",
+                           target="val_loss", min_overlap: int = 6) -> xr.DataArray:
+    """r(run, window, lag): cubic-detrended lagged Pearson r (sed_spec §6.1–6.2).
+
+    Only the report's fallback when no lag analysis is given: exact-step pairs, lags in the run's
+    checkpoint index, ℓ > 0 = ``variable`` leads; lags with fewer than ``min_overlap`` pairs are NaN.
+    """
+    lags = np.asarray(list(lags), dtype=int)
+    out = np.full((len(runs), len(windows), lags.size), np.nan)
+    for i, r in enumerate(runs):
+        y_all = ds[target].sel(run=r)
+        for j, W in enumerate(windows):
+            x_all = ds[variable].sel(run=r, window=W)
+            xv, yv = np.asarray(x_all.values, float), np.asarray(y_all.values, float)
+            ok = np.isfinite(xv) & np.isfinite(yv)
+            if ok.sum() < min_overlap + 4:
+                continue
+            t = np.asarray(ds["step"].values, float)[ok]
+            x, y = _detrend(t, xv[ok]), _detrend(t, yv[ok])
+            n = x.size
+            for k, L in enumerate(lags):
+                a, b = (x[:n - L], y[L:]) if L >= 0 else (x[-L:], y[:n + L])
+                if a.size >= min_overlap and a.std() > 0 and b.std() > 0:
+                    out[i, j, k] = float(np.corrcoef(a, b)[0, 1])
+    return xr.DataArray(out, dims=("run", "window", "lag"),
+                        coords={"run": list(runs), "window": list(windows), "lag": lags}, name="r",
+                        attrs={"long_name": f"lagged Pearson r({variable}, {target}), cubic-detrended",
+                               "units": "1"})
+
+
+def _lag_r(lag, runs) -> xr.DataArray | None:
+    if lag is None:
+        return None
+    r = lag["r"] if isinstance(lag, xr.Dataset) else lag
+    if "group" in r.dims:
+        r = base(r.to_dataset(name="r"))["r"]
+    if "run" not in r.dims:
+        r = r.expand_dims(run=list(runs))
+    return r
+
+
+# ---------------------------------------------------------------------------- findings table
+_COLUMNS = {  # column -> (header, format)
+    "window": ("W", "{:.0f}"), "k_star": ("k*", "{:.0f}"), "peak_edge": ("peak edge ratio", "{:.3f}"),
+    "peak_step": ("peak step", "{:.0f}"), "collapse_step": ("collapse step", "{:.0f}"),
+    "onset_step": ("warning onset step", "{:.0f}"), "grok_step": ("grok step", "{:.0f}"),
+    "lead_time": ("lead time (steps)", "{:.0f}"), "peak_lag": ("peak lag (ckpts)", "{:+.0f}"),
+    "final_val_loss": ("final val loss", "{:.4f}"),
+}
+
+
+def findings_table(ds: xr.Dataset, *, runs, window, events, analysis, lag_r=None) -> pd.DataFrame:
+    """One row per run: k* (mode over the run's windows), peak edge and its step, collapse, onset,
+    grok, lead, peak lag (the analysis' own ``peak_lag``, else argmin of ``lag_r``), final val loss."""
+    rows = {}
+    lag = analysis.get("lag")
+    for r in runs:
+        st, e = finite(ds["edge_ratio"].sel(run=r, window=window))
+        _, k = finite(ds["k_star"].sel(run=r, window=window))
+        row = {"window": window}
+        row["k_star"] = float(pd.Series(k).mode().min()) if k.size else math.nan
+        row["peak_edge"] = float(e.max()) if e.size else math.nan
+        row["peak_step"] = float(st[int(np.argmax(e))]) if e.size else math.nan
+        row["collapse_step"] = run_value(analysis.get("collapse"), "collapse_step", r, window)
+        row["onset_step"] = run_value(analysis.get("warning"), "onset_step", r, window)
+        row["grok_step"] = events.get(r, {}).get("grok", math.nan)
+        warn = row["onset_step"] if np.isfinite(row["onset_step"]) else row["collapse_step"]
+        row["lead_time"] = row["grok_step"] - warn
+        if isinstance(lag, xr.Dataset) and "peak_lag" in lag:
+            row["peak_lag"] = run_value(lag, "peak_lag", r, window)
+        elif lag_r is not None and window in lag_r["window"].values:
+            y = np.asarray(lag_r.sel(run=r, window=window).values, dtype=float)
+            row["peak_lag"] = float(lag_r["lag"].values[np.nanargmin(y)]) if np.isfinite(y).any() else math.nan
+        if "val_loss" in ds.data_vars:
+            _, vl = finite(ds["val_loss"].sel(run=r))
+            row["final_val_loss"] = float(vl[-1]) if vl.size else math.nan
+        rows[r] = row
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    df.index.name = "run"
+    return df.dropna(axis=1, how="all")
+
+
+def _fmt(col, v) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "—"
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        spec = _COLUMNS.get(col, (col, "{:.4g}"))[1]
+        return spec.format(float(v))
+    return str(v)
+
+
+def _table_rows(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    head = ["run"] + [_COLUMNS.get(c, (c,))[0] for c in df.columns]
+    body = [[str(idx)] + [_fmt(c, row[c]) for c in df.columns] for idx, row in df.iterrows()]
+    return head, body
+
+
+def _markdown(df, figures: dict[str, Path], title: str, notes: list[str]) -> str:
+    head, body = _table_rows(df)
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    lines += [""] + [f"- {n}" for n in notes] + [""]
+    for name, p in figures.items():
+        lines += [f"## {name.replace('_', ' ')}", "", f"![{name}]({p.name})", ""]
+    return "\n".join(lines)
+
+
+def _html(df, figures: dict[str, Path], title: str, notes: list[str]) -> str:
+    head, body = _table_rows(df)
+    esc = html.escape
+    th = "".join(f"<th>{esc(h)}</th>" for h in head)
+    trs = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in body)
+    figs = "".join(f'<figure><img src="{esc(p.name)}" alt="{esc(n)}"><figcaption>{esc(n.replace("_", " "))}'
+                   f"</figcaption></figure>" for n, p in figures.items())
+    li = "".join(f"<li>{esc(n)}</li>" for n in notes)
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>"
+            "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
+            "table{border-collapse:collapse}th,td{border:1px solid #bbb;padding:4px 10px;text-align:right}"
+            "th{background:#eef}td:first-child{text-align:left}img{max-width:100%}"
+            "figure{margin:2em 0}</style></head><body>"
+            f"<h1>{esc(title)}</h1><table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+            f"<ul>{li}</ul>{figs}</body></html>")
+
+
+# ------------------------------------------------------------------------------------ driver
+def _default_window(windows, analysis) -> int:
+    if analysis.get("window") is not None:
+        return int(analysis["window"])
+    return 10 if 10 in windows else int(min(windows))
+
+
+def _spacing(ds, run) -> float | None:
+    if "delta_span" not in ds.coords:
+        return None
+    v = np.asarray(ds["delta_span"].sel(run=run).values, dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    return float(np.median(v)) if v.size else None
+
+
+def make_report(ds: xr.Dataset, out_dir, *, runs=None, windows=None, events=None, analysis=None,
+                title: str = "Spectral Edge Dynamics report", dpi: int = 120) -> dict[str, Path]:
+    """Write the figures, ``summary.html``, ``summary.md`` and ``findings.csv`` to ``out_dir``.
+
+    Returns ``{name: path}`` for every file written (figure names in :data:`FIGURES`, plus
+    ``html``, ``markdown``, ``findings``). Figures whose inputs are missing (e.g. no
+    ``val_loss``) are skipped and listed in the summary's notes.
+    """
+    missing = [v for v in REQUIRED if v not in ds.data_vars]
+    if missing:
+        raise ValueError(f"make_report: the results Dataset lacks {missing} (docs/result_schema.md)")
+    analysis = dict(analysis or {})
+    ds = base(ds)
+    all_runs = [_label(r) for r in ds["run"].values]
+    runs = all_runs if runs is None else [str(r) for r in runs]
+    bad = sorted(set(runs) - set(all_runs))
+    if bad:
+        raise ValueError(f"make_report: runs {bad} not in the Dataset (has {all_runs})")
+    all_w = [int(w) for w in ds["window"].values]
+    windows = all_w if windows is None else [int(w) for w in windows]
+    if set(windows) - set(all_w):
+        raise ValueError(f"make_report: windows {sorted(set(windows) - set(all_w))} not in {all_w}")
+    W = _default_window(windows, analysis)
+    ev = normalize_events(events, ds, runs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    notes: list[str] = []
+
+    def save(name, fig):
+        p = out / f"{name}.png"
+        fig.savefig(p, dpi=dpi)
+        written[name] = p
+
+    at = analysis.get("spectrum_at") or {}
+    run0 = str(at.get("run", runs[0]))
+    if "step" in at:
+        step0 = int(at["step"])
+    else:
+        st, e = finite(ds["edge_ratio"].sel(run=run0, window=W))
+        if not e.size:
+            raise ValueError(f"make_report: run {run0!r} has no finite edge ratio at W={W}")
+        step0 = int(st[int(np.argmax(e))])
+    save("spectrum", spectrum_figure(ds, run=run0, step=step0, window=W))
+    save("edge_phases", edge_phases_figure(ds, runs=runs, window=W, phases=analysis.get("phases"), events=ev,
+                                          collapse=analysis.get("collapse")))
+    has_loss = "val_loss" in ds.data_vars
+    if has_loss:
+        save("edge_val_loss", edge_val_loss_figure(ds, runs=runs, window=W, events=ev))
+    r_da = _lag_r(analysis.get("lag"), runs)
+    computed = r_da is None and has_loss
+    if computed:
+        r_da = lag_correlation_simple(ds, runs=runs, windows=windows)
+        notes.append("Lag correlations computed by the report's fallback (cubic detrend, "
+                     "lags −5…+7 checkpoints, argmin r as the peak).")
+    if r_da is not None:
+        save("lag_flip", lag_figure(r_da, runs=runs, windows=windows, spacing=_spacing(ds, runs[0]),
+                                    computed_here=computed))
+    if not has_loss:
+        notes.append("No val_loss in the Dataset: the edge-vs-loss figure"
+                     + ("" if r_da is not None else " and the lag figure") + " were skipped.")
+    var = str(analysis.get("warning_variable", "edge_ratio"))
+    save("early_warning", warning_figure(ds, runs=runs, window=W, variable=var, events=ev,
+                                         warning=analysis.get("warning"), collapse=analysis.get("collapse")))
+
+    fnd = analysis.get("findings")
+    if fnd is None:
+        df = findings_table(ds, runs=runs, window=W, events=ev, analysis=analysis, lag_r=r_da)
+    else:
+        df = fnd if isinstance(fnd, pd.DataFrame) else pd.DataFrame.from_dict(fnd, orient="index")
+    notes.insert(0, f"Single-W figures and the table use W = {W}; lead time = grok step − warning "
+                    "onset (or collapse step when no onset is given); positive = early warning.")
+    figs = dict(written)
+    p = out / "findings.csv"
+    df.to_csv(p)
+    written["findings"] = p
+    p = out / "summary.md"
+    p.write_text(_markdown(df, figs, title, notes), encoding="utf-8")
+    written["markdown"] = p
+    p = out / "summary.html"
+    p.write_text(_html(df, figs, title, notes), encoding="utf-8")
+    written["html"] = p
+    return written
