@@ -7,7 +7,7 @@ import logging
 import sys
 
 # subcommand modules, in the order shown by --help
-COMMANDS = ["ingest", "spectrum", "query"]
+COMMANDS = ["ingest", "spectrum", "sketch", "directions", "query", "deploy"]
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -18,19 +18,41 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-workers", type=int, default=None,
                    help="workers of the temporary LocalCluster when no cluster is given")
     g.add_argument("--memory-limit", default=None, help="per-worker memory limit of the temporary LocalCluster")
+    g.add_argument("--config", metavar="FILE", default=None,
+                   help="YAML with sed_dask settings, e.g. a 'cluster:' section naming a cluster class "
+                        "(a top-level 'sed_dask:' key is optional); beats ~/.config/dask and DASK_* env")
+    g.add_argument("--connect-timeout", metavar="SECONDS", default=None,
+                   help="give up reaching the scheduler after this long (default: sed_dask.connect.timeout)")
 
 
 def connect_from_args(args):
-    """A ``sed_dask.cluster.connect`` context for parsed CLI arguments."""
-    from ..cluster import connect
+    """A ``sed_dask.cluster.connect`` context for parsed CLI arguments.
 
+    ``--config FILE`` is applied at once (so code before the ``with`` sees it too) and undone
+    when the context exits. Flags beat the file; the file beats ~/.config/dask and DASK_* env.
+    """
+    import contextlib
+
+    from ..cluster import connect
+    from ..config import load_config_file, use_config
+
+    path = getattr(args, "config", None)
+    settings = use_config(load_config_file(path)) if path else contextlib.nullcontext()
     local = {}
     if getattr(args, "n_workers", None):
         local["n_workers"] = args.n_workers
     if getattr(args, "memory_limit", None):
         local["memory_limit"] = args.memory_limit
-    return connect(address=args.scheduler_address, scheduler_file=args.scheduler_file,
-                   local_kwargs=local)
+
+    @contextlib.contextmanager
+    def session():
+        with settings, connect(address=getattr(args, "scheduler_address", None),
+                               scheduler_file=getattr(args, "scheduler_file", None),
+                               timeout=getattr(args, "connect_timeout", None),
+                               local_kwargs=local) as client:
+            yield client
+
+    return session()
 
 
 def build_parser() -> argparse.ArgumentParser:
