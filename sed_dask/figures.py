@@ -20,7 +20,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator
 
 __all__ = ["spectrum_figure", "edge_phases_figure", "edge_val_loss_figure", "lag_figure", "warning_figure",
-           "phase_intervals", "run_value"]
+           "signals_figure", "phase_intervals", "run_value"]
 
 PHASE_COLORS = {"rise": "#9ecae1", "plateau": "#a1d99b", "collapse": "#fdae6b"}
 C_EDGE, C_LOSS, C_ACC, C_EVENT, C_ONSET = "#1f4e9a", "#c0392b", "#2e8b57", "#6a1b9a", "#e67e22"
@@ -339,5 +339,46 @@ def warning_figure(ds, *, runs, window, variable="edge_ratio", events=None, warn
         ax.grid(alpha=0.3)
     _step_axis(axes[-1])
     _fig_legend(fig, all_axes, ncol=3)
-    fig.suptitle("Early warning: the spectral signal ahead of grokking", fontsize=12)
+    fig.suptitle("Early warning? The spectral signal vs the grokking step (lead < 0: after it)", fontsize=12)
+    return fig
+
+
+_SIG_STYLE = ["#e67e22", "#d35400", "#2980b9", "#1f4e9a", "#16a085", "#7f8c8d", "#8e44ad", "#c0392b"]
+
+
+def signals_figure(ds, *, runs, window, signals: pd.DataFrame, events=None) -> Figure:
+    """Every early-warning candidate (rows of ``report.warning_signals``) against grokking.
+
+    Edge ratio on the left axis, g₂₃ = σ₂² − σ₃² (log) on the right when present; one dashed
+    line per candidate that fired, the grok step in black. Shows all candidates, not a chosen one.
+    """
+    W, events = window, events or {}
+    fig, axes = _runs_grid(len(runs), height=2.9)
+    all_axes = list(axes)
+    names = list(dict.fromkeys(signals["signal"]))
+    color = {n: _SIG_STYLE[i % len(_SIG_STYLE)] for i, n in enumerate(names)}
+    style = {n: ("--" if i % 2 else ":") for i, n in enumerate(names)}
+    for ax, r in zip(axes, runs):
+        st, x = finite(ds["edge_ratio"].sel(run=r, window=W))
+        ax.plot(st, x, color=C_EDGE, lw=1.8, label=f"edge ratio, W={W} (left axis)")
+        ax.set_ylabel("edge ratio", color=C_EDGE)
+        if "g23" in ds.data_vars:
+            ax2 = ax.twinx()
+            all_axes.append(ax2)
+            sg, g = finite(ds["g23"].sel(run=r, window=W))
+            pos = g > 0
+            ax2.plot(sg[pos], g[pos], color="#7f8c8d", lw=1.2, alpha=0.8,
+                     label=r"$g_{23}=\sigma_2^2-\sigma_3^2$ (right axis, log)")
+            ax2.set_yscale("log")
+            ax2.set_ylabel(r"$g_{23}$", color="#7f8c8d")
+        sel = signals[(signals["run"] == r) & (signals["window"] == W)]
+        for n, s in zip(sel["signal"], sel["signal_step"]):
+            if np.isfinite(s):
+                ax.axvline(s, color=color[n], ls=style[n], lw=1.6, label=n)
+        _vline(ax, events.get(r, {}).get("grok", math.nan), "black", "grok (val acc ≥ 0.9)", "-")
+        ax.set_title(f"run {r}", loc="left", fontsize=10)
+        ax.grid(alpha=0.3)
+    _step_axis(axes[-1])
+    _fig_legend(fig, all_axes, ncol=4)
+    fig.suptitle(f"Early-warning candidates vs grokking (W={W}; unfired candidates have no line)", fontsize=12)
     return fig

@@ -28,7 +28,12 @@ Inputs (all optional, keyword-only):
     - ``"findings"``: a DataFrame (index run) or ``{run: {column: value}}`` for the summary table;
       default: assembled from the Dataset and the inputs above;
     - ``"spectrum_at"``: ``{"run": .., "step": ..}`` of the spectrum figure (default: first run,
-      step of its peak edge ratio).
+      step of its peak edge ratio);
+    - ``"signals"``: the long table of :func:`warning_signals` (every early-warning candidate):
+      adds the ``warning_signals`` figure, a lead table and ``warning_signals.csv``;
+    - ``"notes"``: extra lines for the summary.
+
+:func:`standard_analysis` computes all of these from a Dataset (the demo and ``sed-dask report``).
 """
 from __future__ import annotations
 
@@ -41,10 +46,10 @@ import pandas as pd
 import xarray as xr
 
 from .figures import (base, edge_phases_figure, edge_val_loss_figure, finite, lag_figure, phase_intervals,
-                      run_value, spectrum_figure, warning_figure)
+                      run_value, signals_figure, spectrum_figure, warning_figure)
 
 __all__ = ["make_report", "FIGURES", "findings_table", "normalize_events", "phase_intervals",
-           "lag_correlation_simple"]
+           "lag_correlation_simple", "standard_analysis", "warning_signals", "add_g23", "SIGNALS"]
 
 FIGURES = ("spectrum", "edge_phases", "edge_val_loss", "lag_flip", "early_warning")
 REQUIRED = ("sigma", "ratio", "k_star", "edge_ratio", "noise_floor")
@@ -121,6 +126,131 @@ def _lag_r(lag, runs) -> xr.DataArray | None:
     return r
 
 
+# ------------------------------------------------------------------- standard analysis driver
+# Early-warning candidates, fixed BEFORE looking at any demo outcome (sed_spec §13). Each maps a
+# run's series to one step; lead = grok step − that step (positive = before grokking). "causal"
+# says whether the step is known online at that point (an onset only needs the past; a peak or a
+# segmentation boundary needs the later series, so it is a retrospective marker, not a warning).
+SIGNALS = {
+    "edge_onset_k10": ("edge ratio onset, companion rule verbatim: first step with edge > 10 x "
+                       "median(first 3 windows) and > 20", True),
+    "edge_onset_k2": ("edge ratio onset, relaxed: first step with edge > 2 x median(first 3 windows), "
+                      "no floor (k = 2 fixed a priori)", True),
+    "edge_rise_end": ("end of the rise: plateau start of the 'peak' segmentation (first point of the "
+                      "run of windows >= 0.85 x peak containing the peak)", False),
+    "edge_peak": ("step of the maximum edge ratio", False),
+    "edge_decline_start": ("start of the decline: collapse start of the 'peak' segmentation (last point "
+                           ">= 0.85 x peak)", False),
+    "edge_tau_collapse": ("tau-collapse: first step after the (global) peak with edge < 1 + 2 W^(-2/3) "
+                          "(MP adjacent-ratio noise level, tau='auto')", False),
+    "g23_onset_k10": ("g23 = sigma_2^2 - sigma_3^2 compression onset: first step with g23 < "
+                      "median(first 3 windows) / 10 (the companion's 10x rule, direction 'drop')", True),
+}
+
+
+def add_g23(ds: xr.Dataset) -> xr.Dataset:
+    """Add ``g23 = σ₂² − σ₃²`` (the companion's gap, sed_spec §13.2) to a results Dataset."""
+    if "g23" in ds.data_vars or ds.sizes.get("sv", 0) < 3:
+        return ds
+    s = ds["sigma"]
+    g = (s.sel(sv=2) ** 2 - s.sel(sv=3) ** 2).drop_vars("sv", errors="ignore")
+    g.attrs = {"long_name": "g23 = sigma_2^2 - sigma_3^2", "units": "parameter units^2"}
+    return ds.assign(g23=g)
+
+
+def warning_signals(ds: xr.Dataset, *, windows=None, phases=None, collapse=None, event="val_acc",
+                    event_threshold: float = GROK_ACC) -> pd.DataFrame:
+    """Long table (signal, run, window, signal_step, grok_step, lead, causal) for :data:`SIGNALS`.
+
+    Every candidate is reported for every W, including those that never fire (NaN step and lead),
+    so that no signal is picked after seeing its lead.
+    """
+    from . import analysis as A
+    from .analysis.warning import event_index
+
+    ds = add_g23(base(ds))
+    ws = [int(w) for w in (windows if windows is not None else ds["window"].values)]
+    sub = ds.sel(window=ws)
+    runs = [_label(r) for r in ds["run"].values]
+    grok = {}
+    for r in runs:
+        st, y = finite(ds[event].sel(run=r))
+        i = event_index(y, threshold=event_threshold)
+        grok[r] = float(st[i]) if i is not None else math.nan
+    if phases is None:
+        phases = A.phases(sub, window=ws)
+    if collapse is None:
+        collapse = A.collapse_step(sub, window=ws, tau="auto")
+    steps = {
+        "edge_onset_k10": A.onset(sub, "edge_ratio", k=10.0, baseline=3)["onset_step"],
+        "edge_onset_k2": A.onset(sub, "edge_ratio", k=2.0, baseline=3, floor=None)["onset_step"],
+        "edge_rise_end": phases["plateau_start_step"],
+        "edge_peak": phases["peak_step"],
+        "edge_decline_start": phases["collapse_start_step"],
+        "edge_tau_collapse": collapse["collapse_step"],
+        "g23_onset_k10": (A.onset(sub, "g23", k=10.0, baseline=3, direction="drop")["onset_step"]
+                          if "g23" in sub else None),
+    }
+    rows = []
+    for name, da in steps.items():
+        for r in runs:
+            for W in ws:
+                v = run_value(da, name, r, W) if da is not None else math.nan
+                rows.append({"signal": name, "run": r, "window": W, "signal_step": v, "grok_step": grok[r],
+                             "lead": grok[r] - v, "causal": SIGNALS[name][1]})
+    return pd.DataFrame(rows)
+
+
+def standard_analysis(ds: xr.Dataset, *, windows=None, window=None, lags=range(-3, 6),
+                      progress: bool = False) -> dict:
+    """The demo's queries on a results Dataset, as the ``analysis`` mapping of :func:`make_report`.
+
+    Signal rank and edge summary, 'peak' phases, τ-collapse (τ = MP noise level per W), lag sweep
+    against val loss with lag flips (needs ≥ 2 W and ``val_loss``), and the early-warning table.
+    """
+    from . import analysis as A
+
+    ds = base(ds)
+    ws = [int(w) for w in (windows if windows is not None else ds["window"].values)]
+    W = int(window) if window is not None else (10 if 10 in ws else min(ws))
+    sub = ds.sel(window=ws)
+    steps = ["signal rank", "phases", "collapse", "lag sweep", "warning signals"]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(steps), desc="analysis", leave=True)
+    out: dict = {"window": W, "windows": ws}
+
+    def tick(name):
+        if bar is not None:
+            bar.set_postfix_str(name, refresh=False)
+            bar.update(1)
+
+    out["signal_rank"] = A.signal_rank(sub)
+    out["edge_summary"] = A.edge_summary(sub)
+    tick("signal rank")
+    out["phases"] = A.phases(sub)
+    tick("phases")
+    # τ = the MP noise-level ratio per W: an absolute 1.20 does not transfer across W (sed_spec §15.4)
+    out["collapse"] = A.collapse_step(sub, tau="auto")
+    tick("collapse")
+    if len(ws) >= 2 and "val_loss" in ds.data_vars:
+        out["lag"] = A.lag_sweep(sub, windows=ws, lags=lags)
+        out["lag_flips"] = A.lag_flips(out["lag"])
+    tick("lag sweep")
+    if "val_acc" in ds.data_vars:
+        sig = warning_signals(sub, windows=ws, phases=out["phases"], collapse=out["collapse"])
+        out["signals"] = sig
+        # the report's single warning line is the companion rule verbatim (declared primary a priori)
+        prim = sig[(sig.signal == "edge_onset_k10") & (sig.window == W)]
+        out["warning"] = {r: {"onset_step": v} for r, v in zip(prim.run, prim.signal_step)}
+    tick("warning signals")
+    if bar is not None:
+        bar.close()
+    return out
+
+
 # ---------------------------------------------------------------------------- findings table
 _COLUMNS = {  # column -> (header, format)
     "window": ("W", "{:.0f}"), "k_star": ("k*", "{:.0f}"), "peak_edge": ("peak edge ratio", "{:.3f}"),
@@ -177,21 +307,48 @@ def _table_rows(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
-def _markdown(df, figures: dict[str, Path], title: str, notes: list[str]) -> str:
+def lead_table(sig: pd.DataFrame) -> pd.DataFrame:
+    """Wide view of :func:`warning_signals`: one row per (signal, W), one lead column per run."""
+    t = sig.pivot_table(index=["signal", "window"], columns="run", values="lead", dropna=False)
+    order = {k: i for i, k in enumerate(SIGNALS)}
+    t = t.sort_index(key=lambda ix: ix.map(order) if ix.name == "signal" else ix)
+    t.index = [f"{s} (W={w})" for s, w in t.index]
+    t.index.name = "signal"
+    return t
+
+
+def _plain_rows(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    head = [df.index.name or ""] + [str(c) for c in df.columns]
+    body = [[str(i)] + ["—" if not np.isfinite(v) else f"{v:+.0f}" for v in row] for i, row in
+            zip(df.index, df.to_numpy(dtype=float))]
+    return head, body
+
+
+def _markdown(df, figures: dict[str, Path], title: str, notes: list[str], extra=None) -> str:
     head, body = _table_rows(df)
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in body]
+    for cap, t in (extra or {}).items():
+        h, b = _plain_rows(t)
+        lines += ["", f"**{cap}**", "", "| " + " | ".join(h) + " |", "|" + "---|" * len(h)]
+        lines += ["| " + " | ".join(r) + " |" for r in b]
     lines += [""] + [f"- {n}" for n in notes] + [""]
     for name, p in figures.items():
         lines += [f"## {name.replace('_', ' ')}", "", f"![{name}]({p.name})", ""]
     return "\n".join(lines)
 
 
-def _html(df, figures: dict[str, Path], title: str, notes: list[str]) -> str:
-    head, body = _table_rows(df)
+def _html_table(head, body) -> str:
     esc = html.escape
     th = "".join(f"<th>{esc(h)}</th>" for h in head)
     trs = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in body)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+
+def _html(df, figures: dict[str, Path], title: str, notes: list[str], extra=None) -> str:
+    esc = html.escape
+    tables = _html_table(*_table_rows(df)) + "".join(
+        f"<h3>{esc(cap)}</h3>" + _html_table(*_plain_rows(t)) for cap, t in (extra or {}).items())
     figs = "".join(f'<figure><img src="{esc(p.name)}" alt="{esc(n)}"><figcaption>{esc(n.replace("_", " "))}'
                    f"</figcaption></figure>" for n, p in figures.items())
     li = "".join(f"<li>{esc(n)}</li>" for n in notes)
@@ -200,7 +357,7 @@ def _html(df, figures: dict[str, Path], title: str, notes: list[str]) -> str:
             "table{border-collapse:collapse}th,td{border:1px solid #bbb;padding:4px 10px;text-align:right}"
             "th{background:#eef}td:first-child{text-align:left}img{max-width:100%}"
             "figure{margin:2em 0}</style></head><body>"
-            f"<h1>{esc(title)}</h1><table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+            f"<h1>{esc(title)}</h1>{tables}"
             f"<ul>{li}</ul>{figs}</body></html>")
 
 
@@ -284,6 +441,10 @@ def make_report(ds: xr.Dataset, out_dir, *, runs=None, windows=None, events=None
     save("early_warning", warning_figure(ds, runs=runs, window=W, variable=var, events=ev,
                                          warning=analysis.get("warning"), collapse=analysis.get("collapse")))
 
+    sig = analysis.get("signals")
+    if isinstance(sig, pd.DataFrame) and not sig.empty:
+        save("warning_signals", signals_figure(add_g23(ds), runs=runs, window=W, signals=sig, events=ev))
+
     fnd = analysis.get("findings")
     if fnd is None:
         df = findings_table(ds, runs=runs, window=W, events=ev, analysis=analysis, lag_r=r_da)
@@ -295,10 +456,21 @@ def make_report(ds: xr.Dataset, out_dir, *, runs=None, windows=None, events=None
     p = out / "findings.csv"
     df.to_csv(p)
     written["findings"] = p
+    extra = {}
+    if isinstance(sig, pd.DataFrame) and not sig.empty:
+        p = out / "warning_signals.csv"
+        sig.to_csv(p, index=False)
+        written["signals"] = p
+        extra["Early-warning candidates: lead = grok step − signal step (steps; negative = after "
+              "grokking; — = never fired)"] = lead_table(sig)
+        notes.append("Warning candidates (all defined before looking at the demo's outcomes; none "
+                     "dropped): " + "; ".join(f"{k}: {d}{'' if c else ' [retrospective]'}"
+                                              for k, (d, c) in SIGNALS.items()))
+    notes.extend(str(n) for n in analysis.get("notes", ()))
     p = out / "summary.md"
-    p.write_text(_markdown(df, figs, title, notes), encoding="utf-8")
+    p.write_text(_markdown(df, figs, title, notes, extra), encoding="utf-8")
     written["markdown"] = p
     p = out / "summary.html"
-    p.write_text(_html(df, figs, title, notes), encoding="utf-8")
+    p.write_text(_html(df, figs, title, notes, extra), encoding="utf-8")
     written["html"] = p
     return written

@@ -7,7 +7,7 @@ import logging
 import sys
 
 # subcommand modules, in the order shown by --help
-COMMANDS = ["ingest", "spectrum", "sketch", "directions", "query", "deploy"]
+COMMANDS = ["ingest", "spectrum", "sketch", "directions", "query", "report", "demo", "deploy"]
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
