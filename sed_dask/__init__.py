@@ -23,6 +23,10 @@ _LAZY = {
     "spectrum": "sed_dask.spectra",
     "banded_gram": "sed_dask.gram",
     "sketch": "sed_dask.sketch",
+    "spectra_from_sketch": "sed_dask.sketch_spectra",
+    "jl_error_report": "sed_dask.sketch_spectra",
+    "directions": "sed_dask.directions",
+    "subspace_rotation": "sed_dask.directions",
     "connect": "sed_dask.cluster",
 }
 

@@ -229,15 +229,20 @@ def test_ingest_resumes_after_a_worker_sigkilled_mid_run(ckpts, tmp_path, allowe
         if allowed_failures is None:
             assert "error" not in box, repr(box.get("error"))
             assert box["result"].n_new == N_CKPTS
-        else:
-            assert isinstance(box.get("error"), KilledWorker), repr(box)
+        elif "error" in box:
+            # with no retries a task lost with w0 fails the call with KilledWorker ...
+            assert isinstance(box["error"], KilledWorker), repr(box)
             rs = open_store(store, mode="r").run("r")
             assert not rs.completed().all()  # the failed row stays incomplete
             assert rs.attrs["ingest_log"][-1]["n_failed"] >= 1
+        else:
+            # ... unless the kill raced with w0 finishing its last task (seen ~1 in 9 runs): then
+            # nothing was lost and the call completed; the re-run below must still change nothing
+            assert box["result"].n_new == N_CKPTS
         # the re-run (on the same, now smaller, cluster) finishes whatever is missing
         again = ingest(files, store, "r", address=addr, progress=False, **INGEST_SMALL)
     assert again.n_skipped + again.n_new == N_CKPTS and again.n_skipped >= done_at_kill.sum()
-    if allowed_failures is not None:
+    if allowed_failures is not None and "error" in box:
         assert again.n_new >= 1
     _assert_store_equals(store, want)
     # rows completed before the kill were never rewritten (not by the killed call, not by the re-run)
