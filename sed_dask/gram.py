@@ -1,0 +1,562 @@
+"""One streaming pass over a run: the banded float64 Gram of consecutive deltas (+ per layer group).
+
+``band[g, i, k] = <delta_i, delta_{i-k}>`` for ``k < width`` with ``delta_i = theta(s_{i+1}) -
+theta(s_i)`` (0-based: delta ``i`` is labelled by step ``s_{i+1}``); NaN where ``i - k < 0``. Window
+spectra of every W < width, and the cross-window entries that gamma needs, are principal or
+adjacent sub-blocks of this band (sed_spec §3.3), so the store is read once for all of them.
+
+Scheme (why it is shaped like this):
+
+* **Tiles.** A task owns one (step block x P-range) tile. Step blocks partition the *deltas*; block
+  ``[a, e)`` emits band rows ``a..e-1``. Those rows need the ``width-1`` deltas before ``a``, so the
+  task reads rows ``[a-(width-1), e+1)`` (clipped at 0): the one-row halo that forms delta ``a``
+  plus ``width-1`` halo deltas. Only block borders are re-read, a fraction ``width/block_steps``
+  (nothing when a run fits in one block, the default up to ``spectrum.block-steps`` deltas).
+* **Streaming inside a task.** Rows arrive in batches; two buffers of ``(width-1 + batch) x P-range``
+  float32 together fit ``spectrum.tile-bytes`` (the next batch is read into one while the other is
+  multiplied) and the last ``width-1`` float32 deltas are carried across. Memory per task is bounded
+  by tile-bytes however long the run is, and each row is read once per task, straight into the
+  buffer: positioned reads of the raw chunk files for uncompressed local stores
+  (:mod:`sed_dask.rawread`, ~4x less CPU than zarr's shard decoding), zarr ``out=`` otherwise.
+* **Columns.** P-ranges are whole multiples of the store's read chunk, or an even split of one chunk
+  when tile-bytes is smaller than a chunk of the rows held in memory. A tile splits its columns at
+  layer-group boundaries and emits one partial per group it touches plus ``all``.
+* **Kernel.** Deltas are formed in float32 (sed_spec §2.3) in place, then each ~2 MiB column
+  sub-block is upcast to float64 and multiplied by BLAS: one ``D @ D.T`` (syrk) when the rows in
+  memory are few (the usual case, measured fastest), else chunks of ``2 width`` rows times their
+  ``width-1`` predecessors (gemm). Sub-block sums run in a fixed order.
+* **Reduction.** Partials are dicts (``{"band": {group: array}}``) summed by a tree of add tasks
+  with a fixed operand order, so the result is bit-identical on any scheduler; later accumulators
+  (e.g. a JL sketch ``delta @ Phi``) add a key to the dict and ride the same pass and reduction.
+
+The graph is a plain task dict (kernels below are ordinary functions), as in ``dask.array.linalg``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+import warnings
+
+import numpy as np
+
+from . import config
+from .errors import StoreError
+from .grouping import ALL, resolve
+from .rawread import RawChunkReader
+from .store import RunStore
+
+logger = logging.getLogger(__name__)
+
+_SUB_BYTES = 2 << 20  # float64 bytes of one column sub-block (L2 sized; measured best)
+
+FLOAT32_NOTE = ("precision='float32': products are accumulated in float32 within ~1 MiB column "
+                "sub-blocks (float64 across them). Measured: singular values >= 0.1*sigma_1 within ~3e-8 "
+                "relative, sigma ~ 0.01*sigma_1 within ~2e-5 (the error grows like (sigma_1/sigma)^2), "
+                "versus <= 1e-8 in float64 mode; see benchmarks/README.md (Spectrum)")
+
+
+class PrecisionWarning(UserWarning):
+    """A result is computed with less than float64 accuracy."""
+
+
+# ----------------------------------------------------------------------------- tile kernel
+@dataclasses.dataclass(frozen=True)
+class TileSpec:
+    """Everything one tile task needs (a plain object, so the legacy task tuple keeps it literal)."""
+
+    out_lo: int            # first delta whose band row this tile emits
+    out_hi: int            # one past the last
+    c0: int                # P-range [c0, c1)
+    c1: int
+    segments: tuple        # ((lo, hi, gid), ...) absolute columns; gid 0 = only "all", >= 1 a group
+    width: int             # band width (entries k = 0 .. width-1)
+    buf_rows: int          # delta rows per buffer (carried width-1 + new rows read per batch)
+    sub_cols: int          # columns per float64 sub-block
+    precision: str         # "float64" | "float32"
+    zarr_settings: tuple = ()
+    direct_read: bool = True  # positioned reads of raw local chunk files when the layout allows
+
+
+def _read_into(params, r0: int, r1: int, c0: int, c1: int, out: np.ndarray) -> None:
+    """Read ``params[r0:r1, c0:c1]`` straight into ``out`` (no temporary copy of the tile).
+
+    ``params`` is a zarr array or a :class:`~sed_dask.rawread.RawChunkReader` for it.
+    """
+    if isinstance(params, RawChunkReader):
+        params.read(r0, r1, c0, c1, out)
+        return
+    from zarr.core.buffer import default_buffer_prototype
+
+    nd = default_buffer_prototype().nd_buffer.from_numpy_array(out)
+    params.get_basic_selection((slice(r0, r1), slice(c0, c1)), out=nd)
+
+
+class _Prefetch:
+    """Read the next row batch in a thread while the current one is being multiplied."""
+
+    def __init__(self, params, r0, r1, c0, c1, out):
+        self.exc = None
+        self.thread = threading.Thread(target=self._run, args=(params, r0, r1, c0, c1, out), daemon=True)
+        self.thread.start()
+
+    def _run(self, *args):
+        try:
+            _read_into(*args)
+        except BaseException as exc:  # re-raised in the task's thread
+            self.exc = exc
+
+    def wait(self):
+        self.thread.join()
+        if self.exc is not None:
+            raise self.exc
+
+
+_LOCAL = threading.local()
+
+
+def _in_worker() -> bool:
+    try:
+        from distributed import get_worker
+
+        get_worker()
+        return True
+    except (ImportError, ValueError):
+        return False
+
+
+def _buffers(shape: tuple) -> list[np.ndarray]:
+    """This thread's two float32 row buffers, reused across tasks of the same shape.
+
+    Fresh multi-MiB arrays are new mmap'd pages that the kernel zeroes on first touch (measured
+    ~30% of a task's time); a worker thread keeps at most one pair (= tile-bytes) alive. Outside a
+    Dask worker (local schedulers run in the user's process) nothing is kept after the pass.
+    """
+    if not _in_worker():
+        return [np.empty(shape, np.float32), np.empty(shape, np.float32)]
+    cached = getattr(_LOCAL, "bufs", None)
+    if cached is None or cached[0].shape != shape:
+        _LOCAL.bufs = None  # drop the old pair before allocating the new one
+        _LOCAL.bufs = cached = [np.empty(shape, np.float32), np.empty(shape, np.float32)]
+    return cached
+
+
+def _stream_deltas(params, spec: TileSpec):
+    """Yield ``(S, g0)``: float32 deltas ``S`` (carried + new rows) whose row 0 is delta ``g0``.
+
+    Two buffers of ``buf_rows x P-range``: the next batch is read into one while the other is being
+    used; the last ``width-1`` deltas are carried over by copying them across (so the first batch
+    reads ``buf_rows`` rows, later ones ``buf_rows - (width-1)``).
+    """
+    H = spec.width - 1
+    row_lo, row_hi = max(0, spec.out_lo - H), spec.out_hi + 1
+    C, R = spec.c1 - spec.c0, spec.buf_rows
+    bufs = _buffers((R, C))
+    last = np.empty((1, C), np.float32)
+    nxt = np.empty(C, np.float32)
+    _read_into(params, row_lo, row_lo + 1, spec.c0, spec.c1, last)
+    r, k, cur = row_lo + 1, 0, 0
+    nr = min(R, row_hi - r)
+    if nr <= 0:
+        return
+    _read_into(params, r, r + nr, spec.c0, spec.c1, bufs[0][:nr])
+    pending = None
+    try:
+        while True:
+            buf = bufs[cur]
+            n = k + nr
+            r_next = r + nr
+            keep = min(H, n)
+            nr_next = min(R - keep, row_hi - r_next)
+            if nr_next <= 0 < row_hi - r_next:
+                raise RuntimeError(f"tile buffer of {R} rows cannot carry {keep} deltas and read more")
+            if nr_next > 0:
+                pending = _Prefetch(params, r_next, r_next + nr_next, spec.c0, spec.c1,
+                                    bufs[1 - cur][keep:keep + nr_next])
+            nxt[:] = buf[n - 1]
+            for i in range(n - 1, k, -1):  # backwards, in place: row i becomes a delta
+                np.subtract(buf[i], buf[i - 1], out=buf[i])
+            np.subtract(buf[k], last[0], out=buf[k])
+            last[0] = nxt
+            yield buf[:n], r - 1 - k
+            if nr_next <= 0:
+                return
+            bufs[1 - cur][:keep] = buf[n - keep:n]
+            pending.wait()
+            pending = None
+            cur, k, r, nr = 1 - cur, keep, r_next, nr_next
+    finally:
+        if pending is not None:
+            pending.thread.join()
+
+
+class BandAccumulator:
+    """Banded products of the tile's deltas, per group, accumulated in float64.
+
+    Few rows (<= max(4 width, 64)): one symmetric product ``D @ D.T`` of all rows in memory (BLAS
+    syrk; measured fastest there). More rows: chunks of ``2 width`` rows times their partners.
+    """
+
+    name = "band"
+
+    def __init__(self, spec: TileSpec):
+        self.spec = spec
+        self.out: dict[int, np.ndarray] = {}
+        gids = {0} | {g for _, _, g in spec.segments}
+        for g in sorted(gids):
+            self.out[g] = np.zeros((spec.out_hi - spec.out_lo, spec.width), np.float64)
+        self._work = None
+
+    def update(self, S: np.ndarray, g0: int) -> None:
+        spec, w = self.spec, self.spec.width
+        n = S.shape[0]
+        i_out0 = max(0, spec.out_lo - g0)
+        if i_out0 >= n:
+            return
+        pmin = max(0, i_out0 - w + 1)
+        if n - pmin <= max(4 * w, 64):
+            chunks = [(pmin, n, pmin)]
+        else:
+            m = 2 * w
+            chunks = [(i, min(i + m, n), max(0, i - w + 1)) for i in range(i_out0, n, m)]
+        single = len(chunks) == 1 and chunks[0][0] == chunks[0][2]
+        acc = {g: [np.zeros((i1 - i0, i1 - p0)) for i0, i1, p0 in chunks] for g in self.out}
+        dtype = np.float64 if spec.precision == "float64" else np.float32
+        # one preallocated work block: Dask's nanny sets MALLOC_TRIM_THRESHOLD_, which turns every
+        # multi-MiB temporary into a fresh mmap whose pages are zeroed again (measured 2x the CPU)
+        if self._work is None or self._work.shape[0] < n - pmin or self._work.dtype != dtype:
+            self._work = np.empty((n - pmin, spec.sub_cols), dtype)
+        for lo, hi, gid in spec.segments:
+            for a in range(lo - spec.c0, hi - spec.c0, spec.sub_cols):
+                b = min(a + spec.sub_cols, hi - spec.c0)
+                D = self._work[:n - pmin, :b - a]
+                np.copyto(D, S[pmin:n, a:b])
+                for j, (i0, i1, p0) in enumerate(chunks):
+                    G = D @ D.T if single else D[i0 - pmin:i1 - pmin] @ D[p0 - pmin:i1 - pmin].T
+                    acc[0][j] += G
+                    if gid:
+                        acc[gid][j] += G
+        for g, mats in acc.items():
+            out = self.out[g]
+            for (i0, i1, p0), A in zip(chunks, mats):
+                t = np.arange(i1 - i0)[:, None]
+                kk = np.arange(w)[None, :]
+                col = i0 - p0 + t - kk
+                ok = (col >= 0) & (i0 + t >= i_out0)
+                rows = np.broadcast_to(g0 + i0 + t - spec.out_lo, ok.shape)
+                out[rows[ok], np.broadcast_to(kk, ok.shape)[ok]] = A[np.broadcast_to(t, ok.shape)[ok], col[ok]]
+
+    def result(self) -> dict[int, np.ndarray]:
+        return self.out
+
+
+# Per-tile accumulators, all fed by the same read: ``cls(spec)``, then ``update(S, g0)`` for every
+# batch of float32 deltas (S row 0 = delta g0; rows before ``spec.out_lo`` are halo, not output),
+# then ``result()`` -> a dict of arrays that ``sum_partials`` adds over P-ranges and
+# ``assemble_blocks`` concatenates over step blocks. A JL sketch (delta @ Phi_tile) plugs in here.
+ACCUMULATORS = [BandAccumulator]
+
+
+def gram_tile(params, spec: TileSpec) -> dict:
+    """Read one tile, form deltas, and return ``{accumulator name: partials}``."""
+    if spec.zarr_settings:
+        config.configure_zarr(**dict(spec.zarr_settings))
+    accs = [cls(spec) for cls in ACCUMULATORS]
+    source = (RawChunkReader.for_array(params) if spec.direct_read else None) or params
+    for S, g0 in _stream_deltas(source, spec):
+        for acc in accs:
+            acc.update(S, g0)
+    return {acc.name: acc.result() for acc in accs}
+
+
+def sum_partials(parts: list):
+    """Sum a list of partial dicts key by key, left to right (a fixed order: deterministic)."""
+    first = parts[0]
+    if isinstance(first, dict):
+        keys = sorted({k for p in parts for k in p}, key=lambda x: (str(type(x)), x))
+        return {k: sum_partials([p[k] for p in parts if k in p]) for k in keys}
+    out = np.array(first, copy=True)
+    for p in parts[1:]:
+        out += p
+    return out
+
+
+def assemble_blocks(blocks: list, n_deltas: int, width: int) -> dict:
+    """Concatenate reduced step blocks along the delta axis, per accumulator and key.
+
+    Every accumulator's result is ``{key: array with one row per output delta}``; every block holds
+    every key because each block spans all P-ranges.
+    """
+    out = {name: {g: np.concatenate([b[name][g] for b in blocks], axis=0) for g in blocks[0][name]}
+           for name in blocks[0]}
+    for g, a in out["band"].items():
+        if a.shape != (n_deltas, width):
+            raise RuntimeError(f"assembled band of group {g} has shape {a.shape}, expected {(n_deltas, width)}")
+    return out
+
+
+# ----------------------------------------------------------------------------- planning
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """How a run is cut into tasks (recorded in provenance)."""
+
+    blocks: tuple       # ((a, e), ...) delta ranges
+    cols: tuple         # ((c0, c1), ...) P-ranges
+    buf_rows: int
+    sub_cols: int
+
+    def as_dict(self) -> dict:
+        return {"step_blocks": len(self.blocks), "p_ranges": len(self.cols),
+                "p_range_width": max(c1 - c0 for c0, c1 in self.cols), "buffer_rows": self.buf_rows,
+                "sub_cols": self.sub_cols}
+
+
+def plan_tiles(n_rows: int, n_params: int, read_chunk: int, *, width: int, tile_bytes: int,
+               block_steps: int) -> Tiling:
+    """Cut ``(n_rows, n_params)`` into tiles for a band of ``width`` (see the module docstring)."""
+    if block_steps < 1:
+        raise ValueError(f"block_steps must be >= 1, got {block_steps}")
+    N, H, P = n_rows - 1, width - 1, n_params
+    blocks = tuple((a, min(a + block_steps, N)) for a in range(0, N, block_steps))
+    max_rows = max(e - a + min(a, H) + 1 for a, e in blocks)
+    rows_mem = min(max_rows, max(4 * width, 64))
+    per_buf = tile_bytes // 2  # two row buffers: one being read while the other is multiplied
+    C = max(1, per_buf // (4 * rows_mem))
+    chunk = min(read_chunk, P)
+    if C >= chunk:
+        C = min((C // chunk) * chunk, -(-P // chunk) * chunk)
+        cols = tuple((s, min(s + C, P)) for s in range(0, P, C))
+    else:
+        piece = -(-chunk // -(-chunk // C))
+        cols = tuple((q, min(q + piece, min(s + chunk, P)))
+                     for s in range(0, P, chunk) for q in range(s, min(s + chunk, P), piece))
+    cmax = max(c1 - c0 for c0, c1 in cols)
+    buf_rows = min(max(H + 1, per_buf // (4 * cmax)), max_rows - 1)
+    sub_cols = int(max(256, _SUB_BYTES // (8 * buf_rows)))
+    return Tiling(blocks, cols, int(buf_rows), sub_cols)
+
+
+def _segments(c0: int, c1: int, ranges: list[tuple[int, int, int]]) -> tuple:
+    """Split ``[c0, c1)`` at group boundaries; ``ranges`` are sorted ``(lo, hi, gid)``."""
+    if not ranges:
+        return ((c0, c1, 0),)
+    segs, pos = [], c0
+    for lo, hi, gid in ranges:
+        if hi <= c0 or lo >= c1:
+            continue
+        lo, hi = max(lo, c0), min(hi, c1)
+        if lo > pos:
+            segs.append((pos, lo, 0))
+        segs.append((lo, hi, gid))
+        pos = hi
+    if pos < c1:
+        segs.append((pos, c1, 0))
+    return tuple(segs)
+
+
+@dataclasses.dataclass
+class GramPlan:
+    """A run's task graph and what is needed to label its result."""
+
+    run: str
+    dsk: dict
+    key: tuple
+    groups: list[str]
+    n_params: dict[str, int]
+    group_desc: dict[str, str]
+    steps: np.ndarray
+    width: int
+    precision: str
+    tiling: Tiling
+    params: object
+
+
+def _check_run(rs: RunStore) -> np.ndarray:
+    steps = rs.check_complete()
+    if steps.size < 2:
+        raise StoreError(f"run {rs.name!r} has {steps.size} checkpoint(s), so no deltas; "
+                         "a spectrum needs at least 2 checkpoints")
+    bad = rs.attrs.get("nonfinite") or []
+    if bad:
+        where = sorted({int(r["step"]) for r in bad if "step" in r})
+        tensors = sorted({str(r.get("tensor")) for r in bad})[:5]
+        raise StoreError(f"run {rs.name!r}: NaN/Inf recorded at ingestion in step(s) {where} "
+                         f"(tensors {tensors}); the Gram of those deltas is undefined")
+    return steps
+
+
+def gram_graph(run_store: RunStore, *, width: int, groups=None, precision: str | None = None,
+               tile_bytes=None, block_steps: int | None = None, split_every: int | None = None,
+               direct_read: bool | None = None) -> GramPlan:
+    """Build (do not run) the one-pass graph of ``run_store``'s banded Gram of ``width`` columns."""
+    from dask.base import tokenize
+
+    if width < 1:
+        raise ValueError(f"band width must be >= 1, got {width}")
+    precision = config.get("spectrum.precision", precision)
+    if precision not in ("float64", "float32"):
+        raise ValueError(f"precision must be 'float64' or 'float32', got {precision!r}")
+    tile_bytes = config.get_bytes("spectrum.tile-bytes", tile_bytes)
+    block_steps = int(config.get("spectrum.block-steps", block_steps))
+    split_every = int(config.get("spectrum.split-every", split_every))
+    if split_every < 2:
+        raise ValueError(f"split_every must be >= 2, got {split_every}")
+    rs = run_store
+    steps = _check_run(rs)
+    n_rows, P = steps.size, rs.n_params
+    index = rs.index
+    granges, gdesc = resolve(index, groups, run=rs.name)
+    names = [ALL] + list(granges)
+    flat = sorted((lo, hi, gid) for gid, g in enumerate(granges, start=1) for lo, hi in granges[g])
+    sizes = {ALL: P, **{g: int(sum(hi - lo for lo, hi in r)) for g, r in granges.items()}}
+    tiling = plan_tiles(n_rows, P, rs.read_unit, width=width, tile_bytes=tile_bytes, block_steps=block_steps)
+    zs = tuple(sorted(config.zarr_settings().items()))
+    direct = bool(config.get("spectrum.direct-read", direct_read))
+    token = tokenize(rs.group.store_path.__str__(), rs.name, n_rows, P, index.hash, width, flat,
+                     precision, tiling, zs, direct)
+    tname, rname, fname = f"sed-gram-tile-{token}", f"sed-gram-sum-{token}", f"sed-gram-{token}"
+    params = rs.params
+    dsk: dict = {}
+    block_keys = []
+    for b, (a, e) in enumerate(tiling.blocks):
+        level = []
+        for p, (c0, c1) in enumerate(tiling.cols):
+            spec = TileSpec(a, e, c0, c1, _segments(c0, c1, flat), width, tiling.buf_rows,
+                            tiling.sub_cols, precision, zs, direct)
+            dsk[(tname, b, p)] = (gram_tile, params, spec)
+            level.append((tname, b, p))
+        depth = 0
+        while len(level) > 1:
+            nxt = []
+            for q in range(0, len(level), split_every):
+                key = (rname, b, depth, q // split_every)
+                dsk[key] = (sum_partials, level[q:q + split_every])
+                nxt.append(key)
+            level, depth = nxt, depth + 1
+        block_keys.append(level[0])
+    dsk[(fname,)] = (assemble_blocks, block_keys, n_rows - 1, width)
+    return GramPlan(rs.name, dsk, (fname,), names, sizes, {ALL: "the whole selected parameter vector", **gdesc},
+                    steps, width, precision, tiling, params)
+
+
+# ----------------------------------------------------------------------------- running
+def compute_graph(dsk: dict, keys: list, *, client=None, scheduler: str | None = None, progress: bool = False):
+    """Run a task dict on a distributed ``client`` or a local dask ``scheduler``; return results for ``keys``."""
+    if client is not None:
+        futures = client.get(dsk, keys, sync=False)
+        if progress:
+            from distributed import progress as dprogress
+
+            dprogress(futures, scheduler=client.scheduler.address)
+        return client.gather(futures)
+    import dask
+    from dask.diagnostics import ProgressBar
+
+    get = {"threads": dask.threaded.get, "threading": dask.threaded.get,
+           "sync": dask.get, "synchronous": dask.get, "single-threaded": dask.get}.get(scheduler)
+    if get is None:
+        raise ValueError(f"unknown local scheduler {scheduler!r} (use 'threads' or 'sync', or pass a client)")
+    from ._blas import single_threaded_blas
+
+    with single_threaded_blas(), ProgressBar() if progress else contextlib.nullcontext():
+        return get(dsk, keys)
+
+
+@dataclasses.dataclass
+class GramResult:
+    """The banded Gram of one run: ``band[g, i, k] = <delta_i, delta_{i-k}>`` of group ``groups[g]``."""
+
+    run: str
+    band: np.ndarray               # (n_groups, N, width) float64; NaN where i - k < 0
+    groups: list[str]              # "all" first
+    n_params: dict[str, int]       # parameter count per group
+    group_desc: dict[str, str]
+    steps: np.ndarray              # (N + 1,) checkpoint steps
+    width: int
+    precision: str
+    tiling: dict
+
+    @property
+    def delta_steps(self) -> np.ndarray:
+        """Label of each delta: the step of its newer checkpoint (sed_spec §2.3)."""
+        return self.steps[1:]
+
+    @property
+    def spans(self) -> np.ndarray:
+        return np.diff(self.steps)
+
+    @property
+    def n_deltas(self) -> int:
+        return int(self.band.shape[1])
+
+    def __getitem__(self, group: str) -> np.ndarray:
+        try:
+            return self.band[self.groups.index(group)]
+        except ValueError:
+            raise KeyError(f"run {self.run!r} has no group {group!r}; groups: {self.groups}") from None
+
+
+def finish(plan: GramPlan, out: dict) -> GramResult:
+    """Label a computed plan; raise naming the run and step if the store held NaN/Inf."""
+    N, w = plan.steps.size - 1, plan.width
+    band = np.stack([out["band"].get(g, np.zeros((N, w))) for g in range(len(plan.groups))])
+    i = np.arange(N)[:, None]
+    k = np.arange(w)[None, :]
+    band[:, np.broadcast_to(i - k < 0, (N, w))] = np.nan
+    diag = band[0, :, 0]
+    if not np.isfinite(diag).all():
+        rows = find_nonfinite_rows(plan.params, np.flatnonzero(~np.isfinite(diag)))
+        raise StoreError(f"run {plan.run!r}: NaN/Inf in the store at step(s) "
+                         f"{[int(plan.steps[r]) for r in rows]} (row(s) {rows})")
+    return GramResult(plan.run, band, list(plan.groups), dict(plan.n_params), dict(plan.group_desc),
+                      plan.steps, w, plan.precision, plan.tiling.as_dict())
+
+
+def find_nonfinite_rows(params, bad_deltas) -> list[int]:
+    """Rows holding NaN/Inf, given deltas whose squared norm is non-finite (error path only)."""
+    cand = sorted({int(r) for d in bad_deltas for r in (d, d + 1)})
+    chunk = int(params.chunks[1]) * 16
+    found = []
+    for r in cand:
+        for c in range(0, params.shape[1], chunk):
+            if not np.isfinite(np.asarray(params[r, c:c + chunk])).all():
+                found.append(r)
+                break
+    return found
+
+
+def banded_gram(run_store: RunStore, *, w_max: int, groups=None, client=None, scheduler: str | None = None,
+                address: str | None = None, scheduler_file: str | None = None, precision: str | None = None,
+                tile_bytes=None, block_steps: int | None = None, split_every: int | None = None,
+                direct_read: bool | None = None, progress: bool = False) -> GramResult:
+    """The banded Gram (entries ``|i-j| < w_max``) of one run in one pass, global and per group.
+
+    Runs on ``client`` (or ``address``/``scheduler_file``, else the default or a temporary cluster
+    via ``sed_dask.cluster.connect``), or on a local dask ``scheduler`` ("threads", "sync").
+    """
+    plan = gram_graph(run_store, width=w_max, groups=groups, precision=precision, tile_bytes=tile_bytes,
+                      block_steps=block_steps, split_every=split_every, direct_read=direct_read)
+    return run_plans([plan], client=client, scheduler=scheduler, address=address,
+                     scheduler_file=scheduler_file, progress=progress)[0]
+
+
+def run_plans(plans: list[GramPlan], *, client=None, scheduler=None, address=None, scheduler_file=None,
+              progress=False) -> list[GramResult]:
+    """Compute several runs' graphs as one submission (so runs share the workers)."""
+    dsk = {}
+    for p in plans:
+        dsk.update(p.dsk)
+    keys = [p.key for p in plans]
+    if any(p.precision == "float32" for p in plans):
+        warnings.warn(FLOAT32_NOTE, PrecisionWarning, stacklevel=3)
+    if scheduler is not None and client is None:
+        outs = compute_graph(dsk, keys, scheduler=scheduler, progress=progress)
+    else:
+        from .cluster import connect
+
+        with connect(client, address=address, scheduler_file=scheduler_file) as c:
+            outs = compute_graph(dsk, keys, client=c, progress=progress)
+    return [finish(p, o) for p, o in zip(plans, outs)]
+
+

@@ -1,0 +1,60 @@
+"""Names, dims and CF-like attributes of the result Dataset (the contract is docs/result_schema.md).
+
+Kept apart from the computation so that analysis and report code can import the vocabulary
+(``VARIABLES``, ``sed_role`` values) without pulling in the engine.
+"""
+from __future__ import annotations
+
+PU = "parameter units"
+
+# name -> (long_name, units, sed_role or None); units "PU" are replaced per dataset (step normalisation)
+VARIABLES: dict[str, tuple[str, str, str | None]] = {
+    "sigma": ("singular values of the W-delta update stack", PU, "singular_values"),
+    "ratio": ("consecutive singular-value ratio sigma_k / sigma_(k+1)", "1", "consecutive_ratio"),
+    "pc_frac": ("fraction of window energy lambda_j / sum(lambda)", "1", None),
+    "k_star": ("signal rank k*: argmax ratio above the MP noise floor", "1", "signal_rank"),
+    "k_star_naive": ("k*: argmax of all consecutive ratios (reference code)", "1", None),
+    "k_star_weighted": ("k*: argmax (sigma_k / sum sigma) * ratio_k (companion repos)", "1", None),
+    "edge_ratio": ("spectral edge ratio sigma_k* / sigma_(k*+1)", "1", "edge_ratio"),
+    "edge_gap": ("spectral edge gap sigma_k* - sigma_(k*+1)", PU, None),
+    "k95": ("smallest k with cumulative energy fraction >= 0.95", "1", None),
+    "drift_speed": ("norm of the window-mean delta", PU, "drift_speed"),
+    "noise_floor": ("Marchenko-Pastur edge sigma_MP of the window", PU, "noise_floor"),
+    "bbp_ratio": ("sigma_W / BBP detection threshold d_crit", "1", None),
+    "gamma": ("|<v1(t), v1(t-1)>| between consecutive windows", "1", None),
+    "kappa": ("1 - gamma (turning of the top direction)", "1", None),
+    "align_u": ("|<delta_last, v1>| / ||delta_last||", "1", None),
+    "a_speed": ("component of the window-mean delta along v1", PU, None),
+    "r_speed": ("component of the window-mean delta across v1", PU, None),
+}
+
+PER_SV = ("sigma", "ratio", "pc_frac")
+
+DELTA_NORM = ("norm of the delta labelled by the step, sqrt(band[i, 0])", PU, "delta_norm")
+
+
+def var_attrs(name: str, *, normalised: bool) -> dict:
+    long_name, units, role = DELTA_NORM if name == "delta_norm" else VARIABLES[name]
+    if units == PU and normalised:
+        units = "parameter units per training step"
+    out = {"long_name": long_name, "units": units}
+    if role:
+        out["sed_role"] = role
+    return out
+
+
+def metric_attrs(name: str) -> dict:
+    return {"long_name": f"{name} recorded at the step (exact match)", "units": "1", "sed_role": "metric"}
+
+
+COORD_ATTRS = {
+    "run": {"long_name": "run / seed"},
+    "window": {"long_name": "window length W (deltas per window)", "units": "1"},
+    "step": {"long_name": "training step of the newest checkpoint in the window", "units": "steps"},
+    "sv": {"long_name": "singular-value index j (or ratio index k)", "units": "1"},
+    "group": {"long_name": "layer group ('all' = whole selected parameter vector)"},
+    "delta_span": {"long_name": "s_i - s_(i-1) of the delta labelled by step (-1: run lacks the step)",
+                   "units": "steps"},
+    "mp_adjacent_ratio": {"long_name": "MP noise-level adjacent ratio 1 + 2 W^(-2/3)", "units": "1"},
+    "param_count": {"long_name": "parameters in the group", "units": "1"},
+}

@@ -1,0 +1,430 @@
+"""One pass over a run: the JL sketch ``S_i = Phi^T delta_i`` (N x d), bit-identical under any chunking.
+
+A sketch is tiny (N x d float64) and reusable: spectra of any W, cross-seed comparisons and
+trajectory PCA without re-reading the store (``sed_dask.sketch_spectra``). Phi comes from
+counter-based tiles (``sed_dask.jl``), so its values never depend on chunking. The *sum* must not
+either, which fixes two things (both checked by ``tests/test_sketch.py``):
+
+* **Kernel.** The partial of RNG tile ``t`` for a row of deltas is one BLAS gemm of a fixed shape,
+  ``(ROW_BLOCK x T_t) @ (T_t x d)``, on row blocks aligned to the *absolute* delta index and
+  zero-padded; whichever task holds a row, it sits at the same position of the same-shaped call.
+  (A gemm's rounding depends on M; on other rows' values it does not.) The sparse operator uses a
+  CSR product, whose accumulation order is the fixed order of the tile's nonzeros.
+* **Reduction.** Tile partials are combined on a canonical binary tree over tile indices: node
+  ``(level, j)`` covers tiles ``[j 2^level, (j+1) 2^level)`` and equals left + right child (or the
+  left child alone past the last tile). A task returns its maximal complete nodes; reducers merge
+  siblings as they meet (``merge_nodes``). Every node therefore has one value, whoever computes it.
+
+Tasks own whole tiles (P-ranges are tile multiples, by default a power of two of them, so that a
+task returns one node) and one step block of deltas plus a one-row halo; Zarr chunks need not align.
+Deltas are formed in float32 like the Gram engine (sed_spec §2.3) and upcast per tile; sums are
+float64. ``SketchAccumulator`` follows ``sed_dask.gram``'s accumulator protocol (``update(S, g0)``,
+``result()``) so the banded-Gram tile can carry a sketch in the same pass (``partial_merge`` and
+``finish_nodes`` are the reduction and finishing steps for it there).
+
+Scope: bit-identity holds across chunkings, task layouts, schedulers and worker counts on workers
+that share a CPU kernel family and BLAS build; different CPUs may pick gemm kernels (and, for the
+Gaussian operator, libm/SIMD ``log``) that round differently.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import sys
+import types
+
+import numpy as np
+
+from . import config
+from .errors import StoreError
+from .gram import TileSpec, _check_run, _stream_deltas, compute_graph
+from .jl import Operator
+from .rawread import RawChunkReader
+from .store import RunStore, open_store
+
+ROW_BLOCK = 64  # gemm rows: fixed, so every delta row meets the same BLAS call shape
+PHI_CACHE_BYTES = 256 << 20  # Phi tiles a task keeps between row batches (else it regenerates them)
+_TASK_PHI_VALUES = 1 << 26  # Phi entries one task generates (~1-2 s of Gaussian RNG), so P splits over workers
+
+
+# ----------------------------------------------------------------------------- canonical tree
+def root_key(n_leaves: int) -> tuple[int, int]:
+    """The root node ``(level, 0)`` of a canonical tree over ``n_leaves`` tiles."""
+    return (max(0, (n_leaves - 1).bit_length()), 0)
+
+
+def merge_nodes(nodes: dict, n_leaves: int) -> dict:
+    """Combine sibling nodes bottom-up; a left node whose right sibling lies past the end moves up.
+
+    Inputs are never modified (dask may hand the same partial to a retried task).
+    """
+    nodes = dict(nodes)
+    root = root_key(n_leaves)
+    changed = True
+    while changed:
+        changed = False
+        for key in sorted(nodes):
+            if key not in nodes or key == root:
+                continue
+            lvl, j = key
+            left, right = (lvl, j & ~1), (lvl, j | 1)
+            if left in nodes and right in nodes:
+                nodes[(lvl + 1, j >> 1)] = nodes.pop(left) + nodes.pop(right)
+                changed = True
+            elif key == left and (j | 1) << lvl >= n_leaves:
+                nodes[(lvl + 1, j >> 1)] = nodes.pop(key)
+                changed = True
+    return nodes
+
+
+def reduce_nodes(parts: list, n_leaves: int) -> dict:
+    """Union of disjoint node dicts from several tasks, merged as far as they allow."""
+    union: dict = {}
+    for p in parts:
+        for k, v in p.items():
+            if k in union:
+                raise RuntimeError(f"sketch reduction: tree node {k} computed twice (overlapping tasks)")
+            union[k] = v
+    return merge_nodes(union, n_leaves)
+
+
+# ----------------------------------------------------------------------------- kernel
+def tile_product(D: np.ndarray, g0: int, phi_t) -> np.ndarray:
+    """Unscaled ``D @ Phi_t`` for float32 deltas ``D`` (n x T_t) whose row 0 is absolute delta ``g0``.
+
+    ``phi_t`` is the transposed tile (d x T_t): dense float64 or scipy CSR (sparse operator).
+    A pure function of (rows, tile): the same row gives the same bits in any task.
+    """
+    n, K = D.shape
+    if not isinstance(phi_t, np.ndarray):  # CSR: y[j, k] += a * x[p, k] in the tile's nonzero order
+        return np.ascontiguousarray((phi_t @ D.T.astype(np.float64)).T)
+    d = phi_t.shape[0]
+    out = np.empty((n, d), np.float64)
+    A = np.zeros((ROW_BLOCK, K), np.float64)
+    for blk in range((g0 // ROW_BLOCK) * ROW_BLOCK, g0 + n, ROW_BLOCK):
+        lo, hi = max(blk, g0), min(blk + ROW_BLOCK, g0 + n)
+        A[:lo - blk] = 0.0
+        A[lo - blk:hi - blk] = D[lo - g0:hi - g0]
+        A[hi - blk:] = 0.0
+        out[lo - g0:hi - g0] = (A @ phi_t.T)[lo - blk:hi - blk]
+    return out
+
+
+def phi_tile(op: Operator, t: int):
+    """The transposed unscaled tile in the form ``tile_product`` wants."""
+    return op.tile_sparse(t) if op.distribution == "sparse" else op.tile_dense(t)
+
+
+class SketchAccumulator:
+    """Tree nodes of ``delta @ Phi`` for delta rows ``[out_lo, out_hi)`` and columns ``[c0, c1)``.
+
+    Protocol of ``sed_dask.gram`` accumulators: ``update(S, g0)`` with float32 deltas ``S`` (columns
+    c0..c1) whose row 0 is delta ``g0``; rows already seen (carried halo rows) are skipped, so it can
+    ride the Gram's streaming batches. ``[c0, c1)`` must be whole tiles.
+    """
+
+    name = "sketch"
+
+    def __init__(self, out_lo: int, out_hi: int, c0: int, c1: int, op: Operator, *,
+                 phi_cache_bytes: int = PHI_CACHE_BYTES):
+        T, P = op.tile_elems, op.n_params
+        if c0 % T or (c1 % T and c1 != P):
+            raise ValueError(f"sketch columns [{c0}, {c1}) are not whole RNG tiles of {T}")
+        self.op, self.out_lo, self.out_hi, self.c0 = op, out_lo, out_hi, c0
+        self.tiles = range(c0 // T, -(-c1 // T))
+        self.done = out_lo
+        self.nodes: dict = {}
+        # with several row batches per task, keep the task's tiles rather than regenerate them per batch
+        self._cache = {} if len(self.tiles) * T * op.d * 8 <= phi_cache_bytes else None
+
+    def _phi(self, t: int):
+        if self._cache is None:
+            return phi_tile(self.op, t)
+        if t not in self._cache:
+            self._cache[t] = phi_tile(self.op, t)
+        return self._cache[t]
+
+    def update(self, S: np.ndarray, g0: int) -> None:
+        start, end = max(self.done, g0), min(self.out_hi, g0 + S.shape[0])
+        if start >= end:
+            return
+        rows = S[start - g0:end - g0]
+        nodes: dict = {}
+        for t in self.tiles:
+            a, b = self.op.tile_bounds(t)
+            nodes[(0, t)] = tile_product(rows[:, a - self.c0:b - self.c0], start, self._phi(t))
+            nodes = merge_nodes(nodes, self.op.n_tiles)
+        n_out = self.out_hi - self.out_lo
+        for k, v in nodes.items():
+            if k not in self.nodes:
+                self.nodes[k] = np.full((n_out, self.op.d), np.nan)
+            self.nodes[k][start - self.out_lo:end - self.out_lo] = v
+        self.done = end
+        if end == self.out_hi:
+            self._cache = None
+
+    def result(self) -> dict:
+        return self.nodes
+
+
+def sketch_tile(params, spec: TileSpec, op: Operator) -> dict:
+    """Task: read one (step block x whole-tile P-range) tile and return its tree nodes."""
+    if spec.zarr_settings:
+        config.configure_zarr(**dict(spec.zarr_settings))
+    acc = SketchAccumulator(spec.out_lo, spec.out_hi, spec.c0, spec.c1, op)
+    source = (RawChunkReader.for_array(params) if spec.direct_read else None) or params
+    for S, g0 in _stream_deltas(source, spec):
+        acc.update(S, g0)
+    if acc.done != spec.out_hi:
+        raise RuntimeError(f"sketch tile [{spec.out_lo}, {spec.out_hi}) stopped at delta {acc.done}")
+    return acc.result()
+
+
+_OPEN = 1 << 62  # "end of P unknown": merge siblings only; the last-tile promotions wait for finish_nodes
+
+
+def partial_merge(parts: list) -> dict:
+    """Reducer for node dicts when the tile count is not at hand (e.g. inside the Gram engine's
+    ``sum_partials``): merges siblings only, which leaves every node value canonical."""
+    return reduce_nodes(parts, _OPEN)
+
+
+def finish_nodes(nodes: dict, op: Operator) -> np.ndarray:
+    """Scaled sketch from node arrays covering every tile (rows may span several step blocks)."""
+    return finish_block(merge_nodes(nodes, op.n_tiles), op.n_tiles) * op.scale
+
+
+def finish_block(nodes: dict, n_leaves: int) -> np.ndarray:
+    """The root of a fully reduced step block."""
+    root = root_key(n_leaves)
+    if set(nodes) != {root}:
+        raise RuntimeError(f"sketch reduction incomplete: nodes {sorted(nodes)} left, expected only {root}")
+    return nodes[root]
+
+
+def assemble(blocks: list, scale: float) -> np.ndarray:
+    """Rows of all step blocks, scaled once (1/sqrt(d) or sqrt(s/d))."""
+    return np.concatenate(blocks, axis=0) * scale
+
+
+# ----------------------------------------------------------------------------- planning
+@dataclasses.dataclass(frozen=True)
+class SketchTiling:
+    blocks: tuple        # ((a, e), ...) delta ranges
+    cols: tuple          # ((c0, c1), ...) whole-tile P-ranges
+    buf_rows: int        # delta rows per read batch (the Gram reader's two buffers of this size)
+
+    def as_dict(self) -> dict:
+        return {"step_blocks": len(self.blocks), "p_ranges": len(self.cols),
+                "p_range_width": max(c1 - c0 for c0, c1 in self.cols), "buffer_rows": self.buf_rows}
+
+
+def plan_sketch(n_rows: int, op: Operator, *, tile_bytes: int, block_steps: int,
+                tiles_per_task: int | None = None) -> SketchTiling:
+    """Step blocks x P-ranges of whole RNG tiles (a power of two of them unless ``tiles_per_task``)."""
+    if block_steps < 1:
+        raise ValueError(f"block_steps must be >= 1, got {block_steps}")
+    N, T = n_rows - 1, op.tile_elems
+    blocks = tuple((a, min(a + block_steps, N)) for a in range(0, N, block_steps))
+    rows = max(e - a for a, e in blocks) + 1
+    per_buf = tile_bytes // 2  # the reader double-buffers: one batch is read while the other is used
+    if tiles_per_task is None:  # bounded by memory and by the RNG work per task (parallelism)
+        m = max(1, min(per_buf // (4 * rows * T), _TASK_PHI_VALUES // (T * op.d)))
+        m = 1 << (m.bit_length() - 1)
+    else:
+        m = int(tiles_per_task)
+        if m < 1:
+            raise ValueError(f"tiles_per_task must be >= 1, got {tiles_per_task}")
+    cols = tuple((t * T, min((t + m) * T, op.n_params)) for t in range(0, op.n_tiles, m))
+    cmax = max(c1 - c0 for c0, c1 in cols)
+    buf_rows = max(1, min(rows - 1, per_buf // (4 * cmax)))
+    return SketchTiling(blocks, cols, int(buf_rows))
+
+
+@dataclasses.dataclass
+class SketchPlan:
+    run: str
+    dsk: dict
+    key: tuple
+    op: Operator
+    steps: np.ndarray
+    tiling: SketchTiling
+
+
+def sketch_graph(run_store: RunStore, op: Operator, *, tile_bytes=None, block_steps: int | None = None,
+                 tiles_per_task: int | None = None, split_every: int | None = None) -> SketchPlan:
+    """Build (do not run) the one-pass sketch graph of one run."""
+    from dask.base import tokenize
+
+    tile_bytes = config.get_bytes("spectrum.tile-bytes", tile_bytes)
+    block_steps = int(config.get("spectrum.block-steps", block_steps))
+    split_every = int(config.get("spectrum.split-every", split_every))
+    if split_every < 2:
+        raise ValueError(f"split_every must be >= 2, got {split_every}")
+    rs = run_store
+    steps = _check_run(rs)
+    if rs.n_params != op.n_params:
+        raise ValueError(f"operator is for P={op.n_params} but run {rs.name!r} has P={rs.n_params}")
+    tiling = plan_sketch(steps.size, op, tile_bytes=tile_bytes, block_steps=block_steps,
+                         tiles_per_task=tiles_per_task)
+    zs = tuple(sorted(config.zarr_settings().items()))
+    token = tokenize(str(rs.group.store_path), rs.name, steps.size, rs.index.hash, op, tiling, split_every, zs)
+    tname, rname, bname, fname = (f"sed-sketch-{x}-{token}" for x in ("tile", "sum", "block", "out"))
+    n_leaves = op.n_tiles
+    dsk: dict = {}
+    block_keys = []
+    for b, (a, e) in enumerate(tiling.blocks):
+        level = []
+        for p, (c0, c1) in enumerate(tiling.cols):
+            spec = TileSpec(a, e, c0, c1, ((c0, c1, 0),), 1, tiling.buf_rows, 0, "float64", zs)
+            dsk[(tname, b, p)] = (sketch_tile, rs.params, spec, op)
+            level.append((tname, b, p))
+        depth = 0
+        while len(level) > 1:
+            nxt = []
+            for q in range(0, len(level), split_every):
+                key = (rname, b, depth, q // split_every)
+                dsk[key] = (reduce_nodes, level[q:q + split_every], n_leaves)
+                nxt.append(key)
+            level, depth = nxt, depth + 1
+        dsk[(bname, b)] = (finish_block, level[0], n_leaves)
+        block_keys.append((bname, b))
+    dsk[(fname,)] = (assemble, block_keys, op.scale)
+    return SketchPlan(rs.name, dsk, (fname,), op, steps, tiling)
+
+
+def run_sketch_plans(plans: list[SketchPlan], *, client=None, scheduler=None, address=None,
+                     scheduler_file=None, progress=False) -> list[np.ndarray]:
+    """Compute several runs' sketch graphs as one submission; returns ``(N, d)`` arrays."""
+    dsk = {}
+    for p in plans:
+        dsk.update(p.dsk)
+    keys = [p.key for p in plans]
+    if scheduler is not None and client is None:
+        return compute_graph(dsk, keys, scheduler=scheduler, progress=progress)
+    from .cluster import connect
+
+    with connect(client, address=address, scheduler_file=scheduler_file) as c:
+        return compute_graph(dsk, keys, client=c, progress=progress)
+
+
+# ----------------------------------------------------------------------------- API
+def make_operator(n_params: int, *, d=None, seed=None, distribution=None, s=None, tile_elems=None) -> Operator:
+    """An ``Operator`` with unset arguments from ``sed_dask.sketch`` config."""
+    return Operator(seed=int(config.get("sketch.seed", seed)), d=int(config.get("sketch.d", d)),
+                    distribution=str(config.get("sketch.distribution", distribution)),
+                    tile_elems=int(config.get("sketch.tile-elems", tile_elems)), n_params=int(n_params),
+                    s=None if s is None else float(s))
+
+
+def sketch(store, *, runs=None, d: int | None = None, seed: int | None = None, distribution: str | None = None,
+           s: float | None = None, tile_elems: int | None = None, client=None, address: str | None = None,
+           scheduler_file: str | None = None, scheduler: str | None = None, output=None, progress: bool = True,
+           tile_bytes=None, block_steps: int | None = None, tiles_per_task: int | None = None,
+           split_every: int | None = None):
+    """JL sketches ``S_i = Phi^T delta_i`` of every run in one pass each; an xarray Dataset.
+
+    ``sketch(run, step, dim)`` float64 (NaN where a run lacks a step), ``delta_span`` and the runs'
+    metrics on the same grid, and the attrs needed to reproduce Phi (seed, tile size, distribution,
+    d, s, param index hash, checksum of the first tile). The values do not depend on chunking,
+    ``tile_bytes``/``block_steps``/``tiles_per_task`` or the scheduler. ``output`` writes Zarr.
+    """
+    from . import __version__
+
+    ts = open_store(store, mode="r")
+    if not ts.runs:
+        raise StoreError(f"store {ts.url} holds no runs")
+    names = ([runs] if isinstance(runs, str) else list(runs)) if runs is not None else ts.runs
+    run_stores = [ts.run(n) for n in names]
+    plans = []
+    for rs in run_stores:
+        op = make_operator(rs.n_params, d=d, seed=seed, distribution=distribution, s=s, tile_elems=tile_elems)
+        plans.append(sketch_graph(rs, op, tile_bytes=tile_bytes, block_steps=block_steps,
+                                  tiles_per_task=tiles_per_task, split_every=split_every))
+    outs = run_sketch_plans(plans, client=client, scheduler=scheduler, address=address,
+                            scheduler_file=scheduler_file, progress=progress)
+    op0 = plans[0].op
+    attrs = {
+        "sed_dask_version": __version__,
+        "sed_kind": "jl_sketch",
+        "source_store": ts.url,
+        "runs": list(names),
+        "seed": int(op0.seed),
+        "d": int(op0.d),
+        "distribution": op0.distribution,
+        "tile_elems": int(op0.tile_elems),
+        "row_block": ROW_BLOCK,
+        "rng": op0.describe()["rng"],
+        "reduction": "canonical binary tree over RNG tiles; float64",
+        "n_params": json.dumps({p.run: p.op.n_params for p in plans}),
+        "scale": json.dumps({p.run: p.op.scale for p in plans}),
+        "sparse_s": json.dumps({p.run: p.op.s for p in plans}),
+        "param_index_hash": json.dumps({rs.name: rs.index.hash for rs in run_stores}),
+        "selection_policy": json.dumps({rs.name: rs.policy for rs in run_stores}),
+        "phi_checksum": json.dumps({p.run: p.op.checksum() for p in plans}),
+        "tiling": json.dumps({p.run: p.tiling.as_dict() for p in plans}),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    ds = build_sketch_dataset([(p.run, p.steps, S) for p, S in zip(plans, outs)],
+                              {rs.name: rs.metrics() for rs in run_stores}, attrs)
+    if output is not None:
+        write_zarr(ds, output)
+    return ds
+
+
+def write_zarr(ds, path) -> None:
+    """Plain consolidated ``to_zarr`` (``xr.open_zarr(path)`` gives the Dataset back)."""
+    import warnings
+
+    with warnings.catch_warnings():  # zarr: "consolidated metadata is not in the v3 spec" (xarray uses it)
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata", category=UserWarning)
+        ds.to_zarr(str(path), mode="w", consolidated=True)
+
+
+def build_sketch_dataset(items: list, metrics: dict, attrs: dict):
+    """``items``: ``(run, checkpoint steps (N+1,), S (N, d))``; the union delta-step grid as in results."""
+    import xarray as xr
+
+    runs = [r for r, _, _ in items]
+    steps = np.unique(np.concatenate([st[1:] for _, st, _ in items])).astype(np.int64)
+    d = items[0][2].shape[1]
+    S = np.full((len(runs), steps.size, d), np.nan)
+    span = np.full((len(runs), steps.size), -1, np.int64)
+    for r, (_, st, arr) in enumerate(items):
+        pos = np.searchsorted(steps, st[1:])
+        S[r, pos] = arr
+        span[r, pos] = np.diff(st)
+    vars_ = {"sketch": (("run", "step", "dim"), S,
+                        {"long_name": "JL sketch Phi^T delta of the delta labelled by step",
+                         "units": "parameter units", "sed_role": "jl_sketch"})}
+    for name in sorted({k for m in metrics.values() for k in m if k != "step"}):
+        arr = np.full((len(runs), steps.size), np.nan)
+        for r, run in enumerate(runs):
+            m = metrics.get(run) or {}
+            if name in m:
+                ms, mv = np.asarray(m["step"], np.int64), np.asarray(m[name], np.float64)
+                hit = np.isin(ms, steps)
+                arr[r, np.searchsorted(steps, ms[hit])] = mv[hit]
+        vname = name if name not in ("sketch", "delta_span") else f"metric_{name}"
+        vars_[vname] = (("run", "step"), arr, {"long_name": f"{name} recorded at the step (exact match)",
+                                               "units": "1", "sed_role": "metric", "metric_name": name})
+    coords = {
+        "run": ("run", np.array(runs, dtype=object), {"long_name": "run / seed"}),
+        "step": ("step", steps, {"long_name": "step of the newer checkpoint of the delta", "units": "steps"}),
+        "dim": ("dim", np.arange(d, dtype=np.int64), {"long_name": "sketch coordinate (column of Phi)"}),
+        "delta_span": (("run", "step"), span, {"long_name": "s_i - s_(i-1) of the delta (-1: run lacks the step)",
+                                               "units": "steps"}),
+    }
+    return xr.Dataset(vars_, coords=coords, attrs=attrs)
+
+
+class _CallableModule(types.ModuleType):
+    """``sed_dask.sketch(...)`` must call the function even after ``import sed_dask.sketch`` has bound
+    the package attribute to this module (the lazy ``_LAZY`` lookup is then bypassed)."""
+
+    def __call__(self, *args, **kwargs):
+        return sketch(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

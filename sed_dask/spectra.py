@@ -1,0 +1,208 @@
+"""Window spectra for every W from one banded-Gram pass, as an xarray Dataset (docs/result_schema.md).
+
+``spectrum()`` is the entry point: validate the request against the store, run one pass per run
+(all runs in one graph), compute every window's features on the client, align metrics by exact
+step, and optionally write Zarr that plain ``xr.open_zarr`` reads back.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+
+from . import config
+from .errors import StoreError
+from .gram import GramResult, gram_graph, run_plans
+from .noise import mp_adjacent_ratio
+from .schema import COORD_ATTRS, PER_SV, VARIABLES, metric_attrs, var_attrs
+from .store import open_store
+from .windows import normalise_spacing, window_features
+
+
+class SpacingWarning(UserWarning):
+    """Checkpoint spacing is uneven, so deltas of different windows span different step counts."""
+
+
+def _windows(windows) -> list[int]:
+    ws = [windows] if isinstance(windows, (int, np.integer)) else list(windows)
+    if not ws:
+        raise ValueError("windows is empty; give at least one W, e.g. windows=(10,)")
+    out = []
+    for w in ws:
+        if int(w) != w or int(w) < 2:
+            raise ValueError(f"window W={w!r}: W must be an integer >= 2")
+        out.append(int(w))
+    return sorted(set(out))
+
+
+def _check_spacing(run: str, spans: np.ndarray, normalize: bool) -> None:
+    if spans.size and spans.min() != spans.max():
+        what = ("deltas are divided by their step spans (normalize_spacing=True)" if normalize else
+                "deltas are NOT normalised (sed_spec §2.3 default); pass normalize_spacing=True to divide "
+                "each delta by its step span")
+        uniq = np.unique(spans)
+        warnings.warn(f"run {run!r}: uneven checkpoint spacing (delta spans {uniq[:6].tolist()}"
+                      f"{'...' if uniq.size > 6 else ''}); {what}", SpacingWarning, stacklevel=3)
+
+
+def features_for(gram: GramResult, windows: Sequence[int], *, normalize_spacing: bool = False,
+                 zero_rtol: float | None = None) -> dict:
+    """``{(W, group): features}`` of one run's band (see ``sed_dask.windows.window_features``)."""
+    out = {}
+    for gi, g in enumerate(gram.groups):
+        band = gram.band[gi]
+        if normalize_spacing:
+            band = normalise_spacing(band, gram.spans)
+        for W in windows:
+            out[(W, g)] = window_features(band, W, n_params=gram.n_params[g], zero_rtol=zero_rtol)
+    return out
+
+
+def build_dataset(grams: list[GramResult], windows: Sequence[int], *, grouped: bool, metrics: dict,
+                  attrs: dict, normalize_spacing: bool = False, zero_rtol: float | None = None):
+    """Assemble the schema Dataset from computed Grams (one per run) and ``{run: metrics dict}``."""
+    import xarray as xr
+
+    windows = list(windows)
+    runs = [g.run for g in grams]
+    steps = np.unique(np.concatenate([g.delta_steps for g in grams])).astype(np.int64)
+    groups = []
+    for g in grams:
+        groups += [x for x in g.groups if x not in groups]
+    if not grouped:
+        groups = groups[:1]
+    wmax = max(windows)
+    shape = (len(runs), len(windows), len(groups), steps.size)
+    data = {name: np.full(shape + ((wmax,) if name in PER_SV else ()), np.nan) for name in VARIABLES}
+    dnorm = np.full((len(runs), len(groups), steps.size), np.nan)
+    span = np.full((len(runs), steps.size), -1, np.int64)
+    pcount = np.zeros((len(runs), len(groups)), np.int64)
+    for r, gram in enumerate(grams):
+        pos = np.searchsorted(steps, gram.delta_steps)
+        span[r, pos] = gram.spans
+        feats = features_for(gram, windows, normalize_spacing=normalize_spacing, zero_rtol=zero_rtol)
+        for gi, gname in enumerate(groups):
+            if gname not in gram.groups:
+                continue
+            pcount[r, gi] = gram.n_params[gname]
+            d0 = gram[gname][:, 0] / (gram.spans.astype(np.float64) ** 2 if normalize_spacing else 1.0)
+            dnorm[r, gi, pos] = np.sqrt(np.maximum(d0, 0.0))
+            for wi, W in enumerate(windows):
+                f = feats[(W, gname)]
+                wpos = pos[W - 1:]
+                for name, arr in f.items():
+                    if name in PER_SV:
+                        data[name][r, wi, gi, wpos, :arr.shape[1]] = arr
+                    else:
+                        data[name][r, wi, gi, wpos] = arr
+    dims = ("run", "window", "group", "step")
+    vars_ = {}
+    for name, arr in data.items():
+        d = dims + (("sv",) if name in PER_SV else ())
+        if not grouped:
+            arr, d = arr[:, :, 0], tuple(x for x in d if x != "group")
+        vars_[name] = (d, arr, var_attrs(name, normalised=normalize_spacing))
+    vars_["delta_norm"] = ((("run", "group", "step") if grouped else ("run", "step")),
+                           dnorm if grouped else dnorm[:, 0], var_attrs("delta_norm", normalised=normalize_spacing))
+    taken = set(vars_) | set(COORD_ATTRS)
+    for mname in sorted({k for m in metrics.values() for k in m if k != "step"}):
+        arr = np.full((len(runs), steps.size), np.nan)
+        for r, run in enumerate(runs):
+            m = metrics.get(run) or {}
+            if mname in m:
+                ms, mv = np.asarray(m["step"], np.int64), np.asarray(m[mname], np.float64)
+                hit = np.isin(ms, steps)
+                arr[r, np.searchsorted(steps, ms[hit])] = mv[hit]
+        vname = mname if mname not in taken else f"metric_{mname}"
+        vars_[vname] = (("run", "step"), arr, metric_attrs(mname))
+    coords = {
+        "run": ("run", np.array(runs, dtype=object), COORD_ATTRS["run"]),
+        "window": ("window", np.array(windows, np.int64), COORD_ATTRS["window"]),
+        "step": ("step", steps, COORD_ATTRS["step"]),
+        "sv": ("sv", np.arange(1, wmax + 1, dtype=np.int64), COORD_ATTRS["sv"]),
+        "delta_span": (("run", "step"), span, COORD_ATTRS["delta_span"]),
+        "mp_adjacent_ratio": ("window", mp_adjacent_ratio(windows), COORD_ATTRS["mp_adjacent_ratio"]),
+    }
+    if grouped:
+        coords["group"] = ("group", np.array(groups, dtype=object), COORD_ATTRS["group"])
+        coords["param_count"] = (("run", "group"), pcount, COORD_ATTRS["param_count"])
+    return xr.Dataset(vars_, coords=coords, attrs=attrs)
+
+
+def _as_list(runs) -> list[str] | None:
+    if runs is None:
+        return None
+    return [runs] if isinstance(runs, str) else list(runs)
+
+
+def spectrum(store, *, runs=None, windows=(10,), groups=None, client=None, address: str | None = None,
+             scheduler_file: str | None = None, scheduler: str | None = None, precision: str | None = None,
+             normalize_spacing: bool = False, output=None, progress: bool = True, tile_bytes=None,
+             block_steps: int | None = None, zero_rtol: float | None = None):
+    """Rolling-window spectra of every requested W (and layer group) for runs of a trajectory store.
+
+    One pass per run over the store computes the banded Gram of width max(W)+1; everything else is
+    client-side W x W work. ``groups``: None, "default", "blocks", ``{name: regex}`` or a list of
+    group names. ``scheduler`` ("threads"/"sync") runs without a distributed cluster. ``output``
+    writes the Dataset to Zarr (``mode="w"``). Returns an ``xarray.Dataset`` (docs/result_schema.md).
+    """
+    from . import __version__
+
+    ts = open_store(store, mode="r")
+    available = ts.runs
+    if not available:
+        raise StoreError(f"store {ts.url} holds no runs")
+    names = _as_list(runs) or available
+    ws = _windows(windows)
+    precision = config.get("spectrum.precision", precision)
+    run_stores = [ts.run(n) for n in names]
+    plans = []
+    for rs in run_stores:
+        plan = gram_graph(rs, width=max(ws) + 1, groups=groups, precision=precision, tile_bytes=tile_bytes,
+                          block_steps=block_steps)
+        n_deltas = plan.steps.size - 1
+        too_long = [W for W in ws if W > n_deltas]
+        if too_long:
+            raise StoreError(f"run {rs.name!r} has only {n_deltas} deltas ({n_deltas + 1} checkpoints); "
+                             f"window(s) W={too_long} need at least W deltas (drop those W or the run via runs=)")
+        _check_spacing(rs.name, np.diff(plan.steps), normalize_spacing)
+        plans.append(plan)
+    grams = run_plans(plans, client=client, scheduler=scheduler, address=address,
+                      scheduler_file=scheduler_file, progress=progress)
+    metrics = {rs.name: rs.metrics() for rs in run_stores}
+    group_desc = {}
+    for g in grams:
+        for k, v in g.group_desc.items():
+            group_desc.setdefault(k, v)
+    attrs = {
+        "sed_dask_version": __version__,
+        "windows": ws,
+        "source_store": ts.url,
+        "runs": list(names),
+        "n_params": json.dumps({rs.name: rs.n_params for rs in run_stores}),
+        "param_index_hash": json.dumps({rs.name: rs.index.hash for rs in run_stores}),
+        "selection_policy": json.dumps({rs.name: rs.policy for rs in run_stores}),
+        "precision": precision,
+        "step_normalised": int(bool(normalize_spacing)),
+        "band_width": max(ws) + 1,
+        "zero_rtol": float(config.get("spectrum.zero-rtol", zero_rtol)),
+        "tiling": json.dumps({g.run: g.tiling for g in grams}),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if groups is not None:
+        attrs["groups"] = json.dumps(group_desc)
+    ds = build_dataset(grams, ws, grouped=groups is not None, metrics=metrics, attrs=attrs,
+                       normalize_spacing=normalize_spacing, zero_rtol=zero_rtol)
+    if output is not None:
+        write_zarr(ds, output)
+    return ds
+
+
+def write_zarr(ds, path) -> None:
+    """Write with plain ``to_zarr`` so that ``xr.open_zarr(path)`` returns the same Dataset."""
+    with warnings.catch_warnings():  # zarr notes that consolidated metadata is not in the v3 spec yet
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        ds.to_zarr(str(path), mode="w", consolidated=True)
