@@ -21,11 +21,10 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import sys
-import types
 
 import numpy as np
 
+from ._callable import make_callable
 from . import config
 from .errors import StoreError
 from .gram import _check_run, _read_into, _segments, compute_graph
@@ -497,12 +496,4 @@ def subspace_rotation(store_or_gram, *, run: str | None = None, window: int = 10
                                              "run": gram.run, "window": window})
 
 
-class _CallableModule(types.ModuleType):
-    """``sed_dask.directions(...)`` calls the function even once ``import sed_dask.directions`` has
-    bound the package attribute to this module."""
-
-    def __call__(self, *args, **kwargs):
-        return directions(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_callable(__name__)

@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 _SUB_BYTES = 2 << 20  # float64 bytes of one column sub-block (L2 sized; measured best)
 
 FLOAT32_NOTE = ("precision='float32': products are accumulated in float32 within ~1 MiB column "
-                "sub-blocks (float64 across them). Measured: singular values >= 0.1*sigma_1 within ~3e-8 "
+                "sub-blocks (float64 across them). Measured: singular values >= 0.1*sigma_1 within ~5e-8 "
                 "relative, sigma ~ 0.01*sigma_1 within ~2e-5 (the error grows like (sigma_1/sigma)^2), "
                 "versus <= 1e-8 in float64 mode; see benchmarks/README.md (Spectrum)")
 

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ._callable import make_callable
 from . import config
 from .discover import discover_checkpoints
 from .errors import CheckpointError, NonFiniteError, SEDError, StoreError
@@ -441,3 +442,6 @@ def _progress(total: int, run: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=f"ingest {run}", unit="range", disable=not enabled, leave=False)
+
+
+make_callable(__name__)

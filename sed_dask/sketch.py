@@ -31,11 +31,10 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import sys
-import types
 
 import numpy as np
 
+from ._callable import make_callable
 from . import config
 from .errors import StoreError
 from .gram import TileSpec, _check_run, _stream_deltas, compute_graph
@@ -419,12 +418,4 @@ def build_sketch_dataset(items: list, metrics: dict, attrs: dict):
     return xr.Dataset(vars_, coords=coords, attrs=attrs)
 
 
-class _CallableModule(types.ModuleType):
-    """``sed_dask.sketch(...)`` must call the function even after ``import sed_dask.sketch`` has bound
-    the package attribute to this module (the lazy ``_LAZY`` lookup is then bypassed)."""
-
-    def __call__(self, *args, **kwargs):
-        return sketch(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_callable(__name__)

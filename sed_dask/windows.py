@@ -13,11 +13,6 @@ import numpy as np
 from . import config
 from .noise import bbp_ratio, mp_edge
 
-SCALARS = ("k_star", "k_star_naive", "k_star_weighted", "edge_ratio", "edge_gap", "k95", "drift_speed",
-           "noise_floor", "bbp_ratio", "gamma", "kappa", "align_u", "a_speed", "r_speed")
-PER_SV = ("sigma", "ratio", "pc_frac")
-
-
 def window_grams(band: np.ndarray, W: int, *, shift: int = 0) -> np.ndarray:
     """``(n_windows, W, W)`` Grams of the windows ending at deltas W-1 .. N-1 (from ``band[i, k]``).
 
