@@ -55,6 +55,19 @@ def connect_from_args(args):
     return session()
 
 
+def execution_context(args, kw: dict):
+    """``--threads`` runs in this process (sets ``kw["scheduler"]``); otherwise connect to a cluster.
+
+    Returns a context manager yielding the client (``None`` for the threaded scheduler).
+    """
+    import contextlib
+
+    if getattr(args, "threads", False):
+        kw["scheduler"] = "threads"
+        return contextlib.nullcontext(None)
+    return connect_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 

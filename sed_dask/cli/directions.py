@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 
-from . import add_cluster_args, connect_from_args
+from . import add_cluster_args, execution_context
 
 
 def register(sub) -> None:
@@ -41,12 +40,7 @@ def run(args: argparse.Namespace) -> int:
     kw = dict(run=args.run, window=args.window, end_step=args.end_step, k=args.k, method=args.method,
               center=args.center, groups=parse_groups_arg(args.groups), n_oversamples=args.n_oversamples,
               n_power_iter=args.n_power_iter, seed=args.seed, output=args.output, tile_bytes=args.tile_bytes)
-    if args.threads:
-        kw["scheduler"] = "threads"
-        ctx = contextlib.nullcontext(None)
-    else:
-        ctx = connect_from_args(args)
-    with ctx as client:
+    with execution_context(args, kw) as client:
         ds = directions(args.store, client=client, **kw)
     sig = ", ".join(f"{x:.4g}" for x in ds["sigma"].values)
     print(f"wrote {args.output}: {ds.sizes['component']} directions of {ds.attrs['n_params']} parameters "

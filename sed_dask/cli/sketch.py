@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 
-from . import add_cluster_args, connect_from_args
+from . import add_cluster_args, execution_context
 
 
 def register(sub) -> None:
@@ -41,12 +40,7 @@ def run(args: argparse.Namespace) -> int:
     kw = dict(runs=[r for r in args.runs.split(",") if r] if args.runs else None, d=args.d, seed=args.seed,
               distribution=args.distribution, s=args.s, tile_elems=args.tile_elems, output=args.output,
               progress=not args.no_progress, tile_bytes=args.tile_bytes)
-    if args.threads:
-        kw["scheduler"] = "threads"
-        ctx = contextlib.nullcontext(None)
-    else:
-        ctx = connect_from_args(args)
-    with ctx as client:
+    with execution_context(args, kw) as client:
         ds = sketch(args.store, client=client, **kw)
     print(f"wrote {args.output}: runs {list(ds.run.values)}, {ds.sizes['step']} steps x d={ds.attrs['d']} "
           f"({ds.attrs['distribution']}, seed {ds.attrs['seed']}, tile {ds.attrs['tile_elems']}; "

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 
-from . import add_cluster_args, connect_from_args
+from . import add_cluster_args, execution_context
 
 
 def register(sub) -> None:
@@ -47,12 +46,7 @@ def run(args: argparse.Namespace) -> int:
               windows=_ints(args.windows, "windows"), groups=parse_groups_arg(args.groups),
               precision=args.precision, normalize_spacing=args.normalize_spacing, output=args.output,
               progress=not args.no_progress, tile_bytes=args.tile_bytes)
-    if args.threads:
-        kw["scheduler"] = "threads"
-        ctx = contextlib.nullcontext(None)
-    else:
-        ctx = connect_from_args(args)
-    with ctx as client:
+    with execution_context(args, kw) as client:
         ds = spectrum(args.store, client=client, **kw)
     dims = ", ".join(f"{k}={v}" for k, v in ds.sizes.items())
     print(f"wrote {args.output}: runs {list(ds.run.values)}, windows {list(ds.window.values)} ({dims})")
