@@ -102,6 +102,19 @@ def _sum(parts: list):
     for p in parts[1:]:
         out += p
     return out
+def _tree_sum(dsk: dict, level: list, rname: str, split_every: int):
+    """Add ``_sum`` tasks reducing the keys in ``level`` in a fixed tree; return the root key."""
+    depth = 0
+    while len(level) > 1:
+        nxt = []
+        for q in range(0, len(level), split_every):
+            key = (rname, depth, q // split_every)
+            dsk[key] = (_sum, level[q:q + split_every])
+            nxt.append(key)
+        level, depth = nxt, depth + 1
+    return level[0]
+
+
 
 
 @dataclasses.dataclass
@@ -185,15 +198,7 @@ def block_pass(stack: Stack, fn, *args, client=None, scheduler=None, split_every
     for i, b in enumerate(stack.blocks()):
         dsk[(name, i)] = (fn, stack.run_store.params, b, *args)
         level.append((name, i))
-    depth = 0
-    while len(level) > 1:
-        nxt = []
-        for q in range(0, len(level), split_every):
-            key = (rname, depth, q // split_every)
-            dsk[key] = (_sum, level[q:q + split_every])
-            nxt.append(key)
-        level, depth = nxt, depth + 1
-    return _run(dsk, [level[0]], client=client, scheduler=scheduler)[0]
+    return _run(dsk, [_tree_sum(dsk, level, rname, split_every)], client=client, scheduler=scheduler)[0]
 
 
 def xt_array(stack: Stack):
@@ -425,15 +430,7 @@ def _v_pass(stack: Stack, M, segs, n_groups, out, *, client, scheduler):
     for i, (b, sg) in enumerate(zip(stack.blocks(), segs)):
         dsk[(name, i)] = (_v_block, stack.run_store.params, b, M, sg, n_groups, out)
         level.append((name, i))
-    depth = 0
-    while len(level) > 1:
-        nxt = []
-        for q in range(0, len(level), split_every):
-            key = (rname, depth, q // split_every)
-            dsk[key] = (_sum, level[q:q + split_every])
-            nxt.append(key)
-        level, depth = nxt, depth + 1
-    return _run(dsk, [level[0]], client=client, scheduler=scheduler)[0]
+    return _run(dsk, [_tree_sum(dsk, level, rname, split_every)], client=client, scheduler=scheduler)[0]
 
 
 # ----------------------------------------------------------------------------- rotation
