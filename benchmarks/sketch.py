@@ -3,8 +3,9 @@
 Prints markdown tables (copied into benchmarks/README.md, "Sketch and directions"):
 
 1. **sketch vs banded Gram** on the same run of the same store: wall time of ``sed_dask.sketch`` for
-   each distribution and d against ``sed_dask.banded_gram`` with W_max = W + 1 (best of --repeat,
-   page cache warm), local threaded scheduler.
+   each distribution and d against ``sed_dask.banded_gram`` with W_max = W + 1, and of
+   ``sed_dask.spectrum(..., sketch=...)`` (both from one read) against spectrum + sketch as two
+   passes (best of --repeat, page cache warm), local threaded scheduler.
 2. **randomized SVD vs dask**: trajectory PCA (top-k right singular vectors of every delta of the run)
    with ``sed_dask.directions`` (exact TSQR; randomized Halko) and ``dask.array.linalg.svd_compressed``
    on the same dask array of X^T; each method runs in a fresh process (peak RSS above the process
@@ -71,15 +72,22 @@ def bench_sketch(store: str, run: str, *, W: int, ds: list[int], dists: list[str
     N, P = rs.n_rows - 1, rs.n_params
     gb = rs.n_rows * P * 4 / 1e9
     t_gram = _best(lambda: sed_dask.banded_gram(rs, w_max=W + 1, scheduler="threads"), repeat)
-    rows = [f"| banded Gram (W_max = {W + 1}) | - | {t_gram:.2f} s | 1.0x | {gb / t_gram:.2f} GB/s |"]
+    spec = dict(runs=[run], windows=(W,), scheduler="threads", progress=False)
+    t_spec = _best(lambda: sed_dask.spectrum(store, **spec), repeat)
+    rows = [f"| banded Gram (W_max = {W + 1}) | - | {t_gram:.2f} s | 1.0x | {gb / t_gram:.2f} GB/s | | |",
+            f"| spectrum (W = {W}) | - | {t_spec:.2f} s | {t_spec / t_gram:.1f}x | {gb / t_spec:.2f} GB/s | | |"]
     for dist in dists:
         for d in ds:
             t = _best(lambda: sed_dask.sketch(store, runs=[run], d=d, distribution=dist, scheduler="threads",
                                               progress=False), repeat)
-            rows.append(f"| sketch {dist} | {d} | {t:.2f} s | {t / t_gram:.1f}x | {gb / t:.2f} GB/s |")
+            t1 = _best(lambda: sed_dask.spectrum(store, sketch={"d": d, "distribution": dist}, **spec), repeat)
+            rows.append(f"| sketch {dist} | {d} | {t:.2f} s | {t / t_gram:.1f}x | {gb / t:.2f} GB/s | "
+                        f"{t1:.2f} s | {t1 / (t + t_spec):.2f} |")
     head = (f"Run `{run}`: {N + 1} checkpoints x {P:,} parameters ({gb:.2f} GB float32); threaded scheduler, "
-            f"{os.cpu_count()} cores, best of {repeat}.\n\n"
-            "| pass | d | wall | vs Gram | store read rate |\n|---|---|---|---|---|")
+            f"{os.cpu_count()} cores, best of {repeat}. Last columns: `spectrum(..., sketch=...)` (spectra and "
+            "sketch from one read) and its time over spectrum + sketch as two passes.\n\n"
+            "| pass | d | wall | vs Gram | store read rate | spectrum + sketch in one pass | one pass / two |\n"
+            "|---|---|---|---|---|---|---|")
     return head + "\n" + "\n".join(rows)
 
 

@@ -2,9 +2,11 @@
 
 Each Gram task is one BLAS call stream; with dask already running a task per core, a
 multi-threaded BLAS oversubscribes the cores and, on a busy machine, OpenBLAS's spinning threads
-made the kernel up to 50x slower (measured). Dask worker processes already get
-``OPENBLAS_NUM_THREADS=1`` from the nanny; this covers the in-process threaded scheduler.
-OpenBLAS's setting is process-wide, so it is restored afterwards. No-op without OpenBLAS.
+made the kernel up to 50x slower (measured). Dask worker processes started by a nanny get
+``OPENBLAS_NUM_THREADS=1`` from it; ``pin_blas_threads`` does the same for workers without one
+(``--no-nanny``, in-process clusters; called by sed_dask's worker plugin), and
+``single_threaded_blas`` covers the in-process threaded scheduler, restoring the process-wide
+setting afterwards. No-op without OpenBLAS.
 """
 from __future__ import annotations
 
@@ -58,3 +60,11 @@ def single_threaded_blas():
     finally:
         for (_, set_), n in zip(libs, before):
             set_(n)
+
+
+def pin_blas_threads(n: int = 1) -> int:
+    """Set every loaded OpenBLAS to ``n`` threads for the rest of the process; returns how many libraries."""
+    libs = _openblas()
+    for _, set_ in libs:
+        set_(int(n))
+    return len(libs)

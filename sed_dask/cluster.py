@@ -49,7 +49,9 @@ _EXTRAS = {"dask_jobqueue": "slurm", "dask_kubernetes": "k8s"}
 
 
 class ZarrConfigPlugin(WorkerPlugin):
-    """Apply the client's zarr I/O settings (``sed_dask.config.configure_zarr``) on each worker."""
+    """Apply the client's zarr I/O settings (``sed_dask.config.configure_zarr``) on each worker, and
+    pin OpenBLAS to one thread per task thread as a nanny's environment does (``sed_dask._blas``):
+    workers started with ``--no-nanny`` or in-process would otherwise oversubscribe their cores."""
 
     name = PLUGIN_NAME
 
@@ -59,6 +61,20 @@ class ZarrConfigPlugin(WorkerPlugin):
 
     def setup(self, worker):
         config.configure_zarr(**self.settings)
+        if not _client_in_process():  # an in-process cluster shares the user's BLAS: leave it alone
+            from ._blas import pin_blas_threads
+
+            pin_blas_threads(1)
+
+
+def _client_in_process() -> bool:
+    """True when a distributed Client lives in this process (an in-process cluster's workers)."""
+    try:
+        from distributed.client import _global_clients
+
+        return bool(list(_global_clients.values()))
+    except Exception:  # private API: when in doubt, do not touch the process-wide BLAS setting
+        return True
 
 
 def _import_string(path: str):

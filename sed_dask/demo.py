@@ -142,7 +142,7 @@ def _summary_lines(f: dict) -> list[str]:
             (f"W={w}: {v['peak_lag']:+} (r={v['peak_r']:+.2f}{', grid edge' if v['at_lag_grid_edge'] else ''})"
              if v["peak_lag"] is not None else f"W={w}: —") for w, v in per_w.items()))
     if f["lag"]["per_run"]:
-        lines.append(f"  lag flips (consecutive W, sign of the peak lag): " + (", ".join(
+        lines.append("  lag flips (consecutive W, sign of the peak lag): " + (", ".join(
             f"{fl['run']} W={fl['window_a']}->{fl['window_b']} ({fl['peak_lag_a']:+}->{fl['peak_lag_b']:+})"
             for fl in f["lag"]["flips"]) or "none"))
     return lines

@@ -27,8 +27,9 @@ import numpy as np
 from ._callable import make_callable
 from . import config
 from .errors import StoreError
-from .gram import _check_run, _read_into, _segments, compute_graph
+from .gram import checked_steps, read_into, column_segments, compute_graph
 from .grouping import ALL, resolve
+from .passes import tree_reduce
 from .rawread import RawChunkReader
 from .store import RunStore, open_store
 
@@ -53,7 +54,7 @@ def read_block(params, b: Block) -> np.ndarray:
     if b.zarr_settings:
         config.configure_zarr(**dict(b.zarr_settings))
     buf = np.empty((b.d1 - b.d0 + 1, b.c1 - b.c0), np.float32)
-    _read_into(RawChunkReader.for_array(params) or params, b.d0, b.d1 + 1, b.c0, b.c1, buf)
+    read_into(RawChunkReader.for_array(params) or params, b.d0, b.d1 + 1, b.c0, b.c1, buf)
     X = np.diff(buf, axis=0).astype(np.float64)
     if b.center:
         X -= X.mean(axis=0, keepdims=True)
@@ -102,19 +103,6 @@ def _sum(parts: list):
     for p in parts[1:]:
         out += p
     return out
-def _tree_sum(dsk: dict, level: list, rname: str, split_every: int):
-    """Add ``_sum`` tasks reducing the keys in ``level`` in a fixed tree; return the root key."""
-    depth = 0
-    while len(level) > 1:
-        nxt = []
-        for q in range(0, len(level), split_every):
-            key = (rname, depth, q // split_every)
-            dsk[key] = (_sum, level[q:q + split_every])
-            nxt.append(key)
-        level, depth = nxt, depth + 1
-    return level[0]
-
-
 
 
 @dataclasses.dataclass
@@ -152,7 +140,7 @@ def window_stack(run_store: RunStore, *, window: int | None = None, end_step: in
                  center: bool = False, tile_bytes=None) -> Stack:
     """The deltas of the window of ``window`` deltas ending at ``end_step`` (default: the last delta);
     ``window=None``: every delta of the run (trajectory PCA)."""
-    steps = _check_run(run_store)
+    steps = checked_steps(run_store)
     N = steps.size - 1
     if end_step is None:
         e = N - 1
@@ -198,7 +186,8 @@ def block_pass(stack: Stack, fn, *args, client=None, scheduler=None, split_every
     for i, b in enumerate(stack.blocks()):
         dsk[(name, i)] = (fn, stack.run_store.params, b, *args)
         level.append((name, i))
-    return _run(dsk, [_tree_sum(dsk, level, rname, split_every)], client=client, scheduler=scheduler)[0]
+    root = tree_reduce(dsk, level, rname, _sum, split_every=split_every)
+    return _run(dsk, [root], client=client, scheduler=scheduler)[0]
 
 
 def xt_array(stack: Stack):
@@ -251,15 +240,8 @@ def exact_svd(stack: Stack, *, client=None, scheduler=None, split_every: int | N
     for i, b in enumerate(stack.blocks()):
         dsk[(name, i)] = (_r_block, stack.run_store.params, b)
         level.append((name, i))
-    depth = 0
-    while len(level) > 1:
-        nxt = []
-        for q in range(0, len(level), split_every):
-            key = (rname, depth, q // split_every)
-            dsk[key] = (_r_stack, level[q:q + split_every])
-            nxt.append(key)
-        level, depth = nxt, depth + 1
-    R = _run(dsk, [level[0]], client=client, scheduler=scheduler)[0]
+    root = tree_reduce(dsk, level, rname, _r_stack, split_every=split_every)
+    R = _run(dsk, [root], client=client, scheduler=scheduler)[0]
     _, sigma, VrT = np.linalg.svd(R)       # X^T = Q R = (Q U_r) S V_r^T  =>  X = V_r S (Q U_r)^T
     sigma = np.concatenate([sigma, np.zeros(stack.n - sigma.size)])  # R has P < n rows when P < n
     return VrT.T, sigma
@@ -383,7 +365,7 @@ def _directions(ts, rs, stack, k, method, groups, n_oversamples, n_power_iter, s
         with _quiet_consolidation():
             meta.to_zarr(str(output), mode="w", compute=False, consolidated=False)
         out_arr = zarr.open_group(str(output), mode="r+")["direction"]
-    segs = tuple(_segments(c0, c1, flat) for c0, c1 in stack.cols)
+    segs = tuple(column_segments(c0, c1, flat) for c0, c1 in stack.cols)
     res = _v_pass(stack, M, segs, len(gnames), out_arr, client=client, scheduler=scheduler)
     ss = res["sumsq"]
     if not granges:
@@ -430,7 +412,8 @@ def _v_pass(stack: Stack, M, segs, n_groups, out, *, client, scheduler):
     for i, (b, sg) in enumerate(zip(stack.blocks(), segs)):
         dsk[(name, i)] = (_v_block, stack.run_store.params, b, M, sg, n_groups, out)
         level.append((name, i))
-    return _run(dsk, [_tree_sum(dsk, level, rname, split_every)], client=client, scheduler=scheduler)[0]
+    root = tree_reduce(dsk, level, rname, _sum, split_every=split_every)
+    return _run(dsk, [root], client=client, scheduler=scheduler)[0]
 
 
 # ----------------------------------------------------------------------------- rotation

@@ -27,7 +27,8 @@ Scheme (why it is shaped like this):
   ``width-1`` predecessors (gemm). Sub-block sums run in a fixed order.
 * **Reduction.** Partials are dicts (``{"band": {group: array}}``) summed by a tree of add tasks
   with a fixed operand order, so the result is bit-identical on any scheduler; later accumulators
-  (e.g. a JL sketch ``delta @ Phi``) add a key to the dict and ride the same pass and reduction.
+  (e.g. a JL sketch ``delta @ Phi``, ``sed_dask.sketch.SketchExtra``) add a key to the dict and
+  ride the same read and reduction, with their own combine rule (see ``TileSpec.extras``).
 
 The graph is a plain task dict (kernels below are ordinary functions), as in ``dask.array.linalg``.
 """
@@ -36,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import threading
 import warnings
 
@@ -44,6 +46,7 @@ import numpy as np
 from . import config
 from .errors import StoreError
 from .grouping import ALL, resolve
+from .passes import pass_settings, tree_reduce
 from .rawread import RawChunkReader
 from .store import RunStore
 
@@ -77,9 +80,10 @@ class TileSpec:
     precision: str         # "float64" | "float32"
     zarr_settings: tuple = ()
     direct_read: bool = True  # positioned reads of raw local chunk files when the layout allows
+    extras: tuple = ()        # further accumulators fed by the same read (see ``gram_tile``)
 
 
-def _read_into(params, r0: int, r1: int, c0: int, c1: int, out: np.ndarray) -> None:
+def read_into(params, r0: int, r1: int, c0: int, c1: int, out: np.ndarray) -> None:
     """Read ``params[r0:r1, c0:c1]`` straight into ``out`` (no temporary copy of the tile).
 
     ``params`` is a zarr array or a :class:`~sed_dask.rawread.RawChunkReader` for it.
@@ -103,7 +107,7 @@ class _Prefetch:
 
     def _run(self, *args):
         try:
-            _read_into(*args)
+            read_into(*args)
         except BaseException as exc:  # re-raised in the task's thread
             self.exc = exc
 
@@ -142,7 +146,7 @@ def _buffers(shape: tuple) -> list[np.ndarray]:
     return cached
 
 
-def _stream_deltas(params, spec: TileSpec):
+def stream_deltas(params, spec: TileSpec):
     """Yield ``(S, g0)``: float32 deltas ``S`` (carried + new rows) whose row 0 is delta ``g0``.
 
     Two buffers of ``buf_rows x P-range``: the next batch is read into one while the other is being
@@ -155,12 +159,12 @@ def _stream_deltas(params, spec: TileSpec):
     bufs = _buffers((R, C))
     last = np.empty((1, C), np.float32)
     nxt = np.empty(C, np.float32)
-    _read_into(params, row_lo, row_lo + 1, spec.c0, spec.c1, last)
+    read_into(params, row_lo, row_lo + 1, spec.c0, spec.c1, last)
     r, k, cur = row_lo + 1, 0, 0
     nr = min(R, row_hi - r)
     if nr <= 0:
         return
-    _read_into(params, r, r + nr, spec.c0, spec.c1, bufs[0][:nr])
+    read_into(params, r, r + nr, spec.c0, spec.c1, bufs[0][:nr])
     pending = None
     try:
         while True:
@@ -251,23 +255,33 @@ class BandAccumulator:
         return self.out
 
 
-# Per-tile accumulators, all fed by the same read: ``cls(spec)``, then ``update(S, g0)`` for every
+# Accumulators, all fed by the same read: one is built per tile, gets ``update(S, g0)`` for every
 # batch of float32 deltas (S row 0 = delta g0; rows before ``spec.out_lo`` are halo, not output),
-# then ``result()`` -> a dict of arrays that ``sum_partials`` adds over P-ranges and
-# ``assemble_blocks`` concatenates over step blocks. A JL sketch (delta @ Phi_tile) plugs in here.
-ACCUMULATORS = [BandAccumulator]
-
-
+# and ``result()`` -> ``{key: array with one row per output delta}``. The band is always there;
+# ``spec.extras`` add others. An extra is a small picklable object with
+#   name                      key of its partials in the tile's result dict
+#   accumulator(spec)         its per-tile accumulator
+#   combine(parts)            partials of several P-ranges -> one (a fixed-order, deterministic rule)
+#   finish(assembled)         all step blocks' rows, concatenated per key -> the final value
+#   col_align, max_cols(tile_bytes)   P-range constraints for ``plan_tiles``
 def gram_tile(params, spec: TileSpec) -> dict:
     """Read one tile, form deltas, and return ``{accumulator name: partials}``."""
     if spec.zarr_settings:
         config.configure_zarr(**dict(spec.zarr_settings))
-    accs = [cls(spec) for cls in ACCUMULATORS]
+    accs = [BandAccumulator(spec)] + [x.accumulator(spec) for x in spec.extras]
     source = (RawChunkReader.for_array(params) if spec.direct_read else None) or params
-    for S, g0 in _stream_deltas(source, spec):
+    for S, g0 in stream_deltas(source, spec):
         for acc in accs:
             acc.update(S, g0)
     return {acc.name: acc.result() for acc in accs}
+
+
+def combine_partials(parts: list, extras: tuple = ()) -> dict:
+    """Combine tile results over P-ranges: the band by ``sum_partials``, each extra by its own rule."""
+    out = {"band": sum_partials([p["band"] for p in parts])}
+    for x in extras:
+        out[x.name] = x.combine([p[x.name] for p in parts])
+    return out
 
 
 def sum_partials(parts: list):
@@ -313,8 +327,12 @@ class Tiling:
 
 
 def plan_tiles(n_rows: int, n_params: int, read_chunk: int, *, width: int, tile_bytes: int,
-               block_steps: int) -> Tiling:
-    """Cut ``(n_rows, n_params)`` into tiles for a band of ``width`` (see the module docstring)."""
+               block_steps: int, col_align: int = 1, max_cols: int | None = None) -> Tiling:
+    """Cut ``(n_rows, n_params)`` into tiles for a band of ``width`` (see the module docstring).
+
+    ``col_align``: every P-range starts at a multiple of it (a sketch's RNG tile); ``max_cols``
+    caps the P-range width (e.g. so that a task's Phi tiles fit its memory).
+    """
     if block_steps < 1:
         raise ValueError(f"block_steps must be >= 1, got {block_steps}")
     N, H, P = n_rows - 1, width - 1, n_params
@@ -323,8 +341,15 @@ def plan_tiles(n_rows: int, n_params: int, read_chunk: int, *, width: int, tile_
     rows_mem = min(max_rows, max(4 * width, 64))
     per_buf = tile_bytes // 2  # two row buffers: one being read while the other is multiplied
     C = max(1, per_buf // (4 * rows_mem))
+    if max_cols:
+        C = max(1, min(C, int(max_cols)))
     chunk = min(read_chunk, P)
-    if C >= chunk:
+    if col_align > 1:  # whole alignment units; whole read chunks too when that is wide enough
+        unit = col_align * chunk // math.gcd(col_align, chunk)
+        unit = unit if C >= unit else col_align
+        C = max(unit, (C // unit) * unit)
+        cols = tuple((s, min(s + C, P)) for s in range(0, P, C))
+    elif C >= chunk:
         C = min((C // chunk) * chunk, -(-P // chunk) * chunk)
         cols = tuple((s, min(s + C, P)) for s in range(0, P, C))
     else:
@@ -337,7 +362,7 @@ def plan_tiles(n_rows: int, n_params: int, read_chunk: int, *, width: int, tile_
     return Tiling(blocks, cols, int(buf_rows), sub_cols)
 
 
-def _segments(c0: int, c1: int, ranges: list[tuple[int, int, int]]) -> tuple:
+def column_segments(c0: int, c1: int, ranges: list[tuple[int, int, int]]) -> tuple:
     """Split ``[c0, c1)`` at group boundaries; ``ranges`` are sorted ``(lo, hi, gid)``."""
     if not ranges:
         return ((c0, c1, 0),)
@@ -370,9 +395,11 @@ class GramPlan:
     precision: str
     tiling: Tiling
     params: object
+    extras: tuple = ()
 
 
-def _check_run(rs: RunStore) -> np.ndarray:
+def checked_steps(rs: RunStore) -> np.ndarray:
+    """The run's checkpoint steps, after checking that every row is complete and finite."""
     steps = rs.check_complete()
     if steps.size < 2:
         raise StoreError(f"run {rs.name!r} has {steps.size} checkpoint(s), so no deltas; "
@@ -388,8 +415,11 @@ def _check_run(rs: RunStore) -> np.ndarray:
 
 def gram_graph(run_store: RunStore, *, width: int, groups=None, precision: str | None = None,
                tile_bytes=None, block_steps: int | None = None, split_every: int | None = None,
-               direct_read: bool | None = None) -> GramPlan:
-    """Build (do not run) the one-pass graph of ``run_store``'s banded Gram of ``width`` columns."""
+               direct_read: bool | None = None, extras: tuple = ()) -> GramPlan:
+    """Build (do not run) the one-pass graph of ``run_store``'s banded Gram of ``width`` columns.
+
+    ``extras``: further accumulators riding the same read (see ``gram_tile``), e.g. a JL sketch.
+    """
     from dask.base import tokenize
 
     if width < 1:
@@ -397,24 +427,28 @@ def gram_graph(run_store: RunStore, *, width: int, groups=None, precision: str |
     precision = config.get("spectrum.precision", precision)
     if precision not in ("float64", "float32"):
         raise ValueError(f"precision must be 'float64' or 'float32', got {precision!r}")
-    tile_bytes = config.get_bytes("spectrum.tile-bytes", tile_bytes)
-    block_steps = int(config.get("spectrum.block-steps", block_steps))
-    split_every = int(config.get("spectrum.split-every", split_every))
-    if split_every < 2:
-        raise ValueError(f"split_every must be >= 2, got {split_every}")
+    ps = pass_settings(tile_bytes=tile_bytes, block_steps=block_steps, split_every=split_every)
+    extras = tuple(extras)
+    if len({x.name for x in extras} | {"band"}) != len(extras) + 1:
+        raise ValueError(f"extra accumulators need distinct names other than 'band', got {[x.name for x in extras]}")
     rs = run_store
-    steps = _check_run(rs)
+    steps = checked_steps(rs)
     n_rows, P = steps.size, rs.n_params
     index = rs.index
     granges, gdesc = resolve(index, groups, run=rs.name)
     names = [ALL] + list(granges)
     flat = sorted((lo, hi, gid) for gid, g in enumerate(granges, start=1) for lo, hi in granges[g])
     sizes = {ALL: P, **{g: int(sum(hi - lo for lo, hi in r)) for g, r in granges.items()}}
-    tiling = plan_tiles(n_rows, P, rs.read_unit, width=width, tile_bytes=tile_bytes, block_steps=block_steps)
+    align = 1
+    for x in extras:
+        align = align * x.col_align // math.gcd(align, x.col_align)
+    caps = [c for c in (x.max_cols(ps.tile_bytes) for x in extras) if c]
+    tiling = plan_tiles(n_rows, P, rs.read_unit, width=width, tile_bytes=ps.tile_bytes,
+                        block_steps=ps.block_steps, col_align=align, max_cols=min(caps) if caps else None)
     zs = tuple(sorted(config.zarr_settings().items()))
     direct = bool(config.get("spectrum.direct-read", direct_read))
     token = tokenize(rs.group.store_path.__str__(), rs.name, n_rows, P, index.hash, width, flat,
-                     precision, tiling, zs, direct)
+                     precision, tiling, zs, direct, ps.split_every, extras)
     tname, rname, fname = f"sed-gram-tile-{token}", f"sed-gram-sum-{token}", f"sed-gram-{token}"
     params = rs.params
     dsk: dict = {}
@@ -422,22 +456,15 @@ def gram_graph(run_store: RunStore, *, width: int, groups=None, precision: str |
     for b, (a, e) in enumerate(tiling.blocks):
         level = []
         for p, (c0, c1) in enumerate(tiling.cols):
-            spec = TileSpec(a, e, c0, c1, _segments(c0, c1, flat), width, tiling.buf_rows,
-                            tiling.sub_cols, precision, zs, direct)
+            spec = TileSpec(a, e, c0, c1, column_segments(c0, c1, flat), width, tiling.buf_rows,
+                            tiling.sub_cols, precision, zs, direct, extras)
             dsk[(tname, b, p)] = (gram_tile, params, spec)
             level.append((tname, b, p))
-        depth = 0
-        while len(level) > 1:
-            nxt = []
-            for q in range(0, len(level), split_every):
-                key = (rname, b, depth, q // split_every)
-                dsk[key] = (sum_partials, level[q:q + split_every])
-                nxt.append(key)
-            level, depth = nxt, depth + 1
-        block_keys.append(level[0])
+        block_keys.append(tree_reduce(dsk, level, rname, combine_partials, extras,
+                                      split_every=ps.split_every, prefix=(b,)))
     dsk[(fname,)] = (assemble_blocks, block_keys, n_rows - 1, width)
     return GramPlan(rs.name, dsk, (fname,), names, sizes, {ALL: "the whole selected parameter vector", **gdesc},
-                    steps, width, precision, tiling, params)
+                    steps, width, precision, tiling, params, extras)
 
 
 # ----------------------------------------------------------------------------- running
@@ -476,6 +503,7 @@ class GramResult:
     width: int
     precision: str
     tiling: dict
+    extras: dict = dataclasses.field(default_factory=dict)  # {extra name: finished value}, e.g. "sketch"
 
     @property
     def delta_steps(self) -> np.ndarray:
@@ -510,7 +538,8 @@ def finish(plan: GramPlan, out: dict) -> GramResult:
         raise StoreError(f"run {plan.run!r}: NaN/Inf in the store at step(s) "
                          f"{[int(plan.steps[r]) for r in rows]} (row(s) {rows})")
     return GramResult(plan.run, band, list(plan.groups), dict(plan.n_params), dict(plan.group_desc),
-                      plan.steps, w, plan.precision, plan.tiling.as_dict())
+                      plan.steps, w, plan.precision, plan.tiling.as_dict(),
+                      {x.name: x.finish(out[x.name]) for x in plan.extras})
 
 
 def find_nonfinite_rows(params, bad_deltas) -> list[int]:

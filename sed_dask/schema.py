@@ -44,7 +44,8 @@ def var_attrs(name: str, *, normalised: bool) -> dict:
 
 
 def metric_attrs(name: str) -> dict:
-    return {"long_name": f"{name} recorded at the step (exact match)", "units": "1", "sed_role": "metric"}
+    return {"long_name": f"{name} recorded at the step (exact match)", "units": "1", "sed_role": "metric",
+            "metric_name": name}
 
 
 COORD_ATTRS = {

@@ -19,8 +19,8 @@ Tasks own whole tiles (P-ranges are tile multiples, by default a power of two of
 task returns one node) and one step block of deltas plus a one-row halo; Zarr chunks need not align.
 Deltas are formed in float32 like the Gram engine (sed_spec §2.3) and upcast per tile; sums are
 float64. ``SketchAccumulator`` follows ``sed_dask.gram``'s accumulator protocol (``update(S, g0)``,
-``result()``) so the banded-Gram tile can carry a sketch in the same pass (``partial_merge`` and
-``finish_nodes`` are the reduction and finishing steps for it there).
+``result()``), and ``SketchExtra`` plugs it into the banded-Gram pass (``spectrum(..., sketch=...)``):
+the same read then yields the Gram and the sketch, bit-identical to ``sketch()``'s.
 
 Scope: bit-identity holds across chunkings, task layouts, schedulers and worker counts on workers
 that share a CPU kernel family and BLAS build; different CPUs may pick gemm kernels (and, for the
@@ -37,8 +37,9 @@ import numpy as np
 from ._callable import make_callable
 from . import config
 from .errors import StoreError
-from .gram import TileSpec, _check_run, _stream_deltas, compute_graph
+from .gram import TileSpec, checked_steps, compute_graph, stream_deltas
 from .jl import Operator
+from .passes import pass_settings, tree_reduce
 from .rawread import RawChunkReader
 from .store import RunStore, open_store
 
@@ -173,7 +174,7 @@ def sketch_tile(params, spec: TileSpec, op: Operator) -> dict:
         config.configure_zarr(**dict(spec.zarr_settings))
     acc = SketchAccumulator(spec.out_lo, spec.out_hi, spec.c0, spec.c1, op)
     source = (RawChunkReader.for_array(params) if spec.direct_read else None) or params
-    for S, g0 in _stream_deltas(source, spec):
+    for S, g0 in stream_deltas(source, spec):
         acc.update(S, g0)
     if acc.done != spec.out_hi:
         raise RuntimeError(f"sketch tile [{spec.out_lo}, {spec.out_hi}) stopped at delta {acc.done}")
@@ -200,6 +201,36 @@ def finish_block(nodes: dict, n_leaves: int) -> np.ndarray:
     if set(nodes) != {root}:
         raise RuntimeError(f"sketch reduction incomplete: nodes {sorted(nodes)} left, expected only {root}")
     return nodes[root]
+
+
+@dataclasses.dataclass(frozen=True)
+class SketchExtra:
+    """The sketch as an extra accumulator of the banded-Gram pass (``sed_dask.gram.gram_tile``).
+
+    P-ranges there are whole RNG tiles (``col_align``), at most ``tile_bytes / 2`` of Phi per task
+    (``max_cols``; a task keeps its tiles across row batches rather than regenerate them), P-range
+    partials merge siblings only (``partial_merge``), and ``finish`` completes the tree and scales.
+    """
+
+    op: Operator
+    name = "sketch"
+
+    @property
+    def col_align(self) -> int:
+        return int(self.op.tile_elems)
+
+    def max_cols(self, tile_bytes: int) -> int:
+        return max(self.op.tile_elems, tile_bytes // 2 // (8 * self.op.d))
+
+    def accumulator(self, spec: TileSpec) -> SketchAccumulator:
+        phi_bytes = (spec.c1 - spec.c0 + self.op.tile_elems) * self.op.d * 8  # bounded by the plan
+        return SketchAccumulator(spec.out_lo, spec.out_hi, spec.c0, spec.c1, self.op, phi_cache_bytes=phi_bytes)
+
+    def combine(self, parts: list) -> dict:
+        return partial_merge(parts)
+
+    def finish(self, nodes: dict) -> np.ndarray:
+        return finish_nodes(nodes, self.op)
 
 
 def assemble(blocks: list, scale: float) -> np.ndarray:
@@ -256,19 +287,15 @@ def sketch_graph(run_store: RunStore, op: Operator, *, tile_bytes=None, block_st
     """Build (do not run) the one-pass sketch graph of one run."""
     from dask.base import tokenize
 
-    tile_bytes = config.get_bytes("spectrum.tile-bytes", tile_bytes)
-    block_steps = int(config.get("spectrum.block-steps", block_steps))
-    split_every = int(config.get("spectrum.split-every", split_every))
-    if split_every < 2:
-        raise ValueError(f"split_every must be >= 2, got {split_every}")
+    ps = pass_settings(tile_bytes=tile_bytes, block_steps=block_steps, split_every=split_every)
     rs = run_store
-    steps = _check_run(rs)
+    steps = checked_steps(rs)
     if rs.n_params != op.n_params:
         raise ValueError(f"operator is for P={op.n_params} but run {rs.name!r} has P={rs.n_params}")
-    tiling = plan_sketch(steps.size, op, tile_bytes=tile_bytes, block_steps=block_steps,
+    tiling = plan_sketch(steps.size, op, tile_bytes=ps.tile_bytes, block_steps=ps.block_steps,
                          tiles_per_task=tiles_per_task)
     zs = tuple(sorted(config.zarr_settings().items()))
-    token = tokenize(str(rs.group.store_path), rs.name, steps.size, rs.index.hash, op, tiling, split_every, zs)
+    token = tokenize(str(rs.group.store_path), rs.name, steps.size, rs.index.hash, op, tiling, ps.split_every, zs)
     tname, rname, bname, fname = (f"sed-sketch-{x}-{token}" for x in ("tile", "sum", "block", "out"))
     n_leaves = op.n_tiles
     dsk: dict = {}
@@ -279,15 +306,8 @@ def sketch_graph(run_store: RunStore, op: Operator, *, tile_bytes=None, block_st
             spec = TileSpec(a, e, c0, c1, ((c0, c1, 0),), 1, tiling.buf_rows, 0, "float64", zs)
             dsk[(tname, b, p)] = (sketch_tile, rs.params, spec, op)
             level.append((tname, b, p))
-        depth = 0
-        while len(level) > 1:
-            nxt = []
-            for q in range(0, len(level), split_every):
-                key = (rname, b, depth, q // split_every)
-                dsk[key] = (reduce_nodes, level[q:q + split_every], n_leaves)
-                nxt.append(key)
-            level, depth = nxt, depth + 1
-        dsk[(bname, b)] = (finish_block, level[0], n_leaves)
+        root = tree_reduce(dsk, level, rname, reduce_nodes, n_leaves, split_every=ps.split_every, prefix=(b,))
+        dsk[(bname, b)] = (finish_block, root, n_leaves)
         block_keys.append((bname, b))
     dsk[(fname,)] = (assemble, block_keys, op.scale)
     return SketchPlan(rs.name, dsk, (fname,), op, steps, tiling)
@@ -343,33 +363,45 @@ def sketch(store, *, runs=None, d: int | None = None, seed: int | None = None, d
                                   tiles_per_task=tiles_per_task, split_every=split_every))
     outs = run_sketch_plans(plans, client=client, scheduler=scheduler, address=address,
                             scheduler_file=scheduler_file, progress=progress)
-    op0 = plans[0].op
+    prov = provenance({p.run: p.op for p in plans})
     attrs = {
         "sed_dask_version": __version__,
         "sed_kind": "jl_sketch",
         "source_store": ts.url,
         "runs": list(names),
-        "seed": int(op0.seed),
-        "d": int(op0.d),
-        "distribution": op0.distribution,
-        "tile_elems": int(op0.tile_elems),
-        "row_block": ROW_BLOCK,
-        "rng": op0.describe()["rng"],
-        "reduction": "canonical binary tree over RNG tiles; float64",
+        **prov,
         "n_params": json.dumps({p.run: p.op.n_params for p in plans}),
-        "scale": json.dumps({p.run: p.op.scale for p in plans}),
-        "sparse_s": json.dumps({p.run: p.op.s for p in plans}),
         "param_index_hash": json.dumps({rs.name: rs.index.hash for rs in run_stores}),
         "selection_policy": json.dumps({rs.name: rs.policy for rs in run_stores}),
-        "phi_checksum": json.dumps({p.run: p.op.checksum() for p in plans}),
         "tiling": json.dumps({p.run: p.tiling.as_dict() for p in plans}),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     ds = build_sketch_dataset([(p.run, p.steps, S) for p, S in zip(plans, outs)],
-                              {rs.name: rs.metrics() for rs in run_stores}, attrs)
+                              {rs.name: rs.metrics() for rs in run_stores}, attrs, prov)
     if output is not None:
         write_zarr(ds, output)
     return ds
+
+
+def provenance(ops: dict) -> dict:
+    """JSON-safe attrs that pin down Phi (``{run: Operator}``; runs share seed, d, distribution, tile).
+
+    Carried by the ``sketch`` variable wherever it is stored (alone or in a spectrum Dataset), so
+    ``spectra_from_sketch`` and a reader of the Zarr can tell which operator made it.
+    """
+    first = next(iter(ops.values()))
+    return {
+        "seed": int(first.seed),
+        "d": int(first.d),
+        "distribution": first.distribution,
+        "tile_elems": int(first.tile_elems),
+        "row_block": ROW_BLOCK,
+        "rng": first.describe()["rng"],
+        "reduction": "canonical binary tree over RNG tiles; float64",
+        "scale": json.dumps({r: op.scale for r, op in ops.items()}),
+        "sparse_s": json.dumps({r: op.s for r, op in ops.items()}),
+        "phi_checksum": json.dumps({r: op.checksum() for r, op in ops.items()}),
+    }
 
 
 def write_zarr(ds, path) -> None:
@@ -381,8 +413,11 @@ def write_zarr(ds, path) -> None:
         ds.to_zarr(str(path), mode="w", consolidated=True)
 
 
-def build_sketch_dataset(items: list, metrics: dict, attrs: dict):
-    """``items``: ``(run, checkpoint steps (N+1,), S (N, d))``; the union delta-step grid as in results."""
+def build_sketch_dataset(items: list, metrics: dict, attrs: dict, prov: dict | None = None):
+    """``items``: ``(run, checkpoint steps (N+1,), S (N, d))``; the union delta-step grid as in results.
+
+    ``prov`` (``provenance``) goes onto the ``sketch`` variable's attrs.
+    """
     import xarray as xr
 
     runs = [r for r, _, _ in items]
@@ -396,7 +431,7 @@ def build_sketch_dataset(items: list, metrics: dict, attrs: dict):
         span[r, pos] = np.diff(st)
     vars_ = {"sketch": (("run", "step", "dim"), S,
                         {"long_name": "JL sketch Phi^T delta of the delta labelled by step",
-                         "units": "parameter units", "sed_role": "jl_sketch"})}
+                         "units": "parameter units", "sed_role": "jl_sketch", **(prov or {})})}
     for name in sorted({k for m in metrics.values() for k in m if k != "step"}):
         arr = np.full((len(runs), steps.size), np.nan)
         for r, run in enumerate(runs):

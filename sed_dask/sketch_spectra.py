@@ -29,6 +29,17 @@ def sketch_band(S: np.ndarray, width: int) -> np.ndarray:
     return band
 
 
+def sketch_attrs(sketch_ds) -> dict:
+    """Dataset attrs updated with the ``sketch`` variable's provenance (seed, d, distribution, ...).
+
+    Accepts a ``sed_dask.sketch`` Dataset or a spectrum Dataset made with ``spectrum(..., sketch=...)``.
+    """
+    if "sketch" not in sketch_ds.variables:
+        raise ValueError("the Dataset has no 'sketch' variable; make one with sed_dask.sketch(...) or "
+                         "sed_dask.spectrum(..., sketch=...)")
+    return {**sketch_ds.attrs, **sketch_ds["sketch"].attrs}
+
+
 def _run_rows(sketch_ds, run: str):
     """``(checkpoint steps (N+1,), S (N, d))`` of one run (rows the run actually has)."""
     sub = sketch_ds.sel(run=run)
@@ -58,12 +69,12 @@ def sketch_grams(sketch_ds, *, width: int, runs=None, d: int | None = None) -> l
     Columns of Phi nest (``sed_dask.jl``), so the first ``d`` columns rescaled by sqrt(d_sketch/d)
     are the sketch a ``d``-dimensional operator with the same seed would give.
     """
+    n_params = json.loads(sketch_attrs(sketch_ds)["n_params"])
     runs = [str(r) for r in sketch_ds["run"].values] if runs is None else list(runs)
     dmax = int(sketch_ds.sizes["dim"])
     d = dmax if d is None else int(d)
     if not 1 <= d <= dmax:
         raise ValueError(f"d={d} is outside the sketch's 1..{dmax} columns")
-    n_params = json.loads(sketch_ds.attrs["n_params"])
     out = []
     for run in runs:
         steps, S = _run_rows(sketch_ds, run)
@@ -91,7 +102,7 @@ def spectra_from_sketch(sketch_ds, *, windows=(10,), runs=None, d: int | None = 
     for g in grams:
         if g.n_deltas < max(ws):
             raise ValueError(f"run {g.run!r} has only {g.n_deltas} deltas; W={max(ws)} needs more")
-    a = sketch_ds.attrs
+    a = sketch_attrs(sketch_ds)
     used = [g.run for g in grams]
     attrs = {
         "sed_dask_version": __version__,
@@ -220,8 +231,8 @@ def jl_error_report(source, *, run: str | None = None, windows=(10,), ds: Sequen
          "max": (dims, stats[2], {"long_name": "max relative error"}),
          "n_windows": ("window", n_win, {"long_name": "windows compared per seed"})},
         coords=coords,
-        attrs={"run": run, "seeds": [int(s) for s in seeds], "distribution": first.attrs["distribution"],
-               "tile_elems": int(first.attrs["tile_elems"]), "nested_d": int(bool(nested)),
+        attrs={"run": run, "seeds": [int(s) for s in seeds], "distribution": sketch_attrs(first)["distribution"],
+               "tile_elems": int(sketch_attrs(first)["tile_elems"]), "nested_d": int(bool(nested)),
                "note": ("each d uses the first d columns of one max(d) sketch per seed" if nested else
                         "an independent operator per (d, seed), seed 1000*seed + d")})
 

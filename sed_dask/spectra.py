@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -132,6 +132,26 @@ def build_dataset(grams: list[GramResult], windows: Sequence[int], *, grouped: b
     return xr.Dataset(vars_, coords=coords, attrs=attrs)
 
 
+_SKETCH_KEYS = ("d", "seed", "distribution", "s", "tile_elems")
+
+
+def _sketch_request(sketch) -> dict | None:
+    """``sketch=`` of ``spectrum``: None/False, True (config defaults), an int d, or a dict of
+    ``sed_dask.sketch`` operator arguments."""
+    if sketch is None or sketch is False:
+        return None
+    if sketch is True:
+        return {}
+    if isinstance(sketch, (int, np.integer)):
+        return {"d": int(sketch)}
+    if isinstance(sketch, Mapping):
+        unknown = sorted(set(sketch) - set(_SKETCH_KEYS))
+        if unknown:
+            raise ValueError(f"sketch=: unknown key(s) {unknown}; allowed: {list(_SKETCH_KEYS)}")
+        return dict(sketch)
+    raise TypeError(f"sketch= takes True, an int d or a dict of {list(_SKETCH_KEYS)}, got {type(sketch).__name__}")
+
+
 def _as_list(runs) -> list[str] | None:
     if runs is None:
         return None
@@ -141,13 +161,18 @@ def _as_list(runs) -> list[str] | None:
 def spectrum(store, *, runs=None, windows=(10,), groups=None, client=None, address: str | None = None,
              scheduler_file: str | None = None, scheduler: str | None = None, precision: str | None = None,
              normalize_spacing: bool = False, output=None, progress: bool = True, tile_bytes=None,
-             block_steps: int | None = None, zero_rtol: float | None = None):
+             block_steps: int | None = None, zero_rtol: float | None = None, sketch=None):
     """Rolling-window spectra of every requested W (and layer group) for runs of a trajectory store.
 
     One pass per run over the store computes the banded Gram of width max(W)+1; everything else is
     client-side W x W work. ``groups``: None, "default", "blocks", ``{name: regex}`` or a list of
     group names. ``scheduler`` ("threads"/"sync") runs without a distributed cluster. ``output``
     writes the Dataset to Zarr (``mode="w"``). Returns an ``xarray.Dataset`` (docs/result_schema.md).
+
+    ``sketch``: also compute the JL sketch in the same read (True, an int d, or a dict of
+    ``sed_dask.sketch`` operator arguments: d, seed, distribution, s, tile_elems); it is added as
+    ``sketch(run, step, dim)`` with its operator provenance in the variable's attrs, bit-identical
+    to ``sed_dask.sketch(...)``'s, and ``spectra_from_sketch(ds)`` accepts the Dataset.
     """
     from . import __version__
 
@@ -159,10 +184,16 @@ def spectrum(store, *, runs=None, windows=(10,), groups=None, client=None, addre
     ws = _windows(windows)
     precision = config.get("spectrum.precision", precision)
     run_stores = [ts.run(n) for n in names]
+    sketch_req = _sketch_request(sketch)
     plans = []
     for rs in run_stores:
+        extras = ()
+        if sketch_req is not None:
+            from .sketch import SketchExtra, make_operator
+
+            extras = (SketchExtra(make_operator(rs.n_params, **sketch_req)),)
         plan = gram_graph(rs, width=max(ws) + 1, groups=groups, precision=precision, tile_bytes=tile_bytes,
-                          block_steps=block_steps)
+                          block_steps=block_steps, extras=extras)
         n_deltas = plan.steps.size - 1
         too_long = [W for W in ws if W > n_deltas]
         if too_long:
@@ -196,6 +227,12 @@ def spectrum(store, *, runs=None, windows=(10,), groups=None, client=None, addre
         attrs["groups"] = json.dumps(group_desc)
     ds = build_dataset(grams, ws, grouped=groups is not None, metrics=metrics, attrs=attrs,
                        normalize_spacing=normalize_spacing, zero_rtol=zero_rtol)
+    if sketch_req is not None:
+        from .sketch import build_sketch_dataset, provenance
+
+        prov = provenance({p.run: x.op for p in plans for x in p.extras})
+        sk = build_sketch_dataset([(g.run, g.steps, g.extras["sketch"]) for g in grams], {}, {}, prov)
+        ds = ds.assign_coords(dim=sk["dim"]).assign(sketch=sk["sketch"])
     if output is not None:
         write_zarr(ds, output)
     return ds

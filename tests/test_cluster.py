@@ -54,6 +54,11 @@ def test_real_processes_by_address_and_scheduler_file_then_sigkill(dask_procs, t
             assert os.getpid() not in procs_pids.values()
             assert set(c.run(lambda: zarr.config.get("async.concurrency")).values()) == {3}
             assert PLUGIN_NAME in c.run(lambda dask_worker: list(dask_worker.plugins)).popitem()[1]
+            # no nanny, so no OPENBLAS_NUM_THREADS=1 from it: the plugin pins BLAS to one thread
+            from sed_dask._blas import _openblas
+
+            assert set(c.run(lambda: os.environ.get("OPENBLAS_NUM_THREADS")).values()) == {None}
+            assert set(c.run(lambda: tuple(get() for get, _ in _openblas())).values()) == {(1,)}
         with connect(scheduler_file=str(dask_procs.scheduler_file), timeout=10) as c:
             assert c.scheduler.address == addr
             assert c.submit(lambda a, b: a * b, 6, 7, pure=False).result() == 42

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import dask
 import numpy as np
 import pytest
 import xarray as xr
@@ -18,6 +19,8 @@ from sed_dask.sketch import (ROW_BLOCK, SketchAccumulator, merge_nodes, reduce_n
                              tile_product)
 from sed_dask.sketch_spectra import jl_error_report, jl_table, sketch_band, spectra_from_sketch
 from sed_dask.store import write_trajectory
+from sed_oracle import window_svds
+from sed_dask.spectra import spectrum
 from synthetic import make_deltas
 
 N_CKPT, P, T, D = 40, 5003, 1000, 24      # P odd, T divides neither P nor any store chunk below
@@ -145,7 +148,7 @@ def test_tree_reduction_is_partition_invariant():
 def test_accumulator_rides_the_gram_streaming_batches(stores, traj):
     """Fed by the Gram engine's own reader (batches that repeat width-1 halo rows), the tree nodes
     equal those of one batch: the accumulator can sit next to BandAccumulator in gram_tile."""
-    from sed_dask.gram import TileSpec, _stream_deltas
+    from sed_dask.gram import TileSpec, stream_deltas
     from sed_dask.store import open_store
 
     op = _op("gaussian")
@@ -155,7 +158,7 @@ def test_accumulator_rides_the_gram_streaming_batches(stores, traj):
     acc = SketchAccumulator(4, 30, 0, 3 * T, op)
     spec = TileSpec(4, 30, 0, 3 * T, ((0, 3 * T, 0),), 6, 8, 256, "float64")  # 5 carried + 3 new rows
     batches = 0
-    for S, g0 in _stream_deltas(params, spec):
+    for S, g0 in stream_deltas(params, spec):
         acc.update(S, g0)
         batches += 1
     assert batches > 3 and acc.done == 30 and set(acc.nodes) == set(one.nodes)
@@ -163,31 +166,80 @@ def test_accumulator_rides_the_gram_streaming_batches(stores, traj):
         assert np.array_equal(acc.nodes[k], one.nodes[k])
 
 
-def test_recipe_for_the_gram_pass(stores):
-    """The sketch riding the Gram engine's tiles: BandAccumulator and SketchAccumulator fed by one
-    read, P-range partials reduced (``sum_partials`` for the band, ``partial_merge`` for the
-    sketch), blocks joined by the engine's ``assemble_blocks``, then ``finish_nodes``."""
-    from sed_dask.gram import BandAccumulator, TileSpec, _stream_deltas, assemble_blocks, sum_partials
-    from sed_dask.sketch import finish_nodes, partial_merge
-    from sed_dask.store import open_store
+# ----------------------------------------------------------------------------- in the Gram pass
+SKETCH_KW = dict(d=D, seed=7, tile_elems=T)
 
-    op, width, N = _op("gaussian"), 6, N_CKPT - 1
-    params = open_store(stores[1], mode="r").run("seed0").params
-    blocks = []
-    for a, e in [(0, 17), (17, N)]:
-        parts = []
-        for c0, c1 in [(0, 2 * T), (2 * T, 3 * T), (3 * T, P)]:
-            spec = TileSpec(a, e, c0, c1, ((c0, c1, 0),), width, 9, 256, "float64")
-            accs = [BandAccumulator(spec), SketchAccumulator(a, e, c0, c1, op)]
-            for S, g0 in _stream_deltas(params, spec):
-                for acc in accs:
-                    acc.update(S, g0)
-            parts.append({acc.name: acc.result() for acc in accs})
-        blocks.append({"band": sum_partials([p["band"] for p in parts]),
-                       "sketch": partial_merge([p["sketch"] for p in parts])})
-    out = assemble_blocks(blocks, N, width)
-    ref = sketch(stores[0], d=D, seed=7, tile_elems=T, scheduler="sync", progress=False)
-    assert np.array_equal(finish_nodes(out["sketch"], op), ref["sketch"].sel(run="seed0").values)
+
+def _oracle_sigma(traj, W):
+    """numpy SVD of every explicit W x P window of the float32-difference deltas."""
+    return np.array([s for _, s, _ in window_svds(_deltas(traj), W)])
+
+
+@pytest.mark.parametrize("dist", ["gaussian", "sparse"])
+def test_sketch_in_the_gram_pass_is_bit_identical(stores, traj, dist):
+    """``spectrum(..., sketch=...)``: one read gives the exact spectra and the very sketch that
+    ``sketch()`` gives, under unrelated chunkings, tile plans (several P-ranges, several row
+    batches per task, several step blocks) and schedulers."""
+    ref = sketch(stores[0], distribution=dist, scheduler="sync", progress=False, **SKETCH_KW)
+    plans = [(stores[0], dict(tile_bytes=96_000, block_steps=17), "threads"),   # 12-row batches, 6 P-ranges
+             (stores[1], dict(), "sync"),                                       # one task
+             (stores[2], dict(tile_bytes=200_000, block_steps=9), "threads")]   # zarr-decoded reads
+    seen_ranges = set()
+    for path, kw, sched in plans:
+        ds = spectrum(path, windows=(3, 6), scheduler=sched, progress=False,
+                      sketch=dict(distribution=dist, **SKETCH_KW), **kw)
+        assert np.array_equal(ds["sketch"].values, ref["sketch"].values)
+        for W in (3, 6):
+            sig = ds["sigma"].sel(run="seed0", window=W).values[W - 1:, :W]
+            assert np.allclose(sig, _oracle_sigma(traj, W), rtol=1e-9, atol=1e-12 * sig.max())
+        seen_ranges.add(json.loads(ds.attrs["tiling"])["seed0"]["p_ranges"])
+        a = ds["sketch"].attrs
+        assert (a["seed"], a["d"], a["distribution"], a["tile_elems"]) == (7, D, dist, T)
+        assert a["phi_checksum"] == ref.attrs["phi_checksum"]
+    assert max(seen_ranges) > 1 and 1 in seen_ranges
+
+
+def test_sketch_in_the_gram_pass_on_a_cluster_roundtrips_and_feeds_sketch_spectra(stores, client, tmp_path):
+    ref = sketch(stores[1], scheduler="sync", progress=False, **SKETCH_KW)
+    out = tmp_path / "spec.zarr"
+    ds = spectrum(stores[0], windows=(4,), groups={"head": "p"}, client=client, progress=False,
+                  tile_bytes=96_000, sketch=SKETCH_KW, output=out)
+    assert np.array_equal(ds["sketch"].values, ref["sketch"].values)
+    back = xr.open_zarr(out)
+    assert np.array_equal(back["sketch"].values, ref["sketch"].values)
+    assert back["sketch"].attrs["d"] == D and back["sketch"].dims == ("run", "step", "dim")
+    via_spec = spectra_from_sketch(back, windows=(4, 8))
+    via_sketch = spectra_from_sketch(ref, windows=(4, 8))
+    assert np.array_equal(via_spec["sigma"].values, via_sketch["sigma"].values, equal_nan=True)
+    assert via_spec.attrs["sketch_phi_checksum"] == ref.attrs["phi_checksum"]
+
+
+def test_sketch_argument_forms_and_errors(stores):
+    small = spectrum(stores[1], windows=(3,), scheduler="sync", progress=False, sketch=5)
+    assert small.sizes["dim"] == 5 and small["sketch"].attrs["distribution"] == "gaussian"
+    with dask.config.set({"sed_dask.sketch.d": 6}):
+        assert spectrum(stores[1], windows=(3,), scheduler="sync", progress=False, sketch=True).sizes["dim"] == 6
+    assert "sketch" not in spectrum(stores[1], windows=(3,), scheduler="sync", progress=False, sketch=False)
+    with pytest.raises(ValueError, match="unknown key.*'dd'"):
+        spectrum(stores[1], windows=(3,), scheduler="sync", progress=False, sketch={"dd": 4})
+    with pytest.raises(TypeError, match="sketch="):
+        spectrum(stores[1], windows=(3,), scheduler="sync", progress=False, sketch="big")
+    with pytest.raises(ValueError, match="distribution"):
+        spectrum(stores[1], windows=(3,), scheduler="sync", progress=False, sketch={"distribution": "cauchy"})
+    with pytest.raises(ValueError, match="no 'sketch' variable"):
+        spectra_from_sketch(spectrum(stores[1], windows=(3,), scheduler="sync", progress=False))
+
+
+def test_column_plan_with_a_sketch_aligns_to_rng_tiles():
+    from sed_dask.gram import plan_tiles
+
+    for P_, chunk, tb, T_, cap in [(5003, 333, 96_000, 1000, None), (10**6, 1 << 18, 256 << 20, 8192, 167_772),
+                                   (10**6, 1 << 18, 64 << 20, 8192, None), (70_001, 4096, 1 << 20, 3000, 5000)]:
+        t = plan_tiles(40, P_, chunk, width=7, tile_bytes=tb, block_steps=512, col_align=T_, max_cols=cap)
+        assert t.cols[0][0] == 0 and t.cols[-1][1] == P_
+        assert all(a % T_ == 0 and b == c for (a, b), (c, _) in zip(t.cols, t.cols[1:] + ((P_, 0),)))
+        if cap:
+            assert max(b - a for a, b in t.cols) <= max(cap, T_)
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -251,6 +303,16 @@ def test_top_level_call_cli_and_reproducibility_across_processes(stores, tmp_pat
     back = xr.open_zarr(out)
     assert np.array_equal(back["sketch"].values, ds["sketch"].values)
     assert back.attrs["phi_checksum"] == ds.attrs["phi_checksum"]
+    spec_out = tmp_path / "spec.zarr"                 # the same sketch from the Gram pass, via python -m
+    r = subprocess.run([sys.executable, "-m", "sed_dask", "spectrum", stores[1], "--windows", "4", "-o",
+                        str(spec_out), "--sketch-d", str(D), "--sketch-seed", "11", "--threads", "--no-progress"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "with JL sketch d=24" in r.stdout
+    assert np.array_equal(xr.open_zarr(spec_out)["sketch"].values, ds["sketch"].values)
+    r = subprocess.run([sys.executable, "-m", "sed_dask.cli", "spectrum", stores[1], "-o", str(tmp_path / "x.zarr"),
+                        "--sketch-seed", "3", "--threads"], capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and "need --sketch-d" in r.stderr
 
 
 # ----------------------------------------------------------------------------- spectra from a sketch

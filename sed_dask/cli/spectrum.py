@@ -24,6 +24,14 @@ def register(sub) -> None:
     p.add_argument("--normalize-spacing", action="store_true",
                    help="divide each delta by its step span (for unevenly spaced checkpoints)")
     p.add_argument("--tile-bytes", default=None, help="float32 bytes one Gram task holds (e.g. 256MiB)")
+    sk = p.add_argument_group("JL sketch in the same pass (added as variable 'sketch'; see `sed-dask sketch`)")
+    sk.add_argument("--sketch-d", type=int, default=None, metavar="D",
+                    help="also compute the JL sketch Phi^T delta of dimension D in the same read")
+    sk.add_argument("--sketch-seed", type=int, default=None, help="operator seed (default sed_dask.sketch.seed)")
+    sk.add_argument("--sketch-distribution", choices=["gaussian", "rademacher", "sparse"], default=None,
+                    help="entries of Phi (default sed_dask.sketch.distribution)")
+    sk.add_argument("--sketch-tile-elems", type=int, default=None,
+                    help="rows of Phi per RNG tile (default sed_dask.sketch.tile-elems)")
     p.add_argument("--threads", action="store_true",
                    help="run the tasks on threads in this process instead of a Dask cluster")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -46,8 +54,18 @@ def run(args: argparse.Namespace) -> int:
               windows=_ints(args.windows, "windows"), groups=parse_groups_arg(args.groups),
               precision=args.precision, normalize_spacing=args.normalize_spacing, output=args.output,
               progress=not args.no_progress, tile_bytes=args.tile_bytes)
+    extra = {k: v for k, v in (("seed", args.sketch_seed), ("distribution", args.sketch_distribution),
+                               ("tile_elems", args.sketch_tile_elems)) if v is not None}
+    if args.sketch_d is not None:
+        kw["sketch"] = {"d": args.sketch_d, **extra}
+    elif extra:
+        raise ValueError("--sketch-seed/--sketch-distribution/--sketch-tile-elems need --sketch-d")
     with execution_context(args, kw) as client:
         ds = spectrum(args.store, client=client, **kw)
     dims = ", ".join(f"{k}={v}" for k, v in ds.sizes.items())
     print(f"wrote {args.output}: runs {list(ds.run.values)}, windows {list(ds.window.values)} ({dims})")
+    if "sketch" in ds:
+        a = ds["sketch"].attrs
+        print(f"  with JL sketch d={a['d']} ({a['distribution']}, seed {a['seed']}, tile {a['tile_elems']}; "
+              f"Phi checksum {a['phi_checksum']})")
     return 0

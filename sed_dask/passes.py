@@ -1,0 +1,53 @@
+"""Shared graph construction for the store passes (Gram, sketch, directions).
+
+Every pass is a plain task dict, as in ``dask.array.linalg``: tasks over (step block x P-range)
+tiles whose partials are combined by a tree with a *fixed* operand order, so a result is
+bit-identical on any scheduler and any number of workers. The block kernels live with each pass;
+this module only holds what all of them share: their tuning settings and the reduction tree.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from . import config
+
+
+@dataclasses.dataclass(frozen=True)
+class PassSettings:
+    """Tuning of one pass, from keywords or the ``sed_dask.spectrum`` config section."""
+
+    tile_bytes: int      # float32 bytes of rows one task holds at once
+    block_steps: int     # deltas per task along step
+    split_every: int     # fan-in of the reduction tree
+
+
+def pass_settings(*, tile_bytes=None, block_steps=None, split_every=None) -> PassSettings:
+    """Resolve and validate the settings (unset ones from dask.config)."""
+    tb = config.get_bytes("spectrum.tile-bytes", tile_bytes)
+    bs = int(config.get("spectrum.block-steps", block_steps))
+    se = int(config.get("spectrum.split-every", split_every))
+    if tb < 1:
+        raise ValueError(f"tile_bytes must be positive, got {tile_bytes!r}")
+    if bs < 1:
+        raise ValueError(f"block_steps must be >= 1, got {bs}")
+    if se < 2:
+        raise ValueError(f"split_every must be >= 2, got {se}")
+    return PassSettings(int(tb), bs, se)
+
+
+def tree_reduce(dsk: dict, keys: list, name: str, func, *args, split_every: int, prefix: tuple = ()):
+    """Add tasks ``func(parts, *args)`` combining ``keys`` ``split_every`` at a time, in order, up to
+    one root; return the root key (``keys[0]`` itself when there is only one).
+
+    Keys are ``(name, *prefix, depth, index)``, so several trees (e.g. one per step block) can share
+    a name. The grouping depends only on ``len(keys)`` and ``split_every``, never on timing.
+    """
+    level, depth = list(keys), 0
+    while len(level) > 1:
+        nxt = []
+        for q in range(0, len(level), split_every):
+            key = (name, *prefix, depth, q // split_every)
+            dsk[key] = (func, level[q:q + split_every], *args)
+            nxt.append(key)
+        level, depth = nxt, depth + 1
+    return level[0]
