@@ -27,9 +27,9 @@ import numpy as np
 from ._callable import make_callable
 from . import config
 from .errors import StoreError
-from .gram import checked_steps, read_into, column_segments, compute_graph
+from .gram import checked_steps, column_segments, read_into
 from .grouping import ALL, resolve
-from .passes import tree_reduce
+from .passes import compute_graph, tree_reduce
 from .rawread import RawChunkReader
 from .store import RunStore, open_store
 

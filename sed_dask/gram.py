@@ -34,7 +34,6 @@ The graph is a plain task dict (kernels below are ordinary functions), as in ``d
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -46,7 +45,7 @@ import numpy as np
 from . import config
 from .errors import StoreError
 from .grouping import ALL, resolve
-from .passes import pass_settings, tree_reduce
+from .passes import execute, pass_settings, tree_reduce
 from .rawread import RawChunkReader
 from .store import RunStore
 
@@ -468,28 +467,6 @@ def gram_graph(run_store: RunStore, *, width: int, groups=None, precision: str |
 
 
 # ----------------------------------------------------------------------------- running
-def compute_graph(dsk: dict, keys: list, *, client=None, scheduler: str | None = None, progress: bool = False):
-    """Run a task dict on a distributed ``client`` or a local dask ``scheduler``; return results for ``keys``."""
-    if client is not None:
-        futures = client.get(dsk, keys, sync=False)
-        if progress:
-            from distributed import progress as dprogress
-
-            dprogress(futures, scheduler=client.scheduler.address)
-        return client.gather(futures)
-    import dask
-    from dask.diagnostics import ProgressBar
-
-    get = {"threads": dask.threaded.get, "threading": dask.threaded.get,
-           "sync": dask.get, "synchronous": dask.get, "single-threaded": dask.get}.get(scheduler)
-    if get is None:
-        raise ValueError(f"unknown local scheduler {scheduler!r} (use 'threads' or 'sync', or pass a client)")
-    from ._blas import single_threaded_blas
-
-    with single_threaded_blas(), ProgressBar() if progress else contextlib.nullcontext():
-        return get(dsk, keys)
-
-
 @dataclasses.dataclass
 class GramResult:
     """The banded Gram of one run: ``band[g, i, k] = <delta_i, delta_{i-k}>`` of group ``groups[g]``."""
@@ -579,13 +556,8 @@ def run_plans(plans: list[GramPlan], *, client=None, scheduler=None, address=Non
     keys = [p.key for p in plans]
     if any(p.precision == "float32" for p in plans):
         warnings.warn(FLOAT32_NOTE, PrecisionWarning, stacklevel=3)
-    if scheduler is not None and client is None:
-        outs = compute_graph(dsk, keys, scheduler=scheduler, progress=progress)
-    else:
-        from .cluster import connect
-
-        with connect(client, address=address, scheduler_file=scheduler_file) as c:
-            outs = compute_graph(dsk, keys, client=c, progress=progress)
+    outs = execute(dsk, keys, client=client, scheduler=scheduler, address=address,
+                   scheduler_file=scheduler_file, progress=progress)
     return [finish(p, o) for p, o in zip(plans, outs)]
 
 

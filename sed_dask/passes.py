@@ -3,10 +3,12 @@
 Every pass is a plain task dict, as in ``dask.array.linalg``: tasks over (step block x P-range)
 tiles whose partials are combined by a tree with a *fixed* operand order, so a result is
 bit-identical on any scheduler and any number of workers. The block kernels live with each pass;
-this module only holds what all of them share: their tuning settings and the reduction tree.
+this module only holds what all of them share: their tuning settings, the reduction tree and how a
+graph is run (a distributed client, or a local scheduler with BLAS pinned to one thread).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 from . import config
@@ -51,3 +53,37 @@ def tree_reduce(dsk: dict, keys: list, name: str, func, *args, split_every: int,
             nxt.append(key)
         level, depth = nxt, depth + 1
     return level[0]
+
+
+def compute_graph(dsk: dict, keys: list, *, client=None, scheduler: str | None = None, progress: bool = False):
+    """Run a task dict on a distributed ``client`` or a local dask ``scheduler``; return results for ``keys``."""
+    if client is not None:
+        futures = client.get(dsk, keys, sync=False)
+        if progress:
+            from distributed import progress as dprogress
+
+            dprogress(futures, scheduler=client.scheduler.address)
+        return client.gather(futures)
+    import dask
+    from dask.diagnostics import ProgressBar
+
+    get = {"threads": dask.threaded.get, "threading": dask.threaded.get,
+           "sync": dask.get, "synchronous": dask.get, "single-threaded": dask.get}.get(scheduler)
+    if get is None:
+        raise ValueError(f"unknown local scheduler {scheduler!r} (use 'threads' or 'sync', or pass a client)")
+    from ._blas import single_threaded_blas
+
+    with single_threaded_blas(), ProgressBar() if progress else contextlib.nullcontext():
+        return get(dsk, keys)
+
+
+def execute(dsk: dict, keys: list, *, client=None, scheduler: str | None = None, address: str | None = None,
+            scheduler_file: str | None = None, progress: bool = False):
+    """Run on a local ``scheduler`` when one is named (and no client), else on the cluster that
+    ``sed_dask.cluster.connect`` gives for ``client``/``address``/``scheduler_file``."""
+    if scheduler is not None and client is None:
+        return compute_graph(dsk, keys, scheduler=scheduler, progress=progress)
+    from .cluster import connect
+
+    with connect(client, address=address, scheduler_file=scheduler_file) as c:
+        return compute_graph(dsk, keys, client=c, progress=progress)

@@ -43,6 +43,25 @@ def var_attrs(name: str, *, normalised: bool) -> dict:
     return out
 
 
+def metric_variables(metrics: dict, runs: list, steps, taken) -> dict:
+    """``{variable name: (("run", "step"), values, attrs)}`` of every metric of ``{run: metrics dict}``
+    on the ``steps`` grid, by exact step match (NaN where not recorded); a metric whose name is
+    ``taken`` by another variable is stored as ``metric_<name>``."""
+    import numpy as np
+
+    out = {}
+    for name in sorted({k for m in metrics.values() for k in m if k != "step"}):
+        arr = np.full((len(runs), len(steps)), np.nan)
+        for r, run in enumerate(runs):
+            m = metrics.get(run) or {}
+            if name in m:
+                ms, mv = np.asarray(m["step"], np.int64), np.asarray(m[name], np.float64)
+                hit = np.isin(ms, steps)
+                arr[r, np.searchsorted(steps, ms[hit])] = mv[hit]
+        out[name if name not in taken else f"metric_{name}"] = (("run", "step"), arr, metric_attrs(name))
+    return out
+
+
 def metric_attrs(name: str) -> dict:
     return {"long_name": f"{name} recorded at the step (exact match)", "units": "1", "sed_role": "metric",
             "metric_name": name}

@@ -37,9 +37,10 @@ import numpy as np
 from ._callable import make_callable
 from . import config
 from .errors import StoreError
-from .gram import TileSpec, checked_steps, compute_graph, stream_deltas
+from .gram import TileSpec, checked_steps, stream_deltas
 from .jl import Operator
-from .passes import pass_settings, tree_reduce
+from .schema import metric_variables
+from .passes import execute, pass_settings, tree_reduce
 from .rawread import RawChunkReader
 from .store import RunStore, open_store
 
@@ -319,13 +320,8 @@ def run_sketch_plans(plans: list[SketchPlan], *, client=None, scheduler=None, ad
     dsk = {}
     for p in plans:
         dsk.update(p.dsk)
-    keys = [p.key for p in plans]
-    if scheduler is not None and client is None:
-        return compute_graph(dsk, keys, scheduler=scheduler, progress=progress)
-    from .cluster import connect
-
-    with connect(client, address=address, scheduler_file=scheduler_file) as c:
-        return compute_graph(dsk, keys, client=c, progress=progress)
+    return execute(dsk, [p.key for p in plans], client=client, scheduler=scheduler, address=address,
+                   scheduler_file=scheduler_file, progress=progress)
 
 
 # ----------------------------------------------------------------------------- API
@@ -432,17 +428,7 @@ def build_sketch_dataset(items: list, metrics: dict, attrs: dict, prov: dict | N
     vars_ = {"sketch": (("run", "step", "dim"), S,
                         {"long_name": "JL sketch Phi^T delta of the delta labelled by step",
                          "units": "parameter units", "sed_role": "jl_sketch", **(prov or {})})}
-    for name in sorted({k for m in metrics.values() for k in m if k != "step"}):
-        arr = np.full((len(runs), steps.size), np.nan)
-        for r, run in enumerate(runs):
-            m = metrics.get(run) or {}
-            if name in m:
-                ms, mv = np.asarray(m["step"], np.int64), np.asarray(m[name], np.float64)
-                hit = np.isin(ms, steps)
-                arr[r, np.searchsorted(steps, ms[hit])] = mv[hit]
-        vname = name if name not in ("sketch", "delta_span") else f"metric_{name}"
-        vars_[vname] = (("run", "step"), arr, {"long_name": f"{name} recorded at the step (exact match)",
-                                               "units": "1", "sed_role": "metric", "metric_name": name})
+    vars_.update(metric_variables(metrics, runs, steps, {"sketch", "delta_span", "run", "step", "dim"}))
     coords = {
         "run": ("run", np.array(runs, dtype=object), {"long_name": "run / seed"}),
         "step": ("step", steps, {"long_name": "step of the newer checkpoint of the delta", "units": "steps"}),

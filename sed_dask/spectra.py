@@ -17,7 +17,7 @@ from . import config
 from .errors import StoreError
 from .gram import GramResult, gram_graph, run_plans
 from .noise import mp_adjacent_ratio
-from .schema import COORD_ATTRS, PER_SV, VARIABLES, metric_attrs, var_attrs
+from .schema import COORD_ATTRS, PER_SV, VARIABLES, metric_variables, var_attrs
 from .store import open_store
 from .windows import normalise_spacing, window_features
 
@@ -107,17 +107,7 @@ def build_dataset(grams: list[GramResult], windows: Sequence[int], *, grouped: b
         vars_[name] = (d, arr, var_attrs(name, normalised=normalize_spacing))
     vars_["delta_norm"] = ((("run", "group", "step") if grouped else ("run", "step")),
                            dnorm if grouped else dnorm[:, 0], var_attrs("delta_norm", normalised=normalize_spacing))
-    taken = set(vars_) | set(COORD_ATTRS)
-    for mname in sorted({k for m in metrics.values() for k in m if k != "step"}):
-        arr = np.full((len(runs), steps.size), np.nan)
-        for r, run in enumerate(runs):
-            m = metrics.get(run) or {}
-            if mname in m:
-                ms, mv = np.asarray(m["step"], np.int64), np.asarray(m[mname], np.float64)
-                hit = np.isin(ms, steps)
-                arr[r, np.searchsorted(steps, ms[hit])] = mv[hit]
-        vname = mname if mname not in taken else f"metric_{mname}"
-        vars_[vname] = (("run", "step"), arr, metric_attrs(mname))
+    vars_.update(metric_variables(metrics, runs, steps, set(vars_) | set(COORD_ATTRS) | {"sketch", "dim"}))
     coords = {
         "run": ("run", np.array(runs, dtype=object), COORD_ATTRS["run"]),
         "window": ("window", np.array(windows, np.int64), COORD_ATTRS["window"]),
