@@ -5,14 +5,17 @@ through the graph), reads only the tensor slices overlapping its P-range, and wr
 shard ``params[row, lo:hi]``, so a task's memory is bounded by the shard, not the model. The
 client marks a row complete once all of its ranges succeeded.
 
-Order of work, chosen so that a bad input fails before anything is written and a crash at any
-point loses nothing already done:
+Order of work, chosen so that a bad input or an unreachable cluster fails before anything is
+written and a crash at any point loses nothing already done:
 
-1. discover steps; load the metrics file; open the store read-only and plan (skip complete rows,
-   retry incomplete ones, append later steps; an earlier step than those stored is an error);
-2. apply the selection policy to the first checkpoint (headers plus a few small reads);
-3. validate the header-level key set/shapes/dtypes of *every* checkpoint to ingest;
-4. create the run / allocate rows, then run the data tasks, marking rows complete as they finish.
+1. discover steps; load the metrics file; take the run's writer lock (``store.run_lock``), held to
+   the end, so that no other client plans or writes this run meanwhile;
+2. open the store read-only and plan (skip complete rows, retry incomplete ones, append later
+   steps; an earlier step than those stored is an error);
+3. apply the selection policy to the first checkpoint (headers plus a few small reads);
+4. validate the header-level key set/shapes/dtypes of *every* checkpoint to ingest;
+5. connect to the cluster (or start the local pool);
+6. create the run / allocate rows, then run the data tasks, marking rows complete as they finish.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from .discover import discover_checkpoints
 from .errors import CheckpointError, NonFiniteError, SEDError, StoreError
 from .readers import open_checkpoint
 from .selection import Selection, SelectionPolicy, check_same_keys, resolve_policy, select
-from .store import RunStore, open_store
+from .store import RunStore, _in_memory, open_store, run_lock
 
 logger = logging.getLogger(__name__)
 
@@ -149,15 +152,6 @@ def _existing_run(store, run: str, storage_options) -> RunStore | None:
     return ts.run(run) if run in ts else None
 
 
-def _is_memory_store(rs: RunStore) -> bool:
-    store = rs.group.store
-    if type(store).__name__ == "MemoryStore":
-        return True
-    proto = getattr(getattr(store, "fs", None), "protocol", None)
-    proto = proto if isinstance(proto, (tuple, list)) else (proto,)
-    return "memory" in proto
-
-
 def _versions() -> dict:
     import importlib.metadata as md
 
@@ -223,7 +217,7 @@ class _DaskExecutor:
 
 
 @contextlib.contextmanager
-def _executor(rs, *, client, address, scheduler_file, scheduler):
+def _executor(in_memory: bool, *, client, address, scheduler_file, scheduler):
     import dask
 
     explicit = client is not None or address or scheduler_file
@@ -231,7 +225,7 @@ def _executor(rs, *, client, address, scheduler_file, scheduler):
     if mode is None and not explicit:
         cfg = dask.config.get("scheduler", None)
         mode = cfg if isinstance(cfg, str) and cfg in _LOCAL_SCHEDULERS else None
-        if mode is None and _is_memory_store(rs):
+        if mode is None and in_memory:
             mode = "threads"  # an in-memory store lives in this process only
     if mode is not None and mode not in _LOCAL_SCHEDULERS and mode not in ("distributed", "dask.distributed"):
         raise ValueError(f"unknown scheduler {mode!r}; use 'threads', 'sync' or 'distributed'")
@@ -249,31 +243,8 @@ def _executor(rs, *, client, address, scheduler_file, scheduler):
 
 
 # ----------------------------------------------------------------------------- ingest
-def ingest(sources, store, run: str, *, client=None, address: str | None = None,
-           scheduler_file: str | None = None, scheduler: str | None = None, steps=None, metrics=None,
-           policy=None, include=None, exclude=None, on_nonfinite: str | None = None, chunk_bytes=None,
-           shard_bytes=None, compressor=None, storage_options: dict | None = None,
-           tasks_in_flight: int | None = None, progress: bool = True) -> IngestSummary:
-    """Ingest checkpoints into run ``run`` of a trajectory store; resumable and idempotent.
-
-    ``sources``: a directory, a glob, a list of files/directories, or a ``{step: path}`` mapping.
-    ``steps`` restricts ingestion to those steps. ``metrics``: a JSON/CSV file or a parsed object
-    (see :mod:`sed_dask.metrics_io`). ``policy``/``include``/``exclude``: the parameter selection
-    (:mod:`sed_dask.selection`; an existing run keeps its own when none is given).
-    ``on_nonfinite``: ``"raise"`` (default) or ``"record"``. ``scheduler="threads"``/``"sync"`` runs
-    in this process (also picked for in-memory stores and under ``dask.config.set(scheduler=...)``);
-    otherwise tasks run on the cluster from ``sed_dask.cluster.connect``. ``tasks_in_flight``
-    bounds the tasks submitted at once (default ``sed_dask.ingest.tasks-in-flight``).
-    """
-    t0 = time.perf_counter()
-    on_nonfinite = config.get("ingest.on-nonfinite", on_nonfinite)
-    if on_nonfinite not in ("raise", "record"):
-        raise ValueError(f"on_nonfinite must be 'raise' or 'record', got {on_nonfinite!r}")
-    ckpts = discover_checkpoints(sources, steps=steps)
-    metric_data, metric_source = _load_metrics_arg(metrics)
-    existing = _existing_run(store, run, storage_options)  # read-only: nothing is written before validation
-
-    # ---- plan: which steps are done, which to (re)write, which are new
+def _plan(existing: RunStore | None, ckpts: Mapping[int, str], run: str) -> tuple[list[_Todo], list[int]]:
+    """``(todo, skipped steps)``: which steps are done, which to (re)write, which are new."""
     row_steps = existing.row_steps() if existing is not None else np.zeros(0, np.int64)
     done = existing.completed() if existing is not None else np.zeros(0, bool)
     row_of = {int(s): i for i, s in enumerate(row_steps) if s >= 0}
@@ -297,19 +268,14 @@ def ingest(sources, store, run: str, *, client=None, address: str | None = None,
     if n_total < 2:
         raise CheckpointError(f"run {run!r} needs at least 2 checkpoints to form a delta; found {n_total} "
                               f"({', '.join(ckpts.values()) or 'none'})")
+    return todo, skipped
 
-    pol = _policy_for(existing, policy, include, exclude)
-    if existing is not None and not pol.same_as(existing.policy):
-        raise StoreError(f"run {run!r} was written with selection policy {_spec_str(existing.policy)}; "
-                         f"this call asks for {_spec_str(pol.spec())}; use the same policy or a new run")
-    if not todo:
-        rs = open_store(store, storage_options=storage_options).run(run)
-        if metric_data is not None:
-            _store_metrics(rs, metric_data, metric_source)
-        return IngestSummary(run, 0, len(skipped), [int(s) for s in rs.steps], rs.n_params, 0,
-                             time.perf_counter() - t0)
 
-    # ---- the first checkpoint to ingest defines the key set; every other one must match it
+def _check_headers(todo: list[_Todo], pol: SelectionPolicy, existing: RunStore | None, run: str):
+    """``(selection, format)`` of the first checkpoint, after checking every other header against it.
+
+    Fills ``td.names``; reads headers (and a few small tensors) only.
+    """
     ref = todo[0]
     with open_checkpoint(ref.path) as r:
         sel: Selection = select(r, pol)
@@ -326,12 +292,83 @@ def ingest(sources, store, run: str, *, client=None, address: str | None = None,
             check_same_keys(sel.keys, {n: infos[raw] for n, raw in norm.items()}, path=td.path, step=td.step,
                             ref_path=ref.path, ref_step=ref.step)
         td.names = {n: norm[n] for n in sel.sources}
+    return sel, fmt
 
-    # ---- create / allocate (the first writes of this call)
+
+def ingest(sources, store, run: str, *, client=None, address: str | None = None,
+           scheduler_file: str | None = None, scheduler: str | None = None, steps=None, metrics=None,
+           policy=None, include=None, exclude=None, on_nonfinite: str | None = None, chunk_bytes=None,
+           shard_bytes=None, compressor=None, storage_options: dict | None = None,
+           tasks_in_flight: int | None = None, lock_timeout: float = 0, progress: bool = True) -> IngestSummary:
+    """Ingest checkpoints into run ``run`` of a trajectory store; resumable and idempotent.
+
+    ``sources``: a directory, a glob, a list of files/directories, or a ``{step: path}`` mapping.
+    ``steps`` restricts ingestion to those steps. ``metrics``: a JSON/CSV file or a parsed object
+    (see :mod:`sed_dask.metrics_io`). ``policy``/``include``/``exclude``: the parameter selection
+    (:mod:`sed_dask.selection`; an existing run keeps its own when none is given).
+    ``on_nonfinite``: ``"raise"`` (default) or ``"record"``. ``scheduler="threads"``/``"sync"`` runs
+    in this process (also picked for in-memory stores and under ``dask.config.set(scheduler=...)``);
+    otherwise tasks run on the cluster from ``sed_dask.cluster.connect``, reached before anything
+    is written. ``tasks_in_flight`` bounds the tasks submitted at once (default
+    ``sed_dask.ingest.tasks-in-flight``).
+
+    One call at a time per run: the call holds the run's writer lock (:func:`sed_dask.store.run_lock`,
+    an OS file lock next to a local store) from planning to its last write; another call into the
+    same run raises :class:`~sed_dask.store.RunLockedError` at once, or after waiting up to
+    ``lock_timeout`` seconds. Other runs of the store are not blocked. Stores that are not on a
+    filesystem (``memory://``, ``s3://`` and other fsspec URLs) are not locked: do not ingest into
+    one run of them from two places at once.
+    """
+    t0 = time.perf_counter()
+    on_nonfinite = config.get("ingest.on-nonfinite", on_nonfinite)
+    if on_nonfinite not in ("raise", "record"):
+        raise ValueError(f"on_nonfinite must be 'raise' or 'record', got {on_nonfinite!r}")
+    ckpts = discover_checkpoints(sources, steps=steps)
+    metric_data, metric_source = _load_metrics_arg(metrics)
+    with run_lock(store, run, timeout=lock_timeout):
+        existing = _existing_run(store, run, storage_options)  # read-only: nothing is written before validation
+        todo, skipped = _plan(existing, ckpts, run)
+        pol = _policy_for(existing, policy, include, exclude)
+        if existing is not None and not pol.same_as(existing.policy):
+            raise StoreError(f"run {run!r} was written with selection policy {_spec_str(existing.policy)}; "
+                             f"this call asks for {_spec_str(pol.spec())}; use the same policy or a new run")
+        if not todo:
+            rs = open_store(store, storage_options=storage_options).run(run)
+            if metric_data is not None:
+                _store_metrics(rs, metric_data, metric_source)
+            return IngestSummary(run, 0, len(skipped), [int(s) for s in rs.steps], rs.n_params, 0,
+                                 time.perf_counter() - t0)
+        # the first checkpoint to ingest defines the key set; every other one must match it
+        sel, fmt = _check_headers(todo, pol, existing, run)
+        with _executor(_in_memory(store), client=client, address=address, scheduler_file=scheduler_file,
+                       scheduler=scheduler) as ex:
+            rs = _allocate(store, run, storage_options, existing, todo, sel, fmt, chunk_bytes=chunk_bytes,
+                           shard_bytes=shard_bytes, compressor=compressor)
+            if metric_data is not None:
+                _store_metrics(rs, metric_data, metric_source)
+            res = _run_tasks(ex, rs, run, todo, sel, on_nonfinite, tasks_in_flight, progress, t0)
+    n_new, nbytes, nonfinite, failed = res
+    if failed:
+        by_step = sorted(((td.step, failed[td.row]) for td in todo if td.row in failed), key=lambda x: x[0])
+        first = by_step[0][1]
+        if not isinstance(first, (SEDError, OSError)):
+            logger.error("run %r: step %s failed with an unexpected error", run, by_step[0][0])
+            raise first
+        cls = type(first) if isinstance(first, SEDError) else CheckpointError
+        detail = "; ".join(f"step {s}: {e}" for s, e in by_step[:3])
+        raise cls(f"ingestion of run {run!r} failed for {len(failed)} checkpoint(s), whose rows stay incomplete "
+                  f"(completed rows are kept; fix the input and re-run): {detail}") from first
+    return IngestSummary(run, n_new, len(skipped), [int(s) for s in rs.steps], rs.n_params, nbytes,
+                         time.perf_counter() - t0, nonfinite)
+
+
+def _allocate(store, run, storage_options, existing, todo, sel, fmt, *, chunk_bytes, shard_bytes,
+              compressor) -> RunStore:
+    """Create the run or open it, and give every new step a row: the first writes of a call."""
     ts = open_store(store, storage_options=storage_options)
     if existing is None:
         prov = {"created": _now(), "source_format": fmt, "library_versions": _versions(),
-                "first_checkpoint": os.path.abspath(ref.path),
+                "first_checkpoint": os.path.abspath(todo[0].path),
                 "source_dtypes": sorted({e.source_dtype for e in sel.index})}
         rs = ts.create_run(run, index=sel.index, policy=sel.record(), chunk_bytes=chunk_bytes,
                            shard_bytes=shard_bytes, compressor=compressor, attrs={"provenance": prov})
@@ -348,10 +385,12 @@ def ingest(sources, store, run: str, *, client=None, address: str | None = None,
     rs.update_attrs(step_spans=spans[:20])
     if len(spans) > 1:
         logger.info("run %r: uneven checkpoint spacing %s (deltas are not normalised by step span)", run, spans[:5])
-    if metric_data is not None:
-        _store_metrics(rs, metric_data, metric_source)
+    return rs
 
-    # ---- data tasks
+
+def _run_tasks(ex, rs: RunStore, run: str, todo: list[_Todo], sel: Selection, on_nonfinite: str,
+               tasks_in_flight, progress: bool, t0: float):
+    """Run the data tasks, marking rows complete as they finish; ``(n_new, bytes, nonfinite, failed)``."""
     ranges = rs.write_ranges()
     segs_of = [[(e.name, lo0, hi0) for e, lo0, hi0 in sel.index.segments(lo, hi)] for lo, hi in ranges]
     settings = config.zarr_settings() if hasattr(config, "zarr_settings") else None
@@ -364,69 +403,57 @@ def ingest(sources, store, run: str, *, client=None, address: str | None = None,
     raced: set[int] = set()
     done_q: queue.Queue = queue.Queue()
     pending: dict = {}
-    with _executor(rs, client=client, address=address, scheduler_file=scheduler_file, scheduler=scheduler) as ex:
 
-        def submit_more():
-            # a bounded window of tasks in flight: a 1,000-checkpoint x 600-shard run never puts
-            # 600k tasks on the scheduler, and earlier checkpoints complete (and are marked) first
-            for i, td, lo, hi, segs in itertools.islice(jobs, max(0, window - len(pending))):
-                s = [(n, td.names[n], a, b) for n, a, b in segs]
-                f = ex.submit(ingest_range, td.path, td.step, td.row, lo, hi, s, rs.params, rs._complete,
-                              on_nonfinite, settings, key=f"sed-ingest-{run}-{td.step}-{lo}-{uuid.uuid4().hex[:8]}",
-                              priority=-i)
-                pending[f] = td
-                f.add_done_callback(done_q.put)
+    def submit_more():
+        # a bounded window of tasks in flight: a 1,000-checkpoint x 600-shard run never puts
+        # 600k tasks on the scheduler, and earlier checkpoints complete (and are marked) first
+        for i, td, lo, hi, segs in itertools.islice(jobs, max(0, window - len(pending))):
+            s = [(n, td.names[n], a, b) for n, a, b in segs]
+            f = ex.submit(ingest_range, td.path, td.step, td.row, lo, hi, s, rs.params, rs._complete,
+                          on_nonfinite, settings, key=f"sed-ingest-{run}-{td.step}-{lo}-{uuid.uuid4().hex[:8]}",
+                          priority=-i)
+            pending[f] = td
+            f.add_done_callback(done_q.put)
 
-        bar = _progress(len(todo) * len(ranges), run, progress)
-        try:
+    bar = _progress(len(todo) * len(ranges), run, progress)
+    try:
+        submit_more()
+        while pending:
+            try:
+                f = done_q.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            td = pending.pop(f, None)
+            if td is None:
+                continue
+            try:
+                res = f.result()
+            except Exception as exc:  # data-level failure: this row stays incomplete
+                failed.setdefault(td.row, exc)
+            else:
+                nbytes += res["nbytes"]
+                nonfinite += res["nonfinite"]
+                remaining[td.row] -= 1
+                if res["skipped"]:  # another writer completed this row meanwhile (an unlocked store)
+                    raced.add(td.row)
+                if remaining[td.row] == 0 and td.row not in failed:
+                    rs.mark_complete(td.row)
+                    n_new += td.row not in raced
+            del f
+            bar.update(1)
             submit_more()
-            while pending:
-                try:
-                    f = done_q.get(timeout=0.5)
-                except queue.Empty:
-                    continue
-                td = pending.pop(f, None)
-                if td is None:
-                    continue
-                try:
-                    res = f.result()
-                except Exception as exc:  # data-level failure: this row stays incomplete
-                    failed.setdefault(td.row, exc)
-                else:
-                    nbytes += res["nbytes"]
-                    nonfinite += res["nonfinite"]
-                    remaining[td.row] -= 1
-                    if res["skipped"]:  # another ingestion completed this row meanwhile
-                        raced.add(td.row)
-                    if remaining[td.row] == 0 and td.row not in failed:
-                        rs.mark_complete(td.row)
-                        n_new += td.row not in raced
-                del f
-                bar.update(1)
-                submit_more()
-        except BaseException:
-            ex.cancel(list(pending))
-            raise
-        finally:
-            bar.close()
-            if nonfinite:
-                rs.record_nonfinite(sorted(nonfinite, key=lambda d: (d["step"], d["elements"][0])))
-            log = list(rs.attrs.get("ingest_log", []))
-            log.append({"time": _now(), "executor": ex.kind, "n_new": n_new, "n_failed": len(failed),
-                        "seconds": round(time.perf_counter() - t0, 3)})
-            rs.update_attrs(ingest_log=log[-50:])
-    if failed:
-        by_step = sorted(((td.step, failed[td.row]) for td in todo if td.row in failed), key=lambda x: x[0])
-        first = by_step[0][1]
-        if not isinstance(first, (SEDError, OSError)):
-            logger.error("run %r: step %s failed with an unexpected error", run, by_step[0][0])
-            raise first
-        cls = type(first) if isinstance(first, SEDError) else CheckpointError
-        detail = "; ".join(f"step {s}: {e}" for s, e in by_step[:3])
-        raise cls(f"ingestion of run {run!r} failed for {len(failed)} checkpoint(s), whose rows stay incomplete "
-                  f"(completed rows are kept; fix the input and re-run): {detail}") from first
-    return IngestSummary(run, n_new, len(skipped), [int(s) for s in rs.steps], rs.n_params, nbytes,
-                         time.perf_counter() - t0, nonfinite)
+    except BaseException:
+        ex.cancel(list(pending))
+        raise
+    finally:
+        bar.close()
+        if nonfinite:
+            rs.record_nonfinite(sorted(nonfinite, key=lambda d: (d["step"], d["elements"][0])))
+        log = list(rs.attrs.get("ingest_log", []))
+        log.append({"time": _now(), "executor": ex.kind, "n_new": n_new, "n_failed": len(failed),
+                    "seconds": round(time.perf_counter() - t0, 3)})
+        rs.update_attrs(ingest_log=log[-50:])
+    return n_new, nbytes, nonfinite, failed
 
 
 def _spec_str(spec: Mapping) -> str:

@@ -12,13 +12,24 @@ Layout (one store may hold many runs, e.g. seeds)::
 Rows are allocated by the client before any data task runs; a row counts only once its
 ``complete`` flag is 1, so a crash at any point leaves completed rows intact and re-running
 ingestion rewrites only incomplete rows. Writers always own whole shards.
+
+One client at a time may plan and write a run: :func:`run_lock` takes an OS file lock that lives
+*next to* the store (``<parent>/.<store name>.sed_dask-locks/<run>.lock``), because zarr warns
+about any file it does not recognise inside the hierarchy.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
+import errno
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import zarr
@@ -26,8 +37,20 @@ import zarr
 from . import config
 from .errors import StoreError
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs are not locked
+    fcntl = None
+
+logger = logging.getLogger(__name__)
+
 STORE_FORMAT = 1
 _STEP_CHUNK = 4096
+LOCK_DIR_SUFFIX = ".sed_dask-locks"
+
+
+class RunLockedError(StoreError):
+    """Another client holds the writer lock of the run (an ingestion is in progress)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -485,3 +508,131 @@ def write_trajectory(store, run: str, steps: Sequence[int], params, *, index: Pa
     if metrics:
         rs.set_metrics(steps, metrics)
     return rs
+
+
+# ----------------------------------------------------------------------------- writer lock
+def _in_memory(store) -> bool:
+    """True for an in-memory store (``memory://`` URL or a zarr MemoryStore): it lives in one process."""
+    if isinstance(store, TrajectoryStore):
+        store = store.root
+    if isinstance(store, zarr.Group):
+        zs = store.store
+        if isinstance(zs, zarr.storage.MemoryStore):
+            return True
+        proto = getattr(getattr(zs, "fs", None), "protocol", None)
+        return "memory" in (proto if isinstance(proto, (tuple, list)) else (proto,))
+    return isinstance(store, str) and store.startswith("memory://")
+
+
+def _local_root(store) -> tuple[str, str] | None:
+    """``(directory of the zarr store, group path inside it)`` for a local store, else None."""
+    if isinstance(store, TrajectoryStore):
+        store = store.root
+    if isinstance(store, zarr.Group):
+        zs = store.store
+        if isinstance(zs, zarr.storage.LocalStore):
+            return os.fspath(zs.root), store.path
+        proto = getattr(getattr(zs, "fs", None), "protocol", None)
+        proto = proto if isinstance(proto, (tuple, list)) else (proto,)
+        if isinstance(zs, zarr.storage.FsspecStore) and {"file", "local"} & set(proto):
+            return zs.path, store.path
+        return None
+    s = os.fspath(store)
+    if "::" in s:  # chained fsspec URL (simplecache::s3://...)
+        return None
+    if "://" in s:
+        proto, rest = s.split("://", 1)
+        return (rest, "") if proto in ("file", "local") else None
+    return s, ""
+
+
+def run_lock_path(store, run: str) -> str | None:
+    """The lock file of ``run``, or None where the store is not on a local (or shared) filesystem.
+
+    Every way of naming one store (path, ``file://`` URL, zarr Group) gives the same file.
+    """
+    if not run or "/" in run or run in (".", ".."):
+        raise StoreError(f"invalid run name {run!r}")
+    where = _local_root(store)
+    if where is None:
+        return None
+    parent, name = os.path.split(os.path.realpath(where[0]))
+    return os.path.join(parent, f".{name}{LOCK_DIR_SUFFIX}", *where[1].split("/"), f"{run}.lock")
+
+
+def _holder(fd: int) -> str:
+    try:
+        h = json.loads(os.pread(fd, 4096, 0).decode())
+        return f"pid {h['pid']} on host {h['host']} since {h['since']}"
+    except (OSError, ValueError, KeyError, TypeError):  # the holder has not written its record yet
+        return "another process"
+
+
+@contextlib.contextmanager
+def run_lock(store, run: str, *, timeout: float = 0) -> Iterator[str | None]:
+    """Hold the exclusive writer lock of ``run`` for the block; yield the lock file (None: no lock).
+
+    ``fcntl.flock`` on a file next to the store: the kernel drops it when the holder exits, even by
+    SIGKILL, so a crashed writer never leaves a stale lock (never delete the file by hand: a
+    waiter could then lock a different file). ``timeout``: seconds to wait for a busy lock
+    (0: fail at once) before :class:`RunLockedError` naming the holder. In-memory stores are not
+    locked (one process); other fsspec stores (s3://, gcs://, ...) cannot be, and are not either.
+    """
+    path = run_lock_path(store, run)
+    fd = None
+    if path is None or fcntl is None:
+        if not _in_memory(store):
+            logger.info("store %s: no writer lock for run %r on this kind of store", store, run)
+    else:
+        fd = _acquire(path, store, run, timeout)
+    if fd is None:
+        yield None
+        return
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)  # no stale holder record for the next reader
+        os.close(fd)  # closing the only descriptor releases the lock
+
+
+def _acquire(path: str, store, run: str, timeout: float) -> int | None:
+    """A descriptor of ``path`` holding its flock; None where the filesystem cannot lock."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:  # e.g. a read-only parent directory: do not refuse to work
+        logger.warning("cannot create the writer lock %s (%s); concurrent writers of run %r are not "
+                       "locked out", path, exc, run)
+        return None
+    deadline = time.monotonic() + max(0.0, float(timeout))
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    logger.warning("cannot lock %s (%s: this filesystem has no flock); concurrent writers "
+                                   "of run %r are not locked out", path, exc, run)
+                    os.close(fd)
+                    return None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                root, sub = _local_root(store)
+                where = os.path.join(os.path.realpath(root), sub) if sub else os.path.realpath(root)
+                waited = f" (waited {timeout:g} s)" if timeout else ""
+                raise RunLockedError(
+                    f"run {run!r} of store {where} is being ingested by {_holder(fd)}{waited}; wait for "
+                    "that ingestion to finish (or pass lock_timeout= seconds) and re-run; nothing was "
+                    f"written. Its lock {path} is released when that process exits, even if it is "
+                    "killed: do not delete it")
+            time.sleep(min(0.1, left))
+        rec = {"pid": os.getpid(), "host": socket.gethostname(), "run": run,
+               "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(rec).encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

@@ -31,6 +31,8 @@ def register(sub) -> None:
     p.add_argument("--shard-bytes", default=None, help="Zarr write unit (one task) for a new run (e.g. 64MiB)")
     p.add_argument("--threads", action="store_true",
                    help="run the tasks on threads in this process instead of a Dask cluster")
+    p.add_argument("--lock-timeout", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for another ingestion of the same run to finish (default 0: fail at once)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_cluster_args(p)
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     sources = args.sources[0] if len(args.sources) == 1 else args.sources
     kw = dict(steps=steps, metrics=args.metrics, policy=args.policy, include=args.include, exclude=args.exclude,
               on_nonfinite=args.on_nonfinite, chunk_bytes=args.chunk_bytes, shard_bytes=args.shard_bytes,
-              progress=not args.no_progress)
+              lock_timeout=args.lock_timeout, progress=not args.no_progress)
     if args.threads:
         kw["scheduler"] = "threads"
         ctx = contextlib.nullcontext(None)
