@@ -17,6 +17,8 @@ _LAZY = {
     "TrajectoryStore": "sed_dask.store",
     "open_store": "sed_dask.store",
     "ingest": "sed_dask.ingest",
+    "open_checkpoints": "sed_dask.checkpoint_run",
+    "CheckpointRun": "sed_dask.checkpoint_run",
     "open_checkpoint": "sed_dask.readers",
     "discover_checkpoints": "sed_dask.discover",
     "load_metrics": "sed_dask.metrics_io",

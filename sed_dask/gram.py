@@ -17,7 +17,9 @@ Scheme (why it is shaped like this):
   multiplied) and the last ``width-1`` float32 deltas are carried across. Memory per task is bounded
   by tile-bytes however long the run is, and each row is read once per task, straight into the
   buffer: positioned reads of the raw chunk files for uncompressed local stores
-  (:mod:`sed_dask.rawread`, ~4x less CPU than zarr's shard decoding), zarr ``out=`` otherwise.
+  (:mod:`sed_dask.rawread`, ~4x less CPU than zarr's shard decoding), zarr ``out=`` otherwise,
+  or the checkpoint files' slice reads for a run read without a store
+  (:class:`sed_dask.checkpoint_run.CheckpointParams`; same tiles, so the same sums).
 * **Columns.** P-ranges are whole multiples of the store's read chunk, or an even split of one chunk
   when tile-bytes is smaller than a chunk of the rows held in memory. A tile splits its columns at
   layer-group boundaries and emits one partial per group it touches plus ``all``.
@@ -43,7 +45,7 @@ import warnings
 import numpy as np
 
 from . import config
-from .errors import StoreError
+from .errors import NonFiniteError, StoreError
 from .grouping import ALL, resolve
 from .passes import execute, pass_settings, tree_reduce
 from .rawread import RawChunkReader
@@ -85,10 +87,15 @@ class TileSpec:
 def read_into(params, r0: int, r1: int, c0: int, c1: int, out: np.ndarray) -> None:
     """Read ``params[r0:r1, c0:c1]`` straight into ``out`` (no temporary copy of the tile).
 
-    ``params`` is a zarr array or a :class:`~sed_dask.rawread.RawChunkReader` for it.
+    ``params`` is a zarr array, a :class:`~sed_dask.rawread.RawChunkReader` for it, or any object
+    with ``read_block(r0, r1, c0, c1, out)`` (a direct checkpoint source,
+    :class:`sed_dask.checkpoint_run.CheckpointParams`, which reads the checkpoint files themselves).
     """
     if isinstance(params, RawChunkReader):
         params.read(r0, r1, c0, c1, out)
+        return
+    if hasattr(params, "read_block"):
+        params.read_block(r0, r1, c0, c1, out)
         return
     from zarr.core.buffer import default_buffer_prototype
 
@@ -446,7 +453,7 @@ def gram_graph(run_store: RunStore, *, width: int, groups=None, precision: str |
                         block_steps=ps.block_steps, col_align=align, max_cols=min(caps) if caps else None)
     zs = tuple(sorted(config.zarr_settings().items()))
     direct = bool(config.get("spectrum.direct-read", direct_read))
-    token = tokenize(rs.group.store_path.__str__(), rs.name, n_rows, P, index.hash, width, flat,
+    token = tokenize(rs.token_id, rs.name, n_rows, P, index.hash, width, flat,
                      precision, tiling, zs, direct, ps.split_every, extras)
     tname, rname, fname = f"sed-gram-tile-{token}", f"sed-gram-sum-{token}", f"sed-gram-{token}"
     params = rs.params
@@ -512,6 +519,9 @@ def finish(plan: GramPlan, out: dict) -> GramResult:
     diag = band[0, :, 0]
     if not np.isfinite(diag).all():
         rows = find_nonfinite_rows(plan.params, np.flatnonzero(~np.isfinite(diag)))
+        describe = getattr(plan.params, "describe_nonfinite", None)  # a checkpoint source names its files
+        if describe is not None:
+            raise NonFiniteError(f"run {plan.run!r}: {describe(rows)}; the Gram of those deltas is undefined")
         raise StoreError(f"run {plan.run!r}: NaN/Inf in the store at step(s) "
                          f"{[int(plan.steps[r]) for r in rows]} (row(s) {rows})")
     return GramResult(plan.run, band, list(plan.groups), dict(plan.n_params), dict(plan.group_desc),
@@ -522,11 +532,15 @@ def finish(plan: GramPlan, out: dict) -> GramResult:
 def find_nonfinite_rows(params, bad_deltas) -> list[int]:
     """Rows holding NaN/Inf, given deltas whose squared norm is non-finite (error path only)."""
     cand = sorted({int(r) for d in bad_deltas for r in (d, d + 1)})
-    chunk = int(params.chunks[1]) * 16
+    P = int(params.shape[1])
+    chunk = min(int(params.chunks[1]) * 16, P)
+    buf = np.empty((1, chunk), np.float32)
     found = []
     for r in cand:
-        for c in range(0, params.shape[1], chunk):
-            if not np.isfinite(np.asarray(params[r, c:c + chunk])).all():
+        for c in range(0, P, chunk):
+            part = buf[:, :min(chunk, P - c)]
+            read_into(params, r, r + 1, c, c + part.shape[1], part)
+            if not np.isfinite(part).all():
                 found.append(r)
                 break
     return found

@@ -16,6 +16,10 @@ written and a crash at any point loses nothing already done:
 4. validate the header-level key set/shapes/dtypes of *every* checkpoint to ingest;
 5. connect to the cluster (or start the local pool);
 6. create the run / allocate rows, then run the data tasks, marking rows complete as they finish.
+
+Steps 3-4, the 2-checkpoint rule and the metrics parsing are :mod:`sed_dask.validate`'s, shared
+with :func:`sed_dask.open_checkpoints` (spectra straight from the files), which must refuse the
+same inputs and build the same parameter index.
 """
 from __future__ import annotations
 
@@ -38,8 +42,13 @@ from . import config
 from .discover import discover_checkpoints
 from .errors import CheckpointError, NonFiniteError, SEDError, StoreError
 from .readers import open_checkpoint
-from .selection import Selection, SelectionPolicy, check_same_keys, resolve_policy, select
+from .selection import Selection
 from .store import RunStore, _in_memory, open_store, run_lock
+from .validate import CheckpointTodo as _Todo
+from .validate import check_headers as _check_headers
+from .validate import load_metrics_arg as _load_metrics_arg
+from .validate import policy_for as _policy_for
+from .validate import require_deltas
 
 logger = logging.getLogger(__name__)
 
@@ -112,37 +121,6 @@ def ingest_range(path: str, step: int, row: int, lo: int, hi: int, segments, par
 
 
 # ----------------------------------------------------------------------------- planning
-@dataclasses.dataclass
-class _Todo:
-    step: int
-    path: str
-    row: int | None        # None: a new row to allocate
-    names: dict[str, str]  # index name -> name in this file
-
-
-def _policy_for(existing: RunStore | None, policy, include, exclude) -> SelectionPolicy:
-    if existing is not None and policy is None and include is None and exclude is None:
-        try:
-            return SelectionPolicy.from_spec(existing.policy)
-        except (KeyError, ValueError) as exc:
-            raise StoreError(f"run {existing.name!r} was not written by checkpoint ingestion "
-                             f"(selection policy {existing.policy}); use a new run name") from exc
-    return resolve_policy(policy, include=include, exclude=exclude)
-
-
-def _index_diff(old, new) -> str:
-    a = {e.name: (e.shape, e.source_dtype) for e in old}
-    b = {e.name: (e.shape, e.source_dtype) for e in new}
-    missing = [n for n in a if n not in b]
-    extra = [n for n in b if n not in a]
-    if missing or extra:
-        return f"tensors only in the run: {missing[:10]}; only in the new checkpoints: {extra[:10]}"
-    for n in a:
-        if a[n] != b[n]:
-            return f"tensor {n!r}: run has shape/dtype {list(a[n][0])}/{a[n][1]}, new checkpoints {list(b[n][0])}/{b[n][1]}"
-    return "tensor order differs"
-
-
 def _existing_run(store, run: str, storage_options) -> RunStore | None:
     """The run opened read-only if the store and run exist, else None (creates nothing)."""
     try:
@@ -164,19 +142,6 @@ def _versions() -> dict:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _load_metrics_arg(metrics):
-    """``(parsed metrics, source description)``; parsed before anything is written."""
-    if metrics is None:
-        return None, None
-    from .metrics_io import load_metrics, parse_metrics
-
-    if isinstance(metrics, (str, os.PathLike)):
-        return load_metrics(metrics), os.path.abspath(os.fspath(metrics))
-    if isinstance(metrics, Mapping):
-        metrics = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in metrics.items()}
-    return parse_metrics(metrics, where="metrics"), "<in memory>"
 
 
 # ----------------------------------------------------------------------------- executors
@@ -264,35 +229,8 @@ def _plan(existing: RunStore | None, ckpts: Mapping[int, str], run: str) -> tupl
                              "a run can only be extended with later steps (nothing was written)")
         else:
             todo.append(_Todo(step, path, None, {}))
-    n_total = len(set(row_of) | set(ckpts))
-    if n_total < 2:
-        raise CheckpointError(f"run {run!r} needs at least 2 checkpoints to form a delta; found {n_total} "
-                              f"({', '.join(ckpts.values()) or 'none'})")
+    require_deltas(run, len(set(row_of) | set(ckpts)), ckpts.values())
     return todo, skipped
-
-
-def _check_headers(todo: list[_Todo], pol: SelectionPolicy, existing: RunStore | None, run: str):
-    """``(selection, format)`` of the first checkpoint, after checking every other header against it.
-
-    Fills ``td.names``; reads headers (and a few small tensors) only.
-    """
-    ref = todo[0]
-    with open_checkpoint(ref.path) as r:
-        sel: Selection = select(r, pol)
-        fmt = r.format
-    ref.names = dict(sel.sources)
-    if existing is not None and sel.index.hash != existing.attrs.get("param_index_hash"):
-        raise StoreError(f"run {run!r}: the parameter index of {ref.path} (step {ref.step}) differs from the run's "
-                         f"(hash {sel.index.hash} vs {existing.attrs.get('param_index_hash')}): "
-                         f"{_index_diff(existing.index, sel.index)}")
-    for td in todo[1:]:
-        with open_checkpoint(td.path) as r:
-            infos = r.tensors()
-            norm = pol.names(infos, path=td.path)
-            check_same_keys(sel.keys, {n: infos[raw] for n, raw in norm.items()}, path=td.path, step=td.step,
-                            ref_path=ref.path, ref_step=ref.step)
-        td.names = {n: norm[n] for n in sel.sources}
-    return sel, fmt
 
 
 def ingest(sources, store, run: str, *, client=None, address: str | None = None,

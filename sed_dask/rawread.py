@@ -35,7 +35,10 @@ class RawChunkReader:
 
     @classmethod
     def for_array(cls, a) -> "RawChunkReader | None":
-        """A reader for ``a`` if its layout allows positioned raw reads, else None."""
+        """A reader for ``a`` if its layout allows positioned raw reads, else None (also for sources
+        that are not zarr arrays, e.g. a checkpoint source with its own ``read_block``)."""
+        if hasattr(a, "read_block"):
+            return None
         try:
             from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
             from zarr.storage import LocalStore

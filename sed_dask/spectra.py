@@ -148,11 +148,42 @@ def _as_list(runs) -> list[str] | None:
     return [runs] if isinstance(runs, str) else list(runs)
 
 
+def _open_runs(store, runs) -> tuple[list, str]:
+    """``(runs to read, description of the source)`` for ``spectrum``'s ``store`` and ``runs``.
+
+    ``store``: a trajectory store (path, URL, group), or checkpoint runs from
+    :func:`sed_dask.open_checkpoints` (one or a list), which the pass reads directly.
+    """
+    from .checkpoint_run import CheckpointRun
+
+    items = [store] if isinstance(store, CheckpointRun) else store if isinstance(store, (list, tuple)) else None
+    if items is None:
+        ts = open_store(store, mode="r")
+        available = ts.runs
+        if not available:
+            raise StoreError(f"store {ts.url} holds no runs")
+        return [ts.run(n) for n in (_as_list(runs) or available)], ts.url
+    if not items or not all(isinstance(x, CheckpointRun) for x in items):
+        raise TypeError("spectrum(store): a list must hold checkpoint runs from sed_dask.open_checkpoints(); "
+                        f"got {[type(x).__name__ for x in items]}")
+    names = [x.name for x in items]
+    if len(set(names)) != len(names):
+        raise ValueError(f"checkpoint runs need distinct names, got {names}")
+    if runs is not None and _as_list(runs) != names:
+        raise ValueError(f"runs={_as_list(runs)} does not match the checkpoint runs' names {names}; "
+                         "name runs with open_checkpoints(..., run=NAME) and leave runs=None")
+    return list(items), "; ".join(x.description for x in items)
+
+
 def spectrum(store, *, runs=None, windows=(10,), groups=None, client=None, address: str | None = None,
              scheduler_file: str | None = None, scheduler: str | None = None, precision: str | None = None,
              normalize_spacing: bool = False, output=None, progress: bool = True, tile_bytes=None,
              block_steps: int | None = None, zero_rtol: float | None = None, sketch=None):
     """Rolling-window spectra of every requested W (and layer group) for runs of a trajectory store.
+
+    ``store``: a trajectory store, or one or a list of :func:`sed_dask.open_checkpoints` runs,
+    read straight from their checkpoint files (no ingestion; ``runs`` must then be None or their
+    names; ``source_store`` in the attrs describes the checkpoint directories). Same results.
 
     One pass per run over the store computes the banded Gram of width max(W)+1; everything else is
     client-side W x W work. ``groups``: None, "default", "blocks", ``{name: regex}`` or a list of
@@ -166,14 +197,10 @@ def spectrum(store, *, runs=None, windows=(10,), groups=None, client=None, addre
     """
     from . import __version__
 
-    ts = open_store(store, mode="r")
-    available = ts.runs
-    if not available:
-        raise StoreError(f"store {ts.url} holds no runs")
-    names = _as_list(runs) or available
+    run_stores, source = _open_runs(store, runs)
+    names = [rs.name for rs in run_stores]
     ws = _windows(windows)
     precision = config.get("spectrum.precision", precision)
-    run_stores = [ts.run(n) for n in names]
     sketch_req = _sketch_request(sketch)
     plans = []
     for rs in run_stores:
@@ -201,7 +228,7 @@ def spectrum(store, *, runs=None, windows=(10,), groups=None, client=None, addre
     attrs = {
         "sed_dask_version": __version__,
         "windows": ws,
-        "source_store": ts.url,
+        "source_store": source,
         "runs": list(names),
         "n_params": json.dumps({rs.name: rs.n_params for rs in run_stores}),
         "param_index_hash": json.dumps({rs.name: rs.index.hash for rs in run_stores}),

@@ -223,7 +223,7 @@ class TrajectoryStore:
         P = index.n_params
         if P == 0:
             raise StoreError(f"run {name!r}: the parameter selection is empty")
-        chunk = max(1, min(P, config.get_bytes("store.chunk-bytes", chunk_bytes) // 4))
+        chunk = read_chunk_elems(P, chunk_bytes)
         shard = max(chunk, config.get_bytes("store.shard-bytes", shard_bytes) // 4)
         shard = (shard // chunk) * chunk
         shards = None
@@ -256,6 +256,15 @@ class TrajectoryStore:
             **(attrs or {}),
         })
         return RunStore(g, name)
+
+
+def read_chunk_elems(n_params: int, chunk_bytes=None) -> int:
+    """float32 elements of a run's read chunk along P (``store.chunk-bytes`` unless given).
+
+    Also the column unit of a direct checkpoint source (:mod:`sed_dask.checkpoint_run`), so that its
+    Gram tiles, and hence its sums, are those of the store an ingestion would write.
+    """
+    return max(1, min(int(n_params), config.get_bytes("store.chunk-bytes", chunk_bytes) // 4))
 
 
 def _compressor(spec):
@@ -308,6 +317,11 @@ class RunStore:
     @property
     def read_unit(self) -> int:
         return int(self.params.chunks[1])
+
+    @property
+    def token_id(self) -> str:
+        """Identifies the data source in task names (a checkpoint source has its own)."""
+        return str(self.group.store_path)
 
     def write_ranges(self) -> list[tuple[int, int]]:
         """``[start, stop)`` P-ranges, each one whole write unit (the last may be short)."""

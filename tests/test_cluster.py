@@ -39,6 +39,8 @@ def _local(**kw) -> dict:
 # ----------------------------------------------------------------------------- real processes
 def test_real_processes_by_address_and_scheduler_file_then_sigkill(dask_procs, tmp_path):
     dask_procs.start_scheduler(wait=False)  # workers wait for the scheduler file themselves
+    for var in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS"):
+        dask_procs.env.pop(var, None)  # (a LocalCluster earlier in the session may have exported them)
     dask_procs.start_workers(2, nthreads=1, memory_limit="1GiB")
     addr = dask_procs.address
     procs_pids = {n: p.pid for n, p in dask_procs.workers.items()}

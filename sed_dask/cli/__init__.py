@@ -25,6 +25,20 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
                    help="give up reaching the scheduler after this long (default: sed_dask.connect.timeout)")
 
 
+def add_selection_args(p: argparse.ArgumentParser, *, policy_note: str = "") -> None:
+    """Which checkpoints and tensors to read: the same flags for ``ingest`` and ``spectrum --checkpoints``."""
+    p.add_argument("--steps", metavar="LIST", help="only these steps, comma-separated")
+    p.add_argument("--policy", choices=["params_dedup_no_buffers", "full_state_dict_sorted"], default=None,
+                   help=f"parameter selection (default params_dedup_no_buffers{policy_note})")
+    p.add_argument("--include", action="append", metavar="RX", help="keep only tensors matching RX (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="RX", help="drop tensors matching RX (repeatable)")
+
+
+def steps_arg(text: str | None) -> list[int] | None:
+    """``--steps 100,200`` -> [100, 200]."""
+    return [int(s) for s in text.split(",") if s.strip()] if text else None
+
+
 def connect_from_args(args):
     """A ``sed_dask.cluster.connect`` context for parsed CLI arguments.
 
@@ -89,7 +103,10 @@ def main(argv=None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (SEDError, ConnectionError, FileNotFoundError) as exc:
+    except (SEDError, ConnectionError, FileNotFoundError, ValueError) as exc:
+        # bad input or flags: a one-line message (``-vv`` shows the traceback)
+        if args.verbose >= 2:
+            raise
         print(f"sed-dask {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import json
 
-from . import add_cluster_args, connect_from_args
+from . import add_cluster_args, add_selection_args, connect_from_args, steps_arg
 
 
 def register(sub) -> None:
@@ -20,11 +20,7 @@ def register(sub) -> None:
     p.add_argument("--store", required=True, help="trajectory store path or fsspec URL")
     p.add_argument("--run", required=True, help="run name inside the store (e.g. a seed)")
     p.add_argument("--metrics", metavar="FILE", help="metrics by step (JSON or CSV; e.g. pilot_metrics.json)")
-    p.add_argument("--steps", metavar="LIST", help="only these steps, comma-separated")
-    p.add_argument("--policy", choices=["params_dedup_no_buffers", "full_state_dict_sorted"], default=None,
-                   help="parameter selection (default params_dedup_no_buffers; an existing run keeps its own)")
-    p.add_argument("--include", action="append", metavar="RX", help="keep only tensors matching RX (repeatable)")
-    p.add_argument("--exclude", action="append", metavar="RX", help="drop tensors matching RX (repeatable)")
+    add_selection_args(p, policy_note="; an existing run keeps its own")
     p.add_argument("--on-nonfinite", choices=["raise", "record"], default=None,
                    help="NaN/Inf in a parameter: fail that checkpoint (default) or store it and record it")
     p.add_argument("--chunk-bytes", default=None, help="Zarr read unit along P for a new run (e.g. 4MiB)")
@@ -42,7 +38,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..ingest import ingest
 
-    steps = [int(s) for s in args.steps.split(",") if s.strip()] if args.steps else None
+    steps = steps_arg(args.steps)
     sources = args.sources[0] if len(args.sources) == 1 else args.sources
     kw = dict(steps=steps, metrics=args.metrics, policy=args.policy, include=args.include, exclude=args.exclude,
               on_nonfinite=args.on_nonfinite, chunk_bytes=args.chunk_bytes, shard_bytes=args.shard_bytes,

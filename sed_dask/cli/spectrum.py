@@ -1,9 +1,13 @@
-"""``sed-dask spectrum STORE --windows 10,20 -o results.zarr``: trajectory store -> spectra Dataset."""
+"""``sed-dask spectrum STORE --windows 10,20 -o results.zarr``: trajectory store -> spectra Dataset.
+
+``sed-dask spectrum --checkpoints DIR [--checkpoints DIR2 ...] -o results.zarr`` reads checkpoint
+files directly instead (no ingestion; see :mod:`sed_dask.checkpoint_run`).
+"""
 from __future__ import annotations
 
 import argparse
 
-from . import add_cluster_args, execution_context
+from . import add_cluster_args, add_selection_args, execution_context, steps_arg
 
 
 def register(sub) -> None:
@@ -13,10 +17,24 @@ def register(sub) -> None:
                     "float64 Gram of its deltas (global and per layer group), and write every window's "
                     "singular values, ratios, k* variants and noise-floor quantities as an xarray "
                     "Dataset in Zarr (schema: docs/result_schema.md).")
-    p.add_argument("store", help="trajectory store path or fsspec URL")
+    p.add_argument("store", nargs="?", default=None,
+                   help="trajectory store path or fsspec URL (omit with --checkpoints)")
     p.add_argument("-o", "--output", required=True, help="results Zarr path (overwritten)")
     p.add_argument("--windows", default="10", metavar="LIST", help="window lengths W, comma-separated (default 10)")
-    p.add_argument("--runs", default=None, metavar="LIST", help="runs to analyse, comma-separated (default: all)")
+    p.add_argument("--runs", default=None, metavar="LIST",
+                   help="runs to analyse, comma-separated (default: all); with --checkpoints: the name of each "
+                        "run, in order (default: each source's directory name)")
+    ck = p.add_argument_group(
+        "straight from checkpoint files (no store; validated as `sed-dask ingest` does, before any task; "
+        "every pass re-reads the files, so ingest for repeated analyses)")
+    ck.add_argument("--checkpoints", action="append", metavar="SRC",
+                    help="a directory (or glob) of one run's checkpoints; repeat for several runs")
+    ck.add_argument("--metrics", action="append", metavar="FILE",
+                    help="metrics by step (JSON or CSV) of each --checkpoints run, in the same order")
+    ck.add_argument("--chunk-bytes", default=None,
+                    help="column unit of the tiles (default sed_dask.store.chunk-bytes; an ingested store's "
+                         "value gives results bit-identical to it)")
+    add_selection_args(ck)
     p.add_argument("--groups", default=None, metavar="SPEC",
                    help="layer groups: 'default' (stored labels), 'blocks', NAME=REGEX,... or NAME,NAME")
     p.add_argument("--precision", choices=["float64", "float32"], default=None,
@@ -50,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
     from ..grouping import parse_groups_arg
     from ..spectra import spectrum
 
-    kw = dict(runs=[r for r in args.runs.split(",") if r] if args.runs else None,
+    runs = [r for r in args.runs.split(",") if r] if args.runs else None
+    source = _source(args, runs)
+    kw = dict(runs=runs if args.store else None,
               windows=_ints(args.windows, "windows"), groups=parse_groups_arg(args.groups),
               precision=args.precision, normalize_spacing=args.normalize_spacing, output=args.output,
               progress=not args.no_progress, tile_bytes=args.tile_bytes)
@@ -61,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     elif extra:
         raise ValueError("--sketch-seed/--sketch-distribution/--sketch-tile-elems need --sketch-d")
     with execution_context(args, kw) as client:
-        ds = spectrum(args.store, client=client, **kw)
+        ds = spectrum(source, client=client, **kw)
     dims = ", ".join(f"{k}={v}" for k, v in ds.sizes.items())
     print(f"wrote {args.output}: runs {list(ds.run.values)}, windows {list(ds.window.values)} ({dims})")
     if "sketch" in ds:
@@ -69,3 +89,29 @@ def run(args: argparse.Namespace) -> int:
         print(f"  with JL sketch d={a['d']} ({a['distribution']}, seed {a['seed']}, tile {a['tile_elems']}; "
               f"Phi checksum {a['phi_checksum']})")
     return 0
+
+
+def _source(args: argparse.Namespace, runs):
+    """The store argument, or the validated checkpoint runs of ``--checkpoints``."""
+    import os
+
+    from ..checkpoint_run import open_checkpoints
+
+    picked = [x for x, given in (("STORE", args.store), ("--checkpoints", args.checkpoints)) if given]
+    if len(picked) != 1:
+        raise ValueError("give a trajectory STORE or --checkpoints DIR (one of them)")
+    ck = [args.policy, args.include, args.exclude, args.steps, args.metrics, args.chunk_bytes]
+    if args.store:
+        if any(x is not None for x in ck):
+            raise ValueError("--metrics/--policy/--include/--exclude/--steps/--chunk-bytes go with --checkpoints")
+        return args.store
+    dirs = args.checkpoints
+    names = runs or [os.path.basename(os.path.normpath(d)) for d in dirs]
+    if len(names) != len(dirs):
+        raise ValueError(f"--runs names {len(names)} run(s) for {len(dirs)} --checkpoints")
+    metrics = args.metrics or [None] * len(dirs)
+    if len(metrics) != len(dirs):
+        raise ValueError(f"{len(metrics)} --metrics file(s) for {len(dirs)} --checkpoints (give one per run)")
+    return [open_checkpoints(d, run=n, metrics=m, steps=steps_arg(args.steps), policy=args.policy,
+                             include=args.include, exclude=args.exclude, chunk_bytes=args.chunk_bytes)
+            for d, n, m in zip(dirs, names, metrics)]

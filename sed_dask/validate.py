@@ -1,0 +1,99 @@
+"""Checks of a set of checkpoints that run before any task: shared by ingestion and direct reads.
+
+Both :func:`sed_dask.ingest` (checkpoints -> store) and :func:`sed_dask.open_checkpoints`
+(checkpoints read straight by the Gram pass) must refuse the same bad inputs with the same clear
+messages, and must build the same parameter index from the same files (so a spectrum straight
+from the files and one from the ingested store are bit-identical). So the policy resolution, the
+header comparison of every checkpoint against the first, the "at least 2 checkpoints" rule and
+the metrics parsing live here, once; ingestion adds only what concerns a store (rows, resume).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+
+from .errors import CheckpointError, StoreError
+from .readers import open_checkpoint
+from .selection import Selection, SelectionPolicy, check_same_keys, resolve_policy, select
+from .store import RunStore
+
+
+@dataclasses.dataclass
+class CheckpointTodo:
+    """One checkpoint to read: its step, path and (after :func:`check_headers`) tensor names."""
+
+    step: int
+    path: str
+    row: int | None = None                                  # ingestion: its store row (None: new)
+    names: dict[str, str] = dataclasses.field(default_factory=dict)  # index name -> name in this file
+
+
+def require_deltas(run: str, n_total: int, paths) -> None:
+    """A run needs two checkpoints to form one delta."""
+    if n_total < 2:
+        raise CheckpointError(f"run {run!r} needs at least 2 checkpoints to form a delta; found {n_total} "
+                              f"({', '.join(paths) or 'none'})")
+
+
+def policy_for(existing: RunStore | None, policy, include, exclude) -> SelectionPolicy:
+    """The selection policy: an existing run's own when none is asked for, else the one asked for."""
+    if existing is not None and policy is None and include is None and exclude is None:
+        try:
+            return SelectionPolicy.from_spec(existing.policy)
+        except (KeyError, ValueError) as exc:
+            raise StoreError(f"run {existing.name!r} was not written by checkpoint ingestion "
+                             f"(selection policy {existing.policy}); use a new run name") from exc
+    return resolve_policy(policy, include=include, exclude=exclude)
+
+
+def index_diff(old, new) -> str:
+    """How two parameter indexes differ, for an error message."""
+    a = {e.name: (e.shape, e.source_dtype) for e in old}
+    b = {e.name: (e.shape, e.source_dtype) for e in new}
+    missing = [n for n in a if n not in b]
+    extra = [n for n in b if n not in a]
+    if missing or extra:
+        return f"tensors only in the run: {missing[:10]}; only in the new checkpoints: {extra[:10]}"
+    for n in a:
+        if a[n] != b[n]:
+            return f"tensor {n!r}: run has shape/dtype {list(a[n][0])}/{a[n][1]}, new checkpoints {list(b[n][0])}/{b[n][1]}"
+    return "tensor order differs"
+
+
+def check_headers(todo: list[CheckpointTodo], pol: SelectionPolicy, existing: RunStore | None, run: str):
+    """``(selection, format)`` of the first checkpoint, after checking every other header against it.
+
+    Fills ``td.names``; reads headers (and a few small tensors) only. ``existing``: a stored run
+    whose parameter index the first checkpoint must reproduce (None: no such constraint).
+    """
+    ref = todo[0]
+    with open_checkpoint(ref.path) as r:
+        sel: Selection = select(r, pol)
+        fmt = r.format
+    ref.names = dict(sel.sources)
+    if existing is not None and sel.index.hash != existing.attrs.get("param_index_hash"):
+        raise StoreError(f"run {run!r}: the parameter index of {ref.path} (step {ref.step}) differs from the run's "
+                         f"(hash {sel.index.hash} vs {existing.attrs.get('param_index_hash')}): "
+                         f"{index_diff(existing.index, sel.index)}")
+    for td in todo[1:]:
+        with open_checkpoint(td.path) as r:
+            infos = r.tensors()
+            norm = pol.names(infos, path=td.path)
+            check_same_keys(sel.keys, {n: infos[raw] for n, raw in norm.items()}, path=td.path, step=td.step,
+                            ref_path=ref.path, ref_step=ref.step)
+        td.names = {n: norm[n] for n in sel.sources}
+    return sel, fmt
+
+
+def load_metrics_arg(metrics):
+    """``(parsed metrics, source description)``; parsed before anything is written or run."""
+    if metrics is None:
+        return None, None
+    from .metrics_io import load_metrics, parse_metrics
+
+    if isinstance(metrics, (str, os.PathLike)):
+        return load_metrics(metrics), os.path.abspath(os.fspath(metrics))
+    if isinstance(metrics, Mapping):
+        metrics = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in metrics.items()}
+    return parse_metrics(metrics, where="metrics"), "<in memory>"
