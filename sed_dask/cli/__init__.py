@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_dask(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not record.name.startswith(("distributed", "dask"))
+
+
 def main(argv=None) -> int:
     from ..errors import SEDError
 
@@ -101,6 +105,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # distributed logs cluster start/stop at INFO: shown with -v only
+        for h in logging.getLogger().handlers:
+            h.addFilter(_quiet_dask)
     try:
         return int(args.func(args) or 0)
     except (SEDError, ConnectionError, FileNotFoundError, ValueError) as exc:
