@@ -1,17 +1,36 @@
 """``torch.save`` checkpoints (``.pt``/``.pth``/``.bin``).
 
-Zip-format files are opened with ``torch.load(mmap=True, weights_only=True)``: unpickling only
-builds tensor metadata and storages are paged in when a slice is copied, so listing tensors reads
-no tensor data and reading a slice touches only its pages. Legacy (non-zip) files cannot be
-mapped; they are loaded whole, once per process (a one-entry cache), which is the best that
-format allows.
+Zip-format files store every storage as an uncompressed zip entry ``<archive>/data/<key>``, so a
+flat slice of a contiguous tensor is one byte range of the file. The first open of a file in a
+process loads it once with ``torch.load(mmap=True, weights_only=True)`` (unpickling builds tensor
+metadata only), derives a *layout* - every tensor's dtype, shape and the file offset of its first
+element, the tied-tensor groups and the ``TensorInfo``s - and drops the mapping. The layout is
+cached per process (LRU, keyed by real path, size and mtime), so later opens of the file cost a
+``stat`` and slices are read with ``os.preadv`` straight into the float32 output, like the
+safetensors reader: no mapping counted in the worker's RSS, no ``torch.load`` per task.
+
+A storage's offset is not guessed: the data offset of each ``data/<key>`` entry comes from its
+*local* zip header, and since every storage of a mapped load is a view into one mapping of the
+whole file, the one address ``base`` with ``storage.data_ptr() - base`` equal to the offset of an
+entry of the storage's size, for every storage of the file, is looked for. Files where that does
+not hold (or with a compressed entry, or not stored little-endian), non-contiguous tensors and
+dtypes numpy cannot read (float8, complex32...) are read through the mapping as before
+(``method="mmap"`` forces that path for every tensor, ``method="pread"`` refuses it).
+
+Legacy (non-zip) files cannot be mapped; they are loaded whole, once per process (a one-entry
+cache), which is the best that format allows.
 """
 from __future__ import annotations
 
 import collections
 import os
+import re
+import struct
+import sys
 import threading
 from collections.abc import Mapping
+
+import numpy as np
 
 from ..errors import CheckpointError
 from .base import ReaderBase, TensorInfo
@@ -22,6 +41,20 @@ STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model")
 _LEGACY_LOCK = threading.Lock()
 _LEGACY_CACHE: collections.OrderedDict = collections.OrderedDict()
 _LEGACY_CACHE_SIZE = 1
+
+#: layouts kept per process (a few hundred bytes per tensor each)
+LAYOUT_CACHE_SIZE = 64
+_LAYOUT_LOCK = threading.Lock()
+_LAYOUTS: collections.OrderedDict = collections.OrderedDict()
+_BUILDING: dict[tuple, threading.Lock] = {}
+
+#: torch dtype name -> little-endian numpy dtype of the stored bytes (bfloat16 as its bit pattern)
+_RAW_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "float64": "<f8", "int64": "<i8",
+               "int32": "<i4", "int16": "<i2", "int8": "i1", "uint64": "<u8", "uint32": "<u4", "uint16": "<u2",
+               "uint8": "u1", "bool": "?"}
+#: elements converted per positioned read for dtypes other than float32 (bounds the temporary)
+_PIECE = 1 << 20
+_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zip local file header (30 bytes)
 
 
 def _is_tensor(x) -> bool:
@@ -65,69 +98,315 @@ def _load_legacy(path: str):
         return obj
 
 
+def _load_error(path: str, exc: Exception) -> CheckpointError:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    hint = ""
+    if "weights_only" in str(exc) or "Weights only load failed" in str(exc):
+        hint = (" (the file pickles objects that weights_only=True refuses; allow-list them with "
+                "torch.serialization.add_safe_globals)")
+    return CheckpointError(f"cannot read checkpoint {path}: unreadable or truncated torch file: "
+                           f"{type(exc).__name__}: {msg}{hint}")
+
+
+def _shared_groups(sd: dict) -> list[tuple[str, ...]]:
+    by_view: dict[tuple, list[str]] = {}
+    for k, v in sd.items():
+        if v.numel() == 0:
+            continue
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
+        by_view.setdefault(key, []).append(k)
+    return [tuple(names) for names in by_view.values() if len(names) > 1]
+
+
+class Layout:
+    """What a reader needs of one file, without the file mapped: ``infos``, ``groups`` (tied names),
+    ``offsets`` (name -> file offset of the first element, for tensors served by positioned reads),
+    ``legacy`` (non-zip file) and ``why`` (why some or all tensors are not served by positioned reads)."""
+
+    __slots__ = ("key", "infos", "groups", "offsets", "legacy", "why")
+
+    def __init__(self, key, infos, groups, offsets, legacy, why):
+        self.key, self.infos, self.groups, self.offsets, self.legacy, self.why = \
+            key, infos, groups, offsets, legacy, why
+
+
+def _file_key(path: str) -> tuple:
+    st = os.stat(path)
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+def _iter_tensors(obj):
+    """Every tensor reachable through the containers a ``weights_only`` load can produce."""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if _is_tensor(x):
+            yield x
+        elif isinstance(x, Mapping):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            stack.extend(x)
+
+
+def _file_byteorder(names: set, zf, prefix: str) -> str:
+    rec = prefix + "byteorder"
+    if rec in names:
+        return zf.read(rec).decode(errors="replace")
+    from torch.serialization import LoadEndianness, get_default_load_endianness
+
+    default = get_default_load_endianness()
+    if default is None or default == LoadEndianness.LITTLE:
+        return "little"
+    return "big" if default == LoadEndianness.BIG else sys.byteorder
+
+
+def _storage_offsets(path: str, obj) -> tuple[dict[int, int] | None, str]:
+    """``{storage data_ptr: file offset of its first byte}`` for every non-empty storage of the
+    mapped load ``obj``, or ``(None, why)`` when the storages cannot be located with certainty."""
+    import zipfile
+
+    with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+        infos = zf.infolist()
+        names = {i.filename for i in infos}
+        pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
+        if len(pkl) != 1:
+            return None, "no single <archive>/data.pkl entry"
+        prefix = pkl[0][: -len("data.pkl")]
+        if sys.byteorder != "little" or _file_byteorder(names, zf, prefix) != "little":
+            return None, "not stored little-endian"
+        pattern = re.compile(re.escape(prefix) + r"data/[^/]+\Z")
+        entries: dict[int, list[int]] = {}  # nbytes -> data offsets of the non-empty data/<key> entries
+        for i in infos:
+            if not pattern.match(i.filename) or i.file_size == 0:
+                continue
+            if i.compress_type != zipfile.ZIP_STORED or i.compress_size != i.file_size:
+                return None, f"entry {i.filename} is compressed"
+            f.seek(i.header_offset)
+            head = f.read(_LOCAL_HEADER.size)
+            if len(head) != _LOCAL_HEADER.size:
+                return None, f"truncated local header of {i.filename}"
+            fields = _LOCAL_HEADER.unpack(head)
+            if fields[0] != b"PK\x03\x04" or fields[4] != 0:
+                return None, f"bad local header of {i.filename}"
+            start = i.header_offset + _LOCAL_HEADER.size + fields[10] + fields[11]
+            if start + i.file_size > os.fstat(f.fileno()).st_size:
+                return None, f"entry {i.filename} runs past the end of the file"
+            entries.setdefault(i.file_size, []).append(start)
+    storages: dict[int, int] = {}
+    for t in _iter_tensors(obj):
+        s = t.untyped_storage()
+        if s.nbytes():
+            storages[s.data_ptr()] = s.nbytes()
+    if not storages:
+        return {}, ""
+    # every storage is overall_mapping[offset:offset + nbytes]: one base address fits them all
+    ptr0, n0 = next(iter(storages.items()))
+    fits = [ptr0 - off for off in entries.get(n0, [])]
+    sets = {n: set(offs) for n, offs in entries.items()}
+    fits = [b for b in fits if all(p - b in sets.get(n, ()) for p, n in storages.items())]
+    if len(fits) != 1:
+        return None, ("storages are not views of one mapping of the file" if not fits
+                      else "storage offsets are ambiguous")
+    base = fits[0]
+    located = {p: p - base for p in storages}
+    if len(set(located.values())) != len(located):
+        return None, "two storages map to one entry"
+    return located, ""
+
+
+def _build_layout(path: str, key: tuple) -> Layout:
+    try:
+        obj = _torch_load(path, mmap=True)
+    except RuntimeError as exc:
+        if "mmap can only be used" not in str(exc):
+            raise _load_error(path, exc) from exc
+        try:
+            obj = _load_legacy(path)
+        except Exception as exc2:
+            raise _load_error(path, exc2) from exc2
+        sd = find_state_dict(obj, path)
+        infos = {k: TensorInfo(str(v.dtype).removeprefix("torch."), tuple(int(s) for s in v.shape))
+                 for k, v in sd.items()}
+        return Layout(key, infos, _shared_groups(sd), {}, True, "legacy (non-zip) file")
+    except Exception as exc:
+        raise _load_error(path, exc) from exc
+    sd = find_state_dict(obj, path)
+    infos = {k: TensorInfo(str(v.dtype).removeprefix("torch."), tuple(int(s) for s in v.shape))
+             for k, v in sd.items()}
+    groups = _shared_groups(sd)
+    try:
+        located, why = _storage_offsets(path, obj)
+    except Exception as exc:  # an unusual zip torch could still read: keep the mapped path
+        located, why = None, f"{type(exc).__name__}: {exc}"
+    offsets: dict[str, int] = {}
+    skipped = []
+    for k, v in sd.items():
+        dtype = infos[k].dtype
+        if located is None or dtype not in _RAW_DTYPES:
+            skipped.append(k)
+        elif v.numel() == 0:
+            offsets[k] = 0  # nothing to read
+        elif not v.is_contiguous():
+            skipped.append(k)
+        else:
+            offsets[k] = located[v.untyped_storage().data_ptr()] + v.storage_offset() * v.element_size()
+    if located is not None and skipped:
+        why = f"non-contiguous or non-numpy dtype: {', '.join(skipped[:5])}{'...' if len(skipped) > 5 else ''}"
+    del obj, sd  # drop the mapping
+    return Layout(key, infos, groups, offsets, False, why)
+
+
+def get_layout(path: str) -> Layout:
+    """The cached layout of ``path`` (built with one mapped ``torch.load`` the first time)."""
+    try:
+        key = _file_key(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} does not exist") from None
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    with _LAYOUT_LOCK:
+        lay = _LAYOUTS.get(key)
+        if lay is not None:
+            _LAYOUTS.move_to_end(key)
+            return lay
+        building = _BUILDING.setdefault(key, threading.Lock())
+    with building:  # threads opening the same file wait for one load instead of each loading it
+        with _LAYOUT_LOCK:
+            lay = _LAYOUTS.get(key)
+            if lay is not None:
+                return lay
+        try:
+            lay = _build_layout(path, key)
+        finally:
+            with _LAYOUT_LOCK:
+                _BUILDING.pop(key, None)
+        try:
+            unchanged = _file_key(path) == key
+        except OSError:
+            unchanged = False
+        if unchanged:  # a file rewritten during the load is not cached under its old key
+            with _LAYOUT_LOCK:
+                _LAYOUTS[key] = lay
+                while len(_LAYOUTS) > LAYOUT_CACHE_SIZE:
+                    _LAYOUTS.popitem(last=False)
+        return lay
+
+
+def clear_layout_cache() -> None:
+    with _LAYOUT_LOCK:
+        _LAYOUTS.clear()
+
+
 class TorchReader(ReaderBase):
-    """A ``torch.save`` file; the state dict may sit at the top level or under a known key."""
+    """A ``torch.save`` file; the state dict may sit at the top level or under a known key.
+
+    ``method``: ``"auto"`` (positioned reads where the layout allows, the mapping otherwise),
+    ``"mmap"`` (always ``torch.load(mmap=True)`` + copy) or ``"pread"`` (positioned reads only; a
+    tensor they cannot serve raises ``CheckpointError``)."""
 
     format = "pt"
 
-    def __init__(self, path):
+    def __init__(self, path, *, method: str = "auto"):
+        if method not in ("auto", "mmap", "pread"):
+            raise ValueError(f"method must be 'auto', 'mmap' or 'pread', got {method!r}")
         self.path = str(path)
+        self.method = method
+        self._layout: Layout | None = None
         self._sd: dict | None = None
-        self._infos: dict[str, TensorInfo] | None = None
-        self.mmap = True
+        self._fd: int | None = None
+
+    @property
+    def layout(self) -> Layout:
+        if self._layout is None:
+            self._layout = get_layout(self.path)
+        return self._layout
+
+    @property
+    def mmap(self) -> bool:
+        """False for legacy (non-zip) files, which are loaded whole instead of mapped."""
+        return not self.layout.legacy
 
     def _state_dict(self) -> dict:
         if self._sd is None:
             if not os.path.isfile(self.path):
                 raise CheckpointError(f"checkpoint file {self.path} does not exist")
             try:
-                obj = _torch_load(self.path, mmap=True)
-            except RuntimeError as exc:
-                if "mmap can only be used" not in str(exc):
-                    raise self._error(exc) from exc
-                self.mmap = False
-                try:
-                    obj = _load_legacy(self.path)
-                except Exception as exc2:
-                    raise self._error(exc2) from exc2
+                obj = _load_legacy(self.path) if self.layout.legacy else _torch_load(self.path, mmap=True)
             except Exception as exc:
-                raise self._error(exc) from exc
+                raise _load_error(self.path, exc) from exc
             self._sd = find_state_dict(obj, self.path)
         return self._sd
 
     def _error(self, exc: Exception) -> CheckpointError:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = ""
-        if "weights_only" in str(exc) or "Weights only load failed" in str(exc):
-            hint = (" (the file pickles objects that weights_only=True refuses; allow-list them with "
-                    "torch.serialization.add_safe_globals)")
-        return CheckpointError(f"cannot read checkpoint {self.path}: unreadable or truncated torch file: "
-                               f"{type(exc).__name__}: {msg}{hint}")
+        return _load_error(self.path, exc)
 
     def tensors(self) -> dict[str, TensorInfo]:
-        if self._infos is None:
-            self._infos = {k: TensorInfo(str(v.dtype).removeprefix("torch."), tuple(int(s) for s in v.shape))
-                           for k, v in self._state_dict().items()}
-        return self._infos
+        return self.layout.infos
 
     def shared_groups(self) -> list[tuple[str, ...]]:
         """Names whose tensors are the same view of the same storage (``torch.save`` keeps ties)."""
-        by_view: dict[tuple, list[str]] = {}
-        for k, v in self._state_dict().items():
-            if v.numel() == 0:
-                continue
-            key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
-            by_view.setdefault(key, []).append(k)
-        return [tuple(names) for names in by_view.values() if len(names) > 1]
+        return [tuple(g) for g in self.layout.groups]
 
     def _read_into(self, name, info, lo, hi, out):
+        offset = None if self.method == "mmap" else self.layout.offsets.get(name)
+        if offset is not None:
+            self._pread_into(name, info, offset, lo, hi, out)
+        elif self.method == "pread":
+            raise CheckpointError(f"{self.path}: tensor {name!r} cannot be read with positioned reads "
+                                  f"({self.layout.why or 'not located'})")
+        else:
+            self._mmap_into(name, lo, hi, out)
+
+    def _mmap_into(self, name, lo, hi, out):
         import torch
 
         t = self._state_dict()[name]
         piece = t.reshape(-1)[lo:hi]
         torch.from_numpy(out).copy_(piece)  # converts bf16/f16/int on the fly, no full-size temp
 
+    def _open_fd(self) -> int:
+        if self._fd is None:
+            fd = os.open(self.path, os.O_RDONLY)
+            st = os.fstat(fd)
+            if (st.st_size, st.st_mtime_ns) != self.layout.key[1:]:
+                os.close(fd)
+                raise CheckpointError(f"{self.path}: the file changed since it was opened "
+                                      f"(size/mtime differ); open it again")
+            self._fd = fd
+        return self._fd
+
+    def _pread(self, view: memoryview, offset: int, name: str, hi: int) -> None:
+        fd, pos = self._open_fd(), 0
+        while pos < view.nbytes:
+            n = os.preadv(fd, [view[pos:]], offset + pos)
+            if n <= 0:
+                raise CheckpointError(f"{self.path}: truncated: tensor {name!r} ends before element {hi} "
+                                      f"(file shorter than its zip directory says)")
+            pos += n
+
+    def _pread_into(self, name, info, offset, lo, hi, out):
+        raw = np.dtype(_RAW_DTYPES[info.dtype])
+        start = offset + lo * raw.itemsize
+        if info.dtype == "float32":
+            self._pread(memoryview(out).cast("B"), start, name, hi)
+            return
+        buf = np.empty(min(hi - lo, _PIECE), dtype=raw)
+        for a in range(0, hi - lo, _PIECE):
+            b = min(hi - lo, a + _PIECE)
+            src = buf[: b - a]
+            self._pread(memoryview(src).cast("B"), start + a * raw.itemsize, name, hi)
+            if info.dtype == "bfloat16":  # bf16 is the top half of a float32: exact upcast by shifting
+                bits = out[a:b].view(np.uint32)
+                bits[:] = src
+                bits <<= 16
+            else:
+                with np.errstate(over="ignore"):  # float64 beyond float32 -> inf, silently as in torch
+                    out[a:b] = src  # numpy casts f16/f64/int/bool to float32 as torch's copy_ does
+
     def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self._sd = None  # drops the mapping once no tensor references it
 
 
@@ -135,4 +414,3 @@ def is_zip_or_pickle(path: str) -> bool:
     with open(path, "rb") as f:
         head = f.read(4)
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
-
