@@ -176,6 +176,7 @@ class Selection:
     sources: dict[str, str]          # index name -> tensor name in that checkpoint
     dropped: dict[str, str]          # name -> why it is not in the vector
     keys: dict[str, TensorInfo]      # every (normalised) tensor of the checkpoint: the key set later files must match
+    ties: dict[str, str] = dataclasses.field(default_factory=dict)  # dropped tied copy -> the name kept
 
     def record(self) -> dict:
         """The JSON policy record stored in the run attrs (``selection_policy``)."""
@@ -248,6 +249,7 @@ def select(reader, policy=None, *, include=None, exclude=None, group_of=None) ->
     norm = pol.names(infos, path=path)
     keys = {n: infos[raw] for n, raw in norm.items()}
     dropped: dict[str, str] = {}
+    ties: dict[str, str] = {}
     cands = dict(keys)
     if pol.name == "params_dedup_no_buffers":
         for n, info in keys.items():
@@ -265,6 +267,7 @@ def select(reader, policy=None, *, include=None, exclude=None, group_of=None) ->
                 for n in tied:
                     if n != keep:
                         dropped[n] = f"tied to {keep} (shared storage)"
+                        ties[n] = keep
                         cands.pop(n)
         heads = [n for n in cands if _ends_with(n, HEAD_ALIASES)]
         embeds = [n for n in cands if _ends_with(n, EMBED_ALIASES)]
@@ -272,6 +275,7 @@ def select(reader, policy=None, *, include=None, exclude=None, group_of=None) ->
             for e in embeds:
                 if cands[e] == cands[h] and bit_identical(reader, norm[h], norm[e]):
                     dropped[h] = f"tied to {e} (known alias, bit-identical in the first checkpoint)"
+                    ties[h] = e
                     cands.pop(h)
                     break
         for n in list(cands):
@@ -289,7 +293,30 @@ def select(reader, policy=None, *, include=None, exclude=None, group_of=None) ->
                               f"(include={list(pol.include)}, exclude={list(pol.exclude)})")
     order = pol.sort(cands)
     index = ParamIndex.from_tensors([(n, cands[n].shape, cands[n].dtype) for n in order], group_of=group_of)
-    return Selection(pol, index, {n: norm[n] for n in order}, dropped, keys)
+    return Selection(pol, index, {n: norm[n] for n in order}, dropped, keys, ties)
+
+
+def tie_broken(reader, copy: str, kept: str, *, n_probes: int = 8, probe: int = 512) -> str | None:
+    """Why the tensors ``copy`` and ``kept`` of this checkpoint are no longer one tensor, or None.
+
+    Ties are judged on the first checkpoint; a later file that unties them (a head fine-tuned on its
+    own, a resumed run saved differently) would otherwise be silently missing from the vector. Shared
+    storage settles it at no cost; without it, ``n_probes`` slices spread over the tensor are
+    compared bit for bit (untied copies of a trained matrix differ almost everywhere)."""
+    if any(copy in g and kept in g for g in reader.shared_groups()):
+        return None
+    infos = reader.tensors()
+    if infos[copy] != infos[kept]:
+        return f"{copy!r} is {infos[copy]} but {kept!r} is {infos[kept]}"
+    size = infos[copy].size
+    starts = sorted({int(x) for x in np.linspace(0, max(0, size - probe), n_probes)})
+    for lo in starts:
+        hi = min(size, lo + probe)
+        a, b = reader.read(copy, lo, hi).view(np.uint32), reader.read(kept, lo, hi).view(np.uint32)
+        if not np.array_equal(a, b):
+            i = lo + int(np.flatnonzero(a != b)[0])
+            return f"{copy!r} and {kept!r} differ at flat element {i}"
+    return None
 
 
 def check_same_keys(reference: Mapping[str, TensorInfo], other: Mapping[str, TensorInfo], *,

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 from .errors import CheckpointError, StoreError
 from .readers import open_checkpoint
-from .selection import Selection, SelectionPolicy, check_same_keys, resolve_policy, select
+from .selection import Selection, SelectionPolicy, check_same_keys, resolve_policy, select, tie_broken
 from .store import RunStore
 
 
@@ -82,6 +82,14 @@ def check_headers(todo: list[CheckpointTodo], pol: SelectionPolicy, existing: Ru
             norm = pol.names(infos, path=td.path)
             check_same_keys(sel.keys, {n: infos[raw] for n, raw in norm.items()}, path=td.path, step=td.step,
                             ref_path=ref.path, ref_step=ref.step)
+            for copy, kept in sel.ties.items():
+                why = tie_broken(r, norm[copy], norm[kept])
+                if why:
+                    raise CheckpointError(
+                        f"checkpoint {td.path} (step {td.step}): {copy!r} is no longer tied to {kept!r} "
+                        f"({why}); it was left out of the parameter vector as a tied copy because the first "
+                        f"checkpoint {ref.path} (step {ref.step}) ties them. Ingest the untied part of the "
+                        f"run as its own run, or keep both tensors with policy='full_state_dict_sorted'")
         td.names = {n: norm[n] for n in sel.sources}
     return sel, fmt
 

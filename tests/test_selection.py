@@ -155,3 +155,37 @@ def test_prefixes(tmp_path):
     torch.save({"a.weight": w, "_orig_mod.a.weight": w.clone()}, tmp_path / "clash.pt")
     with pytest.raises(CheckpointError, match="both become 'a.weight'"):
         _select(tmp_path / "clash.pt")
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_a_tie_that_breaks_in_a_later_checkpoint_is_refused(tmp_path, fmt):
+    """Ties are judged on the first checkpoint; a later file that unties them would silently lose the head."""
+    import sed_dask
+    from safetensors.torch import save_file as st_save
+
+    traj = make_trajectory(4)
+    src = tmp_path / "ckpts"
+    src.mkdir()
+    for i, (s, sd) in enumerate(zip(traj.steps, traj.state_dicts)):
+        sd = dict(sd)
+        if fmt == "safetensors":  # an explicit head, equal to the embedding while tied (alias by value)
+            sd = {k: v.detach().clone().contiguous() for k, v in sd.items()}
+        if i == 2:  # the head untied from step 200 on: its own tensor, trained apart
+            sd["lm_head.weight"] = sd["tok_emb.weight"].detach().clone() + 1e-3
+        if fmt == "pt":
+            torch.save({"model_state_dict": sd}, src / f"ckpt_{s:06d}.pt")
+        else:
+            st_save(sd, str(src / f"model_{s}.safetensors"))
+    bad = str(src / (f"ckpt_{traj.steps[2]:06d}.pt" if fmt == "pt" else f"model_{traj.steps[2]}.safetensors"))
+    store = tmp_path / "t.zarr"
+    msg = rf"{bad} \(step 200\): 'lm_head.weight' is no longer tied to 'tok_emb.weight'"
+    with pytest.raises(CheckpointError, match=msg):
+        sed_dask.ingest(str(src), str(store), run="r", scheduler="sync", progress=False)
+    assert not store.exists()  # refused before anything was written
+    with pytest.raises(CheckpointError, match=msg):
+        sed_dask.open_checkpoints(str(src), run="r")
+    # the tied part alone is fine, and the full-state-dict policy keeps both tensors throughout
+    ok = sed_dask.open_checkpoints(str(src), run="r", steps=traj.steps[:2])
+    assert "lm_head.weight" not in ok.index.names
+    full = sed_dask.open_checkpoints(str(src), run="r", policy="full_state_dict_sorted")
+    assert {"lm_head.weight", "tok_emb.weight"} <= set(full.index.names)
