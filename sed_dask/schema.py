@@ -26,9 +26,11 @@ VARIABLES: dict[str, tuple[str, str, str | None]] = {
     "align_u": ("|<delta_last, v1>| / ||delta_last||", "1", None),
     "a_speed": ("component of the window-mean delta along v1", PU, None),
     "r_speed": ("component of the window-mean delta across v1", PU, None),
+    "split_half": ("|cos| between the k-th right singular vectors of the window's first ceil(W/2) "
+                   "and last floor(W/2) deltas", "1", "split_half_stability"),
 }
 
-PER_SV = ("sigma", "ratio", "pc_frac")
+PER_SV = ("sigma", "ratio", "pc_frac", "split_half")
 
 DELTA_NORM = ("norm of the delta labelled by the step, sqrt(band[i, 0])", PU, "delta_norm")
 

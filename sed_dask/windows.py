@@ -37,6 +37,35 @@ def _masked_argmax(score: np.ndarray, ok: np.ndarray) -> np.ndarray:
     return np.where(ok.any(axis=1), k, np.nan)
 
 
+def split_half(G: np.ndarray, *, zero_rtol: float) -> np.ndarray:
+    """|cos| between the k-th right singular vectors of the two halves of each window (sed_spec §4.5).
+
+    Halves A = first ceil(W/2), B = last floor(W/2) deltas. v_A^k = X_A^T u_A^k / sigma_A^k, so
+    <v_A^k, v_B^k> = u_A^k^T G_AB u_B^k / (sigma_A^k sigma_B^k): the window Gram suffices, no
+    P-dimensional vector is formed. Returns ``(n_windows, floor(W/2))``; NaN where either half's
+    sigma_k <= zero_rtol * (that half's sigma_1), including an all-zero half. Like v1 itself, the
+    k-th direction of a half is ill-defined when its sigma_k is (nearly) degenerate with a
+    neighbour; that is not flagged here.
+    """
+    W = G.shape[-1]
+    a = (W + 1) // 2
+    b = W // 2
+
+    def half(Gh):
+        lam, U = np.linalg.eigh(Gh)
+        s = np.sqrt(np.clip(lam[:, ::-1], 0.0, None))[:, :b]
+        U = U[:, :, ::-1][:, :, :b]
+        ok = s > zero_rtol * s[:, :1]          # False everywhere for an all-zero half
+        return s, U, ok
+
+    sA, UA, okA = half(G[:, :a, :a])
+    sB, UB, okB = half(G[:, a:, a:])
+    ok = okA & okB
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = np.abs(np.einsum("tak,tab,tbk->tk", UA, G[:, :a, a:], UB)) / (sA * sB)
+    return np.where(ok, np.minimum(1.0, c), np.nan)
+
+
 def window_features(band: np.ndarray, W: int, *, n_params: int, zero_rtol: float | None = None) -> dict:
     """Features of every window of ``W`` consecutive deltas; arrays over windows ending at W-1 .. N-1.
 
@@ -93,12 +122,13 @@ def window_features(band: np.ndarray, W: int, *, n_params: int, zero_rtol: float
             g = np.abs(np.einsum("ta,tab,tb->t", u1[1:], C, u1[:-1])) / (s1[1:] * s1[:-1])
             gamma[1:] = np.where(live[1:] & live[:-1], np.minimum(1.0, g), np.nan)
         bbp = np.where(live, bbp_ratio(lam, n_params), np.nan)
+    halves = split_half(G, zero_rtol=zero_rtol)
     return {
         "sigma": sigma, "ratio": ratio, "pc_frac": pc_frac,
         "k_star": k_star, "k_star_naive": k_naive, "k_star_weighted": k_weighted,
         "edge_ratio": edge_ratio, "edge_gap": edge_gap, "k95": k95, "drift_speed": drift,
         "noise_floor": nf, "bbp_ratio": bbp, "gamma": gamma, "kappa": 1.0 - gamma,
-        "align_u": align, "a_speed": a_speed, "r_speed": r_speed,
+        "align_u": align, "a_speed": a_speed, "r_speed": r_speed, "split_half": halves,
     }
 
 

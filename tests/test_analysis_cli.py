@@ -64,6 +64,7 @@ def test_every_query_on_multi_run_dataset_with_nans_and_groups(ds):
         "phase_correlation": {"method": "threshold", "threshold": 2.0},
         "granger": {"n_perm": 19, "covariate": "lr"},
         "granger_multivariate": {"features": ["edge_ratio", "drift_speed"], "n_perm": 19},
+        "pc2_summary": {"n_null": 19, "split_half": None}, "event_study": {"taus": [1.2, 2.0]},
         "detect_shift": {}, "onset": {"variable": "drift_speed", "k": 1.2, "floor": None},
         "lead_time": {"variable": "drift_speed", "k": 1.2, "floor": None},
     }
@@ -86,6 +87,8 @@ def test_import_registers_accessor_without_heavy_imports():
 @pytest.mark.parametrize("query,extra,title", [
     ("edge", ["--null", "--n-null", "19"], "edge vs matched-norm null (per series)"),
     ("phases", ["--method", "changepoint", "--tau", "auto"], "collapse step"),
+    ("pc2", ["--n-null", "19", "--sustain", "2"], "pc2 vs null (per series)"),
+    ("events", ["--tau", "1.2", "--tau", "2.0", "--baseline", "5"], "event study (per tau)"),
     ("lag", ["--sweep", "--sliding", "center", "--phase-method", "peak"], "lag flips"),
     ("granger", ["--n-perm", "19", "--covariate", "lr"], None),
     ("granger", ["--features", "edge_ratio", "k95", "--n-perm", "0"], "multivariate Granger"),
@@ -103,6 +106,23 @@ def test_cli_json_every_query(run_cli, store, query, extra, title):
     for name, rows in tables.items():
         assert rows, name
         assert "group" in rows[0] and ("run" in rows[0] or name.startswith("cross-seed")), name
+
+
+def test_cli_pc2_with_split_half_and_events_tables(run_cli, ds, tmp_path):
+    d = ds.copy()
+    d["split_half"] = d.sigma * 0 + 0.5                    # a planted split-half value where windows exist
+    path = tmp_path / "sh.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        d.to_zarr(path, mode="w")
+    rc, out, err = run_cli(str(path), "pc2", "--n-null", "9", "--run", "s1", "--window", "5", "--json")
+    assert rc == 0, err
+    rows = json.loads(out)["tables"]["pc2 vs null (per series)"]
+    assert len(rows) == 3 and all(r["split_half_k2_mean"] == 0.5 for r in rows)
+    assert "no split_half" not in err
+    rc, out, err = run_cli(str(path), "events", "--run", "s2", "--group", "all")
+    assert rc == 0, err
+    assert "== event study (per tau) ==" in out and "lead_time" in out and "1.15" in out
 
 
 def test_cli_tables_selection_and_errors(run_cli, store, tmp_path):

@@ -9,7 +9,8 @@ import pytest
 import xarray as xr
 from scipy import stats
 
-from sed_dask.analysis import edge_null, edge_summary, null_distribution, signal_rank, window_statistic
+from sed_dask.analysis import (edge_null, edge_summary, null_distribution, pc2_summary, signal_rank,
+                               window_statistic)
 from sed_dask.analysis.edge import null_gram
 from sed_dask.errors import AnalysisError
 from synthetic import make_results, with_series
@@ -140,3 +141,80 @@ def test_edge_null_groups_use_param_count_and_missing_inputs(ds):
 def test_null_distribution_needs_p_at_least_w():
     with pytest.raises(AnalysisError, match="P >= W"):
         null_distribution(np.ones(5), n_params=3, n_null=5)
+
+
+# ------------------------------------------------------------------------------ PC2 noise transition
+STRONG = np.array([3.0, 2.5, 0.1, 0.1, 0.1])     # pc2 = 100 * 6.25 / 15.28 ~ 41%: far above the null
+WEAK = np.array([3.0, 0.1, 0.1, 0.1, 0.1])       # pc2 ~ 0.11%: far below it
+# equal-norm null, P = 1e6, W = 5: null Gram ~ ||d||^2 (I + O(1e-3)), so null pc2 ~ 20% for every window
+
+
+def _pc2_ds(pattern, *, P=10**6, split=None):
+    """One run, W=5: NaN for the first 4 steps (no window), then a window per letter of ``pattern``
+    (S = STRONG, w = WEAK, . = degenerate all-NaN window)."""
+    W = 5
+    n = W - 1 + len(pattern)
+    sig = np.full((1, 1, n, W), np.nan)
+    for i, c in enumerate(pattern):
+        if c != ".":
+            sig[0, 0, W - 1 + i] = STRONG if c == "S" else WEAK
+    steps = 100 * np.arange(1, n + 1)
+    ds = xr.Dataset({"sigma": (("run", "window", "step", "sv"), sig)},
+                    coords={"run": ["r"], "window": [W], "step": steps, "sv": np.arange(1, W + 1)},
+                    attrs={"n_params": json.dumps({"r": P})})
+    if split is not None:
+        sh = np.full((1, 1, n, W), np.nan)
+        sh[0, 0, W - 1:, 1] = split
+        sh[0, 0, W - 1:, 0] = 0.99
+        ds["split_half"] = (("run", "window", "step", "sv"), sh)
+    return ds, steps
+
+
+def test_pc2_summary_planted_transition_cv_and_split_half():
+    pattern = "SSSwS.SSwwwS"
+    split = np.array([0.9, 0.8, 0.7, 0.1, 0.6, 0.99, 0.5, 0.4, 0.2, np.nan, 0.2, 0.3])
+    ds, steps = _pc2_ds(pattern, split=split)
+    out = pc2_summary(ds, norms="equal", n_null=99).sel(run="r", window=5)
+    win = steps[4:]                                         # steps of the windows, one per letter
+    pc2 = {c: 100 * v[1] ** 2 / np.sum(v ** 2) for c, v in (("S", STRONG), ("w", WEAK))}
+    obs = np.array([pc2[c] for c in pattern if c != "."])
+    valid = np.array([c != "." for c in pattern])
+    assert float(out.noise_transition_step) == win[3]       # first window not above the null
+    assert pc2_summary(ds, norms="equal", n_null=99, sustain=2).noise_transition_step.item() == win[8]
+    assert pc2_summary(ds, norms="equal", n_null=99, sustain=4).noise_transition_step.isnull().item()
+    assert float(out.pc2_cv) == pytest.approx(np.std(obs) / np.mean(obs), rel=1e-12)     # ddof = 0
+    assert pc2_summary(ds, norms="equal", n_null=99, ddof=1).pc2_cv.item() == pytest.approx(
+        np.std(obs, ddof=1) / np.mean(obs), rel=1e-12)
+    assert float(out.pc2_mean) == pytest.approx(obs.mean(), rel=1e-12)
+    assert int(out.n_above_null) == pattern.count("S") and int(out.n_windows) == valid.sum()
+    np.testing.assert_array_equal(out.pc2_above_null.values[4:], [c == "S" for c in pattern])
+    assert not out.pc2_above_null.values[:4].any()
+    # the degenerate window (.) is not a window: its split-half value (0.99) does not count
+    assert float(out.split_half_k2_mean) == pytest.approx(np.nanmean(np.where(valid, split, np.nan)))
+    np.testing.assert_allclose(out.split_half_k2.values[4:], np.where(valid, split, np.nan))
+    # the null and its quantile are edge_null's (same seed, same draws)
+    ref = edge_null(ds, statistic="pc2", norms="equal", n_null=99).sel(run="r", window=5)
+    np.testing.assert_array_equal(out.null_pc2.values, ref.null_quantile.values)
+    np.testing.assert_array_equal(out.pc2_pct.values, ref.observed.values)
+    assert 19 < float(out.null_pc2_mean) < 22
+    assert float(out.null_pc2_mean) == pytest.approx(np.nanmean(ref.null_quantile.values))
+    assert out.attrs["ddof"] == 0 and "ddof=0" in out.pc2_cv.attrs["long_name"]
+
+
+def test_pc2_summary_never_in_noise_groups_and_errors(ds):
+    always, _ = _pc2_ds("SSSS")
+    out = pc2_summary(always, norms="equal", n_null=19, split_half=None)
+    assert out.noise_transition_step.isnull().all() and "split_half_k2_mean" not in out
+    assert out.attrs["split_half_variable"] == ""
+    with pytest.raises(AnalysisError, match="split_half not in dataset.*split_half=None"):
+        pc2_summary(always, norms="equal", n_null=19)
+    with pytest.raises(AnalysisError, match="sustain"):
+        pc2_summary(always, norms="equal", sustain=0, split_half=None)
+    with pytest.raises(AnalysisError, match="ddof"):
+        pc2_summary(always, norms="equal", ddof=2, split_half=None)
+    # a real multi-group Dataset with the matched-norm null: series dims kept, step along
+    r = pc2_summary(ds, n_null=19, split_half=None, run=["s1", "s3"], window=8)
+    assert r.noise_transition_step.dims == ("run", "window", "group")
+    assert r.pc2_pct.dims == ("run", "window", "group", "step")
+    assert (r.n_windows.sel(run="s1") == 33).all() and (r.n_windows.sel(run="s3") == 32).all()
+    assert np.isfinite(r.pc2_cv).all()

@@ -1,10 +1,15 @@
-"""Phase segmentation, collapse step and cross-seed summaries on planted three-phase series."""
+"""Phase segmentation, collapse step, cross-seed summaries and the collapse -> val-loss event study
+on planted series."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from sed_dask.analysis import collapse_step, cross_seed_summary, phase_intervals, phases, segment
+import xarray as xr
+
+from sed_dask.analysis import (collapse_step, cross_seed_summary, event_study, phase_intervals, phases,
+                               segment)
+from sed_dask.analysis.events import smoothed_change, stabilisation_threshold
 from sed_dask.errors import AnalysisError
 from synthetic import make_results, with_series
 
@@ -151,3 +156,102 @@ def test_too_short_series_names_run_and_window():
         phases(ds, "edgy")
     with pytest.raises(AnalysisError, match=r"W=\[7\] not in the dataset"):
         phases(ds, window=7)
+
+
+# ------------------------------------------------------------------------------------ event study
+# Edge: peak 1.6 at index 3; first index >= 3 below tau: 1.30 -> 7, 1.25 -> 8, 1.20 -> 9, 1.15 -> 10.
+EDGE = [1.1, 1.3, 1.5, 1.6, 1.5, 1.4, 1.35, 1.28, 1.22, 1.18, 1.12, 1.1, 1.05, 1.0, 1.0, 1.0]
+# |d val_loss| per window t (t -> t+1). dvl_smooth (mean of t-1, t, t+1): 0.4 for t <= 5, 0.2667, 0.1333,
+# 0 (t=8), 0.1333, 0.1467, 0.15, 0.02 (t=12), 0.01, 0.01, 0.01. Median of the first 10 = 0.4 -> thr 0.12.
+DVL = [0.4] * 7 + [0.0, 0.0, 0.0, 0.4, 0.04, 0.01, 0.01, 0.01]
+
+
+def _event_ds(edges, losses, *, W=10, pad=2):
+    """Runs with an edge_ratio and a val_loss series; ``pad`` leading NaN steps (no window yet)."""
+    n = max(len(e) for e in edges.values()) + pad
+    steps = 100 * np.arange(1 - pad, n + 1 - pad)
+    x = np.full((len(edges), 1, n), np.nan)
+    y = np.full((len(edges), n), np.nan)
+    for i, r in enumerate(edges):
+        x[i, 0, pad:pad + len(edges[r])] = edges[r]
+        y[i, pad:pad + len(losses[r])] = losses[r]
+    return xr.Dataset({"edge_ratio": (("run", "window", "step"), x), "val_loss": (("run", "step"), y)},
+                      coords={"run": list(edges), "window": [W], "step": steps})
+
+
+def _loss(dvl, start=5.0):
+    return start - np.concatenate([[0.0], np.cumsum(dvl)])
+
+
+def test_event_study_planted_lead_times():
+    ds = _event_ds({"a": EDGE, "flat": EDGE}, {"a": _loss(DVL), "flat": _loss([0.4] * 15)})
+    out = event_study(ds)
+    assert out.collapse_step.dims == ("run", "window", "tau")
+    np.testing.assert_array_equal(out.tau.values, [1.15, 1.20, 1.25, 1.30])
+    a = out.sel(run="a", window=10)
+    # window t sits at step 100 (t + 1)
+    np.testing.assert_array_equal(a.collapse_step.values, [1100, 1000, 900, 800])
+    np.testing.assert_array_equal(a.stab_step.values, [1300, 1300, 900, 900])
+    np.testing.assert_array_equal(a.lead_time.values, [200, 300, 0, 100])
+    assert float(a.threshold) == pytest.approx(0.12)
+    assert int(a.n_baseline) == 10 and not bool(a.threshold_fallback) and int(a.n_points) == 16
+    assert float(a.peak_step) == 400 and float(a.peak_value) == 1.6
+    # the target never stabilises (constant change): collapse defined, stab and lead NaN
+    f = out.sel(run="flat", window=10)
+    np.testing.assert_array_equal(f.collapse_step.values, a.collapse_step.values)
+    assert f.stab_step.isnull().all() and f.lead_time.isnull().all()
+    # collapse steps are collapse_step's
+    cs = collapse_step(ds, tau=[1.15, 1.20, 1.25, 1.30])
+    xr.testing.assert_equal(out.collapse_step, cs.collapse_step)
+    # a scalar tau still gets the tau dim; no collapse (edge never below 1.0) -> NaN
+    one = event_study(ds, taus=1.0)
+    assert one.sizes["tau"] == 1 and one.collapse_step.isnull().all() and one.lead_time.isnull().all()
+    # the accessor forwards
+    import sed_dask  # noqa: F401
+    xr.testing.assert_identical(ds.sed.event_study(taus=[1.2]), event_study(ds, taus=[1.2]))
+
+
+def test_event_study_smoothing_rules_and_missing_values():
+    # gaps are not bridged: a missing value removes both changes next to it
+    dsm = smoothed_change([1.0, 0.5, np.nan, 0.3, 0.2])
+    np.testing.assert_allclose(dsm, [0.5, 0.5, 0.1, 0.1, 0.1])
+    assert np.isnan(smoothed_change([1.0, np.nan, np.nan, 2.0])).all()
+    assert stabilisation_threshold([np.nan, 0.2, 0.4, 0.1, np.nan]) == (pytest.approx(0.06), 3)
+    assert stabilisation_threshold([np.nan] * 4) == (0.01, 0)
+    assert stabilisation_threshold(np.arange(20.0), baseline=3, factor=0.5) == (0.5, 3)
+    # fewer than 10 windows: the threshold uses the dvl it has (n_baseline says how many)
+    short_edge = [1.5, 1.6, 1.3, 1.1, 1.0, 1.0]
+    short_loss = _loss([0.3, 0.3, 0.3, 0.01, 0.01])       # dvl_smooth 0.3, 0.3, 0.203, 0.107, 0.01, 0.01
+    ds = _event_ds({"s": short_edge}, {"s": short_loss})
+    s = event_study(ds, taus=[1.2]).sel(run="s", window=10, tau=1.2)
+    assert int(s.n_baseline) == 6
+    assert float(s.threshold) == pytest.approx(0.3 * np.median([0.3, 0.3, 0.61 / 3, 0.32 / 3, 0.01, 0.01]))
+    assert float(s.collapse_step) == 400 and float(s.stab_step) == 500 and float(s.lead_time) == 100
+    # one finite val_loss value: no dvl at all -> the 0.01 fallback, flagged; never stabilises
+    lone = np.full(16, np.nan)
+    lone[5] = 2.0
+    r = event_study(_event_ds({"x": EDGE}, {"x": lone})).sel(run="x", window=10)
+    assert float(r.threshold) == 0.01 and bool(r.threshold_fallback) and int(r.n_baseline) == 0
+    assert r.stab_step.isnull().all() and np.isfinite(r.collapse_step).all()
+    # val_loss missing at some windows: only the finite dvl_smooth entries can mark stabilisation
+    holes = _loss(DVL)
+    holes[8:10] = np.nan                                  # hides the early dip at t = 8
+    h = event_study(_event_ds({"h": EDGE}, {"h": holes}), taus=[1.25]).sel(run="h", window=10, tau=1.25)
+    assert float(h.stab_step) == 1300
+
+
+def test_event_study_errors_name_the_series():
+    ds = _event_ds({"a": EDGE, "b": EDGE}, {"a": _loss(DVL), "b": np.full(16, np.nan)})
+    with pytest.raises(AnalysisError, match=r"'val_loss' \(run='b', W=10\): no finite value"):
+        event_study(ds)
+    assert np.isfinite(event_study(ds, run="a").lead_time).any()
+    with pytest.raises(AnalysisError, match="val_acc not in dataset; attach with"):
+        event_study(ds, target="val_acc", run="a")
+    with pytest.raises(AnalysisError, match="taus must be finite numbers"):
+        event_study(ds, taus=["auto"], run="a")
+    with pytest.raises(AnalysisError, match="taus must be finite numbers"):
+        event_study(ds, taus=[], run="a")
+    nan_edge = ds.copy()
+    nan_edge["edge_ratio"] = nan_edge.edge_ratio.where(nan_edge.run != "a")
+    with pytest.raises(AnalysisError, match=r"'edge_ratio' \(run='a', W=10\).*at least 1 finite"):
+        event_study(nan_edge, run="a")

@@ -43,6 +43,29 @@ def _check_sigma(ds, run, X, steps_run, windows, *, group="all", cols=None, span
     assert n_checked
 
 
+def _check_split_half(ds, run, X, steps_run, windows, *, group="all", cols=None):
+    """split_half equals |v_A^k . v_B^k| of numpy SVDs of the explicit halves (sed_spec §4.5)."""
+    D = deltas(X)
+    if cols is not None:
+        D = D[:, cols]
+    steps = ds.step.values
+    for W in windows:
+        sel = ds.split_half.sel(run=run, window=W)
+        if "group" in sel.dims:
+            sel = sel.sel(group=group)
+        a, b = (W + 1) // 2, W // 2
+        for k in range(W - 1, D.shape[0]):
+            Xw = D[k - W + 1:k + 1]
+            _, sa, va = np.linalg.svd(Xw[:a], full_matrices=False)
+            _, sb, vb = np.linalg.svd(Xw[a:], full_matrices=False)
+            got = sel.isel(step=int(np.searchsorted(steps, steps_run[k + 1]))).values
+            # a Gram resolves the direction of a small sigma_k only to ~eps (sigma_1/sigma_k)^2 / gap
+            tol = 1e-9 + 1e-12 * np.maximum(sa[0] / sa[:b], sb[0] / sb[:b]) ** 2
+            want = np.abs(np.sum(va[:b] * vb[:b], axis=1))
+            assert np.all(np.abs(got[:b] - want) <= 1e-7 * want + tol), (run, W, k, got[:b], want)
+            assert np.isnan(got[b:]).all()
+
+
 SHAPES = [
     # maker, n checkpoints, P, chunk_bytes, shard_bytes, windows, tile_bytes, block_steps
     (random_walk, 26, 1301, 512, None, (3, 10, 15), 6000, 5),        # tiles < chunk, step halos
@@ -61,6 +84,7 @@ def test_sigma_matches_numpy_svd(tmp_path, shape):
     ds = sed_dask.spectrum(tmp_path / "s.zarr", windows=windows, tile_bytes=tb, block_steps=bs, scheduler="threads",
                            progress=False)
     _check_sigma(ds, "r", X, steps, windows)
+    _check_split_half(ds, "r", X, steps, windows)
     # windows that do not exist (fewer than W deltas before the step) are NaN, none are dropped
     for W in windows:
         k = ds.k_star.sel(run="r", window=W).values
@@ -126,6 +150,7 @@ def test_multi_run_groups_metrics_and_zarr_roundtrip(tmp_path, client):
                            "embeddings": ["transformer.wte.weight"]}.items():
             cols = np.concatenate([np.arange(idx[t].offset, idx[t].offset + idx[t].size) for t in tensors])
             _check_sigma(ds, name, Xs[name], runs[name], (3, 5), group=g, cols=cols)
+            _check_split_half(ds, name, Xs[name], runs[name], (3, 5), group=g, cols=cols)
             dn = ds.delta_norm.sel(run=name, group=g, step=runs[name][1:]).values
             np.testing.assert_allclose(dn, np.linalg.norm(deltas(Xs[name])[:, cols], axis=1), rtol=1e-12)
     assert ds.delta_norm.dims == ("run", "group", "step") and ds.delta_norm.attrs["sed_role"] == "delta_norm"
@@ -136,6 +161,8 @@ def test_multi_run_groups_metrics_and_zarr_roundtrip(tmp_path, client):
         assert "long_name" in ds[v].attrs and "units" in ds[v].attrs
     assert ds.ratio.attrs["units"] == "1" and ds.k_star.attrs["sed_role"] == "signal_rank"
     assert ds.sigma.attrs["sed_role"] == "singular_values" and ds.val_loss.attrs["sed_role"] == "metric"
+    assert ds.split_half.dims == ds.sigma.dims and ds.split_half.attrs["sed_role"] == "split_half_stability"
+    assert ds.split_half.attrs["units"] == "1"
     a = ds.attrs
     assert a["windows"] == [3, 5] and a["runs"] == ["seed1", "seed2"] and a["step_normalised"] == 0
     assert json.loads(a["n_params"]) == {"seed1": P, "seed2": P}

@@ -155,3 +155,66 @@ def test_normalise_spacing_equals_scaled_deltas():
     D = rng.standard_normal((7, 20))
     spans = np.array([199, 200, 200, 400, 200, 100, 200])
     np.testing.assert_allclose(normalise_spacing(band_of(D, 3), spans), band_of(D / spans[:, None], 3), rtol=1e-13)
+
+
+def _split_half_oracle(D, W, *, tol=False):
+    """|v_A^k . v_B^k| from numpy SVDs of the explicit halves of every window (rows: windows).
+
+    ``tol=True`` also returns the absolute tolerance per entry: a Gram resolves the direction of a
+    small sigma_k only to ~eps (sigma_1/sigma_k)^2 / gap, so noise-level k get a looser bound.
+    """
+    a, b = (W + 1) // 2, W // 2
+    out, tols = [], []
+    for k in range(W - 1, D.shape[0]):
+        X = D[k - W + 1:k + 1]
+        _, sa, va = np.linalg.svd(X[:a], full_matrices=False)
+        _, sb, vb = np.linalg.svd(X[a:], full_matrices=False)
+        c = np.abs(np.sum(va[:b] * vb[:b], axis=1))
+        ok = (sa[:b] > 1e-7 * sa[0]) & (sb[:b] > 1e-7 * sb[0]) if sa[0] > 0 and sb[0] > 0 else np.zeros(b, bool)
+        out.append(np.where(ok, c, np.nan))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tols.append(1e-9 + 1e-12 * np.maximum(sa[0] / sa[:b], sb[0] / sb[:b]) ** 2)
+    return (np.array(out), np.array(tols)) if tol else np.array(out)
+
+
+@pytest.mark.parametrize("maker,W", [(random_walk, 2), (random_walk, 5), (planted, 6), (planted, 7),
+                                     (planted, 10)])
+def test_split_half_matches_svd_of_explicit_halves(maker, W):
+    rng = np.random.default_rng(100 + W)
+    D = deltas(maker(rng, 16, 700))
+    got = window_features(band_of(D, W + 1), W, n_params=700)["split_half"]
+    want, tol = _split_half_oracle(D, W, tol=True)
+    assert got.shape == want.shape == (16 - W, W // 2)
+    assert np.isfinite(want).all()
+    assert np.all(np.abs(got - want) <= 1e-7 * want + tol), np.max(np.abs(got - want) / tol)
+    if maker is planted:
+        # a persistent rank-3 drift: the top directions of the two halves nearly coincide
+        assert np.median(got[:, 0]) > 0.9
+
+
+def test_split_half_planted_directions_and_degenerate_halves():
+    rng = np.random.default_rng(7)
+    P = 200
+    Q = np.linalg.qr(rng.standard_normal((P, 6)))[0].T
+    # W = 5: half A = deltas 0-2 spans (q0, q1) with strengths 3 > 1; half B = deltas 3-4 spans
+    # (q0, q1') with q1' = (q1 + q2)/sqrt(2): cos_1 = 1, cos_2 = 1/sqrt(2)
+    q1b = (Q[1] + Q[2]) / np.sqrt(2)
+    A = np.array([[3, 0], [0, 1], [0, 0]], float) @ Q[:2]
+    B = np.array([[3, 0], [0, 1]], float) @ np.stack([Q[0], q1b])
+    D = np.concatenate([A, B])
+    f = window_features(band_of(D, 5), 5, n_params=P)
+    np.testing.assert_allclose(f["split_half"][0], [1.0, 1 / np.sqrt(2)], rtol=1e-12)
+    # an all-zero half, a rank-1 half: NaN where that half's sigma_k is zero; the rest still defined
+    D = rng.standard_normal((10, P))
+    D[2:4] = 0.0                                 # W=4 window over deltas 2..5: half A all zero
+    D[7] = 2.5 * D[6]                            # window over 4..7: half B (6, 7) has rank 1
+    f = window_features(band_of(D, 4), 4, n_params=P)
+    sh = f["split_half"]                          # rows = windows ending at 3..9
+    assert sh.shape == (7, 2)
+    assert np.isnan(sh[2]).all()                 # ends at 5: half A = deltas 2, 3 (zero)
+    assert np.isnan(sh[0]).all()                 # ends at 3: half B = deltas 2, 3 (zero)
+    assert np.isfinite(sh[4, 0]) and np.isnan(sh[4, 1])   # ends at 7: half B rank 1
+    np.testing.assert_allclose(sh, _split_half_oracle(D, 4), rtol=1e-7, atol=1e-9)
+    # all-zero window: everything NaN, nothing raised
+    z = window_features(band_of(np.zeros((6, 20)), 5), 5, n_params=20)["split_half"]
+    assert z.shape == (2, 2) and np.isnan(z).all()

@@ -1,7 +1,8 @@
 """Analysis queries over the results Dataset (docs/result_schema.md): pure functions on xarray.
 
-One module per query family: ``edge`` (signal rank, edge summary, null significance), ``phases``
-(three-phase segmentation, collapse step, cross-seed summaries), ``lag`` (detrended lagged
+One module per query family: ``edge`` (signal rank, edge summary, null significance, PC2 noise
+transition), ``phases`` (three-phase segmentation, collapse step, cross-seed summaries), ``events``
+(collapse → val-loss stabilisation event study), ``lag`` (detrended lagged
 correlation, W sweep / lag flip, sliding and phase correlations), ``granger``, ``shift`` (CUSUM,
 t-test scan, max-derivative), ``warning`` (onset and lead time) and ``metrics`` (attach metrics).
 Every function takes the Dataset first, variables by name / ``sed_role`` / alias, and keyword-only
@@ -11,7 +12,8 @@ analysis only: nothing here imports the engine, the readers, Dask distributed or
 from __future__ import annotations
 
 from ._series import require_metric, resolve
-from .edge import edge_null, edge_summary, null_distribution, signal_rank, window_statistic
+from .edge import edge_null, edge_summary, null_distribution, pc2_summary, signal_rank, window_statistic
+from .events import event_study
 from .granger import granger, granger_multivariate, granger_test, residualize
 from .lag import (detrend_series, lag_correlation, lag_flips, lag_sweep, lagged_corr, peak_lag, pearson,
                   phase_correlation, sliding_correlation)
@@ -22,8 +24,8 @@ from .warning import event_index, lead_time, onset, onset_index
 
 __all__ = [
     "resolve", "require_metric",
-    "signal_rank", "edge_summary", "edge_null", "null_distribution", "window_statistic",
-    "segment", "phase_intervals", "phases", "collapse_step", "cross_seed_summary",
+    "signal_rank", "edge_summary", "edge_null", "null_distribution", "window_statistic", "pc2_summary",
+    "segment", "phase_intervals", "phases", "collapse_step", "cross_seed_summary", "event_study",
     "detrend_series", "pearson", "lagged_corr", "peak_lag", "lag_correlation", "lag_sweep", "lag_flips",
     "sliding_correlation", "phase_correlation",
     "granger_test", "granger", "granger_multivariate", "residualize",

@@ -234,3 +234,99 @@ def edge_null(ds: xr.Dataset, *, statistic="edge_ratio", n_null: int = 999, q: f
     out["null_quantile"].attrs.update(long_name=f"{q:g} quantile of the matched-norm null", units="1")
     out["p_value"].attrs.update(long_name="null p-value (1 + #null>=obs)/(n_null + 1)", units="1")
     return out
+
+
+def pc2_summary(ds: xr.Dataset, *, split_half="split_half", n_null: int = 999, q: float = 0.95,
+                seed: int | None = 0, norms: str = "delta_norm", n_params=None, sustain: int = 1,
+                ddof: int = 0, run=None, window=None, group=None) -> xr.Dataset:
+    """When does PC2 sink into the noise? The reference's ``pc2_noise_test`` consumers (sed_spec §4.5).
+
+    Runs :func:`edge_null` with ``statistic="pc2"`` (PC2 = 100 λ₂/Σλ against the matched-norm
+    random-direction null) and summarises each (run, W[, group]) series over its valid windows
+    (finite observed PC2; windows are the engine's, in step order):
+
+    * ``noise_transition_step``: step of the first window whose PC2 is *not* above the null ``q``
+      quantile (obs ≤ quantile), i.e. the first ``pc2_above_null`` = False — the spec's rule
+      (``sustain=1``). ``sustain=m`` asks for m consecutive such windows and reports the first of
+      them (robust to a single dip). NaN when PC2 stays above the null throughout.
+    * ``pc2_cv``: std / mean of ``pc2_pct`` over the valid windows, std with ``ddof`` (0 =
+      population std, as the reference's ``np.std``).
+    * ``pc2_mean``, ``null_pc2_mean``, ``n_above_null``, ``n_windows``; ``split_half_k2_mean``: mean
+      of ``split_half`` at sv=2 over the valid windows where it is finite (needs W ≥ 4).
+
+    Per window (along ``step``): ``pc2_pct``, ``null_pc2``, ``pc2_above_null``, ``split_half_k2`` —
+    the fields of the reference's ``pc2_noise_test.json``. ``split_half=None`` skips the split-half
+    fields (results written before the engine had ``split_half``).
+    """
+    if int(sustain) != sustain or sustain < 1:
+        raise AnalysisError(f"sustain must be an integer >= 1, got {sustain!r}")
+    if ddof not in (0, 1):
+        raise AnalysisError(f"ddof must be 0 (population std) or 1 (sample std), got {ddof!r}")
+    sh = None
+    if split_half is not None:
+        name = str(split_half)
+        if name not in ds.data_vars:
+            raise AnalysisError(f"{name} not in dataset: the split-half stability needs the engine's "
+                                "'split_half(run, window[, group], step, sv)' (result_schema.md); "
+                                "recompute the spectrum, or pass split_half=None to skip it")
+        if 2 not in ds[name]["sv"].values:
+            raise AnalysisError(f"{name}: sv=2 not in its sv coordinate")
+        sh = select(ds[name].sel(sv=2, drop=True), run=run, window=window, group=group)
+    nul = edge_null(ds, statistic="pc2", n_null=n_null, q=q, seed=seed, norms=norms, n_params=n_params,
+                    run=run, window=window, group=group)
+    obs_all = nul["observed"]
+    dims = series_dims(obs_all)
+    col = Collector(obs_all, dims)
+    steps_all = obs_all[STEP].values
+    for key, s in iter_series(obs_all, dims):
+        obs = np.asarray(s.values, dtype=float)
+        qv = np.asarray(nul["null_quantile"].sel(key).values, dtype=float)
+        valid = np.isfinite(obs) & np.isfinite(qv)
+        above = valid & (obs > qv)
+        vo, vq = obs[valid], qv[valid]
+        not_above = ~(vo > vq)
+        trans = np.nan
+        run_len = 0
+        for i, flag in enumerate(not_above):
+            run_len = run_len + 1 if flag else 0
+            if run_len >= sustain:
+                trans = float(steps_all[valid][i - sustain + 1])
+                break
+        if vo.size:
+            mean = float(vo.mean())
+            cv = float(vo.std(ddof=ddof) / mean) if mean > 0 and vo.size > ddof else np.nan
+            qmean = float(vq.mean())
+        else:
+            mean = cv = qmean = np.nan
+        col.add(key, along=(STEP, steps_all), pc2_pct=np.where(valid, obs, np.nan),
+                null_pc2=np.where(valid, qv, np.nan), pc2_above_null=above)
+        col.add(key, noise_transition_step=trans, pc2_cv=cv, pc2_mean=mean, null_pc2_mean=qmean,
+                n_above_null=int(above.sum()), n_windows=int(valid.sum()))
+        if sh is not None:
+            k2 = np.asarray(sh.sel({d: v for d, v in key.items() if d in sh.dims})
+                            .reindex({STEP: steps_all}).values, dtype=float)
+            k2 = np.where(valid, k2, np.nan)
+            col.add(key, along=(STEP, steps_all), split_half_k2=k2)
+            col.add(key, split_half_k2_mean=float(np.nanmean(k2)) if np.isfinite(k2).any() else np.nan)
+    out = col.dataset(statistic="pc2", n_null=n_null, q=q, norms=norms, seed=-1 if seed is None else seed,
+                      sustain=int(sustain), ddof=int(ddof),
+                      split_half_variable="" if sh is None else str(split_half))
+    attrs = {
+        "pc2_pct": ("PC2 share of the window energy 100 lambda_2 / sum(lambda)", "percent"),
+        "null_pc2": (f"{q:g} quantile of PC2 under the matched-norm random-direction null", "percent"),
+        "pc2_above_null": (f"pc2_pct > the null {q:g} quantile", None),
+        "noise_transition_step": ("step of the first valid window whose PC2 is not above the null "
+                                  f"{q:g} quantile" + (f" ({sustain} consecutive)" if sustain > 1 else ""),
+                                  "steps"),
+        "pc2_cv": (f"std(pc2_pct, ddof={ddof}) / mean(pc2_pct) over valid windows", "1"),
+        "pc2_mean": ("mean pc2_pct over valid windows", "percent"),
+        "null_pc2_mean": (f"mean null {q:g} quantile over valid windows", "percent"),
+        "n_above_null": ("valid windows with pc2_pct above the null quantile", "1"),
+        "n_windows": ("valid windows (finite pc2 and null quantile)", "1"),
+        "split_half_k2": ("split-half |cos| of the PC2 directions (split_half at sv=2)", "1"),
+        "split_half_k2_mean": ("mean split_half at sv=2 over valid windows (0.5 = 'weak')", "1"),
+    }
+    for v, (long_name, units) in attrs.items():
+        if v in out:
+            out[v].attrs.update(long_name=long_name, **({"units": units} if units else {}))
+    return out

@@ -1,4 +1,4 @@
-"""``sed-dask query RESULTS edge|phases|lag|granger|shift|warning [options]``.
+"""``sed-dask query RESULTS edge|pc2|phases|events|lag|granger|shift|warning [options]``.
 
 Opens a Zarr results store (``xr.open_zarr``), runs one query family from
 :mod:`sed_dask.analysis` and prints readable tables, or JSON with ``--json``.
@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-QUERIES = ("edge", "phases", "lag", "granger", "shift", "warning")
+QUERIES = ("edge", "pc2", "phases", "events", "lag", "granger", "shift", "warning")
 
 
 def _lags(text: str) -> list[int]:
@@ -60,11 +60,29 @@ def register(subparsers) -> None:
     q.add_argument("--norms", choices=("delta_norm", "equal"), default="delta_norm")
     q.add_argument("--seed", type=int, default=0)
 
+    q = sub.add_parser("pc2", parents=[common],
+                       help="PC2 vs the matched-norm null: noise-transition step, pc2 CV, split-half")
+    q.add_argument("--n-null", type=int, default=999)
+    q.add_argument("--q", type=float, default=0.95, help="null quantile PC2 must exceed (default 0.95)")
+    q.add_argument("--norms", choices=("delta_norm", "equal"), default="delta_norm")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--sustain", type=int, default=1,
+                   help="consecutive windows not above the null that mark the transition (1 = reference)")
+    q.add_argument("--ddof", type=int, default=0, help="ddof of the pc2 CV's std (0 = reference)")
+
     q = sub.add_parser("phases", parents=[common], help="rise/plateau/collapse and collapse step")
     q.add_argument("--method", choices=("peak", "derivative", "threshold", "changepoint"), default="peak")
     q.add_argument("--tau", type=_tau, action="append",
                    help="collapse threshold (repeatable) or 'auto' = 1 + 2W^(-2/3); default 1.20")
     q.add_argument("--ddof", type=int, default=0, help="ddof of the cross-seed std (0 = reference)")
+
+    q = sub.add_parser("events", parents=[common], help="event study: collapse -> target stabilisation lead")
+    q.add_argument("--target", default="val_loss")
+    q.add_argument("--tau", type=float, action="append",
+                   help="collapse threshold (repeatable; default 1.15 1.20 1.25 1.30)")
+    q.add_argument("--baseline", type=int, default=10, help="first dvl_smooth entries setting the threshold")
+    q.add_argument("--factor", type=float, default=0.3, help="threshold = factor x their median")
+    q.add_argument("--fallback", type=float, default=0.01, help="threshold when no baseline value exists")
 
     q = sub.add_parser("lag", parents=[common], help="lagged cross-correlation with a target")
     q.add_argument("--target", default="val_loss")
@@ -134,6 +152,18 @@ def tables(ds, args) -> dict:
             out["edge vs matched-norm null (per series)"] = _table(r, ["frac_significant", "n_windows"])
             out["edge vs matched-norm null (per window)"] = _table(
                 r, ["observed", "null_quantile", "p_value", "significant"]).dropna(subset=["observed"])
+    elif args.query == "pc2":
+        sh = "split_half" if "split_half" in ds.data_vars else None
+        r = A.pc2_summary(ds, split_half=sh, n_null=args.n_null, q=args.q, norms=args.norms, seed=args.seed,
+                          sustain=args.sustain, ddof=args.ddof, **sel)
+        if sh is None:
+            print("note: the store has no split_half (computed before it existed); split-half fields skipped",
+                  file=sys.stderr)
+        out["pc2 vs null (per series)"] = _table(r, ["noise_transition_step", "pc2_cv", "pc2_mean",
+                                                     "null_pc2_mean", "split_half_k2_mean", "n_above_null",
+                                                     "n_windows"])
+        out["pc2 vs null (per window)"] = _table(
+            r, ["pc2_pct", "null_pc2", "pc2_above_null", "split_half_k2"]).dropna(subset=["pc2_pct"])
     elif args.query == "phases":
         ph = A.phases(ds, var, method=args.method, sv=sv, **sel)
         out[f"phases ({args.method})"] = _table(ph, ["peak_step", "peak_value", "plateau_start_step",
@@ -144,6 +174,14 @@ def tables(ds, args) -> dict:
         if "run" in cs.dims and cs.sizes["run"] > 1:
             out[f"cross-seed (ddof={args.ddof})"] = _table(
                 A.cross_seed_summary(cs, ["collapse_step", "peak_value"], ddof=args.ddof))
+    elif args.query == "events":
+        from ..analysis.events import DEFAULT_TAUS
+
+        r = A.event_study(ds, var, args.target, taus=args.tau or DEFAULT_TAUS, baseline=args.baseline,
+                          factor=args.factor, fallback=args.fallback, sv=sv, **sel)
+        out["event study (per tau)"] = _table(r, ["collapse_step", "stab_step", "lead_time"])
+        out["event study (per series)"] = _table(r, ["peak_step", "peak_value", "threshold", "n_baseline",
+                                                     "threshold_fallback", "n_points"])
     elif args.query == "lag":
         kw = dict(lags=args.lags, detrend=args.detrend, peak=args.peak, sv=sv)
         if args.sweep:

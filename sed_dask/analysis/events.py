@@ -1,0 +1,121 @@
+"""Event study: does the edge collapse precede the stabilisation of the validation loss? (sed_spec §5.5)
+
+Per (run, W[, group]) series and collapse threshold τ: the collapse step of the edge
+(:func:`sed_dask.analysis.phases.collapse_step`), the first step at or after it where the target's
+smoothed step-to-step change falls below a threshold set by its own early noise, and
+lead_time = stab_step − collapse_step (positive = the collapse comes first).
+"""
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from ..errors import AnalysisError
+from ._series import STEP, Collector, at, describe, finite, iter_series, pair_series
+from .phases import collapse_step
+
+DEFAULT_TAUS = (1.15, 1.20, 1.25, 1.30)
+
+
+def smoothed_change(y) -> np.ndarray:
+    """dvl_smooth of sed_spec §5.5 steps 1–2 on the target at the windows (NaN = missing).
+
+    dvl_t = |y_{t+1} − y_t| (NaN when either is missing, and for the last t: gaps are not bridged);
+    dvl_smooth_t = mean of the finite dvl among t−1, t, t+1 (NaN when none is).
+    """
+    y = np.asarray(y, dtype=float)
+    dvl = np.full(y.size, np.nan)
+    dvl[:-1] = np.abs(np.diff(y))
+    pad = np.concatenate([[np.nan], dvl, [np.nan]])
+    nb = np.stack([pad[:-2], pad[1:-1], pad[2:]])
+    n = np.isfinite(nb).sum(axis=0)
+    s = np.nansum(nb, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, s / np.maximum(n, 1), np.nan)
+
+
+def stabilisation_threshold(dvl_smooth, *, baseline: int = 10, factor: float = 0.3,
+                            fallback: float = 0.01) -> tuple[float, int]:
+    """``(threshold, n used)``: ``factor`` × median of the finite values among the first ``baseline``
+    dvl_smooth entries, or ``fallback`` when there are none (sed_spec §5.5 step 3). Fewer than
+    ``baseline`` entries (a short series) use what there is, as the reference's slice does."""
+    head = np.asarray(dvl_smooth, dtype=float)[:baseline]
+    head = head[np.isfinite(head)]
+    if head.size == 0:
+        return float(fallback), 0
+    return float(factor * np.median(head)), int(head.size)
+
+
+def event_study(ds: xr.Dataset, variable="edge_ratio", target="val_loss", *, taus=DEFAULT_TAUS,
+                baseline: int = 10, factor: float = 0.3, fallback: float = 0.01, sv=None, target_sv=None,
+                run=None, window=None, group=None) -> xr.Dataset:
+    """Collapse → target-stabilisation lead time for each τ (sed_spec §5.5).
+
+    Time axis: the windows where ``variable`` is finite, in step order (the reference's
+    ``pc2_noise_test.json`` holds only valid windows); the target is read at exactly those steps
+    (NaN where it was not evaluated). Then, per series, :func:`smoothed_change` (dvl_smooth),
+    threshold = :func:`stabilisation_threshold` (``factor`` 0.3 × median of the finite values among
+    the first ``baseline`` = 10 dvl_smooth entries, whether or not they are finite; ``fallback``
+    0.01 if none — an absolute level in the target's units, flagged in ``threshold_fallback``;
+    a series shorter than ``baseline`` uses what it has, see ``n_baseline``), and per τ: collapse_step as in
+    :func:`collapse_step`, stab_step = first window at or after the collapse window with
+    dvl_smooth < threshold (missing dvl_smooth never qualifies), lead_time = stab_step −
+    collapse_step in steps. NaN when there is no collapse or no stabilisation after it.
+
+    Returns a Dataset with ``collapse_step``, ``stab_step``, ``lead_time`` on (series, ``tau``) and
+    ``peak_step``, ``peak_value``, ``threshold``, ``n_baseline``, ``threshold_fallback``,
+    ``n_points`` per series. A target with no finite value at the series' windows raises.
+    """
+    tlist = [taus] if isinstance(taus, (int, float, np.number)) else list(taus)
+    if not tlist or any(isinstance(t, (str, bytes)) or not np.isfinite(float(t)) for t in tlist):
+        raise AnalysisError(f"taus must be finite numbers, got {taus!r}")
+    if baseline < 1:
+        raise AnalysisError(f"baseline must be >= 1, got {baseline}")
+    tau_coord = np.asarray(tlist, dtype=float)
+    x, y = pair_series(ds, variable, target, sv=sv, target_sv=target_sv, run=run, window=window, group=group)
+    cs = collapse_step(x.to_dataset(name=str(x.name)), str(x.name), tau=list(tau_coord))
+    col = Collector(x)
+    for key, s in iter_series(x):
+        st, _ = finite(s)
+        yt = at(y, key)
+        yv = np.asarray(yt.reindex({STEP: st}).values, dtype=float)
+        if not np.isfinite(yv).any():
+            raise AnalysisError(f"{describe(key, str(y.name))}: no finite value at the {st.size} windows of "
+                                f"{x.name!r}; the event study needs the target evaluated at window steps")
+        dsm = smoothed_change(yv)
+        thr, nbase = stabilisation_threshold(dsm, baseline=baseline, factor=factor, fallback=fallback)
+        c = cs.sel({d: v for d, v in key.items() if d in cs.dims})
+        csteps = np.asarray(c["collapse_step"].values, dtype=float)
+        stab = np.full(tau_coord.size, np.nan)
+        for j, cstep in enumerate(csteps):
+            if not np.isfinite(cstep):
+                continue
+            ci = int(np.searchsorted(st, cstep))
+            hit = np.nonzero(dsm[ci:] < thr)[0]       # NaN < thr is False
+            if hit.size:
+                stab[j] = float(st[ci + hit[0]])
+        col.add(key, along=("tau", tau_coord), collapse_step=csteps, stab_step=stab, lead_time=stab - csteps)
+        col.add(key, peak_step=float(c["peak_step"]), peak_value=float(c["peak_value"]), threshold=thr,
+                n_baseline=nbase, threshold_fallback=nbase == 0, n_points=int(st.size))
+    out = col.dataset(source_variable=str(x.name), target=str(y.name), baseline=int(baseline),
+                      factor=float(factor), fallback=float(fallback))
+    notes = {
+        "collapse_step": ("first step at/after the peak with the variable < tau", "steps"),
+        "stab_step": ("first window step at/after the collapse with smoothed |d target| < threshold", "steps"),
+        "lead_time": ("stab_step - collapse_step (positive: the collapse comes first)", "steps"),
+        "peak_step": ("step of the variable's first maximum", "steps"),
+        "peak_value": ("the variable's maximum", str(x.attrs.get("units", "1"))),
+        "threshold": (f"{factor:g} x median of the first {baseline} smoothed |d target| values "
+                      f"(fallback {fallback:g})", "target units"),
+        "n_baseline": ("finite smoothed |d target| values the threshold used", "1"),
+        "threshold_fallback": ("the threshold is the absolute fallback (no baseline values)", None),
+        "n_points": ("windows on the time axis (variable finite)", "1"),
+    }
+    for v, (long_name, units) in notes.items():
+        if v in out:
+            out[v].attrs.update(long_name=long_name, **({"units": units} if units else {}))
+    out["tau"].attrs.update(long_name="collapse threshold tau", units="1")
+    return out
+
+
+__all__ = ["event_study", "smoothed_change", "stabilisation_threshold", "DEFAULT_TAUS"]
