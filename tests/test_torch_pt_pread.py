@@ -258,6 +258,40 @@ def test_concurrent_first_opens_load_once(tmp_path, loads):
     assert len(loads) == 1
 
 
+def test_staggered_first_opens_load_once(tmp_path, loads, monkeypatch):
+    """Threads arriving while the first one finishes (its layout built, not yet cached) must not load again."""
+    import time
+
+    p = tmp_path / "ckpt.pt"
+    torch.save({"a": torch.arange(1000.0)}, p)
+    real_key = torch_pt._file_key
+
+    def slow_key(path):  # widens the gap between building a layout and caching it
+        time.sleep(0.003)
+        return real_key(path)
+
+    monkeypatch.setattr(torch_pt, "_file_key", slow_key)
+    errors = []
+
+    def work():
+        try:
+            with TorchReader(p) as r:
+                assert np.array_equal(r.read("a", 5, 9), [5, 6, 7, 8])
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = []
+    for _ in range(24):
+        t = threading.Thread(target=work)
+        t.start()
+        threads.append(t)
+        time.sleep(0.001)
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(loads) == 1
+
+
 def test_file_changed_or_truncated_names_the_file(tmp_path):
     p = tmp_path / "ckpt.pt"
     torch.save({"a": torch.arange(1000.0)}, p)

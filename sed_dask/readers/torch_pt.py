@@ -277,18 +277,18 @@ def get_layout(path: str) -> Layout:
                 return lay
         try:
             lay = _build_layout(path, key)
-        finally:
+            try:
+                unchanged = _file_key(path) == key
+            except OSError:
+                unchanged = False
+            if unchanged:  # a file rewritten during the load is not cached under its old key
+                with _LAYOUT_LOCK:
+                    _LAYOUTS[key] = lay
+                    while len(_LAYOUTS) > LAYOUT_CACHE_SIZE:
+                        _LAYOUTS.popitem(last=False)
+        finally:  # only once the layout is cached: a thread arriving in between would load again
             with _LAYOUT_LOCK:
                 _BUILDING.pop(key, None)
-        try:
-            unchanged = _file_key(path) == key
-        except OSError:
-            unchanged = False
-        if unchanged:  # a file rewritten during the load is not cached under its old key
-            with _LAYOUT_LOCK:
-                _LAYOUTS[key] = lay
-                while len(_LAYOUTS) > LAYOUT_CACHE_SIZE:
-                    _LAYOUTS.popitem(last=False)
         return lay
 
 
