@@ -1,7 +1,8 @@
 """Find checkpoints and their training steps.
 
 Steps come from file or directory names (``ckpt_000200.pt``, ``step200``, ``global_step200``,
-``checkpoint-200``, ``step1000-tokens4B`` HF revisions, ``model_200.safetensors``) or from an
+``checkpoint-200``, ``step1000-tokens4B`` HF revisions, ``model_200.safetensors``, DCP folders
+``step_200/``) or from an
 explicit ``{step: path}`` mapping, and are sorted numerically (not lexicographically, sed_spec §2.1).
 Two files claiming one step is an error naming both: silently picking one would change the run.
 """
@@ -41,9 +42,10 @@ def step_from_name(path) -> int | None:
 
 
 def _is_checkpoint_dir(path: str) -> bool:
-    from .readers import SINGLE_FILES_IN_DIR, find_index
+    from .readers import SINGLE_FILES_IN_DIR, find_index, is_dcp_dir
 
-    return bool(find_index(path)) or any(os.path.isfile(os.path.join(path, n)) for n in SINGLE_FILES_IN_DIR)
+    return (bool(find_index(path)) or any(os.path.isfile(os.path.join(path, n)) for n in SINGLE_FILES_IN_DIR)
+            or is_dcp_dir(path))
 
 
 def _scan_dir(path: str) -> list[str]:

@@ -3,7 +3,8 @@
 ``open_checkpoint(path)`` picks the reader: a ``.safetensors`` file, a ``torch.save`` file
 (``.pt``/``.pth``/``.bin``/``.ckpt``; zip or legacy), or a directory holding a Hugging Face
 sharded checkpoint (``*.index.json``), a single ``model.safetensors`` or a ``pytorch_model.bin``
-(the layout of HF Trainer ``checkpoint-N/`` folders).
+(the layout of HF Trainer ``checkpoint-N/`` folders), or a PyTorch Distributed Checkpoint
+(``.metadata`` + ``__{rank}_{i}.distcp``).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 
 from ..errors import CheckpointError
 from .base import CheckpointReader, ReaderBase, TensorInfo, flat_slices
+from .dcp import DCPReader, is_dcp_dir
 from .hf_sharded import ShardedReader, find_index
 from .safetensors_file import SafetensorsReader, is_safetensors
 from .torch_pt import TorchReader, find_state_dict
@@ -19,7 +21,8 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 SINGLE_FILES_IN_DIR = ("model.safetensors", "pytorch_model.bin")
 
 __all__ = ["CheckpointReader", "TensorInfo", "ReaderBase", "TorchReader", "SafetensorsReader", "ShardedReader",
-           "open_checkpoint", "open_file", "checkpoint_format", "flat_slices", "find_state_dict"]
+           "DCPReader", "is_dcp_dir", "open_checkpoint", "open_file", "checkpoint_format", "flat_slices",
+           "find_state_dict"]
 
 
 def open_file(path: str) -> ReaderBase:
@@ -29,6 +32,10 @@ def open_file(path: str) -> ReaderBase:
         return SafetensorsReader(path)
     if path.endswith(".index.json"):
         return ShardedReader(path)
+    if os.path.basename(path) == ".metadata":
+        return DCPReader(path)
+    if path.endswith(".distcp"):
+        raise CheckpointError(f"{path} is one data file of a DCP checkpoint; pass its directory")
     if path.endswith(TORCH_SUFFIXES):
         return TorchReader(path)
     if not os.path.exists(path):
@@ -39,7 +46,7 @@ def open_file(path: str) -> ReaderBase:
 
 
 def checkpoint_format(path) -> str:
-    """``"safetensors"``, ``"pt"`` or ``"hf_sharded"`` (no data read)."""
+    """``"safetensors"``, ``"pt"``, ``"hf_sharded"`` or ``"dcp"`` (no data read)."""
     return _reader_class(str(path)).format
 
 
@@ -50,8 +57,10 @@ def _reader_class(path: str):
         for name in SINGLE_FILES_IN_DIR:
             if os.path.isfile(os.path.join(path, name)):
                 return SafetensorsReader if name.endswith(".safetensors") else TorchReader
+        if is_dcp_dir(path):
+            return DCPReader
         raise CheckpointError(f"{path}: directory holds no checkpoint (looked for *.index.json, "
-                              f"{', '.join(SINGLE_FILES_IN_DIR)})")
+                              f"{', '.join(SINGLE_FILES_IN_DIR)}, DCP .metadata/*.distcp)")
     return type(open_file(path))
 
 
@@ -62,6 +71,8 @@ def open_checkpoint(path) -> ReaderBase:
         cls = _reader_class(path)
         if cls is ShardedReader:
             return ShardedReader(path)
+        if cls is DCPReader:
+            return DCPReader(path)
         for name in SINGLE_FILES_IN_DIR:
             p = os.path.join(path, name)
             if os.path.isfile(p):

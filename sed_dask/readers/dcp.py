@@ -1,0 +1,799 @@
+"""PyTorch Distributed Checkpoint (DCP) directories: ``.metadata`` plus ``__{rank}_{i}.distcp`` files.
+
+What the files hold (``torch/distributed/checkpoint/filesystem.py`` and ``metadata.py``):
+``.metadata`` is a pickled ``Metadata``. Its ``state_dict_metadata`` gives every FQN of the
+flattened state dict either a ``TensorStorageMetadata`` (dtype, global size and ``chunks``: one
+``offsets``/``sizes`` box per saved shard, e.g. one per rank of a ``Shard(0)`` DTensor) or a
+``BytesStorageMetadata`` (a pickled python object: step counters, param groups; not a tensor, so
+not listed here). Its ``storage_data`` maps ``MetadataIndex(fqn, chunk offsets)`` to
+``_StorageInfo(relative_path, offset, length, transform_descriptors)``: where each chunk lies.
+``FileSystemWriter`` writes every chunk as a complete ``torch.save`` archive of the chunk tensor
+alone (a zip whose one storage is stored uncompressed). With its experimental stream
+``_extensions`` (e.g. zstd) the byte range holds that archive *transformed* instead, and
+``transform_descriptors`` names the transforms.
+
+So listing tensors costs the metadata plus one ``stat`` per ``.distcp`` file (to check that every
+chunk lies inside its file), and a flat slice touches only the chunks it overlaps. The first
+read of a chunk parses its archive's zip directory and ``data.pkl`` (a few hundred bytes) to
+locate its storage (file offset, storage offset, strides, dtype); each box of the slice inside a
+chunk is then one positioned read of exactly its bytes (a flat C-order range split by
+``flat_slices`` meets a C-contiguous chunk in one contiguous run, also for ``Shard(1)``). Chunks
+stored with transforms cannot be read by range: each one overlapping the slice is decoded whole
+(torch's ``ExtensionRegistry``) and loaded with ``weights_only``.
+
+Pickle safety: every pickle goes through torch's ``weights_only`` unpickler, never
+``pickle.load`` (``FileSystemReader.read_metadata`` uses plain pickle, so it is not called). That
+unpickler speaks protocol 2 while ``.metadata`` is written with Python's default protocol (4),
+so the opcode stream is first rewritten to protocol 2 (frames dropped, ``STACK_GLOBAL`` ->
+``GLOBAL``, ``MEMOIZE`` -> ``LONG_BINPUT``; a rewrite of the encoding, nothing is built), then
+unpickled with exactly the DCP metadata classes allow-listed: any other global is refused.
+
+Names: DCP flattens nested dicts (``{"model": {...}, "optim": {...}}`` -> ``model.w``,
+``optim.state.w.exp_avg``) and keeps each FQN's key path in ``Metadata.planner_data``, so the
+rule ``find_state_dict`` applies to ``.pt`` files is applied to the un-flattened dict: the
+tensors directly under ``model_state_dict`` / ``state_dict`` / ``model`` are served under their
+bare names, else the top-level tensors. The key path, not the dotted name, decides: an HF model
+saved flat has FQNs ``model.layers.0...`` *and* ``lm_head.weight`` at the top level.
+
+Parsed metadata is cached per process (LRU keyed by the ``.metadata`` file's real path, size and
+mtime, like the ``.pt`` layouts), so the many tasks that open one checkpoint unpickle it once.
+"""
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+import io
+import math
+import os
+import pickletools
+import struct
+import threading
+import zipfile
+from collections.abc import Mapping
+
+import numpy as np
+
+from ..errors import CheckpointError
+from .base import ReaderBase, TensorInfo, flat_slices
+from .torch_pt import STATE_DICT_KEYS
+
+METADATA_NAME = ".metadata"
+SUFFIX = ".distcp"
+
+#: parsed checkpoints kept per process
+CACHE_SIZE = 64
+_CACHE_LOCK = threading.Lock()
+_CACHE: collections.OrderedDict = collections.OrderedDict()
+#: ``safe_globals`` edits torch's process-wide allow-list: one metadata unpickling at a time
+_UNPICKLE_LOCK = threading.Lock()
+#: a chunk archive's data.pkl describes one tensor; anything larger is not a DCP chunk
+_MAX_PKL = 1 << 20
+#: elements converted per positioned read for dtypes other than float32 (bounds the temporary)
+_PIECE = 1 << 20
+_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zip local file header (30 bytes)
+
+#: torch dtype name -> little-endian numpy dtype of the stored bytes (bfloat16 as its bit pattern)
+_RAW_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "float64": "<f8", "int64": "<i8",
+               "int32": "<i4", "int16": "<i2", "int8": "i1", "uint64": "<u8", "uint32": "<u4", "uint16": "<u2",
+               "uint8": "u1", "bool": "?"}
+#: dtypes numpy lacks but torch converts to float32 exactly (decoded with torch)
+_TORCH_DTYPES = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
+
+
+def is_dcp_dir(path) -> bool:
+    """Whether ``path`` looks like a DCP checkpoint: a ``.metadata`` file or ``*.distcp`` files.
+
+    Either alone counts, so that a checkpoint that lost its metadata or its data files is opened
+    (and refused, naming what is missing) rather than silently skipped by discovery.
+    """
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, METADATA_NAME)):
+        return True
+    try:
+        with os.scandir(path) as it:
+            return any(e.name.endswith(SUFFIX) for e in it)
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------- safe metadata
+def _allowed_globals() -> list:
+    """The classes a DCP ``.metadata`` pickle may name (nothing else is unpickled)."""
+    import pathlib
+
+    try:
+        from torch.distributed.checkpoint import metadata as m
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+    except Exception as exc:  # a torch build without torch.distributed
+        raise CheckpointError(f"reading DCP checkpoints needs torch.distributed.checkpoint, which this torch "
+                              f"cannot import: {type(exc).__name__}: {exc}") from exc
+    # StorageMeta.checkpoint_id may be a path object: rebuilt as a pure path (no filesystem access,
+    # and a WindowsPath written on Windows still loads on Linux)
+    paths = [(pathlib.PurePosixPath, f"{mod}.{cls}") for mod in ("pathlib", "pathlib._local")
+             for cls in ("PosixPath", "PurePosixPath")]
+    paths += [(pathlib.PureWindowsPath, f"{mod}.{cls}") for mod in ("pathlib", "pathlib._local")
+              for cls in ("WindowsPath", "PureWindowsPath")]
+    return [m.Metadata, m.TensorStorageMetadata, m.BytesStorageMetadata, m.ChunkStorageMetadata, m.TensorProperties,
+            m._MEM_FORMAT_ENCODING, m.StorageMeta, m.MetadataIndex, _StorageInfo] + paths
+
+
+#: opcodes torch's weights_only unpickler reads, copied as they are: code -> fixed argument bytes
+_PASS = {**dict.fromkeys(b"\x81RbaesuNt\x85\x86\x87\x88\x89)]}\x8f(Q.", 0), ord("K"): 1, ord("h"): 1,
+         ord("q"): 1, ord("M"): 2, ord("J"): 4, ord("j"): 4, ord("r"): 4, ord("G"): 8}
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+_BINGET, _LONG_BINGET, _BINPUT, _LONG_BINPUT, _STOP, _BINUNICODE, _SHORT_BINSTRING, _GLOBAL = b"hjqr.XUc"
+
+
+def _as_protocol2(data: bytes) -> bytes:
+    """The pickle ``data`` re-encoded with the protocol-2 opcodes torch's weights_only unpickler reads.
+
+    Only the encoding changes: ``FRAME`` is dropped, short/8-byte strings become ``BINUNICODE``,
+    ``MEMOIZE`` becomes ``LONG_BINPUT`` with its implicit index, and ``STACK_GLOBAL`` (module and
+    name pushed as strings) becomes ``GLOBAL``. The string pushes it consumed are removed; the
+    memo slots they filled are filled by a prelude (one junk list at the bottom of the stack,
+    which ``STOP`` ignores). Any opcode that unpickler lacks is refused here already.
+    """
+    out: list[bytes] = []
+    tags: list[tuple | None] = []  # per item of out: ("str", s), ("put", idx) or None
+    prelude: list[tuple[str, int]] = []
+    memo: set[int] = set()
+    memo_str: dict[int, str] = {}
+    n, i = len(data), 0
+
+    def put(idx: int) -> None:
+        if idx in memo:
+            raise ValueError(f"memo slot {idx} is written twice")
+        memo.add(idx)
+        if tags and tags[-1] and tags[-1][0] == "str":
+            memo_str[idx] = tags[-1][1]
+        out.append(b"r" + _U32.pack(idx))
+        tags.append(("put", idx))
+
+    def string(raw: bytes, length: int) -> None:
+        if len(raw) != length:
+            raise ValueError("truncated string")
+        text = raw.decode("utf-8", "surrogatepass")
+        out.append(b"X" + _U32.pack(len(raw)) + raw)
+        tags.append(("str", text))
+
+    def pop_string() -> str:
+        puts = []
+        while tags and tags[-1] and tags[-1][0] == "put":
+            puts.append(tags.pop()[1])
+            out.pop()
+        if not tags or not tags[-1] or tags[-1][0] != "str" or tags[-1][1] is None:
+            raise ValueError("STACK_GLOBAL not preceded by its module and name strings")
+        out.pop()
+        text = tags.pop()[1]
+        prelude.extend((text, idx) for idx in puts)
+        return text
+
+    while True:
+        if i >= n:
+            raise ValueError("pickle ends before its STOP opcode")
+        op = data[i]
+        if op in _PASS:
+            j = i + 1 + _PASS[op]
+            if op == _BINGET or op == _LONG_BINGET:  # BINGET / LONG_BINGET: may push a known string
+                idx = data[i + 1] if op == _BINGET else _U32.unpack_from(data, i + 1)[0]
+                out.append(data[i:j])
+                tags.append(("str", memo_str[idx]) if idx in memo_str else None)
+            elif op == _BINPUT or op == _LONG_BINPUT:  # BINPUT / LONG_BINPUT
+                put(data[i + 1] if op == _BINPUT else _U32.unpack_from(data, i + 1)[0])
+            else:
+                out.append(data[i:j])
+                tags.append(None)
+            i = j
+            if op == _STOP:
+                break
+        elif op == 0x80 or op == 0x95:  # PROTO (one is written first), FRAME
+            i += 2 if op == 0x80 else 9
+        elif op == 0x8C:  # SHORT_BINUNICODE
+            want = data[i + 1]
+            string(data[i + 2:i + 2 + want], want)
+            i += 2 + want
+        elif op == _BINUNICODE:  # BINUNICODE
+            want = _U32.unpack_from(data, i + 1)[0]
+            string(data[i + 5:i + 5 + want], want)
+            i += 5 + want
+        elif op == 0x8D:  # BINUNICODE8
+            want = _U64.unpack_from(data, i + 1)[0]
+            string(data[i + 9:i + 9 + want], want)
+            i += 9 + want
+        elif op == _SHORT_BINSTRING or op == 0x8A:  # SHORT_BINSTRING, LONG1: one length byte
+            j = i + 2 + data[i + 1]
+            out.append(data[i:j])
+            tags.append(None)
+            i = j
+        elif op == 0x94:  # MEMOIZE
+            put(len(memo))
+            i += 1
+        elif op == 0x93:  # STACK_GLOBAL
+            gname, module = pop_string(), pop_string()
+            if "\n" in module or "\n" in gname:
+                raise ValueError("newline in a global's name")
+            out.append(b"c" + f"{module}\n{gname}\n".encode("utf-8", "surrogatepass"))
+            tags.append(None)
+            i += 1
+        elif op == _GLOBAL:  # GLOBAL: two lines
+            j = data.index(b"\n", data.index(b"\n", i) + 1) + 1
+            out.append(data[i:j])
+            tags.append(None)
+            i = j
+        else:
+            known = pickletools.code2op.get(chr(op))
+            raise ValueError(f"pickle opcode {known.name if known else hex(op)} at byte {i} is not allowed")
+    head = [b"\x80\x02"]
+    if prelude:
+        head.append(b"]")
+        for text, idx in prelude:
+            raw = text.encode("utf-8", "surrogatepass")
+            head += [b"X" + _U32.pack(len(raw)) + raw, b"r" + _U32.pack(idx), b"a"]
+    return b"".join(head + out)
+
+
+def load_metadata(path: str):
+    """The ``Metadata`` of a DCP ``.metadata`` file, unpickled with torch's weights_only unpickler
+    allowing only the DCP metadata classes; anything else in the pickle is a ``CheckpointError``."""
+    import torch
+    from torch._weights_only_unpickler import Unpickler
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"{os.path.dirname(path)}: no {METADATA_NAME} file, so not a complete DCP "
+                              f"checkpoint (is dcp.save still running, or did it fail?)") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read DCP metadata: {exc}") from exc
+    try:
+        data = _as_protocol2(raw)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a DCP metadata pickle (truncated or corrupt?): "
+                              f"{type(exc).__name__}: {exc}") from exc
+    allowed = _allowed_globals()
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    with _UNPICKLE_LOCK:
+        # only what is not allow-listed already: leaving the context removes exactly those again
+        have = set(torch.serialization.get_safe_globals())
+        missing = [g for g in allowed if g not in have]
+        with torch.serialization.safe_globals(missing):
+            try:
+                md = Unpickler(io.BytesIO(data), encoding="utf-8").load()
+            except Exception as exc:
+                msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                hint = ""
+                if "global" in msg.lower() or "reduce" in msg.lower() or "allowlisted" in msg:
+                    hint = (" (a DCP .metadata may hold only torch.distributed.checkpoint's metadata classes; this "
+                            "one pickles something else, refused for safety)")
+                raise CheckpointError(f"{path}: refused or unreadable DCP metadata: {type(exc).__name__}: "
+                                      f"{msg}{hint}") from exc
+    if not isinstance(md, Metadata):
+        raise CheckpointError(f"{path}: holds a {type(md).__name__}, not DCP Metadata")
+    return md
+
+
+# ----------------------------------------------------------------------------- layout
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """One saved box of a tensor and where its bytes lie (``start``/``length`` within ``file``)."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    file: str
+    start: int
+    length: int
+    transforms: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    """A chunk's storage inside its file: absolute offset of its first byte, the element offset
+    of the chunk's ``[0, ..., 0]`` in it, and the chunk tensor's strides (elements)."""
+
+    start: int
+    offset: int
+    strides: tuple[int, ...]
+
+
+class Layout:
+    """What a reader needs of one checkpoint: ``infos`` (served name -> TensorInfo), ``fqns``
+    (served name -> FQN), ``chunks`` (FQN -> chunks), ``files`` (relative path -> (size, mtime))
+    and ``stored`` (lazily located chunk storages, shared by the readers of this process)."""
+
+    __slots__ = ("key", "infos", "fqns", "chunks", "files", "stored")
+
+    def __init__(self, key, infos, fqns, chunks, files):
+        self.key, self.infos, self.fqns, self.chunks, self.files = key, infos, fqns, chunks, files
+        self.stored: dict[tuple, Stored] = {}
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _cover_problem(size: tuple, boxes: list[tuple[tuple, tuple]]) -> str | None:
+    """Why the chunk boxes do not tile the tensor exactly, or None when they do."""
+    nd = len(size)
+    for o, z in boxes:
+        if len(o) != nd or len(z) != nd or any(a < 0 or b < 0 or a + b > s for a, b, s in zip(o, z, size)):
+            return f"chunk at offsets {list(o)} sizes {list(z)} lies outside the tensor of size {list(size)}"
+    nz = [(o, z) for o, z in boxes if math.prod(z) > 0]
+    total, held = math.prod(size), sum(math.prod(z) for _, z in nz)
+    if held != total:
+        return f"its chunks hold {held} elements, the tensor has {total} (chunks missing or overlapping)"
+    if len(nz) <= 1:
+        return None
+    # chunks on a grid (every DTensor/ShardedTensor placement): each must be one distinct cell
+    bounds = [sorted({o[d] for o, _ in nz} | {o[d] + z[d] for o, z in nz}) for d in range(nd)]
+    if math.prod(len(b) - 1 for b in bounds) == len(nz):
+        cells = set()
+        for o, z in nz:
+            cell = tuple(bisect.bisect_left(bounds[d], o[d]) for d in range(nd))
+            if any(bounds[d][c + 1] != o[d] + z[d] for d, c in enumerate(cell)):
+                break
+            cells.add(cell)
+        else:
+            if len(cells) == len(nz):
+                return None
+    lo = np.array([o for o, _ in nz], dtype=np.int64)
+    hi = lo + np.array([z for _, z in nz], dtype=np.int64)
+    for i in range(0, len(nz), 256):
+        over = np.all(np.maximum(lo[i:i + 256, None], lo[None]) < np.minimum(hi[i:i + 256, None], hi[None]), axis=2)
+        over[np.arange(over.shape[0]), np.arange(i, i + over.shape[0])] = False
+        if over.any():
+            a, b = np.argwhere(over)[0]
+            return (f"chunks at offsets {list(nz[i + a][0])} and {list(nz[b][0])} overlap (and others leave a gap)")
+    return None
+
+
+def _served_names(fqns, planner_data, where: str) -> dict[str, str]:
+    """``{served name: FQN}``: ``find_state_dict``'s rule applied to the un-flattened state dict."""
+    paths = planner_data if isinstance(planner_data, Mapping) else {}
+
+    def path_of(fqn):
+        p = paths.get(fqn)
+        if isinstance(p, (tuple, list)) and p and ".".join(map(str, p)) == fqn:
+            return tuple(p)
+        return (fqn,)  # no key path recorded (flatten_state_dict=False): a top-level key
+
+    by_path = {fqn: path_of(fqn) for fqn in fqns}
+    for key in STATE_DICT_KEYS:
+        direct = {p[1]: fqn for fqn, p in by_path.items() if len(p) == 2 and p[0] == key and isinstance(p[1], str)}
+        if direct:
+            return direct
+    top = {fqn: fqn for fqn, p in by_path.items() if len(p) == 1}
+    if not top:
+        keys = list(dict.fromkeys(str(p[0]) for p in by_path.values()))
+        raise CheckpointError(f"{where}: no tensors found at the top level or under {'/'.join(STATE_DICT_KEYS)} "
+                              f"(top-level keys: {keys[:10]})")
+    return top
+
+
+def _build_layout(directory: str, meta_path: str, key: tuple) -> Layout:
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+    md = load_metadata(meta_path)
+    sdm, storage = md.state_dict_metadata, md.storage_data
+    if not isinstance(sdm, Mapping) or not isinstance(storage, Mapping):
+        raise CheckpointError(f"{meta_path}: DCP metadata without state_dict_metadata/storage_data mappings "
+                              f"(written by a custom storage writer?)")
+    where: dict[tuple, object] = {}
+    for idx, info in storage.items():
+        off = getattr(idx, "offset", None)
+        if off is not None:
+            where[(idx.fqn, tuple(int(x) for x in off))] = info
+    tensors = {}
+    for fqn, m in sdm.items():
+        if isinstance(m, TensorStorageMetadata):
+            tensors[fqn] = m
+        elif not isinstance(m, BytesStorageMetadata):
+            raise CheckpointError(f"{meta_path}: entry {fqn!r} has unknown storage metadata {type(m).__name__}")
+    names = _served_names(tensors, md.planner_data, directory)
+    infos: dict[str, TensorInfo] = {}
+    chunks: dict[str, list[Chunk]] = {}
+    files: dict[str, tuple[int, int]] = {}
+    for name, fqn in names.items():
+        m = tensors[fqn]
+        dtype = _dtype_name(m.properties.dtype)
+        size = tuple(int(s) for s in m.size)
+        boxes = [(tuple(int(x) for x in c.offsets), tuple(int(x) for x in c.sizes)) for c in m.chunks]
+        why = _cover_problem(size, boxes)
+        if why:
+            raise CheckpointError(f"{meta_path}: tensor {fqn!r} of size {list(size)} is not covered by its chunks: "
+                                  f"{why}")
+        found = []
+        for o, z in boxes:
+            if math.prod(z) == 0:
+                continue
+            info = where.get((fqn, o))
+            if info is None:
+                raise CheckpointError(f"{meta_path}: tensor {fqn!r}: no storage entry for its chunk at offsets "
+                                      f"{list(o)}")
+            rel = str(getattr(info, "relative_path", ""))
+            if not rel or os.path.isabs(rel) or os.path.normpath(rel).startswith(os.pardir):
+                raise CheckpointError(f"{meta_path}: tensor {fqn!r}: chunk file {rel!r} is not inside the checkpoint "
+                                      f"directory")
+            start, length = int(info.offset), int(info.length)
+            transforms = tuple(str(t) for t in (getattr(info, "transform_descriptors", None) or ()))
+            if rel not in files:
+                p = os.path.join(directory, rel)
+                try:
+                    st = os.stat(p)
+                except FileNotFoundError:
+                    raise CheckpointError(f"{directory}: DCP data file {rel} (holding tensor {fqn!r}) does not "
+                                          f"exist") from None
+                files[rel] = (st.st_size, st.st_mtime_ns)
+            if start < 0 or length <= 0 or start + length > files[rel][0]:
+                raise CheckpointError(f"{os.path.join(directory, rel)}: truncated: the metadata puts tensor {fqn!r} "
+                                      f"(chunk at offsets {list(o)}) at bytes [{start}:{start + length}], the file "
+                                      f"holds {files[rel][0]}")
+            found.append(Chunk(o, z, rel, start, length, transforms))
+        infos[name] = TensorInfo(dtype, size)
+        chunks[fqn] = found
+    return Layout(key, infos, names, chunks, files)
+
+
+def get_layout(directory: str) -> Layout:
+    """The cached layout of a DCP directory (its metadata unpickled the first time)."""
+    meta = os.path.join(directory, METADATA_NAME)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"DCP checkpoint directory {directory} does not exist")
+    try:
+        st = os.stat(meta)
+    except FileNotFoundError:
+        ranks = sorted(n for n in os.listdir(directory) if n.startswith("__") and n.endswith(METADATA_NAME))
+        extra = (f"; it holds rank-local {', '.join(ranks[:3])} (saved without collectives), which this reader "
+                 "does not merge" if ranks else " (is dcp.save still running, or did it fail?)")
+        raise CheckpointError(f"{directory}: no {METADATA_NAME} file, so not a complete DCP "
+                              f"checkpoint{extra}") from None
+    key = (os.path.realpath(meta), st.st_size, st.st_mtime_ns)
+    with _CACHE_LOCK:
+        lay = _CACHE.get(key)
+        if lay is not None:
+            _CACHE.move_to_end(key)
+            return lay
+    lay = _build_layout(directory, meta, key)  # two threads may both build; both results are equal
+    with _CACHE_LOCK:
+        _CACHE[key] = lay
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return lay
+
+
+def clear_layout_cache() -> None:
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+class _Range(io.RawIOBase):
+    """Bytes ``[start, start + length)`` of an open file as a seekable file (for ``zipfile``)."""
+
+    def __init__(self, fd: int, start: int, length: int):
+        super().__init__()
+        self._fd, self._start, self._length, self._pos = fd, start, length, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self._pos
+
+    def seek(self, offset, whence=0):
+        base = {0: 0, 1: self._pos, 2: self._length}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, b):
+        n = min(len(b), self._length - self._pos)
+        if n <= 0:
+            return 0
+        got = os.preadv(self._fd, [memoryview(b)[:n]], self._start + self._pos)
+        self._pos += got
+        return got
+
+
+def _c_strides(shape) -> tuple[int, ...]:
+    out, acc = [], 1
+    for s in reversed(shape):
+        out.append(acc)
+        acc *= s
+    return tuple(reversed(out))
+
+
+def _is_c_order(strides, shape) -> bool:
+    """Whether a tensor of ``shape`` with ``strides`` is laid out in C order (size-1 dims ignored)."""
+    return all(s == c for s, c, m in zip(strides, _c_strides(shape), shape) if m > 1)
+
+
+def _flat_span(shape, ch: Chunk) -> tuple[int, int] | None:
+    """The chunk's elements as one flat C-order range ``[a, b)`` of the tensor, or None when they
+    are not one range (a chunk of ``Shard(1)``): true of size-1 leading dims, one partial dim,
+    then full dims (``Shard(0)`` shards, whole tensors)."""
+    nd = len(shape)
+    k = next((d for d in range(nd) if ch.sizes[d] != 1), nd)
+    if any(ch.sizes[d] != shape[d] for d in range(k + 1, nd)):
+        return None
+    a = sum(o * c for o, c in zip(ch.offsets, _c_strides(shape)))
+    return a, a + math.prod(ch.sizes)
+
+
+def _torch_decode(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values of the bytes of a dtype numpy lacks (float8), converted by torch."""
+    import torch
+
+    return torch.frombuffer(raw, dtype=getattr(torch, dtype)).float().numpy()
+
+
+# ----------------------------------------------------------------------------- the reader
+class DCPReader(ReaderBase):
+    """A DCP checkpoint directory (or its ``.metadata`` file).
+
+    ``extension_registry``: a ``torch.distributed.checkpoint._extension.ExtensionRegistry`` for
+    chunks written with stream transforms torch does not register by default (None: torch's)."""
+
+    format = "dcp"
+
+    def __init__(self, path, *, extension_registry=None):
+        path = os.fspath(path)
+        if os.path.basename(path) == METADATA_NAME and not os.path.isdir(path):
+            path = os.path.dirname(path) or "."
+        self.path = str(path)
+        self.extension_registry = extension_registry
+        self._layout: Layout | None = None
+        self._fds: dict[str, int] = {}
+
+    @property
+    def layout(self) -> Layout:
+        if self._layout is None:
+            self._layout = get_layout(self.path)
+        return self._layout
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        return self.layout.infos
+
+    def fqn(self, name: str) -> str:
+        """The FQN under which DCP stored tensor ``name`` (e.g. ``model.`` + name)."""
+        return self.layout.fqns[name]
+
+    def shared_groups(self) -> list[tuple[str, ...]]:
+        """Empty: DCP writes each FQN's chunks on their own, so tied weights are two copies on disk
+        (the selection policy's bit-identical alias rule still drops a tied head)."""
+        return []
+
+    # -- files
+    def _fd(self, rel: str) -> int:
+        fd = self._fds.get(rel)
+        if fd is None:
+            p = os.path.join(self.path, rel)
+            try:
+                fd = os.open(p, os.O_RDONLY)
+            except FileNotFoundError:
+                raise CheckpointError(f"{self.path}: DCP data file {rel} does not exist") from None
+            st = os.fstat(fd)
+            if (st.st_size, st.st_mtime_ns) != self.layout.files[rel]:
+                os.close(fd)
+                raise CheckpointError(f"{p}: the file changed since the checkpoint's metadata was read "
+                                      f"(size/mtime differ); open it again")
+            self._fds[rel] = fd
+        return fd
+
+    def _pread(self, ch: Chunk, view: memoryview, offset: int, fqn: str) -> None:
+        fd, pos = self._fd(ch.file), 0
+        while pos < view.nbytes:
+            n = os.preadv(fd, [view[pos:]], offset + pos)
+            if n <= 0:
+                raise CheckpointError(f"{os.path.join(self.path, ch.file)}: truncated: the chunk of tensor {fqn!r} "
+                                      f"at offsets {list(ch.offsets)} ends before byte {offset + view.nbytes}")
+            pos += n
+
+    # -- chunk archives
+    def _chunk_error(self, ch: Chunk, fqn: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{os.path.join(self.path, ch.file)}: bytes [{ch.start}:{ch.start + ch.length}] "
+                               f"(tensor {fqn!r}, chunk at offsets {list(ch.offsets)}): {what}")
+
+    def _stored(self, fqn: str, ch: Chunk, info: TensorInfo) -> Stored:
+        key = (fqn, ch.offsets)
+        st = self.layout.stored.get(key)
+        if st is None:
+            st = self.layout.stored[key] = self._locate(fqn, ch, info)
+        return st
+
+    def _locate(self, fqn: str, ch: Chunk, info: TensorInfo) -> Stored:
+        """Find a chunk's storage in its ``torch.save`` archive from the zip directory and ``data.pkl``
+        alone (its data bytes are not read); every assumption is checked, none guessed."""
+        import torch
+        from torch._weights_only_unpickler import Unpickler
+
+        view = _Range(self._fd(ch.file), ch.start, ch.length)
+        try:
+            zf = zipfile.ZipFile(view)
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise self._chunk_error(ch, fqn, f"not a torch.save archive ({exc}); written by a non-default "
+                                             f"serialization format?") from exc
+        with zf:
+            names = zf.namelist()
+            pkl = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+            if len(pkl) != 1:
+                raise self._chunk_error(ch, fqn, "not a torch.save archive (no single <archive>/data.pkl)")
+            prefix = pkl[0][: -len("data.pkl")]
+            if prefix + "byteorder" in names and zf.read(prefix + "byteorder") != b"little":
+                raise self._chunk_error(ch, fqn, "stored big-endian, which this reader does not convert")
+            pinfo = zf.getinfo(pkl[0])
+            if pinfo.file_size > _MAX_PKL:
+                raise self._chunk_error(ch, fqn, f"data.pkl of {pinfo.file_size} bytes is too large for one tensor")
+            storages = []
+
+            def persistent_load(pid):
+                typename, storage_type, skey, _location, numel = pid
+                dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+                nbytes = int(numel) * torch._utils._element_size(dtype)
+                storages.append((torch.serialization._maybe_decode_ascii(skey), nbytes))
+                return torch.storage.TypedStorage(wrap_storage=torch.UntypedStorage(nbytes, device="meta"),
+                                                  dtype=dtype, _internal=True)
+
+            try:
+                up = Unpickler(io.BytesIO(zf.read(pkl[0])), encoding="utf-8")
+                up.persistent_load = persistent_load
+                t = up.load()
+            except Exception as exc:
+                raise self._chunk_error(ch, fqn, f"refused or unreadable data.pkl: {type(exc).__name__}: {exc}") \
+                    from exc
+            if not isinstance(t, torch.Tensor) or len(storages) != 1:
+                raise self._chunk_error(ch, fqn, f"data.pkl holds {type(t).__name__} with {len(storages)} storages, "
+                                                 "not one tensor")
+            if tuple(t.shape) != ch.sizes or _dtype_name(t.dtype) != info.dtype:
+                raise self._chunk_error(ch, fqn, f"holds a {_dtype_name(t.dtype)} tensor of shape {list(t.shape)}, "
+                                                 f"the metadata says {info.dtype} {list(ch.sizes)}")
+            skey, nbytes = storages[0]
+            try:
+                entry = zf.getinfo(f"{prefix}data/{skey}")
+            except KeyError:
+                raise self._chunk_error(ch, fqn, f"no storage record data/{skey}") from None
+            if entry.compress_type != zipfile.ZIP_STORED or entry.file_size != nbytes:
+                raise self._chunk_error(ch, fqn, f"storage record data/{skey} is compressed or not {nbytes} bytes")
+            strides, offset = tuple(int(s) for s in t.stride()), int(t.storage_offset())
+            item = t.element_size()
+            last = offset + sum((s - 1) * d for s, d in zip(t.shape, strides))
+            if offset < 0 or min(strides, default=0) < 0 or (last + 1) * item > nbytes:
+                raise self._chunk_error(ch, fqn, "the tensor's strides reach outside its storage")
+            view.seek(entry.header_offset)
+            head = view.read(_LOCAL_HEADER.size)
+            if len(head) != _LOCAL_HEADER.size:
+                raise self._chunk_error(ch, fqn, f"truncated local header of data/{skey}")
+            fields = _LOCAL_HEADER.unpack(head)
+            if fields[0] != b"PK\x03\x04" or fields[4] != 0:
+                raise self._chunk_error(ch, fqn, f"bad local header of data/{skey}")
+            data = entry.header_offset + _LOCAL_HEADER.size + fields[10] + fields[11]
+            if data + nbytes > ch.length:
+                raise self._chunk_error(ch, fqn, f"storage record data/{skey} runs past the chunk's end")
+        return Stored(ch.start + data, offset, strides)
+
+    def _decode(self, fqn: str, ch: Chunk, info: TensorInfo):
+        """A chunk stored with stream transforms, undone and loaded whole (weights_only)."""
+        import torch
+        from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension
+
+        try:
+            exts = (self.extension_registry or ExtensionRegistry()).from_descriptor_list(list(ch.transforms))
+        except Exception as exc:
+            raise self._chunk_error(ch, fqn, f"stored with transforms {list(ch.transforms)} that cannot be undone "
+                                             f"here ({type(exc).__name__}: {exc}); pass an extension_registry") from exc
+        raw = bytearray(ch.length)
+        self._pread(ch, memoryview(raw), ch.start, fqn)
+        stream = io.BytesIO(raw)
+        for ex in exts:
+            if isinstance(ex, StreamTransformExtension):
+                stream = ex.transform_from(stream)
+        try:
+            t = torch.load(io.BytesIO(stream.read(-1)), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise self._chunk_error(ch, fqn, f"unreadable after undoing {list(ch.transforms)}: "
+                                             f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != ch.sizes or _dtype_name(t.dtype) != info.dtype:
+            raise self._chunk_error(ch, fqn, f"does not hold a {info.dtype} tensor of shape {list(ch.sizes)}")
+        return t
+
+    # -- reads
+    def _read_into(self, name, info, lo, hi, out):
+        dtype = info.dtype
+        if dtype not in _RAW_DTYPES and dtype not in _TORCH_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {dtype}, which this reader does not convert "
+                                  f"to float32 (supported: {', '.join(list(_RAW_DTYPES) + list(_TORCH_DTYPES))})")
+        fqn = self.layout.fqns[name]
+        shape = info.shape
+        boxes = None
+        decoded: dict[tuple, object] = {}
+        for ch in self.layout.chunks[fqn]:
+            span = _flat_span(shape, ch)
+            if span is not None:
+                a, b = max(lo, span[0]), min(hi, span[1])
+                if a >= b:
+                    continue  # the chunk holds none of the slice
+                if not ch.transforms:
+                    st = self._stored(fqn, ch, info)
+                    if _is_c_order(st.strides, ch.sizes):  # Shard(0) and whole chunks: one positioned read
+                        self._read_run(fqn, ch, st, dtype, st.offset + a - span[0], out[a - lo:b - lo])
+                        continue
+            if boxes is None:  # rectangular pieces of the slice, each a strided view of ``out``
+                boxes, pos = [], 0
+                for box in flat_slices(shape, lo, hi):
+                    full = tuple(box) + tuple(slice(0, s) for s in shape[len(box):])
+                    bshape = tuple(s.stop - s.start for s in full)
+                    n = math.prod(bshape)
+                    boxes.append((full, out[pos:pos + n].reshape(bshape)))
+                    pos += n
+            for full, dst_box in boxes:
+                inter = []
+                for s, o, z in zip(full, ch.offsets, ch.sizes):
+                    a, b = max(s.start, o), min(s.stop, o + z)
+                    if a >= b:
+                        break
+                    inter.append((a, b))
+                else:
+                    dst = dst_box[tuple(slice(a - s.start, b - s.start) for (a, b), s in zip(inter, full))] \
+                        if inter else dst_box
+                    local = [(a - o, b - o) for (a, b), o in zip(inter, ch.offsets)]
+                    if ch.transforms:
+                        t = decoded.get(ch.offsets)
+                        if t is None:
+                            t = decoded[ch.offsets] = self._decode(fqn, ch, info)
+                        piece = t[tuple(slice(a, b) for a, b in local)] if local else t
+                        dst[...] = piece.float().numpy()
+                    else:
+                        self._read_box(fqn, ch, self._stored(fqn, ch, info), dtype, local, dst)
+
+    def _read_run(self, fqn: str, ch: Chunk, st: Stored, dtype: str, first: int, dst: np.ndarray) -> None:
+        """Storage elements ``[first, first + dst.size)`` of a chunk into the contiguous float32 ``dst``."""
+        raw = np.dtype(_RAW_DTYPES.get(dtype, "u1"))
+        start, n = st.start + first * raw.itemsize, dst.size
+        if dtype == "float32":
+            self._pread(ch, memoryview(dst.reshape(-1)).cast("B"), start, fqn)
+            return
+        flat = dst.reshape(-1)
+        buf = np.empty(min(n, _PIECE), dtype=raw)
+        for a in range(0, n, _PIECE):
+            b = min(n, a + _PIECE)
+            src = buf[: b - a]
+            self._pread(ch, memoryview(src).cast("B"), start + a * raw.itemsize, fqn)
+            if dtype in _TORCH_DTYPES:
+                flat[a:b] = _torch_decode(src, dtype)
+            else:
+                self._convert(dtype, src, flat[a:b])
+
+    def _read_box(self, fqn: str, ch: Chunk, st: Stored, dtype: str, local, dst: np.ndarray) -> None:
+        """Copy the box ``local`` of a chunk into ``dst`` (a float32, possibly strided, view of the output)."""
+        shape = tuple(b - a for a, b in local)
+        first = st.offset + sum(a * s for (a, _), s in zip(local, st.strides))
+        count = sum((b - a - 1) * s for (a, b), s in zip(local, st.strides)) + 1
+        if count == math.prod(shape) and _is_c_order(st.strides, shape) and dst.flags.c_contiguous:
+            self._read_run(fqn, ch, st, dtype, first, dst)  # the box is one run of the chunk (always, for
+            return                                         # C-order chunks: see flat_slices), and of out
+        raw = np.dtype(_RAW_DTYPES.get(dtype, "u1"))
+        buf = np.empty(count, dtype=raw)
+        self._pread(ch, memoryview(buf).cast("B"), st.start + first * raw.itemsize, fqn)
+        if dtype in _TORCH_DTYPES:
+            buf, dtype = _torch_decode(buf, dtype), "float32"
+        src = np.lib.stride_tricks.as_strided(buf, shape, tuple(s * buf.itemsize for s in st.strides),
+                                              writeable=False)
+        self._convert(dtype, src, dst)
+
+    @staticmethod
+    def _convert(dtype: str, src: np.ndarray, dst: np.ndarray) -> None:
+        if dtype == "bfloat16":  # bf16 is the top half of a float32: exact upcast by shifting
+            bits = dst.view(np.uint32)
+            bits[...] = src
+            bits <<= 16
+        else:
+            with np.errstate(over="ignore"):  # float64 beyond float32 -> inf, silently as in torch
+                dst[...] = src  # numpy casts f16/f64/int/bool to float32 as torch's copy_ does
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
