@@ -28,6 +28,7 @@ from sed_dask.errors import CheckpointError
 from sed_dask.ingest import ingest
 from sed_dask.readers import DCPReader, checkpoint_format, open_checkpoint
 from sed_dask.readers import dcp as dcp_mod
+from sed_dask.readers._pickle2 import as_protocol2
 from sed_dask.store import open_store
 
 SMALL = {"chunk_bytes": 4096, "shard_bytes": 16384}
@@ -65,6 +66,7 @@ def clear_cache():
 #: one rank of a 2-rank save (run with ``python -c``: it imports torch only, not this test module):
 #: every job of the spec saved as DTensors placed as the job says (-1: Replicate)
 _RANK_SCRIPT = """
+import os
 import sys
 import torch
 import torch.distributed as dist
@@ -84,8 +86,14 @@ try:
         optim = {"state": {n: {"exp_avg": dt(t * 2 + 1, place[n])} for n, t in ts.items() if t.is_floating_point()},
                  "param_groups": [{"lr": 1e-3}]}
         dcp.save({"model": model, "optim": optim, "step": job["step"]}, checkpoint_id=job["out"])
-finally:
+    dist.barrier()  # both ranks are done writing (dcp.save closes its files before it returns)
+except BaseException:
     dist.destroy_process_group()
+    raise
+# gloo's teardown at interpreter exit sometimes aborts ("terminate called without an active
+# exception") after a good save: leave without it
+sys.stdout.flush()
+os._exit(0)
 """
 
 
@@ -494,7 +502,7 @@ def test_protocol_rewrite_keeps_every_value():
            "size": torch.Size([3, 4]), "sz2": torch.Size([3, 4]), "t": ("torch", "Size"), ("k", 1): {"nested": {}}}
     for proto in (2, 3, 4, 5):
         raw = pickle.dumps(obj, protocol=proto)
-        got = Unpickler(io.BytesIO(dcp_mod._as_protocol2(raw)), encoding="utf-8").load()
+        got = Unpickler(io.BytesIO(as_protocol2(raw)), encoding="utf-8").load()
         assert got == obj and got["a"][4][0] is got["a"][4][1], proto
 
 
