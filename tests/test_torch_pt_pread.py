@@ -17,7 +17,7 @@ from models import make_trajectory, write_orig_mod, write_pt
 
 from sed_dask.errors import CheckpointError
 from sed_dask.readers import TorchReader, open_checkpoint
-from sed_dask.readers import torch_pt
+from sed_dask.readers import rawio, torch_pt
 
 
 @pytest.fixture(autouse=True)
@@ -155,7 +155,7 @@ def test_pread_method_refuses_what_it_cannot_serve(crafted):
 def test_reads_in_pieces(crafted, monkeypatch):
     """Dtypes other than float32 are converted in bounded pieces; piece borders must not show."""
     path, sd = crafted
-    monkeypatch.setattr(torch_pt, "_PIECE", 7)
+    monkeypatch.setattr(rawio, "PIECE", 7)
     with TorchReader(path) as r:
         for name in ("bf16", "f16", "f64", "i32", "u8"):
             want = _expected(sd[name])

@@ -46,7 +46,6 @@ import dataclasses
 import io
 import math
 import os
-import struct
 import threading
 import zipfile
 from collections.abc import Mapping
@@ -56,6 +55,7 @@ import numpy as np
 from ..errors import CheckpointError
 from ._pickle2 import as_protocol2
 from .base import ReaderBase, TensorInfo, flat_slices
+from .rawio import RAW_DTYPES, pread_full, read_float32, to_float32, zip_data_start
 from .torch_pt import STATE_DICT_KEYS
 
 METADATA_NAME = ".metadata"
@@ -69,14 +69,6 @@ _CACHE: collections.OrderedDict = collections.OrderedDict()
 _UNPICKLE_LOCK = threading.Lock()
 #: a chunk archive's data.pkl describes one tensor; anything larger is not a DCP chunk
 _MAX_PKL = 1 << 20
-#: elements converted per positioned read for dtypes other than float32 (bounds the temporary)
-_PIECE = 1 << 20
-_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zip local file header (30 bytes)
-
-#: torch dtype name -> little-endian numpy dtype of the stored bytes (bfloat16 as its bit pattern)
-_RAW_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "float64": "<f8", "int64": "<i8",
-               "int32": "<i4", "int16": "<i2", "int8": "i1", "uint64": "<u8", "uint32": "<u4", "uint16": "<u2",
-               "uint8": "u1", "bool": "?"}
 #: dtypes numpy lacks but torch converts to float32 exactly (decoded with torch)
 _TORCH_DTYPES = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
 
@@ -469,13 +461,9 @@ class DCPReader(ReaderBase):
         return fd
 
     def _pread(self, ch: Chunk, view: memoryview, offset: int, fqn: str) -> None:
-        fd, pos = self._fd(ch.file), 0
-        while pos < view.nbytes:
-            n = os.preadv(fd, [view[pos:]], offset + pos)
-            if n <= 0:
-                raise CheckpointError(f"{os.path.join(self.path, ch.file)}: truncated: the chunk of tensor {fqn!r} "
-                                      f"at offsets {list(ch.offsets)} ends before byte {offset + view.nbytes}")
-            pos += n
+        if not pread_full(self._fd(ch.file), view, offset):
+            raise CheckpointError(f"{os.path.join(self.path, ch.file)}: truncated: the chunk of tensor {fqn!r} "
+                                  f"at offsets {list(ch.offsets)} ends before byte {offset + view.nbytes}")
 
     # -- chunk archives
     def _chunk_error(self, ch: Chunk, fqn: str, what: str) -> CheckpointError:
@@ -547,14 +535,10 @@ class DCPReader(ReaderBase):
             last = offset + sum((s - 1) * d for s, d in zip(t.shape, strides))
             if offset < 0 or min(strides, default=0) < 0 or (last + 1) * item > nbytes:
                 raise self._chunk_error(ch, fqn, "the tensor's strides reach outside its storage")
-            view.seek(entry.header_offset)
-            head = view.read(_LOCAL_HEADER.size)
-            if len(head) != _LOCAL_HEADER.size:
-                raise self._chunk_error(ch, fqn, f"truncated local header of data/{skey}")
-            fields = _LOCAL_HEADER.unpack(head)
-            if fields[0] != b"PK\x03\x04" or fields[4] != 0:
-                raise self._chunk_error(ch, fqn, f"bad local header of data/{skey}")
-            data = entry.header_offset + _LOCAL_HEADER.size + fields[10] + fields[11]
+            try:
+                data = zip_data_start(view, entry.header_offset)
+            except ValueError as exc:
+                raise self._chunk_error(ch, fqn, f"{exc} of data/{skey}") from None
             if data + nbytes > ch.length:
                 raise self._chunk_error(ch, fqn, f"storage record data/{skey} runs past the chunk's end")
         return Stored(ch.start + data, offset, strides)
@@ -587,9 +571,9 @@ class DCPReader(ReaderBase):
     # -- reads
     def _read_into(self, name, info, lo, hi, out):
         dtype = info.dtype
-        if dtype not in _RAW_DTYPES and dtype not in _TORCH_DTYPES:
+        if dtype not in RAW_DTYPES and dtype not in _TORCH_DTYPES:
             raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {dtype}, which this reader does not convert "
-                                  f"to float32 (supported: {', '.join(list(_RAW_DTYPES) + list(_TORCH_DTYPES))})")
+                                  f"to float32 (supported: {', '.join(list(RAW_DTYPES) + list(_TORCH_DTYPES))})")
         fqn = self.layout.fqns[name]
         shape = info.shape
         boxes = None
@@ -635,21 +619,9 @@ class DCPReader(ReaderBase):
 
     def _read_run(self, fqn: str, ch: Chunk, st: Stored, dtype: str, first: int, dst: np.ndarray) -> None:
         """Storage elements ``[first, first + dst.size)`` of a chunk into the contiguous float32 ``dst``."""
-        raw = np.dtype(_RAW_DTYPES.get(dtype, "u1"))
-        start, n = st.start + first * raw.itemsize, dst.size
-        if dtype == "float32":
-            self._pread(ch, memoryview(dst.reshape(-1)).cast("B"), start, fqn)
-            return
-        flat = dst.reshape(-1)
-        buf = np.empty(min(n, _PIECE), dtype=raw)
-        for a in range(0, n, _PIECE):
-            b = min(n, a + _PIECE)
-            src = buf[: b - a]
-            self._pread(ch, memoryview(src).cast("B"), start + a * raw.itemsize, fqn)
-            if dtype in _TORCH_DTYPES:
-                flat[a:b] = _torch_decode(src, dtype)
-            else:
-                self._convert(dtype, src, flat[a:b])
+        start = st.start + first * np.dtype(RAW_DTYPES.get(dtype, "u1")).itemsize
+        decode = (lambda raw: _torch_decode(raw, dtype)) if dtype in _TORCH_DTYPES else None
+        read_float32(lambda view, at: self._pread(ch, view, at, fqn), dtype, start, dst, decode=decode)
 
     def _read_box(self, fqn: str, ch: Chunk, st: Stored, dtype: str, local, dst: np.ndarray) -> None:
         """Copy the box ``local`` of a chunk into ``dst`` (a float32, possibly strided, view of the output)."""
@@ -659,24 +631,14 @@ class DCPReader(ReaderBase):
         if count == math.prod(shape) and _is_c_order(st.strides, shape) and dst.flags.c_contiguous:
             self._read_run(fqn, ch, st, dtype, first, dst)  # the box is one run of the chunk (always, for
             return                                         # C-order chunks: see flat_slices), and of out
-        raw = np.dtype(_RAW_DTYPES.get(dtype, "u1"))
+        raw = np.dtype(RAW_DTYPES.get(dtype, "u1"))
         buf = np.empty(count, dtype=raw)
         self._pread(ch, memoryview(buf).cast("B"), st.start + first * raw.itemsize, fqn)
         if dtype in _TORCH_DTYPES:
             buf, dtype = _torch_decode(buf, dtype), "float32"
         src = np.lib.stride_tricks.as_strided(buf, shape, tuple(s * buf.itemsize for s in st.strides),
                                               writeable=False)
-        self._convert(dtype, src, dst)
-
-    @staticmethod
-    def _convert(dtype: str, src: np.ndarray, dst: np.ndarray) -> None:
-        if dtype == "bfloat16":  # bf16 is the top half of a float32: exact upcast by shifting
-            bits = dst.view(np.uint32)
-            bits[...] = src
-            bits <<= 16
-        else:
-            with np.errstate(over="ignore"):  # float64 beyond float32 -> inf, silently as in torch
-                dst[...] = src  # numpy casts f16/f64/int/bool to float32 as torch's copy_ does
+        to_float32(dtype, src, dst)
 
     def close(self) -> None:
         for fd in self._fds.values():

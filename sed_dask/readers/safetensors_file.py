@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from .base import ReaderBase, TensorInfo, flat_slices
+from .rawio import RAW_DTYPES, pread_full, read_float32
 
 #: safetensors dtype code -> (torch dtype name, bytes per element or None when sub-byte)
 DTYPES = {
@@ -87,11 +88,6 @@ def _read_header(path: str):
     return infos, meta, offsets
 
 
-_RAW_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "float64": "<f8", "int64": "<i8",
-               "int32": "<i4", "int16": "<i2", "int8": "i1", "uint64": "<u8", "uint32": "<u4", "uint16": "<u2",
-               "uint8": "u1", "bool": "?"}
-
-
 class SafetensorsReader(ReaderBase):
     """One ``.safetensors`` file. ``method``: ``"auto"`` (positioned reads where numpy has the dtype)
     or ``"safe_open"`` (always ``safe_open`` + ``get_slice``)."""
@@ -138,7 +134,7 @@ class SafetensorsReader(ReaderBase):
         return self._f
 
     def _read_into(self, name, info, lo, hi, out):
-        raw = _RAW_DTYPES.get(info.dtype)
+        raw = RAW_DTYPES.get(info.dtype)
         if raw is not None and self.method == "auto":
             self._pread_into(name, info, np.dtype(raw), lo, hi, out)
         else:
@@ -147,21 +143,13 @@ class SafetensorsReader(ReaderBase):
     def _pread_into(self, name, info, raw: np.dtype, lo, hi, out):
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
-        dst = out if info.dtype == "float32" else np.empty(hi - lo, dtype=raw)
-        view = memoryview(dst).cast("B")
-        pos, offset = 0, self._offsets[name] + lo * raw.itemsize
-        while pos < view.nbytes:
-            n = os.preadv(self._fd, [view[pos:]], offset + pos)
-            if n <= 0:
+
+        def pread(view, at):
+            if not pread_full(self._fd, view, at):
                 raise CheckpointError(f"{self.path}: truncated: tensor {name!r} ends before element {hi} "
                                       f"(file shorter than its header says)")
-            pos += n
-        if info.dtype == "bfloat16":  # bf16 is the top half of a float32: exact upcast by shifting
-            bits = out.view(np.uint32)
-            bits[:] = dst
-            bits <<= 16
-        elif dst is not out:
-            out[:] = dst
+
+        read_float32(pread, info.dtype, self._offsets[name] + lo * raw.itemsize, out)
 
     def _slice_into(self, name, info, lo, hi, out):
         f = self._file()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import os
 import re
-import struct
 import sys
 import threading
 from collections.abc import Mapping
@@ -34,6 +33,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from .base import ReaderBase, TensorInfo
+from .rawio import RAW_DTYPES, pread_full, read_float32, zip_data_start
 
 #: keys under which training scripts nest the model state dict, in order of preference
 STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model")
@@ -48,13 +48,6 @@ _LAYOUT_LOCK = threading.Lock()
 _LAYOUTS: collections.OrderedDict = collections.OrderedDict()
 _BUILDING: dict[tuple, threading.Lock] = {}
 
-#: torch dtype name -> little-endian numpy dtype of the stored bytes (bfloat16 as its bit pattern)
-_RAW_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "float64": "<f8", "int64": "<i8",
-               "int32": "<i4", "int16": "<i2", "int8": "i1", "uint64": "<u8", "uint32": "<u4", "uint16": "<u2",
-               "uint8": "u1", "bool": "?"}
-#: elements converted per positioned read for dtypes other than float32 (bounds the temporary)
-_PIECE = 1 << 20
-_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zip local file header (30 bytes)
 
 
 def _is_tensor(x) -> bool:
@@ -181,14 +174,10 @@ def _storage_offsets(path: str, obj) -> tuple[dict[int, int] | None, str]:
                 continue
             if i.compress_type != zipfile.ZIP_STORED or i.compress_size != i.file_size:
                 return None, f"entry {i.filename} is compressed"
-            f.seek(i.header_offset)
-            head = f.read(_LOCAL_HEADER.size)
-            if len(head) != _LOCAL_HEADER.size:
-                return None, f"truncated local header of {i.filename}"
-            fields = _LOCAL_HEADER.unpack(head)
-            if fields[0] != b"PK\x03\x04" or fields[4] != 0:
-                return None, f"bad local header of {i.filename}"
-            start = i.header_offset + _LOCAL_HEADER.size + fields[10] + fields[11]
+            try:
+                start = zip_data_start(f, i.header_offset)
+            except ValueError as exc:
+                return None, f"{exc} of {i.filename}"
             if start + i.file_size > os.fstat(f.fileno()).st_size:
                 return None, f"entry {i.filename} runs past the end of the file"
             entries.setdefault(i.file_size, []).append(start)
@@ -242,7 +231,7 @@ def _build_layout(path: str, key: tuple) -> Layout:
     skipped = []
     for k, v in sd.items():
         dtype = infos[k].dtype
-        if located is None or dtype not in _RAW_DTYPES:
+        if located is None or dtype not in RAW_DTYPES:
             skipped.append(k)
         elif v.numel() == 0:
             offsets[k] = 0  # nothing to read
@@ -376,32 +365,13 @@ class TorchReader(ReaderBase):
         return self._fd
 
     def _pread(self, view: memoryview, offset: int, name: str, hi: int) -> None:
-        fd, pos = self._open_fd(), 0
-        while pos < view.nbytes:
-            n = os.preadv(fd, [view[pos:]], offset + pos)
-            if n <= 0:
-                raise CheckpointError(f"{self.path}: truncated: tensor {name!r} ends before element {hi} "
-                                      f"(file shorter than its zip directory says)")
-            pos += n
+        if not pread_full(self._open_fd(), view, offset):
+            raise CheckpointError(f"{self.path}: truncated: tensor {name!r} ends before element {hi} "
+                                  f"(file shorter than its zip directory says)")
 
     def _pread_into(self, name, info, offset, lo, hi, out):
-        raw = np.dtype(_RAW_DTYPES[info.dtype])
-        start = offset + lo * raw.itemsize
-        if info.dtype == "float32":
-            self._pread(memoryview(out).cast("B"), start, name, hi)
-            return
-        buf = np.empty(min(hi - lo, _PIECE), dtype=raw)
-        for a in range(0, hi - lo, _PIECE):
-            b = min(hi - lo, a + _PIECE)
-            src = buf[: b - a]
-            self._pread(memoryview(src).cast("B"), start + a * raw.itemsize, name, hi)
-            if info.dtype == "bfloat16":  # bf16 is the top half of a float32: exact upcast by shifting
-                bits = out[a:b].view(np.uint32)
-                bits[:] = src
-                bits <<= 16
-            else:
-                with np.errstate(over="ignore"):  # float64 beyond float32 -> inf, silently as in torch
-                    out[a:b] = src  # numpy casts f16/f64/int/bool to float32 as torch's copy_ does
+        start = offset + lo * np.dtype(RAW_DTYPES[info.dtype]).itemsize
+        read_float32(lambda view, at: self._pread(view, at, name, hi), info.dtype, start, out)
 
     def close(self) -> None:
         if self._fd is not None:
