@@ -41,7 +41,6 @@ mtime, like the ``.pt`` layouts), so the many tasks that open one checkpoint unp
 from __future__ import annotations
 
 import bisect
-import collections
 import dataclasses
 import io
 import math
@@ -55,16 +54,15 @@ import numpy as np
 from ..errors import CheckpointError
 from ._pickle2 import as_protocol2
 from .base import ReaderBase, TensorInfo, flat_slices
+from .layout_cache import LayoutCache, approx_nbytes
 from .rawio import RAW_DTYPES, pread_full, read_float32, to_float32, zip_data_start
 from .torch_pt import STATE_DICT_KEYS
 
 METADATA_NAME = ".metadata"
 SUFFIX = ".distcp"
 
-#: parsed checkpoints kept per process
-CACHE_SIZE = 64
-_CACHE_LOCK = threading.Lock()
-_CACHE: collections.OrderedDict = collections.OrderedDict()
+#: parsed checkpoints of this process (bounded by ``sed_dask.readers.layout-cache-bytes``)
+_LAYOUTS = LayoutCache()
 #: ``safe_globals`` edits torch's process-wide allow-list: one metadata unpickling at a time
 _UNPICKLE_LOCK = threading.Lock()
 #: a chunk archive's data.pkl describes one tensor; anything larger is not a DCP chunk
@@ -327,22 +325,16 @@ def get_layout(directory: str) -> Layout:
         raise CheckpointError(f"{directory}: no {METADATA_NAME} file, so not a complete DCP "
                               f"checkpoint{extra}") from None
     key = (os.path.realpath(meta), st.st_size, st.st_mtime_ns)
-    with _CACHE_LOCK:
-        lay = _CACHE.get(key)
-        if lay is not None:
-            _CACHE.move_to_end(key)
-            return lay
-    lay = _build_layout(directory, meta, key)  # two threads may both build; both results are equal
-    with _CACHE_LOCK:
-        _CACHE[key] = lay
-        while len(_CACHE) > CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return lay
+    return _LAYOUTS.get(key, lambda: _build_layout(directory, meta, key), size=_layout_nbytes)
+
+
+def _layout_nbytes(lay: Layout) -> int:
+    n_chunks = sum(len(c) for c in lay.chunks.values())
+    return approx_nbytes((lay.infos, 300), (lay.fqns, 100)) + 250 * n_chunks
 
 
 def clear_layout_cache() -> None:
-    with _CACHE_LOCK:
-        _CACHE.clear()
+    _LAYOUTS.clear()
 
 
 class _Range(io.RawIOBase):

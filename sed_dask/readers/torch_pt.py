@@ -33,6 +33,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from .base import ReaderBase, TensorInfo
+from .layout_cache import LayoutCache, approx_nbytes
 from .rawio import RAW_DTYPES, pread_full, read_float32, zip_data_start
 
 #: keys under which training scripts nest the model state dict, in order of preference
@@ -42,11 +43,8 @@ _LEGACY_LOCK = threading.Lock()
 _LEGACY_CACHE: collections.OrderedDict = collections.OrderedDict()
 _LEGACY_CACHE_SIZE = 1
 
-#: layouts kept per process (a few hundred bytes per tensor each)
-LAYOUT_CACHE_SIZE = 64
-_LAYOUT_LOCK = threading.Lock()
-_LAYOUTS: collections.OrderedDict = collections.OrderedDict()
-_BUILDING: dict[tuple, threading.Lock] = {}
+#: layouts of this process (bounded by ``sed_dask.readers.layout-cache-bytes``)
+_LAYOUTS = LayoutCache()
 
 
 
@@ -253,37 +251,22 @@ def get_layout(path: str) -> Layout:
         raise CheckpointError(f"checkpoint file {path} does not exist") from None
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file {path} does not exist")
-    with _LAYOUT_LOCK:
-        lay = _LAYOUTS.get(key)
-        if lay is not None:
-            _LAYOUTS.move_to_end(key)
-            return lay
-        building = _BUILDING.setdefault(key, threading.Lock())
-    with building:  # threads opening the same file wait for one load instead of each loading it
-        with _LAYOUT_LOCK:
-            lay = _LAYOUTS.get(key)
-            if lay is not None:
-                return lay
+
+    def unchanged() -> bool:  # a file rewritten during the load is not cached under its old key
         try:
-            lay = _build_layout(path, key)
-            try:
-                unchanged = _file_key(path) == key
-            except OSError:
-                unchanged = False
-            if unchanged:  # a file rewritten during the load is not cached under its old key
-                with _LAYOUT_LOCK:
-                    _LAYOUTS[key] = lay
-                    while len(_LAYOUTS) > LAYOUT_CACHE_SIZE:
-                        _LAYOUTS.popitem(last=False)
-        finally:  # only once the layout is cached: a thread arriving in between would load again
-            with _LAYOUT_LOCK:
-                _BUILDING.pop(key, None)
-        return lay
+            return _file_key(path) == key
+        except OSError:
+            return False
+
+    return _LAYOUTS.get(key, lambda: _build_layout(path, key), size=_layout_nbytes, still_valid=unchanged)
+
+
+def _layout_nbytes(lay: Layout) -> int:
+    return approx_nbytes((lay.infos, 300), (lay.offsets, 100))
 
 
 def clear_layout_cache() -> None:
-    with _LAYOUT_LOCK:
-        _LAYOUTS.clear()
+    _LAYOUTS.clear()
 
 
 class TorchReader(ReaderBase):
