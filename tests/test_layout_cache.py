@@ -99,3 +99,32 @@ def test_concurrent_builds_of_one_key_build_once_and_errors_are_not_cached():
         with pytest.raises(ValueError):
             cache.get("bad", boom, size=len)
     assert "bad" not in cache._items and not cache._building
+
+
+def test_safetensors_headers_are_parsed_once_per_file_version(tmp_path, monkeypatch):
+    import os
+
+    from safetensors.torch import save_file
+
+    from sed_dask.readers import SafetensorsReader, safetensors_file
+
+    calls = []
+    real = safetensors_file._read_header
+    monkeypatch.setattr(safetensors_file, "_read_header", lambda p: calls.append(p) or real(p))
+    safetensors_file.clear_header_cache()
+    p = tmp_path / "m.safetensors"
+    save_file({"a": torch.arange(10.0), "b": torch.ones(4)}, str(p))
+    for _ in range(5):
+        with SafetensorsReader(p) as r:
+            assert np.array_equal(r.read("a", 2, 5), [2, 3, 4])
+    assert len(calls) == 1
+    st = os.stat(p)
+    save_file({"a": torch.arange(10.0) * 2, "b": torch.ones(4)}, str(p))  # same size, new contents
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    with SafetensorsReader(p) as r:
+        assert np.array_equal(r.read("a", 2, 5), [4, 6, 8])
+    assert len(calls) == 2
+    p.write_bytes(p.read_bytes()[:40])  # truncated: a new size, parsed again, refused clearly
+    with pytest.raises(sed_dask.errors.CheckpointError, match="m.safetensors"):
+        SafetensorsReader(p).tensors()
+    safetensors_file.clear_header_cache()

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from .base import ReaderBase, TensorInfo, flat_slices
+from .layout_cache import LayoutCache, approx_nbytes
 from .rawio import RAW_DTYPES, pread_full, read_float32
 
 #: safetensors dtype code -> (torch dtype name, bytes per element or None when sub-byte)
@@ -88,6 +89,36 @@ def _read_header(path: str):
     return infos, meta, offsets
 
 
+#: parsed headers of this process (bounded by ``sed_dask.readers.layout-cache-bytes``): a Gram task
+#: opens every checkpoint of its step block, and a header of a few hundred tensors costs ~0.6 ms
+_HEADERS = LayoutCache()
+
+
+def cached_header(path: str):
+    """``_read_header(path)``, parsed once per process for a file of unchanged size and mtime."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} does not exist") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: unreadable safetensors header: {exc}") from exc
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+    def unchanged() -> bool:
+        try:
+            st2 = os.stat(path)
+        except OSError:
+            return False
+        return (st2.st_size, st2.st_mtime_ns) == key[1:]
+
+    return _HEADERS.get(key, lambda: _read_header(path), size=lambda h: approx_nbytes((h[0], 300)),
+                        still_valid=unchanged)
+
+
+def clear_header_cache() -> None:
+    _HEADERS.clear()
+
+
 class SafetensorsReader(ReaderBase):
     """One ``.safetensors`` file. ``method``: ``"auto"`` (positioned reads where numpy has the dtype)
     or ``"safe_open"`` (always ``safe_open`` + ``get_slice``)."""
@@ -108,7 +139,7 @@ class SafetensorsReader(ReaderBase):
 
     def tensors(self) -> dict[str, TensorInfo]:
         if self._infos is None:
-            self._infos, self._meta, self._offsets = _read_header(self.path)
+            self._infos, self._meta, self._offsets = cached_header(self.path)
         return self._infos
 
     @property
