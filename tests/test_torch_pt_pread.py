@@ -17,7 +17,7 @@ from models import make_trajectory, write_orig_mod, write_pt
 
 from sed_dask.errors import CheckpointError
 from sed_dask.readers import TorchReader, open_checkpoint
-from sed_dask.readers import rawio, torch_pt
+from sed_dask.readers import layout_cache, rawio, torch_pt
 
 
 @pytest.fixture(autouse=True)
@@ -264,13 +264,13 @@ def test_staggered_first_opens_load_once(tmp_path, loads, monkeypatch):
 
     p = tmp_path / "ckpt.pt"
     torch.save({"a": torch.arange(1000.0)}, p)
-    real_key = torch_pt._file_key
+    real_key = layout_cache.file_key
 
     def slow_key(path):  # widens the gap between building a layout and caching it
         time.sleep(0.003)
         return real_key(path)
 
-    monkeypatch.setattr(torch_pt, "_file_key", slow_key)
+    monkeypatch.setattr(layout_cache, "file_key", slow_key)
     errors = []
 
     def work():

@@ -11,6 +11,7 @@ import os
 
 from ..errors import CheckpointError
 from .base import ReaderBase, TensorInfo
+from .layout_cache import LayoutCache, approx_nbytes
 
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -26,6 +27,33 @@ def find_index(directory: str) -> str | None:
     except OSError:
         return None
     return os.path.join(directory, others[0]) if others else None
+
+
+#: parsed indexes of this process: a Gram task opens every checkpoint of its step block
+_INDEXES = LayoutCache()
+
+
+def _read_weight_map(index: str) -> dict[str, str]:
+    try:
+        with open(index) as f:
+            wm = json.load(f)["weight_map"]
+        if not isinstance(wm, dict):
+            raise TypeError("weight_map is not an object")
+    except FileNotFoundError:
+        raise CheckpointError(f"sharded checkpoint index {index} does not exist") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: unreadable sharded-checkpoint index: {exc}") from exc
+    return {str(k): str(v) for k, v in wm.items()}
+
+
+def weight_map(index: str) -> dict[str, str]:
+    """``{tensor: shard file}`` of an index, parsed once per process for unchanged size and mtime."""
+    try:
+        return _INDEXES.for_file(index, lambda _key: _read_weight_map(index), size=lambda wm: approx_nbytes((wm, 200)))
+    except FileNotFoundError:
+        raise CheckpointError(f"sharded checkpoint index {index} does not exist") from None
+    except OSError as exc:
+        raise CheckpointError(f"{index}: unreadable sharded-checkpoint index: {exc}") from exc
 
 
 class ShardedReader(ReaderBase):
@@ -44,16 +72,7 @@ class ShardedReader(ReaderBase):
         self.path = path
         self.index_file = index
         self.root = os.path.dirname(index)
-        try:
-            with open(index) as f:
-                wm = json.load(f)["weight_map"]
-            if not isinstance(wm, dict):
-                raise TypeError("weight_map is not an object")
-        except FileNotFoundError:
-            raise CheckpointError(f"sharded checkpoint index {index} does not exist") from None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: unreadable sharded-checkpoint index: {exc}") from exc
-        self.weight_map: dict[str, str] = {str(k): str(v) for k, v in wm.items()}
+        self.weight_map: dict[str, str] = weight_map(index)
         self._subs: dict[str, ReaderBase] = {}
         self._infos: dict[str, TensorInfo] | None = None
 

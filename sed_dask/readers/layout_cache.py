@@ -14,6 +14,7 @@ identity (real path, size, mtime) only if the file did not change while it was b
 from __future__ import annotations
 
 import collections
+import os
 import sys
 import threading
 from collections.abc import Callable, Hashable
@@ -29,6 +30,12 @@ def cache_limit() -> int:
         return config.get_bytes("readers.layout-cache-bytes")
     except Exception:  # a process that never loaded the package defaults
         return _FALLBACK_BYTES
+
+
+def file_key(path: str) -> tuple:
+    """A file's identity for caching what was parsed from it: real path, size, mtime (ns)."""
+    st = os.stat(path)
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns)
 
 
 def approx_nbytes(*strings_and_counts) -> int:
@@ -71,6 +78,20 @@ class LayoutCache:
                 with self._lock:
                     self._building.pop(key, None)
             return layout
+
+    def for_file(self, path: str, build: Callable[[tuple], object], *, size: Callable[[object], int]):
+        """:meth:`get` keyed by the file's identity ``key`` (real path, size, mtime), built by
+        ``build(key)``; a file rewritten while it was parsed is not cached. ``OSError`` (e.g. a
+        missing file) reaches the caller."""
+        key = file_key(path)
+
+        def unchanged() -> bool:
+            try:
+                return file_key(path) == key
+            except OSError:
+                return False
+
+        return self.get(key, lambda: build(key), size=size, still_valid=unchanged)
 
     def _hit(self, key):
         item = self._items.get(key)

@@ -97,22 +97,11 @@ _HEADERS = LayoutCache()
 def cached_header(path: str):
     """``_read_header(path)``, parsed once per process for a file of unchanged size and mtime."""
     try:
-        st = os.stat(path)
+        return _HEADERS.for_file(path, lambda _key: _read_header(path), size=lambda h: approx_nbytes((h[0], 300)))
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {path} does not exist") from None
     except OSError as exc:
         raise CheckpointError(f"{path}: unreadable safetensors header: {exc}") from exc
-    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-
-    def unchanged() -> bool:
-        try:
-            st2 = os.stat(path)
-        except OSError:
-            return False
-        return (st2.st_size, st2.st_mtime_ns) == key[1:]
-
-    return _HEADERS.get(key, lambda: _read_header(path), size=lambda h: approx_nbytes((h[0], 300)),
-                        still_valid=unchanged)
 
 
 def clear_header_cache() -> None:

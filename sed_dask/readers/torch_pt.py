@@ -121,11 +121,6 @@ class Layout:
             key, infos, groups, offsets, legacy, why
 
 
-def _file_key(path: str) -> tuple:
-    st = os.stat(path)
-    return (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-
-
 def _iter_tensors(obj):
     """Every tensor reachable through the containers a ``weights_only`` load can produce."""
     stack = [obj]
@@ -245,20 +240,12 @@ def _build_layout(path: str, key: tuple) -> Layout:
 
 def get_layout(path: str) -> Layout:
     """The cached layout of ``path`` (built with one mapped ``torch.load`` the first time)."""
-    try:
-        key = _file_key(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {path} does not exist") from None
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file {path} does not exist")
-
-    def unchanged() -> bool:  # a file rewritten during the load is not cached under its old key
-        try:
-            return _file_key(path) == key
-        except OSError:
-            return False
-
-    return _LAYOUTS.get(key, lambda: _build_layout(path, key), size=_layout_nbytes, still_valid=unchanged)
+    try:
+        return _LAYOUTS.for_file(path, lambda key: _build_layout(path, key), size=_layout_nbytes)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} does not exist") from None
 
 
 def _layout_nbytes(lay: Layout) -> int:
