@@ -317,15 +317,14 @@ def get_layout(directory: str) -> Layout:
     if not os.path.isdir(directory):
         raise CheckpointError(f"DCP checkpoint directory {directory} does not exist")
     try:
-        st = os.stat(meta)
+        os.stat(meta)
     except FileNotFoundError:
         ranks = sorted(n for n in os.listdir(directory) if n.startswith("__") and n.endswith(METADATA_NAME))
         extra = (f"; it holds rank-local {', '.join(ranks[:3])} (saved without collectives), which this reader "
                  "does not merge" if ranks else " (is dcp.save still running, or did it fail?)")
         raise CheckpointError(f"{directory}: no {METADATA_NAME} file, so not a complete DCP "
                               f"checkpoint{extra}") from None
-    key = (os.path.realpath(meta), st.st_size, st.st_mtime_ns)
-    return _LAYOUTS.get(key, lambda: _build_layout(directory, meta, key), size=_layout_nbytes)
+    return _LAYOUTS.for_file(meta, lambda key: _build_layout(directory, meta, key), size=_layout_nbytes)
 
 
 def _layout_nbytes(lay: Layout) -> int:
