@@ -20,7 +20,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator
 
 __all__ = ["spectrum_figure", "edge_phases_figure", "edge_val_loss_figure", "lag_figure", "warning_figure",
-           "signals_figure", "phase_intervals", "run_value"]
+           "signals_figure", "noise_figure", "phase_intervals", "run_value"]
 
 PHASE_COLORS = {"rise": "#9ecae1", "plateau": "#a1d99b", "collapse": "#fdae6b"}
 C_EDGE, C_LOSS, C_ACC, C_EVENT, C_ONSET = "#1f4e9a", "#c0392b", "#2e8b57", "#6a1b9a", "#e67e22"
@@ -340,6 +340,42 @@ def warning_figure(ds, *, runs, window, variable="edge_ratio", events=None, warn
     _step_axis(axes[-1])
     _fig_legend(fig, all_axes, ncol=3)
     fig.suptitle("Early warning? The spectral signal vs the grokking step (lead < 0: after it)", fontsize=12)
+    return fig
+
+
+def noise_figure(summary: xr.Dataset, *, runs, window, events=None) -> Figure:
+    """PC2 against its matched-norm null and the split-half stability of PC2 (sed_spec §4.5): when
+    does the second direction stop being signal? ``summary``: output of ``analysis.pc2_summary``."""
+    W, events = window, events or {}
+    fig, axes = _runs_grid(len(runs), height=2.6)
+    all_axes = list(axes)
+    sel = {"window": W} if "window" in summary.dims else {}
+    q = summary.attrs.get("q", 0.95)
+    for ax, r in zip(axes, runs):
+        s = summary.sel(run=r, **sel) if "run" in summary.dims else summary.sel(**sel)
+        st, pc2 = finite(s["pc2_pct"])
+        sn, nul = finite(s["null_pc2"])
+        ax.plot(st, pc2, color=C_EDGE, lw=1.8, marker="o", ms=2.5, label="PC2 share 100 λ₂/Σλ (left axis)")
+        ax.plot(sn, nul, color="grey", lw=1.3, ls="--", label=f"null {q:g} quantile, matched norms (left axis)")
+        ax.set_ylabel("PC2  [%]", color=C_EDGE)
+        ax.tick_params(axis="y", colors=C_EDGE)
+        if "split_half_k2" in s:
+            ax2 = ax.twinx()
+            all_axes.append(ax2)
+            sh_s, sh = finite(s["split_half_k2"])
+            ax2.plot(sh_s, sh, color=C_ACC, lw=1.3, alpha=0.85, label="split-half |cos| of PC2 (right axis)")
+            ax2.axhline(0.5, color=C_ACC, ls=":", lw=1.0, label="split-half 0.5 ('weak')")
+            ax2.set_ylim(-0.03, 1.05)
+            ax2.set_ylabel("split-half |cos|  [1]", color=C_ACC)
+            ax2.tick_params(axis="y", colors=C_ACC)
+        _vline(ax, float(s["noise_transition_step"]), C_LOSS, "noise transition (PC2 not above the null)", ":")
+        _vline(ax, events.get(r, {}).get("grok"), C_EVENT, "grok step (val acc ≥ 0.9)")
+        ax.set_title(f"run {r}", loc="left", fontsize=10)
+        ax.grid(alpha=0.3)
+    _step_axis(axes[-1])
+    _fig_legend(fig, all_axes, ncol=3)
+    fig.suptitle(f"Is PC2 signal? PC2 vs a random-direction null and its split-half stability, W = {W}",
+                 fontsize=12)
     return fig
 
 

@@ -8,7 +8,9 @@ feed it without the report re-implementing them. Figures, in the spirit of the p
 * ``edge_phases``    edge ratio over training per run, phases shaded, collapse and events marked;
 * ``edge_val_loss``  edge ratio and validation loss over steps (twin axes);
 * ``lag_flip``       detrended lagged correlation r(ℓ) with val loss for every W, peak lags marked;
-* ``early_warning``  the warning series with onset (or collapse) and event (grokking) marked.
+* ``early_warning``  the warning series with onset (or collapse) and event (grokking) marked;
+* ``noise_pc2``      (with ``analysis["pc2"]``) PC2 against its matched-norm null, split-half
+                     stability and the noise-transition step (sed_spec §4.5).
 
 Inputs (all optional, keyword-only):
 
@@ -29,6 +31,7 @@ Inputs (all optional, keyword-only):
       default: assembled from the Dataset and the inputs above;
     - ``"spectrum_at"``: ``{"run": .., "step": ..}`` of the spectrum figure (default: first run,
       step of its peak edge ratio);
+    - ``"pc2"``: output of ``analysis.pc2_summary``: adds the ``noise_pc2`` figure;
     - ``"signals"``: the long table of :func:`warning_signals` (every early-warning candidate):
       adds the ``warning_signals`` figure, a lead table and ``warning_signals.csv``;
     - ``"notes"``: extra lines for the summary.
@@ -45,8 +48,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .figures import (base, edge_phases_figure, edge_val_loss_figure, finite, lag_figure, phase_intervals,
-                      run_value, signals_figure, spectrum_figure, warning_figure)
+from .figures import (base, edge_phases_figure, edge_val_loss_figure, finite, lag_figure, noise_figure,
+                      phase_intervals, run_value, signals_figure, spectrum_figure, warning_figure)
 
 __all__ = ["make_report", "FIGURES", "findings_table", "normalize_events", "phase_intervals",
            "lag_correlation_simple", "standard_analysis", "warning_signals", "add_g23", "SIGNALS"]
@@ -206,7 +209,9 @@ def standard_analysis(ds: xr.Dataset, *, windows=None, window=None, lags=range(-
     """The demo's queries on a results Dataset, as the ``analysis`` mapping of :func:`make_report`.
 
     Signal rank and edge summary, 'peak' phases, τ-collapse (τ = MP noise level per W), lag sweep
-    against val loss with lag flips (needs ≥ 2 W and ``val_loss``), and the early-warning table.
+    against val loss with lag flips (needs ≥ 2 W and ``val_loss``), PC2 against its matched-norm
+    null at the report's W (199 null draws per window; needs ``split_half`` and ``delta_norm``),
+    and the early-warning table.
     """
     from . import analysis as A
 
@@ -214,7 +219,7 @@ def standard_analysis(ds: xr.Dataset, *, windows=None, window=None, lags=range(-
     ws = [int(w) for w in (windows if windows is not None else ds["window"].values)]
     W = int(window) if window is not None else (10 if 10 in ws else min(ws))
     sub = ds.sel(window=ws)
-    steps = ["signal rank", "phases", "collapse", "lag sweep", "warning signals"]
+    steps = ["signal rank", "phases", "collapse", "lag sweep", "pc2 null", "warning signals"]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -239,6 +244,9 @@ def standard_analysis(ds: xr.Dataset, *, windows=None, window=None, lags=range(-
         out["lag"] = A.lag_sweep(sub, windows=ws, lags=lags)
         out["lag_flips"] = A.lag_flips(out["lag"])
     tick("lag sweep")
+    if "split_half" in ds.data_vars and "delta_norm" in ds.data_vars:
+        out["pc2"] = A.pc2_summary(ds.sel(window=[W]), n_null=199)
+    tick("pc2 null")
     if "val_acc" in ds.data_vars:
         sig = warning_signals(sub, windows=ws, phases=out["phases"], collapse=out["collapse"])
         out["signals"] = sig
@@ -257,13 +265,15 @@ _COLUMNS = {  # column -> (header, format)
     "peak_step": ("peak step", "{:.0f}"), "collapse_step": ("collapse step", "{:.0f}"),
     "onset_step": ("warning onset step", "{:.0f}"), "grok_step": ("grok step", "{:.0f}"),
     "lead_time": ("lead time (steps)", "{:.0f}"), "peak_lag": ("peak lag (ckpts)", "{:+.0f}"),
+    "noise_transition_step": ("PC2 noise transition step", "{:.0f}"),
     "final_val_loss": ("final val loss", "{:.4f}"),
 }
 
 
 def findings_table(ds: xr.Dataset, *, runs, window, events, analysis, lag_r=None) -> pd.DataFrame:
     """One row per run: k* (mode over the run's windows), peak edge and its step, collapse, onset,
-    grok, lead, peak lag (the analysis' own ``peak_lag``, else argmin of ``lag_r``), final val loss."""
+    grok, lead, peak lag (the analysis' own ``peak_lag``, else argmin of ``lag_r``), the PC2 noise
+    transition (with ``analysis["pc2"]``), final val loss."""
     rows = {}
     lag = analysis.get("lag")
     for r in runs:
@@ -283,6 +293,8 @@ def findings_table(ds: xr.Dataset, *, runs, window, events, analysis, lag_r=None
         elif lag_r is not None and window in lag_r["window"].values:
             y = np.asarray(lag_r.sel(run=r, window=window).values, dtype=float)
             row["peak_lag"] = float(lag_r["lag"].values[np.nanargmin(y)]) if np.isfinite(y).any() else math.nan
+        if isinstance(analysis.get("pc2"), xr.Dataset):
+            row["noise_transition_step"] = run_value(analysis["pc2"], "noise_transition_step", r, window)
         if "val_loss" in ds.data_vars:
             _, vl = finite(ds["val_loss"].sel(run=r))
             row["final_val_loss"] = float(vl[-1]) if vl.size else math.nan
@@ -441,6 +453,9 @@ def make_report(ds: xr.Dataset, out_dir, *, runs=None, windows=None, events=None
     save("early_warning", warning_figure(ds, runs=runs, window=W, variable=var, events=ev,
                                          warning=analysis.get("warning"), collapse=analysis.get("collapse")))
 
+    pc2 = analysis.get("pc2")
+    if isinstance(pc2, xr.Dataset):
+        save("noise_pc2", noise_figure(pc2, runs=runs, window=W, events=ev))
     sig = analysis.get("signals")
     if isinstance(sig, pd.DataFrame) and not sig.empty:
         save("warning_signals", signals_figure(add_g23(ds), runs=runs, window=W, signals=sig, events=ev))

@@ -39,7 +39,7 @@ def _png_ok(path):
 def test_demo_quick_end_to_end(quick_demo):
     out, stdout, wall = quick_demo
     rep = out / "report"
-    for name in (*FIGURES, "warning_signals"):
+    for name in (*FIGURES, "warning_signals", "noise_pc2"):
         _png_ok(rep / f"{name}.png")
     for name in ("summary.html", "summary.md"):
         assert "Early-warning candidates" in (rep / name).read_text(), name
@@ -100,7 +100,7 @@ def test_report_cli_on_demo_results(quick_demo, tmp_path, capsys):
     out, _, _ = quick_demo
     dest = tmp_path / "rep"
     assert main(["report", str(out / "results.zarr"), "-o", str(dest), "--window", "5"]) == 0
-    for name in (*FIGURES, "warning_signals"):
+    for name in (*FIGURES, "warning_signals", "noise_pc2"):
         _png_ok(dest / f"{name}.png")
     df = pd.read_csv(dest / "findings.csv", index_col="run")
     ds = xr.open_zarr(out / "results.zarr")
