@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-ckpts", type=int, default=12)
     ap.add_argument("--d", type=int, default=1024, help="model width of the synthetic GPT")
     ap.add_argument("--windows", default="5,10")
-    ap.add_argument("--formats", default="safetensors", help="safetensors,pt")
+    ap.add_argument("--formats", default="safetensors", help="safetensors,pt,dcp")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--no-cold", action="store_true")
     ap.add_argument("--dir", default="bench-data/direct")

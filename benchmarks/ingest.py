@@ -73,6 +73,18 @@ def write_checkpoints(directory: str, size_bytes: int, n: int, fmt: str, d: int)
 
             p = os.path.join(directory, f"model_{100 * i}.safetensors")
             save_file(sd, p)
+        elif fmt == "dcp":  # torch.distributed.checkpoint from one process: __0_0.distcp + .metadata
+            import warnings
+
+            import torch
+            import torch.distributed.checkpoint as dcp
+
+            step_dir = os.path.join(directory, f"step_{100 * i}")
+            with warnings.catch_warnings():  # "no process group: saving from one process"
+                warnings.simplefilter("ignore")
+                dcp.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}}, checkpoint_id=step_dir)
+            paths.extend(sorted(os.path.join(step_dir, f) for f in os.listdir(step_dir)))
+            continue
         else:
             import torch
 
@@ -204,7 +216,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--shard-bytes", default="64MiB")
     ap.add_argument("--chunk-bytes", default="4MiB")
-    ap.add_argument("--formats", default="safetensors", help="safetensors and/or pt, comma-separated")
+    ap.add_argument("--formats", default="safetensors", help="safetensors, pt and/or dcp, comma-separated")
     ap.add_argument("--d-model", type=int, default=1024)
     ap.add_argument("--dir", default=os.path.join(os.path.dirname(__file__), "..", "bench-data", "ingest"))
     ap.add_argument("--store-dir", default=None,
