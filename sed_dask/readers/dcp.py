@@ -55,7 +55,7 @@ from ..errors import CheckpointError
 from ._pickle2 import as_protocol2
 from .base import ReaderBase, TensorInfo, flat_slices
 from .layout_cache import LayoutCache, approx_nbytes
-from .rawio import RAW_DTYPES, pread_full, read_float32, to_float32, zip_data_start
+from .rawio import RAW_DTYPES, open_if_unchanged, pread_full, read_float32, to_float32, zip_data_start
 from .torch_pt import STATE_DICT_KEYS
 
 METADATA_NAME = ".metadata"
@@ -440,12 +440,10 @@ class DCPReader(ReaderBase):
         if fd is None:
             p = os.path.join(self.path, rel)
             try:
-                fd = os.open(p, os.O_RDONLY)
+                fd = open_if_unchanged(p, self.layout.files[rel])
             except FileNotFoundError:
                 raise CheckpointError(f"{self.path}: DCP data file {rel} does not exist") from None
-            st = os.fstat(fd)
-            if (st.st_size, st.st_mtime_ns) != self.layout.files[rel]:
-                os.close(fd)
+            if fd is None:
                 raise CheckpointError(f"{p}: the file changed since the checkpoint's metadata was read "
                                       f"(size/mtime differ); open it again")
             self._fds[rel] = fd

@@ -49,7 +49,8 @@ def _read_weight_map(index: str) -> dict[str, str]:
 def weight_map(index: str) -> dict[str, str]:
     """``{tensor: shard file}`` of an index, parsed once per process for unchanged size and mtime."""
     try:
-        return _INDEXES.for_file(index, lambda _key: _read_weight_map(index), size=lambda wm: approx_nbytes((wm, 200)))
+        return _INDEXES.for_file(index, lambda _key: _read_weight_map(index),
+                                 size=lambda wm: approx_nbytes((wm, 200)))
     except FileNotFoundError:
         raise CheckpointError(f"sharded checkpoint index {index} does not exist") from None
     except OSError as exc:

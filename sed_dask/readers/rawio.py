@@ -34,6 +34,17 @@ def pread_full(fd: int, view: memoryview, offset: int) -> bool:
     return True
 
 
+def open_if_unchanged(path: str, size_mtime: tuple[int, int]) -> int | None:
+    """A read-only fd of ``path`` if it still has the (size, mtime_ns) its layout was parsed from,
+    else None (closed again): offsets from an older version of the file must not be read."""
+    fd = os.open(path, os.O_RDONLY)
+    st = os.fstat(fd)
+    if (st.st_size, st.st_mtime_ns) != tuple(size_mtime):
+        os.close(fd)
+        return None
+    return fd
+
+
 def to_float32(dtype: str, src: np.ndarray, dst: np.ndarray) -> None:
     """``dst[...] = src`` as float32, for raw stored values ``src`` of torch dtype ``dtype``."""
     if dtype == "bfloat16":  # bf16 is the top half of a float32: exact upcast by shifting

@@ -2,12 +2,14 @@
 
 The header (8-byte length + JSON) is parsed directly: listing tensors and checking that the file
 is as long as the header promises costs two small reads, so every checkpoint of a run can be
-validated on the client before any data task starts.
+validated on the client before any data task starts. Parsed headers are cached per process
+(``layout_cache``), since a Gram task opens every checkpoint of its step block.
 
 A flat slice of a C-order tensor is one contiguous byte range, so for every dtype numpy knows
 (float32/16/64, bfloat16 by bit shift, ints, bool) the slice is read with ``os.preadv`` straight
-into the float32 output (or a source-dtype buffer of the slice's size, then cast): one copy, no
-mapping counted in the worker's RSS, ~10x faster than ``get_slice`` here (benchmarks/README.md).
+into the float32 output (other dtypes through a bounded source-dtype buffer, then cast;
+``rawio.read_float32``): one copy, no mapping counted in the worker's RSS, ~10x faster than
+``get_slice`` here (benchmarks/README.md).
 Other dtypes (float8, float4) go through ``safe_open(framework="pt")`` + ``get_slice``, which is
 also available for every dtype with ``method="safe_open"``.
 """
@@ -97,7 +99,8 @@ _HEADERS = LayoutCache()
 def cached_header(path: str):
     """``_read_header(path)``, parsed once per process for a file of unchanged size and mtime."""
     try:
-        return _HEADERS.for_file(path, lambda _key: _read_header(path), size=lambda h: approx_nbytes((h[0], 300)))
+        return _HEADERS.for_file(path, lambda _key: _read_header(path),
+                                 size=lambda h: approx_nbytes((h[0], 300)))
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {path} does not exist") from None
     except OSError as exc:

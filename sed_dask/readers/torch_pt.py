@@ -5,7 +5,7 @@ flat slice of a contiguous tensor is one byte range of the file. The first open 
 process loads it once with ``torch.load(mmap=True, weights_only=True)`` (unpickling builds tensor
 metadata only), derives a *layout* - every tensor's dtype, shape and the file offset of its first
 element, the tied-tensor groups and the ``TensorInfo``s - and drops the mapping. The layout is
-cached per process (LRU, keyed by real path, size and mtime), so later opens of the file cost a
+cached per process (``layout_cache``, keyed by real path, size and mtime), so later opens of the file cost a
 ``stat`` and slices are read with ``os.preadv`` straight into the float32 output, like the
 safetensors reader: no mapping counted in the worker's RSS, no ``torch.load`` per task.
 
@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import CheckpointError
 from .base import ReaderBase, TensorInfo
 from .layout_cache import LayoutCache, approx_nbytes
-from .rawio import RAW_DTYPES, pread_full, read_float32, zip_data_start
+from .rawio import RAW_DTYPES, open_if_unchanged, pread_full, read_float32, zip_data_start
 
 #: keys under which training scripts nest the model state dict, in order of preference
 STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model")
@@ -45,7 +45,6 @@ _LEGACY_CACHE_SIZE = 1
 
 #: layouts of this process (bounded by ``sed_dask.readers.layout-cache-bytes``)
 _LAYOUTS = LayoutCache()
-
 
 
 def _is_tensor(x) -> bool:
@@ -97,6 +96,10 @@ def _load_error(path: str, exc: Exception) -> CheckpointError:
                 "torch.serialization.add_safe_globals)")
     return CheckpointError(f"cannot read checkpoint {path}: unreadable or truncated torch file: "
                            f"{type(exc).__name__}: {msg}{hint}")
+
+
+def _tensor_infos(sd: dict) -> dict[str, TensorInfo]:
+    return {k: TensorInfo(str(v.dtype).removeprefix("torch."), tuple(int(s) for s in v.shape)) for k, v in sd.items()}
 
 
 def _shared_groups(sd: dict) -> list[tuple[str, ...]]:
@@ -207,14 +210,11 @@ def _build_layout(path: str, key: tuple) -> Layout:
         except Exception as exc2:
             raise _load_error(path, exc2) from exc2
         sd = find_state_dict(obj, path)
-        infos = {k: TensorInfo(str(v.dtype).removeprefix("torch."), tuple(int(s) for s in v.shape))
-                 for k, v in sd.items()}
-        return Layout(key, infos, _shared_groups(sd), {}, True, "legacy (non-zip) file")
+        return Layout(key, _tensor_infos(sd), _shared_groups(sd), {}, True, "legacy (non-zip) file")
     except Exception as exc:
         raise _load_error(path, exc) from exc
     sd = find_state_dict(obj, path)
-    infos = {k: TensorInfo(str(v.dtype).removeprefix("torch."), tuple(int(s) for s in v.shape))
-             for k, v in sd.items()}
+    infos = _tensor_infos(sd)
     groups = _shared_groups(sd)
     try:
         located, why = _storage_offsets(path, obj)
@@ -296,9 +296,6 @@ class TorchReader(ReaderBase):
             self._sd = find_state_dict(obj, self.path)
         return self._sd
 
-    def _error(self, exc: Exception) -> CheckpointError:
-        return _load_error(self.path, exc)
-
     def tensors(self) -> dict[str, TensorInfo]:
         return self.layout.infos
 
@@ -325,10 +322,8 @@ class TorchReader(ReaderBase):
 
     def _open_fd(self) -> int:
         if self._fd is None:
-            fd = os.open(self.path, os.O_RDONLY)
-            st = os.fstat(fd)
-            if (st.st_size, st.st_mtime_ns) != self.layout.key[1:]:
-                os.close(fd)
+            fd = open_if_unchanged(self.path, self.layout.key[1:])
+            if fd is None:
                 raise CheckpointError(f"{self.path}: the file changed since it was opened "
                                       f"(size/mtime differ); open it again")
             self._fd = fd
