@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import config
-from .noise import bbp_ratio, mp_edge
+from .noise import bbp_ratio, mp_edge, signal_count
 
 def window_grams(band: np.ndarray, W: int, *, shift: int = 0) -> np.ndarray:
     """``(n_windows, W, W)`` Grams of the windows ending at deltas W-1 .. N-1 (from ``band[i, k]``).
@@ -35,6 +35,46 @@ def _masked_argmax(score: np.ndarray, ok: np.ndarray) -> np.ndarray:
     s = np.where(ok, score, -np.inf)
     k = np.argmax(s, axis=1).astype(np.float64) + 1.0
     return np.where(ok.any(axis=1), k, np.nan)
+
+
+K_STAR_RULES = ("numerator", "denominator", "naive", "weighted", "count")
+K_STAR_DEFAULT = "numerator"   # chosen from the recovery table in benchmarks/README.md ("Fidelity")
+
+
+def k_star_rules(sigma: np.ndarray, *, floor: np.ndarray, n_signal: np.ndarray) -> dict[str, np.ndarray]:
+    """Every k* variant of one set of window spectra (docs/method.md, "Signal rank").
+
+    All are 1-based argmaxes of the consecutive ratios rho_k = sigma_k / sigma_(k+1) over a
+    candidate set (NaN where a window has no finite ratio):
+
+    * ``numerator`` (default): k with sigma_k >= floor, so the signal->noise boundary, whose
+      numerator is the last value above the floor, is a candidate; fallback k <= W/2;
+    * ``denominator``: k with sigma_(k+1) >= floor (round 1's rule): it cannot pick the boundary
+      when the first noise value sits at or below the floor, as it normally does;
+    * ``naive``: all k (the reference code: picks tail ratios among noise values);
+    * ``weighted``: argmax (sigma_k / sum sigma) rho_k over all k (companion repos);
+    * ``count``: k <= n_signal (the values the noise test counts), fallback 1.
+    """
+    W = sigma.shape[1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = sigma[:, :-1] / sigma[:, 1:]
+    finite = np.isfinite(ratio) & (sigma[:, 1:] > 0)
+    kidx = np.arange(1, W)[None, :]
+    fallback = finite & (kidx <= max(1, W // 2))
+
+    def restricted(ok):
+        return _masked_argmax(ratio, np.where(ok.any(axis=1)[:, None], ok, fallback))
+
+    nf = np.asarray(floor, dtype=float)[:, None]
+    ns = np.nan_to_num(np.asarray(n_signal, dtype=float), nan=0.0)[:, None]
+    ssum = sigma.sum(axis=1, keepdims=True)
+    return {
+        "numerator": restricted(finite & (sigma[:, :-1] >= nf)),
+        "denominator": restricted(finite & (sigma[:, 1:] >= nf)),
+        "naive": _masked_argmax(ratio, finite),
+        "weighted": _masked_argmax(sigma[:, :-1] / ssum * ratio, finite),
+        "count": _masked_argmax(ratio, np.where((ns >= 1), finite & (kidx <= ns), finite & (kidx == 1))),
+    }
 
 
 def split_half(G: np.ndarray, *, zero_rtol: float) -> np.ndarray:
@@ -91,14 +131,11 @@ def window_features(band: np.ndarray, W: int, *, n_params: int, zero_rtol: float
         ratio = np.where(zero[:, 1:], np.nan, sigma[:, :-1] / sigma[:, 1:])
         finite = np.isfinite(ratio)
         nf = np.where(live, mp_edge(lam, n_params), np.nan)
-        kidx = np.arange(1, W)[None, :]
-        above = finite & (sigma[:, 1:] >= nf[:, None])
-        fallback = finite & (kidx <= W // 2)
-        restricted = np.where(above.any(axis=1)[:, None], above, fallback)
-        k_star = _masked_argmax(ratio, restricted)
-        k_naive = _masked_argmax(ratio, finite)
-        ssum = sigma.sum(axis=1, keepdims=True)
-        k_weighted = _masked_argmax(sigma[:, :-1] / ssum * ratio, finite)
+        n_signal = np.where(live, signal_count(lam, n_params), np.nan)
+        rules = k_star_rules(np.where(zero, 0.0, sigma), floor=nf, n_signal=n_signal)
+        k_star = rules[K_STAR_DEFAULT]
+        k_naive = rules["naive"]
+        k_weighted = rules["weighted"]
         kk = np.nan_to_num(k_star, nan=1).astype(int) - 1
         rows = np.arange(n)
         edge_ratio = np.where(np.isnan(k_star), np.nan, ratio[rows, kk])
@@ -125,7 +162,7 @@ def window_features(band: np.ndarray, W: int, *, n_params: int, zero_rtol: float
     halves = split_half(G, zero_rtol=zero_rtol)
     return {
         "sigma": sigma, "ratio": ratio, "pc_frac": pc_frac,
-        "k_star": k_star, "k_star_naive": k_naive, "k_star_weighted": k_weighted,
+        "k_star": k_star, "k_star_naive": k_naive, "k_star_weighted": k_weighted, "n_signal": n_signal,
         "edge_ratio": edge_ratio, "edge_gap": edge_gap, "k95": k95, "drift_speed": drift,
         "noise_floor": nf, "bbp_ratio": bbp, "gamma": gamma, "kappa": 1.0 - gamma,
         "align_u": align, "a_speed": a_speed, "r_speed": r_speed, "split_half": halves,

@@ -20,7 +20,7 @@ def _rule_kstar(sigma: np.ndarray, P: int) -> tuple[int, float]:
     nbar = lam[W // 2:].mean()
     floor = np.sqrt(nbar) * (1 + np.sqrt(W / P))
     rho = sigma[:-1] / sigma[1:]
-    cand = sigma[1:] >= floor
+    cand = sigma[:-1] >= floor          # numerator rule (docs/method.md)
     if not cand.any():
         cand = np.arange(1, W) <= W // 2
     k = int(np.argmax(np.where(cand, rho, -np.inf))) + 1

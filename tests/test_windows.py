@@ -26,7 +26,7 @@ def _direct(D, W, P):
         nbar = lam[W // 2:].mean()
         rho = s[:-1] / s[1:]
         nf = np.sqrt(nbar * (1 + np.sqrt(W / P)) ** 2)
-        cand = [j for j in range(W - 1) if s[j + 1] >= nf] or list(range(W // 2))
+        cand = [j for j in range(W - 1) if s[j] >= nf] or list(range(W // 2))   # numerator rule
         cum = np.cumsum(lam) / lam.sum()
         rows.append(dict(
             sigma=s, ratio=rho, pc_frac=lam / lam.sum(),
@@ -99,10 +99,12 @@ def test_noise_helpers():
 
 
 @pytest.mark.parametrize("spectrum,P,expect", [
-    ([10, 5, 1, 1, 1, 1], 6, (1, 2, 2)),     # ratio 5 at k=2 has sigma_3 below the floor (2): restricted k* = 1
+    # the signal->noise boundary sigma_2/sigma_3 = 5: its numerator is above the floor (2), its denominator
+    # below; round 1's denominator rule could not pick it and said k* = 1 (issue 12)
+    ([10, 5, 1, 1, 1, 1], 6, (2, 2, 2)),
     ([3, 2.9, 2.8, 2.7], 4, (2, 3, 1)),      # nothing above the floor (5.5): fallback to k <= W/2
     ([8, 4, 2.1, 1.9, 1.8], 10**9, (1, 1, 1)),
-    ([9, 8.5, 3, 1, 0.25, 0.2], 10**9, (3, 4, 2)),  # three variants, three answers
+    ([9, 8.5, 3, 1, 0.25, 0.2], 10**9, (4, 4, 2)),  # sigma_4 = 1 >= floor 0.61: rho_4 = 4 is a candidate
 ])
 def test_k_star_on_hand_made_spectra(spectrum, P, expect):
     D = stack_with_spectrum(spectrum, 40, np.random.default_rng(1))

@@ -79,7 +79,7 @@ def edge_summary(ds: xr.Dataset, *, variable="edge_ratio", rank="signal_rank", r
 def window_statistic(sigma: np.ndarray, *, n_params: float, statistic="edge_ratio") -> np.ndarray:
     """The edge statistic of spectra ``sigma`` (..., W), sorted descending.
 
-    ``"edge_ratio"``: max ρ_k over the noise-floor-restricted candidates {k : σ_{k+1} ≥ σ_MP}
+    ``"edge_ratio"``: max ρ_k over the noise-floor-restricted candidates {k : σ_k ≥ σ_MP}
     (fallback k ≤ ⌊W/2⌋), σ_MP = √n̄ (1 + √(W/P)), n̄ = mean of the bottom-half eigenvalues —
     the engine's default k* rule (result_schema.md, sed_spec §3.2, §4.2). Taking the *max* over the
     same candidate set in data and null includes the look-elsewhere effect of choosing k*.
@@ -100,7 +100,7 @@ def window_statistic(sigma: np.ndarray, *, n_params: float, statistic="edge_rati
         raise AnalysisError(f"unknown null statistic {statistic!r} (use 'edge_ratio', 'pc2' or an int k)")
     nbar = lam[..., W // 2:].mean(axis=-1)
     floor = np.sqrt(nbar) * (1.0 + np.sqrt(W / n_params))
-    cand = sigma[..., 1:] >= floor[..., None]
+    cand = sigma[..., :-1] >= floor[..., None]
     fallback = np.arange(1, W) <= W // 2
     cand = np.where(cand.any(axis=-1, keepdims=True), cand, fallback)
     return np.nanmax(np.where(cand, rho, -np.inf), axis=-1)
