@@ -138,3 +138,26 @@ def test_parallel_workers_and_safetensors(tmp_path):
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="checkpoint interval"):
         train_demo_runs(tmp_path, steps=10, every=20, progress=False)
+
+
+def test_task_labels():
+    """Each task's labels match a direct computation; the split and the default ("add") are unchanged."""
+    p = 7
+    cfg = replace(SIZES["default"], p=p)
+    assert cfg.task == "add"
+    expected = {"add": lambda a, b: (a + b) % p, "sub": lambda a, b: (a - b) % p,
+                "mul": lambda a, b: (a * b) % p, "x2y2": lambda a, b: (a * a + b * b) % p}
+    (x0, _), (v0, _) = modadd_split(cfg, 3)
+    for task, f in expected.items():
+        (xtr, ytr), (xva, yva) = modadd_split(replace(cfg, task=task), 3)
+        assert torch.equal(xtr, x0) and torch.equal(xva, v0)          # same pairs, same split
+        for x, y in ((xtr, ytr), (xva, yva)):
+            assert (x[:, 2] == p).all()
+            assert y.tolist() == [f(int(a), int(b)) for a, b in x[:, :2].tolist()]
+            assert 0 <= int(y.min()) and int(y.max()) < p
+    # the default config's summary/fingerprint keeps its pre-task form; other tasks are recorded
+    from sed_dask.demo_train import _config_dict
+    assert "task" not in _config_dict(SIZES["default"])
+    assert _config_dict(replace(SIZES["default"], task="sub"))["task"] == "sub"
+    with pytest.raises(ValueError, match="unknown task"):
+        modadd_split(replace(cfg, task="div"), 0)
