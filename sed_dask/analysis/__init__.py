@@ -20,7 +20,8 @@ from .lag import (detrend_series, lag_correlation, lag_flips, lag_sweep, lagged_
 from .metrics import attach_metrics
 from .phases import collapse_step, cross_seed_summary, phase_intervals, phases, segment
 from .shift import cusum, detect_shift, max_derivative, welch_scan
-from .warning import event_index, lead_time, onset, onset_index
+from .detectors import DETECTORS, Alert, EdgeWatch
+from .warning import early_warning, event_index, lead_time, onset, onset_index
 
 __all__ = [
     "resolve", "require_metric",
@@ -30,6 +31,6 @@ __all__ = [
     "sliding_correlation", "phase_correlation",
     "granger_test", "granger", "granger_multivariate", "residualize",
     "cusum", "welch_scan", "max_derivative", "detect_shift",
-    "onset_index", "event_index", "onset", "lead_time",
+    "onset_index", "event_index", "onset", "lead_time", "early_warning", "EdgeWatch", "Alert", "DETECTORS",
     "attach_metrics",
 ]

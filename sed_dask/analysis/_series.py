@@ -15,13 +15,15 @@ import numpy as np
 import xarray as xr
 
 from ..errors import AnalysisError
+from .defaults import mp_adjacent_ratio  # noqa: F401  (re-exported for the query modules)
 
 STEP = "step"
 SERIES_DIMS_ORDER = ("run", "window", "group")
 
 # Short names used in the spec (sed_spec §3.2) -> (variable, sv)
 _RATIO_ALIAS = re.compile(r"^r(\d+)_?(\d+)$")
-_ROLE_ALIASES = {"edge": "edge_ratio", "rank": "signal_rank", "drift": "drift_speed"}
+_ROLE_ALIASES = {"rank": "signal_rank", "drift": "drift_speed"}
+EDGE = "edge"   # the fixed-k edge series: ratio at k = the series' mode of k* (see fixed_edge)
 
 MISSING_METRIC_HINT = ("attach with sed_dask.analysis.attach_metrics or ingest --metrics")
 
@@ -32,12 +34,51 @@ def _available(ds: xr.Dataset) -> str:
     return f"variables {names}, sed_roles {roles}"
 
 
+def mode_rank(k: xr.DataArray) -> xr.DataArray:
+    """Mode of an integer rank series over ``step`` per series; ties go to the smallest k; NaN if none."""
+    vals = k.transpose(*series_dims(k), STEP).values.astype(float)
+    ok = np.isfinite(vals)
+    kmax = int(np.nanmax(vals)) if ok.any() else 1
+    ks = np.arange(1, kmax + 1)
+    counts = (vals[..., None] == ks).sum(axis=-2)
+    mode = ks[np.argmax(counts, axis=-1)].astype(float)
+    mode[ok.sum(axis=-1) == 0] = np.nan
+    dims = series_dims(k)
+    return xr.DataArray(mode, dims=dims, coords={d: k[d] for d in dims})
+
+
+def fixed_edge(ds: xr.Dataset, *, rank="k_star") -> xr.DataArray:
+    """The edge series at a fixed k: ratio sigma_k / sigma_(k+1) with k = the mode of k* of the series.
+
+    ``edge_ratio`` takes each window's own k*, so the series jumps between ratios when k* changes
+    (on a grokking run k* went from 1 to 2 mid-collapse and moved the collapse step). Phases,
+    collapse, events and warnings measure this fixed-k series instead; ``edge_k`` (a coordinate)
+    says which k each series uses.
+    """
+    for name in ("ratio", rank):
+        if name not in ds.data_vars:
+            raise AnalysisError(f"the fixed-k edge needs {name!r} in the dataset ({_available(ds)})")
+    k = mode_rank(ds[rank])
+    ratio = ds["ratio"]
+    idx = (k.fillna(1) - 1).astype(int).clip(0, ratio.sizes["sv"] - 1)
+    edge = ratio.isel(sv=idx).drop_vars("sv", errors="ignore").where(k.notnull())
+    edge = edge.assign_coords(edge_k=k)
+    edge.attrs.update(long_name="edge sigma_k / sigma_(k+1) at fixed k = the mode of k* over the series",
+                      units="1", sed_role="edge")
+    return edge.rename(EDGE)
+
+
 def resolve(ds: xr.Dataset, variable, *, sv: int | None = None) -> xr.DataArray:
     """A named DataArray for ``variable``: a DataArray, a variable name, a ``sed_role`` or an alias.
 
-    Aliases: ``r23``/``r34``/… = ``ratio`` at sv=2/3 (sed_spec §3.2 names); ``edge`` = the
-    ``edge_ratio`` role. Variables with an ``sv`` dim need ``sv=`` (e.g. ``ratio``, ``sigma``).
+    Aliases: ``r23``/``r34``/… = ``ratio`` at sv=2/3 (sed_spec §3.2 names); ``edge`` = the fixed-k
+    edge series (:func:`fixed_edge`), unless the dataset has a variable of that name. Variables with
+    an ``sv`` dim need ``sv=`` (e.g. ``ratio``, ``sigma``).
     """
+    if isinstance(variable, str) and variable == EDGE and EDGE not in ds.data_vars:
+        if sv is not None:
+            raise AnalysisError("'edge' is the fixed-k edge series; it takes no sv (use --var ratio --sv K)")
+        return fixed_edge(ds)
     if isinstance(variable, xr.DataArray):
         da = variable
         if da.name is None:
@@ -215,11 +256,6 @@ def need(n: int, minimum: int, what: str, key: Mapping, name: str | None = None)
     if n < minimum:
         raise AnalysisError(f"{describe(key, name)}: {what} needs at least {minimum} finite points, "
                             f"got {n}")
-
-
-def mp_adjacent_ratio(W) -> np.ndarray:
-    """1 + 2 W^(-2/3): the MP adjacent-ratio noise level (sed_spec §4.3)."""
-    return 1.0 + 2.0 * np.asarray(W, dtype=float) ** (-2.0 / 3.0)
 
 
 class Collector:

@@ -7,6 +7,8 @@ series (edge ratio, gap, an external defect series), and ``direction="drop"`` de
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import xarray as xr
 
@@ -113,4 +115,85 @@ def lead_time(ds: xr.Dataset, variable="edge_ratio", *, event="val_acc",
                                   units="steps")
     out.attrs.update(event=str(ev.name), event_threshold=event_threshold, sustain=sustain,
                      event_direction=event_direction)
+    return out
+
+
+# ------------------------------------------------------------------------ causal early warning
+def _window_inputs(ds: xr.Dataset, key: dict, rank: str):
+    """(steps, ratios (n, W-1), k*) of one series' valid windows, in step order."""
+    if "ratio" not in ds.data_vars or rank not in ds.data_vars:
+        raise AnalysisError(f"early_warning needs 'ratio' and {rank!r} (result_schema.md)")
+    ratio = at(ds["ratio"], key)
+    k = at(ds[rank], key)
+    W = int(key["window"]) if "window" in key else int(ratio["sv"].max()) + 1
+    r = ratio.sel(sv=slice(1, W - 1)).transpose("step", "sv").values.astype(float)
+    kv = np.asarray(k.values, dtype=float)
+    ok = np.isfinite(r[:, 0]) & np.isfinite(kv)
+    return np.asarray(ratio["step"].values)[ok], r[ok], kv[ok], W
+
+
+def early_warning(ds: xr.Dataset, *, detectors=None, tau=None, rank: str = "k_star", event: str | None = "val_acc",
+                  event_threshold: float = 0.9, sustain_event: int = 1, run=None, window=None, group=None,
+                  **params) -> xr.Dataset:
+    """Causal alarms of every detector on every (run, W[, group]) edge series, and their lead.
+
+    Runs :class:`sed_dask.analysis.detectors.EdgeWatch` window by window (so an alarm at step t
+    used nothing after t). ``params``: drop, drift, h, arm, sustain, min_windows (defaults in
+    ``detectors.DEFAULTS``). Returns ``alarm_step``, ``alarm_value``, ``alarm_threshold`` and
+    ``n_alarms`` on (series, ``detector``), ``first_alarm_step`` (earliest detector), ``edge_k`` (the
+    frozen k) and, when ``event`` is a metric of the dataset, ``event_step`` (first step with
+    event >= event_threshold for ``sustain_event`` evaluations; grokking = val_acc >= 0.9) and
+    ``lead`` = event_step - alarm_step (positive: the alarm came first). The attrs carry each
+    detector's definition at each W.
+    """
+    from .defaults import DEFAULT_TAU
+    from .detectors import DETECTORS, EdgeWatch, describe_detectors
+
+    tau = DEFAULT_TAU if tau is None else tau
+    dets = tuple(DETECTORS if detectors is None else ([detectors] if isinstance(detectors, str) else detectors))
+    base = select(ds["k_star"] if rank not in ds.data_vars else ds[rank], run=run, window=window, group=group)
+    ev = None
+    if event is not None and event in ds.data_vars:
+        ev = select(ds[event], run=run, window=window, group=group)
+    col = Collector(base)
+    definitions = {}
+    for key, _ in iter_series(base):
+        steps, ratios, ks, W = _window_inputs(ds, key, rank)
+        watch = EdgeWatch(window=W, tau=tau, detectors=dets, **params)
+        alerts = []
+        for st, r, k in zip(steps.tolist(), ratios, ks):
+            alerts += watch.update(st, r, k)
+        first = {d: next((a for a in alerts if a.detector == d), None) for d in dets}
+        col.add(key, along=("detector", list(dets)),
+                alarm_step=np.array([np.nan if a is None else a.step for a in first.values()], float),
+                alarm_value=np.array([np.nan if a is None else a.value for a in first.values()], float),
+                alarm_threshold=np.array([np.nan if a is None else a.threshold for a in first.values()], float),
+                n_alarms=np.array([sum(a.detector == d for a in alerts) for d in dets]))
+        steps_first = [a.step for a in first.values() if a is not None]
+        estep = np.nan
+        if ev is not None:
+            es, ey = finite(at(ev, key))
+            i = event_index(ey, threshold=event_threshold, sustain=sustain_event)
+            estep = np.nan if i is None else float(es[i])
+        col.add(key, first_alarm_step=float(min(steps_first)) if steps_first else np.nan,
+                edge_k=np.nan if watch.k is None else float(watch.k), event_step=estep,
+                tau_value=watch.threshold, n_windows=int(steps.size))
+        definitions[f"W{W}"] = describe_detectors(window=W, tau=tau, **params)
+    out = col.dataset(tau=str(tau), event="" if ev is None else str(event), event_threshold=event_threshold,
+                      definitions=json.dumps(definitions), causal="alarm at step t uses windows up to t only")
+    out["lead"] = out["event_step"] - out["alarm_step"]
+    notes = {
+        "alarm_step": ("step of the detector's first alarm (decided from windows up to it)", "steps"),
+        "alarm_value": ("the detector's value at the alarm (edge, or CUSUM sum)", "1"),
+        "alarm_threshold": ("the threshold it crossed", "1"),
+        "n_alarms": ("alarms over the run (re-armed after a rebound)", "1"),
+        "first_alarm_step": ("earliest alarm of any detector", "steps"),
+        "edge_k": ("k of the watched edge sigma_k/sigma_(k+1), frozen when the detector armed", "1"),
+        "event_step": (f"first step with {event} >= {event_threshold:g}" if ev is not None else "no event metric",
+                       "steps"),
+        "lead": ("event_step - alarm_step (positive: the alarm came first)", "steps"),
+        "tau_value": ("numeric tau at this W", "1"),
+    }
+    for v, (ln, u) in notes.items():
+        out[v].attrs.update(long_name=ln, units=u)
     return out
