@@ -90,7 +90,14 @@ def register(subparsers) -> None:
     q.add_argument("--detrend", choices=("cubic", "quadratic", "linear", "none", "cubic_raw"),
                    default="cubic")
     q.add_argument("--peak", choices=("min", "absmax", "max"), default="min")
-    q.add_argument("--sweep", action="store_true", help="W sweep and lag-flip pairs")
+    q.add_argument("--sweep", action="store_true",
+                   help="W sweep and lag flips: a flip needs both peaks interior to the lag grid and "
+                        "significant; rejected sign changes are listed with the reason")
+    q.add_argument("--n-null", type=int, default=999,
+                   help="phase-randomised null draws for the peak p-value (0 = no null; default 999)")
+    q.add_argument("--alpha", type=float, default=0.05,
+                   help="significance level of the peak p-value (default 0.05)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the null draws (default 0)")
     q.add_argument("--sliding", choices=("center", "trailing"), help="sliding-window correlation summary")
     q.add_argument("--phase-method", choices=("peak", "derivative", "threshold", "changepoint"),
                    help="phase-specific correlations under this segmentation")
@@ -183,14 +190,19 @@ def tables(ds, args) -> dict:
         out["event study (per series)"] = _table(r, ["peak_step", "peak_value", "threshold", "n_baseline",
                                                      "threshold_fallback", "n_points"])
     elif args.query == "lag":
-        kw = dict(lags=args.lags, detrend=args.detrend, peak=args.peak, sv=sv)
+        kw = dict(lags=args.lags, detrend=args.detrend, peak=args.peak, n_null=args.n_null, alpha=args.alpha,
+                  seed=args.seed, sv=sv)
+        peak_cols = ["peak_lag", "peak_r", "peak_resolved", "peak_p_value", "peak_significant", "n_points"]
         if args.sweep:
             sw = A.lag_sweep(ds, var, args.target, windows=args.window, run=args.run, group=args.group, **kw)
-            out["peak lag per W"] = _table(sw, ["peak_lag", "peak_r", "n_points", "flip_next"])
-            out["lag flips"] = A.lag_flips(sw)
+            out["peak lag per W"] = _table(sw, peak_cols + ["sign_change_next", "flip_next"])
+            out["lag flips"] = A.lag_flips(sw, rejected=True)       # status 'flip', or why rejected
+            print(f"note: peak rule '{args.peak}' over lags {min(args.lags)}..{max(args.lags)}; a peak on the "
+                  f"grid edge is unresolved; p from {args.n_null} phase-randomised targets, alpha = "
+                  f"{args.alpha:g}; a lag flip needs both peaks resolved and significant", file=sys.stderr)
         else:
             lc = A.lag_correlation(ds, var, args.target, **kw, **sel)
-            out["peak lag"] = _table(lc, ["peak_lag", "peak_r", "n_points"])
+            out["peak lag"] = _table(lc, peak_cols)
             r = lc["r"].to_dataframe().reset_index()
             keys = [d for d in lc["r"].dims if d != "lag"]
             out["r by lag"] = r.pivot_table(index=keys, columns="lag", values="r").reset_index()
