@@ -22,11 +22,12 @@ from .layers import regex_groups
 from .store import ParamIndex
 
 ALL = "all"
-_BLOCK_LABEL = re.compile(r"^(block\d+)(?:\.|$)")
+_BLOCK_LABEL = re.compile(r"^((?:decoder\.)?block\d+)(?:\.|$)")
 
 
 def block_label(label: str) -> str:
-    """``block3.attn`` -> ``block3``; labels outside blocks are kept."""
+    """``block3.attn`` -> ``block3``, ``decoder.block3.mlp`` -> ``decoder.block3`` (an
+    encoder-decoder's decoder blocks, sed_dask.layers); labels outside blocks are kept."""
     m = _BLOCK_LABEL.match(label)
     return m.group(1) if m else label
 
