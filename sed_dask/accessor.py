@@ -27,6 +27,7 @@ _FORWARD = {
     "granger": "granger:granger",
     "granger_multivariate": "granger:granger_multivariate",
     "detect_shift": "shift:detect_shift",
+    "early_warning": "warning:early_warning",
     "onset": "warning:onset",
     "lead_time": "warning:lead_time",
     "attach_metrics": "metrics:attach_metrics",
@@ -57,7 +58,19 @@ class SEDAccessor:
         self._ds = ds
 
     def __dir__(self):
-        return sorted(set(super().__dir__()) | set(_FORWARD))
+        return sorted(set(super().__dir__()) | set(_FORWARD) | {"lag_flips"})
+
+    def lag_flips(self, sweep: xr.Dataset | None = None, *, pairs: str = "consecutive", rejected: bool = False,
+                  **sweep_options):
+        """Lag-flip table (``sed_dask.analysis.lag_flips``) of ``sweep``, or of ``lag_sweep(ds, **sweep_options)``
+        when no sweep is given: ``ds.sed.lag_flips()`` and ``ds.sed.lag_flips(ds.sed.lag_sweep())`` agree."""
+        from .analysis.lag import lag_flips, lag_sweep
+
+        if sweep is None:
+            sweep = lag_sweep(self._ds, **sweep_options)
+        elif sweep_options:
+            raise TypeError("pass either a sweep or lag_sweep options, not both")
+        return lag_flips(sweep, pairs=pairs, rejected=rejected)
 
     def help(self, name: str) -> str:
         """Full docstring of the analysis function behind ``ds.sed.<name>``."""

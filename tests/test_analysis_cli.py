@@ -50,7 +50,9 @@ def test_accessor_forwards_to_functions(ds):
     xr.testing.assert_identical(ds.sed.collapse_step(tau="auto"), A.collapse_step(ds, tau="auto"))
     xr.testing.assert_identical(ds.sed.granger(n_perm=0, window=5), A.granger(ds, n_perm=0, window=5))
     xr.testing.assert_identical(ds.sed.var("r23"), ds.ratio.sel(sv=2, drop=True).rename("r23"))
-    xr.testing.assert_identical(ds.sed.var("edge"), ds.edge_ratio)
+    xr.testing.assert_identical(ds.sed.var("edge"), A.resolve(ds, "edge"))       # the fixed-k edge
+    assert ds.sed.var("edge").name == "edge" and "edge_k" in ds.sed.var("edge").coords
+    xr.testing.assert_identical(ds.sed.var("edge_ratio"), ds.edge_ratio)
     assert "lag_sweep" in dir(ds.sed) and "positive lag" in ds.sed.help("lag_correlation")
     with pytest.raises(AttributeError):
         ds.sed.help("nope")
@@ -122,7 +124,8 @@ def test_cli_pc2_with_split_half_and_events_tables(run_cli, ds, tmp_path):
     assert "no split_half" not in err
     rc, out, err = run_cli(str(path), "events", "--run", "s2", "--group", "all")
     assert rc == 0, err
-    assert "== event study (per tau) ==" in out and "lead_time" in out and "1.15" in out
+    assert "== event study: edge collapse -> val_loss stabilisation ==" in out and "stab_delay" in out
+    assert "not a lead before grokking" in out
 
 
 def test_cli_tables_selection_and_errors(run_cli, store, tmp_path):

@@ -179,9 +179,12 @@ def test_pc2_summary_planted_transition_cv_and_split_half():
     pc2 = {c: 100 * v[1] ** 2 / np.sum(v ** 2) for c, v in (("S", STRONG), ("w", WEAK))}
     obs = np.array([pc2[c] for c in pattern if c != "."])
     valid = np.array([c != "." for c in pattern])
-    assert float(out.noise_transition_step) == win[3]       # first window not above the null
-    assert pc2_summary(ds, norms="equal", n_null=99, sustain=2).noise_transition_step.item() == win[8]
-    assert pc2_summary(ds, norms="equal", n_null=99, sustain=4).noise_transition_step.isnull().item()
+    # default sustain 2: the first two consecutive windows not above the null after PC2 held above it
+    assert float(out.noise_transition_step) == win[8] and int(out.transition_kind) == 1
+    assert float(out.pc2_emerge_step) == win[0]
+    assert pc2_summary(ds, norms="equal", n_null=99, sustain=1).noise_transition_step.item() == win[3]
+    four = pc2_summary(ds, norms="equal", n_null=99, sustain=4)
+    assert four.noise_transition_step.isnull().item() and int(four.transition_kind.item()) == 0  # never 4 above
     assert float(out.pc2_cv) == pytest.approx(np.std(obs) / np.mean(obs), rel=1e-12)     # ddof = 0
     assert pc2_summary(ds, norms="equal", n_null=99, ddof=1).pc2_cv.item() == pytest.approx(
         np.std(obs, ddof=1) / np.mean(obs), rel=1e-12)
@@ -199,6 +202,19 @@ def test_pc2_summary_planted_transition_cv_and_split_half():
     assert 19 < float(out.null_pc2_mean) < 22
     assert float(out.null_pc2_mean) == pytest.approx(np.nanmean(ref.null_quantile.values))
     assert out.attrs["ddof"] == 0 and "ddof=0" in out.pc2_cv.attrs["long_name"]
+
+
+def test_pc2_transition_is_a_downward_crossing_never_the_first_window():
+    # catches round 1's rule (first window not above the null): on real runs PC2 starts below its
+    # null, so it returned the first window every time
+    ds, steps = _pc2_ds("wwwSSSSwwww")
+    out = pc2_summary(ds, norms="equal", n_null=99, split_half=None).sel(run="r", window=5)
+    win = steps[4:]
+    assert float(out.pc2_emerge_step) == win[3]
+    assert float(out.noise_transition_step) == win[7] and int(out.transition_kind) == 1
+    never, _ = _pc2_ds("wwwwwww")
+    n = pc2_summary(never, norms="equal", n_null=99, split_half=None)
+    assert n.noise_transition_step.isnull().all() and int(n.transition_kind.item()) == 0   # "no transition"
 
 
 def test_pc2_summary_never_in_noise_groups_and_errors(ds):

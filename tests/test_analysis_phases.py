@@ -84,7 +84,7 @@ def test_phases_on_dataset_with_nans_and_groups():
 
     d = with_series(ds, "edge_ratio", plant)
     d["edge_ratio"].loc[dict(run="s1", step=5000)] = np.nan       # a degenerate window
-    out = phases(d, method="changepoint", model="linear")
+    out = phases(d, "edge_ratio", method="changepoint", model="linear", label="newest")
     for r, (b1, b2) in breaks.items():
         for w in (5, 8):
             row = out.sel(run=r, window=w, group="attn")
@@ -93,9 +93,13 @@ def test_phases_on_dataset_with_nans_and_groups():
     lab = out.phase.sel(run="s2", window=5, group="all")
     assert set(np.unique(lab.values[np.isfinite(lab.values)])) == {0.0, 1.0, 2.0}
     assert np.isnan(out.phase.sel(run="s1", window=5, group="all", step=5000))
-    pk = phases(d, method="peak")
+    pk = phases(d, "edge_ratio", method="peak")
     assert (pk.peak_value > 1.9).all()
-    assert out.phase.attrs["flag_meanings"] == "rise plateau collapse"
+    assert out.phase.attrs["flag_meanings"] == "rise plateau collapse rebound"
+
+
+REF = dict(sustain=1, label="newest", after="peak")   # the reference's collapse rule (sed_spec §5.1)
+ROBUST = [1.15, 1.20, 1.25, 1.30]
 
 
 def test_collapse_step_fixed_auto_and_list():
@@ -110,20 +114,22 @@ def test_collapse_step_fixed_auto_and_list():
         p = int(np.argmax(np.where(idx, x, -np.inf)))
         return steps[p + np.nonzero(x[p:] < tau)[0][0]]
 
-    fixed = collapse_step(d)
+    fixed = collapse_step(d, "edge_ratio", tau=1.20, **REF)
     assert int(fixed.collapse_step.sel(run="a", window=5)) == first_below(1.20, 5)
-    auto = collapse_step(d, tau="auto")
+    auto = collapse_step(d, "edge_ratio", tau="auto", **REF)
     assert int(auto.collapse_step.sel(run="a", window=5)) == first_below(1 + 2 * 5 ** (-2 / 3), 5)
     assert int(auto.collapse_step.sel(run="a", window=8)) == first_below(1.5, 8)
     assert float(auto.tau.sel(run="a", window=8)) == pytest.approx(1.5)
-    many = collapse_step(d, tau=[1.15, 1.20, 1.25, 1.30])
+    many = collapse_step(d, "edge_ratio", tau=[1.15, 1.20, 1.25, 1.30], **REF)
     assert many.collapse_step.dims == ("run", "window", "tau")
     cs = many.collapse_step.sel(run="b", window=5).values
     assert np.all(np.diff(cs) <= 0)          # a higher tau is crossed earlier
-    never = collapse_step(d, tau=0.5)
+    never = collapse_step(with_series(ds, "edge_ratio", lambda k, s: x + 0.5), "edge_ratio", tau=1.2, **REF)
     assert np.isnan(never.collapse_step).all()
     with pytest.raises(AnalysisError, match="tau"):
-        collapse_step(d, tau="sometimes")
+        collapse_step(d, "edge_ratio", tau="sometimes")
+    with pytest.raises(AnalysisError, match="ratio > 1"):    # a tau <= 1 can never be crossed by a ratio
+        collapse_step(d, "edge_ratio", tau=0.5)
 
 
 def test_cross_seed_summary_population_std():
@@ -136,7 +142,7 @@ def test_cross_seed_summary_population_std():
             return np.full(steps.size, 2.0)
         return np.where(np.arange(steps.size) < e, 2.0, 1.0)
 
-    cs = collapse_step(with_series(ds, "edge_ratio", plant))
+    cs = collapse_step(with_series(ds, "edge_ratio", plant), "edge_ratio", tau=1.2, **REF)
     got = cross_seed_summary(cs, "collapse_step")
     vals = np.array([ds.step.values[e] for e in (20, 24, 28)], dtype=float)
     assert got.collapse_step_mean.item() == pytest.approx(vals.mean())
@@ -151,7 +157,7 @@ def test_cross_seed_summary_population_std():
 def test_too_short_series_names_run_and_window():
     ds = make_results(runs=("a",), windows=(5,), n_deltas=12, lacking={})
     with pytest.raises(AnalysisError, match=r"'edge_ratio' \(run='a', W=5\).*at least 9"):
-        phases(ds, method="changepoint")
+        phases(ds, "edge_ratio", method="changepoint")
     with pytest.raises(AnalysisError, match=r"unknown variable 'edgy'"):
         phases(ds, "edgy")
     with pytest.raises(AnalysisError, match=r"W=\[7\] not in the dataset"):
@@ -185,30 +191,31 @@ def _loss(dvl, start=5.0):
 
 def test_event_study_planted_lead_times():
     ds = _event_ds({"a": EDGE, "flat": EDGE}, {"a": _loss(DVL), "flat": _loss([0.4] * 15)})
-    out = event_study(ds)
+    out = event_study(ds, "edge_ratio", taus=[1.15, 1.20, 1.25, 1.30], **REF)
     assert out.collapse_step.dims == ("run", "window", "tau")
     np.testing.assert_array_equal(out.tau.values, [1.15, 1.20, 1.25, 1.30])
     a = out.sel(run="a", window=10)
     # window t sits at step 100 (t + 1)
     np.testing.assert_array_equal(a.collapse_step.values, [1100, 1000, 900, 800])
     np.testing.assert_array_equal(a.stab_step.values, [1300, 1300, 900, 900])
-    np.testing.assert_array_equal(a.lead_time.values, [200, 300, 0, 100])
+    np.testing.assert_array_equal(a.stab_delay.values, [200, 300, 0, 100])
     assert float(a.threshold) == pytest.approx(0.12)
     assert int(a.n_baseline) == 10 and not bool(a.threshold_fallback) and int(a.n_points) == 16
     assert float(a.peak_step) == 400 and float(a.peak_value) == 1.6
     # the target never stabilises (constant change): collapse defined, stab and lead NaN
     f = out.sel(run="flat", window=10)
     np.testing.assert_array_equal(f.collapse_step.values, a.collapse_step.values)
-    assert f.stab_step.isnull().all() and f.lead_time.isnull().all()
+    assert f.stab_step.isnull().all() and f.stab_delay.isnull().all()
     # collapse steps are collapse_step's
-    cs = collapse_step(ds, tau=[1.15, 1.20, 1.25, 1.30])
+    cs = collapse_step(ds, "edge_ratio", tau=[1.15, 1.20, 1.25, 1.30], **REF)
     xr.testing.assert_equal(out.collapse_step, cs.collapse_step)
-    # a scalar tau still gets the tau dim; no collapse (edge never below 1.0) -> NaN
-    one = event_study(ds, taus=1.0)
-    assert one.sizes["tau"] == 1 and one.collapse_step.isnull().all() and one.lead_time.isnull().all()
+    # a scalar tau: one value per series, no tau dim; no collapse (edge never below 1.2 + 0.5) -> NaN
+    high = _event_ds({"a": list(np.add(EDGE, 0.5)), "flat": EDGE}, {"a": _loss(DVL), "flat": _loss([0.4] * 15)})
+    one = event_study(high, "edge_ratio", taus=1.2, **REF).sel(run="a")
+    assert "tau" not in one.dims and one.collapse_step.isnull().all() and one.stab_delay.isnull().all()
     # the accessor forwards
     import sed_dask  # noqa: F401
-    xr.testing.assert_identical(ds.sed.event_study(taus=[1.2]), event_study(ds, taus=[1.2]))
+    xr.testing.assert_identical(ds.sed.event_study("edge_ratio", taus=[1.2]), event_study(ds, "edge_ratio", taus=[1.2]))
 
 
 def test_event_study_smoothing_rules_and_missing_values():
@@ -223,35 +230,38 @@ def test_event_study_smoothing_rules_and_missing_values():
     short_edge = [1.5, 1.6, 1.3, 1.1, 1.0, 1.0]
     short_loss = _loss([0.3, 0.3, 0.3, 0.01, 0.01])       # dvl_smooth 0.3, 0.3, 0.203, 0.107, 0.01, 0.01
     ds = _event_ds({"s": short_edge}, {"s": short_loss})
-    s = event_study(ds, taus=[1.2]).sel(run="s", window=10, tau=1.2)
+    s = event_study(ds, "edge_ratio", taus=[1.2], **REF).sel(run="s", window=10, tau=1.2)
     assert int(s.n_baseline) == 6
     assert float(s.threshold) == pytest.approx(0.3 * np.median([0.3, 0.3, 0.61 / 3, 0.32 / 3, 0.01, 0.01]))
-    assert float(s.collapse_step) == 400 and float(s.stab_step) == 500 and float(s.lead_time) == 100
+    assert float(s.collapse_step) == 400 and float(s.stab_step) == 500 and float(s.stab_delay) == 100
     # one finite val_loss value: no dvl at all -> the 0.01 fallback, flagged; never stabilises
     lone = np.full(16, np.nan)
     lone[5] = 2.0
-    r = event_study(_event_ds({"x": EDGE}, {"x": lone})).sel(run="x", window=10)
+    r = event_study(_event_ds({"x": EDGE}, {"x": lone}), "edge_ratio", taus=ROBUST, **REF).sel(run="x", window=10)
     assert float(r.threshold) == 0.01 and bool(r.threshold_fallback) and int(r.n_baseline) == 0
     assert r.stab_step.isnull().all() and np.isfinite(r.collapse_step).all()
     # val_loss missing at some windows: only the finite dvl_smooth entries can mark stabilisation
     holes = _loss(DVL)
     holes[8:10] = np.nan                                  # hides the early dip at t = 8
-    h = event_study(_event_ds({"h": EDGE}, {"h": holes}), taus=[1.25]).sel(run="h", window=10, tau=1.25)
+    h = event_study(_event_ds({"h": EDGE}, {"h": holes}), "edge_ratio", taus=[1.25], **REF
+                    ).sel(run="h", window=10, tau=1.25)
     assert float(h.stab_step) == 1300
 
 
 def test_event_study_errors_name_the_series():
     ds = _event_ds({"a": EDGE, "b": EDGE}, {"a": _loss(DVL), "b": np.full(16, np.nan)})
     with pytest.raises(AnalysisError, match=r"'val_loss' \(run='b', W=10\): no finite value"):
-        event_study(ds)
-    assert np.isfinite(event_study(ds, run="a").lead_time).any()
+        event_study(ds, "edge_ratio", taus=ROBUST, **REF)
+    assert np.isfinite(event_study(ds, "edge_ratio", taus=ROBUST, run="a", **REF).stab_delay).any()
     with pytest.raises(AnalysisError, match="val_acc not in dataset; attach with"):
-        event_study(ds, target="val_acc", run="a")
-    with pytest.raises(AnalysisError, match="taus must be finite numbers"):
-        event_study(ds, taus=["auto"], run="a")
-    with pytest.raises(AnalysisError, match="taus must be finite numbers"):
-        event_study(ds, taus=[], run="a")
+        event_study(ds, "edge_ratio", target="val_acc", run="a")
+    with pytest.raises(AnalysisError, match="taus must be"):
+        event_study(ds, "edge_ratio", taus=["auto"], run="a")
+    with pytest.raises(AnalysisError, match="taus must be"):
+        event_study(ds, "edge_ratio", taus=[], run="a")
+    with pytest.raises(AnalysisError, match="the fixed-k edge needs 'ratio'"):   # default series: fixed-k edge
+        event_study(ds, run="a")
     nan_edge = ds.copy()
     nan_edge["edge_ratio"] = nan_edge.edge_ratio.where(nan_edge.run != "a")
     with pytest.raises(AnalysisError, match=r"'edge_ratio' \(run='a', W=10\).*at least 1 finite"):
-        event_study(nan_edge, run="a")
+        event_study(nan_edge, "edge_ratio", run="a")

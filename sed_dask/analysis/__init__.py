@@ -12,11 +12,12 @@ analysis only: nothing here imports the engine, the readers, Dask distributed or
 from __future__ import annotations
 
 from ._series import require_metric, resolve
-from .edge import edge_null, edge_summary, null_distribution, pc2_summary, signal_rank, window_statistic
+from .edge import (edge_null, edge_summary, null_distribution, pc2_summary, rank_notes, signal_rank,
+                   window_statistic)
 from .events import event_study
 from .granger import granger, granger_multivariate, granger_test, residualize
-from .lag import (detrend_series, lag_correlation, lag_flips, lag_sweep, lagged_corr, peak_lag, pearson,
-                  phase_correlation, sliding_correlation)
+from .lag import (detrend_series, lag_correlation, lag_flips, lag_sweep, lagged_corr, peak_lag, peak_null,
+                  peak_resolved, pearson, phase_correlation, phase_surrogates, sliding_correlation)
 from .metrics import attach_metrics
 from .phases import collapse_step, cross_seed_summary, phase_intervals, phases, segment
 from .shift import cusum, detect_shift, max_derivative, welch_scan
@@ -25,9 +26,10 @@ from .warning import early_warning, event_index, lead_time, onset, onset_index
 
 __all__ = [
     "resolve", "require_metric",
-    "signal_rank", "edge_summary", "edge_null", "null_distribution", "window_statistic", "pc2_summary",
+    "signal_rank", "rank_notes", "edge_summary", "edge_null", "null_distribution", "window_statistic", "pc2_summary",
     "segment", "phase_intervals", "phases", "collapse_step", "cross_seed_summary", "event_study",
     "detrend_series", "pearson", "lagged_corr", "peak_lag", "lag_correlation", "lag_sweep", "lag_flips",
+    "peak_resolved", "peak_null", "phase_surrogates",
     "sliding_correlation", "phase_correlation",
     "granger_test", "granger", "granger_multivariate", "residualize",
     "cusum", "welch_scan", "max_derivative", "detect_shift",

@@ -192,6 +192,27 @@ def describe(key: Mapping, name: str | None = None) -> str:
     return f"{head}({', '.join(parts)})" if parts else (name or "series")
 
 
+def window_steps(ds: xr.Dataset, key: Mapping, steps: np.ndarray, *, label: str = "center") -> np.ndarray:
+    """Step labels of the windows ending at ``steps`` (newest checkpoint) of one series.
+
+    ``"newest"``: ``steps`` unchanged. ``"center"``: the mean step of the window's W deltas, on the
+    run's own delta grid (``delta_span >= 0``, or every dataset step when the coordinate is absent).
+    """
+    steps = np.asarray(steps)
+    if label == "newest" or "window" not in key:
+        return steps.astype(float)
+    W = int(key["window"])
+    grid = np.asarray(ds[STEP].values)
+    if "delta_span" in ds.coords and "run" in key and "run" in ds["delta_span"].dims:
+        grid = grid[np.asarray(ds["delta_span"].sel(run=key["run"]).values) >= 0]
+    pos = np.searchsorted(grid, steps)
+    out = np.full(steps.size, np.nan)
+    for i, j in enumerate(pos):
+        if j < grid.size and grid[j] == steps[i] and j >= W - 1:
+            out[i] = grid[j - W + 1:j + 1].mean()
+    return out
+
+
 def finite(series: xr.DataArray) -> tuple[np.ndarray, np.ndarray]:
     """Steps and values where the series is finite (NaNs dropped explicitly)."""
     v = np.asarray(series.values, dtype=float)

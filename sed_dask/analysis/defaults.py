@@ -22,6 +22,10 @@ PLATEAU = 0.85
 SUSTAIN = 2
 
 
+#: a detector arms, and a rebound starts, when the edge exceeds ARM x tau: clearly above the noise level
+ARM = 1.25
+
+
 def mp_adjacent_ratio(W) -> np.ndarray:
     """1 + 2 W^(-2/3): the adjacent ratio of noise values (Tracy-Widom spacing heuristic)."""
     return 1.0 + 2.0 * np.asarray(W, dtype=np.float64) ** (-2.0 / 3.0)

@@ -11,42 +11,109 @@ import numpy as np
 import xarray as xr
 
 from ..errors import AnalysisError
+from .defaults import SUSTAIN
 from ._series import (STEP, Collector, describe, iter_series, mp_adjacent_ratio, resolve, select,
                       series_dims)
 
 
-def signal_rank(ds: xr.Dataset, *, variable="signal_rank", run=None, window=None,
-                group=None) -> xr.Dataset:
-    """Mode of k* over windows per (run, W[, group]); ties go to the smallest k.
+def _rank_stats(da: xr.DataArray, prefix: str) -> dict:
+    """Mode (ties -> smallest), its frequency and the central 90 % interval of a rank series."""
+    vals = da.transpose(*series_dims(da), STEP).values.astype(float)
+    ok = np.isfinite(vals)
+    if ok.any() and (np.any(vals[ok] < 0) or np.any(vals[ok] != np.round(vals[ok]))):
+        raise AnalysisError(f"{da.name!r} must hold non-negative integer ranks")
+    kmax = int(np.nanmax(vals)) if ok.any() else 1
+    ks = np.arange(0, kmax + 1)
+    counts = (vals[..., None] == ks).sum(axis=-2)
+    n = ok.sum(axis=-1)
+    mode = ks[np.argmax(counts, axis=-1)].astype(float)
+    best = counts.max(axis=-1).astype(float)
+    with np.errstate(all="ignore"):
+        lo = np.where(n > 0, np.nanquantile(np.where(ok, vals, np.nan), 0.05, axis=-1, method="lower")
+                      if ok.any() else np.nan, np.nan)
+        hi = np.where(n > 0, np.nanquantile(np.where(ok, vals, np.nan), 0.95, axis=-1, method="higher")
+                      if ok.any() else np.nan, np.nan)
+    mode[n == 0] = np.nan
+    best[n == 0] = np.nan
+    freq = np.where(n > 0, best / np.maximum(n, 1), np.nan)
+    return {f"{prefix}mode": mode, f"{prefix}mode_count": best, f"{prefix}mode_freq": freq,
+            f"{prefix}lo": lo, f"{prefix}hi": hi, f"{prefix}n": n}
 
-    The reference takes ``Counter.most_common`` (sed_spec §3.2), whose tie order is insertion
-    order; the smallest k is the deterministic, conservative choice. Returns ``k_mode``,
-    ``k_mode_count``, ``k_mode_freq`` (= count / n_windows) and ``n_windows`` (finite k*).
+
+def signal_rank(ds: xr.Dataset, *, variable="signal_rank", count="n_signal", run=None, window=None,
+                group=None) -> xr.Dataset:
+    """Signal rank per (run, W[, group]), as two quantities over the windows.
+
+    * ``k_mode``: the edge location k* (largest consecutive ratio among values above the noise
+      floor), its mode over windows (ties -> the smallest k: deterministic and conservative; the
+      reference's ``Counter.most_common`` breaks ties by insertion order), ``k_mode_freq`` and the
+      central 90 % interval ``k_lo``..``k_hi`` of the per-window values;
+    * ``count_mode`` (and ``count_mode_freq``, ``count_lo``, ``count_hi``): the number of values
+      above the noise with a finite-size margin (``n_signal``, a sequential Wishart test), when the
+      dataset has it.
+
+    They answer different questions and may differ honestly: under decaying strengths the largest
+    gap can sit inside the signal (k* < count); the count assumes isotropic noise and over-counts
+    anisotropic noise, as real training noise is. ``agree`` flags it; :func:`rank_notes` says why in
+    one line per series.
     """
     da = select(resolve(ds, variable), run=run, window=window, group=group)
-    vals = da.transpose(*series_dims(da), STEP).values.astype(float)
+    vals = da.values.astype(float)
     ok = np.isfinite(vals)
     if ok.any() and (np.any(vals[ok] < 1) or np.any(vals[ok] != np.round(vals[ok]))):
         raise AnalysisError(f"{da.name!r} must hold positive integer ranks (k*)")
-    kmax = int(np.nanmax(vals)) if ok.any() else 1
-    ks = np.arange(1, kmax + 1)
-    counts = (vals[..., None] == ks).sum(axis=-2)            # (..., k)
-    n = ok.sum(axis=-1)
-    mode = ks[np.argmax(counts, axis=-1)].astype(float)      # argmax = first max = smallest k
-    best = counts.max(axis=-1).astype(float)
-    mode[n == 0] = np.nan
-    best[n == 0] = np.nan
     dims = series_dims(da)
     coords = {d: da[d] for d in dims}
-    out = xr.Dataset(
-        {"k_mode": (dims, mode, {"long_name": "signal rank: mode of k* over windows (ties -> smallest)",
-                                 "units": "1", "sed_role": "signal_rank_mode"}),
-         "k_mode_count": (dims, best, {"long_name": "windows whose k* equals the mode", "units": "1"}),
-         "k_mode_freq": (dims, np.where(n > 0, best / np.maximum(n, 1), np.nan),
-                         {"long_name": "fraction of windows whose k* equals the mode", "units": "1"}),
-         "n_windows": (dims, n, {"long_name": "windows with a finite k*", "units": "1"})},
-        coords=coords, attrs={"source_variable": str(da.name)})
-    return out
+    st = _rank_stats(da, "k_")
+    data = {
+        "k_mode": (dims, st["k_mode"], {"long_name": "edge location k*: mode over windows (ties -> smallest)",
+                                        "units": "1", "sed_role": "signal_rank_mode"}),
+        "k_mode_count": (dims, st["k_mode_count"], {"long_name": "windows whose k* equals the mode", "units": "1"}),
+        "k_mode_freq": (dims, st["k_mode_freq"], {"long_name": "fraction of windows whose k* equals the mode",
+                                                  "units": "1"}),
+        "k_lo": (dims, st["k_lo"], {"long_name": "5th percentile of k* over windows", "units": "1"}),
+        "k_hi": (dims, st["k_hi"], {"long_name": "95th percentile of k* over windows", "units": "1"}),
+        "n_windows": (dims, st["k_n"], {"long_name": "windows with a finite k*", "units": "1"}),
+    }
+    if count is not None and count in ds.data_vars:
+        c = select(ds[count], run=run, window=window, group=group).transpose(*dims, STEP)
+        cs = _rank_stats(c, "count_")
+        data.update({
+            "count_mode": (dims, cs["count_mode"], {"long_name": "signal count n_signal: mode over windows",
+                                                    "units": "1", "sed_role": "signal_count_mode"}),
+            "count_mode_freq": (dims, cs["count_mode_freq"], {"long_name": "fraction of windows at the count mode",
+                                                              "units": "1"}),
+            "count_lo": (dims, cs["count_lo"], {"long_name": "5th percentile of n_signal", "units": "1"}),
+            "count_hi": (dims, cs["count_hi"], {"long_name": "95th percentile of n_signal", "units": "1"}),
+        })
+        agree = np.where(np.isfinite(st["k_mode"]) & np.isfinite(cs["count_mode"]),
+                         st["k_mode"] == cs["count_mode"], True)
+        data["agree"] = (dims, agree, {"long_name": "k* mode equals the count mode"})
+    return xr.Dataset(data, coords=coords, attrs={"source_variable": str(da.name),
+                                                  "count_variable": "" if "count_mode" not in data else count})
+
+
+def rank_notes(rank: xr.Dataset) -> list[str]:
+    """One line per series where k* and the count disagree, saying which is which and why."""
+    if "count_mode" not in rank:
+        return []
+    lines = []
+    dims = [d for d in rank["k_mode"].dims]
+    df = rank[["k_mode", "count_mode"]].to_dataframe().reset_index()
+    for _, row in df.iterrows():
+        k, c = row["k_mode"], row["count_mode"]
+        if not (np.isfinite(k) and np.isfinite(c)) or k == c:
+            continue
+        where = ", ".join(f"{'W' if d == 'window' else d}={row[d]}" for d in dims)
+        if c > k:
+            why = (f"{int(c)} values clear the noise test but the largest gap is after value {int(k)}: the "
+                   "signal strengths decay, or the trailing values are anisotropic noise the count "
+                   "(which assumes isotropic noise) does not separate")
+        else:
+            why = (f"the largest gap (after value {int(k)}) sits among values the noise test calls noise "
+                   f"(count {int(c)}): the edge is not clearly above the noise there")
+        lines.append(f"{where}: k* = {int(k)} (edge location) vs n_signal = {int(c)} (count above noise): {why}")
+    return lines
 
 
 def edge_summary(ds: xr.Dataset, *, variable="edge_ratio", rank="signal_rank", run=None,
@@ -236,8 +303,18 @@ def edge_null(ds: xr.Dataset, *, statistic="edge_ratio", n_null: int = 999, q: f
     return out
 
 
+def _first_sustained(flags: np.ndarray, start: int, sustain: int) -> int | None:
+    """First index >= start opening ``sustain`` consecutive True flags."""
+    n = 0
+    for i in range(start, flags.size):
+        n = n + 1 if flags[i] else 0
+        if n >= sustain:
+            return i - sustain + 1
+    return None
+
+
 def pc2_summary(ds: xr.Dataset, *, split_half="split_half", n_null: int = 999, q: float = 0.95,
-                seed: int | None = 0, norms: str = "delta_norm", n_params=None, sustain: int = 1,
+                seed: int | None = 0, norms: str = "delta_norm", n_params=None, sustain: int = SUSTAIN,
                 ddof: int = 0, run=None, window=None, group=None) -> xr.Dataset:
     """When does PC2 sink into the noise? The reference's ``pc2_noise_test`` consumers (sed_spec §4.5).
 
@@ -245,10 +322,13 @@ def pc2_summary(ds: xr.Dataset, *, split_half="split_half", n_null: int = 999, q
     random-direction null) and summarises each (run, W[, group]) series over its valid windows
     (finite observed PC2; windows are the engine's, in step order):
 
-    * ``noise_transition_step``: step of the first window whose PC2 is *not* above the null ``q``
-      quantile (obs ≤ quantile), i.e. the first ``pc2_above_null`` = False — the spec's rule
-      (``sustain=1``). ``sustain=m`` asks for m consecutive such windows and reports the first of
-      them (robust to a single dip). NaN when PC2 stays above the null throughout.
+    * ``noise_transition_step``: the *downward* crossing — the first of ``sustain`` consecutive
+      windows with PC2 not above the null ``q`` quantile, after PC2 first held above it for
+      ``sustain`` windows (``pc2_emerge_step``). The reference took the first window not above the
+      null, which on real runs is the first window by construction (PC2 starts below its null);
+      here that case is "no transition". ``transition_kind``: 0 = none, PC2 never above its null;
+      1 = above -> below (PC2 sank into the noise at ``noise_transition_step``); 2 = none, PC2 stays
+      above after emerging. NaN step unless kind 1.
     * ``pc2_cv``: std / mean of ``pc2_pct`` over the valid windows, std with ``ddof`` (0 =
       population std, as the reference's ``np.std``).
     * ``pc2_mean``, ``null_pc2_mean``, ``n_above_null``, ``n_windows``; ``split_half_k2_mean``: mean
@@ -284,14 +364,11 @@ def pc2_summary(ds: xr.Dataset, *, split_half="split_half", n_null: int = 999, q
         valid = np.isfinite(obs) & np.isfinite(qv)
         above = valid & (obs > qv)
         vo, vq = obs[valid], qv[valid]
-        not_above = ~(vo > vq)
-        trans = np.nan
-        run_len = 0
-        for i, flag in enumerate(not_above):
-            run_len = run_len + 1 if flag else 0
-            if run_len >= sustain:
-                trans = float(steps_all[valid][i - sustain + 1])
-                break
+        vsteps = steps_all[valid]
+        emerge = _first_sustained(vo > vq, 0, sustain)
+        sink = None if emerge is None else _first_sustained(~(vo > vq), emerge, sustain)
+        trans = np.nan if sink is None else float(vsteps[sink])
+        kind = 0 if emerge is None else (1 if sink is not None else 2)
         if vo.size:
             mean = float(vo.mean())
             cv = float(vo.std(ddof=ddof) / mean) if mean > 0 and vo.size > ddof else np.nan
@@ -300,8 +377,9 @@ def pc2_summary(ds: xr.Dataset, *, split_half="split_half", n_null: int = 999, q
             mean = cv = qmean = np.nan
         col.add(key, along=(STEP, steps_all), pc2_pct=np.where(valid, obs, np.nan),
                 null_pc2=np.where(valid, qv, np.nan), pc2_above_null=above)
-        col.add(key, noise_transition_step=trans, pc2_cv=cv, pc2_mean=mean, null_pc2_mean=qmean,
-                n_above_null=int(above.sum()), n_windows=int(valid.sum()))
+        col.add(key, noise_transition_step=trans, transition_kind=kind,
+                pc2_emerge_step=np.nan if emerge is None else float(vsteps[emerge]), pc2_cv=cv, pc2_mean=mean,
+                null_pc2_mean=qmean, n_above_null=int(above.sum()), n_windows=int(valid.sum()))
         if sh is not None:
             k2 = np.asarray(sh.sel({d: v for d, v in key.items() if d in sh.dims})
                             .reindex({STEP: steps_all}).values, dtype=float)
@@ -315,9 +393,10 @@ def pc2_summary(ds: xr.Dataset, *, split_half="split_half", n_null: int = 999, q
         "pc2_pct": ("PC2 share of the window energy 100 lambda_2 / sum(lambda)", "percent"),
         "null_pc2": (f"{q:g} quantile of PC2 under the matched-norm random-direction null", "percent"),
         "pc2_above_null": (f"pc2_pct > the null {q:g} quantile", None),
-        "noise_transition_step": ("step of the first valid window whose PC2 is not above the null "
-                                  f"{q:g} quantile" + (f" ({sustain} consecutive)" if sustain > 1 else ""),
-                                  "steps"),
+        "noise_transition_step": (f"first of {sustain} windows with PC2 not above the null {q:g} quantile, "
+                                  "after PC2 held above it (the downward crossing)", "steps"),
+        "pc2_emerge_step": (f"first of {sustain} windows with PC2 above the null {q:g} quantile", "steps"),
+        "transition_kind": ("0 none: PC2 never above its null; 1 above -> below; 2 none: stays above", "1"),
         "pc2_cv": (f"std(pc2_pct, ddof={ddof}) / mean(pc2_pct) over valid windows", "1"),
         "pc2_mean": ("mean pc2_pct over valid windows", "percent"),
         "null_pc2_mean": (f"mean null {q:g} quantile over valid windows", "percent"),

@@ -3,7 +3,7 @@
 Per (run, W[, group]) series and collapse threshold τ: the collapse step of the edge
 (:func:`sed_dask.analysis.phases.collapse_step`), the first step at or after it where the target's
 smoothed step-to-step change falls below a threshold set by its own early noise, and
-lead_time = stab_step − collapse_step (positive = the collapse comes first).
+stab_delay = stab_step − collapse_step (positive = the loss settles after the collapse).
 """
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import numpy as np
 import xarray as xr
 
 from ..errors import AnalysisError
-from ._series import STEP, Collector, at, describe, finite, iter_series, pair_series
+from ._series import EDGE, STEP, Collector, at, describe, finite, iter_series, pair_series
+from .defaults import DEFAULT_TAU, SUSTAIN
 from .phases import collapse_step
 
-DEFAULT_TAUS = (1.15, 1.20, 1.25, 1.30)
+ROBUSTNESS_TAUS = (1.15, 1.20, 1.25, 1.30)   # the reference's robustness set (sed_spec §5.5)
 
 
 def smoothed_change(y) -> np.ndarray:
@@ -46,10 +47,19 @@ def stabilisation_threshold(dvl_smooth, *, baseline: int = 10, factor: float = 0
     return float(factor * np.median(head)), int(head.size)
 
 
-def event_study(ds: xr.Dataset, variable="edge_ratio", target="val_loss", *, taus=DEFAULT_TAUS,
-                baseline: int = 10, factor: float = 0.3, fallback: float = 0.01, sv=None, target_sv=None,
+def event_study(ds: xr.Dataset, variable=EDGE, target="val_loss", *, taus=DEFAULT_TAU,
+                baseline: int = 10, factor: float = 0.3, fallback: float = 0.01, sustain: int = SUSTAIN,
+                label: str = "center", after: str = "emergence", sv=None, target_sv=None,
                 run=None, window=None, group=None) -> xr.Dataset:
-    """Collapse → target-stabilisation lead time for each τ (sed_spec §5.5).
+    """Collapse → target-stabilisation delay (sed_spec §5.5): how long after the edge collapses the
+    validation loss settles. It is *not* a lead before grokking (that is
+    :func:`sed_dask.analysis.early_warning`'s ``lead``): a positive ``stab_delay`` means the loss
+    settled after the collapse.
+
+    The collapse is :func:`collapse_step`'s, with the same defaults (fixed-k ``edge``,
+    ``tau='auto'``, ``sustain``, ``label``, ``after``); a scalar ``taus`` gives one value per
+    series (``tau`` variable), a list of numbers adds a ``tau`` dim (the reference's robustness set
+    is ``ROBUSTNESS_TAUS``; its rule is ``variable='edge_ratio', sustain=1, label='newest', after='peak'``).
 
     Time axis: the windows where ``variable`` is finite, in step order (the reference's
     ``pc2_noise_test.json`` holds only valid windows); the target is read at exactly those steps
@@ -59,21 +69,26 @@ def event_study(ds: xr.Dataset, variable="edge_ratio", target="val_loss", *, tau
     0.01 if none — an absolute level in the target's units, flagged in ``threshold_fallback``;
     a series shorter than ``baseline`` uses what it has, see ``n_baseline``), and per τ: collapse_step as in
     :func:`collapse_step`, stab_step = first window at or after the collapse window with
-    dvl_smooth < threshold (missing dvl_smooth never qualifies), lead_time = stab_step −
+    dvl_smooth < threshold (missing dvl_smooth never qualifies), stab_delay = stab_step −
     collapse_step in steps. NaN when there is no collapse or no stabilisation after it.
 
-    Returns a Dataset with ``collapse_step``, ``stab_step``, ``lead_time`` on (series, ``tau``) and
+    Returns a Dataset with ``collapse_step``, ``stab_step``, ``stab_delay`` on (series[, ``tau``]) and
     ``peak_step``, ``peak_value``, ``threshold``, ``n_baseline``, ``threshold_fallback``,
     ``n_points`` per series. A target with no finite value at the series' windows raises.
     """
-    tlist = [taus] if isinstance(taus, (int, float, np.number)) else list(taus)
-    if not tlist or any(isinstance(t, (str, bytes)) or not np.isfinite(float(t)) for t in tlist):
-        raise AnalysisError(f"taus must be finite numbers, got {taus!r}")
+    multi = not isinstance(taus, (str, int, float, np.number))
+    tlist = list(taus) if multi else [taus]
+    if not tlist or (multi and any(isinstance(t, (str, bytes)) or not np.isfinite(float(t)) for t in tlist)):
+        raise AnalysisError(f"taus must be 'auto', a number or a list of finite numbers, got {taus!r}")
     if baseline < 1:
         raise AnalysisError(f"baseline must be >= 1, got {baseline}")
-    tau_coord = np.asarray(tlist, dtype=float)
     x, y = pair_series(ds, variable, target, sv=sv, target_sv=target_sv, run=run, window=window, group=group)
-    cs = collapse_step(x.to_dataset(name=str(x.name)), str(x.name), tau=list(tau_coord))
+    xds = x.to_dataset(name=str(x.name))
+    if "delta_span" in ds.coords:
+        xds = xds.assign_coords(delta_span=ds["delta_span"].sel(run=x["run"]) if "run" in x.dims
+                                else ds["delta_span"])
+    cs = collapse_step(xds, str(x.name), tau=tlist if multi else taus, sustain=sustain, label=label, after=after)
+    tau_coord = np.asarray(tlist, dtype=float) if multi else None
     col = Collector(x)
     for key, s in iter_series(x):
         st, _ = finite(s)
@@ -85,8 +100,8 @@ def event_study(ds: xr.Dataset, variable="edge_ratio", target="val_loss", *, tau
         dsm = smoothed_change(yv)
         thr, nbase = stabilisation_threshold(dsm, baseline=baseline, factor=factor, fallback=fallback)
         c = cs.sel({d: v for d, v in key.items() if d in cs.dims})
-        csteps = np.asarray(c["collapse_step"].values, dtype=float)
-        stab = np.full(tau_coord.size, np.nan)
+        csteps = np.atleast_1d(np.asarray(c["collapse_step"].values, dtype=float))
+        stab = np.full(csteps.size, np.nan)
         for j, cstep in enumerate(csteps):
             if not np.isfinite(cstep):
                 continue
@@ -94,15 +109,22 @@ def event_study(ds: xr.Dataset, variable="edge_ratio", target="val_loss", *, tau
             hit = np.nonzero(dsm[ci:] < thr)[0]       # NaN < thr is False
             if hit.size:
                 stab[j] = float(st[ci + hit[0]])
-        col.add(key, along=("tau", tau_coord), collapse_step=csteps, stab_step=stab, lead_time=stab - csteps)
+        if multi:
+            col.add(key, along=("tau", tau_coord), collapse_step=csteps, stab_step=stab, stab_delay=stab - csteps)
+        else:
+            col.add(key, collapse_step=csteps[0], stab_step=stab[0], stab_delay=stab[0] - csteps[0],
+                    tau=float(c["tau"]))
         col.add(key, peak_step=float(c["peak_step"]), peak_value=float(c["peak_value"]), threshold=thr,
                 n_baseline=nbase, threshold_fallback=nbase == 0, n_points=int(st.size))
     out = col.dataset(source_variable=str(x.name), target=str(y.name), baseline=int(baseline),
-                      factor=float(factor), fallback=float(fallback))
+                      factor=float(factor), fallback=float(fallback), tau_rule=str(taus), sustain=int(sustain),
+                      step_label=label, meaning="stab_delay = steps from the edge collapse to the target settling; "
+                                                "not a lead before grokking")
     notes = {
         "collapse_step": ("first step at/after the peak with the variable < tau", "steps"),
         "stab_step": ("first window step at/after the collapse with smoothed |d target| < threshold", "steps"),
-        "lead_time": ("stab_step - collapse_step (positive: the collapse comes first)", "steps"),
+        "stab_delay": ("stab_step - collapse_step: the target settles this long after the collapse "
+                       "(not a grokking lead)", "steps"),
         "peak_step": ("step of the variable's first maximum", "steps"),
         "peak_value": ("the variable's maximum", str(x.attrs.get("units", "1"))),
         "threshold": (f"{factor:g} x median of the first {baseline} smoothed |d target| values "
@@ -118,4 +140,4 @@ def event_study(ds: xr.Dataset, variable="edge_ratio", target="val_loss", *, tau
     return out
 
 
-__all__ = ["event_study", "smoothed_change", "stabilisation_threshold", "DEFAULT_TAUS"]
+__all__ = ["event_study", "smoothed_change", "stabilisation_threshold", "ROBUSTNESS_TAUS"]

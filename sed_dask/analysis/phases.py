@@ -11,11 +11,13 @@ import xarray as xr
 from scipy.ndimage import uniform_filter1d
 
 from ..errors import AnalysisError
-from ._series import (STEP, Collector, describe, finite, iter_series, mp_adjacent_ratio, need,
-                      resolve, select)
+from ._series import EDGE, STEP, Collector, finite, iter_series, need, resolve, select, window_steps
+from .defaults import ARM, DEFAULT_TAU, PLATEAU, SUSTAIN, tau_value
 
-METHODS = ("peak", "derivative", "threshold", "changepoint")
-PHASES = ("rise", "plateau", "collapse")
+METHODS = ("episode", "peak", "derivative", "threshold", "changepoint")
+PHASES = ("rise", "plateau", "collapse", "rebound")
+LABELS = {"center": "centre of the window (mean step of its W deltas)",
+          "newest": "step of the newest checkpoint in the window"}
 
 
 def _peak(x, *, plateau=0.85):
@@ -124,15 +126,70 @@ def phase_intervals(a: int, b: int, n: int) -> dict[str, tuple[int, int]]:
     return {"rise": (0, a + 1), "plateau": (a, b + 1), "collapse": (b, n)}
 
 
-def phases(ds: xr.Dataset, variable="edge_ratio", *, method: str = "peak", sv=None, run=None,
-           window=None, group=None, min_points: int = 5, **options) -> xr.Dataset:
-    """Segment each (run, W[, group]) series into rise / plateau / collapse.
+def first_run(x, start: int, *, below: float | None = None, above: float | None = None,
+              sustain: int = 1) -> int | None:
+    """First index i >= start where ``sustain`` consecutive points are < ``below`` (or >= ``above``)."""
+    ok = (x < below) if below is not None else (x >= above)
+    n = 0
+    for i in range(start, x.size):
+        n = n + 1 if ok[i] else 0
+        if n >= sustain:
+            return i - sustain + 1
+    return None
 
-    ``options`` go to :func:`segment` (plateau, smooth, slope, threshold, model, min_size).
-    Indices refer to the finite windows only (degenerate windows are dropped explicitly).
-    Returns ``peak_step``, ``peak_value``, ``plateau_start_step``, ``collapse_start_step``,
-    ``n_points`` and ``phase(…, step)`` (0 rise, 1 plateau, 2 collapse; CF flag attrs).
+
+def episode(x, thr: float, *, plateau: float = PLATEAU, sustain: int = SUSTAIN, rebound: float = ARM):
+    """Indices (rise_end a, plateau_end b, peak p, collapse c, rebound r) of the first signal episode.
+
+    The episode starts when the edge first holds >= ``rebound`` x thr for ``sustain`` windows (it
+    emerges from the noise) and ends at the collapse c, the first of ``sustain`` windows below thr
+    after that. Its peak p is the maximum inside the episode, not the global one (a rebound can
+    climb higher); the plateau runs from the first of ``sustain`` windows >= ``plateau`` x the
+    episode's median to the last window that high (a median, not the peak: one spike must not
+    shrink the plateau to a point). The rebound
+    r is the first emergence after c. c, r are None when they do not happen; with no emergence at
+    all the global maximum is the peak and c, r are None.
     """
+    e = first_run(x, 0, above=rebound * thr, sustain=sustain)
+    c = None if e is None else first_run(x, e, below=thr, sustain=sustain)
+    r = None if c is None else first_run(x, c, above=rebound * thr, sustain=sustain)
+    end = x.size if c is None else c
+    lo = 0 if e is None else e
+    p = lo + int(np.argmax(x[lo:end]))
+    level = plateau * float(np.median(x[lo:end]))     # robust to a single spike at the peak
+    above = np.nonzero(x[lo:end] >= level)[0] + lo
+    a = first_run(x, lo, above=level, sustain=min(sustain, end - lo)) if above.size else p
+    a = p if a is None or a >= end else a
+    b = int(above[-1]) if above.size else p
+    return a, b, p, c, r
+
+
+def _check_label(label):
+    if label not in LABELS:
+        raise AnalysisError(f"label must be one of {LABELS}, got {label!r}")
+
+
+def phases(ds: xr.Dataset, variable=EDGE, *, method: str = "episode", tau=DEFAULT_TAU, sustain: int = SUSTAIN,
+           rebound: float = ARM, label: str = "center", sv=None, run=None, window=None, group=None,
+           min_points: int = 5, **options) -> xr.Dataset:
+    """Segment each (run, W[, group]) series into rise / plateau / collapse / rebound.
+
+    ``variable`` defaults to the fixed-k edge (``edge``: the ratio at k = the series' mode of k*, so
+    a change of k* cannot move a boundary). ``method="episode"`` (default, :func:`episode`): the
+    first signal episode, from the edge's emergence above ``rebound`` x tau to its collapse below tau
+    (tau = the noise-level ratio; ``'auto'`` = 1 + 2 W^(-2/3)), peak and 0.85 plateau inside it; a
+    rebound above ``rebound`` x tau after the collapse is its own segment, not more collapse. The
+    reference's rules (``peak``, ``derivative``, ``threshold``, ``changepoint``; ``options``:
+    plateau, smooth, slope, threshold, model, min_size) segment around the global peak, with the
+    collapse and rebound found after it.
+
+    ``label="center"`` reports boundary steps at the centre of each window (the mean step of its W
+    deltas): a window labelled by its newest checkpoint sees a collapse W - k deltas late
+    (benchmarks/README.md "Fidelity"), the centre halves that. ``"newest"`` keeps the dataset's step
+    labels (causal: what was known at that step). ``phase(..., step)`` is on the dataset's steps:
+    0 rise, 1 plateau, 2 collapse, 3 rebound.
+    """
+    _check_label(label)
     da = select(resolve(ds, variable, sv=sv), run=run, window=window, group=group)
     col = Collector(da)
     steps_all = da[STEP].values
@@ -140,40 +197,63 @@ def phases(ds: xr.Dataset, variable="edge_ratio", *, method: str = "peak", sv=No
         st, x = finite(s)
         need(x.size, max(min_points, 3 * options.get("min_size", 3) if method == "changepoint" else 1),
              f"phase segmentation ({method})", key, da.name)
-        tt = (st - st[0]).astype(float) if method == "changepoint" else None
-        a, b = segment(x, tt, method=method, **options)
-        p = int(np.argmax(x))
-        label = np.full(steps_all.size, np.nan)
+        W = key.get("window")
+        thr = tau_value(tau, W)
+        if method == "episode":
+            a, b, p, c, r = episode(x, thr, plateau=options.get("plateau", PLATEAU), sustain=sustain,
+                                    rebound=rebound)
+        else:
+            tt = (st - st[0]).astype(float) if method == "changepoint" else None
+            a, b = segment(x, tt, method=method, **options)
+            p = int(np.argmax(x))
+            c = first_run(x, p, below=thr, sustain=sustain)
+            r = None if c is None else first_run(x, c, above=rebound * thr, sustain=sustain)
+        lab = window_steps(ds, key, st, label=label)
+        label_codes = np.full(steps_all.size, np.nan)
         idx = np.nonzero(np.isfinite(s.values.astype(float)))[0]
-        code = np.where(np.arange(x.size) < a, 0, np.where(np.arange(x.size) < b, 1, 2))
-        label[idx] = code
-        col.add(key, peak_step=st[p], peak_value=x[p], plateau_start_step=st[a],
-                collapse_start_step=st[b], n_points=x.size)
-        col.add(key, along=(STEP, steps_all), phase=label)
-    out = col.dataset(method=method, source_variable=str(da.name))
-    out["phase"].attrs.update(flag_values=[0, 1, 2], flag_meanings="rise plateau collapse",
+        i = np.arange(x.size)
+        code = np.where(i < a, 0, np.where(i < b, 1, 2))
+        if r is not None:
+            code = np.where(i >= r, 3, code)
+        label_codes[idx] = code
+
+        def at_(j):
+            return np.nan if j is None else float(lab[j])
+
+        col.add(key, peak_step=at_(p), peak_value=x[p], plateau_start_step=at_(a), collapse_start_step=at_(b),
+                collapse_step=at_(c), rebound_step=at_(r), tau_value=thr, n_points=x.size,
+                edge_k=float(s["edge_k"]) if "edge_k" in s.coords else np.nan)
+        col.add(key, along=(STEP, steps_all), phase=label_codes)
+    out = col.dataset(method=method, source_variable=str(da.name), tau=str(tau), sustain=int(sustain),
+                      rebound=float(rebound), step_label=LABELS[label])
+    out["phase"].attrs.update(flag_values=[0, 1, 2, 3], flag_meanings="rise plateau collapse rebound",
                               long_name="training phase of the window (shared boundaries -> later phase)")
+    notes = {"collapse_start_step": "end of the plateau: the edge starts falling",
+             "collapse_step": f"first of {sustain} windows after the peak with the edge < tau",
+             "rebound_step": f"first of {sustain} windows after the collapse with the edge >= {rebound:g} x tau",
+             "plateau_start_step": "first window of the plateau", "peak_step": "window of the edge's maximum"}
+    for v, ln in notes.items():
+        out[v].attrs.update(long_name=ln, units="steps", step_label=LABELS[label])
+    out["edge_k"].attrs.update(long_name="k of the edge sigma_k / sigma_(k+1) (NaN: not the fixed-k edge)")
     return out
 
 
-def _tau_values(tau, W):
-    if isinstance(tau, str):
-        if tau != "auto":
-            raise AnalysisError(f"tau must be a number, a list of numbers or 'auto', got {tau!r}")
-        return float(mp_adjacent_ratio(W))
-    return float(tau)
+def collapse_step(ds: xr.Dataset, variable=EDGE, *, tau=DEFAULT_TAU, sustain: int = SUSTAIN,
+                  label: str = "center", after: str = "emergence", sv=None, run=None, window=None,
+                  group=None) -> xr.Dataset:
+    """Peak and collapse of the edge series (sed_spec §5.1, with the defaults of docs/method.md).
 
-
-def collapse_step(ds: xr.Dataset, variable="edge_ratio", *, tau=1.20, sv=None, run=None,
-                  window=None, group=None) -> xr.Dataset:
-    """Peak and collapse of the edge series (sed_spec §5.1).
-
-    peak = first argmax; collapse = first step at or after the peak with x < τ (NaN if never).
-    τ = 1.20 reproduces the paper's "7500 ± 300"; a list adds a ``tau`` dim (robustness set
-    {1.15, 1.20, 1.25, 1.30}). ``tau="auto"`` uses the MP adjacent-ratio noise level
-    1 + 2W^(−2/3) per W: an absolute τ does not transfer across W because the noise-level ratio
-    itself falls with W (1.43 at W=10, 1.27 at W=20; sed_spec §4.3, §15.4).
+    collapse = first of ``sustain`` consecutive windows with x < tau after the edge emerged
+    (``after="emergence"``: held >= 1.25 tau for ``sustain`` windows, as :func:`episode`; a later,
+    higher rebound does not move it) or after its global maximum (``after="peak"``, the
+    reference); NaN if never. Defaults: the fixed-k ``edge``, ``tau='auto'`` (1 + 2 W^(-2/3), the
+    noise-level ratio: an absolute tau does not transfer across W), ``sustain=2``, centre-of-window
+    step labels. The reference rule is ``variable='edge_ratio', tau=1.20, sustain=1,
+    label='newest', after='peak'``. A list of numeric taus adds a ``tau`` dim (robustness set {1.15, 1.20, 1.25, 1.30}).
     """
+    _check_label(label)
+    if after not in ("emergence", "peak"):
+        raise AnalysisError(f"after must be 'emergence' or 'peak', got {after!r}")
     da = select(resolve(ds, variable, sv=sv), run=run, window=window, group=group)
     multi = not isinstance(tau, (str, int, float, np.number))
     taus = list(tau) if multi else [tau]
@@ -185,21 +265,26 @@ def collapse_step(ds: xr.Dataset, variable="edge_ratio", *, tau=1.20, sv=None, r
         need(x.size, 1, "collapse_step", key, da.name)
         p = int(np.argmax(x))
         W = key.get("window")
-        if tau == "auto" and W is None:
-            raise AnalysisError(f"tau='auto' needs a window dim ({describe(key, da.name)})")
+        lab = window_steps(ds, key, st, label=label)
         cs, tv = [], []
         for t in taus:
-            tval = _tau_values(t, W)
-            hit = np.nonzero(x[p:] < tval)[0]
-            cs.append(float(st[p + hit[0]]) if hit.size else np.nan)
+            tval = tau_value(t, W)
+            if after == "emergence":
+                _, _, p, hit, _ = episode(x, tval, sustain=sustain)
+            else:
+                hit = first_run(x, p, below=tval, sustain=sustain)
+            cs.append(np.nan if hit is None else float(lab[hit]))
             tv.append(tval)
-        col.add(key, peak_step=st[p], peak_value=x[p])
+        col.add(key, peak_step=float(lab[p]), peak_value=x[p],
+                edge_k=float(s["edge_k"]) if "edge_k" in s.coords else np.nan)
         if multi:
             col.add(key, along=("tau", np.asarray(taus, dtype=float)), collapse_step=np.array(cs))
         else:
             col.add(key, collapse_step=cs[0], tau=tv[0])
-    out = col.dataset(source_variable=str(da.name), tau=str(tau))
-    out["collapse_step"].attrs.update(long_name="first step at/after the peak with edge < tau")
+    out = col.dataset(source_variable=str(da.name), tau=str(tau), sustain=int(sustain), step_label=LABELS[label],
+                      after=after)
+    out["collapse_step"].attrs.update(long_name=f"first of {sustain} windows at/after the peak with edge < tau",
+                                      units="steps", step_label=LABELS[label])
     return out
 
 
@@ -233,5 +318,5 @@ def cross_seed_summary(result: xr.Dataset | xr.DataArray, variables=None, *, dim
     return out
 
 
-__all__ = ["segment", "phase_intervals", "phases", "collapse_step", "cross_seed_summary", "METHODS",
-           "PHASES"]
+__all__ = ["segment", "phase_intervals", "phases", "collapse_step", "cross_seed_summary", "first_run",
+           "METHODS", "PHASES", "LABELS"]

@@ -302,3 +302,30 @@ class PlantedTrajectory:
         (folder / "metrics.json").write_text(json.dumps(metrics))
         (folder / "truth.json").write_text(json.dumps(self.truth()))
         return folder
+
+
+def planted_results(trajectories: dict, windows=(10,), *, metrics: dict | None = None):
+    """The results Dataset the engine would build for planted runs ``{run: PlantedTrajectory}``.
+
+    Uses the engine's own Dataset assembly (``sed_dask.spectra.build_dataset``) on the exact float64
+    band of each trajectory, so queries see exactly what ``sed_dask.spectrum`` would give for a
+    store holding these deltas, without writing one. ``metrics``: ``{run: {"step": [...], name: [...]}}``;
+    by default each run gets ``val_loss`` from :meth:`PlantedTrajectory.val_loss` at its delta steps.
+    """
+    from ..gram import GramResult
+    from ..spectra import build_dataset
+
+    windows = sorted({int(w) for w in windows})
+    grams, mets = [], {}
+    for run, t in trajectories.items():
+        width = max(windows) + 1
+        band = t.band(width)[None]
+        grams.append(GramResult(run=run, band=band, groups=["all"], n_params={"all": t.n_params},
+                                group_desc={"all": "planted"}, steps=t.steps, width=width,
+                                precision="float64", tiling={}))
+        mets[run] = (metrics or {}).get(run) or {"step": t.delta_steps.tolist(), "val_loss": t.val_loss().tolist()}
+    attrs = {"sed_dask_version": "planted", "windows": windows, "runs": list(trajectories),
+             "n_params": json.dumps({r: t.n_params for r, t in trajectories.items()}),
+             "source_store": "sed_dask.testing.planted_results", "precision": "float64", "step_normalised": 0,
+             "truth": json.dumps({r: t.truth() for r, t in trajectories.items()})}
+    return build_dataset(grams, windows, grouped=False, metrics=mets, attrs=attrs)
