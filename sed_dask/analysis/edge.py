@@ -116,12 +116,12 @@ def rank_notes(rank: xr.Dataset) -> list[str]:
     return lines
 
 
-def edge_summary(ds: xr.Dataset, *, variable="edge_ratio", rank="signal_rank", run=None,
+def edge_summary(ds: xr.Dataset, *, variable="edge_ratio", rank="signal_rank", sv=None, run=None,
                  window=None, group=None) -> xr.Dataset:
     """Per (run, W[, group]): signal rank, edge-ratio mean/median/min/max (+ step of the max),
     and how often the edge exceeds the W-aware MP adjacent-ratio noise level 1 + 2W^(-2/3)
     (sed_spec §4.3: ``n_above_mp``, ``excess_over_mp``)."""
-    edge = select(resolve(ds, variable), run=run, window=window, group=group)
+    edge = select(resolve(ds, variable, sv=sv), run=run, window=window, group=group)
     out = signal_rank(ds, variable=rank, run=run, window=window, group=group)
     finite = edge.notnull()
     out["edge_mean"] = edge.mean(STEP)
@@ -137,7 +137,7 @@ def edge_summary(ds: xr.Dataset, *, variable="edge_ratio", rank="signal_rank", r
         out["excess_over_mp"] = out["edge_mean"] - mp
     for v in ("edge_mean", "edge_median", "edge_min", "edge_max"):
         out[v].attrs.update(units="1", long_name=f"{v.split('_')[1]} of {edge.name} over windows")
-    out.attrs["edge_variable"] = str(edge.name)
+    out.attrs["edge_variable"] = str(edge.name) + (f" (sv={sv})" if sv is not None else "")
     return out
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import xarray as xr
 
 from ..errors import AnalysisError
-from ._series import Collector, at, describe, finite, iter_series, need, resolve_target, select
+from ._series import Collector, at, describe, finite, iter_series, need, require_metric, resolve_target, select
 
 _DEFAULT = "default"
 
@@ -132,7 +132,7 @@ def _window_inputs(ds: xr.Dataset, key: dict, rank: str):
     return np.asarray(ratio["step"].values)[ok], r[ok], kv[ok], W
 
 
-def early_warning(ds: xr.Dataset, *, detectors=None, tau=None, rank: str = "k_star", event: str | None = "val_acc",
+def early_warning(ds: xr.Dataset, *, detectors=None, tau=None, rank: str = "k_star", event: str | None = None,
                   event_threshold: float = 0.9, sustain_event: int = 1, run=None, window=None, group=None,
                   **params) -> xr.Dataset:
     """Causal alarms of every detector on every (run, W[, group]) edge series, and their lead.
@@ -141,7 +141,7 @@ def early_warning(ds: xr.Dataset, *, detectors=None, tau=None, rank: str = "k_st
     used nothing after t). ``params``: drop, drift, h, arm, sustain, min_windows (defaults in
     ``detectors.DEFAULTS``). Returns ``alarm_step``, ``alarm_value``, ``alarm_threshold`` and
     ``n_alarms`` on (series, ``detector``), ``first_alarm_step`` (earliest detector), ``edge_k`` (the
-    frozen k) and, when ``event`` is a metric of the dataset, ``event_step`` (first step with
+    frozen k) and, with an ``event`` metric (default: val_acc when the dataset has it), ``event_step`` (first step with
     event >= event_threshold for ``sustain_event`` evaluations; grokking = val_acc >= 0.9) and
     ``lead`` = event_step - alarm_step (positive: the alarm came first). The attrs carry each
     detector's definition at each W.
@@ -153,8 +153,10 @@ def early_warning(ds: xr.Dataset, *, detectors=None, tau=None, rank: str = "k_st
     dets = tuple(DETECTORS if detectors is None else ([detectors] if isinstance(detectors, str) else detectors))
     base = select(ds["k_star"] if rank not in ds.data_vars else ds[rank], run=run, window=window, group=group)
     ev = None
-    if event is not None and event in ds.data_vars:
-        ev = select(ds[event], run=run, window=window, group=group)
+    if event is None and "val_acc" in ds.data_vars:
+        event = "val_acc"
+    if event is not None:
+        ev = select(require_metric(ds, event), run=run, window=window, group=group)
     col = Collector(base)
     definitions = {}
     for key, _ in iter_series(base):
