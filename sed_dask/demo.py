@@ -194,7 +194,8 @@ def run_demo(out_dir="sed-demo", *, quick: bool = False, client=None, address: s
         timings["ingest"] = time.perf_counter() - t
         t = time.perf_counter()
         say(f"[3/5] spectra for W = {list(ws)} -> {results}")
-        ds = spectrum(str(store), windows=ws, client=c, output=str(results), progress=progress)
+        ds = spectrum(str(store), windows=ws, client=c, output=str(results), overwrite=True,
+                      progress=progress)
         timings["spectrum"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -211,7 +212,7 @@ def run_demo(out_dir="sed-demo", *, quick: bool = False, client=None, address: s
     t = time.perf_counter()
     say(f"[5/5] report -> {out / 'report'}")
     title = f"SED of grokking (a+b) mod {SIZES[size].p}: {len(runs)} seed(s), W = {list(ws)}"
-    report = make_report(ds, out / "report", analysis=analysis, title=title)
+    report = make_report(ds, out / "report", analysis=analysis, title=title, overwrite=True)
     timings["report"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_all
 

@@ -18,6 +18,7 @@ banded Gram alone (V_t^T V_{t-1} = S_t^-1 U_t^T C_t U_{t-1} S_{t-1}^-1, sed_spec
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -31,6 +32,7 @@ from .gram import checked_steps, column_segments, read_into
 from .grouping import ALL, resolve
 from .passes import compute_graph, tree_reduce
 from .rawread import RawChunkReader
+from .results_io import check_target, quiet_consolidation, results_target, start_attrs
 from .store import RunStore, open_store
 
 METHODS = ("exact", "randomized")
@@ -278,7 +280,8 @@ def _flip(U: np.ndarray) -> np.ndarray:
 def directions(store, *, run: str, window: int | None = None, end_step: int | None = None, k: int = 3,
                method: str = "exact", center: bool = False, groups="default", n_oversamples: int = 10,
                n_power_iter: int = 2, seed: int | None = None, client=None, address: str | None = None,
-               scheduler_file: str | None = None, scheduler: str | None = None, output=None, tile_bytes=None):
+               scheduler_file: str | None = None, scheduler: str | None = None, output=None, tile_bytes=None,
+               overwrite: bool = False):
     """Top-k right singular vectors (parameter-space directions) of a window or of the whole run.
 
     ``window`` deltas ending at ``end_step`` (default the last delta); ``window=None`` uses every
@@ -287,25 +290,37 @@ def directions(store, *, run: str, window: int | None = None, end_step: int | No
     ``direction(component, param)`` float32 (unit norm), ``sigma(component)``, ``u(component, step)``
     (the deltas' coefficients), ``loading(component, group)`` (fraction of ||v||^2 per layer group,
     summing to 1) and the parameter index in attrs; with ``output`` it is written to Zarr, tasks
-    writing their own column blocks, and the returned Dataset is lazily opened from there.
+    writing their own column blocks, and the returned Dataset is lazily opened from there. The
+    output is written beside the path and moved into place complete; an existing results store is
+    replaced only with ``overwrite=True`` (:mod:`sed_dask.results_io`).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if output is not None:
+        check_target(output, overwrite=overwrite)
     ts = open_store(store, mode="r")
     rs = ts.run(run)
     stack = window_stack(rs, window=window, end_step=end_step, center=center, tile_bytes=tile_bytes)
     if not 1 <= int(k) <= stack.n:
         raise ValueError(f"k={k}: need 1 <= k <= {stack.n} (deltas in the stack)")
     k = int(k)
-    seed = int(config.get("sketch.seed", seed))
-    if scheduler is not None and client is None:
-        return _directions(ts, rs, stack, k, method, groups, n_oversamples, n_power_iter, seed, None,
-                           scheduler, output, window, end_step)
-    from .cluster import connect
+    import xarray as xr
 
-    with connect(client, address=address, scheduler_file=scheduler_file) as c:
-        return _directions(ts, rs, stack, k, method, groups, n_oversamples, n_power_iter, seed, c,
-                           None, output, window, end_step)
+    seed = int(config.get("sketch.seed", seed))
+    args = (ts, rs, stack, k, method, groups, n_oversamples, n_power_iter, seed)
+    with contextlib.ExitStack() as es:
+        if scheduler is not None and client is None:
+            c = None
+        else:
+            from .cluster import connect
+
+            c = es.enter_context(connect(client, address=address, scheduler_file=scheduler_file))
+        if output is None:
+            return _directions(*args, c, scheduler if c is None else None, None, window, end_step)
+        with results_target(output, overwrite=overwrite) as t:
+            _directions(*args, c, scheduler if c is None else None, t.path, window, end_step)
+        with quiet_consolidation():
+            return xr.open_zarr(str(output))
 
 
 def _directions(ts, rs, stack, k, method, groups, n_oversamples, n_power_iter, seed, client, scheduler,
@@ -344,6 +359,8 @@ def _directions(ts, rs, stack, k, method, groups, n_oversamples, n_power_iter, s
     }
     if method == "randomized":
         attrs.update(n_oversamples=int(n_oversamples), n_power_iter=int(n_power_iter), seed=int(seed))
+    if output is not None:
+        attrs.update(start_attrs("directions", ["sigma", "u", "direction", "loading", "component", "step", "group"]))
     coords = {"component": ("component", np.arange(1, k + 1, dtype=np.int64),
                             {"long_name": "singular vector index j"}),
               "step": ("step", stack.delta_steps.astype(np.int64),
@@ -362,8 +379,8 @@ def _directions(ts, rs, stack, k, method, groups, n_oversamples, n_power_iter, s
         placeholder = da.zeros((k, rs.n_params), chunks=(k, widths), dtype=np.float32)
         meta = xr.Dataset({**small, "direction": (("component", "param"), placeholder, dir_attrs)},
                           coords=coords, attrs=attrs)
-        with _quiet_consolidation():
-            meta.to_zarr(str(output), mode="w", compute=False, consolidated=False)
+        with quiet_consolidation():
+            meta.to_zarr(str(output), mode="w-", compute=False, consolidated=False)
         out_arr = zarr.open_group(str(output), mode="r+")["direction"]
     segs = tuple(column_segments(c0, c1, flat) for c0, c1 in stack.cols)
     res = _v_pass(stack, M, segs, len(gnames), out_arr, client=client, scheduler=scheduler)
@@ -380,28 +397,12 @@ def _directions(ts, rs, stack, k, method, groups, n_oversamples, n_power_iter, s
                         {"long_name": "fraction of ||v_j||^2 in the layer group", "units": "1"})}
     gcoord = {"group": ("group", np.array(gnames, dtype=object), {"long_name": "layer group"})}
     if output is not None:
-        import zarr
-
-        with _quiet_consolidation():
+        with quiet_consolidation():
             xr.Dataset(lvar, coords=gcoord, attrs=attrs).to_zarr(str(output), mode="a", consolidated=False)
-            zarr.consolidate_metadata(str(output))
-        return xr.open_zarr(str(output))
+        return None  # the caller marks it complete, moves it into place and opens it there
     V = np.concatenate([res["v"][c0] for c0, _ in stack.cols], axis=1)
     return xr.Dataset({**small, **lvar, "direction": (("component", "param"), V, dir_attrs)},
                       coords={**coords, **gcoord}, attrs=attrs)
-
-
-def _quiet_consolidation():
-    """Silence zarr's "consolidated metadata is not in the v3 spec" warning (xarray relies on it)."""
-    import contextlib
-    import warnings
-
-    @contextlib.contextmanager
-    def ctx():
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata", category=UserWarning)
-            yield
-    return ctx()
 
 
 def _v_pass(stack: Stack, M, segs, n_groups, out, *, client, scheduler):

@@ -26,3 +26,15 @@ class AnalysisError(SEDError, ValueError):
 
 class MetricsError(SEDError, ValueError):
     """A metrics file (val_loss etc.) cannot be parsed or contradicts itself."""
+
+
+class SEDWarning(UserWarning):
+    """Base class of sed_dask warnings; the CLI prints them as one line."""
+
+
+class StepMismatchWarning(SEDWarning):
+    """A checkpoint records a different training step than its file name gives."""
+
+
+class MetricsWarning(SEDWarning):
+    """A metrics file holds NaN/Inf values."""

@@ -43,12 +43,12 @@ from .discover import discover_checkpoints
 from .errors import CheckpointError, NonFiniteError, SEDError, StoreError
 from .readers import open_checkpoint
 from .selection import Selection
-from .store import RunStore, _in_memory, open_store, run_lock
+from .store import RunStore, _in_memory, open_store, refuse_foreign, run_lock
 from .validate import CheckpointTodo as _Todo
 from .validate import check_headers as _check_headers
 from .validate import load_metrics_arg as _load_metrics_arg
 from .validate import policy_for as _policy_for
-from .validate import require_deltas
+from .validate import STEP_SOURCES, check_metric_steps, require_deltas, steps_from_files
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +126,12 @@ def _existing_run(store, run: str, storage_options) -> RunStore | None:
     try:
         ts = open_store(store, mode="r", storage_options=storage_options)
     except StoreError:
+        # no store or no runs yet: refuse now (before validation) what is not a trajectory store
+        refuse_foreign(store, storage_options)
         return None
-    return ts.run(run) if run in ts else None
+    if ts.run_state(run) in ("absent", "half-created"):  # a half-created run is rebuilt by create_run
+        return None
+    return ts.run(run)
 
 
 def _versions() -> dict:
@@ -237,7 +241,8 @@ def ingest(sources, store, run: str, *, client=None, address: str | None = None,
            scheduler_file: str | None = None, scheduler: str | None = None, steps=None, metrics=None,
            policy=None, include=None, exclude=None, on_nonfinite: str | None = None, chunk_bytes=None,
            shard_bytes=None, compressor=None, storage_options: dict | None = None,
-           tasks_in_flight: int | None = None, lock_timeout: float = 0, progress: bool = True) -> IngestSummary:
+           tasks_in_flight: int | None = None, lock_timeout: float = 0, progress: bool = True,
+           step_source: str = "name", metrics_nonfinite: str = "warn") -> IngestSummary:
     """Ingest checkpoints into run ``run`` of a trajectory store; resumable and idempotent.
 
     ``sources``: a directory, a glob, a list of files/directories, or a ``{step: path}`` mapping.
@@ -248,7 +253,11 @@ def ingest(sources, store, run: str, *, client=None, address: str | None = None,
     in this process (also picked for in-memory stores and under ``dask.config.set(scheduler=...)``);
     otherwise tasks run on the cluster from ``sed_dask.cluster.connect``, reached before anything
     is written. ``tasks_in_flight`` bounds the tasks submitted at once (default
-    ``sed_dask.ingest.tasks-in-flight``).
+    ``sed_dask.ingest.tasks-in-flight``). ``step_source``: a checkpoint's step comes from its file
+    name ("name", the default; a file recording another step gets a ``StepMismatchWarning``) or
+    from the step the file records ("file"). ``metrics_nonfinite``: explicit NaN/Inf metric values
+    are kept with a warning ("warn", default), refused ("raise") or kept silently ("ignore");
+    metrics whose steps match no checkpoint are refused.
 
     One call at a time per run: the call holds the run's writer lock (:func:`sed_dask.store.run_lock`,
     an OS file lock next to a local store) from planning to its last write; another call into the
@@ -261,11 +270,19 @@ def ingest(sources, store, run: str, *, client=None, address: str | None = None,
     on_nonfinite = config.get("ingest.on-nonfinite", on_nonfinite)
     if on_nonfinite not in ("raise", "record"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'record', got {on_nonfinite!r}")
-    ckpts = discover_checkpoints(sources, steps=steps)
-    metric_data, metric_source = _load_metrics_arg(metrics)
+    if step_source not in STEP_SOURCES:
+        raise ValueError(f"step_source must be one of {STEP_SOURCES}, got {step_source!r}")
+    ckpts = discover_checkpoints(sources, steps=None if step_source == "file" else steps)
+    if step_source == "file":
+        ckpts = steps_from_files(ckpts)
+        if steps is not None:
+            ckpts = discover_checkpoints(ckpts, steps=steps)
+    metric_data, metric_source = _load_metrics_arg(metrics, nonfinite=metrics_nonfinite)
     with run_lock(store, run, timeout=lock_timeout):
         existing = _existing_run(store, run, storage_options)  # read-only: nothing is written before validation
         todo, skipped = _plan(existing, ckpts, run)
+        check_metric_steps(metric_data, metric_source,
+                           list(ckpts) + ([] if existing is None else existing.row_steps().tolist()))
         pol = _policy_for(existing, policy, include, exclude)
         if existing is not None and not pol.same_as(existing.policy):
             raise StoreError(f"run {run!r} was written with selection policy {_spec_str(existing.policy)}; "
@@ -277,7 +294,7 @@ def ingest(sources, store, run: str, *, client=None, address: str | None = None,
             return IngestSummary(run, 0, len(skipped), [int(s) for s in rs.steps], rs.n_params, 0,
                                  time.perf_counter() - t0)
         # the first checkpoint to ingest defines the key set; every other one must match it
-        sel, fmt = _check_headers(todo, pol, existing, run)
+        sel, fmt = _check_headers(todo, pol, existing, run, step_source=step_source)
         with _executor(_in_memory(store), client=client, address=address, scheduler_file=scheduler_file,
                        scheduler=scheduler) as ex:
             rs = _allocate(store, run, storage_options, existing, todo, sel, fmt, chunk_bytes=chunk_bytes,

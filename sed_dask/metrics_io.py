@@ -10,7 +10,11 @@ Accepted shapes, all giving ``{"step": int64[m] ascending, name: float64[m], …
 * CSV with a header row and a step column.
 
 The step column may be called step, steps, global_step, iter, iteration or _step. Numbers and
-booleans become float64 (None/empty -> NaN); text fields are ignored.
+booleans become float64 (None/empty -> NaN); text fields are ignored. A column name that cannot
+be stored (``val/loss``, empty, hidden) is an error naming the file. Explicit NaN/Inf values:
+``nonfinite``: "warn" (default: kept as they are, with a :class:`~sed_dask.errors.MetricsWarning`
+naming the file, metric and steps), "raise" (a :class:`~sed_dask.errors.MetricsError`) or "ignore".
+Missing entries (None, empty CSV cells, a metric absent from a record) are NaN without a word.
 """
 from __future__ import annotations
 
@@ -20,9 +24,13 @@ import math
 import os
 from collections.abc import Mapping
 
+import warnings
+
 import numpy as np
 
-from .errors import MetricsError
+from .errors import MetricsError, MetricsWarning
+
+NONFINITE = ("warn", "raise", "ignore")
 
 STEP_KEYS = ("step", "steps", "global_step", "iter", "iteration", "_step")
 _WRAPPERS = ("metrics", "history", "records", "log", "logs", "evals")
@@ -56,9 +64,33 @@ def _as_value(v):
     return None
 
 
-def _from_records(records, where: str) -> dict[str, np.ndarray]:
+def check_name(name, where: str) -> None:
+    """A metric name must be usable as a variable and a Zarr array name (no '/', not empty or hidden)."""
+    text = str(name)
+    if not text.strip() or "/" in text or "\\" in text or text.startswith(".") or text != text.strip() \
+            or any(ord(c) < 32 for c in text):
+        raise MetricsError(f"{where}: metric column {text!r} cannot be stored (names must be non-empty, without "
+                           "'/', '\\', control characters, surrounding spaces or a leading '.'); rename it")
+
+
+def _report_nonfinite(bad: dict[str, list[int]], where: str, nonfinite: str) -> None:
+    if not bad or nonfinite == "ignore":
+        return
+    what = "; ".join(f"{k!r} at step(s) {sorted(v)[:8]}{'...' if len(v) > 8 else ''}" for k, v in bad.items())
+    if nonfinite == "raise":
+        raise MetricsError(f"{where}: NaN/Inf metric values ({what}); fix the file, or pass "
+                           "metrics_nonfinite='warn' (--metrics-nonfinite warn) to keep them")
+    warnings.warn(f"{where}: NaN/Inf metric values kept as they are ({what}); analyses skip them "
+                  "(metrics_nonfinite='raise' / --metrics-nonfinite raise refuses such a file)", MetricsWarning,
+                  stacklevel=4)
+
+
+def _from_records(records, where: str, nonfinite: str = "warn") -> dict[str, np.ndarray]:
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
     by_step: dict[int, dict[str, float]] = {}
     names: dict[str, None] = {}
+    bad: dict[str, list[int]] = {}
     for i, rec in enumerate(records):
         if not isinstance(rec, Mapping):
             raise MetricsError(f"{where}: record {i} is not an object")
@@ -71,6 +103,10 @@ def _from_records(records, where: str) -> dict[str, np.ndarray]:
             val = _as_value(v)
             if val is None:
                 continue
+            if k not in names:
+                check_name(k, where)
+            if v is not None and not math.isfinite(val):
+                bad.setdefault(k, []).append(step)
             old = cur.get(k)
             if old is not None and not math.isnan(old) and not math.isnan(val) and old != val:
                 raise MetricsError(f"{where}: step {step} has two different values for {k!r} ({old} and {val})")
@@ -79,6 +115,7 @@ def _from_records(records, where: str) -> dict[str, np.ndarray]:
             names[k] = None
     if not by_step:
         raise MetricsError(f"{where}: no metric records")
+    _report_nonfinite(bad, where, nonfinite)
     steps = np.array(sorted(by_step), dtype=np.int64)
     out = {"step": steps}
     for k in names:
@@ -86,10 +123,10 @@ def _from_records(records, where: str) -> dict[str, np.ndarray]:
     return out
 
 
-def parse_metrics(obj, *, where: str = "metrics") -> dict[str, np.ndarray]:
+def parse_metrics(obj, *, where: str = "metrics", nonfinite: str = "warn") -> dict[str, np.ndarray]:
     """Metrics from an already-parsed JSON-like object (see module docstring for the shapes)."""
     if isinstance(obj, list):
-        return _from_records(obj, where)
+        return _from_records(obj, where, nonfinite)
     if not isinstance(obj, Mapping) or not obj:
         raise MetricsError(f"{where}: expected a list of records or an object, got {type(obj).__name__}")
     keys = list(obj)
@@ -105,7 +142,7 @@ def parse_metrics(obj, *, where: str = "metrics") -> dict[str, np.ndarray]:
                 raise MetricsError(f"{where}: column {k!r} has {len(col)} values for {n} steps")
             for i, v in enumerate(col):
                 records[i][k] = v
-        return _from_records(records, where)
+        return _from_records(records, where, nonfinite)
     try:
         steps = [_as_step(k, where) for k in keys]
     except MetricsError:
@@ -114,20 +151,20 @@ def parse_metrics(obj, *, where: str = "metrics") -> dict[str, np.ndarray]:
         if not all(isinstance(v, Mapping) for v in obj.values()):
             raise MetricsError(f"{where}: a mapping from step to a bare number has no metric name; "
                                "use {step: {\"val_loss\": x}} or a list of records")
-        return _from_records([{"step": s, **v} for s, v in zip(steps, obj.values())], where)
+        return _from_records([{"step": s, **v} for s, v in zip(steps, obj.values())], where, nonfinite)
     lists = {k: v for k, v in obj.items()
              if isinstance(v, list) and v and all(isinstance(r, Mapping) for r in v)}
     for w in _WRAPPERS:
         if w in lists:
-            return _from_records(lists[w], f"{where}[{w!r}]")
+            return _from_records(lists[w], f"{where}[{w!r}]", nonfinite)
     if len(lists) == 1:
         (k, v), = lists.items()
-        return _from_records(v, f"{where}[{k!r}]")
+        return _from_records(v, f"{where}[{k!r}]", nonfinite)
     raise MetricsError(f"{where}: unrecognised metrics layout (top-level keys {keys[:10]}); expected records, "
                        "{step: {...}} or {\"step\": [...], name: [...]}")
 
 
-def _load_csv(path: str) -> dict[str, np.ndarray]:
+def _load_csv(path: str, nonfinite: str = "warn") -> dict[str, np.ndarray]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -144,21 +181,21 @@ def _load_csv(path: str) -> dict[str, np.ndarray]:
             continue
     records = [{sk: r[sk], **{k: (float(r[k]) if r.get(k) not in (None, "") else None) for k in numeric}}
                for r in rows]
-    return _from_records(records, path)
+    return _from_records(records, path, nonfinite)
 
 
-def load_metrics(path) -> dict[str, np.ndarray]:
+def load_metrics(path, *, nonfinite: str = "warn") -> dict[str, np.ndarray]:
     """``{"step": int64 ascending, name: float64, …}`` from a JSON or CSV metrics file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise MetricsError(f"metrics file {path} does not exist")
     if path.lower().endswith((".csv", ".tsv")):
-        return _load_csv(path)
+        return _load_csv(path, nonfinite)
     try:
         with open(path) as f:
             obj = json.load(f)
     except ValueError as exc:
         if path.lower().endswith(".json"):
             raise MetricsError(f"{path}: not valid JSON: {exc}") from exc
-        return _load_csv(path)
-    return parse_metrics(obj, where=path)
+        return _load_csv(path, nonfinite)
+    return parse_metrics(obj, where=path, nonfinite=nonfinite)

@@ -50,6 +50,7 @@ import xarray as xr
 
 from .figures import (base, edge_phases_figure, edge_val_loss_figure, finite, lag_figure, noise_figure,
                       phase_intervals, run_value, signals_figure, spectrum_figure, warning_figure)
+from .results_io import ReportTarget
 
 __all__ = ["make_report", "FIGURES", "findings_table", "normalize_events", "phase_intervals",
            "lag_correlation_simple", "standard_analysis", "warning_signals", "add_g23", "SIGNALS"]
@@ -389,8 +390,12 @@ def _spacing(ds, run) -> float | None:
 
 
 def make_report(ds: xr.Dataset, out_dir, *, runs=None, windows=None, events=None, analysis=None,
-                title: str = "Spectral Edge Dynamics report", dpi: int = 120) -> dict[str, Path]:
+                title: str = "Spectral Edge Dynamics report", dpi: int = 120,
+                overwrite: bool = False) -> dict[str, Path]:
     """Write the figures, ``summary.html``, ``summary.md`` and ``findings.csv`` to ``out_dir``.
+
+    ``out_dir`` must be new, empty, or (with ``overwrite=True``) an earlier report; the report is
+    built in a sibling folder and moved into place complete (:class:`sed_dask.results_io.ReportTarget`).
 
     Returns ``{name: path}`` for every file written (figure names in :data:`FIGURES`, plus
     ``html``, ``markdown``, ``findings``). Figures whose inputs are missing (e.g. no
@@ -412,8 +417,8 @@ def make_report(ds: xr.Dataset, out_dir, *, runs=None, windows=None, events=None
         raise ValueError(f"make_report: windows {sorted(set(windows) - set(all_w))} not in {all_w}")
     W = _default_window(windows, analysis)
     ev = normalize_events(events, ds, runs)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    staging = ReportTarget(out_dir, overwrite=overwrite)  # refuses a folder of other files up front
+    out = Path(staging.path)
     written: dict[str, Path] = {}
     notes: list[str] = []
 
@@ -488,4 +493,4 @@ def make_report(ds: xr.Dataset, out_dir, *, runs=None, windows=None, events=None
     p = out / "summary.html"
     p.write_text(_html(df, figs, title, notes, extra), encoding="utf-8")
     written["html"] = p
-    return written
+    return staging.commit(written)

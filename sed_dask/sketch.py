@@ -42,6 +42,7 @@ from .jl import Operator
 from .schema import metric_variables
 from .passes import execute, pass_settings, tree_reduce
 from .rawread import RawChunkReader
+from .results_io import check_target, write_dataset
 from .store import RunStore, open_store
 
 ROW_BLOCK = 64  # gemm rows: fixed, so every delta row meets the same BLAS call shape
@@ -337,16 +338,20 @@ def sketch(store, *, runs=None, d: int | None = None, seed: int | None = None, d
            s: float | None = None, tile_elems: int | None = None, client=None, address: str | None = None,
            scheduler_file: str | None = None, scheduler: str | None = None, output=None, progress: bool = True,
            tile_bytes=None, block_steps: int | None = None, tiles_per_task: int | None = None,
-           split_every: int | None = None):
+           split_every: int | None = None, overwrite: bool = False):
     """JL sketches ``S_i = Phi^T delta_i`` of every run in one pass each; an xarray Dataset.
 
     ``sketch(run, step, dim)`` float64 (NaN where a run lacks a step), ``delta_span`` and the runs'
     metrics on the same grid, and the attrs needed to reproduce Phi (seed, tile size, distribution,
     d, s, param index hash, checksum of the first tile). The values do not depend on chunking,
-    ``tile_bytes``/``block_steps``/``tiles_per_task`` or the scheduler. ``output`` writes Zarr.
+    ``tile_bytes``/``block_steps``/``tiles_per_task`` or the scheduler. ``output`` writes Zarr
+    safely (checked before the pass; an existing results store only with ``overwrite=True``;
+    see :mod:`sed_dask.results_io`).
     """
     from . import __version__
 
+    if output is not None:
+        check_target(output, overwrite=overwrite)
     ts = open_store(store, mode="r")
     if not ts.runs:
         raise StoreError(f"store {ts.url} holds no runs")
@@ -375,7 +380,7 @@ def sketch(store, *, runs=None, d: int | None = None, seed: int | None = None, d
     ds = build_sketch_dataset([(p.run, p.steps, S) for p, S in zip(plans, outs)],
                               {rs.name: rs.metrics() for rs in run_stores}, attrs, prov)
     if output is not None:
-        write_zarr(ds, output)
+        write_zarr(ds, output, overwrite=overwrite)
     return ds
 
 
@@ -400,13 +405,9 @@ def provenance(ops: dict) -> dict:
     }
 
 
-def write_zarr(ds, path) -> None:
-    """Plain consolidated ``to_zarr`` (``xr.open_zarr(path)`` gives the Dataset back)."""
-    import warnings
-
-    with warnings.catch_warnings():  # zarr: "consolidated metadata is not in the v3 spec" (xarray uses it)
-        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata", category=UserWarning)
-        ds.to_zarr(str(path), mode="w", consolidated=True)
+def write_zarr(ds, path, *, overwrite: bool = False) -> None:
+    """Write safely (:func:`sed_dask.results_io.write_dataset`); ``xr.open_zarr(path)`` gives the Dataset back."""
+    write_dataset(ds, path, kind=str(ds.attrs.get("sed_kind") or "spectra"), overwrite=overwrite)
 
 
 def build_sketch_dataset(items: list, metrics: dict, attrs: dict, prov: dict | None = None):

@@ -17,6 +17,7 @@ from . import config
 from .errors import StoreError
 from .gram import GramResult, gram_graph, run_plans
 from .noise import mp_adjacent_ratio
+from .results_io import check_target, write_dataset
 from .schema import COORD_ATTRS, PER_SV, VARIABLES, metric_variables, var_attrs
 from .store import open_store
 from .windows import normalise_spacing, window_features
@@ -178,7 +179,8 @@ def _open_runs(store, runs) -> tuple[list, str]:
 def spectrum(store, *, runs=None, windows=(10,), groups=None, client=None, address: str | None = None,
              scheduler_file: str | None = None, scheduler: str | None = None, precision: str | None = None,
              normalize_spacing: bool = False, output=None, progress: bool = True, tile_bytes=None,
-             block_steps: int | None = None, zero_rtol: float | None = None, sketch=None):
+             block_steps: int | None = None, zero_rtol: float | None = None, sketch=None,
+             overwrite: bool = False):
     """Rolling-window spectra of every requested W (and layer group) for runs of a trajectory store.
 
     ``store``: a trajectory store, or one or a list of :func:`sed_dask.open_checkpoints` runs,
@@ -188,7 +190,10 @@ def spectrum(store, *, runs=None, windows=(10,), groups=None, client=None, addre
     One pass per run over the store computes the banded Gram of width max(W)+1; everything else is
     client-side W x W work. ``groups``: None, "default", "blocks", ``{name: regex}`` or a list of
     group names. ``scheduler`` ("threads"/"sync") runs without a distributed cluster. ``output``
-    writes the Dataset to Zarr (``mode="w"``). Returns an ``xarray.Dataset`` (docs/result_schema.md).
+    writes the Dataset to Zarr through :mod:`sed_dask.results_io`: the path is checked before the
+    pass (a trajectory store, a non-Zarr folder, a foreign Zarr group, or an existing results store
+    without ``overwrite=True`` is refused), written beside it and moved into place complete.
+    Returns an ``xarray.Dataset`` (docs/result_schema.md).
 
     ``sketch``: also compute the JL sketch in the same read (True, an int d, or a dict of
     ``sed_dask.sketch`` operator arguments: d, seed, distribution, s, tile_elems); it is added as
@@ -197,6 +202,8 @@ def spectrum(store, *, runs=None, windows=(10,), groups=None, client=None, addre
     """
     from . import __version__
 
+    if output is not None:
+        check_target(output, overwrite=overwrite)
     run_stores, source = _open_runs(store, runs)
     names = [rs.name for rs in run_stores]
     ws = _windows(windows)
@@ -251,12 +258,10 @@ def spectrum(store, *, runs=None, windows=(10,), groups=None, client=None, addre
         sk = build_sketch_dataset([(g.run, g.steps, g.extras["sketch"]) for g in grams], {}, {}, prov)
         ds = ds.assign_coords(dim=sk["dim"]).assign(sketch=sk["sketch"])
     if output is not None:
-        write_zarr(ds, output)
+        write_zarr(ds, output, overwrite=overwrite)
     return ds
 
 
-def write_zarr(ds, path) -> None:
-    """Write with plain ``to_zarr`` so that ``xr.open_zarr(path)`` returns the same Dataset."""
-    with warnings.catch_warnings():  # zarr notes that consolidated metadata is not in the v3 spec yet
-        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        ds.to_zarr(str(path), mode="w", consolidated=True)
+def write_zarr(ds, path, *, overwrite: bool = False) -> None:
+    """Write safely (:func:`sed_dask.results_io.write_dataset`); ``xr.open_zarr(path)`` returns the Dataset."""
+    write_dataset(ds, path, kind="spectra", overwrite=overwrite)

@@ -36,6 +36,8 @@ import zarr
 
 from . import config
 from .errors import StoreError
+from .results_io import describe as describe_path
+from .results_io import results_kind
 
 try:
     import fcntl
@@ -197,9 +199,22 @@ class TrajectoryStore:
             g = self.root[name]
         except KeyError:
             raise StoreError(f"unknown run {name!r} in store {self.url}; runs present: {self.runs}") from None
-        if not isinstance(g, zarr.Group) or "params" not in g:
-            raise StoreError(f"{name!r} in store {self.url} is not a trajectory run")
-        return RunStore(g, name)
+        state = run_state(g)
+        if state == "half-created":
+            raise StoreError(f"run {name!r} of store {self.url} was interrupted while being created (it holds no "
+                             "checkpoints yet); the next `sed-dask ingest` into it rebuilds it")
+        if state != "ready":
+            raise StoreError(f"{name!r} in store {self.url} is not a trajectory run: {state}")
+        return RunStore(g, name, root=self.root)
+
+    def run_state(self, name: str) -> str:
+        """"absent", "half-created" (a run creation was interrupted: rebuilt by the next ingest),
+        "ready", or why the member is not a trajectory run."""
+        try:
+            g = self.root[name]
+        except KeyError:
+            return "absent"
+        return run_state(g)
 
     def __contains__(self, name: str) -> bool:
         return name in self.runs
@@ -215,11 +230,22 @@ class TrajectoryStore:
         compressor=None,
         attrs: dict | None = None,
     ) -> "RunStore":
-        """Create an empty run (0 rows) with its layout fixed by ``index`` and the chunk settings."""
-        if name in self.runs:
-            raise StoreError(f"run {name!r} already exists in store {self.url}")
+        """Create an empty run (0 rows) with its layout fixed by ``index`` and the chunk settings.
+
+        Crash-safe (call it holding :func:`run_lock`): the group is created carrying a
+        ``sed_dask_run_creating`` attr, then the three arrays, and the run's attrs (parameter index,
+        policy, write unit) are put last in one metadata write. A run lacking them is
+        "half-created" (:func:`run_state`): it holds no rows, and this method rebuilds it.
+        """
         if not name or "/" in name:
             raise StoreError(f"invalid run name {name!r}")
+        state = self.run_state(name)
+        if state == "ready":
+            raise StoreError(f"run {name!r} already exists in store {self.url}")
+        if state not in ("absent", "half-created"):
+            raise StoreError(f"{name!r} in store {self.url} is not a trajectory run ({state}); use another run name")
+        if state == "half-created":
+            logger.warning("run %r of store %s was interrupted while being created; rebuilding it", name, self.url)
         P = index.n_params
         if P == 0:
             raise StoreError(f"run {name!r}: the parameter selection is empty")
@@ -234,17 +260,20 @@ class TrajectoryStore:
             shard = chunk
         comp = compressor if compressor is not None else config.get("store.compressor")
         compressors = None if comp in (None, "none") else _compressor(comp)
-        g = self.root.create_group(name)
+        creating = {"pid": os.getpid(), "host": socket.gethostname(),
+                    "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        # overwrite: only a half-created run (no rows) or leftovers of one are ever replaced here
+        g = self.root.create_group(name, overwrite=state == "half-created", attributes={CREATING_ATTR: creating})
         g.create_array("params", shape=(0, P), chunks=(1, chunk), shards=shards, dtype="float32",
-                       fill_value=np.nan, compressors=compressors,
+                       fill_value=np.nan, compressors=compressors, overwrite=True,
                        dimension_names=("row", "param"), config={"write_empty_chunks": True})
         g.create_array("steps", shape=(0,), chunks=(_STEP_CHUNK,), dtype="int64", fill_value=-1,
-                       dimension_names=("row",))
+                       dimension_names=("row",), overwrite=True)
         g.create_array("complete", shape=(0,), chunks=(1,), dtype="uint8", fill_value=0,
-                       dimension_names=("row",))
+                       dimension_names=("row",), overwrite=True)
         from . import __version__
 
-        g.attrs.update({
+        g.attrs.put({  # one write, replacing the creating marker: the run is ready from here
             "sed_dask_version": __version__,
             "selection_policy": policy,
             "param_index": index.to_records(),
@@ -255,7 +284,33 @@ class TrajectoryStore:
             "nonfinite": [],
             **(attrs or {}),
         })
-        return RunStore(g, name)
+        return RunStore(g, name, root=self.root)
+
+
+CREATING_ATTR = "sed_dask_run_creating"
+RUN_ARRAYS = ("params", "steps", "complete")
+RUN_ATTRS = ("param_index", "param_index_hash", "selection_policy", "n_params", "write_unit")
+
+
+def run_state(g) -> str:
+    """"ready", "half-created" or what makes the Zarr member ``g`` not a trajectory run.
+
+    Half-created: the group lacks the run attrs and holds nothing but (some of) the run's three
+    arrays, all with 0 rows, i.e. a ``create_run`` that was killed; nothing is lost by rebuilding it.
+    """
+    if not isinstance(g, zarr.Group):
+        return "it is an array, not a group"
+    attrs = g.attrs.asdict()
+    members = {k: v for k, v in g.members()}
+    arrays = [k for k in RUN_ARRAYS if isinstance(members.get(k), zarr.Array)]
+    lacks_attrs = [k for k in RUN_ATTRS if k not in attrs]
+    if not lacks_attrs and len(arrays) == len(RUN_ARRAYS):
+        return "ready"
+    if lacks_attrs and set(members) <= set(RUN_ARRAYS) and all(members[k].shape[0] == 0 for k in arrays):
+        if CREATING_ATTR in attrs or not attrs:
+            return "half-created"
+    missing = [k for k in RUN_ARRAYS if k not in arrays] + [f"attr {k}" for k in lacks_attrs]
+    return f"it lacks {', '.join(missing)}"
 
 
 def read_chunk_elems(n_params: int, chunk_bytes=None) -> int:
@@ -281,9 +336,10 @@ def _compressor(spec):
 class RunStore:
     """One run: the params array, its step labels, completion records and metrics."""
 
-    def __init__(self, group: zarr.Group, name: str):
+    def __init__(self, group: zarr.Group, name: str, *, root: zarr.Group | None = None):
         self.group = group
         self.name = name
+        self.root = root  # the trajectory store's root group (to find the run's writer lock)
         self.params: zarr.Array = group["params"]
         self._steps: zarr.Array = group["steps"]
         self._complete: zarr.Array = group["complete"]
@@ -422,8 +478,13 @@ class RunStore:
         done = self.completed()
         if not done.all():
             missing = self.row_steps()[~done]
-            raise StoreError(f"run {self.name!r}: ingestion is incomplete for steps "
-                             f"{missing[:10].tolist()}{'...' if missing.size > 10 else ''}; "
+            steps = f"{missing[:10].tolist()}{'...' if missing.size > 10 else ''}"
+            holder = lock_holder(self.root, self.name) if self.root is not None else None
+            if holder is not None:
+                raise RunLockedError(f"run {self.name!r} is being ingested right now by {holder} (it holds the "
+                                     f"run's writer lock; steps {steps} are not written yet); wait for that "
+                                     "ingestion to finish, then re-run")
+            raise StoreError(f"run {self.name!r}: ingestion is incomplete for steps {steps}; "
                              "re-run `sed-dask ingest` to finish it")
         return self.row_steps()
 
@@ -478,9 +539,15 @@ class RunStore:
 
 
 def open_store(store, *, mode: str = "a", storage_options: dict | None = None) -> TrajectoryStore:
-    """Open (or with mode 'a'/'w', create) a trajectory store from a path, fsspec URL or zarr Group."""
+    """Open (or with mode 'a'/'w', create) a trajectory store from a path, fsspec URL or zarr Group.
+
+    Writing modes refuse, before writing anything, a path that holds something else: a file, a
+    folder of other files, a results store, a Zarr group sed_dask did not write.
+    """
     if isinstance(store, TrajectoryStore):
         return store
+    if mode != "r":
+        refuse_foreign(store, storage_options)
     if mode == "a" and not isinstance(store, zarr.Group):
         # create the root on first use, but never overwrite
         g = _open_group(store, "a", storage_options)
@@ -488,14 +555,56 @@ def open_store(store, *, mode: str = "a", storage_options: dict | None = None) -
         g = _open_group(store, mode, storage_options)
     fmt = g.attrs.get("sed_dask_store_format")
     if fmt is None:
-        if mode == "r":
-            if not list(g.groups()):
-                raise StoreError(f"{store!r} is not a sed_dask trajectory store (no runs)")
-        else:
+        _check_root(g, store, writing=mode != "r")
+        if mode != "r":
             g.attrs["sed_dask_store_format"] = STORE_FORMAT
     elif fmt > STORE_FORMAT:
         raise StoreError(f"store {store!r} has format {fmt}, newer than this sed_dask ({STORE_FORMAT})")
     return TrajectoryStore(g)
+
+
+def _check_root(g: zarr.Group, store, *, writing: bool) -> None:
+    """A root without the format attr: fine if empty (new) or holding runs (older stores), else refused."""
+    attrs = g.attrs.asdict()
+    kind = results_kind(attrs)
+    nothing = "; ingest into a new --store path (nothing was written)" if writing else ""
+    if kind:
+        raise StoreError(f"{_name(store)} is a sed_dask {kind} results store, not a trajectory store{nothing}")
+    groups = [(n, sub) for n, sub in g.groups()]
+    runs = [n for n, sub in groups if run_state(sub) in ("ready", "half-created")]
+    if runs:
+        return
+    if not writing:
+        what = f"groups {sorted(n for n, _ in groups)[:8]} are not trajectory runs" if groups else "no runs"
+        raise StoreError(f"{_name(store)} is not a sed_dask trajectory store (no sed_dask_store_format attr; "
+                         f"{what}); make one with `sed-dask ingest`")
+    members = sorted(g.keys())
+    if attrs or members:
+        raise StoreError(f"{_name(store)} is a Zarr group that sed_dask did not write (attrs {sorted(attrs)[:8]}, "
+                         f"members {members[:8]}){nothing}")
+
+
+def refuse_foreign(store, storage_options: dict | None = None) -> None:
+    """Raise :class:`StoreError` if ``store`` holds something that is not (and cannot become) a
+    trajectory store: a file, a folder of other files, a results store, a foreign Zarr group.
+    Writes nothing; a path with nothing there passes."""
+    if isinstance(store, (str, os.PathLike)):
+        kind, _ = describe_path(store)
+        if kind in ("file", "folder"):
+            raise StoreError(f"{os.fspath(store)} is a {'file' if kind == 'file' else 'folder of other files'}, "
+                             "not a Zarr trajectory store; choose a new --store path (nothing was written)")
+        if kind in ("missing", "empty"):
+            return
+    try:
+        g = store if isinstance(store, zarr.Group) else _open_group(store, "r", storage_options)
+    except Exception:  # nothing readable there yet: opening for writing creates it
+        return
+    if g.attrs.get("sed_dask_store_format") is None:
+        _check_root(g, store, writing=True)
+
+
+def _name(store) -> str:
+    return str(store.store_path) if isinstance(store, zarr.Group) else os.fspath(store)
 
 
 def write_trajectory(store, run: str, steps: Sequence[int], params, *, index: ParamIndex | None = None,
@@ -572,6 +681,31 @@ def run_lock_path(store, run: str) -> str | None:
         return None
     parent, name = os.path.split(os.path.realpath(where[0]))
     return os.path.join(parent, f".{name}{LOCK_DIR_SUFFIX}", *where[1].split("/"), f"{run}.lock")
+
+
+def lock_holder(store, run: str) -> str | None:
+    """Who holds ``run``'s writer lock right now ("pid ... on host ..."), or None (free, or no lock file).
+
+    Probes without creating anything: a reader uses it to tell "an ingestion is running" from
+    "an ingestion died".
+    """
+    try:
+        path = run_lock_path(store, run)
+    except StoreError:
+        return None
+    if path is None or fcntl is None or not os.path.exists(path):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return _holder(fd) if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
+    finally:
+        os.close(fd)  # also drops the shared lock if it was taken
+    return None
 
 
 def _holder(fd: int) -> str:

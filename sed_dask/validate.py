@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Mapping
 
-from .errors import CheckpointError, StoreError
+import numpy as np
+
+from .errors import CheckpointError, MetricsError, StepMismatchWarning, StoreError
 from .readers import open_checkpoint
 from .selection import Selection, SelectionPolicy, check_same_keys, resolve_policy, select, tie_broken
 from .store import RunStore
@@ -61,7 +64,8 @@ def index_diff(old, new) -> str:
     return "tensor order differs"
 
 
-def check_headers(todo: list[CheckpointTodo], pol: SelectionPolicy, existing: RunStore | None, run: str):
+def check_headers(todo: list[CheckpointTodo], pol: SelectionPolicy, existing: RunStore | None, run: str, *,
+                  step_source: str = "name"):
     """``(selection, format)`` of the first checkpoint, after checking every other header against it.
 
     Fills ``td.names``; reads headers (and a few small tensors) only. ``existing``: a stored run
@@ -71,6 +75,7 @@ def check_headers(todo: list[CheckpointTodo], pol: SelectionPolicy, existing: Ru
     with open_checkpoint(ref.path) as r:
         sel: Selection = select(r, pol)
         fmt = r.format
+        check_recorded_step(ref, r, step_source)
     ref.names = dict(sel.sources)
     if existing is not None and sel.index.hash != existing.attrs.get("param_index_hash"):
         raise StoreError(f"run {run!r}: the parameter index of {ref.path} (step {ref.step}) differs from the run's "
@@ -79,6 +84,7 @@ def check_headers(todo: list[CheckpointTodo], pol: SelectionPolicy, existing: Ru
     for td in todo[1:]:
         with open_checkpoint(td.path) as r:
             infos = r.tensors()
+            check_recorded_step(td, r, step_source)
             norm = pol.names(infos, path=td.path)
             check_same_keys(sel.keys, {n: infos[raw] for n, raw in norm.items()}, path=td.path, step=td.step,
                             ref_path=ref.path, ref_step=ref.step)
@@ -94,14 +100,62 @@ def check_headers(todo: list[CheckpointTodo], pol: SelectionPolicy, existing: Ru
     return sel, fmt
 
 
-def load_metrics_arg(metrics):
-    """``(parsed metrics, source description)``; parsed before anything is written or run."""
+def load_metrics_arg(metrics, *, nonfinite: str = "warn"):
+    """``(parsed metrics, source description)``; parsed before anything is written or run.
+
+    ``nonfinite``: what explicit NaN/Inf values get (:mod:`sed_dask.metrics_io`; "warn" by default).
+    """
     if metrics is None:
         return None, None
     from .metrics_io import load_metrics, parse_metrics
 
     if isinstance(metrics, (str, os.PathLike)):
-        return load_metrics(metrics), os.path.abspath(os.fspath(metrics))
+        return load_metrics(metrics, nonfinite=nonfinite), os.path.abspath(os.fspath(metrics))
     if isinstance(metrics, Mapping):
         metrics = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in metrics.items()}
-    return parse_metrics(metrics, where="metrics"), "<in memory>"
+    return parse_metrics(metrics, where="metrics", nonfinite=nonfinite), "<in memory>"
+
+
+def check_metric_steps(data: dict | None, source: str | None, steps) -> None:
+    """Metrics whose steps match none of the run's checkpoint steps are an error (every value would
+    be dropped by the exact-step alignment); the message names the file and both step ranges."""
+    if data is None:
+        return
+    have = np.asarray(sorted({int(s) for s in steps}), dtype=np.int64)
+    ms = np.asarray(data["step"], dtype=np.int64)
+    if have.size and ms.size and not np.isin(ms, have).any():
+        raise MetricsError(f"metrics {source}: none of its {ms.size} steps ({_span(ms)}) is a checkpoint step of "
+                           f"the run ({_span(have)}); metrics are aligned by exact step, so every value would "
+                           "be dropped. Check the step column (e.g. optimizer steps vs. samples)")
+
+
+def _span(a) -> str:
+    a = np.asarray(a)
+    return f"{int(a[0])}..{int(a[-1])}" if a.size > 1 else f"{int(a[0])}"
+
+
+STEP_SOURCES = ("name", "file")
+
+
+def check_recorded_step(td: CheckpointTodo, reader, step_source: str) -> None:
+    """Warn when a checkpoint records another step than its name gives (``step_source="name"``)."""
+    rec = reader.recorded_step() if hasattr(reader, "recorded_step") else None
+    if rec is not None and int(rec) != int(td.step) and step_source == "name":
+        warnings.warn(f"{td.path}: its name gives step {td.step} but the file records step {rec}; using {td.step} "
+                      "(step_source='name', the default; --step-source file uses the recorded step)",
+                      StepMismatchWarning, stacklevel=3)
+
+
+def steps_from_files(ckpts: Mapping[int, str]) -> dict[int, str]:
+    """``{recorded step: path}`` (``step_source="file"``): every file must record its own step."""
+    out: dict[int, str] = {}
+    for name_step, path in ckpts.items():
+        with open_checkpoint(path) as r:
+            rec = r.recorded_step() if hasattr(r, "recorded_step") else None
+        if rec is None:
+            raise CheckpointError(f"{path} records no step of its own (step_source='file' needs a top-level "
+                                  "'step'/'global_step'/'iteration' entry); use step_source='name'")
+        if int(rec) in out:
+            raise CheckpointError(f"step {rec} is recorded by both {out[int(rec)]} and {path} (step_source='file')")
+        out[int(rec)] = path
+    return dict(sorted(out.items()))

@@ -188,12 +188,12 @@ def test_cli_spectrum_from_checkpoints(traj, src, stores, tmp_path, capsys):
     assert np.array_equal(got.val_loss.sel(run="a").values, want.val_loss.sel(run="r").values, equal_nan=True)
     # the directory name is the default run name; selection flags as for ingest
     rc = main(["spectrum", "--checkpoints", str(src["root"] / "pt"), "--exclude", r"^pos_emb\.", "--windows", "2",
-               "-o", str(out), "--threads", "--no-progress"])
+               "-o", str(out), "--overwrite", "--threads", "--no-progress"])
     assert rc == 0
     ds = xr.open_zarr(out)
     pos = traj.model.pos_emb.weight.numel()
     assert list(ds.run.values) == ["pt"]
     assert json.loads(ds.attrs["n_params"]) == {"pt": traj.n_trainable() - pos}
     assert json.loads(ds.attrs["selection_policy"])["pt"]["options"]["exclude"] == [r"^pos_emb\."]
-    rc = main(["spectrum", "--checkpoints", str(src["root"] / "pt"), "--windows", "7", "-o", str(out), "--threads"])
+    rc = main(["spectrum", "--checkpoints", str(src["root"] / "pt"), "--windows", "7", "-o", str(out), "--overwrite", "--threads"])
     assert rc == 2 and "has only 6 deltas" in capsys.readouterr().err

@@ -249,7 +249,7 @@ def test_cli_spectrum(tmp_path, local_cluster, capsys):
     assert list(ds.group.values) == ["all", "emb", "attn", "other"]
     assert list(ds.window.values) == [3, 4]
     _check_sigma(ds.load(), "a", X, np.arange(9) * 10, (3, 4))
-    rc = main(["spectrum", str(tmp_path / "s.zarr"), "--windows", "20", "-o", str(out), "--threads", "--no-progress"])
+    rc = main(["spectrum", str(tmp_path / "s.zarr"), "--windows", "20", "-o", str(out), "--overwrite", "--threads", "--no-progress"])
     assert rc == 2 and "has only 8 deltas" in capsys.readouterr().err
-    rc = main(["spectrum", str(tmp_path / "s.zarr"), "--runs", "b", "-o", str(out), "--threads"])
+    rc = main(["spectrum", str(tmp_path / "s.zarr"), "--runs", "b", "-o", str(out), "--overwrite", "--threads"])
     assert rc == 2 and "unknown run 'b'" in capsys.readouterr().err

@@ -34,9 +34,27 @@ def add_selection_args(p: argparse.ArgumentParser, *, policy_note: str = "") -> 
     p.add_argument("--exclude", action="append", metavar="RX", help="drop tensors matching RX (repeatable)")
 
 
+def int_list(text: str, what: str, *, minimum: int | None = None) -> list[int]:
+    """``"3,4"`` -> [3, 4]; an empty item (``3,,4``), a repeated value (``3,3``) or a non-integer is a
+    ``ValueError`` naming the flag ``--what`` (a typo must not silently change the request)."""
+    items = [x.strip() for x in str(text).split(",")]
+    if not text or not all(items):
+        raise ValueError(f"--{what} {text!r}: an empty item; give comma-separated integers like 3,5")
+    try:
+        out = [int(x) for x in items]
+    except ValueError:
+        raise ValueError(f"--{what} {text!r}: expected comma-separated integers") from None
+    dup = sorted({v for v in out if out.count(v) > 1})
+    if dup:
+        raise ValueError(f"--{what} {text!r}: {dup[0]} is given twice")
+    if minimum is not None and min(out) < minimum:
+        raise ValueError(f"--{what} {text!r}: values must be >= {minimum}")
+    return out
+
+
 def steps_arg(text: str | None) -> list[int] | None:
-    """``--steps 100,200`` -> [100, 200]."""
-    return [int(s) for s in text.split(",") if s.strip()] if text else None
+    """``--steps 100,200`` -> [100, 200] (strict, as :func:`int_list`)."""
+    return int_list(text, "steps", minimum=0) if text else None
 
 
 def connect_from_args(args):
@@ -98,7 +116,27 @@ def _quiet_dask(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING or not record.name.startswith(("distributed", "dask"))
 
 
+def _one_line_warnings(command: str):
+    """sed_dask's own warnings print as ``sed-dask CMD: warning: ...`` (one line, no source line)."""
+    import warnings
+
+    from ..errors import SEDWarning
+
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, SEDWarning):
+            print(f"sed-dask {command}: warning: {message}", file=file or sys.stderr)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    return previous
+
+
 def main(argv=None) -> int:
+    import warnings
+
     from ..errors import SEDError
 
     parser = build_parser()
@@ -108,6 +146,7 @@ def main(argv=None) -> int:
     if not args.verbose:  # distributed logs cluster start/stop at INFO: shown with -v only
         for h in logging.getLogger().handlers:
             h.addFilter(_quiet_dask)
+    previous = _one_line_warnings(args.command)
     try:
         return int(args.func(args) or 0)
     except (SEDError, ConnectionError, FileNotFoundError, ValueError) as exc:
@@ -116,6 +155,8 @@ def main(argv=None) -> int:
             raise
         print(f"sed-dask {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,7 +14,10 @@ def register(sub) -> None:
                     "sigma, the deltas' coefficients u, and per-layer-group loadings (fraction of ||v||^2 "
                     "per group) to Zarr. Exact = TSQR; randomized = Halko range finder with power iterations.")
     p.add_argument("store", help="trajectory store path or fsspec URL")
-    p.add_argument("-o", "--output", required=True, help="directions Zarr path (overwritten)")
+    p.add_argument("-o", "--output", required=True,
+                   help="directions Zarr path: a new path, or an existing results store with --overwrite (never "
+                        "a trajectory store or a folder of other files); written beside it, then moved into place")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing results store at --output")
     p.add_argument("--run", required=True, help="run name")
     p.add_argument("--window", type=int, default=None, help="deltas in the window (default: all deltas of the run)")
     p.add_argument("--end-step", type=int, default=None, help="step of the window's newest delta (default: last)")
@@ -39,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     kw = dict(run=args.run, window=args.window, end_step=args.end_step, k=args.k, method=args.method,
               center=args.center, groups=parse_groups_arg(args.groups), n_oversamples=args.n_oversamples,
-              n_power_iter=args.n_power_iter, seed=args.seed, output=args.output, tile_bytes=args.tile_bytes)
+              n_power_iter=args.n_power_iter, seed=args.seed, output=args.output, overwrite=args.overwrite, tile_bytes=args.tile_bytes)
     with execution_context(args, kw) as client:
         ds = directions(args.store, client=client, **kw)
     sig = ", ".join(f"{x:.4g}" for x in ds["sigma"].values)

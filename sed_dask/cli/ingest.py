@@ -20,6 +20,12 @@ def register(sub) -> None:
     p.add_argument("--store", required=True, help="trajectory store path or fsspec URL")
     p.add_argument("--run", required=True, help="run name inside the store (e.g. a seed)")
     p.add_argument("--metrics", metavar="FILE", help="metrics by step (JSON or CSV; e.g. pilot_metrics.json)")
+    p.add_argument("--metrics-nonfinite", choices=["warn", "raise", "ignore"], default="warn",
+                   help="explicit NaN/Inf metric values: keep them with a warning (default), refuse the file, "
+                        "or keep them silently")
+    p.add_argument("--step-source", choices=["name", "file"], default="name",
+                   help="a checkpoint's step: from its file name (default; a file recording another step is "
+                        "warned about) or the step the file records (e.g. a top-level 'step' entry)")
     add_selection_args(p, policy_note="; an existing run keeps its own")
     p.add_argument("--on-nonfinite", choices=["raise", "record"], default=None,
                    help="NaN/Inf in a parameter: fail that checkpoint (default) or store it and record it")
@@ -42,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     sources = args.sources[0] if len(args.sources) == 1 else args.sources
     kw = dict(steps=steps, metrics=args.metrics, policy=args.policy, include=args.include, exclude=args.exclude,
               on_nonfinite=args.on_nonfinite, chunk_bytes=args.chunk_bytes, shard_bytes=args.shard_bytes,
-              lock_timeout=args.lock_timeout, progress=not args.no_progress)
+              lock_timeout=args.lock_timeout, progress=not args.no_progress, step_source=args.step_source,
+              metrics_nonfinite=args.metrics_nonfinite)
     if args.threads:
         kw["scheduler"] = "threads"
         ctx = contextlib.nullcontext(None)

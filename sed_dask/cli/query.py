@@ -13,18 +13,41 @@ QUERIES = ("edge", "pc2", "phases", "events", "lag", "granger", "shift", "warnin
 
 
 def _lags(text: str) -> list[int]:
-    """``-5:8`` (a Python range) or ``-1,0,2`` (a list)."""
+    """``-5:8`` (a Python range) or ``-1,0,2`` (a list): non-empty, no repeated lag."""
     try:
         if ":" in text:
             a, b = text.split(":")
-            return list(range(int(a), int(b)))
-        return [int(v) for v in text.split(",")]
+            out = list(range(int(a), int(b)))
+        else:
+            out = [int(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"lags must look like -5:8 or -1,0,2, got {text!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError(f"lags {text!r} is an empty range (a:b needs a < b)")
+    if len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"lags {text!r} repeats a lag")
+    return out
 
 
 def _tau(text: str):
-    return text if text == "auto" else float(text)
+    """A collapse threshold: 'auto' or a finite number > 0 (the series are ratios or magnitudes)."""
+    if text == "auto":
+        return text
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"tau must be a number > 0 or 'auto', got {text!r}") from None
+    if not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"tau must be a finite number > 0 or 'auto', got {text!r}")
+    return v
+
+
+def _tau_number(text: str) -> float:
+    """``events --tau``: as :func:`_tau` without 'auto'."""
+    v = _tau(text)
+    if v == "auto":
+        raise argparse.ArgumentTypeError("events --tau takes numbers (no 'auto')")
+    return v
 
 
 def _floor(text: str):
@@ -78,7 +101,7 @@ def register(subparsers) -> None:
 
     q = sub.add_parser("events", parents=[common], help="event study: collapse -> target stabilisation lead")
     q.add_argument("--target", default="val_loss")
-    q.add_argument("--tau", type=float, action="append",
+    q.add_argument("--tau", type=_tau_number, action="append",
                    help="collapse threshold (repeatable; default 1.15 1.20 1.25 1.30)")
     q.add_argument("--baseline", type=int, default=10, help="first dvl_smooth entries setting the threshold")
     q.add_argument("--factor", type=float, default=0.3, help="threshold = factor x their median")
@@ -244,14 +267,20 @@ def tables(ds, args) -> dict:
 
 
 def run(args) -> int:
-    import xarray as xr
-
     from .. import accessor  # noqa: F401
     from ..analysis import attach_metrics
+    from ..errors import MetricsError
+    from ..results_io import open_results
 
-    ds = xr.open_zarr(args.results).load()
+    ds = open_results(args.results).load()  # a trajectory store, a foreign group or a partial store: exit 2
     if args.metrics:
-        ds = attach_metrics(ds, args.metrics)
+        try:
+            ds = attach_metrics(ds, args.metrics)
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            msg = str(exc).strip() or type(exc).__name__
+            if str(args.metrics) not in msg:
+                msg = f"{args.metrics}: {msg}"
+            raise MetricsError(f"--metrics {msg}") from exc
     out = tables(ds, args)
     if args.json:
         payload = {title: json.loads(df.to_json(orient="records")) for title, df in out.items()}

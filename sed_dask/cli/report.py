@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -13,7 +14,10 @@ def register(sub) -> None:
                     "rank, phases, tau-collapse, lag sweep vs val_loss, early-warning candidates vs the "
                     "first val_acc >= 0.9) and write PNG figures, summary.html, summary.md and CSV tables.")
     p.add_argument("results", help="results Zarr path or URL")
-    p.add_argument("-o", "--out-dir", required=True, help="report directory")
+    p.add_argument("-o", "--out-dir", required=True,
+                   help="report directory: new, empty, or an earlier report with --overwrite (never a folder of "
+                        "other files); built beside it, then moved into place")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out-dir")
     p.add_argument("--window", type=int, default=None, help="W of the single-W figures (default 10 if present)")
     p.add_argument("--events", default=None, metavar="FILE",
                    help="JSON {run: {event: step}} marked on the figures (default: grok from val_acc)")
@@ -22,11 +26,11 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import xarray as xr
-
     from ..report import make_report, standard_analysis
+    from ..results_io import check_report_dir, open_results
 
-    ds = xr.open_zarr(args.results).load()
+    check_report_dir(os.path.abspath(args.out_dir), overwrite=args.overwrite)  # before any analysis
+    ds = open_results(args.results).load()
     have = [int(w) for w in ds["window"].values]
     if args.window is not None and args.window not in have:
         print(f"sed-dask report: error: --window {args.window} is not in the results (W = {have})",
@@ -37,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         with open(args.events) as f:
             events = json.load(f)
     analysis = standard_analysis(ds, window=args.window)
-    out = make_report(ds, args.out_dir, events=events, analysis=analysis,
+    out = make_report(ds, args.out_dir, events=events, analysis=analysis, overwrite=args.overwrite,
                       title=args.title or f"Spectral Edge Dynamics: {args.results}")
     print(f"wrote {len(out)} files to {args.out_dir} (open {out['html']})")
     return 0

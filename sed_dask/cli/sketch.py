@@ -15,7 +15,10 @@ def register(sub) -> None:
                     "Spectra of any window W can then be computed from the sketch alone "
                     "(sed_dask.sketch_spectra.spectra_from_sketch).")
     p.add_argument("store", help="trajectory store path or fsspec URL")
-    p.add_argument("-o", "--output", required=True, help="sketch Zarr path (overwritten)")
+    p.add_argument("-o", "--output", required=True,
+                   help="sketch Zarr path: a new path, or an existing results store with --overwrite (never "
+                        "a trajectory store or a folder of other files); written beside it, then moved into place")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing results store at --output")
     p.add_argument("--d", type=int, default=None, help="sketch dimension (default sed_dask.sketch.d, 100; "
                                                         "d = 10 W keeps edge ratios within ~6%%)")
     p.add_argument("--seed", type=int, default=None, help="operator seed (default sed_dask.sketch.seed)")
@@ -38,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from ..sketch import sketch
 
     kw = dict(runs=[r for r in args.runs.split(",") if r] if args.runs else None, d=args.d, seed=args.seed,
-              distribution=args.distribution, s=args.s, tile_elems=args.tile_elems, output=args.output,
+              distribution=args.distribution, s=args.s, tile_elems=args.tile_elems, output=args.output, overwrite=args.overwrite,
               progress=not args.no_progress, tile_bytes=args.tile_bytes)
     with execution_context(args, kw) as client:
         ds = sketch(args.store, client=client, **kw)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_cluster_args, add_selection_args, execution_context, steps_arg
+from . import add_cluster_args, add_selection_args, execution_context, int_list, steps_arg
 
 
 def register(sub) -> None:
@@ -19,7 +19,10 @@ def register(sub) -> None:
                     "Dataset in Zarr (schema: docs/result_schema.md).")
     p.add_argument("store", nargs="?", default=None,
                    help="trajectory store path or fsspec URL (omit with --checkpoints)")
-    p.add_argument("-o", "--output", required=True, help="results Zarr path (overwritten)")
+    p.add_argument("-o", "--output", required=True,
+                   help="results Zarr path: a new path, or an existing results store with --overwrite (never "
+                        "a trajectory store or a folder of other files); written beside it, then moved into place")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing results store at --output")
     p.add_argument("--windows", default="10", metavar="LIST", help="window lengths W, comma-separated (default 10)")
     p.add_argument("--runs", default=None, metavar="LIST",
                    help="runs to analyse, comma-separated (default: all); with --checkpoints: the name of each "
@@ -58,10 +61,8 @@ def register(sub) -> None:
 
 
 def _ints(text: str, what: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--{what} {text!r}: expected comma-separated integers") from None
+    """Comma-separated integers, each once: ``3,,4`` and ``3,3`` are refused, not silently fixed."""
+    return int_list(text, what)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     source = _source(args, runs)
     kw = dict(runs=runs if args.store else None,
               windows=_ints(args.windows, "windows"), groups=parse_groups_arg(args.groups),
-              precision=args.precision, normalize_spacing=args.normalize_spacing, output=args.output,
+              precision=args.precision, normalize_spacing=args.normalize_spacing, output=args.output, overwrite=args.overwrite,
               progress=not args.no_progress, tile_bytes=args.tile_bytes)
     extra = {k: v for k, v in (("seed", args.sketch_seed), ("distribution", args.sketch_distribution),
                                ("tile_elems", args.sketch_tile_elems)) if v is not None}

@@ -63,6 +63,10 @@ class ReaderBase:
     def shared_groups(self) -> list[tuple[str, ...]]:
         return []
 
+    def recorded_step(self) -> int | None:
+        """The training step the file records about itself (e.g. a top-level ``"step"``), or None."""
+        return None
+
     def _read_into(self, name: str, info: TensorInfo, lo: int, hi: int, out: np.ndarray) -> None:
         raise NotImplementedError  # pragma: no cover - abstract
 

@@ -88,7 +88,29 @@ def _load_legacy(path: str):
         return obj
 
 
+#: how a ``torch.save`` file starts: a zip archive, or (legacy format) a pickle of torch's magic number
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def _not_torch(path: str) -> str | None:
+    """Why ``path`` cannot be a torch file at all (its first bytes), or None if it might be one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_LEGACY_MAGIC))
+    except OSError:
+        return None
+    if head.startswith(_ZIP_MAGIC) or head.startswith(_LEGACY_MAGIC):
+        return None
+    if not head:
+        return "it is empty"
+    return f"it is neither a torch.save zip archive nor a legacy torch file (it starts with bytes {head[:8]!r})"
+
+
 def _load_error(path: str, exc: Exception) -> CheckpointError:
+    why = _not_torch(path)
+    if why:
+        return CheckpointError(f"{path} is not a PyTorch checkpoint (unreadable as one: {why})")
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     hint = ""
     if "weights_only" in str(exc) or "Weights only load failed" in str(exc):
@@ -117,11 +139,29 @@ class Layout:
     ``offsets`` (name -> file offset of the first element, for tensors served by positioned reads),
     ``legacy`` (non-zip file) and ``why`` (why some or all tensors are not served by positioned reads)."""
 
-    __slots__ = ("key", "infos", "groups", "offsets", "legacy", "why")
+    __slots__ = ("key", "infos", "groups", "offsets", "legacy", "why", "step")
 
-    def __init__(self, key, infos, groups, offsets, legacy, why):
+    def __init__(self, key, infos, groups, offsets, legacy, why, step=None):
         self.key, self.infos, self.groups, self.offsets, self.legacy, self.why = \
             key, infos, groups, offsets, legacy, why
+        self.step = step  # the training step the file records about itself (None: none recorded)
+
+
+#: top-level keys under which training scripts record the checkpoint's own step, in order of preference
+STEP_KEYS = ("step", "global_step", "iteration", "iter")
+
+
+def recorded_step(obj) -> int | None:
+    """The integer step a loaded checkpoint records at its top level, or None."""
+    if not isinstance(obj, Mapping):
+        return None
+    for k in STEP_KEYS:
+        v = obj.get(k)
+        if _is_tensor(v) and v.numel() == 1 and not v.is_floating_point():
+            v = int(v.item())
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return None
 
 
 def _iter_tensors(obj):
@@ -210,7 +250,8 @@ def _build_layout(path: str, key: tuple) -> Layout:
         except Exception as exc2:
             raise _load_error(path, exc2) from exc2
         sd = find_state_dict(obj, path)
-        return Layout(key, _tensor_infos(sd), _shared_groups(sd), {}, True, "legacy (non-zip) file")
+        return Layout(key, _tensor_infos(sd), _shared_groups(sd), {}, True, "legacy (non-zip) file",
+                      recorded_step(obj))
     except Exception as exc:
         raise _load_error(path, exc) from exc
     sd = find_state_dict(obj, path)
@@ -234,8 +275,9 @@ def _build_layout(path: str, key: tuple) -> Layout:
             offsets[k] = located[v.untyped_storage().data_ptr()] + v.storage_offset() * v.element_size()
     if located is not None and skipped:
         why = f"non-contiguous or non-numpy dtype: {', '.join(skipped[:5])}{'...' if len(skipped) > 5 else ''}"
+    step = recorded_step(obj)
     del obj, sd  # drop the mapping
-    return Layout(key, infos, groups, offsets, False, why)
+    return Layout(key, infos, groups, offsets, False, why, step)
 
 
 def get_layout(path: str) -> Layout:
@@ -284,6 +326,9 @@ class TorchReader(ReaderBase):
     def mmap(self) -> bool:
         """False for legacy (non-zip) files, which are loaded whole instead of mapped."""
         return not self.layout.legacy
+
+    def recorded_step(self) -> int | None:
+        return getattr(self.layout, "step", None)
 
     def _state_dict(self) -> dict:
         if self._sd is None:
