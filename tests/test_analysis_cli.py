@@ -88,14 +88,18 @@ def test_import_registers_accessor_without_heavy_imports():
 
 @pytest.mark.parametrize("query,extra,title", [
     ("edge", ["--null", "--n-null", "19"], "edge vs matched-norm null (per series)"),
-    ("phases", ["--method", "changepoint", "--tau", "auto"], "collapse step"),
+    ("phases", ["--method", "changepoint", "--tau", "auto"], "phases (changepoint)"),
+    ("phases", ["--tau", "1.3", "--tau", "1.5"], "collapse step per tau"),
     ("pc2", ["--n-null", "19", "--sustain", "2"], "pc2 vs null (per series)"),
-    ("events", ["--tau", "1.2", "--tau", "2.0", "--baseline", "5"], "event study (per tau)"),
+    ("events", ["--tau", "1.2", "--tau", "2.0", "--baseline", "5"],
+     "event study: edge collapse -> val_loss stabilisation"),
     ("lag", ["--sweep", "--sliding", "center", "--phase-method", "peak"], "lag flips"),
     ("granger", ["--n-perm", "19", "--covariate", "lr"], None),
     ("granger", ["--features", "edge_ratio", "k95", "--n-perm", "0"], "multivariate Granger"),
     ("shift", ["--true-step", "4000", "--tolerance", "200"], "shift detection"),
-    ("warning", ["--var", "drift_speed", "--k", "1.2", "--floor", "none", "--event", "val_acc"], "lead time"),
+    ("warning", ["--method", "onset", "--var", "drift_speed", "--k", "1.2", "--floor", "none", "--event", "val_acc"],
+     "onset and lead time"),
+    ("warning", [], "early-warning alarms (causal)"),
 ])
 def test_cli_json_every_query(run_cli, store, query, extra, title):
     rc, out, err = run_cli(store, query, "--json", *extra)

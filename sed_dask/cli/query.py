@@ -61,8 +61,10 @@ def _common() -> argparse.ArgumentParser:
     g.add_argument("--run", action="append", help="run to include (repeatable; default all)")
     g.add_argument("--window", "-W", type=int, action="append", help="window length W (repeatable)")
     g.add_argument("--group", action="append", help="layer group (repeatable)")
-    g.add_argument("--var", default="edge_ratio",
-                   help="series: variable name, sed_role or alias like r23 (default edge_ratio)")
+    g.add_argument("--var", default=None,
+                   help="series: a variable name, a sed_role, an alias like r23 (= ratio at sv=2), or 'edge' "
+                        "(the ratio at k = the series' mode of k*). Default: 'edge' for phases, events and "
+                        "warning; edge_ratio (each window's own k*) for edge, lag, granger and shift")
     g.add_argument("--sv", type=int, default=None, help="sv index for variables with an sv dim")
     g.add_argument("--metrics", metavar="FILE",
                    help="attach metrics from a JSON/CSV file (exact step match) before the query")
@@ -77,32 +79,54 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="query", required=True, metavar="QUERY")
     common = _common()
 
-    q = sub.add_parser("edge", parents=[common], help="signal rank, edge summary, null significance")
+    q = sub.add_parser("edge", parents=[common], help="signal rank (k* and the count), edge summary, null test",
+                       description="Signal rank two ways per run and W: k* (where the largest gap among the "
+                                   "values above the noise floor sits) and n_signal (how many values clear a "
+                                   "noise test), each as mode, frequency and 90% interval over windows, with a "
+                                   "line where they disagree; the edge-ratio summary; optionally each window's "
+                                   "edge against a matched-norm random-direction null.")
     q.add_argument("--null", action="store_true", help="also test the edge against the matched-norm null")
-    q.add_argument("--n-null", type=int, default=999)
-    q.add_argument("--norms", choices=("delta_norm", "equal"), default="delta_norm")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--n-null", type=int, default=999, help="null draws per window (default 999)")
+    q.add_argument("--norms", choices=("delta_norm", "equal"), default="delta_norm",
+                   help="null delta norms: the window's own (delta_norm, default) or equal (matched energy only)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the null draws (default 0)")
 
     q = sub.add_parser("pc2", parents=[common],
                        help="PC2 vs the matched-norm null: noise-transition step, pc2 CV, split-half")
-    q.add_argument("--n-null", type=int, default=999)
+    q.add_argument("--n-null", type=int, default=999, help="null draws per window (default 999)")
     q.add_argument("--q", type=float, default=0.95, help="null quantile PC2 must exceed (default 0.95)")
-    q.add_argument("--norms", choices=("delta_norm", "equal"), default="delta_norm")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--sustain", type=int, default=1,
-                   help="consecutive windows not above the null that mark the transition (1 = reference)")
-    q.add_argument("--ddof", type=int, default=0, help="ddof of the pc2 CV's std (0 = reference)")
+    q.add_argument("--norms", choices=("delta_norm", "equal"), default="delta_norm",
+                   help="null delta norms: the window's own (default) or equal")
+    q.add_argument("--seed", type=int, default=0, help="seed of the null draws (default 0)")
+    q.add_argument("--sustain", type=int, default=2,
+                   help="consecutive windows a crossing of the null must hold (default 2; the transition is "
+                        "the downward crossing after PC2 held above its null)")
+    q.add_argument("--ddof", type=int, default=0, help="ddof of the pc2 CV's std (0 = population, as the reference)")
 
-    q = sub.add_parser("phases", parents=[common], help="rise/plateau/collapse and collapse step")
-    q.add_argument("--method", choices=("peak", "derivative", "threshold", "changepoint"), default="peak")
+    q = sub.add_parser("phases", parents=[common], help="rise / plateau / collapse / rebound and the collapse step",
+                       description="Segments the edge series (default: the fixed-k edge) into rise, plateau, "
+                                   "collapse and rebound, and finds the collapse step: the first of --sustain "
+                                   "windows below tau after the edge emerged above 1.25 tau.")
+    q.add_argument("--method", choices=("episode", "peak", "derivative", "threshold", "changepoint"),
+                   default="episode", help="segmentation (default episode; the others are the reference's rules)")
     q.add_argument("--tau", type=_tau, action="append",
-                   help="collapse threshold (repeatable) or 'auto' = 1 + 2W^(-2/3); default 1.20")
-    q.add_argument("--ddof", type=int, default=0, help="ddof of the cross-seed std (0 = reference)")
+                   help="collapse threshold, a ratio > 1 (repeatable) or 'auto' = 1 + 2W^(-2/3) (default auto: "
+                        "1.54 at W=5, 1.43 at W=10, 1.27 at W=20)")
+    q.add_argument("--sustain", type=int, default=2, help="windows a crossing must hold (default 2; reference 1)")
+    q.add_argument("--label", choices=("center", "newest"), default="center",
+                   help="step of a window: its centre (default, unbiased for boundaries) or its newest checkpoint")
+    q.add_argument("--ddof", type=int, default=0, help="ddof of the cross-seed std (0 = population, as the reference)")
 
-    q = sub.add_parser("events", parents=[common], help="event study: collapse -> target stabilisation lead")
-    q.add_argument("--target", default="val_loss")
+    q = sub.add_parser("events", parents=[common], help="event study: how long after the collapse the target settles",
+                       description="Edge collapse (as in phases) -> the first window after it where the target's "
+                                   "smoothed step-to-step change falls below 0.3 x its early median. stab_delay "
+                                   "= stab_step - collapse_step. This is not a lead before grokking (see warning).")
+    q.add_argument("--target", default="val_loss", help="metric that settles (default val_loss)")
     q.add_argument("--tau", type=_tau_number, action="append",
-                   help="collapse threshold (repeatable; default 1.15 1.20 1.25 1.30)")
+                   help="collapse threshold, a ratio > 1 (repeatable; default 'auto' = 1 + 2W^(-2/3); the "
+                        "reference's robustness set is 1.15 1.20 1.25 1.30)")
+    q.add_argument("--sustain", type=int, default=2, help="windows the collapse must hold (default 2)")
+    q.add_argument("--label", choices=("center", "newest"), default="center", help="window step label")
     q.add_argument("--baseline", type=int, default=10, help="first dvl_smooth entries setting the threshold")
     q.add_argument("--factor", type=float, default=0.3, help="threshold = factor x their median")
     q.add_argument("--fallback", type=float, default=0.01, help="threshold when no baseline value exists")
@@ -145,15 +169,31 @@ def register(subparsers) -> None:
     q.add_argument("--min-size", type=int, default=5)
     q.add_argument("--smooth", action="store_true")
 
-    q = sub.add_parser("warning", parents=[common], help="onset detection and lead time")
-    q.add_argument("--k", type=float, default=10.0)
-    q.add_argument("--baseline", type=int, default=3)
+    q = sub.add_parser("warning", parents=[common], help="causal early-warning alarms on the edge and their lead",
+                       description="Causal detectors on the fixed-k edge, decided at each step from the windows "
+                                   "up to it: below_noise (edge < tau), peak_drop (edge < (1 - drop) x running "
+                                   "peak), cusum (CUSUM of log(peak / edge)); armed once the edge exceeds 1.25 "
+                                   "tau. With --event (default val_acc when present) the lead = event step - "
+                                   "alarm step. --method onset gives the companion papers' rise-onset rule instead.")
+    q.add_argument("--method", choices=("detectors", "onset"), default="detectors",
+                   help="detectors (default, causal alarms on a fall of the edge) or onset (k x baseline rule)")
+    q.add_argument("--detector", action="append", choices=("below_noise", "peak_drop", "cusum"),
+                   help="detector to run (repeatable; default all three)")
+    q.add_argument("--tau", type=_tau, default="auto", help="noise-level ratio tau (default auto = 1 + 2W^(-2/3))")
+    q.add_argument("--drop", type=float, default=0.5, help="peak_drop: fraction of the running peak lost (default 0.5)")
+    q.add_argument("--drift", type=float, default=0.2, help="cusum: log-ratio allowance per window (default 0.2)")
+    q.add_argument("--h", type=float, default=1.5, help="cusum: alarm threshold (default 1.5)")
+    q.add_argument("--alarm-sustain", type=int, default=2,
+                   help="windows below a threshold before below_noise/peak_drop alarm (default 2)")
+    q.add_argument("--k", type=float, default=10.0, help="onset: factor over the baseline median (default 10)")
+    q.add_argument("--baseline", type=int, default=3, help="onset: points in the baseline median (default 3)")
     q.add_argument("--floor", type=_floor, default="default",
-                   help="absolute level, 'none', or 'default' (20 for a rise, none for a drop)")
-    q.add_argument("--direction", choices=("rise", "drop"), default="rise")
-    q.add_argument("--event", help="metric defining the event, e.g. val_acc")
-    q.add_argument("--event-threshold", type=float, default=0.9)
-    q.add_argument("--sustain", type=int, default=1)
+                   help="onset: absolute level, 'none', or 'default' (20 for a rise, none for a drop)")
+    q.add_argument("--direction", choices=("rise", "drop"), default="rise", help="onset: rise or drop (default rise)")
+    q.add_argument("--event", help="metric defining the event (default val_acc when the results have it)")
+    q.add_argument("--event-threshold", type=float, default=0.9,
+                   help="event = first step with the metric >= this (default 0.9: grokking)")
+    q.add_argument("--sustain", type=int, default=1, help="evaluations the event must hold (default 1)")
     p.set_defaults(func=run)
 
 
@@ -168,50 +208,90 @@ def _table(ds, names=None):
     return ds[names].to_dataframe().reset_index()[[*dims, *names]]
 
 
-def tables(ds, args) -> dict:
-    """Run the query in ``args.query``; return {title: DataFrame}."""
+K_STAR_DEF = ("k* = argmax_k sigma_k/sigma_(k+1) over the k with sigma_k >= the MP floor sigma_MP (fallback k <= W/2); "
+              "n_signal = values above the noise by a sequential Wishart test (alpha 0.01, isotropic noise)")
+EDGE_DEF = "edge = sigma_k/sigma_(k+1) at a fixed k per series: the mode of k* over its windows (column edge_k)"
+
+
+def _tau_line(ds, args, tau) -> str:
+    from ..analysis.defaults import describe_tau
+
+    Ws = args.window or [int(w) for w in ds["window"].values] if "window" in ds.dims else [None]
+    taus = tau if isinstance(tau, list) else [tau]
+    return "; ".join(describe_tau(t, W) for t in taus for W in (Ws if t == "auto" else [None]))
+
+
+def tables(ds, args) -> tuple[dict, list[str]]:
+    """Run the query in ``args.query``; return ({title: DataFrame}, definition and note lines)."""
     from .. import analysis as A
 
     sel = dict(run=args.run, window=args.window, group=args.group)
-    var, sv = args.var, args.sv
-    out = {}
+    sv = args.sv
+    var = args.var or ("edge" if args.query in ("phases", "events", "warning") else "edge_ratio")
+    out, notes = {}, []
     if args.query == "edge":
-        out["edge summary"] = _table(A.edge_summary(ds, variable=var, **sel))
+        summ = A.edge_summary(ds, variable=var, sv=sv, **sel)
+        cols = ["k_mode", "k_mode_freq", "k_lo", "k_hi", "count_mode", "count_mode_freq", "count_lo", "count_hi",
+                "agree", "n_windows"]
+        out["signal rank: k* (edge location) and n_signal (count above noise)"] = _table(summ, cols)
+        out[f"edge summary ({summ.attrs.get('edge_variable', var)})"] = _table(
+            summ, ["edge_mean", "edge_median", "edge_min", "edge_max", "edge_max_step", "mp_adjacent_ratio",
+                   "n_above_mp", "excess_over_mp"])
+        notes += [K_STAR_DEF, "k_lo..k_hi, count_lo..count_hi: 5th..95th percentile over windows"]
+        notes += A.rank_notes(summ)
         if args.null:
             r = A.edge_null(ds, n_null=args.n_null, norms=args.norms, seed=args.seed, **sel)
             out["edge vs matched-norm null (per series)"] = _table(r, ["frac_significant", "n_windows"])
             out["edge vs matched-norm null (per window)"] = _table(
                 r, ["observed", "null_quantile", "p_value", "significant"]).dropna(subset=["observed"])
+            notes.append(f"null: the window's deltas keep their norms ({args.norms}) in uniformly random directions; "
+                         f"{args.n_null} draws, p = (1 + #null >= obs) / (n + 1)")
     elif args.query == "pc2":
         sh = "split_half" if "split_half" in ds.data_vars else None
         r = A.pc2_summary(ds, split_half=sh, n_null=args.n_null, q=args.q, norms=args.norms, seed=args.seed,
                           sustain=args.sustain, ddof=args.ddof, **sel)
         if sh is None:
-            print("note: the store has no split_half (computed before it existed); split-half fields skipped",
-                  file=sys.stderr)
-        out["pc2 vs null (per series)"] = _table(r, ["noise_transition_step", "pc2_cv", "pc2_mean",
-                                                     "null_pc2_mean", "split_half_k2_mean", "n_above_null",
-                                                     "n_windows"])
+            notes.append("the store has no split_half (computed before it existed); split-half fields skipped")
+        out["pc2 vs null (per series)"] = _table(r, ["pc2_emerge_step", "noise_transition_step", "transition_kind",
+                                                     "pc2_cv", "pc2_mean", "null_pc2_mean", "split_half_k2_mean",
+                                                     "n_above_null", "n_windows"])
         out["pc2 vs null (per window)"] = _table(
             r, ["pc2_pct", "null_pc2", "pc2_above_null", "split_half_k2"]).dropna(subset=["pc2_pct"])
+        notes += [f"PC2 = 100 lambda_2 / sum(lambda) against the {args.q:g} quantile of a matched-norm random-direction "
+                  f"null ({args.n_null} draws); pc2_emerge_step = first of {args.sustain} windows above it; "
+                  f"noise_transition_step = first of {args.sustain} windows not above it after that",
+                  "transition_kind: 0 = no transition (PC2 never above its null), 1 = above -> below, "
+                  "2 = no transition (stays above)"]
     elif args.query == "phases":
-        ph = A.phases(ds, var, method=args.method, sv=sv, **sel)
-        out[f"phases ({args.method})"] = _table(ph, ["peak_step", "peak_value", "plateau_start_step",
-                                                     "collapse_start_step", "n_points"])
-        taus = args.tau or [1.20]
-        cs = A.collapse_step(ds, var, sv=sv, tau=taus if len(taus) > 1 else taus[0], **sel)
-        out["collapse step"] = _table(cs, ["collapse_step", "peak_step", "peak_value", "tau"])
+        taus = args.tau or ["auto"]
+        ph = A.phases(ds, var, method=args.method, tau=taus[0], sustain=args.sustain, label=args.label, sv=sv, **sel)
+        out[f"phases ({args.method})"] = _table(ph, ["edge_k", "peak_step", "peak_value", "plateau_start_step",
+                                                     "collapse_start_step", "collapse_step", "rebound_step",
+                                                     "tau_value", "n_points"])
+        cs = A.collapse_step(ds, var, sv=sv, tau=taus if len(taus) > 1 else taus[0], sustain=args.sustain,
+                             label=args.label, **sel)
+        if len(taus) > 1:
+            out["collapse step per tau"] = _table(cs, ["collapse_step"])
         if "run" in cs.dims and cs.sizes["run"] > 1:
             out[f"cross-seed (ddof={args.ddof})"] = _table(
                 A.cross_seed_summary(cs, ["collapse_step", "peak_value"], ddof=args.ddof))
+        notes += [EDGE_DEF if var == "edge" else f"series: {var}",
+                  f"collapse = first of {args.sustain} windows below tau after the edge first held >= 1.25 tau; "
+                  f"rebound = first of {args.sustain} windows back >= 1.25 tau after it; {_tau_line(ds, args, taus)}",
+                  f"steps: {ph.attrs['step_label']}"]
     elif args.query == "events":
-        from ..analysis.events import DEFAULT_TAUS
-
-        r = A.event_study(ds, var, args.target, taus=args.tau or DEFAULT_TAUS, baseline=args.baseline,
-                          factor=args.factor, fallback=args.fallback, sv=sv, **sel)
-        out["event study (per tau)"] = _table(r, ["collapse_step", "stab_step", "lead_time"])
+        taus = args.tau if args.tau and len(args.tau) > 1 else (args.tau[0] if args.tau else "auto")
+        r = A.event_study(ds, var, args.target, taus=taus, baseline=args.baseline, factor=args.factor,
+                          fallback=args.fallback, sustain=args.sustain, label=args.label, sv=sv, **sel)
+        out[f"event study: edge collapse -> {args.target} stabilisation"] = _table(
+            r, ["collapse_step", "stab_step", "stab_delay"] + ([] if "tau" in r.dims else ["tau"]))
         out["event study (per series)"] = _table(r, ["peak_step", "peak_value", "threshold", "n_baseline",
                                                      "threshold_fallback", "n_points"])
+        notes += [EDGE_DEF if var == "edge" else f"series: {var}",
+                  f"stab_delay = stab_step - collapse_step: how long after the collapse {args.target} settles "
+                  f"(smoothed |change| < {args.factor:g} x the median of its first {args.baseline}); "
+                  "not a lead before grokking (see `query warning`)",
+                  _tau_line(ds, args, taus if isinstance(taus, list) else taus)]
     elif args.query == "lag":
         kw = dict(lags=args.lags, detrend=args.detrend, peak=args.peak, n_null=args.n_null, alpha=args.alpha,
                   seed=args.seed, sv=sv)
@@ -220,15 +300,16 @@ def tables(ds, args) -> dict:
             sw = A.lag_sweep(ds, var, args.target, windows=args.window, run=args.run, group=args.group, **kw)
             out["peak lag per W"] = _table(sw, peak_cols + ["sign_change_next", "flip_next"])
             out["lag flips"] = A.lag_flips(sw, rejected=True)       # status 'flip', or why rejected
-            print(f"note: peak rule '{args.peak}' over lags {min(args.lags)}..{max(args.lags)}; a peak on the "
-                  f"grid edge is unresolved; p from {args.n_null} phase-randomised targets, alpha = "
-                  f"{args.alpha:g}; a lag flip needs both peaks resolved and significant", file=sys.stderr)
         else:
             lc = A.lag_correlation(ds, var, args.target, **kw, **sel)
             out["peak lag"] = _table(lc, peak_cols)
             r = lc["r"].to_dataframe().reset_index()
             keys = [d for d in lc["r"].dims if d != "lag"]
             out["r by lag"] = r.pivot_table(index=keys, columns="lag", values="r").reset_index()
+        notes.append(f"peak rule '{args.peak}' over lags {min(args.lags)}..{max(args.lags)} (checkpoints; positive = "
+                     f"{var} leads {args.target}); a peak on the grid edge is unresolved; p from {args.n_null} "
+                     f"phase-randomised detrended targets, peak over the whole grid, alpha = {args.alpha:g}"
+                     + ("; a lag flip needs both peaks resolved and significant" if args.sweep else ""))
         if args.sliding:
             sl = A.sliding_correlation(ds, var, args.target, align=args.sliding, sv=sv, **sel)
             out[f"sliding r ({args.sliding})"] = _table(sl, ["r_min", "r_max", "r_mean", "n_sign_changes",
@@ -255,15 +336,35 @@ def tables(ds, args) -> dict:
         out["shift detection"] = _table(r, ["step", "score", "p_value", "direction", "alarm_step",
                                             "error", "hit"])
     elif args.query == "warning":
-        kw = dict(k=args.k, baseline=args.baseline, floor=args.floor, direction=args.direction, sv=sv, **sel)
-        if args.event:
-            r = A.lead_time(ds, var, event=args.event, event_threshold=args.event_threshold,
-                            sustain=args.sustain, **kw)
-            out["lead time"] = _table(r, ["onset_step", "event_step", "lead_time", "baseline_value",
-                                          "threshold"])
+        event = args.event
+        if args.method == "onset":
+            kw = dict(k=args.k, baseline=args.baseline, floor=args.floor, direction=args.direction, sv=sv, **sel)
+            v = args.var or "edge_ratio"
+            if event:
+                r = A.lead_time(ds, v, event=event, event_threshold=args.event_threshold, sustain=args.sustain, **kw)
+                out["onset and lead time"] = _table(r, ["onset_step", "event_step", "lead_time", "baseline_value",
+                                                        "threshold"])
+            else:
+                out["onset"] = _table(A.onset(ds, v, **kw))
+            notes.append(f"onset = first point {'>' if args.direction == 'rise' else '<'} {args.k:g} x (or 1/{args.k:g} "
+                         f"of) the median of the first {args.baseline} points (companion papers' rule; retrospective "
+                         "baseline, not one of the causal detectors)")
         else:
-            out["onset"] = _table(A.onset(ds, var, **kw))
-    return out
+            if args.var not in (None, "edge"):
+                raise ValueError("warning --method detectors watches the fixed-k edge; --var applies to --method onset")
+            params = dict(drop=args.drop, drift=args.drift, h=args.h, sustain=args.alarm_sustain)
+            r = A.early_warning(ds, detectors=args.detector, tau=args.tau, event=event,
+                                event_threshold=args.event_threshold, sustain_event=args.sustain, **sel, **params)
+            out["early-warning alarms (causal)"] = _table(r, ["alarm_step", "alarm_value", "alarm_threshold",
+                                                              "n_alarms", "lead"])
+            out["per series"] = _table(r, ["edge_k", "first_alarm_step", "event_step", "tau_value", "n_windows"])
+            defs = json.loads(r.attrs["definitions"])
+            for W, d in defs.items():
+                notes += [f"{W} {name}: {text}" for name, text in d.items()]
+            event = r.attrs.get("event") or None
+            notes.append("causal: an alarm at step t used only the windows up to t; lead = event_step - alarm_step "
+                         + (f"(event: first {event} >= {args.event_threshold:g})" if event else "(no event metric)"))
+    return out, notes
 
 
 def run(args) -> int:
@@ -281,10 +382,11 @@ def run(args) -> int:
             if str(args.metrics) not in msg:
                 msg = f"{args.metrics}: {msg}"
             raise MetricsError(f"--metrics {msg}") from exc
-    out = tables(ds, args)
+    out, notes = tables(ds, args)
     if args.json:
         payload = {title: json.loads(df.to_json(orient="records")) for title, df in out.items()}
-        json.dump({"query": args.query, "results": args.results, "tables": payload}, sys.stdout, indent=1)
+        json.dump({"query": args.query, "results": args.results, "tables": payload, "definitions": notes},
+                  sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
         import pandas as pd
@@ -295,4 +397,7 @@ def run(args) -> int:
                 print(f"== {title} ==")
                 print(df.to_string(index=False) if len(df) else "(none)")
                 print()
+            if notes:
+                print("== definitions and notes ==")
+                print("\n".join(f"- {n}" for n in notes))
     return 0
