@@ -81,7 +81,10 @@ def sketch_grams(sketch_ds, *, width: int, runs=None, d: int | None = None) -> l
         if d < dmax:
             S = S[:, :d] * np.sqrt(dmax / d)
         band = sketch_band(S, width)
-        P = int(n_params[run])
+        # the noise formulas (MP floor, n_signal's Wishart null) need the degrees of freedom of the
+        # noise in the data they see: a d-column sketch of isotropic noise is Wishart with d, not P
+        # (with P, pure noise gave n_signal = 9 of 10 from a d = 100 sketch; exact: 0)
+        P = min(int(n_params[run]), d)
         out.append(GramResult(run, band[None], ["all"], {"all": P},
                               {"all": f"JL sketch (d={d}) of the whole selected parameter vector"},
                               steps, width, "float64", {"source": "sketch"}))

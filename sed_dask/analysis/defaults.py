@@ -14,7 +14,8 @@ from ..errors import AnalysisError
 #: the demo's runs, whose edges stay at 1.3-1.5 after the collapse.
 DEFAULT_TAU = "auto"
 
-#: plateau = contiguous windows around the peak with edge >= PLATEAU x peak (the reference's 0.85)
+#: plateau level: PLATEAU x the episode's median edge (phases.episode); the reference's rules use
+#: PLATEAU x the peak, contiguous around it
 PLATEAU = 0.85
 
 #: windows a level crossing must hold to count (collapse, rebound, causal alarms): one dip or spike is

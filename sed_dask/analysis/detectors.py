@@ -6,8 +6,8 @@ an alarm must be raisable while the run trains. :class:`EdgeWatch` consumes one 
 batch query (:func:`sed_dask.analysis.early_warning`) and a live watcher run the same code.
 
 The watched series is the edge at a fixed k. Until the detector is *armed*, k is the running mode
-of k* (ties -> smallest) and the series is recomputed for it; the detector arms when that series'
-running peak exceeds ``arm`` x tau, and k is frozen from then on (a collapse must not be hidden by
+of k* (ties -> smallest) and the series is recomputed for it; the detector arms when that series
+holds >= ``arm`` x tau for ``sustain`` windows (the emergence of phases.episode), and k is frozen from then on (a collapse must not be hidden by
 k* moving to another ratio). Detectors, all one-sided (a fall):
 
 * ``below_noise``: the edge is below tau (the noise-level ratio) for ``sustain`` windows;
@@ -15,7 +15,7 @@ k* moving to another ratio). Detectors, all one-sided (a fall):
 * ``cusum``: S_t = max(0, S_(t-1) + log(peak_t / x_t) - ``drift``) exceeds ``h`` (sustained
   falls accumulate, single dips below the drift do not).
 
-After an alarm a detector re-arms when the edge climbs back above ``arm`` x tau (a rebound), so a
+After an alarm a detector re-arms when the edge holds above ``arm`` x tau again (a rebound), so a
 second collapse raises a second alarm.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ def describe_detectors(*, window, tau=DEFAULT_TAU, **params) -> dict[str, str]:
     """One line per detector with its thresholds at this W (printed with every result)."""
     p = {**DEFAULTS, **params}
     t = describe_tau(tau, window)
-    arm = f"armed once the edge's running peak exceeds {p['arm']:g} x tau"
+    arm = f"armed once the edge held >= {p['arm']:g} x tau for {p['sustain']} windows"
     return {
         "below_noise": f"edge < tau for {p['sustain']} windows ({t}); {arm}",
         "peak_drop": f"edge < {1 - p['drop']:g} x running peak for {p['sustain']} windows; {arm}",
@@ -79,6 +79,7 @@ class EdgeWatch:
     frozen: bool = False
     peak: float = -math.inf
     _state: dict = field(default_factory=dict, repr=False)
+    _above: int = 0
 
     def __post_init__(self):
         unknown = [d for d in self.detectors if d not in DETECTORS]
@@ -120,12 +121,13 @@ class EdgeWatch:
         if len(self._ratios) < self.min_windows:
             return []
         level = self.arm * self.threshold
-        if not self.frozen and self.peak >= level:
+        self._above = self._above + 1 if x >= level else 0      # arming needs `sustain` windows, as phases
+        if not self.frozen and self._above >= self.sustain:
             self.frozen = True
         alerts = []
         for d, st in self._state.items():
             if not st["armed"]:
-                if self.frozen and x >= level:      # armed first, or re-armed by a rebound
+                if self.frozen and self._above >= self.sustain:      # armed first, or re-armed by a rebound
                     st.update(armed=True, run=0, S=0.0, peak=x)
                 continue
             st["peak"] = max(st["peak"], x)

@@ -88,6 +88,10 @@ def event_study(ds: xr.Dataset, variable=EDGE, target="val_loss", *, taus=DEFAUL
         xds = xds.assign_coords(delta_span=ds["delta_span"].sel(run=x["run"]) if "run" in x.dims
                                 else ds["delta_span"])
     cs = collapse_step(xds, str(x.name), tau=tlist if multi else taus, sustain=sustain, label=label, after=after)
+    # the collapse window's index on the series' own (newest-checkpoint) steps, where the target is read
+    cs_idx = (cs if label == "newest" else
+              collapse_step(xds, str(x.name), tau=tlist if multi else taus, sustain=sustain, label="newest",
+                            after=after))
     tau_coord = np.asarray(tlist, dtype=float) if multi else None
     col = Collector(x)
     for key, s in iter_series(x):
@@ -101,8 +105,10 @@ def event_study(ds: xr.Dataset, variable=EDGE, target="val_loss", *, taus=DEFAUL
         thr, nbase = stabilisation_threshold(dsm, baseline=baseline, factor=factor, fallback=fallback)
         c = cs.sel({d: v for d, v in key.items() if d in cs.dims})
         csteps = np.atleast_1d(np.asarray(c["collapse_step"].values, dtype=float))
+        newest = np.atleast_1d(np.asarray(cs_idx.sel({d: v for d, v in key.items() if d in cs_idx.dims})
+                                          ["collapse_step"].values, dtype=float))
         stab = np.full(csteps.size, np.nan)
-        for j, cstep in enumerate(csteps):
+        for j, cstep in enumerate(newest):
             if not np.isfinite(cstep):
                 continue
             ci = int(np.searchsorted(st, cstep))
@@ -121,12 +127,14 @@ def event_study(ds: xr.Dataset, variable=EDGE, target="val_loss", *, taus=DEFAUL
                       step_label=label, meaning="stab_delay = steps from the edge collapse to the target settling; "
                                                 "not a lead before grokking")
     notes = {
-        "collapse_step": ("first step at/after the peak with the variable < tau", "steps"),
-        "stab_step": ("first window step at/after the collapse with smoothed |d target| < threshold", "steps"),
+        "collapse_step": (f"collapse_step(): first of {sustain} windows below tau after the edge "
+                          f"{'emerged' if after == 'emergence' else 'peaked'} ({label} step label)", "steps"),
+        "stab_step": ("first window (newest-checkpoint step, where the target is read) at/after the collapse "
+                      "window with smoothed |d target| < threshold", "steps"),
         "stab_delay": ("stab_step - collapse_step: the target settles this long after the collapse "
                        "(not a grokking lead)", "steps"),
-        "peak_step": ("step of the variable's first maximum", "steps"),
-        "peak_value": ("the variable's maximum", str(x.attrs.get("units", "1"))),
+        "peak_step": ("step of the variable's maximum (in its first episode with after='emergence')", "steps"),
+        "peak_value": ("the variable's maximum there", str(x.attrs.get("units", "1"))),
         "threshold": (f"{factor:g} x median of the first {baseline} smoothed |d target| values "
                       f"(fallback {fallback:g})", "target units"),
         "n_baseline": ("finite smoothed |d target| values the threshold used", "1"),
