@@ -20,11 +20,13 @@ first step at/after the peak where the edge ratio falls below 1 + 2 W^(-2/3), 1.
 Finally :func:`evaluate` runs the causal detectors of ``sed_dask.analysis.early_warning`` on the
 results and writes ``OUT/early_warning.md`` / ``OUT/early_warning.json``: per run the first alarm of
 each detector, lead = grok step - alarm step, and on the controls whether any alarm fired at all
-(a false alarm). Without that function (not merged yet) the table carries the grok and collapse
-columns and says that the detector columns are pending; nothing here implements a detector.
+(a false alarm); the summary also gives the spread of the alarm steps against the spread of the
+grok steps and their correlation (an alarm at a fixed step after memorisation has a "lead" too).
+Without that function the table carries the grok and collapse columns and says that the detector
+columns are pending; nothing here implements a detector.
 
 Usage:
-    python benchmarks/early_warning.py --jobs 2                 # train (~15 min on 2 cores), analyse
+    python benchmarks/early_warning.py --jobs 2                 # train (26 min on 2 shared cores), analyse
     python benchmarks/early_warning.py --skip-train             # reuse finished runs
     python benchmarks/early_warning.py --eval-only              # only the detector table
 Data goes to --out (default bench-data/early_warning, git-ignored).
@@ -213,6 +215,7 @@ def evaluate(results_path, runs_json, *, windows=GROK_WINDOWS, out_dir=None) -> 
         early_warning = None
 
     alarms: dict[tuple[str, int], dict[str, float | None]] = {}
+    extra: dict[tuple[str, int], dict] = {}
     definitions: dict = {}
     detectors: list[str] = []
     if early_warning is not None:
@@ -226,8 +229,21 @@ def evaluate(results_path, runs_json, *, windows=GROK_WINDOWS, out_dir=None) -> 
             for name in runs:
                 row = a.sel(run=name)
                 alarms[(name, W)] = {d: _num(row.sel(detector=d)) for d in detectors}
-            definitions[f"W{W}"] = {k: (v if isinstance(v, (str, int, float, bool, list)) else str(v))
-                                    for k, v in ew.attrs.items()}
+                extra[(name, W)] = {v: _sel_num(ew[v], name, W) for v in ("edge_k", "event_step")
+                                    if v in ew.data_vars}
+                if "n_alarms" in ew.data_vars:
+                    na = ew["n_alarms"].sel(run=name)
+                    na = na.sel(window=W) if "window" in na.dims else na
+                    extra[(name, W)]["n_alarms"] = {d: int(na.sel(detector=d)) for d in detectors}
+            attrs = dict(ew.attrs)
+            defs = attrs.pop("definitions", None)
+            if isinstance(defs, str):
+                try:
+                    defs = json.loads(defs).get(f"W{W}", defs)
+                except ValueError:
+                    pass
+            definitions[f"W{W}"] = {"detectors": defs, **{k: (v if isinstance(v, (str, int, float, bool)) else str(v))
+                                                          for k, v in attrs.items()}}
 
     rows = []
     for name, e in runs.items():
@@ -244,6 +260,10 @@ def evaluate(results_path, runs_json, *, windows=GROK_WINDOWS, out_dir=None) -> 
                                for d, v in alarms[(name, W)].items()}
                 if e["control"]:
                     row["false_alarm"] = {d: v is not None for d, v in alarms[(name, W)].items()}
+                row.update(extra[(name, W)])
+                if "event_step" in row and row["event_step"] != grok:  # same definition, same metric
+                    raise RuntimeError(f"{name} W={W}: early_warning's event_step {row['event_step']} "
+                                       f"!= grok step {grok} from training")
             rows.append(row)
 
     summary = {}
@@ -252,14 +272,30 @@ def evaluate(results_path, runs_json, *, windows=GROK_WINDOWS, out_dir=None) -> 
             for d in detectors:
                 g = [r for r in rows if r["window"] == W and not r["control"] and r["grok_step"] is not None]
                 leads = [r["lead"][d] for r in g if r["lead"][d] is not None]
+                pairs = [(r["alarm_step"][d], r["grok_step"]) for r in g if r["alarm_step"][d] is not None]
+                al = [p[0] for p in pairs]
+                # does the alarm track the grok step, or fire at a fixed step whatever the grok step?
+                corr = (float(np.corrcoef(np.array(pairs, float).T)[0, 1])
+                        if len(pairs) >= 3 and np.std(al) > 0 and np.std([p[1] for p in pairs]) > 0 else None)
                 c = [r for r in rows if r["window"] == W and r["control"]]
                 summary[f"W{W}/{d}"] = {
                     "grokking_runs": len(g), "alarmed": len(leads),
                     "alarm_before_grok": sum(l > 0 for l in leads),
                     "lead_min": min(leads) if leads else None, "lead_median": float(np.median(leads)) if leads else None,
                     "lead_max": max(leads) if leads else None,
+                    "alarm_min": min(al) if al else None, "alarm_max": max(al) if al else None,
+                    "grok_min": min(p[1] for p in pairs) if pairs else None,
+                    "grok_max": max(p[1] for p in pairs) if pairs else None,
+                    "corr_alarm_grok": corr,
                     "controls": len(c), "false_alarms": sum(r["false_alarm"][d] for r in c)}
-    doc = {"detectors_available": early_warning is not None,
+    training = [{"run": n, "task": e["task"], "seed": e["seed"], "control": e["control"],
+                 "weight_decay": e["config"]["weight_decay"], "memorize_step": e["memorize_step"],
+                 "grok_step": e["grok_step"], "final_train_acc": e["final_train_acc"],
+                 "final_val_acc": e["final_val_acc"], "wall_seconds": e["wall_seconds"],
+                 "ms_per_step": e["ms_per_step"], "cpu_ms_per_step": e["cpu_ms_per_step"],
+                 "edge_peak_W10": e.get("edge_peak_value_W10"), "edge_peak_step_W10": e.get("edge_peak_step_W10")}
+                for n, e in runs.items()]
+    doc = {"detectors_available": early_warning is not None, "training": training,
            "status": "ok" if early_warning is not None else
            "pending: sed_dask.analysis.early_warning does not exist yet; detector columns not computed",
            "detectors": detectors, "definitions": definitions, "windows": list(windows),
@@ -269,6 +305,11 @@ def evaluate(results_path, runs_json, *, windows=GROK_WINDOWS, out_dir=None) -> 
     md = markdown(doc)
     (out_dir / "early_warning.md").write_text(md)
     return doc
+
+
+def _sel_num(da, run: str, W: int):
+    da = da.sel(run=run)
+    return _num(da.sel(window=W) if "window" in da.dims else da)
 
 
 def _cell(v) -> str:
@@ -299,18 +340,39 @@ def markdown(doc: dict) -> str:
         else:
             cells += ["pending"]
         lines.append("| " + " | ".join(cells) + " |")
+    tr = ["| run | task | seed | control | wd | memorised | grok | final train / val acc | edge peak W=10 (step) "
+          "| wall | ms/step (wall / CPU) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for t in doc.get("training", []):
+        pk = t["edge_peak_W10"]
+        tr.append(f"| {t['run']} | {t['task']} | {t['seed']} | {'yes' if t['control'] else 'no'} | "
+                  f"{t['weight_decay']:g} | {_cell(t['memorize_step'])} | "
+                  f"{_cell(t['grok_step']) if t['grok_step'] is not None else 'never'} | "
+                  f"{t['final_train_acc']:.3f} / {t['final_val_acc']:.3f} | "
+                  f"{'—' if pk is None else f'{pk:.2f}'} ({_cell(t['edge_peak_step_W10'])}) | "
+                  f"{t['wall_seconds']:.0f} s | {t['ms_per_step']:.0f} / {t['cpu_ms_per_step']:.0f} |")
     out = ["Lead = grok step − alarm step (positive: the alarm came first). On a control any alarm is a "
            "false alarm. Grok: " + doc["grok_definition"] + ". MP collapse: " + doc["collapse_definition"] + ".",
            "", *lines]
+    if tr[2:]:
+        out = ["Training (one torch thread per run):", "", *tr, "", *out]
     if doc["detectors_available"]:
         out += ["", "| W / detector | grokking runs alarmed | alarm before grok | lead min / median / max "
-                "| false alarms on controls |", "|---|---|---|---|---|"]
+                "| alarm steps (grok steps) | r(alarm, grok) | false alarms on controls |",
+                "|---|---|---|---|---|---|---|"]
         for k, s in doc["summary"].items():
+            r = s.get("corr_alarm_grok")
             out.append(f"| {k} | {s['alarmed']}/{s['grokking_runs']} | {s['alarm_before_grok']} | "
                        f"{_cell(s['lead_min'])} / {_cell(s['lead_median'])} / {_cell(s['lead_max'])} | "
-                       f"{s['false_alarms']}/{s['controls']} |")
+                       f"{_cell(s.get('alarm_min'))}–{_cell(s.get('alarm_max'))} "
+                       f"({_cell(s.get('grok_min'))}–{_cell(s.get('grok_max'))}) | "
+                       f"{'—' if r is None else f'{r:+.2f}'} | {s['false_alarms']}/{s['controls']} |")
         for w, defs in doc["definitions"].items():
-            out += ["", f"Detector definitions ({w}): " + json.dumps(defs)]
+            d = defs.get("detectors")
+            if isinstance(d, dict):
+                out += ["", f"Detectors at {w} (tau = {defs.get('tau')}; {defs.get('causal', '')}):"]
+                out += [f"* `{k}`: {v}" for k, v in d.items()]
+            else:
+                out += ["", f"Detector definitions ({w}): " + json.dumps(defs)]
     else:
         out += ["", "Detector columns pending: " + doc["status"] + "."]
     return "\n".join(out) + "\n"
