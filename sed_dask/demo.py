@@ -53,40 +53,60 @@ def _fresh_store(out: Path, train_summary: dict) -> Path:
     return store
 
 
-def _findings(ds, analysis: dict, train_summary: dict, windows, timings: dict, dashboard) -> dict:
-    """The machine-readable findings: per-run numbers, every warning candidate's lead, lag flips."""
+def _findings(ds, analysis: dict, train_summary: dict, windows, timings: dict) -> dict:
+    """The machine-readable findings: per-run numbers with their definitions, every warning
+    candidate's lead, lag peaks with their resolution and significance, accepted and rejected flips."""
+    import xarray as xr
+
     from .figures import finite, run_value
-    from .report import SIGNALS, add_g23
+    from .report import SIGNALS, add_g23, definitions
 
     ds_g = add_g23(ds)
     W = analysis["window"]
     sig = analysis.get("signals")
+    rank, ph, alarms = analysis["signal_rank"], analysis["phases"], analysis.get("alarms")
     runs_out = {}
     for r in [str(x) for x in ds["run"].values]:
         tr = train_summary["runs"].get(r, {})
-        k = ds["k_star"].sel(run=r, window=W).values
-        k = k[np.isfinite(k)]
         row = {
-            "k_star_mode": run_value(analysis["signal_rank"], "k_mode", r, W),
-            "k_star_range": [_num(k.min()), _num(k.max())] if k.size else None,
-            "peak_step": run_value(analysis["phases"], "peak_step", r, W),
-            "peak_edge": run_value(analysis["phases"], "peak_value", r, W),
-            "plateau_start_step": run_value(analysis["phases"], "plateau_start_step", r, W),
-            "collapse_start_step": run_value(analysis["phases"], "collapse_start_step", r, W),
-            "collapse_step": run_value(analysis["collapse"], "collapse_step", r, W),
-            "collapse_tau": run_value(analysis["collapse"], "tau", r, W),
+            "k_star_mode": run_value(rank, "k_mode", r, W),
+            "k_star_mode_freq": run_value(rank, "k_mode_freq", r, W),
+            "k_star_interval_90": [_num(run_value(rank, "k_lo", r, W)), _num(run_value(rank, "k_hi", r, W))],
+            "n_signal_mode": run_value(rank, "count_mode", r, W),
+            "n_signal_interval_90": [_num(run_value(rank, "count_lo", r, W)), _num(run_value(rank, "count_hi", r, W))],
+            "edge_k": run_value(ph, "edge_k", r, W),
+            "peak_step": run_value(ph, "peak_step", r, W),
+            "peak_edge": run_value(ph, "peak_value", r, W),
+            "plateau_start_step": run_value(ph, "plateau_start_step", r, W),
+            "collapse_start_step": run_value(ph, "collapse_start_step", r, W),
+            "collapse_step": run_value(ph, "collapse_step", r, W),
+            "rebound_step": run_value(ph, "rebound_step", r, W),
+            "tau": run_value(ph, "tau_value", r, W),
             "grok_step": tr.get("grok_step"),
             "memorize_step": tr.get("memorize_step"),
             "final_val_acc": tr.get("final_val_acc"),
         }
         row = {key: (v if isinstance(v, list) else _num(v)) for key, v in row.items()}
-        # the companion's descriptive statistic (sed_spec §13.2): g23(earliest window) / g23(at grok)
+        if isinstance(alarms, xr.Dataset):
+            a = alarms.sel(run=r, window=W)
+            row["alarms"] = {str(d): {"step": _num(a["alarm_step"].sel(detector=d)),
+                                      "lead": _num(a["lead"].sel(detector=d)) if "lead" in a else None}
+                             for d in a["detector"].values}
+        pc2 = analysis.get("pc2")
+        if pc2 is not None:
+            kind = run_value(pc2, "transition_kind", r, W)
+            row["pc2_noise_transition"] = {
+                "step": _num(run_value(pc2, "noise_transition_step", r, W)),
+                "emerge_step": _num(run_value(pc2, "pc2_emerge_step", r, W)),
+                "kind": {0: "none: PC2 never above its null", 1: "above -> below",
+                         2: "none: PC2 stays above its null"}.get(int(kind) if np.isfinite(kind) else -1)}
+        # the companion's descriptive statistic (docs/method.md §13.2): g23(earliest window) / g23(at grok)
         if "g23" in ds_g and row["grok_step"] is not None:
             st, g = finite(ds_g["g23"].sel(run=r, window=W))
             at = g[st <= row["grok_step"]]
             row["g23_compression_at_grok"] = _num(g[0] / at[-1]) if at.size and at[-1] > 0 else None
-        row["k_star_by_window"] = {int(w): _num(run_value(analysis["signal_rank"], "k_mode", r, int(w)))
-                                   for w in windows}
+        row["k_star_by_window"] = {int(w): _num(run_value(rank, "k_mode", r, int(w))) for w in windows}
+        row["n_signal_by_window"] = {int(w): _num(run_value(rank, "count_mode", r, int(w))) for w in windows}
         if sig is not None:
             leads = {}
             for name in SIGNALS:
@@ -96,55 +116,72 @@ def _findings(ds, analysis: dict, train_summary: dict, windows, timings: dict, d
             row["warning"] = leads
         runs_out[r] = row
     lag = {}
+    flips, rejected = [], []
     if "lag" in analysis:
         sw = analysis["lag"]
-        ends = (int(sw["lag"].min()), int(sw["lag"].max()))
         for r in runs_out:
             lag[r] = {}
             for w in windows:
-                pl = _num(run_value(sw, "peak_lag", r, int(w)))
-                # a peak on the edge of the lag grid is no located extremum: its sign means little
-                lag[r][int(w)] = {"peak_lag": pl, "peak_r": _num(run_value(sw, "peak_r", r, int(w))),
-                                  "at_lag_grid_edge": pl in ends}
-        flips = analysis["lag_flips"]
-        lag_flip_rows = json.loads(flips.to_json(orient="records")) if len(flips) else []
-    else:
-        lag_flip_rows = []
+                lag[r][int(w)] = {k: (_num(run_value(sw, k, r, int(w))) if k in ("peak_lag", "peak_r", "peak_p_value")
+                                      else bool(run_value(sw, k, r, int(w))))
+                                  for k in ("peak_lag", "peak_r", "peak_resolved", "peak_p_value", "peak_significant")}
+        rej = analysis.get("lag_rejected")
+        if rej is not None and len(rej):
+            rows = json.loads(rej.to_json(orient="records"))
+            flips = [x for x in rows if x.get("status") == "flip"]
+            rejected = [x for x in rows if x.get("status") != "flip"]
     return {
         "window": W,
         "windows": [int(w) for w in windows],
+        "definitions": definitions(ds, W, analysis),
         "grok_definition": "first checkpoint with val_acc >= 0.9",
         "lead_definition": "grok_step - signal_step (positive = before grokking; null = signal never fired)",
         "signals": {k: {"definition": d, "causal": c} for k, (d, c) in SIGNALS.items()},
+        "rank_notes": list(analysis.get("rank_notes", ())),
         "runs": runs_out,
-        "lag": {"per_run": lag, "flips": lag_flip_rows,
+        "lag": {"per_run": lag, "flips": flips, "rejected_sign_changes": rejected,
                 "definition": "cubic-detrended lagged Pearson r(edge_ratio, val_loss); peak = argmin r; "
-                              "positive lag = edge ratio leads (checkpoint units)"},
+                              "positive lag = edge ratio leads (checkpoint units); a peak on the grid edge is "
+                              "unresolved; p from 999 phase-randomised val-loss series; a flip needs both peaks "
+                              "resolved and significant (p <= 0.05)"},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "dashboard": dashboard,
     }
 
 
 def _summary_lines(f: dict) -> list[str]:
     W = f["window"]
-    lines = [f"SED demo findings (single-W numbers at W={W}; lead = grok - signal, + = before grokking)"]
+    lines = [f"SED demo findings at W={W} (lead = grok - alarm, + = before grokking; steps of phases are "
+             "window centres; definitions in findings.json and the report)"]
     for r, x in f["runs"].items():
-        kr = x["k_star_range"]
-        lines.append(f"  {r}: k*={x['k_star_mode']} (range {kr[0]}-{kr[1]})  peak edge {x['peak_edge']:.2f} "
-                     f"@ {x['peak_step']}  collapse @ {x['collapse_step']}  grok @ {x['grok_step']}"
-                     if kr else f"  {r}: no finite k*")
-        if "warning" in x:
-            leads = ", ".join(f"{n}={v[W]['lead'] if v[W]['lead'] is not None else '—'}"
-                              for n, v in x["warning"].items())
-            lines.append(f"      leads: {leads}")
+        if x["k_star_mode"] is None:
+            lines.append(f"  {r}: no finite k*")
+            continue
+        ki, ci = x["k_star_interval_90"], x["n_signal_interval_90"]
+        lines.append(f"  {r}: k* = {x['k_star_mode']} in {x['k_star_mode_freq']:.0%} of windows (90%: {ki[0]}-{ki[1]}), "
+                     f"n_signal = {x['n_signal_mode']} (90%: {ci[0]}-{ci[1]}); edge k = {x['edge_k']}: peak "
+                     f"{x['peak_edge']:.2f} @ {x['peak_step']}, collapse (< tau {x['tau']:.2f}) @ {x['collapse_step']}, "
+                     f"rebound @ {x['rebound_step']}; grok @ {x['grok_step']}")
+        if "alarms" in x:
+            lines.append("      causal alarms: " + ", ".join(
+                f"{d} @ {v['step']} (lead {v['lead']:+})" if v["step"] is not None and v["lead"] is not None
+                else (f"{d} @ {v['step']}" if v["step"] is not None else f"{d}: none") for d, v in x["alarms"].items()))
+        if "pc2_noise_transition" in x:
+            t = x["pc2_noise_transition"]
+            lines.append(f"      PC2 noise transition: {t['step'] if t['kind'] == 'above -> below' else t['kind']}")
     for r, per_w in f["lag"]["per_run"].items():
-        lines.append(f"  {r} peak lag by W: " + ", ".join(
-            (f"W={w}: {v['peak_lag']:+} (r={v['peak_r']:+.2f}{', grid edge' if v['at_lag_grid_edge'] else ''})"
-             if v["peak_lag"] is not None else f"W={w}: —") for w, v in per_w.items()))
+        lines.append(f"  {r} lag peak by W: " + ", ".join(
+            (f"W={w}: {v['peak_lag']:+}" + ("" if v["peak_resolved"] else " unresolved (grid edge)")
+             + ("" if not v["peak_resolved"] else (" p=" + (f"{v['peak_p_value']:.2g}" if v["peak_p_value"] is not None
+                                                            else "—"))))
+            if v["peak_lag"] is not None else f"W={w}: —" for w, v in per_w.items()))
     if f["lag"]["per_run"]:
-        lines.append("  lag flips (consecutive W, sign of the peak lag): " + (", ".join(
+        lines.append("  lag flips (both peaks resolved and significant): " + (", ".join(
             f"{fl['run']} W={fl['window_a']}->{fl['window_b']} ({fl['peak_lag_a']:+}->{fl['peak_lag_b']:+})"
-            for fl in f["lag"]["flips"]) or "none"))
+            for fl in f["lag"]["flips"]) or "none")
+            + (f"; {len(f['lag']['rejected_sign_changes'])} sign change(s) rejected (see findings.json)"
+               if f["lag"]["rejected_sign_changes"] else ""))
+    for n in f.get("rank_notes", []):
+        lines.append(f"  note: {n}")
     return lines
 
 
@@ -199,15 +236,13 @@ def run_demo(out_dir="sed-demo", *, quick: bool = False, client=None, address: s
         timings["spectrum"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    say("[4/5] analysis: signal rank, phases, collapse, lag sweep, early-warning candidates")
+    say("[4/5] analysis: signal rank, phases, collapse, causal alarms, lag sweep, PC2 null")
     ds = ds.load()
     analysis = standard_analysis(ds, windows=ws, progress=progress)
-    if "lag" in analysis:
-        pl, lg = analysis["lag"]["peak_lag"].values, analysis["lag"]["lag"].values
-        edge = int(np.isin(pl, (lg.min(), lg.max())).sum())
-        analysis["notes"] = [f"{edge} of {pl.size} peak lags (run x W) lie on the edge of the lag grid "
-                             f"{lg.min():+d}…{lg.max():+d}: those are no located extrema, and lag flips "
-                             "between them say little."]
+    if "lag" in analysis and "peak_resolved" in analysis["lag"]:
+        res = analysis["lag"]["peak_resolved"].values
+        analysis["notes"] = [f"{int((~res.astype(bool)).sum())} of {res.size} lag peaks (run x W) lie on the edge "
+                             "of the lag grid: unresolved, so they cannot make a lag flip."]
     timings["analysis"] = time.perf_counter() - t
     t = time.perf_counter()
     say(f"[5/5] report -> {out / 'report'}")
@@ -216,7 +251,7 @@ def run_demo(out_dir="sed-demo", *, quick: bool = False, client=None, address: s
     timings["report"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_all
 
-    findings = _findings(ds, analysis, train_summary, ws, timings, dashboard)
+    findings = _findings(ds, analysis, train_summary, ws, timings)
     fpath = out / "findings.json"
     fpath.write_text(json.dumps(findings, indent=1))
     lines = _summary_lines(findings)

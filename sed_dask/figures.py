@@ -22,7 +22,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator
 __all__ = ["spectrum_figure", "edge_phases_figure", "edge_val_loss_figure", "lag_figure", "warning_figure",
            "signals_figure", "noise_figure", "phase_intervals", "run_value"]
 
-PHASE_COLORS = {"rise": "#9ecae1", "plateau": "#a1d99b", "collapse": "#fdae6b"}
+PHASE_COLORS = {"rise": "#9ecae1", "plateau": "#a1d99b", "collapse": "#fdae6b", "rebound": "#d9b3ff"}
 C_EDGE, C_LOSS, C_ACC, C_EVENT, C_ONSET = "#1f4e9a", "#c0392b", "#2e8b57", "#6a1b9a", "#e67e22"
 EDGE_LABEL = r"edge ratio $\sigma_{k^*}/\sigma_{k^*+1}$"
 NICE = {"edge_ratio": EDGE_LABEL, "val_loss": "validation loss", "val_acc": "validation accuracy",
@@ -95,7 +95,12 @@ def phase_intervals(phases, run: str, window, steps: np.ndarray) -> list[tuple[s
     b = run_value(phases, "collapse_start_step", run, window)
     if not (np.isfinite(a) and np.isfinite(b)):
         return []
-    return [("rise", float(steps[0]), a), ("plateau", a, b), ("collapse", b, float(steps[-1]))]
+    r = run_value(phases, "rebound_step", run, window)
+    end = float(steps[-1])
+    out = [("rise", float(steps[0]), a), ("plateau", a, b)]
+    if np.isfinite(r):
+        return out + [("collapse", b, r), ("rebound", r, end)]
+    return out + [("collapse", b, end)]
 
 
 # ----------------------------------------------------------------------------------- figures
@@ -192,31 +197,48 @@ def spectrum_figure(ds, *, run, step, window) -> Figure:
     return fig
 
 
+def _edge_at_centres(ds, run, W):
+    """(window-centre steps, fixed-k edge, k) of one run: the series phases are measured on."""
+    from .analysis import fixed_edge, window_steps
+
+    e = fixed_edge(ds.sel(run=[run], window=[W])).sel(run=run, window=W)
+    st, x = finite(e)
+    k = float(e["edge_k"]) if "edge_k" in e.coords else math.nan
+    return window_steps(ds, {"run": run, "window": W}, st, label="center"), x, k
+
+
 def edge_phases_figure(ds, *, runs, window, phases=None, events=None, collapse=None) -> Figure:
-    """Edge ratio per run over training with the rise/plateau/collapse phases shaded."""
+    """The fixed-k edge per run at window centres, rise/plateau/collapse/rebound shaded, collapse marked."""
     W, events = window, events or {}
     fig, axes = _runs_grid(len(runs))
+    label_k = set()
     for ax, r in zip(axes, runs):
-        st, e = finite(ds["edge_ratio"].sel(run=r, window=W))
+        st, e, k = _edge_at_centres(ds, r, W)
+        label_k.add(k)
         for name, s0, s1 in phase_intervals(phases, r, W, st):
             ax.axvspan(s0, s1, color=PHASE_COLORS.get(name, "#eeeeee"), alpha=0.5, lw=0, label=f"{name} phase")
-        ax.plot(st, e, color=C_EDGE, lw=1.8, marker="o", ms=2.5, label=f"{EDGE_LABEL}, W={W}")
-        if "mp_adjacent_ratio" in ds.coords:
-            ax.axhline(float(ds["mp_adjacent_ratio"].sel(window=W)), color="grey", ls=":", lw=1.3,
-                       label="MP noise-level ratio")
-        _vline(ax, run_value(collapse, "collapse_step", r, W), C_LOSS, "edge collapse step", ":")
+        ax.plot(st, e, color=C_EDGE, lw=1.8, marker="o", ms=2.5,
+                label=rf"edge $\sigma_k/\sigma_{{k+1}}$ at fixed k (mode of $k^*$), W={W}")
+        tau = run_value(phases, "tau_value", r, W)
+        if not np.isfinite(tau) and "mp_adjacent_ratio" in ds.coords:
+            tau = float(ds["mp_adjacent_ratio"].sel(window=W))
+        if np.isfinite(tau):
+            ax.axhline(tau, color="grey", ls=":", lw=1.3, label=r"collapse threshold $\tau = 1+2W^{-2/3}$")
+        c = run_value(phases if phases is not None else collapse, "collapse_step", r, W)
+        _vline(ax, c, C_LOSS, "collapse step (edge < tau, 2 windows)", ":")
         for i, (name, s) in enumerate(sorted(events.get(r, {}).items())):
             _vline(ax, s, C_EVENT if name == "grok" else f"C{i + 4}",
                    "grok step (val acc ≥ 0.9)" if name == "grok" else f"{name} step")
-        ax.set_ylabel("edge ratio  [1]")
-        ax.set_title(f"run {r}", loc="left", fontsize=10)
+        ax.set_ylabel("edge  [1]")
+        ax.set_title(f"run {r}" + (f"  (k = {k:.0f})" if np.isfinite(k) else ""), loc="left", fontsize=10)
         if e.size and e.max() / max(e.min(), 1e-12) > 8:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     _step_axis(axes[-1])
-    _fig_legend(fig, axes)
+    axes[-1].set_xlabel("training step (centre of each window)")
+    _fig_legend(fig, axes, ncol=3)
     note = "" if phases is not None else "  (no phase input)"
-    fig.suptitle(f"Spectral edge over training, W = {W}{note}", fontsize=12)
+    fig.suptitle(f"Spectral edge over training and its phases, W = {W}{note}", fontsize=12)
     return fig
 
 
@@ -247,12 +269,15 @@ def edge_val_loss_figure(ds, *, runs, window, events=None) -> Figure:
     return fig
 
 
-def lag_figure(r_da: xr.DataArray, *, runs, windows, spacing=None, computed_here: bool = False) -> Figure:
-    """r(ℓ) per W with the peak lag starred: a sign change of the peak across W is the lag flip."""
+def lag_figure(r_da: xr.DataArray, *, runs, windows, spacing=None, computed_here: bool = False,
+               peaks: xr.Dataset | None = None) -> Figure:
+    """r(ℓ) per W. A filled star marks a peak that is resolved (inside the lag grid) and significant
+    (``peaks``: a lag sweep with peak_resolved / peak_significant); a hollow one a peak that is not:
+    only filled stars can make a lag flip."""
     n = len(runs)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig = Figure(figsize=(4.5 * cols + 0.6, 4.0 * rows + 0.8), layout="constrained")
+    fig = Figure(figsize=(4.6 * cols + 0.6, 4.0 * rows + 1.0), layout="constrained")
     axes = fig.subplots(rows, cols, sharey=True, squeeze=False).ravel()
     cmap = matplotlib.colormaps["viridis"]
     lags = np.asarray(r_da["lag"].values)
@@ -264,17 +289,25 @@ def lag_figure(r_da: xr.DataArray, *, runs, windows, spacing=None, computed_here
             if not np.isfinite(y).any():
                 continue
             c = cmap(0.9 * i / max(len(windows) - 1, 1))
-            p = int(np.nanargmin(y))  # reference rule: the most negative r (sed_spec §6.3)
+            p = int(np.nanargmin(y))  # reference rule: the most negative r (docs/method.md §6.3)
+            ok = True
+            what = ""
+            if peaks is not None and "peak_resolved" in peaks:
+                res = bool(run_value(peaks, "peak_resolved", r, W))
+                sig = bool(run_value(peaks, "peak_significant", r, W)) if "peak_significant" in peaks else True
+                ok = res and sig
+                what = "" if ok else (" (grid edge: unresolved)" if not res else " (not significant)")
             ax.plot(lags, y, color=c, lw=1.8, marker="o", ms=3.5,
-                    label=f"W={W}: peak lag {int(lags[p]):+d}".replace("-", "−"))
-            ax.plot(lags[p], y[p], marker="*", ms=15, color=c, markeredgecolor="black", ls="none")
+                    label=f"W={W}: peak {int(lags[p]):+d}{what}".replace("-", "−"))
+            ax.plot(lags[p], y[p], marker="*", ms=15, color=c if ok else "white", markeredgecolor="black",
+                    markeredgewidth=1.2, ls="none")
         ax.axvline(0, color="black", lw=0.9)
         ax.axhline(0, color="grey", lw=0.7)
         ax.set_title(f"run {r}", loc="left", fontsize=10)
         ax.set_xlabel("lag ℓ  [checkpoints]\n← val loss leads   |   edge leads →")
         ax.set_xticks(lags)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8.5, loc="best", title="★ = peak (most negative r)", title_fontsize=8)
+        ax.legend(fontsize=8, loc="best", title="★ resolved and significant, ☆ not", title_fontsize=8)
         if spacing:
             sec = ax.secondary_xaxis("top", functions=(lambda v, s=spacing: v * s, lambda v, s=spacing: v / s))
             sec.set_xlabel("lag  [steps]", fontsize=8.5)
@@ -283,32 +316,54 @@ def lag_figure(r_da: xr.DataArray, *, runs, windows, spacing=None, computed_here
         ax.set_visible(False)
     for ax in axes[::cols]:
         ax.set_ylabel("Pearson r(edge ratio, val loss)  [1]")
-    fig.suptitle("Lagged correlation of the edge ratio with validation loss per W (the lag flip)",
-                 fontsize=12)
+    fig.suptitle("Lagged correlation of the edge ratio with validation loss, per W\n"
+                 "(a lag flip = filled-star peaks of opposite sign)", fontsize=11.5)
     if computed_here:
-        fig.text(0.01, 0.0, "r computed by the report (cubic detrend on exact-step pairs, sed_spec §6); "
+        fig.text(0.01, 0.0, "r computed by the report (cubic detrend on exact-step pairs, docs/method.md §6); "
                  "ℓ > 0: edge at t vs val loss at t+ℓ", fontsize=8, color="dimgrey", va="bottom")
     return fig
 
 
+_DET_STYLE = {"below_noise": ("#c0392b", "-"), "peak_drop": ("#e67e22", "--"), "cusum": ("#8e44ad", "-."),
+              "onset": (C_ONSET, "-")}
+
+
 def warning_figure(ds, *, runs, window, variable="edge_ratio", events=None, warning=None,
-                   collapse=None) -> Figure:
-    """The warning series with its onset (or the edge collapse) and the grokking step, lead shaded."""
-    W, var, events = window, variable, events or {}
-    fig, axes = _runs_grid(len(runs), height=2.7)
+                   collapse=None, alarms: xr.Dataset | None = None) -> Figure:
+    """The watched edge with each causal detector's first alarm and the grokking step; the lead from
+    the earliest alarm to grokking is shaded. Alarm labels sit at staggered heights so that alarms at
+    the same step stay readable. Without ``alarms``: ``warning`` onsets (or the collapse)."""
+    W, events = window, events or {}
+    fig, axes = _runs_grid(len(runs), height=2.8)
     all_axes = list(axes)
     metric = "val_acc" if "val_acc" in ds.data_vars else ("val_loss" if "val_loss" in ds.data_vars else None)
-    has_w = "window" in ds[var].dims
     for ax, r in zip(axes, runs):
-        da = ds[var].sel(run=r)
-        st, x = finite(da.sel(window=W) if has_w else da)
-        ax.plot(st, x, color=C_EDGE, lw=1.8, label=_nice(var) + (f", W={W}" if has_w else "") + " (left axis)")
-        units = ds[var].attrs.get("units", "1")
-        ax.set_ylabel(f"{_nice(var).split(' $')[0]}  [{units}]", color=C_EDGE)
+        if alarms is not None:
+            from .analysis import fixed_edge
+
+            e = fixed_edge(ds.sel(run=[r], window=[W])).sel(run=r, window=W)
+            st, x = finite(e)
+            label = rf"edge $\sigma_k/\sigma_{{k+1}}$, k = {float(e['edge_k']):.0f}, W={W} (left axis)"
+        else:
+            da = ds[variable].sel(run=r)
+            st, x = finite(da.sel(window=W) if "window" in da.dims else da)
+            label = _nice(variable) + f", W={W} (left axis)"
+        ax.plot(st, x, color=C_EDGE, lw=1.8, label=label)
+        ax.set_ylabel("edge  [1]", color=C_EDGE)
         ax.tick_params(axis="y", colors=C_EDGE)
-        onset, what = run_value(warning, "onset_step", r, W), "warning onset"
-        if not np.isfinite(onset):
-            onset, what = run_value(collapse, "collapse_step", r, W), "edge collapse step"
+        marks = []        # (step, name)
+        if alarms is not None:
+            a = alarms["alarm_step"].sel(run=r, window=W)
+            if "group" in a.dims:
+                a = a.isel(group=0)
+            marks = [(float(v), str(d)) for d, v in zip(a["detector"].values, a.values) if np.isfinite(v)]
+        else:
+            onset = run_value(warning, "onset_step", r, W)
+            if np.isfinite(onset):
+                marks = [(onset, "onset")]
+            else:
+                c = run_value(collapse, "collapse_step", r, W)
+                marks = [(c, "below_noise")] if np.isfinite(c) else []
         grok = events.get(r, {}).get("grok", math.nan)
         if metric:
             ax2 = ax.twinx()
@@ -319,27 +374,30 @@ def warning_figure(ds, *, runs, window, variable="edge_ratio", events=None, warn
             ax2.tick_params(axis="y", colors=C_ACC)
             if metric == "val_acc":
                 ax2.set_ylim(-0.03, 1.08)
-        _vline(ax, onset, C_ONSET, what, "-")
-        _vline(ax, grok, C_EVENT, "grok step (val acc ≥ 0.9)")
-        if np.isfinite(onset) and np.isfinite(grok):
-            ax.axvspan(min(onset, grok), max(onset, grok), color=C_ONSET, alpha=0.13, lw=0)
-            top = all_axes[-1] if metric else ax  # drawn last, so the label stays on top of both curves
-            y = 0.8
-            top.annotate("", xy=(grok, y), xytext=(onset, y), xycoords=("data", "axes fraction"),
-                         arrowprops=dict(arrowstyle="->", color="black", lw=1.3))
-            lead = grok - onset
-            txt = f" lead = {lead:,.0f} steps" + (" (after the event)" if lead < 0 else "")
-            x0, x1 = ax.get_xlim()
-            right = (max(onset, grok) - x0) / (x1 - x0) < 0.6      # room on the right of the span?
-            top.text(max(onset, grok) if right else min(onset, grok), y, txt.replace("-", "−") + " ",
-                     transform=top.get_xaxis_transform(), ha="left" if right else "right", va="center",
-                     fontsize=9.5,
-                     fontweight="bold", bbox=dict(facecolor="white", alpha=0.85, edgecolor="none", pad=1.5))
+        top = all_axes[-1] if metric else ax
+        if np.isfinite(grok):    # wide and pale, under the alarms: an alarm at the grok step stays visible
+            ax.axvline(grok, color=C_EVENT, lw=5, alpha=0.3, zorder=1, label="grok step (val acc ≥ 0.9)")
+        for i, (step, name) in enumerate(sorted(marks)):
+            color, ls = _DET_STYLE.get(name, (C_ONSET, "-"))
+            ax.axvline(step, color=color, ls=ls, lw=1.6, zorder=3, label=f"first alarm: {name}")
+            top.text(step, 0.96 - 0.13 * i, f" {name} @ {step:,.0f}", transform=top.get_xaxis_transform(), ha="left",
+                     va="top", fontsize=8, color=color, zorder=4,
+                     bbox=dict(facecolor="white", alpha=0.8, edgecolor="none", pad=0.8))
+        first = min((s for s, _ in marks), default=math.nan)
+        if np.isfinite(first) and np.isfinite(grok):
+            ax.axvspan(min(first, grok), max(first, grok), color=C_ONSET, alpha=0.12, lw=0)
+            lead = grok - first
+            txt = f"lead = {lead:,.0f} steps" + (" (alarm after grokking)" if lead < 0 else "")
+            top.text(0.99, 0.04, txt.replace("-", "−"), transform=top.transAxes, ha="right", va="bottom",
+                     fontsize=9.5, fontweight="bold", bbox=dict(facecolor="white", alpha=0.85, edgecolor="none"))
+        elif not marks:
+            top.text(0.99, 0.04, "no alarm", transform=top.transAxes, ha="right", va="bottom", fontsize=9.5)
         ax.set_title(f"run {r}", loc="left", fontsize=10)
         ax.grid(alpha=0.3)
     _step_axis(axes[-1])
+    axes[-1].set_xlabel("training step (newest checkpoint of each window: when an alarm can be raised)")
     _fig_legend(fig, all_axes, ncol=3)
-    fig.suptitle("Early warning? The spectral signal vs the grokking step (lead < 0: after it)", fontsize=12)
+    fig.suptitle("Early warning: causal alarms on the edge vs the grokking step (lead < 0: after it)", fontsize=12)
     return fig
 
 
@@ -368,7 +426,16 @@ def noise_figure(summary: xr.Dataset, *, runs, window, events=None) -> Figure:
             ax2.set_ylim(-0.03, 1.05)
             ax2.set_ylabel("split-half |cos|  [1]", color=C_ACC)
             ax2.tick_params(axis="y", colors=C_ACC)
-        _vline(ax, float(s["noise_transition_step"]), C_LOSS, "noise transition (PC2 not above the null)", ":")
+        t = float(s["noise_transition_step"])
+        kind = int(s["transition_kind"]) if "transition_kind" in s else (1 if np.isfinite(t) else 0)
+        if "pc2_emerge_step" in s:
+            _vline(ax, float(s["pc2_emerge_step"]), "#2980b9", "PC2 rises above its null", "--")
+        _vline(ax, t, C_LOSS, "noise transition (PC2 falls back into the null)", ":")
+        if kind != 1:
+            ax.text(0.99, 0.92, {0: "no transition: PC2 never held above its null (2 windows)",
+                                 2: "no transition: PC2 stays above its null"}.get(kind, ""),
+                    transform=ax.transAxes, ha="right", va="top", fontsize=9,
+                    bbox=dict(facecolor="white", alpha=0.85, edgecolor="none"))
         _vline(ax, events.get(r, {}).get("grok"), C_EVENT, "grok step (val acc ≥ 0.9)")
         ax.set_title(f"run {r}", loc="left", fontsize=10)
         ax.grid(alpha=0.3)

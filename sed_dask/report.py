@@ -5,10 +5,11 @@ feed it without the report re-implementing them. Figures, in the spirit of the p
 
 * ``spectrum``       σ_j and ρ_k = σ_k/σ_{k+1} of one window; noise floor, k* highlighted, ratios
                      whose σ_{k+1} is below the floor greyed (paper Fig 1A);
-* ``edge_phases``    edge ratio over training per run, phases shaded, collapse and events marked;
+* ``edge_phases``    the fixed-k edge over training per run (window centres), rise / plateau /
+                     collapse / rebound shaded, collapse and events marked;
 * ``edge_val_loss``  edge ratio and validation loss over steps (twin axes);
 * ``lag_flip``       detrended lagged correlation r(ℓ) with val loss for every W, peak lags marked;
-* ``early_warning``  the warning series with onset (or collapse) and event (grokking) marked;
+* ``early_warning``  the watched edge with each causal detector's first alarm and grokking marked;
 * ``noise_pc2``      (with ``analysis["pc2"]``) PC2 against its matched-norm null, split-half
                      stability and the noise-transition step (sed_spec §4.5).
 
@@ -25,8 +26,9 @@ Inputs (all optional, keyword-only):
     - ``"lag"``: output of ``analysis.lag_sweep`` / ``lag_correlation`` (``r`` on a ``lag`` dim)
       or a DataArray ``r(window, lag[, run])``; without it a plain cubic-detrended version is
       computed here (sed_spec §6), labelled as such;
-    - ``"warning"``: output of ``analysis.lead_time`` / ``onset`` (``onset_step``) or
-      ``{run: step}``; ``"warning_variable"``: the series it was computed on (default edge_ratio);
+    - ``"alarms"``: output of ``analysis.early_warning`` (the causal detectors); or ``"warning"``:
+      output of ``analysis.lead_time`` / ``onset`` (``onset_step``) or ``{run: step}``;
+      ``"warning_variable"``: the series it was computed on (default edge_ratio);
     - ``"findings"``: a DataFrame (index run) or ``{run: {column: value}}`` for the summary table;
       default: assembled from the Dataset and the inputs above;
     - ``"spectrum_at"``: ``{"run": .., "step": ..}`` of the spectrum figure (default: first run,
@@ -131,29 +133,30 @@ def _lag_r(lag, runs) -> xr.DataArray | None:
 
 
 # ------------------------------------------------------------------- standard analysis driver
-# Early-warning candidates, fixed BEFORE looking at any demo outcome (sed_spec §13). Each maps a
+# Early-warning candidates, fixed BEFORE looking at any outcome (docs/method.md §13). Each maps a
 # run's series to one step; lead = grok step − that step (positive = before grokking). "causal"
-# says whether the step is known online at that point (an onset only needs the past; a peak or a
-# segmentation boundary needs the later series, so it is a retrospective marker, not a warning).
+# says whether the step is known online at that point: the detectors decide at step t from the
+# windows up to t; a peak, a segmentation boundary or the tau-collapse after the global peak
+# needs the later series, so it is a retrospective marker, not a warning.
 SIGNALS = {
-    "edge_onset_k10": ("edge ratio onset, companion rule verbatim: first step with edge > 10 x "
+    "alarm_below_noise": ("causal detector: fixed-k edge below tau = 1 + 2 W^(-2/3) for 2 windows, "
+                          "armed once it held >= 1.25 tau for 2 windows", True),
+    "alarm_peak_drop": ("causal detector: fixed-k edge below 0.5 x its running peak for 2 windows, armed "
+                        "once it held >= 1.25 tau for 2 windows", True),
+    "alarm_cusum": ("causal detector: CUSUM of log(running peak / edge) - 0.2 above 1.5, armed once the "
+                    "edge held >= 1.25 tau for 2 windows", True),
+    "edge_onset_k10": ("companion rule verbatim on the edge ratio: first step with edge > 10 x "
                        "median(first 3 windows) and > 20", True),
-    "edge_onset_k2": ("edge ratio onset, relaxed: first step with edge > 2 x median(first 3 windows), "
-                      "no floor (k = 2 fixed a priori)", True),
-    "edge_rise_end": ("end of the rise: plateau start of the 'peak' segmentation (first point of the "
-                      "run of windows >= 0.85 x peak containing the peak)", False),
-    "edge_peak": ("step of the maximum edge ratio", False),
-    "edge_decline_start": ("start of the decline: collapse start of the 'peak' segmentation (last point "
-                           ">= 0.85 x peak)", False),
-    "edge_tau_collapse": ("tau-collapse: first step after the (global) peak with edge < 1 + 2 W^(-2/3) "
-                          "(MP adjacent-ratio noise level, tau='auto')", False),
+    "edge_peak": ("step of the fixed-k edge's maximum in its first episode", False),
+    "edge_decline_start": ("end of the plateau (last window >= 0.85 x the episode median)", False),
+    "edge_collapse": ("collapse: first of 2 windows below tau after the edge emerged above 1.25 tau", False),
     "g23_onset_k10": ("g23 = sigma_2^2 - sigma_3^2 compression onset: first step with g23 < "
                       "median(first 3 windows) / 10 (the companion's 10x rule, direction 'drop')", True),
 }
 
 
 def add_g23(ds: xr.Dataset) -> xr.Dataset:
-    """Add ``g23 = σ₂² − σ₃²`` (the companion's gap, sed_spec §13.2) to a results Dataset."""
+    """Add ``g23 = σ₂² − σ₃²`` (the companion's gap, docs/method.md §13) to a results Dataset."""
     if "g23" in ds.data_vars or ds.sizes.get("sv", 0) < 3:
         return ds
     s = ds["sigma"]
@@ -162,12 +165,13 @@ def add_g23(ds: xr.Dataset) -> xr.Dataset:
     return ds.assign(g23=g)
 
 
-def warning_signals(ds: xr.Dataset, *, windows=None, phases=None, collapse=None, event="val_acc",
+def warning_signals(ds: xr.Dataset, *, windows=None, phases=None, alarms=None, event="val_acc",
                     event_threshold: float = GROK_ACC) -> pd.DataFrame:
     """Long table (signal, run, window, signal_step, grok_step, lead, causal) for :data:`SIGNALS`.
 
     Every candidate is reported for every W, including those that never fire (NaN step and lead),
-    so that no signal is picked after seeing its lead.
+    so that no signal is picked after seeing its lead. Boundary steps are the analyses' own labels
+    (phases: window centres; alarms: the step the alarm was decided at).
     """
     from . import analysis as A
     from .analysis.warning import event_index
@@ -183,18 +187,17 @@ def warning_signals(ds: xr.Dataset, *, windows=None, phases=None, collapse=None,
         grok[r] = float(st[i]) if i is not None else math.nan
     if phases is None:
         phases = A.phases(sub, window=ws)
-    if collapse is None:
-        collapse = A.collapse_step(sub, window=ws, tau="auto")
-    steps = {
+    if alarms is None:
+        alarms = A.early_warning(sub, window=ws, event=None)
+    steps = {f"alarm_{d}": alarms["alarm_step"].sel(detector=d, drop=True) for d in alarms["detector"].values}
+    steps.update({
         "edge_onset_k10": A.onset(sub, "edge_ratio", k=10.0, baseline=3)["onset_step"],
-        "edge_onset_k2": A.onset(sub, "edge_ratio", k=2.0, baseline=3, floor=None)["onset_step"],
-        "edge_rise_end": phases["plateau_start_step"],
         "edge_peak": phases["peak_step"],
         "edge_decline_start": phases["collapse_start_step"],
-        "edge_tau_collapse": collapse["collapse_step"],
+        "edge_collapse": phases["collapse_step"],
         "g23_onset_k10": (A.onset(sub, "g23", k=10.0, baseline=3, direction="drop")["onset_step"]
                           if "g23" in sub else None),
-    }
+    })
     rows = []
     for name, da in steps.items():
         for r in runs:
@@ -209,10 +212,12 @@ def standard_analysis(ds: xr.Dataset, *, windows=None, window=None, lags=range(-
                       progress: bool = False) -> dict:
     """The demo's queries on a results Dataset, as the ``analysis`` mapping of :func:`make_report`.
 
-    Signal rank and edge summary, 'peak' phases, τ-collapse (τ = MP noise level per W), lag sweep
-    against val loss with lag flips (needs ≥ 2 W and ``val_loss``), PC2 against its matched-norm
-    null at the report's W (199 null draws per window; needs ``split_half`` and ``delta_norm``),
-    and the early-warning table.
+    All with the package defaults (sed_dask/analysis/defaults.py, printed in the report): signal
+    rank as k* and n_signal; episode phases and the collapse on the fixed-k edge (tau = 1 + 2 W^(-2/3),
+    2-window sustain, window-centre steps); the causal early-warning detectors; the lag sweep against
+    val loss with flips only where both peaks are resolved and significant (needs >= 2 W and
+    ``val_loss``); PC2 against its matched-norm null at the report's W (199 null draws per window;
+    needs ``split_half`` and ``delta_norm``); every early-warning candidate against grokking.
     """
     from . import analysis as A
 
@@ -220,7 +225,7 @@ def standard_analysis(ds: xr.Dataset, *, windows=None, window=None, lags=range(-
     ws = [int(w) for w in (windows if windows is not None else ds["window"].values)]
     W = int(window) if window is not None else (10 if 10 in ws else min(ws))
     sub = ds.sel(window=ws)
-    steps = ["signal rank", "phases", "collapse", "lag sweep", "pc2 null", "warning signals"]
+    steps = ["signal rank", "phases", "alarms", "lag sweep", "pc2 null", "warning signals"]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -235,67 +240,134 @@ def standard_analysis(ds: xr.Dataset, *, windows=None, window=None, lags=range(-
 
     out["signal_rank"] = A.signal_rank(sub)
     out["edge_summary"] = A.edge_summary(sub)
+    out["rank_notes"] = A.rank_notes(out["signal_rank"])
     tick("signal rank")
     out["phases"] = A.phases(sub)
+    out["collapse"] = out["phases"][["collapse_step", "tau_value", "edge_k"]]
     tick("phases")
-    # τ = the MP noise-level ratio per W: an absolute 1.20 does not transfer across W (sed_spec §15.4)
-    out["collapse"] = A.collapse_step(sub, tau="auto")
-    tick("collapse")
+    out["alarms"] = A.early_warning(sub)
+    tick("alarms")
     if len(ws) >= 2 and "val_loss" in ds.data_vars:
         out["lag"] = A.lag_sweep(sub, windows=ws, lags=lags)
         out["lag_flips"] = A.lag_flips(out["lag"])
+        out["lag_rejected"] = A.lag_flips(out["lag"], rejected=True)
     tick("lag sweep")
     if "split_half" in ds.data_vars and "delta_norm" in ds.data_vars:
         out["pc2"] = A.pc2_summary(ds.sel(window=[W]), n_null=199)
     tick("pc2 null")
     if "val_acc" in ds.data_vars:
-        sig = warning_signals(sub, windows=ws, phases=out["phases"], collapse=out["collapse"])
-        out["signals"] = sig
-        # the report's single warning line is the companion rule verbatim (declared primary a priori)
-        prim = sig[(sig.signal == "edge_onset_k10") & (sig.window == W)]
-        out["warning"] = {r: {"onset_step": v} for r, v in zip(prim.run, prim.signal_step)}
+        out["signals"] = warning_signals(sub, windows=ws, phases=out["phases"], alarms=out["alarms"])
     tick("warning signals")
     if bar is not None:
         bar.close()
     return out
 
 
+def definitions(ds: xr.Dataset, window: int, analysis: dict) -> list[str]:
+    """The definitions, thresholds and provenance a reader needs to judge every number shown."""
+    from .analysis.defaults import describe_tau
+
+    ws = [int(w) for w in ds["window"].values]
+    taus = ", ".join(describe_tau("auto", w) for w in ws)
+    lines = [
+        "Signal rank: k* = argmax_k sigma_k/sigma_(k+1) over the k with sigma_k >= the MP noise floor "
+        "(the edge location); n_signal = the number of values a sequential Wishart noise test (alpha 0.01, "
+        "isotropic noise) calls signal. Both as the mode over windows.",
+        "Edge series: sigma_k/sigma_(k+1) at a fixed k per run and W (the mode of k*), so a change of k* "
+        "cannot move a boundary.",
+        f"Collapse: first of 2 windows with the edge below tau after it first held >= 1.25 tau; rebound: first "
+        f"of 2 windows back >= 1.25 tau after that; {taus}. Phase steps are window centres.",
+        "Alarms (causal: decided at step t from windows up to t): below_noise (edge < tau for 2 windows), "
+        "peak_drop (edge < 0.5 x running peak for 2 windows), cusum (CUSUM of log(peak/edge) - 0.2 > 1.5); "
+        "all armed once the edge held >= 1.25 tau for 2 windows. Lead = grok step (first val_acc >= 0.9) - alarm step.",
+    ]
+    if "lag" in analysis:
+        lag = analysis["lag"]
+        lines.append(f"Lag: detrended Pearson r(edge_ratio at t, val_loss at t + l) over lags "
+                     f"{int(lag['lag'].min())}..{int(lag['lag'].max())} checkpoints; peak = most negative r; a "
+                     "peak on the grid edge is unresolved; p from 999 phase-randomised val-loss series (peak over "
+                     "the whole grid); a lag flip needs both peaks resolved and p <= 0.05.")
+    if isinstance(analysis.get("pc2"), xr.Dataset):
+        lines.append("PC2 noise transition: the first of 2 windows with PC2 not above its matched-norm null 95% "
+                     "quantile after PC2 held above it; 'none' when PC2 never rose above its null.")
+    prov = {k: ds.attrs.get(k) for k in ("sed_dask_version", "source_store", "precision", "n_params", "created")
+            if ds.attrs.get(k) is not None}
+    lines.append("Provenance: " + "; ".join(f"{k} = {v}" for k, v in prov.items()) + f"; windows W = {ws}; "
+                 f"table and single-W figures at W = {window}.")
+    return lines
+
+
 # ---------------------------------------------------------------------------- findings table
 _COLUMNS = {  # column -> (header, format)
-    "window": ("W", "{:.0f}"), "k_star": ("k*", "{:.0f}"), "peak_edge": ("peak edge ratio", "{:.3f}"),
-    "peak_step": ("peak step", "{:.0f}"), "collapse_step": ("collapse step", "{:.0f}"),
-    "onset_step": ("warning onset step", "{:.0f}"), "grok_step": ("grok step", "{:.0f}"),
-    "lead_time": ("lead time (steps)", "{:.0f}"), "peak_lag": ("peak lag (ckpts)", "{:+.0f}"),
-    "noise_transition_step": ("PC2 noise transition step", "{:.0f}"),
+    "window": ("W", "{:.0f}"), "k_star": ("k* (mode)", "{:.0f}"), "n_signal": ("n_signal (mode)", "{:.0f}"),
+    "edge_k": ("edge k", "{:.0f}"), "peak_edge": ("peak edge", "{:.3f}"), "peak_step": ("peak step", "{:.0f}"),
+    "collapse_step": ("collapse step", "{:.0f}"), "rebound_step": ("rebound step", "{:.0f}"),
+    "alarm_step": ("first alarm step", "{:.0f}"), "alarm_detector": ("first alarm by", "{}"),
+    "grok_step": ("grok step", "{:.0f}"), "lead": ("lead: grok - alarm", "{:.0f}"),
+    "peak_lag": ("peak lag (ckpts)", "{:+.0f}"), "noise_transition_step": ("PC2 noise transition", "{:.0f}"),
     "final_val_loss": ("final val loss", "{:.4f}"),
 }
 
 
 def findings_table(ds: xr.Dataset, *, runs, window, events, analysis, lag_r=None) -> pd.DataFrame:
-    """One row per run: k* (mode over the run's windows), peak edge and its step, collapse, onset,
-    grok, lead, peak lag (the analysis' own ``peak_lag``, else argmin of ``lag_r``), the PC2 noise
-    transition (with ``analysis["pc2"]``), final val loss."""
+    """One row per run at ``window``: k* and n_signal (modes), the edge's k, peak, collapse and rebound
+    (``analysis["phases"]``), the first causal alarm and its detector (``analysis["alarms"]``), grok,
+    lead = grok - first alarm, the peak lag when resolved and significant (else why not), the PC2
+    noise transition (or why none), final val loss."""
+    from .analysis import mode_rank
+
     rows = {}
     lag = analysis.get("lag")
+    ph = analysis.get("phases")
+    alarms = analysis.get("alarms")
     for r in runs:
-        st, e = finite(ds["edge_ratio"].sel(run=r, window=window))
-        _, k = finite(ds["k_star"].sel(run=r, window=window))
         row = {"window": window}
-        row["k_star"] = float(pd.Series(k).mode().min()) if k.size else math.nan
-        row["peak_edge"] = float(e.max()) if e.size else math.nan
-        row["peak_step"] = float(st[int(np.argmax(e))]) if e.size else math.nan
-        row["collapse_step"] = run_value(analysis.get("collapse"), "collapse_step", r, window)
-        row["onset_step"] = run_value(analysis.get("warning"), "onset_step", r, window)
+        for col, var in (("k_star", "k_star"), ("n_signal", "n_signal")):
+            if var in ds.data_vars:
+                row[col] = float(mode_rank(ds[var].sel(run=[r], window=[window])).values.ravel()[0])
+        if isinstance(ph, xr.Dataset):
+            for col, v in (("edge_k", "edge_k"), ("peak_edge", "peak_value"), ("peak_step", "peak_step"),
+                           ("collapse_step", "collapse_step"), ("rebound_step", "rebound_step")):
+                row[col] = run_value(ph, v, r, window)
+        else:
+            st, e = finite(ds["edge_ratio"].sel(run=r, window=window))
+            row["peak_edge"] = float(e.max()) if e.size else math.nan
+            row["peak_step"] = float(st[int(np.argmax(e))]) if e.size else math.nan
+            row["collapse_step"] = run_value(analysis.get("collapse"), "collapse_step", r, window)
         row["grok_step"] = events.get(r, {}).get("grok", math.nan)
-        warn = row["onset_step"] if np.isfinite(row["onset_step"]) else row["collapse_step"]
-        row["lead_time"] = row["grok_step"] - warn
+        if isinstance(alarms, xr.Dataset):
+            a = alarms["alarm_step"].sel(run=r, window=window)
+            if "group" in a.dims:
+                a = a.isel(group=0)
+            vals = np.asarray(a.values, dtype=float)
+            if np.isfinite(vals).any():
+                i = int(np.nanargmin(vals))
+                row["alarm_step"] = float(vals[i])
+                row["alarm_detector"] = str(a["detector"].values[i])
+            else:
+                row["alarm_step"], row["alarm_detector"] = math.nan, "none"
+            row["lead"] = row["grok_step"] - row["alarm_step"]
+        elif analysis.get("warning") is not None:
+            row["alarm_step"] = run_value(analysis.get("warning"), "onset_step", r, window)
+            row["lead"] = row["grok_step"] - row["alarm_step"]
         if isinstance(lag, xr.Dataset) and "peak_lag" in lag:
-            row["peak_lag"] = run_value(lag, "peak_lag", r, window)
+            pl = run_value(lag, "peak_lag", r, window)
+            if "peak_resolved" in lag and not run_value(lag, "peak_resolved", r, window):
+                row["peak_lag"] = f"unresolved ({pl:+.0f} = grid edge)" if np.isfinite(pl) else "—"
+            elif "peak_significant" in lag and not run_value(lag, "peak_significant", r, window):
+                row["peak_lag"] = f"{pl:+.0f} (not significant, p = {run_value(lag, 'peak_p_value', r, window):.2g})"
+            else:
+                row["peak_lag"] = pl
         elif lag_r is not None and window in lag_r["window"].values:
             y = np.asarray(lag_r.sel(run=r, window=window).values, dtype=float)
             row["peak_lag"] = float(lag_r["lag"].values[np.nanargmin(y)]) if np.isfinite(y).any() else math.nan
-        if isinstance(analysis.get("pc2"), xr.Dataset):
-            row["noise_transition_step"] = run_value(analysis["pc2"], "noise_transition_step", r, window)
+        pc2 = analysis.get("pc2")
+        if isinstance(pc2, xr.Dataset):
+            t = run_value(pc2, "noise_transition_step", r, window)
+            kind = run_value(pc2, "transition_kind", r, window)
+            row["noise_transition_step"] = (t if np.isfinite(t) else
+                                            {0: "none: PC2 never above its null",
+                                             2: "none: PC2 stays above"}.get(int(kind) if np.isfinite(kind) else -1, "—"))
         if "val_loss" in ds.data_vars:
             _, vl = finite(ds["val_loss"].sel(run=r))
             row["final_val_loss"] = float(vl[-1]) if vl.size else math.nan
@@ -306,6 +378,8 @@ def findings_table(ds: xr.Dataset, *, runs, window, events, analysis, lag_r=None
 
 
 def _fmt(col, v) -> str:
+    if isinstance(v, str):
+        return v
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "—"
     if isinstance(v, (int, float, np.integer, np.floating)):
@@ -325,7 +399,7 @@ def lead_table(sig: pd.DataFrame) -> pd.DataFrame:
     t = sig.pivot_table(index=["signal", "window"], columns="run", values="lead", dropna=False)
     order = {k: i for i, k in enumerate(SIGNALS)}
     t = t.sort_index(key=lambda ix: ix.map(order) if ix.name == "signal" else ix)
-    t.index = [f"{s} (W={w})" for s, w in t.index]
+    t.index = [f"{s}{'' if SIGNALS.get(s, ('', True))[1] else ' [r]'} (W={w})" for s, w in t.index]
     t.index.name = "signal"
     return t
 
@@ -449,14 +523,17 @@ def make_report(ds: xr.Dataset, out_dir, *, runs=None, windows=None, events=None
         notes.append("Lag correlations computed by the report's fallback (cubic detrend, "
                      "lags −5…+7 checkpoints, argmin r as the peak).")
     if r_da is not None:
+        lag = analysis.get("lag")
         save("lag_flip", lag_figure(r_da, runs=runs, windows=windows, spacing=_spacing(ds, runs[0]),
-                                    computed_here=computed))
+                                    computed_here=computed, peaks=lag if isinstance(lag, xr.Dataset) else None))
     if not has_loss:
         notes.append("No val_loss in the Dataset: the edge-vs-loss figure"
                      + ("" if r_da is not None else " and the lag figure") + " were skipped.")
     var = str(analysis.get("warning_variable", "edge_ratio"))
+    alarms = analysis.get("alarms")
     save("early_warning", warning_figure(ds, runs=runs, window=W, variable=var, events=ev,
-                                         warning=analysis.get("warning"), collapse=analysis.get("collapse")))
+                                         warning=analysis.get("warning"), collapse=analysis.get("collapse"),
+                                         alarms=alarms if isinstance(alarms, xr.Dataset) else None))
 
     pc2 = analysis.get("pc2")
     if isinstance(pc2, xr.Dataset):
@@ -470,8 +547,16 @@ def make_report(ds: xr.Dataset, out_dir, *, runs=None, windows=None, events=None
         df = findings_table(ds, runs=runs, window=W, events=ev, analysis=analysis, lag_r=r_da)
     else:
         df = fnd if isinstance(fnd, pd.DataFrame) else pd.DataFrame.from_dict(fnd, orient="index")
-    notes.insert(0, f"Single-W figures and the table use W = {W}; lead time = grok step − warning "
-                    "onset (or collapse step when no onset is given); positive = early warning.")
+    notes[:0] = definitions(ds, W, analysis)
+    notes.extend(str(n) for n in analysis.get("rank_notes", ()))
+    rej = analysis.get("lag_rejected")
+    if isinstance(rej, pd.DataFrame) and len(rej):
+        bad = rej[rej["status"] != "flip"] if "status" in rej else rej.iloc[0:0]
+        if len(bad):
+            notes.append("Lag sign changes that are not flips: " + "; ".join(
+                f"{row['run']} W={row['window_a']}->{row['window_b']}: {row['reason']}" for _, row in bad.iterrows()))
+        if "status" in rej and not (rej["status"] == "flip").any():
+            notes.append("No lag flip: no pair of W has resolved, significant peaks of opposite sign.")
     figs = dict(written)
     p = out / "findings.csv"
     df.to_csv(p)
@@ -482,10 +567,9 @@ def make_report(ds: xr.Dataset, out_dir, *, runs=None, windows=None, events=None
         sig.to_csv(p, index=False)
         written["signals"] = p
         extra["Early-warning candidates: lead = grok step − signal step (steps; negative = after "
-              "grokking; — = never fired)"] = lead_table(sig)
-        notes.append("Warning candidates (all defined before looking at the demo's outcomes; none "
-                     "dropped): " + "; ".join(f"{k}: {d}{'' if c else ' [retrospective]'}"
-                                              for k, (d, c) in SIGNALS.items()))
+              "grokking; — = never fired; [r] = retrospective marker, not a warning)"] = lead_table(sig)
+        notes.append("Warning candidates (all defined before looking at any outcome; none dropped): "
+                     + "; ".join(f"{k}: {d}{'' if c else ' [retrospective]'}" for k, (d, c) in SIGNALS.items()))
     notes.extend(str(n) for n in analysis.get("notes", ()))
     p = out / "summary.md"
     p.write_text(_markdown(df, figs, title, notes, extra), encoding="utf-8")

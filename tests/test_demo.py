@@ -30,6 +30,11 @@ def quick_demo(tmp_path_factory):
     return out, proc.stdout, time.perf_counter() - t0
 
 
+def _none_or(v):
+    v = float(v)
+    return None if not np.isfinite(v) else (int(v) if v.is_integer() else v)
+
+
 def _png_ok(path):
     img = mpimg.imread(path)
     assert img.ndim == 3 and min(img.shape[:2]) >= 400
@@ -44,7 +49,7 @@ def test_demo_quick_end_to_end(quick_demo):
     for name in ("summary.html", "summary.md"):
         assert "Early-warning candidates" in (rep / name).read_text(), name
     assert list(pd.read_csv(rep / "findings.csv", index_col="run").index) == ["seed0"]
-    assert "Dask dashboard: http" in stdout and "seed0: k*=" in stdout
+    assert "Dask dashboard: http" in stdout and "seed0: k* = " in stdout and "causal alarms:" in stdout
 
     ds = xr.open_zarr(out / "results.zarr").load()
     assert list(ds["run"].values) == ["seed0"] and list(ds["window"].values) == [5, 10, 15]
@@ -68,10 +73,13 @@ def test_demo_quick_end_to_end(quick_demo):
     r0 = f["runs"]["seed0"]
     assert r0["grok_step"] == grok and 0 < grok <= 700
     assert 1 <= r0["k_star_mode"] <= f["window"] - 1
-    # phases found and ordered; the peak is the edge ratio's own argmax
-    e = ds["edge_ratio"].sel(run="seed0", window=f["window"])
-    assert r0["peak_step"] == int(e.idxmax("step"))
+    # phases found and ordered; they are the analysis' own (fixed-k edge, window-centre steps)
+    from sed_dask.analysis import phases
+    ph = phases(ds).sel(run="seed0", window=f["window"])
+    assert r0["peak_step"] == float(ph.peak_step) and r0["collapse_step"] == _none_or(ph.collapse_step)
     assert r0["plateau_start_step"] <= r0["peak_step"] <= r0["collapse_start_step"]
+    assert set(r0["alarms"]) == {"below_noise", "peak_drop", "cusum"}
+    assert "definitions" in f and any("k*" in d for d in f["definitions"]) and "dashboard" not in f
     # every declared warning candidate is reported for every W, with lead = grok − step
     assert set(r0["warning"]) == set(SIGNALS)
     for name, per_w in r0["warning"].items():
@@ -105,7 +113,8 @@ def test_report_cli_on_demo_results(quick_demo, tmp_path, capsys):
     df = pd.read_csv(dest / "findings.csv", index_col="run")
     ds = xr.open_zarr(out / "results.zarr")
     assert df.loc["seed0", "window"] == 5
-    assert df.loc["seed0", "peak_step"] == int(ds["edge_ratio"].sel(run="seed0", window=5).idxmax("step"))
+    from sed_dask.analysis import phases
+    assert df.loc["seed0", "peak_step"] == float(phases(ds.load(), window=5).peak_step.sel(run="seed0", window=5))
     assert "Early-warning candidates" in (dest / "summary.md").read_text()
-    assert main(["report", str(out / "results.zarr"), "-o", str(dest), "--window", "7"]) == 2
+    assert main(["report", str(out / "results.zarr"), "-o", str(dest), "--window", "7", "--overwrite"]) == 2
     assert "not in the results" in capsys.readouterr().err

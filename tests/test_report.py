@@ -44,7 +44,7 @@ def test_report_from_dataset_alone(synth, tmp_path):
     for run in df.index:                        # peak lag of the fallback r, argmin rule
         assert df.loc[run, "peak_lag"] == int(r.lag[int(np.nanargmin(r.sel(run=run, window=10).values))])
     md = out["markdown"].read_text()
-    assert "| run | W | k* | peak edge ratio |" in md and "fallback" in md
+    assert "| run | W | k* (mode) | peak edge |" in md and "fallback" in md
     html = out["html"].read_text()
     assert html.count("<img ") == len(FIGURES) and "<table>" in html
 
@@ -65,8 +65,8 @@ def test_report_with_analysis_inputs(synth, tmp_path):
     df = pd.read_csv(out["findings"], index_col="run")
     assert list(df.index) == runs and set(df["window"]) == {5}
     assert df.loc["seed0", "grok_step"] == 1500 and df.loc["seed2", "grok_step"] == 1900
-    assert df.loc["seed2", "onset_step"] == onset["seed2"]
-    assert df.loc["seed2", "lead_time"] == 1900 - onset["seed2"]
+    assert df.loc["seed2", "alarm_step"] == onset["seed2"]
+    assert df.loc["seed2", "lead"] == 1900 - onset["seed2"]
     assert df.loc["seed0", "collapse_step"] == truth["seed0"]["collapse"]
     assert set(df["peak_lag"]) == {-3}            # argmin of the given r(lag) = linspace(-.5, .5)
     assert "fallback" not in out["markdown"].read_text()
@@ -101,18 +101,22 @@ def test_phases_from_the_analysis_functions(synth):
     iv = phase_intervals(ph, "seed0", 10, st)
     a = float(ph.plateau_start_step.sel(run="seed0", window=10))
     b = float(ph.collapse_start_step.sel(run="seed0", window=10))
-    assert iv == [("rise", st[0], a), ("plateau", a, b), ("collapse", b, st[-1])]
+    r = float(ph.rebound_step.sel(run="seed0", window=10))
+    if np.isfinite(r):      # a rebound after the collapse is its own phase, not more collapse (issue 12)
+        assert iv == [("rise", st[0], a), ("plateau", a, b), ("collapse", b, r), ("rebound", r, st[-1])]
+    else:
+        assert iv == [("rise", st[0], a), ("plateau", a, b), ("collapse", b, st[-1])]
     col = collapse_step(ds, window=10, tau=1.5)
     fig = figures.edge_phases_figure(ds, runs=["seed0", "seed1"], window=10, phases=ph,
                                      events={"seed0": {"grok": 1500.0}}, collapse=col)
     ax0 = fig.axes[0]
     spans = [p for p in ax0.patches if p.get_label().endswith("phase")]
-    assert [p.get_label() for p in spans] == ["rise phase", "plateau phase", "collapse phase"]
+    assert [p.get_label() for p in spans] == [f"{n} phase" for n, _, _ in iv]
     vlines = {line.get_label(): line.get_xdata()[0] for line in ax0.get_lines() if line.get_label().endswith("step")
-              or "grok" in line.get_label()}
+              or "grok" in line.get_label() or line.get_label().startswith("collapse step")}
     assert vlines["grok step (val acc ≥ 0.9)"] == 1500.0
-    c = float(col.collapse_step.sel(run="seed0", window=10))
-    assert np.isfinite(c) and vlines["edge collapse step"] == c
+    c = float(ph.collapse_step.sel(run="seed0", window=10))   # the figure marks the phases' own collapse
+    assert np.isfinite(c) and vlines["collapse step (edge < tau, 2 windows)"] == c
 
 
 def test_fallback_lag_finds_planted_leads():

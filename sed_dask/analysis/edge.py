@@ -105,7 +105,11 @@ def rank_notes(rank: xr.Dataset) -> list[str]:
         if not (np.isfinite(k) and np.isfinite(c)) or k == c:
             continue
         where = ", ".join(f"{'W' if d == 'window' else d}={row[d]}" for d in dims)
-        if c > k:
+        W = row.get("window")
+        if c > k and W is not None and c >= int(W) - 1:
+            why = ("every value clears the isotropic-noise test, so the update noise is not isotropic "
+                   "(as with adaptive optimisers) and the count is only an upper bound here; k* is the edge")
+        elif c > k:
             why = (f"{int(c)} values clear the noise test but the largest gap is after value {int(k)}: the "
                    "signal strengths decay, or the trailing values are anisotropic noise the count "
                    "(which assumes isotropic noise) does not separate")
