@@ -143,7 +143,7 @@ SIGNALS = {
                           "armed once it held >= 1.25 tau for 2 windows", True),
     "alarm_peak_drop": ("causal detector: fixed-k edge below 0.5 x its running peak for 2 windows, armed "
                         "once it held >= 1.25 tau for 2 windows", True),
-    "alarm_cusum": ("causal detector: CUSUM of log(running peak / edge) - 0.2 above 1.5, armed once the "
+    "alarm_cusum": ("causal detector: CUSUM of log(running peak / edge) - 0.5 above 1.0, armed once the "
                     "edge held >= 1.25 tau for 2 windows", True),
     "edge_onset_k10": ("companion rule verbatim on the edge ratio: first step with edge > 10 x "
                        "median(first 3 windows) and > 20", True),
@@ -278,7 +278,7 @@ def definitions(ds: xr.Dataset, window: int, analysis: dict) -> list[str]:
         f"Collapse: first of 2 windows with the edge below tau after it first held >= 1.25 tau; rebound: first "
         f"of 2 windows back >= 1.25 tau after that; {taus}. Phase steps are window centres.",
         "Alarms (causal: decided at step t from windows up to t): below_noise (edge < tau for 2 windows), "
-        "peak_drop (edge < 0.5 x running peak for 2 windows), cusum (CUSUM of log(peak/edge) - 0.2 > 1.5); "
+        "peak_drop (edge < 0.5 x running peak for 2 windows), cusum (CUSUM of log(peak/edge) - 0.5 > 1.0); "
         "all armed once the edge held >= 1.25 tau for 2 windows. Lead = grok step (first val_acc >= 0.9) - alarm step.",
     ]
     if "lag" in analysis:

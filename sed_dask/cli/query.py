@@ -181,8 +181,8 @@ def register(subparsers) -> None:
                    help="detector to run (repeatable; default all three)")
     q.add_argument("--tau", type=_tau, default="auto", help="noise-level ratio tau (default auto = 1 + 2W^(-2/3))")
     q.add_argument("--drop", type=float, default=0.5, help="peak_drop: fraction of the running peak lost (default 0.5)")
-    q.add_argument("--drift", type=float, default=0.2, help="cusum: log-ratio allowance per window (default 0.2)")
-    q.add_argument("--h", type=float, default=1.5, help="cusum: alarm threshold (default 1.5)")
+    q.add_argument("--drift", type=float, default=0.5, help="cusum: log-ratio allowance per window (default 0.5)")
+    q.add_argument("--h", type=float, default=1.0, help="cusum: alarm threshold (default 1.0)")
     q.add_argument("--alarm-sustain", type=int, default=2,
                    help="windows below a threshold before below_noise/peak_drop alarm (default 2)")
     q.add_argument("--k", type=float, default=10.0, help="onset: factor over the baseline median (default 10)")
