@@ -94,12 +94,12 @@ def signal_rank(ds: xr.Dataset, *, variable="signal_rank", count="n_signal", run
 
 
 def rank_notes(rank: xr.Dataset) -> list[str]:
-    """One line per series where k* and the count disagree, saying which is which and why."""
+    """One line per kind of disagreement between k* and the count, naming the series it applies to."""
     if "count_mode" not in rank:
         return []
-    lines = []
-    dims = [d for d in rank["k_mode"].dims]
+    dims = list(rank["k_mode"].dims)
     df = rank[["k_mode", "count_mode"]].to_dataframe().reset_index()
+    groups: dict[str, list[str]] = {}
     for _, row in df.iterrows():
         k, c = row["k_mode"], row["count_mode"]
         if not (np.isfinite(k) and np.isfinite(c)) or k == c:
@@ -107,17 +107,17 @@ def rank_notes(rank: xr.Dataset) -> list[str]:
         where = ", ".join(f"{'W' if d == 'window' else d}={row[d]}" for d in dims)
         W = row.get("window")
         if c > k and W is not None and c >= int(W) - 1:
-            why = ("every value clears the isotropic-noise test, so the update noise is not isotropic "
-                   "(as with adaptive optimisers) and the count is only an upper bound here; k* is the edge")
+            why = ("n_signal = W - 1: every value clears the isotropic-noise test, so the update noise is not "
+                   "isotropic (as with adaptive optimisers) and the count is only an upper bound; k* is the edge")
         elif c > k:
-            why = (f"{int(c)} values clear the noise test but the largest gap is after value {int(k)}: the "
-                   "signal strengths decay, or the trailing values are anisotropic noise the count "
-                   "(which assumes isotropic noise) does not separate")
+            why = ("n_signal > k*: more values clear the noise test than sit above the largest gap: the signal "
+                   "strengths decay, or trailing values are anisotropic noise the count (which assumes isotropic "
+                   "noise) does not separate")
         else:
-            why = (f"the largest gap (after value {int(k)}) sits among values the noise test calls noise "
-                   f"(count {int(c)}): the edge is not clearly above the noise there")
-        lines.append(f"{where}: k* = {int(k)} (edge location) vs n_signal = {int(c)} (count above noise): {why}")
-    return lines
+            why = ("n_signal < k*: the largest gap sits among values the noise test calls noise: the edge is not "
+                   "clearly above the noise there")
+        groups.setdefault(why, []).append(f"{where} (k* {int(k)}, n_signal {int(c)})")
+    return [f"{why} [{'; '.join(items)}]" for why, items in groups.items()]
 
 
 def edge_summary(ds: xr.Dataset, *, variable="edge_ratio", rank="signal_rank", sv=None, run=None,
