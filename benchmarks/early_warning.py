@@ -1,4 +1,4 @@
-"""Early warning of grokking on real training runs (issue 12 item 4, sed_spec §13).
+"""Early warning of grokking on real training runs (issue 12 item 4, docs/method.md §13).
 
 Trains small transformers on modular arithmetic (``sed_dask.demo_train``) on CPU, one torch thread
 per process:

@@ -296,7 +296,7 @@ def lag_grid(quick: bool) -> tuple[str, dict]:
 
 
 def fig1a_check() -> dict:
-    """The paper's Fig 1A spectrum (sed_spec §3.2): every rule's k* and the count."""
+    """The paper's Fig 1A spectrum (docs/method.md §3.2): every rule's k* and the count."""
     sigma = np.array([[198.58, 169.08, 122.47, 110.73, 106.22, 92.66, 78.30, 61.27, 44.58, 22.79]])
     from sed_dask.noise import mp_edge, signal_count
 

@@ -11,7 +11,7 @@ Prints markdown tables (copied into benchmarks/README.md, "Sketch and directions
    on the same dask array of X^T; each method runs in a fresh process (peak RSS above the process
    baseline, from VmHWM); accuracy = max principal angle to the exact (float64) subspace and
    max relative error of sigma_1..k.
-3. with ``--jl-store``: ``sed_dask.sketch_spectra.jl_error_report`` on a real trajectory (sed_spec §11).
+3. with ``--jl-store``: ``sed_dask.sketch_spectra.jl_error_report`` on a real trajectory (docs/method.md §11).
 
 Example (the README numbers)::
 

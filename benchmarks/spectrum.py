@@ -4,7 +4,7 @@ Measures, in one run and on the same stores:
 
 (a) pass throughput: ``sed_dask.spectrum`` end to end on a LocalCluster vs a raw sequential read of
     the store's chunk files (1 process, ``readinto``), warm (page cache) and cold (evicted);
-(b) the reference approach (sed_spec §15.1-15.2: all deltas in RAM, full N x N dot matrix in a Python
+(b) the reference approach (docs/method.md §15.1-15.2: all deltas in RAM, full N x N dot matrix in a Python
     double loop with a float64 cast per pair) on a trajectory that fits in RAM;
 (c) worker peak RSS (psutil, every 20 ms) with a per-worker memory limit on a trajectory >= 4x it.
 

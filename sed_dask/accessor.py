@@ -1,6 +1,6 @@
 """``ds.sed``: a thin Dataset accessor forwarding to :mod:`sed_dask.analysis`.
 
-Functions are the API; the accessor is sugar (ecosystem_notes §5, xskillscore style). It imports
+Functions are the API; the accessor is sugar (xskillscore style). It imports
 only xarray at import time — the analysis modules load on first use — so registering it on
 ``import sed_dask`` stays cheap and never pulls in the engine, Dask distributed or torch.
 """

@@ -1,6 +1,6 @@
 """Connect to a Dask cluster: accept one, never own one unless asked for nothing.
 
-Precedence (as in Prefect's DaskTaskRunner and ecosystem_notes §3), first match wins:
+Precedence (as in Prefect's DaskTaskRunner), first match wins:
 
 1. ``client=`` object;
 2. ``address=`` (CLI ``--scheduler-address``);

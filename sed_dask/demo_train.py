@@ -1,6 +1,6 @@
 """Train the demo trajectories: a small transformer grokking (a + b) mod 97 on CPU.
 
-The companion early-warning work (sed_spec §13) uses this setting: 2 layers, d = 128, 4 heads
+The companion early-warning work (docs/method.md §13) uses this setting: 2 layers, d = 128, 4 heads
 (~290k parameters), AdamW lr 1e-3, weight decay 1.0, β₂ 0.98, batch 512. The model first
 memorises the training pairs (train accuracy → 1) and only much later generalises (validation
 accuracy → 1): a real trajectory with a delayed transition, small enough to train several seeds in
@@ -12,7 +12,7 @@ Changes from the companion setting, each measured on a 2-core CPU:
 * train fraction 0.35 and lr 2e-3: memorisation by step ~300 with val acc still ~0.02, grokking
   (val acc ≥ 0.9) at steps ~1100–1400 for seeds 0–2, inside a 2000-step budget (lr 1e-3 with
   fraction 0.5 grokked at ~1000–1300 but val acc was already 0.3–0.5 when train acc hit 1);
-* gradient clipping at 1.0 (as the TinyStories runs, sed_spec §1.1): without it LayerNorm +
+* gradient clipping at 1.0 (as the TinyStories runs, docs/method.md §1.1): without it LayerNorm +
   AdamW at wd 1.0 threw loss spikes ("slingshots") that reset train accuracy to ~0.15;
 * the last block computes queries/MLP for the final position only (the only one the loss
   reads): the same function as the full block, ~20% fewer flops (~33 ms per step, 1 thread);
@@ -47,7 +47,7 @@ from .recorder import METRICS_FILE, TrajectoryRecorder, atomic_write
 
 __all__ = ["DemoConfig", "SIZES", "TASKS", "ModAddTransformer", "train_run", "train_demo_runs", "grok_step"]
 
-GROK_ACC = 0.9  # grokking step = first evaluation with val_acc >= 0.9 (2602.16746, sed_spec §13)
+GROK_ACC = 0.9  # grokking step = first evaluation with val_acc >= 0.9 (2602.16746, docs/method.md §13)
 MEMORIZE_ACC = 0.95  # memorisation step = first evaluation with train_acc >= 0.95
 SUMMARY_FILE = "summary.json"
 

@@ -14,7 +14,7 @@ checkpoint. Nothing P-sized ever reaches the client or lives in RAM as a whole: 
   per-group sums of squares on the way (loadings: the fraction of ||v_j||^2 in each layer group).
 
 ``subspace_rotation`` gets principal angles between consecutive windows' top-k subspaces from the
-banded Gram alone (V_t^T V_{t-1} = S_t^-1 U_t^T C_t U_{t-1} S_{t-1}^-1, sed_spec §3.3), no P-vectors.
+banded Gram alone (V_t^T V_{t-1} = S_t^-1 U_t^T C_t U_{t-1} S_{t-1}^-1, docs/method.md §3.3), no P-vectors.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class Block:
 
 
 def read_block(params, b: Block) -> np.ndarray:
-    """float64 deltas (n x C) of one block; float32 differences as in the Gram engine (sed_spec §2.3)."""
+    """float64 deltas (n x C) of one block; float32 differences as in the Gram engine (docs/method.md §2.3)."""
     if b.zarr_settings:
         config.configure_zarr(**dict(b.zarr_settings))
     buf = np.empty((b.d1 - b.d0 + 1, b.c1 - b.c0), np.float32)

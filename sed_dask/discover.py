@@ -3,7 +3,7 @@
 Steps come from file or directory names (``ckpt_000200.pt``, ``step200``, ``global_step200``,
 ``checkpoint-200``, ``step1000-tokens4B`` HF revisions, ``model_200.safetensors``, DCP folders
 ``step_200/``) or from an
-explicit ``{step: path}`` mapping, and are sorted numerically (not lexicographically, sed_spec §2.1).
+explicit ``{step: path}`` mapping, and are sorted numerically (not lexicographically, docs/method.md §2.1).
 Two files claiming one step is an error naming both: silently picking one would change the run.
 """
 from __future__ import annotations

@@ -402,7 +402,7 @@ def warning_figure(ds, *, runs, window, variable="edge_ratio", events=None, warn
 
 
 def noise_figure(summary: xr.Dataset, *, runs, window, events=None) -> Figure:
-    """PC2 against its matched-norm null and the split-half stability of PC2 (sed_spec §4.5): when
+    """PC2 against its matched-norm null and the split-half stability of PC2 (docs/method.md §4.5): when
     does the second direction stop being signal? ``summary``: output of ``analysis.pc2_summary``."""
     W, events = window, events or {}
     fig, axes = _runs_grid(len(runs), height=2.6)

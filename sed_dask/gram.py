@@ -3,7 +3,7 @@
 ``band[g, i, k] = <delta_i, delta_{i-k}>`` for ``k < width`` with ``delta_i = theta(s_{i+1}) -
 theta(s_i)`` (0-based: delta ``i`` is labelled by step ``s_{i+1}``); NaN where ``i - k < 0``. Window
 spectra of every W < width, and the cross-window entries that gamma needs, are principal or
-adjacent sub-blocks of this band (sed_spec §3.3), so the store is read once for all of them.
+adjacent sub-blocks of this band (docs/method.md §3.3), so the store is read once for all of them.
 
 Scheme (why it is shaped like this):
 
@@ -23,7 +23,7 @@ Scheme (why it is shaped like this):
 * **Columns.** P-ranges are whole multiples of the store's read chunk, or an even split of one chunk
   when tile-bytes is smaller than a chunk of the rows held in memory. A tile splits its columns at
   layer-group boundaries and emits one partial per group it touches plus ``all``.
-* **Kernel.** Deltas are formed in float32 (sed_spec §2.3) in place, then each ~2 MiB column
+* **Kernel.** Deltas are formed in float32 (docs/method.md §2.3) in place, then each ~2 MiB column
   sub-block is upcast to float64 and multiplied by BLAS: one ``D @ D.T`` (syrk) when the rows in
   memory are few (the usual case, measured fastest), else chunks of ``2 width`` rows times their
   ``width-1`` predecessors (gemm). Sub-block sums run in a fixed order.
@@ -491,7 +491,7 @@ class GramResult:
 
     @property
     def delta_steps(self) -> np.ndarray:
-        """Label of each delta: the step of its newer checkpoint (sed_spec §2.3)."""
+        """Label of each delta: the step of its newer checkpoint (docs/method.md §2.3)."""
         return self.steps[1:]
 
     @property

@@ -1,7 +1,7 @@
 """Which flat-vector ranges make up each requested layer group.
 
 Gram matrices are additive over parameter blocks, so a per-group Gram is the same pass restricted
-to the group's columns (sed_spec §3.3, §9). This module only turns a user's group request into
+to the group's columns (docs/method.md §3.3, §9). This module only turns a user's group request into
 ``{group: [(start, stop), ...]}`` for one run's parameter index; ``sed_dask.gram`` does the rest.
 
 Requests:

@@ -1,4 +1,4 @@
-"""Johnson-Lindenstrauss operators Phi (P x d) from counter-based random tiles (sed_spec §11).
+"""Johnson-Lindenstrauss operators Phi (P x d) from counter-based random tiles (docs/method.md §11).
 
 Why it is built like this:
 

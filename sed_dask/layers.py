@@ -1,7 +1,7 @@
 """Default layer groups: map a parameter name to a group label.
 
 The reference code only knows ``blocks.N.`` names and silently finds nothing on HF/nanoGPT
-names (sed_spec §9, §15.3). These rules read a name component by component, so they work on
+names (docs/method.md §9, §15.3). These rules read a name component by component, so they work on
 GPT-2 (HF and nanoGPT), Llama (HF and Meta), BERT, T5, torch ``nn.Transformer`` and flat models
 alike. A block is a known container (``blocks``, ``h``, ``layers``, ``layer``, ``block`` …)
 followed by an index: ``transformer.h.3.``, ``model.layers.3.``, ``encoder.layer.3.``. An index

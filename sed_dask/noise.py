@@ -1,4 +1,4 @@
-"""Marchenko-Pastur / BBP noise-floor quantities of a window spectrum (sed_spec §4.1-4.3).
+"""Marchenko-Pastur / BBP noise-floor quantities of a window spectrum (docs/method.md §4.1-4.3).
 
 All take descending, clamped eigenvalues ``lam`` (``sigma**2``) of W x W window Grams, batched
 over the leading axis, and ``P`` = the parameter count of the vector (or layer group) analysed.

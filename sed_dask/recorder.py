@@ -1,7 +1,7 @@
 """Record a training trajectory in the layout ``sed_dask.ingest`` reads.
 
 SED needs *full-precision* checkpoints at a fixed step cadence plus validation metrics at the same
-steps (sed_spec §2.1, §2.5). This callback writes exactly that from any PyTorch loop:
+steps (docs/method.md §2.1, §2.5). This callback writes exactly that from any PyTorch loop:
 
 * ``ckpt_{step:06d}.pt`` holding ``{"step": step, "model_state_dict": state_dict}`` (fmt="pt"), or
   ``model_{step:06d}.safetensors`` written by ``safetensors.torch.save_model`` (fmt="safetensors",
@@ -108,7 +108,7 @@ def _cpu_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
 class TrajectoryRecorder:
     """Save checkpoints every ``every`` steps and keep ``metrics.json`` in step with them.
 
-    ``every``: checkpoint cadence in optimiser steps; SED assumes uniform spacing (sed_spec §2.3),
+    ``every``: checkpoint cadence in optimiser steps; SED assumes uniform spacing (docs/method.md §2.3),
     so :meth:`maybe_save` saves exactly the steps divisible by ``every`` (step 0 included).
     ``fmt``: ``"pt"`` or ``"safetensors"``. Dtypes are kept as they are (never downcast); pass
     ``upcast=True`` to store floating tensors as float32 when training in bf16/fp16.

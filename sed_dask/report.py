@@ -11,7 +11,7 @@ feed it without the report re-implementing them. Figures, in the spirit of the p
 * ``lag_flip``       detrended lagged correlation r(ℓ) with val loss for every W, peak lags marked;
 * ``early_warning``  the watched edge with each causal detector's first alarm and grokking marked;
 * ``noise_pc2``      (with ``analysis["pc2"]``) PC2 against its matched-norm null, split-half
-                     stability and the noise-transition step (sed_spec §4.5).
+                     stability and the noise-transition step (docs/method.md §4.5).
 
 Inputs (all optional, keyword-only):
 
@@ -25,7 +25,7 @@ Inputs (all optional, keyword-only):
     - ``"collapse"``: output of ``analysis.collapse_step`` or ``{run: step}``;
     - ``"lag"``: output of ``analysis.lag_sweep`` / ``lag_correlation`` (``r`` on a ``lag`` dim)
       or a DataArray ``r(window, lag[, run])``; without it a plain cubic-detrended version is
-      computed here (sed_spec §6), labelled as such;
+      computed here (docs/method.md §6), labelled as such;
     - ``"alarms"``: output of ``analysis.early_warning`` (the causal detectors); or ``"warning"``:
       output of ``analysis.lead_time`` / ``onset`` (``onset_step``) or ``{run: step}``;
       ``"warning_variable"``: the series it was computed on (default edge_ratio);
@@ -93,7 +93,7 @@ def _detrend(t: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 def lag_correlation_simple(ds: xr.Dataset, *, runs, windows, lags=range(-5, 8), variable="edge_ratio",
                            target="val_loss", min_overlap: int = 6) -> xr.DataArray:
-    """r(run, window, lag): cubic-detrended lagged Pearson r (sed_spec §6.1–6.2).
+    """r(run, window, lag): cubic-detrended lagged Pearson r (docs/method.md §6.1–6.2).
 
     Only the report's fallback when no lag analysis is given: exact-step pairs, lags in the run's
     checkpoint index, ℓ > 0 = ``variable`` leads; lags with fewer than ``min_overlap`` pairs are NaN.

@@ -1,6 +1,6 @@
 """Parameter-selection policies: which tensors form the flat parameter vector, in which order.
 
-The reference code flattens checkpoints three different ways (sed_spec §2.2, §15.3): the full
+The reference code flattens checkpoints three different ways (docs/method.md §2.2, §15.3): the full
 state dict (mask buffers and a second copy of the tied embedding included) or a substring rule
 (``"attn.bias" in key``) that also drops GPT-2's trainable ``c_attn.bias``. Here the choice is an
 explicit, versioned, JSON-recordable policy stored with every run:

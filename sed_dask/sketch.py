@@ -17,7 +17,7 @@ either, which fixes two things (both checked by ``tests/test_sketch.py``):
 
 Tasks own whole tiles (P-ranges are tile multiples, by default a power of two of them, so that a
 task returns one node) and one step block of deltas plus a one-row halo; Zarr chunks need not align.
-Deltas are formed in float32 like the Gram engine (sed_spec §2.3) and upcast per tile; sums are
+Deltas are formed in float32 like the Gram engine (docs/method.md §2.3) and upcast per tile; sums are
 float64. ``SketchAccumulator`` follows ``sed_dask.gram``'s accumulator protocol (``update(S, g0)``,
 ``result()``), and ``SketchExtra`` plugs it into the banded-Gram pass (``spectrum(..., sketch=...)``):
 the same read then yields the Gram and the sketch, bit-identical to ``sketch()``'s.

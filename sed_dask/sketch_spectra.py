@@ -1,4 +1,4 @@
-"""Window spectra from a JL sketch (no store re-read), and the JL error report of sed_spec §11.
+"""Window spectra from a JL sketch (no store re-read), and the JL error report of docs/method.md §11.
 
 A sketch row is ``S_i = Phi^T delta_i``, so ``<S_i, S_j>`` estimates ``<delta_i, delta_j>``: the band of
 ``S S^T`` goes through exactly the engine's window code (``sed_dask.windows``) and Dataset builder
@@ -96,7 +96,7 @@ def spectra_from_sketch(sketch_ds, *, windows=(10,), runs=None, d: int | None = 
     """Results Dataset (docs/result_schema.md) of every W from a sketch Dataset, without the store.
 
     ``d`` uses only the first d sketch columns. Singular values estimate the exact ones with a
-    relative error of order sqrt(W/d) (sed_spec §11: d = 10W keeps the edge ratio within ~6%).
+    relative error of order sqrt(W/d) (docs/method.md §11: d = 10W keeps the edge ratio within ~6%).
     """
     from . import __version__
 
@@ -155,13 +155,13 @@ def jl_error_report(source, *, run: str | None = None, windows=(10,), ds: Sequen
                     store=None, sketches=None, client=None, address: str | None = None,
                     scheduler_file: str | None = None, scheduler: str | None = None, progress: bool = False,
                     **sketch_kw):
-    """Relative error of JL edge ratios against the exact engine (sed_spec §11), per W and d.
+    """Relative error of JL edge ratios against the exact engine (docs/method.md §11), per W and d.
 
     ``source``: a trajectory store (the exact spectra are computed) or an exact results Dataset
     (its ``source_store`` is sketched unless ``store``/``sketches`` are given). ``nested=True``: one
     sketch of ``max(ds)`` columns per seed, each d using its first d columns (cheapest; errors of
     different d are then correlated); ``nested=False``: an independent operator per (d, seed) with
-    seed ``1000 * seed + d``, the reference's convention (sed_spec §11). ``sketches={seed: Dataset}``
+    seed ``1000 * seed + d``, the reference's convention (docs/method.md §11). ``sketches={seed: Dataset}``
     (nested) or ``{(seed, d): Dataset}`` reuses sketches. Windows count where the exact sigma_2,
     sigma_3 are nonzero and finite (as the reference does). Returns a Dataset
     ``mean/std/max(window, d, ratio)`` with ratio in r12 (sigma1/sigma2), r23 (sigma2/sigma3), edge

@@ -42,7 +42,7 @@ def _windows(windows) -> list[int]:
 def _check_spacing(run: str, spans: np.ndarray, normalize: bool) -> None:
     if spans.size and spans.min() != spans.max():
         what = ("deltas are divided by their step spans (normalize_spacing=True)" if normalize else
-                "deltas are NOT normalised (sed_spec §2.3 default); pass normalize_spacing=True to divide "
+                "deltas are NOT normalised (docs/method.md §2.3 default); pass normalize_spacing=True to divide "
                 "each delta by its step span")
         uniq = np.unique(spans)
         warnings.warn(f"run {run!r}: uneven checkpoint spacing (delta spans {uniq[:6].tolist()}"

@@ -1,4 +1,4 @@
-"""Per-window spectral features from a banded Gram (sed_spec §3, §4): pure NumPy on the client.
+"""Per-window spectral features from a banded Gram (docs/method.md §3, §4): pure NumPy on the client.
 
 Every quantity of §3.2 is a function of the W x W window Gram and, for gamma, of the cross
 products between consecutive windows (band lags up to W), so nothing here touches the store.
@@ -78,7 +78,7 @@ def k_star_rules(sigma: np.ndarray, *, floor: np.ndarray, n_signal: np.ndarray) 
 
 
 def split_half(G: np.ndarray, *, zero_rtol: float) -> np.ndarray:
-    """|cos| between the k-th right singular vectors of the two halves of each window (sed_spec §4.5).
+    """|cos| between the k-th right singular vectors of the two halves of each window (docs/method.md §4.5).
 
     Halves A = first ceil(W/2), B = last floor(W/2) deltas. v_A^k = X_A^T u_A^k / sigma_A^k, so
     <v_A^k, v_B^k> = u_A^k^T G_AB u_B^k / (sigma_A^k sigma_B^k): the window Gram suffices, no
@@ -129,7 +129,6 @@ def window_features(band: np.ndarray, W: int, *, n_params: int, zero_rtol: float
     with np.errstate(divide="ignore", invalid="ignore"):
         zero = sigma <= zero_rtol * s1[:, None]
         ratio = np.where(zero[:, 1:], np.nan, sigma[:, :-1] / sigma[:, 1:])
-        finite = np.isfinite(ratio)
         nf = np.where(live, mp_edge(lam, n_params), np.nan)
         n_signal = np.where(live, signal_count(lam, n_params), np.nan)
         rules = k_star_rules(np.where(zero, 0.0, sigma), floor=nf, n_signal=n_signal)

@@ -8,7 +8,7 @@ import numpy as np
 
 
 def deltas(X) -> np.ndarray:
-    """float32 differences (sed_spec §2.3), then float64."""
+    """float32 differences (docs/method.md §2.3), then float64."""
     X = np.asarray(X, dtype=np.float32)
     return (X[1:] - X[:-1]).astype(np.float64)
 

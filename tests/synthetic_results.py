@@ -28,7 +28,7 @@ def window_spectra(deltas: np.ndarray, W: int) -> dict[str, np.ndarray]:
         s = np.sqrt(lam)
         rho = s[:-1] / s[1:]
         nbar = lam[W // 2:].mean()
-        floor = np.sqrt(nbar * (1 + np.sqrt(W / P)) ** 2)           # sed_spec §4.2
+        floor = np.sqrt(nbar * (1 + np.sqrt(W / P)) ** 2)           # docs/method.md §4.2
         cand = s[:-1] >= floor          # numerator rule (docs/method.md)
         if not cand.any():
             cand = np.arange(1, W) <= W // 2

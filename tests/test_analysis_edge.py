@@ -72,7 +72,7 @@ def test_edge_summary_against_manual(ds):
 
 
 def test_window_statistic_fig1a_restricted_rule():
-    # sed_spec §3.2: restricted argmax gives k* = 2 (ratio 1.3806); the naive argmax picks the tail.
+    # docs/method.md §3.2: restricted argmax gives k* = 2 (ratio 1.3806); the naive argmax picks the tail.
     assert window_statistic(FIG1A, n_params=P_TS) == pytest.approx(169.08 / 122.47)
     assert window_statistic(FIG1A, n_params=P_TS, statistic=9) == pytest.approx(44.58 / 22.79)
     pc2 = window_statistic(FIG1A, n_params=P_TS, statistic="pc2")

@@ -98,7 +98,7 @@ def test_phases_on_dataset_with_nans_and_groups():
     assert out.phase.attrs["flag_meanings"] == "rise plateau collapse rebound"
 
 
-REF = dict(sustain=1, label="newest", after="peak")   # the reference's collapse rule (sed_spec §5.1)
+REF = dict(sustain=1, label="newest", after="peak")   # the reference's collapse rule (docs/method.md §5.1)
 ROBUST = [1.15, 1.20, 1.25, 1.30]
 
 

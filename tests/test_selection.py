@@ -42,7 +42,7 @@ def test_default_policy_keeps_trainable_params_once(traj, files):
     names = sel.index.names
     assert names == traj.trainable_names()
     assert sel.index.n_params == traj.n_trainable()
-    # GPT-2's trainable qkv bias is kept although its name contains "attn.bias" (sed_spec §15.3)
+    # GPT-2's trainable qkv bias is kept although its name contains "attn.bias" (docs/method.md §15.3)
     assert "blocks.0.attn.c_attn.bias" in names and "blocks.1.attn.c_attn.bias" in names
     assert "blocks.0.attn.bias" not in names and "lm_head.weight" not in names
     assert sel.dropped["lm_head.weight"] == "tied to tok_emb.weight (shared storage)"

@@ -44,7 +44,7 @@ def _check_sigma(ds, run, X, steps_run, windows, *, group="all", cols=None, span
 
 
 def _check_split_half(ds, run, X, steps_run, windows, *, group="all", cols=None):
-    """split_half equals |v_A^k . v_B^k| of numpy SVDs of the explicit halves (sed_spec §4.5)."""
+    """split_half equals |v_A^k . v_B^k| of numpy SVDs of the explicit halves (docs/method.md §4.5)."""
     D = deltas(X)
     if cols is not None:
         D = D[:, cols]
@@ -95,7 +95,7 @@ def test_planted_rank_and_fig1a_through_the_store(tmp_path):
     # rank 2 + isotropic noise: the signal/noise boundary is the largest ratio everywhere
     X = planted(np.random.default_rng(1), 41, 3000, rank=2, noise=1e-3)
     write_trajectory(tmp_path / "s.zarr", "r", np.arange(41), X)
-    # the paper's Fig 1A spectrum as one W=10 window: restricted k* = 2, naive = 9 (sed_spec §3.2)
+    # the paper's Fig 1A spectrum as one W=10 window: restricted k* = 2, naive = 9 (docs/method.md §3.2)
     D = stack_with_spectrum(FIG1A, 2000, np.random.default_rng(2))
     X2 = np.concatenate([np.zeros((1, 2000)), np.cumsum(D, axis=0)])
     write_trajectory(tmp_path / "s.zarr", "fig1a", np.arange(0, 2200, 200), X2)

@@ -1,4 +1,4 @@
-"""Window features from a band against direct computations on explicit deltas (sed_spec §3-4)."""
+"""Window features from a band against direct computations on explicit deltas (docs/method.md §3-4)."""
 from __future__ import annotations
 
 import numpy as np
@@ -75,7 +75,7 @@ def test_features_match_direct_computation(maker, W):
 
 
 def test_fig1a_spectrum_k_star_variants_and_noise_floor():
-    """sed_spec §3.2 / §4.1-4.2: restricted k* = 2 with the MP edge 64.8, naive argmax = 9."""
+    """docs/method.md §3.2 / §4.1-4.2: restricted k* = 2 with the MP edge 64.8, naive argmax = 9."""
     D = stack_with_spectrum(FIG1A, 64, np.random.default_rng(0))
     f = window_features(band_of(D, 10), 10, n_params=P_TS)
     np.testing.assert_allclose(f["sigma"][0], FIG1A, rtol=1e-12)

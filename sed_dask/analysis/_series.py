@@ -20,7 +20,7 @@ from .defaults import mp_adjacent_ratio  # noqa: F401  (re-exported for the quer
 STEP = "step"
 SERIES_DIMS_ORDER = ("run", "window", "group")
 
-# Short names used in the spec (sed_spec §3.2) -> (variable, sv)
+# Short names used in the spec (docs/method.md §3.2) -> (variable, sv)
 _RATIO_ALIAS = re.compile(r"^r(\d+)_?(\d+)$")
 _ROLE_ALIASES = {"rank": "signal_rank", "drift": "drift_speed"}
 EDGE = "edge"   # the fixed-k edge series: ratio at k = the series' mode of k* (see fixed_edge)
@@ -71,7 +71,7 @@ def fixed_edge(ds: xr.Dataset, *, rank="k_star") -> xr.DataArray:
 def resolve(ds: xr.Dataset, variable, *, sv: int | None = None) -> xr.DataArray:
     """A named DataArray for ``variable``: a DataArray, a variable name, a ``sed_role`` or an alias.
 
-    Aliases: ``r23``/``r34``/… = ``ratio`` at sv=2/3 (sed_spec §3.2 names); ``edge`` = the fixed-k
+    Aliases: ``r23``/``r34``/… = ``ratio`` at sv=2/3 (docs/method.md §3.2 names); ``edge`` = the fixed-k
     edge series (:func:`fixed_edge`), unless the dataset has a variable of that name. Variables with
     an ``sv`` dim need ``sv=`` (e.g. ``ratio``, ``sigma``).
     """
@@ -222,7 +222,7 @@ def finite(series: xr.DataArray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def aligned(x: xr.DataArray, y: xr.DataArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Steps, x, y at the steps where both are finite: exact step match (sed_spec §2.5)."""
+    """Steps, x, y at the steps where both are finite: exact step match (docs/method.md §2.5)."""
     x, y = xr.align(x, y, join="inner")
     xv = np.asarray(x.values, dtype=float)
     yv = np.asarray(y.values, dtype=float)
@@ -237,7 +237,7 @@ def paired_grid(xs: xr.DataArray, ys: xr.DataArray, *, gaps: str
     The grid is the run's delta steps (``delta_span`` > 0) when available, else the steps where
     x or y is finite, trimmed to x's finite span. ``gaps="keep"`` keeps NaN holes (degenerate
     windows, missing evals) so a lag is always ℓ checkpoints — the reference compresses them,
-    which shifts index lags (sed_spec §15.4); ``gaps="drop"`` reproduces the reference.
+    which shifts index lags (docs/method.md §15.4); ``gaps="drop"`` reproduces the reference.
     """
     if gaps not in ("keep", "drop"):
         raise AnalysisError(f"gaps must be 'keep' or 'drop', got {gaps!r}")

@@ -1,7 +1,7 @@
 """Edge queries: signal rank (mode of k*), per-series edge summary, edge significance vs a null.
 
 Per-window k* and the edge ratio are computed by the engine (result_schema.md); here they are
-summarised over windows and tested against a matched-norm random-direction null (sed_spec §4.5).
+summarised over windows and tested against a matched-norm random-direction null (docs/method.md §4.5).
 """
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def edge_summary(ds: xr.Dataset, *, variable="edge_ratio", rank="signal_rank", s
                  window=None, group=None) -> xr.Dataset:
     """Per (run, W[, group]): signal rank, edge-ratio mean/median/min/max (+ step of the max),
     and how often the edge exceeds the W-aware MP adjacent-ratio noise level 1 + 2W^(-2/3)
-    (sed_spec §4.3: ``n_above_mp``, ``excess_over_mp``)."""
+    (docs/method.md §4.3: ``n_above_mp``, ``excess_over_mp``)."""
     edge = select(resolve(ds, variable, sv=sv), run=run, window=window, group=group)
     out = signal_rank(ds, variable=rank, run=run, window=window, group=group)
     finite = edge.notnull()
@@ -152,9 +152,9 @@ def window_statistic(sigma: np.ndarray, *, n_params: float, statistic="edge_rati
 
     ``"edge_ratio"``: max ρ_k over the noise-floor-restricted candidates {k : σ_k ≥ σ_MP}
     (fallback k ≤ ⌊W/2⌋), σ_MP = √n̄ (1 + √(W/P)), n̄ = mean of the bottom-half eigenvalues —
-    the engine's default k* rule (result_schema.md, sed_spec §3.2, §4.2). Taking the *max* over the
+    the engine's default k* rule (result_schema.md, docs/method.md §3.2, §4.2). Taking the *max* over the
     same candidate set in data and null includes the look-elsewhere effect of choosing k*.
-    An int k: ρ_k at fixed k (e.g. 2 for r23). ``"pc2"``: 100 λ₂/Σλ (sed_spec §4.5).
+    An int k: ρ_k at fixed k (e.g. 2 for r23). ``"pc2"``: 100 λ₂/Σλ (docs/method.md §4.5).
     """
     sigma = np.asarray(sigma, dtype=float)
     W = sigma.shape[-1]
@@ -184,7 +184,7 @@ def null_gram(norms: np.ndarray, *, n_params: int, n_null: int, rng: np.random.G
     Exact for any P ≥ W, simulated in W-space: the Gram of W Gaussian vectors in R^P is
     Wishart(P, I_W), drawn by the Bartlett decomposition A = LLᵀ (L_ii² ~ χ²(P−i), L_ij ~ N(0,1));
     normalising gives the cosines of uniformly random directions. For P ≫ W this is the spec's
-    diag(‖δ_i‖²) + N(0, ‖δ_i‖²‖δ_j‖²/P) off-diagonals (sed_spec §4.5) without the approximation.
+    diag(‖δ_i‖²) + N(0, ‖δ_i‖²‖δ_j‖²/P) off-diagonals (docs/method.md §4.5) without the approximation.
     """
     norms = np.asarray(norms, dtype=float)
     W = norms.size
@@ -236,14 +236,14 @@ def _n_params_for(ds: xr.Dataset, key: dict, n_params) -> int:
 def edge_null(ds: xr.Dataset, *, statistic="edge_ratio", n_null: int = 999, q: float = 0.95,
               seed: int | None = 0, norms: str = "delta_norm", n_params=None, run=None, window=None,
               group=None) -> xr.Dataset:
-    """Edge significance per window against matched-norm random directions (sed_spec §4.5).
+    """Edge significance per window against matched-norm random directions (docs/method.md §4.5).
 
     Null: the window's W deltas keep their norms ‖δ_i‖ but point in independent uniformly random
     directions of R^P (the companion repos' "random walk, matched step norms"). The statistic is
     recomputed from ``sigma`` with the same rule on data and null (:func:`window_statistic`).
     ``norms="delta_norm"`` uses the ``delta_norm(run, step[, group])`` variable; ``"equal"`` uses
     ‖δ_i‖² = Σσ²/W for every delta (matched total energy only — weaker, but needs nothing extra).
-    p = (1 + #{null ≥ obs}) / (n_null + 1): the +1 correction the reference lacks (sed_spec §15.4).
+    p = (1 + #{null ≥ obs}) / (n_null + 1): the +1 correction the reference lacks (docs/method.md §15.4).
     Returns ``observed``, ``null_quantile``, ``p_value``, ``significant`` (obs > quantile) on
     (run, W[, group], step), and ``frac_significant`` per series.
     """
@@ -320,7 +320,7 @@ def _first_sustained(flags: np.ndarray, start: int, sustain: int) -> int | None:
 def pc2_summary(ds: xr.Dataset, *, split_half="split_half", n_null: int = 999, q: float = 0.95,
                 seed: int | None = 0, norms: str = "delta_norm", n_params=None, sustain: int = SUSTAIN,
                 ddof: int = 0, run=None, window=None, group=None) -> xr.Dataset:
-    """When does PC2 sink into the noise? The reference's ``pc2_noise_test`` consumers (sed_spec §4.5).
+    """When does PC2 sink into the noise? The reference's ``pc2_noise_test`` consumers (docs/method.md §4.5).
 
     Runs :func:`edge_null` with ``statistic="pc2"`` (PC2 = 100 λ₂/Σλ against the matched-norm
     random-direction null) and summarises each (run, W[, group]) series over its valid windows

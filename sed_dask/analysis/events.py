@@ -1,4 +1,4 @@
-"""Event study: does the edge collapse precede the stabilisation of the validation loss? (sed_spec §5.5)
+"""Event study: does the edge collapse precede the stabilisation of the validation loss? (docs/method.md §5.5)
 
 Per (run, W[, group]) series and collapse threshold τ: the collapse step of the edge
 (:func:`sed_dask.analysis.phases.collapse_step`), the first step at or after it where the target's
@@ -15,11 +15,11 @@ from ._series import EDGE, STEP, Collector, at, describe, finite, iter_series, p
 from .defaults import DEFAULT_TAU, SUSTAIN
 from .phases import collapse_step
 
-ROBUSTNESS_TAUS = (1.15, 1.20, 1.25, 1.30)   # the reference's robustness set (sed_spec §5.5)
+ROBUSTNESS_TAUS = (1.15, 1.20, 1.25, 1.30)   # the reference's robustness set (docs/method.md §5.5)
 
 
 def smoothed_change(y) -> np.ndarray:
-    """dvl_smooth of sed_spec §5.5 steps 1–2 on the target at the windows (NaN = missing).
+    """dvl_smooth of docs/method.md §5.5 steps 1–2 on the target at the windows (NaN = missing).
 
     dvl_t = |y_{t+1} − y_t| (NaN when either is missing, and for the last t: gaps are not bridged);
     dvl_smooth_t = mean of the finite dvl among t−1, t, t+1 (NaN when none is).
@@ -38,7 +38,7 @@ def smoothed_change(y) -> np.ndarray:
 def stabilisation_threshold(dvl_smooth, *, baseline: int = 10, factor: float = 0.3,
                             fallback: float = 0.01) -> tuple[float, int]:
     """``(threshold, n used)``: ``factor`` × median of the finite values among the first ``baseline``
-    dvl_smooth entries, or ``fallback`` when there are none (sed_spec §5.5 step 3). Fewer than
+    dvl_smooth entries, or ``fallback`` when there are none (docs/method.md §5.5 step 3). Fewer than
     ``baseline`` entries (a short series) use what there is, as the reference's slice does."""
     head = np.asarray(dvl_smooth, dtype=float)[:baseline]
     head = head[np.isfinite(head)]
@@ -51,7 +51,7 @@ def event_study(ds: xr.Dataset, variable=EDGE, target="val_loss", *, taus=DEFAUL
                 baseline: int = 10, factor: float = 0.3, fallback: float = 0.01, sustain: int = SUSTAIN,
                 label: str = "center", after: str = "emergence", sv=None, target_sv=None,
                 run=None, window=None, group=None) -> xr.Dataset:
-    """Collapse → target-stabilisation delay (sed_spec §5.5): how long after the edge collapses the
+    """Collapse → target-stabilisation delay (docs/method.md §5.5): how long after the edge collapses the
     validation loss settles. It is *not* a lead before grokking (that is
     :func:`sed_dask.analysis.early_warning`'s ``lead``): a positive ``stab_delay`` means the loss
     settled after the collapse.

@@ -1,4 +1,4 @@
-"""Granger causality by OLS with AIC lag selection and an F test (sed_spec §7).
+"""Granger causality by OLS with AIC lag selection and an F test (docs/method.md §7).
 
 Restricted model: intercept + contemporaneous covariates (e.g. lr) + target lags 1..p.
 Unrestricted: + feature lags 1..p — never the contemporaneous feature. p is the lag with the lowest
@@ -35,7 +35,7 @@ def ols_rss(y, X) -> tuple[float, int]:
 
 
 def aic(rss: float, n: int, k: int) -> float:
-    """n·ln(RSS/n) + 2k (∞ if RSS ≤ 0 or n ≤ k), as the reference (sed_spec §7.1)."""
+    """n·ln(RSS/n) + 2k (∞ if RSS ≤ 0 or n ≤ k), as the reference (docs/method.md §7.1)."""
     if rss <= 0 or n <= k:
         return np.inf
     return n * np.log(rss / n) + 2 * k
@@ -106,7 +106,7 @@ def granger_test(y, x, *, max_lag: int = 2, lag: int | None = None, covariate=No
     samples are not strictly comparable); F and p always come from the chosen p's own fit.
     ``n_perm`` > 0 adds a circular-shift null of F at the chosen p: x is rolled by a uniform
     shift in [1, T−1] (the reference's "block" test, which never used its block size), and
-    p_perm = (1 + #{F_null ≥ F}) / (n_perm + 1) (the +1 the reference lacks, sed_spec §15.4).
+    p_perm = (1 + #{F_null ≥ F}) / (n_perm + 1) (the +1 the reference lacks, docs/method.md §15.4).
     Returns the chosen fit plus ``delta_aic`` = AIC_r − AIC_u, ``delta_r2`` = R²_u − R²_r and
     ``aic_by_lag`` (unrestricted AIC per p, NaN where skipped).
     """
@@ -204,7 +204,7 @@ def granger(ds: xr.Dataset, variable="edge_ratio", target="val_loss", *, max_lag
             lag: int | None = None, covariate=None, direction: str = "both", nuisance=None, n_perm: int = 999,
             seed: int | None = 0, min_obs: int = 10, aic_sample: str = "per_lag",
             gaps: str = "keep", sv=None, run=None, window=None, group=None) -> xr.Dataset:
-    """Univariate Granger tests per (run, W[, group]) and direction (sed_spec §7.1, §7.2).
+    """Univariate Granger tests per (run, W[, group]) and direction (docs/method.md §7.1, §7.2).
 
     ``direction``: ``"forward"`` (variable → target), ``"reverse"`` (target → variable) or
     ``"both"`` — the lag flip is a statement about directionality. ``covariate``: contemporaneous
@@ -255,7 +255,7 @@ def granger_multivariate(ds: xr.Dataset, features=("edge_ratio", "k95"), target=
                          run=None, window=None, group=None) -> xr.Dataset:
     """Joint Granger test of several features → target: unrestricted = AR(p) of the target +
     lags 1..p of every feature (q = p·m). ``r2_u`` is the share of target variance explained —
-    the README's "edge_str + k95 explains 89.5%" is most likely this R² (sed_spec §7.2,
+    the README's "edge_str + k95 explains 89.5%" is most likely this R² (docs/method.md §7.2,
     inferred). The circular-shift null rolls all features jointly, preserving their coupling.
     """
     feats = _listify(features)

@@ -1,7 +1,7 @@
 """Detrended lagged cross-correlation with val loss, W sweep / lag flip, sliding and
-phase-specific correlations (sed_spec §6, §10).
+phase-specific correlations (docs/method.md §6, §10).
 
-Sign convention (sed_spec §6.2): at lag ℓ > 0 the pair is (x[t], y[t+ℓ]), i.e. corr(x[0:n−ℓ],
+Sign convention (docs/method.md §6.2): at lag ℓ > 0 the pair is (x[t], y[t+ℓ]), i.e. corr(x[0:n−ℓ],
 y[ℓ:n]) — **positive lag = the spectral feature leads the target**; ℓ < 0 = the target leads.
 Lags are in checkpoint-index units of the run's own step grid.
 """
@@ -26,7 +26,7 @@ def detrend_series(steps, values, *, method: str = "cubic") -> np.ndarray:
     """Residual of a polynomial trend fitted to the finite points (NaNs stay NaN).
 
     Default: cubic in normalised time t = (s − s₀)/(s_last − s₀) ∈ [0, 1] — the reference's cubic
-    trend (sed_spec §6.1) without its ill-conditioned fit on raw steps up to 2.6·10⁴ (§15.4).
+    trend (docs/method.md §6.1) without its ill-conditioned fit on raw steps up to 2.6·10⁴ (§15.4).
     ``"cubic_raw"`` reproduces the reference (``np.polyfit`` on raw steps); ``"linear"`` is the
     theory script's variant; ``"none"`` returns the values unchanged.
     """
@@ -72,7 +72,7 @@ def pearson(a, b) -> tuple[float, float]:
 def lagged_corr(x, y, *, lags=range(-5, 8), min_overlap: int = 6) -> tuple[np.ndarray, np.ndarray]:
     """r(ℓ) and the pair count for each lag; pairs with a NaN on either side are excluded.
 
-    ℓ ≥ 0: corr(x[0:n−ℓ], y[ℓ:n]); ℓ < 0: corr(x[|ℓ|:n], y[0:n−|ℓ|]) (sed_spec §6.2). A lag is
+    ℓ ≥ 0: corr(x[0:n−ℓ], y[ℓ:n]); ℓ < 0: corr(x[|ℓ|:n], y[0:n−|ℓ|]) (docs/method.md §6.2). A lag is
     kept only with ≥ ``min_overlap`` pairs (the reference's n − |ℓ| > 5).
     """
     x = np.asarray(x, dtype=float)
@@ -93,7 +93,7 @@ def lagged_corr(x, y, *, lags=range(-5, 8), min_overlap: int = 6) -> tuple[np.nd
 
 
 def peak_lag(lags, r, *, peak: str = "min") -> tuple[float, float]:
-    """(lag, r) at the peak. ``"min"``: most negative r — the reference rule (sed_spec §6.3), which
+    """(lag, r) at the peak. ``"min"``: most negative r — the reference rule (docs/method.md §6.3), which
     assumes a negative edge/val-loss coupling; ``"absmax"``: largest |r| (theory script);
     ``"max"``: largest r. Ties go to the first lag in grid order. This is the grid's extreme, not
     necessarily a located peak: see :func:`peak_resolved`."""
@@ -217,7 +217,7 @@ def lag_correlation(ds: xr.Dataset, variable="edge_ratio", target="val_loss", *,
     Both series are matched by exact step, detrended (``detrend``, default cubic on normalised t)
     on their jointly finite points, and correlated over ``lags`` (default range(−5, 8), the GPT-2
     grid; the TinyStories sweep used range(−3, 6)). Sign: a positive lag ℓ means the variable
-    leads, r(ℓ) = corr(x[0:n−ℓ], y[ℓ:n]) (sed_spec §6.2); lags count the run's own checkpoints.
+    leads, r(ℓ) = corr(x[0:n−ℓ], y[ℓ:n]) (docs/method.md §6.2); lags count the run's own checkpoints.
 
     Returns ``r`` and ``n_overlap`` on a ``lag`` dim, and per (run, W[, group]):
     ``peak_lag``/``peak_r`` — the grid's extreme under ``peak`` (argmin r by default), which is a
@@ -277,7 +277,7 @@ def _describe_peak(out: xr.Dataset, xname, yname, peak: str, alpha: float) -> No
 
 def lag_sweep(ds: xr.Dataset, variable="edge_ratio", target="val_loss", *, windows=None,
               **options) -> xr.Dataset:
-    """:func:`lag_correlation` over every W plus lag-flip flags (sed_spec §6.4).
+    """:func:`lag_correlation` over every W plus lag-flip flags (docs/method.md §6.4).
 
     ``peak_sign`` = sign(peak_lag). ``sign_change_next``: the sign differs from the next larger
     W's, both non-zero (the old, uninformative flip rule: it fires on grid-edge extremes).
@@ -373,7 +373,7 @@ def sliding_correlation(ds: xr.Dataset, variable="edge_ratio", target="val_loss"
                         align: str = "center", width: int | None = None, detrend: str = "none",
                         gaps: str = "keep", sv=None, target_sv=None, run=None, window=None,
                         group=None) -> xr.Dataset:
-    """Local Pearson r(x, y) in a moving window of checkpoints (sed_spec §10).
+    """Local Pearson r(x, y) in a moving window of checkpoints (docs/method.md §10).
 
     ``align="center"``: width 11 (TinyStories), labelled by the centre step; ``"trailing"``:
     width 8 (GPT-2), labelled by the last step. A window is skipped if either series has a NaN
@@ -424,7 +424,7 @@ def phase_correlation(ds: xr.Dataset, variable="edge_ratio", target="val_loss", 
                       detrend: str = "none", sv=None, target_sv=None, run=None, window=None,
                       group=None, **options) -> xr.Dataset:
     """Pearson r(x, y) within each phase of :func:`sed_dask.analysis.phases.segment`
-    (sed_spec §10.1). Phases come from ``segment_variable`` (default: ``variable``) with shared
+    (docs/method.md §10.1). Phases come from ``segment_variable`` (default: ``variable``) with shared
     boundary points; fewer than ``min_points`` (4) aligned pairs give NaN. Also reports
     Δy = y_start − y_end (positive = improvement for a loss) and x_start / x_end.
     The README's collapse-phase "r = 0.937 ± 0.019" is method="derivative", summarised with

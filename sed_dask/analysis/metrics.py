@@ -1,6 +1,6 @@
 """Attach training metrics (val_loss, val_acc, lr, …) to a results Dataset, aligned to ``step``.
 
-The reference matches val_loss by exact step and drops windows without a match (sed_spec §2.5);
+The reference matches val_loss by exact step and drops windows without a match (docs/method.md §2.5);
 one script silently falls back to the nearest step. Here the alignment is explicit and recorded
 in each variable's attrs: ``align="exact"`` (default; NaN where the step was not evaluated) or
 ``align="nearest"`` within a ``tolerance`` in steps. Files and objects are parsed by

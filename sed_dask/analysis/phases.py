@@ -2,7 +2,7 @@
 
 Segmentations return two window indices (a, b) on the NaN-free series, a ≤ b: rise = [0, a+1),
 plateau = [a, b+1), collapse = [b, n) — neighbouring phases share their boundary point, as in the
-reference (sed_spec §5.2). The per-step ``phase`` label gives a shared point to the later phase.
+reference (docs/method.md §5.2). The per-step ``phase`` label gives a shared point to the later phase.
 """
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def segment(x, t=None, *, method: str = "peak", plateau: float = 0.85, smooth: i
             min_size: int = 3) -> tuple[int, int]:
     """Phase boundaries (a, b) of a NaN-free 1-D series (indices; see module docstring).
 
-    * ``peak`` (primary, sed_spec §5.2): plateau = contiguous run around argmax with
+    * ``peak`` (primary, docs/method.md §5.2): plateau = contiguous run around argmax with
       x ≥ ``plateau``·x_peak (0.85 in the code; its comment says 90%).
     * ``derivative``: a = argmax; b = first i ≥ a where the gradient of a size-``smooth`` moving
       average ('reflect' boundary) is < ``slope`` (−0.01, per window index), else a.
@@ -103,7 +103,7 @@ def segment(x, t=None, *, method: str = "peak", plateau: float = 0.85, smooth: i
       ``"linear"`` or ``"constant"`` in ``t`` (steps; index if None), each segment ≥ ``min_size``
       points, exact (exhaustive over all breakpoint pairs). a = first plateau point, b = first
       collapse point. Not in the reference: its three rules hinge on absolute levels that do
-      not transfer across W (sed_spec §15.4); this one is scale-free.
+      not transfer across W (docs/method.md §15.4); this one is scale-free.
     """
     x = np.asarray(x, dtype=float)
     if x.ndim != 1 or x.size == 0 or not np.all(np.isfinite(x)):
@@ -122,7 +122,7 @@ def segment(x, t=None, *, method: str = "peak", plateau: float = 0.85, smooth: i
 
 
 def phase_intervals(a: int, b: int, n: int) -> dict[str, tuple[int, int]]:
-    """Half-open index intervals with shared boundaries (sed_spec §5.2)."""
+    """Half-open index intervals with shared boundaries (docs/method.md §5.2)."""
     return {"rise": (0, a + 1), "plateau": (a, b + 1), "collapse": (b, n)}
 
 
@@ -241,7 +241,7 @@ def phases(ds: xr.Dataset, variable=EDGE, *, method: str = "episode", tau=DEFAUL
 def collapse_step(ds: xr.Dataset, variable=EDGE, *, tau=DEFAULT_TAU, sustain: int = SUSTAIN,
                   label: str = "center", after: str = "emergence", sv=None, run=None, window=None,
                   group=None) -> xr.Dataset:
-    """Peak and collapse of the edge series (sed_spec §5.1, with the defaults of docs/method.md).
+    """Peak and collapse of the edge series (docs/method.md §5.1, with the defaults of docs/method.md).
 
     collapse = first of ``sustain`` consecutive windows with x < tau after the edge emerged
     (``after="emergence"``: held >= 1.25 tau for ``sustain`` windows, as :func:`episode`; a later,
@@ -267,15 +267,17 @@ def collapse_step(ds: xr.Dataset, variable=EDGE, *, tau=DEFAULT_TAU, sustain: in
         W = key.get("window")
         lab = window_steps(ds, key, st, label=label)
         cs, tv = [], []
-        for t in taus:
+        peak = p
+        for i, t in enumerate(taus):
             tval = tau_value(t, W)
             if after == "emergence":
-                _, _, p, hit, _ = episode(x, tval, sustain=sustain)
+                _, _, pe, hit, _ = episode(x, tval, sustain=sustain)
+                peak = pe if i == 0 else peak      # the peak reported is the first (primary) tau's
             else:
                 hit = first_run(x, p, below=tval, sustain=sustain)
             cs.append(np.nan if hit is None else float(lab[hit]))
             tv.append(tval)
-        col.add(key, peak_step=float(lab[p]), peak_value=x[p],
+        col.add(key, peak_step=float(lab[peak]), peak_value=x[peak],
                 edge_k=float(s["edge_k"]) if "edge_k" in s.coords else np.nan)
         if multi:
             col.add(key, along=("tau", np.asarray(taus, dtype=float)), collapse_step=np.array(cs))
@@ -292,7 +294,7 @@ def cross_seed_summary(result: xr.Dataset | xr.DataArray, variables=None, *, dim
                        ddof: int = 0) -> xr.Dataset:
     """Mean ± std over ``dim`` (seeds) of each variable, using the seeds where it is defined.
 
-    ``ddof=0`` (population std) matches the reference's ``np.std`` (sed_spec §5.1); pass
+    ``ddof=0`` (population std) matches the reference's ``np.std`` (docs/method.md §5.1); pass
     ``ddof=1`` for the sample std. Returns ``<var>_mean``, ``<var>_std``, ``<var>_n``.
     """
     if isinstance(result, xr.DataArray):

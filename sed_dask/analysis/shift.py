@@ -1,4 +1,4 @@
-"""Change / distribution-shift detection on a spectral series (sed_spec §8.2).
+"""Change / distribution-shift detection on a spectral series (docs/method.md §8.2).
 
 None of these detectors exists in the reference code; the definitions are the spec's proposed
 ones ([INFERRED]) with textbook defaults. Each returns the detected index, a score, and a p-value
@@ -21,7 +21,7 @@ def cusum(x, *, baseline: int = 8, k: float = 0.5, h: float = 4.0) -> dict:
     """Two-sided standardised CUSUM: z = (x − μ₀)/σ₀ with μ₀, σ₀ (ddof=1) from the first
     ``baseline`` points; S⁺ = max(0, S⁺ + z − k), S⁻ = max(0, S⁻ − z − k); alarm at the first
     max(S⁺, S⁻) > h (k = 0.5, h = 4: textbook, for a 1σ shift). The spec suggests B = 5–10;
-    B = 8 fits inside GPT-2's 10 pre-shift windows at W=10 (sed_spec §1.2) while giving σ₀ seven
+    B = 8 fits inside GPT-2's 10 pre-shift windows at W=10 (docs/method.md §1.2) while giving σ₀ seven
     degrees of freedom (with B = 5 an underestimated σ₀ makes false alarms common).
 
     ``alarm`` is the online detection index; ``change`` the change-point estimate = the point

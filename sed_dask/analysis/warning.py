@@ -1,4 +1,4 @@
-"""Early-warning onset detection and lead time to an event (sed_spec §13).
+"""Early-warning onset detection and lead time to an event (docs/method.md §13).
 
 The companion papers' onset: first point exceeding k × the baseline median of the first m points
 AND an absolute floor (k = 10, m = 3, floor = 20 for the commutator defect). Here it applies to any

@@ -2,7 +2,7 @@
 
 A reader lists tensors (name -> dtype, shape) from headers/metadata only and reads a flat
 float32 slice ``[lo:hi]`` of one tensor (C order) without materialising the whole file, so an
-ingestion task's memory is bounded by its P-range, not by the model (ecosystem_notes §6).
+ingestion task's memory is bounded by its P-range, not by the model.
 """
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ def planted_lag_pair(n: int, lag: int, *, coupling: float = -0.8, noise: float =
     decaying loss curve), with s a shared unit-variance AR(1) driver (``ar``) and e white.
     So **positive lag = x leads y**, the sign convention of :mod:`sed_dask.analysis.lag`; the
     lagged r at ``lag`` is coupling/√(coupling² + noise²) before detrending. The default coupling
-    is negative because the lag module's default peak rule (argmin r, sed_spec §6.3) assumes a
+    is negative because the lag module's default peak rule (argmin r, docs/method.md §6.3) assumes a
     negative edge/val-loss coupling. The trends are smooth but not cubic, so detrending is
     exercised, not bypassed. ``coupling=0`` gives an independent pair (a null).
     """
