@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Fresh machine -> passing tests. Installs the CPU torch wheel first so that nothing pulls CUDA.
+# Fresh machine -> passing tests. Installs torch first (an installed one is kept; the CPU build
+# where the machine or SED_DASK_TORCH_INDEX offers it) so that nothing else picks a CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-. .venv/bin/activate
-python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[test]" --constraint deploy/constraints.txt
+. scripts/_setup.sh
+sed_dask_venv
+constraints="$(sed_dask_install_torch)"
+python -m pip install -q -e ".[test]" --constraint "$constraints"
 python -m pytest -q "$@"
