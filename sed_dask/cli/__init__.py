@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 
 # subcommand modules, in the order shown by --help
@@ -100,12 +101,29 @@ def execution_context(args, kw: dict):
     return connect_from_args(args)
 
 
+_NEGATIVE_LIST = re.compile(r"^-\d[^=\s]*[:,]")  # -3:5, -1,0,2: argparse takes these for options
+
+
+def attach_negative_values(argv: list[str]) -> list[str]:
+    """``--lags -3:5`` -> ``--lags=-3:5``: a value that starts like a negative number but holds ``:``
+    or ``,`` is glued to the option before it, as argparse would otherwise call it a flag."""
+    out: list[str] = []
+    for tok in argv:
+        prev = out[-1] if out else ""
+        if _NEGATIVE_LIST.match(tok) and prev.startswith("--") and "=" not in prev:
+            out[-1] = f"{prev}={tok}"
+        else:
+            out.append(tok)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     p = argparse.ArgumentParser(prog="sed-dask", description="Spectral Edge Dynamics of training trajectories on Dask.")
     p.add_argument("--version", action="version", version=f"sed_dask {__version__}")
-    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="-v: cluster start/stop and info logs; -vv: also debug logs and tracebacks on error")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"sed_dask.cli.{name}").register(sub)
@@ -140,7 +158,7 @@ def main(argv=None) -> int:
     from ..errors import SEDError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(attach_negative_values(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # distributed logs cluster start/stop at INFO: shown with -v only

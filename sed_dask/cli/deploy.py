@@ -15,7 +15,7 @@ def register(sub) -> None:
                     "job script, needs dask-jobqueue), slurm-runner (one sbatch job via SLURMRunner), "
                     "jobqueue (jobqueue.yaml), k8s (DaskCluster for the dask operator), helm (dask/dask "
                     "chart values).")
-    p.add_argument("target", choices=TARGETS)
+    p.add_argument("target", choices=TARGETS, help="what to render: " + ", ".join(TARGETS))
     p.add_argument("--config", metavar="FILE", help="YAML with a 'deploy:' section (top-level 'sed_dask:' optional)")
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
     p.set_defaults(func=run)

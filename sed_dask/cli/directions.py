@@ -22,7 +22,8 @@ def register(sub) -> None:
     p.add_argument("--window", type=int, default=None, help="deltas in the window (default: all deltas of the run)")
     p.add_argument("--end-step", type=int, default=None, help="step of the window's newest delta (default: last)")
     p.add_argument("-k", type=int, default=3, help="number of directions (default 3)")
-    p.add_argument("--method", choices=["exact", "randomized"], default="exact")
+    p.add_argument("--method", choices=["exact", "randomized"], default="exact",
+                   help="exact tall-skinny QR + SVD (default) or randomized SVD (faster for large windows)")
     p.add_argument("--center", action="store_true", help="subtract the mean delta first (PCA of the updates)")
     p.add_argument("--groups", default="default", metavar="SPEC",
                    help="layer groups for the loadings: 'default', 'blocks', NAME=REGEX,... or NAME,NAME")

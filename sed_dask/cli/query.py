@@ -1,7 +1,8 @@
-"""``sed-dask query RESULTS edge|pc2|phases|events|lag|granger|shift|warning [options]``.
+"""sed-dask query RESULTS QUERY [options]: analysis tables from a results store.
 
-Opens a Zarr results store (``xr.open_zarr``), runs one query family from
-:mod:`sed_dask.analysis` and prints readable tables, or JSON with ``--json``.
+Opens a Zarr results store (as xr.open_zarr does), runs one query family of sed_dask.analysis and
+prints readable tables followed by the definitions and thresholds used, or JSON with --json.
+`sed-dask query RESULTS QUERY --help` shows a query's own options.
 """
 from __future__ import annotations
 
@@ -132,11 +133,14 @@ def register(subparsers) -> None:
     q.add_argument("--fallback", type=float, default=0.01, help="threshold when no baseline value exists")
 
     q = sub.add_parser("lag", parents=[common], help="lagged cross-correlation with a target")
-    q.add_argument("--target", default="val_loss")
-    q.add_argument("--lags", type=_lags, default=list(range(-5, 8)), help="e.g. -5:8 (default)")
+    q.add_argument("--target", default="val_loss", help="metric to correlate with (default val_loss)")
+    q.add_argument("--lags", type=_lags, default=list(range(-5, 8)), metavar="A:B|L,L,...",
+                   help="lags in checkpoints, positive = the series leads: a half-open range A:B (A <= lag < B; "
+                        "default -5:8, i.e. -5..7) or a list like -1,0,2")
     q.add_argument("--detrend", choices=("cubic", "quadratic", "linear", "none", "cubic_raw"),
-                   default="cubic")
-    q.add_argument("--peak", choices=("min", "absmax", "max"), default="min")
+                   default="cubic", help="polynomial trend removed from both series first (default cubic)")
+    q.add_argument("--peak", choices=("min", "absmax", "max"), default="min",
+                   help="which r(lag) is the peak: most negative (default), largest |r|, or most positive")
     q.add_argument("--sweep", action="store_true",
                    help="W sweep and lag flips: a flip needs both peaks interior to the lag grid and "
                         "significant; rejected sign changes are listed with the reason")
@@ -150,24 +154,30 @@ def register(subparsers) -> None:
                    help="phase-specific correlations under this segmentation")
 
     q = sub.add_parser("granger", parents=[common], help="Granger causality (both directions)")
-    q.add_argument("--target", default="val_loss")
-    q.add_argument("--max-lag", type=int, default=2)
+    q.add_argument("--target", default="val_loss", help="metric tested against the series (default val_loss)")
+    q.add_argument("--max-lag", type=int, default=2,
+                   help="largest lag order p tried; the order is picked by AIC (default 2)")
     q.add_argument("--covariate", action="append", help="contemporaneous covariate, e.g. lr (repeatable)")
     q.add_argument("--nuisance", action="append", help="residualise the feature on this series or 'trend'")
-    q.add_argument("--direction", choices=("both", "forward", "reverse"), default="both")
+    q.add_argument("--direction", choices=("both", "forward", "reverse"), default="both",
+                   help="forward: series -> target, reverse: target -> series, or both (default)")
     q.add_argument("--features", nargs="+", help="multivariate test of these features instead")
-    q.add_argument("--n-perm", type=int, default=999)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--n-perm", type=int, default=999,
+                   help="circular-shift permutations for p_perm (0 = none; default 999)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the permutations (default 0)")
 
     q = sub.add_parser("shift", parents=[common], help="CUSUM, t-test scan, max-derivative")
-    q.add_argument("--method", action="append", choices=("cusum", "ttest", "maxderiv"))
-    q.add_argument("--true-step", type=float)
-    q.add_argument("--tolerance", type=float)
-    q.add_argument("--baseline", type=int, default=8, help="CUSUM baseline points")
-    q.add_argument("--cusum-k", type=float, default=0.5)
-    q.add_argument("--cusum-h", type=float, default=4.0)
-    q.add_argument("--min-size", type=int, default=5)
-    q.add_argument("--smooth", action="store_true")
+    q.add_argument("--method", action="append", choices=("cusum", "ttest", "maxderiv"),
+                   help="detector to run (repeatable; default all three)")
+    q.add_argument("--true-step", type=float,
+                   help="a known shift step: adds error = detected step - this")
+    q.add_argument("--tolerance", type=float, help="with --true-step: hit = |error| <= this many steps")
+    q.add_argument("--baseline", type=int, default=8,
+                   help="CUSUM: first points giving the mean and std it standardises by (default 8)")
+    q.add_argument("--cusum-k", type=float, default=0.5, help="CUSUM allowance k in baseline stds (default 0.5)")
+    q.add_argument("--cusum-h", type=float, default=4.0, help="CUSUM alarm threshold h (default 4)")
+    q.add_argument("--min-size", type=int, default=5, help="t-test scan: points required on each side (default 5)")
+    q.add_argument("--smooth", action="store_true", help="max-derivative: 3-point moving average first")
 
     q = sub.add_parser("warning", parents=[common], help="causal early-warning alarms on the edge and their lead",
                        description="Causal detectors on the fixed-k edge, decided at each step from the windows "

@@ -21,7 +21,7 @@ def register(sub) -> None:
     p.add_argument("--window", type=int, default=None, help="W of the single-W figures (default 10 if present)")
     p.add_argument("--events", default=None, metavar="FILE",
                    help="JSON {run: {event: step}} marked on the figures (default: grok from val_acc)")
-    p.add_argument("--title", default=None)
+    p.add_argument("--title", default=None, help="title of the summary page (default \"Spectral Edge Dynamics: RESULTS\")")
     p.set_defaults(func=run)
 
 

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
               progress=not args.no_progress, tile_bytes=args.tile_bytes)
     with execution_context(args, kw) as client:
         ds = sketch(args.store, client=client, **kw)
-    print(f"wrote {args.output}: runs {list(ds.run.values)}, {ds.sizes['step']} steps x d={ds.attrs['d']} "
+    print(f"wrote {args.output}: runs {', '.join(str(r) for r in ds.run.values)}; {ds.sizes['step']} steps x d={ds.attrs['d']} "
           f"({ds.attrs['distribution']}, seed {ds.attrs['seed']}, tile {ds.attrs['tile_elems']}; "
           f"Phi checksum {ds.attrs['phi_checksum']})")
     return 0

@@ -84,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
     with execution_context(args, kw) as client:
         ds = spectrum(source, client=client, **kw)
     dims = ", ".join(f"{k}={v}" for k, v in ds.sizes.items())
-    print(f"wrote {args.output}: runs {list(ds.run.values)}, windows {list(ds.window.values)} ({dims})")
+    runs = ", ".join(str(r) for r in ds.run.values)
+    windows = ", ".join(str(int(w)) for w in ds.window.values)
+    print(f"wrote {args.output}: runs {runs}; windows {windows} ({dims})")
     if "sketch" in ds:
         a = ds["sketch"].attrs
         print(f"  with JL sketch d={a['d']} ({a['distribution']}, seed {a['seed']}, tile {a['tile_elems']}; "
