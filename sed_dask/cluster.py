@@ -39,6 +39,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from . import config
 from .config import ConfigError
+from .errors import ScriptReimportError
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,57 @@ def _client_in_process() -> bool:
         return bool(list(_global_clients.values()))
     except Exception:  # private API: when in doubt, do not touch the process-wide BLAS setting
         return True
+
+
+def check_not_reimported(what: str) -> None:
+    """Refuse to run while a spawned process re-imports the user's script (no ``__main__`` guard).
+
+    A temporary LocalCluster starts worker processes with the ``spawn`` method, which imports the
+    script again in each child; unguarded top-level calls would then take the run's lock or start
+    clusters of their own and fail far from the cause ("RunLockedError", "Nanny failed to start").
+    """
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):  # set by spawn while importing main
+        raise ScriptReimportError(
+            f"{what} was called while a worker process was starting and re-importing your script: put the "
+            f'script\'s calls under `if __name__ == "__main__":`, or run in this process with scheduler="threads"')
+
+
+def _has_main_guard(path: str) -> bool:
+    """Whether a script's top level tests ``__name__ == "__main__"`` (parsed, not run)."""
+    import ast
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return True  # cannot tell: assume guarded
+    for node in tree.body:
+        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) and "__name__" in ast.unparse(node.test):
+            return True
+    return False
+
+
+def check_script_guarded() -> None:
+    """Before starting worker processes from an unguarded script's top level, say what will happen."""
+    import inspect
+    import sys
+
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not path or not str(path).endswith(".py") or _has_main_guard(path):
+        return
+    frames = inspect.stack(context=0)
+    try:
+        at_top = any(f.frame.f_globals is vars(main) and f.function == "<module>" for f in frames)
+    finally:
+        del frames
+    if at_top:
+        raise ScriptReimportError(
+            f"{path} starts a temporary LocalCluster from its top level, and each worker process would "
+            f'import it again: put the script\'s calls under `if __name__ == "__main__":`, '
+            f'or run in this process with scheduler="threads"')
 
 
 def _import_string(path: str):
@@ -265,6 +317,7 @@ def connect(
     """
     from distributed import Client
 
+    check_not_reimported("sed_dask.cluster.connect()")
     t = _seconds(timeout)
     if configure_workers is None:
         configure_workers = bool(dask.config.get("sed_dask.connect.configure-workers", True))
@@ -305,6 +358,8 @@ def connect(
             kw = _kwargs(dask.config.get("sed_dask.connect.local", None) or
                          {"processes": True, "threads_per_worker": 1, "dashboard_address": ":0"})
             kw.update(local_kwargs or {})
+            if kw.get("processes", True):
+                check_script_guarded()
             cluster = stack.enter_context(LocalCluster(**kw))
             c = stack.enter_context(Client(cluster, set_as_default=False))
             logger.info("temporary LocalCluster, dashboard at %s", c.dashboard_link)

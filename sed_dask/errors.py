@@ -38,3 +38,7 @@ class StepMismatchWarning(SEDWarning):
 
 class MetricsWarning(SEDWarning):
     """A metrics file holds NaN/Inf values."""
+
+
+class ScriptReimportError(SEDError, RuntimeError):
+    """sed_dask was called while a spawned worker process was importing the user's script."""

@@ -266,6 +266,9 @@ def ingest(sources, store, run: str, *, client=None, address: str | None = None,
     filesystem (``memory://``, ``s3://`` and other fsspec URLs) are not locked: do not ingest into
     one run of them from two places at once.
     """
+    from .cluster import check_not_reimported
+
+    check_not_reimported("sed_dask.ingest()")
     t0 = time.perf_counter()
     on_nonfinite = config.get("ingest.on-nonfinite", on_nonfinite)
     if on_nonfinite not in ("raise", "record"):
