@@ -304,7 +304,8 @@ def ingest(sources, store, run: str, *, client=None, address: str | None = None,
                            shard_bytes=shard_bytes, compressor=compressor)
             if metric_data is not None:
                 _store_metrics(rs, metric_data, metric_source)
-            res = _run_tasks(ex, rs, run, todo, sel, on_nonfinite, tasks_in_flight, progress, t0)
+            res = _run_tasks(ex, rs, run, todo, sel, on_nonfinite, tasks_in_flight, progress, t0,
+                             where=str(store))
     n_new, nbytes, nonfinite, failed = res
     if failed:
         by_step = sorted(((td.step, failed[td.row]) for td in todo if td.row in failed), key=lambda x: x[0])
@@ -347,7 +348,7 @@ def _allocate(store, run, storage_options, existing, todo, sel, fmt, *, chunk_by
 
 
 def _run_tasks(ex, rs: RunStore, run: str, todo: list[_Todo], sel: Selection, on_nonfinite: str,
-               tasks_in_flight, progress: bool, t0: float):
+               tasks_in_flight, progress: bool, t0: float, *, where: str | None = None):
     """Run the data tasks, marking rows complete as they finish; ``(n_new, bytes, nonfinite, failed)``."""
     ranges = rs.write_ranges()
     segs_of = [[(e.name, lo0, hi0) for e, lo0, hi0 in sel.index.segments(lo, hi)] for lo, hi in ranges]
@@ -373,7 +374,10 @@ def _run_tasks(ex, rs: RunStore, run: str, todo: list[_Todo], sel: Selection, on
             pending[f] = td
             f.add_done_callback(done_q.put)
 
-    bar = _progress(len(todo) * len(ranges), run, progress)
+    from .progress import Bar
+
+    bar = Bar(len(todo) * len(ranges), desc=f"ingest {run}", unit="range", enabled=progress)
+    ok = False
     try:
         submit_more()
         while pending:
@@ -400,11 +404,12 @@ def _run_tasks(ex, rs: RunStore, run: str, todo: list[_Todo], sel: Selection, on
             del f
             bar.update(1)
             submit_more()
+        ok = not failed
     except BaseException:
         ex.cancel(list(pending))
         raise
     finally:
-        bar.close()
+        bar.close(ok=ok, where=where, what=f"{n_new} checkpoint(s) in {bar.n} range(s), {nbytes / 1e9:.3f} GB")
         if nonfinite:
             rs.record_nonfinite(sorted(nonfinite, key=lambda d: (d["step"], d["elements"][0])))
         log = list(rs.attrs.get("ingest_log", []))
@@ -423,10 +428,6 @@ def _store_metrics(rs: RunStore, data: dict, source: str | None) -> None:
     rs.update_attrs(metrics_source=source)
 
 
-def _progress(total: int, run: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=f"ingest {run}", unit="range", disable=not enabled, leave=False)
 
 
 make_callable(__name__)

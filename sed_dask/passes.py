@@ -8,7 +8,6 @@ graph is run (a distributed client, or a local scheduler with BLAS pinned to one
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 from . import config
@@ -55,17 +54,24 @@ def tree_reduce(dsk: dict, keys: list, name: str, func, *args, split_every: int,
     return level[0]
 
 
-def compute_graph(dsk: dict, keys: list, *, client=None, scheduler: str | None = None, progress: bool = False):
-    """Run a task dict on a distributed ``client`` or a local dask ``scheduler``; return results for ``keys``."""
+def compute_graph(dsk: dict, keys: list, *, client=None, scheduler: str | None = None, progress: bool = False,
+                  desc: str = "sed_dask pass"):
+    """Run a task dict on a distributed ``client`` or a local dask ``scheduler``; return results for ``keys``.
+
+    ``progress`` draws a bar to 100 % and ends it with one line (:mod:`sed_dask.progress`).
+    """
     if client is not None:
         futures = client.get(dsk, keys, sync=False)
         if progress:
-            from distributed import progress as dprogress
+            from distributed import futures_of
 
-            dprogress(futures, scheduler=client.scheduler.address)
+            from .progress import distributed_bar
+
+            distributed_bar(futures_of(futures), desc=desc)
         return client.gather(futures)
     import dask
-    from dask.diagnostics import ProgressBar
+
+    from .progress import dask_local_bar
 
     get = {"threads": dask.threaded.get, "threading": dask.threaded.get,
            "sync": dask.get, "synchronous": dask.get, "single-threaded": dask.get}.get(scheduler)
@@ -73,7 +79,7 @@ def compute_graph(dsk: dict, keys: list, *, client=None, scheduler: str | None =
         raise ValueError(f"unknown local scheduler {scheduler!r} (use 'threads' or 'sync', or pass a client)")
     from ._blas import single_threaded_blas
 
-    with single_threaded_blas(), ProgressBar() if progress else contextlib.nullcontext():
+    with single_threaded_blas(), dask_local_bar(len(dsk), desc=desc, enabled=progress):
         return get(dsk, keys)
 
 
