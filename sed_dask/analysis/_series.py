@@ -213,6 +213,16 @@ def window_steps(ds: xr.Dataset, key: Mapping, steps: np.ndarray, *, label: str 
     return out
 
 
+def first_sustained(flags, start: int, sustain: int) -> int | None:
+    """First index >= ``start`` opening ``sustain`` consecutive True ``flags`` (None if there is none)."""
+    n = 0
+    for i in range(start, len(flags)):
+        n = n + 1 if flags[i] else 0
+        if n >= sustain:
+            return i - sustain + 1
+    return None
+
+
 def finite(series: xr.DataArray) -> tuple[np.ndarray, np.ndarray]:
     """Steps and values where the series is finite (NaNs dropped explicitly)."""
     v = np.asarray(series.values, dtype=float)

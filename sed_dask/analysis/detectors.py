@@ -6,7 +6,7 @@ an alarm must be raisable while the run trains. :class:`EdgeWatch` consumes one 
 batch query (:func:`sed_dask.analysis.early_warning`) and a live watcher run the same code.
 
 The watched series is the edge at a fixed k. Until the detector is *armed*, k is the running mode
-of k* (ties -> smallest) and the series is recomputed for it; the detector arms when that series
+of k* (ties -> smallest); the detector arms when that series
 holds >= ``arm`` x tau for ``sustain`` windows (the emergence of phases.episode), and k is frozen from then on (a collapse must not be hidden by
 k* moving to another ratio). Detectors, all one-sided (a fall):
 
@@ -75,11 +75,10 @@ class EdgeWatch:
     arm: float = DEFAULTS["arm"]
     sustain: int = DEFAULTS["sustain"]
     min_windows: int = DEFAULTS["min_windows"]
-    _ratios: list = field(default_factory=list, repr=False)
+    _n: int = 0
     _kcount: dict = field(default_factory=dict, repr=False)
     k: int | None = None
     frozen: bool = False
-    peak: float = -math.inf
     _state: dict = field(default_factory=dict, repr=False)
     _above: int = 0
 
@@ -107,20 +106,15 @@ class EdgeWatch:
     def update(self, step: int, ratios, k_star) -> list[Alert]:
         """Take the window ending at ``step``; return the alarms it raises (often none)."""
         ratios = np.asarray(ratios, dtype=float)
-        self._ratios.append(ratios)
+        self._n += 1
         if k_star is not None and np.isfinite(k_star):
             self._kcount[int(k_star)] = self._kcount.get(int(k_star), 0) + 1
         if not self.frozen:
-            k = self._running_mode()
-            if k != self.k:
-                self.k = k
-                vals = [self._edge(r) for r in self._ratios]
-                self.peak = max((v for v in vals if np.isfinite(v)), default=-math.inf)
+            self.k = self._running_mode()
         x = self._edge(ratios)
         if not np.isfinite(x) or x <= 0:
             return []
-        self.peak = max(self.peak, x)
-        if len(self._ratios) < self.min_windows:
+        if self._n < self.min_windows:
             return []
         level = self.arm * self.threshold
         self._above = self._above + 1 if x >= level else 0      # arming needs `sustain` windows, as phases

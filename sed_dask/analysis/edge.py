@@ -12,7 +12,7 @@ import xarray as xr
 
 from ..errors import AnalysisError
 from .defaults import SUSTAIN
-from ._series import (STEP, Collector, describe, iter_series, mp_adjacent_ratio, resolve, select,
+from ._series import (STEP, Collector, describe, first_sustained, iter_series, mp_adjacent_ratio, resolve, select,
                       series_dims)
 
 
@@ -307,16 +307,6 @@ def edge_null(ds: xr.Dataset, *, statistic="edge_ratio", n_null: int = 999, q: f
     return out
 
 
-def _first_sustained(flags: np.ndarray, start: int, sustain: int) -> int | None:
-    """First index >= start opening ``sustain`` consecutive True flags."""
-    n = 0
-    for i in range(start, flags.size):
-        n = n + 1 if flags[i] else 0
-        if n >= sustain:
-            return i - sustain + 1
-    return None
-
-
 def pc2_summary(ds: xr.Dataset, *, split_half="split_half", n_null: int = 999, q: float = 0.95,
                 seed: int | None = 0, norms: str = "delta_norm", n_params=None, sustain: int = SUSTAIN,
                 ddof: int = 0, run=None, window=None, group=None) -> xr.Dataset:
@@ -369,8 +359,8 @@ def pc2_summary(ds: xr.Dataset, *, split_half="split_half", n_null: int = 999, q
         above = valid & (obs > qv)
         vo, vq = obs[valid], qv[valid]
         vsteps = steps_all[valid]
-        emerge = _first_sustained(vo > vq, 0, sustain)
-        sink = None if emerge is None else _first_sustained(~(vo > vq), emerge, sustain)
+        emerge = first_sustained(vo > vq, 0, sustain)
+        sink = None if emerge is None else first_sustained(~(vo > vq), emerge, sustain)
         trans = np.nan if sink is None else float(vsteps[sink])
         kind = 0 if emerge is None else (1 if sink is not None else 2)
         if vo.size:

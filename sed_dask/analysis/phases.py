@@ -11,7 +11,8 @@ import xarray as xr
 from scipy.ndimage import uniform_filter1d
 
 from ..errors import AnalysisError
-from ._series import EDGE, STEP, Collector, finite, iter_series, need, resolve, select, window_steps
+from ._series import (EDGE, STEP, Collector, finite, first_sustained, iter_series, need, resolve, select,
+                      window_steps)
 from .defaults import ARM, DEFAULT_TAU, PLATEAU, SUSTAIN, tau_value
 
 METHODS = ("episode", "peak", "derivative", "threshold", "changepoint")
@@ -129,13 +130,7 @@ def phase_intervals(a: int, b: int, n: int) -> dict[str, tuple[int, int]]:
 def first_run(x, start: int, *, below: float | None = None, above: float | None = None,
               sustain: int = 1) -> int | None:
     """First index i >= start where ``sustain`` consecutive points are < ``below`` (or >= ``above``)."""
-    ok = (x < below) if below is not None else (x >= above)
-    n = 0
-    for i in range(start, x.size):
-        n = n + 1 if ok[i] else 0
-        if n >= sustain:
-            return i - sustain + 1
-    return None
+    return first_sustained((x < below) if below is not None else (x >= above), start, sustain)
 
 
 def episode(x, thr: float, *, plateau: float = PLATEAU, sustain: int = SUSTAIN, rebound: float = ARM):

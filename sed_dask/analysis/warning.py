@@ -121,8 +121,6 @@ def lead_time(ds: xr.Dataset, variable="edge_ratio", *, event="val_acc",
 # ------------------------------------------------------------------------ causal early warning
 def _window_inputs(ds: xr.Dataset, key: dict, rank: str):
     """(steps, ratios (n, W-1), k*) of one series' valid windows, in step order."""
-    if "ratio" not in ds.data_vars or rank not in ds.data_vars:
-        raise AnalysisError(f"early_warning needs 'ratio' and {rank!r} (result_schema.md)")
     ratio = at(ds["ratio"], key)
     k = at(ds[rank], key)
     W = int(key["window"]) if "window" in key else int(ratio["sv"].max()) + 1
@@ -151,7 +149,9 @@ def early_warning(ds: xr.Dataset, *, detectors=None, tau=None, rank: str = "k_st
 
     tau = DEFAULT_TAU if tau is None else tau
     dets = tuple(DETECTORS if detectors is None else ([detectors] if isinstance(detectors, str) else detectors))
-    base = select(ds["k_star"] if rank not in ds.data_vars else ds[rank], run=run, window=window, group=group)
+    if "ratio" not in ds.data_vars or rank not in ds.data_vars:
+        raise AnalysisError(f"early_warning needs 'ratio' and {rank!r} (result_schema.md)")
+    base = select(ds[rank], run=run, window=window, group=group)
     ev = None
     if event is None and "val_acc" in ds.data_vars:
         event = "val_acc"
