@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from sed_dask.store import LOCK_DIR_SUFFIX
+from sed_dask.store.trajectory import LOCK_DIR_SUFFIX
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ingest import evict, read_sequential, write_checkpoints  # noqa: E402  (benchmarks/ingest.py)

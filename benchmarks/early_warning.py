@@ -1,6 +1,6 @@
 """Early warning of grokking on real training runs (issue 12 item 4, docs/method.md §13).
 
-Trains small transformers on modular arithmetic (``sed_dask.demo_train``) on CPU, one torch thread
+Trains small transformers on modular arithmetic (``sed_dask.demo.train``) on CPU, one torch thread
 per process:
 
 * grokking runs: every ``--tasks`` x ``--seeds`` (default (a+b) mod 97 and (a·b) mod 97, seeds
@@ -50,7 +50,7 @@ COLLAPSE_WINDOW = 10
 def plan_runs(tasks, seeds, control_tasks, control_seeds, *, steps: int, every: int,
               control_wd: float = 0.0) -> list[dict]:
     """One entry per run: ``name``, ``task``, ``seed``, ``control``, ``config`` (a DemoConfig)."""
-    from sed_dask.demo_train import SIZES, TASKS
+    from sed_dask.demo.train import SIZES, TASKS
 
     base = replace(SIZES["default"], steps=steps, every=every)
     runs = []
@@ -70,7 +70,7 @@ def plan_runs(tasks, seeds, control_tasks, control_seeds, *, steps: int, every: 
 
 # -------------------------------------------------------------------------------------- training
 def _train_one(job: dict) -> dict:
-    from sed_dask.demo_train import train_run
+    from sed_dask.demo.train import train_run
 
     return train_run(job["run_dir"], seed=job["seed"], config=job["config"], progress=False, threads=1)
 
@@ -81,7 +81,7 @@ def train(runs: list[dict], ckpt_dir: Path, *, jobs: int, skip_train: bool) -> d
     Finished runs with the same seed and configuration are reused either way (``train_run``'s
     own check), so a re-run trains only what is missing.
     """
-    from sed_dask.demo_train import _previous
+    from sed_dask.demo.train import _previous
 
     out: dict[str, dict] = {}
     todo = []
@@ -135,7 +135,7 @@ def build_results(runs: list[dict], summaries: dict[str, dict], out: Path, ckpt_
                   windows=GROK_WINDOWS) -> dict:
     """Ingest every run, compute the spectra, write ``runs.json``; returns the timings."""
     import sed_dask
-    from sed_dask.recorder import METRICS_FILE
+    from sed_dask.sources.recorder import METRICS_FILE
 
     store, results = out / "trajectory.zarr", out / "results.zarr"
     _fresh_store(store, out / "store_fingerprint.json", summaries)
@@ -164,7 +164,7 @@ def _num(v):
 def write_runs_json(ds, runs: list[dict], summaries: dict[str, dict], path: Path, *, timings: dict) -> dict:
     """``runs.json``: per run its provenance, grokking/memorisation steps and MP collapse steps."""
     from sed_dask.analysis import collapse_step
-    from sed_dask.demo_train import GROK_ACC, MEMORIZE_ACC
+    from sed_dask.demo.train import GROK_ACC, MEMORIZE_ACC
 
     coll = {W: collapse_step(ds, tau="auto", window=W) for W in GROK_WINDOWS}
     entries = {}

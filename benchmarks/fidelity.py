@@ -4,7 +4,7 @@
 
 Trajectories come from :class:`sed_dask.testing.PlantedTrajectory` (known signal rank, strengths,
 SNR, noise anisotropy, phases). Spectra are computed by the engine's own window code
-(``sed_dask.windows.window_features``) from the exact float64 band of the planted deltas, so what is
+(``sed_dask.engine.windows.window_features``) from the exact float64 band of the planted deltas, so what is
 measured is the estimator, not a re-implementation of it. Writes ``fidelity.md`` and ``fidelity.json``.
 
 Truth per window (exact, from the planted coefficients): the signal-only singular values s_1..s_r
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from sed_dask.testing import PlantedTrajectory
-from sed_dask.windows import K_STAR_RULES, k_star_rules, window_features
+from sed_dask.engine.windows import K_STAR_RULES, k_star_rules, window_features
 
 SNR_BINS = (0.0, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 10.0, np.inf)
 
@@ -298,7 +298,7 @@ def lag_grid(quick: bool) -> tuple[str, dict]:
 def fig1a_check() -> dict:
     """The paper's Fig 1A spectrum (docs/method.md §3.2): every rule's k* and the count."""
     sigma = np.array([[198.58, 169.08, 122.47, 110.73, 106.22, 92.66, 78.30, 61.27, 44.58, 22.79]])
-    from sed_dask.noise import mp_edge, signal_count
+    from sed_dask.engine.noise import mp_edge, signal_count
 
     lam = sigma ** 2
     floor = mp_edge(lam, 163_150_848)

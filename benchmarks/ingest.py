@@ -183,7 +183,7 @@ class RSSSampler(threading.Thread):
 def run_ingest(client, paths, store, *, shard_bytes, chunk_bytes):
     import psutil
 
-    from sed_dask.ingest import ingest
+    from sed_dask.store.ingest import ingest
 
     pids = list(client.run(os.getpid).values())
     baseline = {p: psutil.Process(p).memory_info().rss for p in pids}
@@ -204,7 +204,7 @@ def _warm_worker():
     import safetensors  # noqa: F401
     import torch  # noqa: F401
 
-    import sed_dask.ingest  # noqa: F401
+    import sed_dask.store.ingest  # noqa: F401
     import sed_dask.readers  # noqa: F401
     return os.getpid()
 

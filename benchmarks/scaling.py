@@ -40,7 +40,7 @@ def parse_bytes(s: str) -> int:
 
 
 def make_store(path: str, gb: float, steps: int) -> int:
-    from sed_dask.store import write_trajectory
+    from sed_dask.store.trajectory import write_trajectory
 
     P = int(gb * 1e9 / 4 / steps)
     rng = np.random.default_rng(0)
@@ -70,8 +70,8 @@ def main(argv=None) -> None:
     import sed_dask
     from distributed import Client
     from procs import DaskProcs
-    from sed_dask.gram import gram_graph, gram_tile, sum_partials
-    from sed_dask.store import open_store
+    from sed_dask.engine.gram import gram_graph, gram_tile, sum_partials
+    from sed_dask.store.trajectory import open_store
 
     tile_bytes = parse_bytes(a.tile_bytes)
     root = tempfile.mkdtemp(prefix="sed-scaling-", dir=a.dir)
@@ -92,7 +92,7 @@ def main(argv=None) -> None:
         # ---- per-tile and reduction cost, in this process (warm cache: read once first)
         sed_dask.spectrum(store, scheduler="threads", **kw)
         sample = tiles[: min(6, n_tiles)]
-        from sed_dask._blas import single_threaded_blas
+        from sed_dask.cluster.blas import single_threaded_blas
 
         with single_threaded_blas():
             parts, t_tiles = [], []

@@ -11,12 +11,12 @@ Prints markdown tables (copied into benchmarks/README.md, "Sketch and directions
    on the same dask array of X^T; each method runs in a fresh process (peak RSS above the process
    baseline, from VmHWM); accuracy = max principal angle to the exact (float64) subspace and
    max relative error of sigma_1..k.
-3. with ``--jl-store``: ``sed_dask.sketch_spectra.jl_error_report`` on a real trajectory (docs/method.md §11).
+3. with ``--jl-store``: ``sed_dask.results.sketch_spectra.jl_error_report`` on a real trajectory (docs/method.md §11).
 
 Example (the README numbers)::
 
     python benchmarks/sketch.py --P 2000000 --n-ckpts 65 --d 100,200 --k 5
-    python -m sed_dask.demo_train runs --seeds 0 1 --steps 2400 --every 40     # then sed-dask ingest
+    python -m sed_dask.demo.train runs --seeds 0 1 --steps 2400 --every 40     # then sed-dask ingest
     python benchmarks/sketch.py --store STORE --run grok_seed0 --d 100,1000 --k 5 \\
         --jl-store STORE --jl-runs grok_seed0,grok_seed1
 """
@@ -36,7 +36,7 @@ import numpy as np
 # ----------------------------------------------------------------------------- data
 def make_store(path: str, *, P: int, n_ckpts: int, rank: int = 8, seed: int = 0) -> str:
     """A random-walk trajectory: rank-``rank`` drift with decaying scales plus isotropic noise."""
-    from sed_dask.store import write_trajectory
+    from sed_dask.store.trajectory import write_trajectory
 
     rng = np.random.default_rng(seed)
     n = n_ckpts - 1
@@ -66,7 +66,7 @@ def _best(fn, repeat: int) -> float:
 # ----------------------------------------------------------------------------- 1. sketch vs gram
 def bench_sketch(store: str, run: str, *, W: int, ds: list[int], dists: list[str], repeat: int) -> str:
     import sed_dask
-    from sed_dask.store import open_store
+    from sed_dask.store.trajectory import open_store
 
     rs = open_store(store, mode="r").run(run)
     N, P = rs.n_rows - 1, rs.n_params
@@ -121,9 +121,9 @@ def _svd_child(args):
     import dask
 
     import sed_dask
-    from sed_dask._blas import single_threaded_blas
-    from sed_dask.directions import window_stack, xt_array
-    from sed_dask.store import open_store
+    from sed_dask.cluster.blas import single_threaded_blas
+    from sed_dask.engine.directions import window_stack, xt_array
+    from sed_dask.store.trajectory import open_store
 
     rs = open_store(store, mode="r").run(run)
     stack = window_stack(rs)
@@ -152,8 +152,8 @@ def _svd_child(args):
 
 
 def bench_svd(store: str, run: str, *, k: int, n_oversamples: int, n_power_iter: int, repeat: int) -> str:
-    from sed_dask.directions import principal_angles
-    from sed_dask.store import open_store
+    from sed_dask.engine.directions import principal_angles
+    from sed_dask.store.trajectory import open_store
 
     rs = open_store(store, mode="r").run(run)
     n, P = rs.n_rows - 1, rs.n_params
@@ -189,7 +189,7 @@ def bench_svd(store: str, run: str, *, k: int, n_oversamples: int, n_power_iter:
 # ----------------------------------------------------------------------------- 3. JL table
 def bench_jl(store: str, runs: list[str], *, windows: list[int], ds: list[int], seeds: list[int], dist: str,
              nested: bool) -> str:
-    from sed_dask.sketch_spectra import jl_error_report, jl_table
+    from sed_dask.results.sketch_spectra import jl_error_report, jl_table
 
     out = []
     for run in runs:
@@ -244,7 +244,7 @@ def main(argv=None) -> None:
                             repeat=a.repeat))
             print()
         if a.jl_store:
-            from sed_dask.store import open_store
+            from sed_dask.store.trajectory import open_store
 
             runs = a.jl_runs.split(",") if a.jl_runs else open_store(a.jl_store, mode="r").runs
             print("### JL error of edge ratios vs the exact engine\n")

@@ -29,7 +29,7 @@ def _gb(n_bytes: float) -> float:
 
 def make_store(path: Path, run: str, n: int, P: int, *, seed: int = 0) -> None:
     """A random-walk trajectory written row by row (cheap: shifted views of one noise pool)."""
-    from sed_dask.store import write_trajectory
+    from sed_dask.store.trajectory import write_trajectory
 
     rng = np.random.default_rng(seed)
     pool = (rng.standard_normal(P + 4096) * 1e-3).astype(np.float32)
@@ -156,9 +156,9 @@ def reference(path: Path, run: str, W: int) -> dict:
 
 def precision_table(root: Path, n: int = 41, P: int = 2_000_000) -> list[tuple]:
     """Max relative sigma error of float64 vs float32 mode against numpy SVD of the explicit deltas."""
-    from sed_dask.gram import banded_gram
-    from sed_dask.store import write_trajectory
-    from sed_dask.windows import window_features
+    from sed_dask.engine.gram import banded_gram
+    from sed_dask.store.trajectory import write_trajectory
+    from sed_dask.engine.windows import window_features
 
     rng = np.random.default_rng(0)
     cases = {
@@ -210,7 +210,7 @@ def main(argv=None) -> None:
     if args.precision_only:
         import warnings
 
-        from sed_dask.gram import PrecisionWarning
+        from sed_dask.engine.gram import PrecisionWarning
 
         warnings.simplefilter("ignore", PrecisionWarning)
         root = Path(args.dir)
@@ -232,7 +232,7 @@ def main(argv=None) -> None:
     from distributed import Client, LocalCluster
 
     import sed_dask
-    from sed_dask.gram import PrecisionWarning
+    from sed_dask.engine.gram import PrecisionWarning
 
     warnings.simplefilter("ignore", PrecisionWarning)
     root = Path(args.dir)
@@ -250,7 +250,7 @@ def main(argv=None) -> None:
         nbytes = n * P * 4
         with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
                           dashboard_address=":0") as lc, Client(lc) as client:
-            client.run(lambda: __import__("sed_dask.gram"))
+            client.run(lambda: __import__("sed_dask.engine.gram"))
             for mode in ("warm", "cold"):
                 for prec in ("float64", "float32"):
                     for ws in ([windows] if len(windows) == 1 else [windows[:1], windows]):
@@ -296,7 +296,7 @@ def main(argv=None) -> None:
             disk = sum(f.stat().st_size for f in chunk_files(big, "r"))
             with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                               memory_limit=args.memory_limit) as lc, Client(lc) as client:
-                client.run(lambda: __import__("sed_dask.gram"))
+                client.run(lambda: __import__("sed_dask.engine.gram"))
                 pids = list(client.run(os.getpid).values())
                 limit = dask.utils.parse_bytes(args.memory_limit)
                 with RSSSampler(pids) as s:

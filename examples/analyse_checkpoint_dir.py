@@ -3,7 +3,7 @@
     python examples/analyse_checkpoint_dir.py CKPT_DIR [--metrics CKPT_DIR/metrics.json]
         [--windows 5,10] [--work DIR] [--scheduler-address tcp://HOST:8786]
 
-CKPT_DIR holds ``ckpt_*.pt`` (or any layout sed_dask.discover understands), written at a fixed
+CKPT_DIR holds ``ckpt_*.pt`` (or any layout sed_dask.sources.discover understands), written at a fixed
 cadence, e.g. by ``examples/record_from_training.py``. The trajectory store and the results go to
 ``--work`` (default CKPT_DIR/sed); a second run re-uses the ingested steps. Without a scheduler
 a temporary 2-worker LocalCluster is used.
@@ -14,9 +14,9 @@ import argparse
 import os
 
 import sed_dask.analysis as A
-from sed_dask.ingest import ingest
-from sed_dask.spectra import spectrum
-from sed_dask.cluster import connect
+from sed_dask.store.ingest import ingest
+from sed_dask.results.spectra import spectrum
+from sed_dask.cluster.client import connect
 
 
 def main(argv=None) -> None:

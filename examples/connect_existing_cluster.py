@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 
 import sed_dask.analysis as A
-from sed_dask.cluster import connect
-from sed_dask.spectra import spectrum
+from sed_dask.cluster.client import connect
+from sed_dask.results.spectra import spectrum
 
 
 def main(argv=None) -> None:

@@ -103,9 +103,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     import sed_dask.analysis as A
-    from sed_dask.cluster import connect
-    from sed_dask.ingest import ingest
-    from sed_dask.spectra import spectrum
+    from sed_dask.cluster.client import connect
+    from sed_dask.store.ingest import ingest
+    from sed_dask.results.spectra import spectrum
 
     ckpts = os.path.join(args.out_dir, "checkpoints")
     metrics = train(ckpts, steps=args.steps, every=args.every, n_shards=args.shards)

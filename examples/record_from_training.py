@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sed_dask.recorder import TrajectoryRecorder
+from sed_dask.sources.recorder import TrajectoryRecorder
 
 
 def make_data(n: int, *, seed: int = 0):

@@ -7,29 +7,29 @@ from __future__ import annotations
 
 import importlib
 
-from . import config  # noqa: F401  (registers package defaults with dask.config)
-from . import accessor  # noqa: F401  (registers the ds.sed accessor; imports xarray only)
+from sed_dask import config  # noqa: F401  (registers package defaults with dask.config)
+from sed_dask import accessor  # noqa: F401  (registers the ds.sed accessor; imports xarray only)
 
 __version__ = "0.1.0"
 
 _LAZY = {
     # name -> module that defines it
-    "TrajectoryStore": "sed_dask.store",
-    "open_store": "sed_dask.store",
-    "ingest": "sed_dask.ingest",
-    "open_checkpoints": "sed_dask.checkpoint_run",
-    "CheckpointRun": "sed_dask.checkpoint_run",
+    "TrajectoryStore": "sed_dask.store.trajectory",
+    "open_store": "sed_dask.store.trajectory",
+    "ingest": "sed_dask.store.ingest",
+    "open_checkpoints": "sed_dask.sources.checkpoint_run",
+    "CheckpointRun": "sed_dask.sources.checkpoint_run",
     "open_checkpoint": "sed_dask.readers",
-    "discover_checkpoints": "sed_dask.discover",
-    "load_metrics": "sed_dask.metrics_io",
-    "spectrum": "sed_dask.spectra",
-    "banded_gram": "sed_dask.gram",
-    "sketch": "sed_dask.sketch",
-    "spectra_from_sketch": "sed_dask.sketch_spectra",
-    "jl_error_report": "sed_dask.sketch_spectra",
-    "directions": "sed_dask.directions",
-    "subspace_rotation": "sed_dask.directions",
-    "connect": "sed_dask.cluster",
+    "discover_checkpoints": "sed_dask.sources.discover",
+    "load_metrics": "sed_dask.sources.metrics",
+    "spectrum": "sed_dask.results.spectra",
+    "banded_gram": "sed_dask.engine.gram",
+    "sketch": "sed_dask.engine.sketch",
+    "spectra_from_sketch": "sed_dask.results.sketch_spectra",
+    "jl_error_report": "sed_dask.results.sketch_spectra",
+    "directions": "sed_dask.engine.directions",
+    "subspace_rotation": "sed_dask.engine.directions",
+    "connect": "sed_dask.cluster.client",
 }
 
 

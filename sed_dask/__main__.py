@@ -1,6 +1,6 @@
 """``python -m sed_dask ...``: the ``sed-dask`` command, where the console script is not on PATH."""
 import sys
 
-from .cli import main
+from sed_dask.cli import main
 
 sys.exit(main())

@@ -12,7 +12,7 @@ import dask.config
 import yaml
 from dask.utils import parse_bytes
 
-from .errors import SEDError
+from sed_dask.errors import SEDError
 
 
 class ConfigError(SEDError, ValueError):
@@ -25,6 +25,13 @@ with open(_FN) as _f:
     _DEFAULTS = yaml.safe_load(_f)
 
 dask.config.update_defaults(_DEFAULTS)
+
+
+def package_defaults(section: str) -> dict:
+    """A copy of the package's own defaults for ``sed_dask.<section>`` (before any user config)."""
+    import copy
+
+    return copy.deepcopy(_DEFAULTS["sed_dask"][section])
 
 
 def get(key: str, override=None):

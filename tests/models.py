@@ -93,7 +93,7 @@ class Trajectory:
 
     def trainable_names(self) -> list[str]:
         """Unique trainable parameter names (tied head counted once), in natural order."""
-        from sed_dask.selection import natural_key
+        from sed_dask.sources.selection import natural_key
 
         return sorted((n for n, _ in self.model.named_parameters()), key=natural_key)
 

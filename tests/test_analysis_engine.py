@@ -11,8 +11,8 @@ import pytest
 import sed_dask  # noqa: F401
 from synthetic import make_deltas
 
-spectra = pytest.importorskip("sed_dask.spectra")
-gram = pytest.importorskip("sed_dask.gram")
+spectra = pytest.importorskip("sed_dask.results.spectra")
+gram = pytest.importorskip("sed_dask.engine.gram")
 
 
 def _engine_dataset():

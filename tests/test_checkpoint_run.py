@@ -16,11 +16,11 @@ from safetensors.torch import save_file
 from sed_oracle import deltas, window_svds
 
 import sed_dask
-from sed_dask.checkpoint_run import CheckpointRun, open_checkpoints
+from sed_dask.sources.checkpoint_run import CheckpointRun, open_checkpoints
 from sed_dask.errors import CheckpointError, MetricsError, NonFiniteError, StoreError
-from sed_dask.ingest import ingest
-from sed_dask.rawread import RawChunkReader
-from sed_dask.store import open_store
+from sed_dask.store.ingest import ingest
+from sed_dask.engine.rawread import RawChunkReader
+from sed_dask.store.trajectory import open_store
 
 CHUNK = 4096  # bytes: 1,024-element column unit, so 28,032 params make many P-ranges
 # several step blocks, P-ranges and row batches per task: halos, carries and the tree sum all run

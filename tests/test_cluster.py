@@ -19,7 +19,7 @@ from distributed import Client, LocalCluster
 from distributed.client import _get_global_client
 
 from procs import dask_procs  # noqa: F401  (fixture)
-from sed_dask.cluster import PLUGIN_NAME, connect, probe_scheduler
+from sed_dask.cluster.client import PLUGIN_NAME, connect, probe_scheduler
 from sed_dask.config import ConfigError, configure_zarr, load_config_file, use_config
 
 MARGIN = 3.0  # seconds on top of a timeout: thread start-up and a loaded 2-core machine
@@ -57,7 +57,7 @@ def test_real_processes_by_address_and_scheduler_file_then_sigkill(dask_procs, t
             assert set(c.run(lambda: zarr.config.get("async.concurrency")).values()) == {3}
             assert PLUGIN_NAME in c.run(lambda dask_worker: list(dask_worker.plugins)).popitem()[1]
             # no nanny, so no OPENBLAS_NUM_THREADS=1 from it: the plugin pins BLAS to one thread
-            from sed_dask._blas import _openblas
+            from sed_dask.cluster.blas import _openblas
 
             assert set(c.run(lambda: os.environ.get("OPENBLAS_NUM_THREADS")).values()) == {None}
             assert set(c.run(lambda: tuple(get() for get, _ in _openblas())).values()) == {(1,)}
@@ -231,10 +231,10 @@ import argparse, json, socket, sys, time
 import dask
 from sed_dask import config
 from sed_dask.cli import add_cluster_args, connect_from_args
-from sed_dask.cluster import _seconds, connect
-import sed_dask.deploy
+from sed_dask.cluster.client import _seconds, connect
+import sed_dask.cluster.deploy
 
-out = {"light": [m for m in ("torch", "sed_dask.gram", "sed_dask.spectra") if m in sys.modules],
+out = {"light": [m for m in ("torch", "sed_dask.engine.gram", "sed_dask.results.spectra") if m in sys.modules],
        "chunk": config.get_bytes("store.chunk-bytes"), "shard": config.get_bytes("store.shard-bytes"),
        "conc": config.get("store.zarr-async-concurrency"), "kw": config.get_bytes("store.chunk-bytes", 1024),
        "timeout": _seconds(None)}

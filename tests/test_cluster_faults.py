@@ -19,9 +19,9 @@ from distributed import KilledWorker
 from safetensors.numpy import save_file
 
 import sed_dask
-from sed_dask.ingest import ingest
+from sed_dask.store.ingest import ingest
 from procs import DaskProcs, dask_procs  # noqa: F401  (fixture)
-from sed_dask.store import open_store, write_trajectory
+from sed_dask.store.trajectory import open_store, write_trajectory
 
 MARGIN = 3.0  # seconds on top of a timeout: thread start-up and a loaded 2-core machine
 INGEST_SMALL = {"chunk_bytes": 64 * 1024, "shard_bytes": 256 * 1024}  # 16 write units per row below
@@ -127,7 +127,7 @@ def _spectrum_kill(dask_procs, store, baseline):
 
     # first an undisturbed pass by address: identical to the threaded scheduler
     _same_values(sed_dask.spectrum(store, address=addr, **SPEC_KW), baseline)
-    n_tasks = len(sed_dask.gram.gram_graph(open_store(store, mode="r").run("r"), width=11,
+    n_tasks = len(sed_dask.engine.gram.gram_graph(open_store(store, mode="r").run("r"), width=11,
                                            tile_bytes=SPEC_KW["tile_bytes"],
                                            block_steps=SPEC_KW["block_steps"]).dsk)
     assert n_tasks > 250  # many small tasks, so the kill lands in the middle of the pass

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from sed_dask.report import FIGURES, SIGNALS
+from sed_dask.report.summary import FIGURES, SIGNALS
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +95,7 @@ def test_demo_quick_end_to_end(quick_demo):
 
     # a re-run reuses training and ingestion: much faster, same findings
     t0 = time.perf_counter()
-    from sed_dask.demo import run_demo
+    from sed_dask.demo.pipeline import run_demo
 
     again = run_demo(out, quick=True, progress=False)
     assert time.perf_counter() - t0 < 0.8 * wall

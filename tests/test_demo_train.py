@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sed_dask.demo_train import SIZES, ModAddTransformer, evaluate, modadd_split, train_demo_runs
+from sed_dask.demo.train import SIZES, ModAddTransformer, evaluate, modadd_split, train_demo_runs
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def quick_run(tmp_path_factory):
 
 
 def test_quick_run_layout_and_checkpoints(quick_run):
-    from sed_dask.discover import discover_checkpoints
+    from sed_dask.sources.discover import discover_checkpoints
 
     out, runs, _ = quick_run
     cfg = SIZES["quick"]
@@ -156,7 +156,7 @@ def test_task_labels():
             assert y.tolist() == [f(int(a), int(b)) for a, b in x[:, :2].tolist()]
             assert 0 <= int(y.min()) and int(y.max()) < p
     # the default config's summary/fingerprint keeps its pre-task form; other tasks are recorded
-    from sed_dask.demo_train import _config_dict
+    from sed_dask.demo.train import _config_dict
     assert "task" not in _config_dict(SIZES["default"])
     assert _config_dict(replace(SIZES["default"], task="sub"))["task"] == "sub"
     with pytest.raises(ValueError, match="unknown task"):

@@ -14,8 +14,8 @@ import dask
 import pytest
 import yaml
 
-from sed_dask import deploy
-from sed_dask.cluster import _check_cluster_section
+from sed_dask.cluster import deploy
+from sed_dask.cluster.client import _check_cluster_section
 from sed_dask.config import ConfigError, load_config_file
 
 ROOT = Path(__file__).resolve().parents[1]

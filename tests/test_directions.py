@@ -9,8 +9,8 @@ import xarray as xr
 
 import sed_dask
 from sed_dask.cli import main as cli_main
-from sed_dask.directions import (exact_svd, principal_angles, randomized_svd, subspace_rotation, window_stack)
-from sed_dask.store import ParamIndex, TensorEntry, open_store, write_trajectory
+from sed_dask.engine.directions import (exact_svd, principal_angles, randomized_svd, subspace_rotation, window_stack)
+from sed_dask.store.trajectory import ParamIndex, TensorEntry, open_store, write_trajectory
 
 N_CKPT = 41
 SIZES = [("tok_emb.weight", (40, 30), "embed"), ("blocks.0.attn.qkv.weight", (30, 90), "block0.attn"),

@@ -26,7 +26,7 @@ def test_textbook_rank3_k_star_and_count(W):
     assert int(r.count_mode) == 3 and float(r.count_mode_freq) >= 0.9
     assert bool(r.agree) and A.rank_notes(A.signal_rank(ds)) == []
     # the same spectra under round 1's rule: the boundary sigma_3/sigma_4 was never a candidate
-    from sed_dask.windows import k_star_rules
+    from sed_dask.engine.windows import k_star_rules
 
     f = ds.sel(run="a", window=W)
     ok = np.isfinite(f.k_star.values)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from sed_dask.errors import StoreError
-from sed_dask.gram import banded_gram, gram_graph, plan_tiles
-from sed_dask.store import ParamIndex, write_trajectory
+from sed_dask.engine.gram import banded_gram, gram_graph, plan_tiles
+from sed_dask.store.trajectory import ParamIndex, write_trajectory
 from sed_oracle import band_of, deltas, random_walk
 
 TENSORS = [("tok_emb.weight", (12, 10)), ("blocks.0.attn.c_attn.weight", (10, 30)),
@@ -74,7 +74,7 @@ def test_group_grams_sum_to_global_and_match_their_columns(tmp_path):
         assert g.groups[0] == "all" and len(g.groups) > 2
         _close(np.nansum(g.band[1:], axis=0) + 0 * g.band[0], g.band[0])
         _close(g["all"], band_of(D, 6))
-        from sed_dask.grouping import resolve
+        from sed_dask.engine.grouping import resolve
 
         ranges, _ = resolve(idx, request, run="r")
         assert sum(g.n_params[k] for k in ranges) == P
@@ -119,7 +119,7 @@ def test_bit_identical_on_local_cluster_and_threads(tmp_path, client):
 
 
 def test_float32_precision_mode_is_close_and_warns(tmp_path):
-    from sed_dask.gram import PrecisionWarning
+    from sed_dask.engine.gram import PrecisionWarning
 
     X = random_walk(np.random.default_rng(6), 12, 20_000)
     rs = write_trajectory(tmp_path / "s.zarr", "r", np.arange(12), X)
@@ -158,7 +158,7 @@ def test_recorded_nonfinite_and_incomplete_ingestion(tmp_path):
                                     dict(chunk_bytes=400, compressor="zstd")], ids=["plain", "sharded", "zstd"])
 def test_direct_reads_equal_zarr_reads(tmp_path, layout):
     """Positioned raw reads (uncompressed local layouts) give bit-identical bands to zarr's reader."""
-    from sed_dask.rawread import RawChunkReader
+    from sed_dask.engine.rawread import RawChunkReader
 
     X = random_walk(np.random.default_rng(9), 14, 1037)
     rs = write_trajectory(tmp_path / "s.zarr", "r", np.arange(14), X, **layout)

@@ -18,8 +18,8 @@ from models import (flatten, make_trajectory, write_hf_sharded, write_metrics_js
 from safetensors.torch import save_file
 
 from sed_dask.errors import CheckpointError, NonFiniteError, StoreError
-from sed_dask.ingest import ingest
-from sed_dask.store import open_store, write_trajectory
+from sed_dask.store.ingest import ingest
+from sed_dask.store.trajectory import open_store, write_trajectory
 
 SMALL = {"chunk_bytes": 4096, "shard_bytes": 16384}  # 28,032 params -> 7 write units, most spanning tensors
 
@@ -152,7 +152,7 @@ def test_append_and_idempotent_rerun(traj, src, tmp_path):
 
 SLOW_CHILD = """
 import sys, time
-import sed_dask.ingest as ing
+import sed_dask.store.ingest as ing
 real = ing.ingest_range
 def slow(*a, **k):          # test scaffolding: make the child slow enough to be killed mid-run
     out = real(*a, **k)

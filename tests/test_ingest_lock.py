@@ -20,8 +20,8 @@ import zarr
 from models import flatten, make_trajectory, write_pt
 
 from sed_dask.errors import StoreError
-from sed_dask.ingest import ingest
-from sed_dask.store import RunLockedError, RunStore, open_store, run_lock, run_lock_path
+from sed_dask.store.ingest import ingest
+from sed_dask.store.trajectory import RunLockedError, RunStore, open_store, run_lock, run_lock_path
 
 SMALL = {"chunk_bytes": 4096, "shard_bytes": 16384}
 

@@ -1,12 +1,12 @@
-"""Default layer groups (sed_dask.layers.default_group) over real naming schemes, and the
+"""Default layer groups (sed_dask.sources.layers.default_group) over real naming schemes, and the
 labels' consumers: the param index (store) and the 'blocks' coarsening (grouping)."""
 from __future__ import annotations
 
 import pytest
 
-from sed_dask.grouping import block_label, resolve
-from sed_dask.layers import default_group
-from sed_dask.store import ParamIndex
+from sed_dask.engine.grouping import block_label, resolve
+from sed_dask.sources.layers import default_group
+from sed_dask.store.trajectory import ParamIndex
 
 # the flat model of issue 12: the old rules gave "other" for all but head.weight
 FLAT = [("emb.weight", "embeddings"), ("pos", "embeddings"), ("attn.in_proj_weight", "attn"),

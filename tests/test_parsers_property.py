@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from sed_dask.cli import int_list, steps_arg
 from sed_dask.cli.query import _lags, _tau
 from sed_dask.errors import MetricsError
-from sed_dask.metrics_io import parse_metrics
+from sed_dask.sources.metrics import parse_metrics
 
 FAST = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TEXT = st.text(alphabet=st.sampled_from(list("0123456789,-+:. eEnaifx")), max_size=12)

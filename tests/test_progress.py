@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from sed_dask.passes import compute_graph
+from sed_dask.engine.passes import compute_graph
 from sed_dask.progress import Bar
 
 ESCAPES = re.compile(r"[\r\x1b]")

@@ -11,9 +11,9 @@ import torch
 from models import (make_trajectory, write_hf_sharded, write_orig_mod, write_pt, write_safetensors)
 from safetensors.torch import save_file
 
-from sed_dask.discover import discover_checkpoints, step_from_name
+from sed_dask.sources.discover import discover_checkpoints, step_from_name
 from sed_dask.errors import CheckpointError, MetricsError
-from sed_dask.metrics_io import load_metrics
+from sed_dask.sources.metrics import load_metrics
 from sed_dask.readers import (CheckpointReader, ShardedReader, SafetensorsReader, TorchReader, flat_slices,
                               open_checkpoint)
 

@@ -22,14 +22,14 @@ import torch
 import torch.distributed.checkpoint as dcp
 from models import cast_state_dict, flatten, make_trajectory, write_pt
 
-from sed_dask.checkpoint_run import open_checkpoints
-from sed_dask.discover import discover_checkpoints
+from sed_dask.sources.checkpoint_run import open_checkpoints
+from sed_dask.sources.discover import discover_checkpoints
 from sed_dask.errors import CheckpointError
-from sed_dask.ingest import ingest
+from sed_dask.store.ingest import ingest
 from sed_dask.readers import DCPReader, checkpoint_format, open_checkpoint
 from sed_dask.readers import dcp as dcp_mod
 from sed_dask.readers._pickle2 import as_protocol2
-from sed_dask.store import open_store
+from sed_dask.store.trajectory import open_store
 
 SMALL = {"chunk_bytes": 4096, "shard_bytes": 16384}
 N_CKPTS = 4

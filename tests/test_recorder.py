@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sed_dask.recorder import TrajectoryRecorder, checkpoint_name
+from sed_dask.sources.recorder import TrajectoryRecorder, checkpoint_name
 
 
 class Tied(nn.Module):
@@ -90,7 +90,7 @@ def test_log_metrics_merge_types_and_nan(tmp_path):
 
 
 def test_metrics_readable_by_the_ingesters_loader(tmp_path):
-    from sed_dask.metrics_io import load_metrics
+    from sed_dask.sources.metrics import load_metrics
 
     rec = TrajectoryRecorder(tmp_path, every=1)
     for s in (0, 3, 6):
@@ -126,7 +126,7 @@ def test_crash_mid_write_leaves_old_files_intact(tmp_path, monkeypatch):
         f.write('[{"step": 1, "val_lo')           # half a record, then the process "dies"
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("sed_dask.recorder.json.dump", torn_dump)
+    monkeypatch.setattr("sed_dask.sources.recorder.json.dump", torn_dump)
     with pytest.raises(KeyboardInterrupt):
         rec.log_metrics(2, val_loss=0.5)
     assert (tmp_path / "metrics.json").read_text() == before_json
@@ -137,7 +137,7 @@ def test_crash_mid_write_leaves_old_files_intact(tmp_path, monkeypatch):
             fh.write(b"PK\x03\x04 truncated")
         raise OSError("disk full")
 
-    monkeypatch.setattr("sed_dask.recorder.torch.save", torn_save)
+    monkeypatch.setattr("sed_dask.sources.recorder.torch.save", torn_save)
     with pytest.raises(OSError, match="disk full"):
         rec.save(1, model)
     with pytest.raises(OSError, match="disk full"):
@@ -210,8 +210,8 @@ def test_recorder_and_demo_train_never_import_dask(tmp_path):
         pkg = types.ModuleType("sed_dask")
         pkg.__path__ = [{os.path.join(pkg, "sed_dask")!r}]
         sys.modules["sed_dask"] = pkg
-        rec = importlib.import_module("sed_dask.recorder")
-        importlib.import_module("sed_dask.demo_train")
+        rec = importlib.import_module("sed_dask.sources.recorder")
+        importlib.import_module("sed_dask.demo.train")
         import torch
         r = rec.TrajectoryRecorder({str(tmp_path)!r}, every=1)
         r.save(0, torch.nn.Linear(2, 2), val_loss=1.0)

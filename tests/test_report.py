@@ -8,8 +8,8 @@ import pytest
 import xarray as xr
 from synthetic_results import grokking_results
 
-from sed_dask import figures
-from sed_dask.report import FIGURES, lag_correlation_simple, make_report, phase_intervals
+from sed_dask.report import figures
+from sed_dask.report.summary import FIGURES, lag_correlation_simple, make_report, phase_intervals
 
 
 @pytest.fixture(scope="module")

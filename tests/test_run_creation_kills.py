@@ -22,8 +22,8 @@ DRIVER = r"""
 import json, os, random, signal, sys
 import numpy as np
 import zarr.storage._local as L
-import sed_dask.store as S
-from sed_dask.ingest import ingest
+import sed_dask.store.trajectory as S
+from sed_dask.store.ingest import ingest
 
 ck, work, n_random, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 KW = dict(scheduler="sync", progress=False, chunk_bytes=4096, shard_bytes=16384)
@@ -56,7 +56,7 @@ L._put, L._get, S.TrajectoryStore.create_run = put, get, create_run
 
 # warm what every child would otherwise pay again (no zarr I/O here): checkpoint layouts, dask, tqdm
 import dask, tqdm.auto  # noqa: E401,F401
-from sed_dask.discover import discover_checkpoints
+from sed_dask.sources.discover import discover_checkpoints
 from sed_dask.readers import open_checkpoint
 for _p in discover_checkpoints(ck).values():
     with open_checkpoint(_p) as _r:

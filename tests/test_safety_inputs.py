@@ -19,7 +19,7 @@ import zarr
 from models import make_trajectory, write_pt
 
 from sed_dask.cli import main
-from sed_dask.store import open_store, run_lock_path
+from sed_dask.store.trajectory import open_store, run_lock_path
 
 T = ["--threads", "--no-progress"]
 

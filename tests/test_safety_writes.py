@@ -18,8 +18,8 @@ import zarr
 
 import sed_dask
 from sed_dask.cli import main
-from sed_dask.results_io import COMPLETE_ATTR, PartialResultsError, TargetError, open_results
-from sed_dask.store import open_store, write_trajectory
+from sed_dask.store.outputs import COMPLETE_ATTR, PartialResultsError, TargetError, open_results
+from sed_dask.store.trajectory import open_store, write_trajectory
 
 KILLER = r"""
 import os, signal, sys
@@ -116,7 +116,7 @@ def test_existing_results_need_overwrite_and_carry_the_marker(store, tmp_path):
 
 def test_directions_write_is_safe(store, tmp_path):
     # catches: directions `to_zarr(mode="w")` onto any path; no marker
-    from sed_dask.directions import directions
+    from sed_dask.engine.directions import directions
 
     out = str(tmp_path / "dirs.zarr")
     ds = directions(store, run="r0", k=2, scheduler="threads", output=out)
@@ -185,7 +185,7 @@ def test_report_folder_is_never_clobbered(tmp_path):
     # catches: make_report wrote into any folder (user files mixed or replaced) and re-wrote reports silently
     from synthetic_results import grokking_results
 
-    from sed_dask.report import make_report
+    from sed_dask.report.summary import make_report
 
     ds = grokking_results(runs=("seed0",), windows=(5, 10), n_deltas=40)[0]
     d = tmp_path / "mine"

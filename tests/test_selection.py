@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from sed_dask.errors import CheckpointError
 from sed_dask.readers import open_checkpoint
-from sed_dask.selection import SelectionPolicy, natural_key, resolve_policy, select
+from sed_dask.sources.selection import SelectionPolicy, natural_key, resolve_policy, select
 
 
 @pytest.fixture(scope="module")

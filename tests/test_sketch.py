@@ -14,13 +14,13 @@ import xarray as xr
 from scipy import stats
 
 import sed_dask
-from sed_dask.jl import Operator
-from sed_dask.sketch import (ROW_BLOCK, SketchAccumulator, merge_nodes, reduce_nodes, root_key, sketch,
+from sed_dask.engine.jl import Operator
+from sed_dask.engine.sketch import (ROW_BLOCK, SketchAccumulator, merge_nodes, reduce_nodes, root_key, sketch,
                              tile_product)
-from sed_dask.sketch_spectra import jl_error_report, jl_table, sketch_band, spectra_from_sketch
-from sed_dask.store import write_trajectory
+from sed_dask.results.sketch_spectra import jl_error_report, jl_table, sketch_band, spectra_from_sketch
+from sed_dask.store.trajectory import write_trajectory
 from sed_oracle import window_svds
-from sed_dask.spectra import spectrum
+from sed_dask.results.spectra import spectrum
 from synthetic import make_deltas
 
 N_CKPT, P, T, D = 40, 5003, 1000, 24      # P odd, T divides neither P nor any store chunk below
@@ -148,8 +148,8 @@ def test_tree_reduction_is_partition_invariant():
 def test_accumulator_rides_the_gram_streaming_batches(stores, traj):
     """Fed by the Gram engine's own reader (batches that repeat width-1 halo rows), the tree nodes
     equal those of one batch: the accumulator can sit next to BandAccumulator in gram_tile."""
-    from sed_dask.gram import TileSpec, stream_deltas
-    from sed_dask.store import open_store
+    from sed_dask.engine.gram import TileSpec, stream_deltas
+    from sed_dask.store.trajectory import open_store
 
     op = _op("gaussian")
     params = open_store(stores[0], mode="r").run("seed0").params
@@ -231,7 +231,7 @@ def test_sketch_argument_forms_and_errors(stores):
 
 
 def test_column_plan_with_a_sketch_aligns_to_rng_tiles():
-    from sed_dask.gram import plan_tiles
+    from sed_dask.engine.gram import plan_tiles
 
     for P_, chunk, tb, T_, cap in [(5003, 333, 96_000, 1000, None), (10**6, 1 << 18, 256 << 20, 8192, 167_772),
                                    (10**6, 1 << 18, 64 << 20, 8192, None), (70_001, 4096, 1 << 20, 3000, 5000)]:
@@ -290,7 +290,7 @@ def test_sketch_on_distributed_cluster_is_bit_identical(stores, client):
 
 
 def test_top_level_call_cli_and_reproducibility_across_processes(stores, tmp_path):
-    import sed_dask.sketch  # noqa: F401  (binds the package attribute to the module: must stay callable)
+    import sed_dask.engine.sketch  # noqa: F401  (importing the module must not hide the public function)
 
     ds = sed_dask.sketch(stores[2], d=D, seed=11, tile_elems=T, scheduler="sync", progress=False)
     out = tmp_path / "sk.zarr"

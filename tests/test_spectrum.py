@@ -10,8 +10,8 @@ import xarray as xr
 
 import sed_dask
 from sed_dask.errors import StoreError
-from sed_dask.spectra import SpacingWarning
-from sed_dask.store import ParamIndex, open_store, write_trajectory
+from sed_dask.results.spectra import SpacingWarning
+from sed_dask.store.trajectory import ParamIndex, open_store, write_trajectory
 from sed_oracle import deltas, planted, random_walk, stack_with_spectrum, window_svds
 
 FIG1A = [198.58, 169.08, 122.47, 110.73, 106.22, 92.66, 78.30, 61.27, 44.58, 22.79]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sed_dask.errors import StoreError
-from sed_dask.store import open_store, write_trajectory
+from sed_dask.store.trajectory import open_store, write_trajectory
 
 STEPS = [0, 10, 20, 35, 50]
 
@@ -70,7 +70,7 @@ def test_workers_in_other_processes_reopen_a_file_url(client, tmp_path):
     def read_rows(u, rows):
         import os
 
-        from sed_dask.store import open_store
+        from sed_dask.store.trajectory import open_store
 
         return os.getpid(), open_store(u, mode="r").run("r").read(rows)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sed_dask.noise import bbp_ratio, mp_adjacent_ratio, mp_edge
-from sed_dask.windows import normalise_spacing, window_features
+from sed_dask.engine.noise import bbp_ratio, mp_adjacent_ratio, mp_edge
+from sed_dask.engine.windows import normalise_spacing, window_features
 from sed_oracle import band_of, planted, random_walk, deltas, stack_with_spectrum, window_svds
 
 FIG1A = [198.58, 169.08, 122.47, 110.73, 106.22, 92.66, 78.30, 61.27, 44.58, 22.79]

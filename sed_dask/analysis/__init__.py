@@ -11,19 +11,19 @@ analysis only: nothing here imports the engine, the readers, Dask distributed or
 """
 from __future__ import annotations
 
-from ._series import fixed_edge, mode_rank, require_metric, resolve, window_steps
-from .defaults import ARM, DEFAULT_TAU, PLATEAU, SUSTAIN, describe_tau, tau_value
-from .edge import (edge_null, edge_summary, null_distribution, pc2_summary, rank_notes, signal_rank,
+from sed_dask.analysis._series import fixed_edge, mode_rank, require_metric, resolve, window_steps
+from sed_dask.analysis.defaults import ARM, DEFAULT_TAU, PLATEAU, SUSTAIN, describe_tau, tau_value
+from sed_dask.analysis.edge import (edge_null, edge_summary, null_distribution, pc2_summary, rank_notes, signal_rank,
                    window_statistic)
-from .events import event_study
-from .granger import granger, granger_multivariate, granger_test, residualize
-from .lag import (detrend_series, lag_correlation, lag_flips, lag_sweep, lagged_corr, peak_lag, peak_null,
+from sed_dask.analysis.events import event_study
+from sed_dask.analysis.granger import granger, granger_multivariate, granger_test, residualize
+from sed_dask.analysis.lag import (detrend_series, lag_correlation, lag_flips, lag_sweep, lagged_corr, peak_lag, peak_null,
                   peak_resolved, pearson, phase_correlation, phase_surrogates, sliding_correlation)
-from .metrics import attach_metrics
-from .phases import collapse_step, cross_seed_summary, episode, phase_intervals, phases, segment
-from .shift import cusum, detect_shift, max_derivative, welch_scan
-from .detectors import DETECTORS, Alert, EdgeWatch
-from .warning import early_warning, event_index, lead_time, onset, onset_index
+from sed_dask.analysis.metrics import attach_metrics
+from sed_dask.analysis.phases import collapse_step, cross_seed_summary, episode, phase_intervals, phases, segment
+from sed_dask.analysis.shift import cusum, detect_shift, max_derivative, welch_scan
+from sed_dask.analysis.detectors import DETECTORS, Alert, EdgeWatch
+from sed_dask.analysis.warning import early_warning, event_index, lead_time, onset, onset_index
 
 __all__ = [
     "resolve", "require_metric", "fixed_edge", "mode_rank", "window_steps",

@@ -14,8 +14,8 @@ from collections.abc import Hashable, Iterator, Mapping, Sequence
 import numpy as np
 import xarray as xr
 
-from ..errors import AnalysisError
-from .defaults import mp_adjacent_ratio  # noqa: F401  (re-exported for the query modules)
+from sed_dask.errors import AnalysisError
+from sed_dask.analysis.defaults import mp_adjacent_ratio  # noqa: F401  (re-exported for the query modules)
 
 STEP = "step"
 SERIES_DIMS_ORDER = ("run", "window", "group")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import AnalysisError
+from sed_dask.errors import AnalysisError
 
 #: collapse threshold: the W-aware noise-level adjacent ratio 1 + 2 W^(-2/3) (1.54 at W=5, 1.43 at
 #: W=10, 1.27 at W=20). An absolute 1.20 (the paper's, tuned for TinyStories at W=10) never fired on

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import AnalysisError
-from .defaults import DEFAULT_TAU, SUSTAIN, describe_tau, tau_value
+from sed_dask.errors import AnalysisError
+from sed_dask.analysis.defaults import DEFAULT_TAU, SUSTAIN, describe_tau, tau_value
 
 DETECTORS = ("below_noise", "peak_drop", "cusum")
 # chosen on planted collapses and no-collapse controls (benchmarks/README.md "Fidelity"): drift 0.2 / h 1.5

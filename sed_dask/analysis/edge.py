@@ -10,9 +10,9 @@ import json
 import numpy as np
 import xarray as xr
 
-from ..errors import AnalysisError
-from .defaults import SUSTAIN
-from ._series import (STEP, Collector, describe, first_sustained, iter_series, mp_adjacent_ratio, resolve, select,
+from sed_dask.errors import AnalysisError
+from sed_dask.analysis.defaults import SUSTAIN
+from sed_dask.analysis._series import (STEP, Collector, describe, first_sustained, iter_series, mp_adjacent_ratio, resolve, select,
                       series_dims)
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from ..errors import AnalysisError
-from ._series import EDGE, STEP, Collector, at, describe, finite, iter_series, pair_series
-from .defaults import DEFAULT_TAU, SUSTAIN
-from .phases import collapse_step
+from sed_dask.errors import AnalysisError
+from sed_dask.analysis._series import EDGE, STEP, Collector, at, describe, finite, iter_series, pair_series
+from sed_dask.analysis.defaults import DEFAULT_TAU, SUSTAIN
+from sed_dask.analysis.phases import collapse_step
 
 ROBUSTNESS_TAUS = (1.15, 1.20, 1.25, 1.30)   # the reference's robustness set (docs/method.md §5.5)
 

@@ -11,8 +11,8 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
-from ..errors import AnalysisError
-from ._series import (STEP, Collector, at, describe, iter_series, pair_series, paired_grid,
+from sed_dask.errors import AnalysisError
+from sed_dask.analysis._series import (STEP, Collector, at, describe, iter_series, pair_series, paired_grid,
                       resolve_target, select)
 
 DIRECTIONS = ("forward", "reverse")

@@ -12,10 +12,10 @@ import pandas as pd
 import xarray as xr
 from scipy import stats
 
-from ..errors import AnalysisError
-from ._series import (STEP, Collector, at, finite, iter_series, need, pair_series, paired_grid,
+from sed_dask.errors import AnalysisError
+from sed_dask.analysis._series import (STEP, Collector, at, finite, iter_series, need, pair_series, paired_grid,
                       resolve, select)
-from .phases import phase_intervals, segment
+from sed_dask.analysis.phases import phase_intervals, segment
 
 DETRENDS = ("cubic", "quadratic", "linear", "none", "cubic_raw")
 PEAKS = ("min", "absmax", "max")

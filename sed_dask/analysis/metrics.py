@@ -4,7 +4,7 @@ The reference matches val_loss by exact step and drops windows without a match (
 one script silently falls back to the nearest step. Here the alignment is explicit and recorded
 in each variable's attrs: ``align="exact"`` (default; NaN where the step was not evaluated) or
 ``align="nearest"`` within a ``tolerance`` in steps. Files and objects are parsed by
-``sed_dask.metrics_io`` (shared with ``ingest --metrics``), so both sides read the same shapes.
+``sed_dask.sources.metrics`` (shared with ``ingest --metrics``), so both sides read the same shapes.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from ..errors import AnalysisError
-from ..metrics_io import load_metrics, parse_metrics
+from sed_dask.errors import AnalysisError
+from sed_dask.sources.metrics import load_metrics, parse_metrics
 
 
 def _parse(obj, where: str) -> pd.DataFrame:
@@ -40,7 +40,7 @@ def _split(df: pd.DataFrame, where: str) -> pd.DataFrame:
 def to_table(source, *, run=None) -> pd.DataFrame:
     """A tidy metrics table: ``step`` (int64), optional ``run``, and float64 metric columns.
 
-    Parsing is ``sed_dask.metrics_io`` (the ingest side's reader: records, {step: {...}},
+    Parsing is ``sed_dask.sources.metrics`` (the ingest side's reader: records, {step: {...}},
     columns, a wrapper key, CSV; duplicate steps merged, conflicting values an error); a ``run``
     column / field splits the table by run first.
     """

@@ -10,10 +10,10 @@ import numpy as np
 import xarray as xr
 from scipy.ndimage import uniform_filter1d
 
-from ..errors import AnalysisError
-from ._series import (EDGE, STEP, Collector, finite, first_sustained, iter_series, need, resolve, select,
+from sed_dask.errors import AnalysisError
+from sed_dask.analysis._series import (EDGE, STEP, Collector, finite, first_sustained, iter_series, need, resolve, select,
                       window_steps)
-from .defaults import ARM, DEFAULT_TAU, PLATEAU, SUSTAIN, tau_value
+from sed_dask.analysis.defaults import ARM, DEFAULT_TAU, PLATEAU, SUSTAIN, tau_value
 
 METHODS = ("episode", "peak", "derivative", "threshold", "changepoint")
 PHASES = ("rise", "plateau", "collapse", "rebound")

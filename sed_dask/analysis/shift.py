@@ -11,8 +11,8 @@ import xarray as xr
 from scipy import stats
 from scipy.ndimage import uniform_filter1d
 
-from ..errors import AnalysisError
-from ._series import Collector, describe, finite, iter_series, need, resolve, select
+from sed_dask.errors import AnalysisError
+from sed_dask.analysis._series import Collector, describe, finite, iter_series, need, resolve, select
 
 METHODS = ("cusum", "ttest", "maxderiv")
 

@@ -12,8 +12,8 @@ import json
 import numpy as np
 import xarray as xr
 
-from ..errors import AnalysisError
-from ._series import Collector, at, describe, finite, iter_series, need, require_metric, resolve_target, select
+from sed_dask.errors import AnalysisError
+from sed_dask.analysis._series import Collector, at, describe, finite, iter_series, need, require_metric, resolve_target, select
 
 _DEFAULT = "default"
 
@@ -144,8 +144,8 @@ def early_warning(ds: xr.Dataset, *, detectors=None, tau=None, rank: str = "k_st
     ``lead`` = event_step - alarm_step (positive: the alarm came first). The attrs carry each
     detector's definition at each W.
     """
-    from .defaults import DEFAULT_TAU
-    from .detectors import DETECTORS, EdgeWatch, describe_detectors
+    from sed_dask.analysis.defaults import DEFAULT_TAU
+    from sed_dask.analysis.detectors import DETECTORS, EdgeWatch, describe_detectors
 
     tau = DEFAULT_TAU if tau is None else tau
     dets = tuple(DETECTORS if detectors is None else ([detectors] if isinstance(detectors, str) else detectors))

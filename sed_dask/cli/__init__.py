@@ -66,8 +66,8 @@ def connect_from_args(args):
     """
     import contextlib
 
-    from ..cluster import connect
-    from ..config import load_config_file, use_config
+    from sed_dask.cluster.client import connect
+    from sed_dask.config import load_config_file, use_config
 
     path = getattr(args, "config", None)
     settings = use_config(load_config_file(path)) if path else contextlib.nullcontext()
@@ -118,7 +118,7 @@ def attach_negative_values(argv: list[str]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from sed_dask import __version__
 
     p = argparse.ArgumentParser(prog="sed-dask", description="Spectral Edge Dynamics of training trajectories on Dask.")
     p.add_argument("--version", action="version", version=f"sed_dask {__version__}")
@@ -138,7 +138,7 @@ def _one_line_warnings(command: str):
     """sed_dask's own warnings print as ``sed-dask CMD: warning: ...`` (one line, no source line)."""
     import warnings
 
-    from ..errors import SEDWarning
+    from sed_dask.errors import SEDWarning
 
     previous = warnings.showwarning
 
@@ -155,7 +155,7 @@ def _one_line_warnings(command: str):
 def main(argv=None) -> int:
     import warnings
 
-    from ..errors import SEDError
+    from sed_dask.errors import SEDError
 
     parser = build_parser()
     args = parser.parse_args(attach_negative_values(sys.argv[1:] if argv is None else list(argv)))

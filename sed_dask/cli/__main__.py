@@ -1,6 +1,6 @@
 """``python -m sed_dask.cli ...``: the ``sed-dask`` command."""
 import sys
 
-from . import main
+from sed_dask.cli import main
 
 sys.exit(main())

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from . import add_cluster_args
+from sed_dask.cli import add_cluster_args
 
 
 def register(sub) -> None:
@@ -25,8 +25,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import load_config_file, use_config
-    from ..demo import run_demo
+    from sed_dask.config import load_config_file, use_config
+    from sed_dask.demo.pipeline import run_demo
 
     windows = [int(w) for w in args.windows.split(",") if w.strip()] if args.windows else None
     local = {}

@@ -6,7 +6,7 @@ import sys
 
 
 def register(sub) -> None:
-    from ..deploy import TARGETS
+    from sed_dask.cluster.deploy import TARGETS
 
     p = sub.add_parser(
         "deploy", help="render a SLURM job script, SLURMRunner sbatch, jobqueue.yaml, DaskCluster or Helm values",
@@ -22,8 +22,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..config import load_config_file
-    from ..deploy import render
+    from sed_dask.config import load_config_file
+    from sed_dask.cluster.deploy import render
 
     cfg = load_config_file(args.config) if args.config else None
     text = render(args.target, cfg)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_cluster_args, execution_context
+from sed_dask.cli import add_cluster_args, execution_context
 
 
 def register(sub) -> None:
@@ -38,8 +38,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..directions import directions
-    from ..grouping import parse_groups_arg
+    from sed_dask.engine.directions import directions
+    from sed_dask.engine.grouping import parse_groups_arg
 
     kw = dict(run=args.run, window=args.window, end_step=args.end_step, k=args.k, method=args.method,
               center=args.center, groups=parse_groups_arg(args.groups), n_oversamples=args.n_oversamples,

@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import json
 
-from . import add_cluster_args, add_selection_args, connect_from_args, steps_arg
+from sed_dask.cli import add_cluster_args, add_selection_args, connect_from_args, steps_arg
 
 
 def register(sub) -> None:
@@ -42,7 +42,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..ingest import ingest
+    from sed_dask.store.ingest import ingest
 
     steps = steps_arg(args.steps)
     sources = args.sources[0] if len(args.sources) == 1 else args.sources
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         kw["scheduler"] = "threads"
         ctx = contextlib.nullcontext(None)
         if getattr(args, "config", None):  # --config still applies (e.g. store chunking defaults)
-            from ..config import load_config_file, use_config
+            from sed_dask.config import load_config_file, use_config
 
             ctx = _with_none(use_config(load_config_file(args.config)))
     else:

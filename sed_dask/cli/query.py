@@ -224,7 +224,7 @@ EDGE_DEF = "edge = sigma_k/sigma_(k+1) at a fixed k per series: the mode of k* o
 
 
 def _tau_line(ds, args, tau) -> str:
-    from ..analysis.defaults import describe_tau
+    from sed_dask.analysis.defaults import describe_tau
 
     Ws = args.window or [int(w) for w in ds["window"].values] if "window" in ds.dims else [None]
     taus = tau if isinstance(tau, list) else [tau]
@@ -233,7 +233,7 @@ def _tau_line(ds, args, tau) -> str:
 
 def tables(ds, args) -> tuple[dict, list[str]]:
     """Run the query in ``args.query``; return ({title: DataFrame}, definition and note lines)."""
-    from .. import analysis as A
+    from sed_dask import analysis as A
 
     sel = dict(run=args.run, window=args.window, group=args.group)
     sv = args.sv
@@ -378,10 +378,10 @@ def tables(ds, args) -> tuple[dict, list[str]]:
 
 
 def run(args) -> int:
-    from .. import accessor  # noqa: F401
-    from ..analysis import attach_metrics
-    from ..errors import MetricsError
-    from ..results_io import open_results
+    from sed_dask import accessor  # noqa: F401
+    from sed_dask.analysis import attach_metrics
+    from sed_dask.errors import MetricsError
+    from sed_dask.store.outputs import open_results
 
     ds = open_results(args.results).load()  # a trajectory store, a foreign group or a partial store: exit 2
     if args.metrics:

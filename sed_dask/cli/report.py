@@ -26,8 +26,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..report import make_report, standard_analysis
-    from ..results_io import check_report_dir, open_results
+    from sed_dask.report.summary import make_report, standard_analysis
+    from sed_dask.store.outputs import check_report_dir, open_results
 
     check_report_dir(os.path.abspath(args.out_dir), overwrite=args.overwrite)  # before any analysis
     ds = open_results(args.results).load()

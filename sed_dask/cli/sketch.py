@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_cluster_args, execution_context
+from sed_dask.cli import add_cluster_args, execution_context
 
 
 def register(sub) -> None:
@@ -13,7 +13,7 @@ def register(sub) -> None:
                     "Dataset sketch(run, step, dim) in Zarr. Phi comes from counter-based RNG tiles keyed by "
                     "(seed, tile), so the sketch is bit-identical under any chunking or number of workers. "
                     "Spectra of any window W can then be computed from the sketch alone "
-                    "(sed_dask.sketch_spectra.spectra_from_sketch).")
+                    "(sed_dask.results.sketch_spectra.spectra_from_sketch).")
     p.add_argument("store", help="trajectory store path or fsspec URL")
     p.add_argument("-o", "--output", required=True,
                    help="sketch Zarr path: a new path, or an existing results store with --overwrite (never "
@@ -38,7 +38,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..sketch import sketch
+    from sed_dask.engine.sketch import sketch
 
     kw = dict(runs=[r for r in args.runs.split(",") if r] if args.runs else None, d=args.d, seed=args.seed,
               distribution=args.distribution, s=args.s, tile_elems=args.tile_elems, output=args.output, overwrite=args.overwrite,

@@ -1,13 +1,13 @@
 """``sed-dask spectrum STORE --windows 10,20 -o results.zarr``: trajectory store -> spectra Dataset.
 
 ``sed-dask spectrum --checkpoints DIR [--checkpoints DIR2 ...] -o results.zarr`` reads checkpoint
-files directly instead (no ingestion; see :mod:`sed_dask.checkpoint_run`).
+files directly instead (no ingestion; see :mod:`sed_dask.sources.checkpoint_run`).
 """
 from __future__ import annotations
 
 import argparse
 
-from . import add_cluster_args, add_selection_args, execution_context, int_list, steps_arg
+from sed_dask.cli import add_cluster_args, add_selection_args, execution_context, int_list, steps_arg
 
 
 def register(sub) -> None:
@@ -66,8 +66,8 @@ def _ints(text: str, what: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..grouping import parse_groups_arg
-    from ..spectra import spectrum
+    from sed_dask.engine.grouping import parse_groups_arg
+    from sed_dask.results.spectra import spectrum
 
     runs = [r for r in args.runs.split(",") if r] if args.runs else None
     source = _source(args, runs)
@@ -98,7 +98,7 @@ def _source(args: argparse.Namespace, runs):
     """The store argument, or the validated checkpoint runs of ``--checkpoints``."""
     import os
 
-    from ..checkpoint_run import open_checkpoints
+    from sed_dask.sources.checkpoint_run import open_checkpoints
 
     picked = [x for x, given in (("STORE", args.store), ("--checkpoints", args.checkpoints)) if given]
     if len(picked) != 1:

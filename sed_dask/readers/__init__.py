@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 
-from ..errors import CheckpointError
-from .base import CheckpointReader, ReaderBase, TensorInfo, flat_slices
-from .dcp import DCPReader, is_dcp_dir
-from .hf_sharded import ShardedReader, find_index
-from .safetensors_file import SafetensorsReader, is_safetensors
-from .torch_pt import TorchReader, find_state_dict
+from sed_dask.errors import CheckpointError
+from sed_dask.readers.base import CheckpointReader, ReaderBase, TensorInfo, flat_slices
+from sed_dask.readers.dcp import DCPReader, is_dcp_dir
+from sed_dask.readers.hf_sharded import ShardedReader, find_index
+from sed_dask.readers.safetensors_file import SafetensorsReader, is_safetensors
+from sed_dask.readers.torch_pt import TorchReader, find_state_dict
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 SINGLE_FILES_IN_DIR = ("model.safetensors", "pytorch_model.bin")

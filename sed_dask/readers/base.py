@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from ..errors import CheckpointError
+from sed_dask.errors import CheckpointError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,12 +51,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ..errors import CheckpointError
-from ._pickle2 import as_protocol2
-from .base import ReaderBase, TensorInfo, flat_slices
-from .layout_cache import LayoutCache, approx_nbytes
-from .rawio import RAW_DTYPES, open_if_unchanged, pread_full, read_float32, to_float32, zip_data_start
-from .torch_pt import STATE_DICT_KEYS
+from sed_dask.errors import CheckpointError
+from sed_dask.readers._pickle2 import as_protocol2
+from sed_dask.readers.base import ReaderBase, TensorInfo, flat_slices
+from sed_dask.readers.layout_cache import LayoutCache, approx_nbytes
+from sed_dask.readers.rawio import RAW_DTYPES, open_if_unchanged, pread_full, read_float32, to_float32, zip_data_start
+from sed_dask.readers.torch_pt import STATE_DICT_KEYS
 
 METADATA_NAME = ".metadata"
 SUFFIX = ".distcp"

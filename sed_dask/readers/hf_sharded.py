@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import os
 
-from ..errors import CheckpointError
-from .base import ReaderBase, TensorInfo
-from .layout_cache import LayoutCache, approx_nbytes
+from sed_dask.errors import CheckpointError
+from sed_dask.readers.base import ReaderBase, TensorInfo
+from sed_dask.readers.layout_cache import LayoutCache, approx_nbytes
 
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -80,7 +80,7 @@ class ShardedReader(ReaderBase):
     def _sub(self, shard: str) -> ReaderBase:
         r = self._subs.get(shard)
         if r is None:
-            from . import open_file
+            from sed_dask.readers import open_file
 
             p = os.path.join(self.root, shard)
             if not os.path.isfile(p):

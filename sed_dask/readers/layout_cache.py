@@ -25,7 +25,7 @@ _FALLBACK_BYTES = 256 << 20
 def cache_limit() -> int:
     """``sed_dask.readers.layout-cache-bytes`` in this process (read at each insertion)."""
     try:
-        from .. import config
+        from sed_dask import config
 
         return config.get_bytes("readers.layout-cache-bytes")
     except Exception:  # a process that never loaded the package defaults

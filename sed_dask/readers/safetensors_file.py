@@ -22,10 +22,10 @@ import struct
 
 import numpy as np
 
-from ..errors import CheckpointError
-from .base import ReaderBase, TensorInfo, flat_slices
-from .layout_cache import LayoutCache, approx_nbytes
-from .rawio import RAW_DTYPES, pread_full, read_float32
+from sed_dask.errors import CheckpointError
+from sed_dask.readers.base import ReaderBase, TensorInfo, flat_slices
+from sed_dask.readers.layout_cache import LayoutCache, approx_nbytes
+from sed_dask.readers.rawio import RAW_DTYPES, pread_full, read_float32
 
 #: safetensors dtype code -> (torch dtype name, bytes per element or None when sub-byte)
 DTYPES = {

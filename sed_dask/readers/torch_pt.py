@@ -31,10 +31,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ..errors import CheckpointError
-from .base import ReaderBase, TensorInfo
-from .layout_cache import LayoutCache, approx_nbytes
-from .rawio import RAW_DTYPES, open_if_unchanged, pread_full, read_float32, zip_data_start
+from sed_dask.errors import CheckpointError
+from sed_dask.readers.base import ReaderBase, TensorInfo
+from sed_dask.readers.layout_cache import LayoutCache, approx_nbytes
+from sed_dask.readers.rawio import RAW_DTYPES, open_if_unchanged, pread_full, read_float32, zip_data_start
 
 #: keys under which training scripts nest the model state dict, in order of preference
 STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import AnalysisError
+from sed_dask.errors import AnalysisError
 
 __all__ = ["planted_lag_family", "planted_lag_pair", "planted_shift_series"]
 

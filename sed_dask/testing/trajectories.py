@@ -307,13 +307,13 @@ class PlantedTrajectory:
 def planted_results(trajectories: dict, windows=(10,), *, metrics: dict | None = None):
     """The results Dataset the engine would build for planted runs ``{run: PlantedTrajectory}``.
 
-    Uses the engine's own Dataset assembly (``sed_dask.spectra.build_dataset``) on the exact float64
+    Uses the engine's own Dataset assembly (``sed_dask.results.spectra.build_dataset``) on the exact float64
     band of each trajectory, so queries see exactly what ``sed_dask.spectrum`` would give for a
     store holding these deltas, without writing one. ``metrics``: ``{run: {"step": [...], name: [...]}}``;
     by default each run gets ``val_loss`` from :meth:`PlantedTrajectory.val_loss` at its delta steps.
     """
-    from ..gram import GramResult
-    from ..spectra import build_dataset
+    from sed_dask.engine.gram import GramResult
+    from sed_dask.results.spectra import build_dataset
 
     windows = sorted({int(w) for w in windows})
     grams, mets = [], {}

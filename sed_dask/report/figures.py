@@ -199,7 +199,7 @@ def spectrum_figure(ds, *, run, step, window) -> Figure:
 
 def _edge_at_centres(ds, run, W):
     """(window-centre steps, fixed-k edge, k) of one run: the series phases are measured on."""
-    from .analysis import fixed_edge, window_steps
+    from sed_dask.analysis import fixed_edge, window_steps
 
     e = fixed_edge(ds.sel(run=[run], window=[W])).sel(run=run, window=W)
     st, x = finite(e)
@@ -339,7 +339,7 @@ def warning_figure(ds, *, runs, window, variable="edge_ratio", events=None, warn
     metric = "val_acc" if "val_acc" in ds.data_vars else ("val_loss" if "val_loss" in ds.data_vars else None)
     for ax, r in zip(axes, runs):
         if alarms is not None:
-            from .analysis import fixed_edge
+            from sed_dask.analysis import fixed_edge
 
             e = fixed_edge(ds.sel(run=[r], window=[W])).sel(run=r, window=W)
             st, x = finite(e)

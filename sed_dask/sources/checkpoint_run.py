@@ -3,12 +3,12 @@
 Ingestion is write-bound: it copies every parameter into the store at disk-write speed, 5-19 % of
 a raw read of the same files (benchmarks/README.md, "Ingest"). For a one-off analysis that copy
 is pure overhead: the Gram pass reads each checkpoint once anyway. :func:`open_checkpoints`
-builds a :class:`CheckpointRun`, a read-only stand-in for :class:`~sed_dask.store.RunStore`
+builds a :class:`CheckpointRun`, a read-only :class:`~sed_dask.sources.run_source.RunSource` like :class:`~sed_dask.store.RunStore`
 holding everything ``gram_graph``/``spectrum`` use (name, index, steps, metrics, policy, read
 unit), and whose ``params`` (:class:`CheckpointParams`) fills a Gram tile's ``(rows x P-range)``
 buffer from the files with each reader's slice reads (``read_block``).
 
-Validation is ingestion's, from the same code (:mod:`sed_dask.validate`), and happens when the
+Validation is ingestion's, from the same code (:mod:`sed_dask.sources.validate`), and happens when the
 source is opened, before any task: step discovery (names or a mapping, duplicates), the selection
 policy on the first checkpoint, every other header against it, at least 2 checkpoints, the metrics
 file. The parameter index is the one an ingestion of the same files would record (same
@@ -30,11 +30,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .discover import discover_checkpoints
-from .errors import CheckpointError
-from .readers import open_checkpoint
-from .store import ParamIndex, read_chunk_elems
-from .validate import CheckpointTodo, check_headers, load_metrics_arg, policy_for, require_deltas
+from sed_dask.sources.discover import discover_checkpoints
+from sed_dask.errors import CheckpointError
+from sed_dask.readers import open_checkpoint
+from sed_dask.sources.param_index import ParamIndex, read_chunk_elems
+from sed_dask.sources.validate import CheckpointTodo, check_headers, load_metrics_arg, policy_for, require_deltas
 
 _NONFINITE_BLOCK = 1 << 22  # elements per read when locating NaN/Inf (error path only)
 
@@ -97,9 +97,8 @@ class CheckpointParams:
 class CheckpointRun:
     """A validated run of checkpoint files that ``spectrum`` reads directly (see the module docstring).
 
-    Quacks like :class:`~sed_dask.store.RunStore` for the Gram pass: ``name``, ``n_params``,
-    ``index``, ``policy``, ``read_unit``, ``attrs``, ``check_complete()``, ``metrics()``,
-    ``params``, ``token_id``. Build it with :func:`open_checkpoints`.
+    A :class:`~sed_dask.sources.run_source.RunSource`, as a store run is, so every pass reads either
+    alike. Build it with :func:`open_checkpoints`.
     """
 
     def __init__(self, name: str, todo: list[CheckpointTodo], selection, fmt: str, *, metrics=None,

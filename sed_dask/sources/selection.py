@@ -28,9 +28,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .errors import CheckpointError
-from .readers.base import TensorInfo
-from .store import ParamIndex
+from sed_dask.errors import CheckpointError
+from sed_dask.readers.base import TensorInfo
+from sed_dask.sources.param_index import ParamIndex
 
 DEFAULT_POLICY = "params_dedup_no_buffers"
 POLICIES = {"params_dedup_no_buffers": 1, "full_state_dict_sorted": 1}

@@ -1,8 +1,8 @@
 """One pass over a run: the JL sketch ``S_i = Phi^T delta_i`` (N x d), bit-identical under any chunking.
 
 A sketch is tiny (N x d float64) and reusable: spectra of any W, cross-seed comparisons and
-trajectory PCA without re-reading the store (``sed_dask.sketch_spectra``). Phi comes from
-counter-based tiles (``sed_dask.jl``), so its values never depend on chunking. The *sum* must not
+trajectory PCA without re-reading the store (``sed_dask.results.sketch_spectra``). Phi comes from
+counter-based tiles (``sed_dask.engine.jl``), so its values never depend on chunking. The *sum* must not
 either, which fixes two things (both checked by ``tests/test_sketch.py``):
 
 * **Kernel.** The partial of RNG tile ``t`` for a row of deltas is one BLAS gemm of a fixed shape,
@@ -18,7 +18,7 @@ either, which fixes two things (both checked by ``tests/test_sketch.py``):
 Tasks own whole tiles (P-ranges are tile multiples, by default a power of two of them, so that a
 task returns one node) and one step block of deltas plus a one-row halo; Zarr chunks need not align.
 Deltas are formed in float32 like the Gram engine (docs/method.md §2.3) and upcast per tile; sums are
-float64. ``SketchAccumulator`` follows ``sed_dask.gram``'s accumulator protocol (``update(S, g0)``,
+float64. ``SketchAccumulator`` follows ``sed_dask.engine.gram``'s accumulator protocol (``update(S, g0)``,
 ``result()``), and ``SketchExtra`` plugs it into the banded-Gram pass (``spectrum(..., sketch=...)``):
 the same read then yields the Gram and the sketch, bit-identical to ``sketch()``'s.
 
@@ -34,16 +34,15 @@ import json
 
 import numpy as np
 
-from ._callable import make_callable
-from . import config
-from .errors import StoreError
-from .gram import TileSpec, checked_steps, stream_deltas
-from .jl import Operator
-from .schema import metric_variables
-from .passes import execute, pass_settings, tree_reduce
-from .rawread import RawChunkReader
-from .results_io import check_target, write_dataset
-from .store import RunStore, open_store
+from sed_dask import config
+from sed_dask.errors import StoreError
+from sed_dask.engine.gram import TileSpec, checked_steps, stream_deltas
+from sed_dask.engine.jl import Operator
+from sed_dask.schema import metric_variables
+from sed_dask.engine.passes import execute, pass_settings, tree_reduce
+from sed_dask.engine.rawread import RawChunkReader
+from sed_dask.store.outputs import check_target, write_dataset
+from sed_dask.store.trajectory import RunStore, open_store
 
 ROW_BLOCK = 64  # gemm rows: fixed, so every delta row meets the same BLAS call shape
 PHI_CACHE_BYTES = 256 << 20  # Phi tiles a task keeps between row batches (else it regenerates them)
@@ -121,7 +120,7 @@ def phi_tile(op: Operator, t: int):
 class SketchAccumulator:
     """Tree nodes of ``delta @ Phi`` for delta rows ``[out_lo, out_hi)`` and columns ``[c0, c1)``.
 
-    Protocol of ``sed_dask.gram`` accumulators: ``update(S, g0)`` with float32 deltas ``S`` (columns
+    Protocol of ``sed_dask.engine.gram`` accumulators: ``update(S, g0)`` with float32 deltas ``S`` (columns
     c0..c1) whose row 0 is delta ``g0``; rows already seen (carried halo rows) are skipped, so it can
     ride the Gram's streaming batches. ``[c0, c1)`` must be whole tiles.
     """
@@ -207,7 +206,7 @@ def finish_block(nodes: dict, n_leaves: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class SketchExtra:
-    """The sketch as an extra accumulator of the banded-Gram pass (``sed_dask.gram.gram_tile``).
+    """The sketch as an extra accumulator of the banded-Gram pass (``sed_dask.engine.gram.gram_tile``).
 
     P-ranges there are whole RNG tiles (``col_align``), at most ``tile_bytes / 2`` of Phi per task
     (``max_cols``; a task keeps its tiles across row batches rather than regenerate them), P-range
@@ -346,9 +345,9 @@ def sketch(store, *, runs=None, d: int | None = None, seed: int | None = None, d
     d, s, param index hash, checksum of the first tile). The values do not depend on chunking,
     ``tile_bytes``/``block_steps``/``tiles_per_task`` or the scheduler. ``output`` writes Zarr
     safely (checked before the pass; an existing results store only with ``overwrite=True``;
-    see :mod:`sed_dask.results_io`).
+    see :mod:`sed_dask.store.outputs`).
     """
-    from . import __version__
+    from sed_dask import __version__
 
     if output is not None:
         check_target(output, overwrite=overwrite)
@@ -406,7 +405,7 @@ def provenance(ops: dict) -> dict:
 
 
 def write_zarr(ds, path, *, overwrite: bool = False) -> None:
-    """Write safely (:func:`sed_dask.results_io.write_dataset`); ``xr.open_zarr(path)`` gives the Dataset back."""
+    """Write safely (:func:`sed_dask.store.outputs.write_dataset`); ``xr.open_zarr(path)`` gives the Dataset back."""
     write_dataset(ds, path, kind=str(ds.attrs.get("sed_kind") or "spectra"), overwrite=overwrite)
 
 
@@ -438,6 +437,3 @@ def build_sketch_dataset(items: list, metrics: dict, attrs: dict, prov: dict | N
                                                "units": "steps"}),
     }
     return xr.Dataset(vars_, coords=coords, attrs=attrs)
-
-
-make_callable(__name__)

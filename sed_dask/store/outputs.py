@@ -38,7 +38,7 @@ import warnings
 import weakref
 from collections.abc import Iterable, Iterator
 
-from .errors import StoreError
+from sed_dask.errors import StoreError
 
 COMPLETE_ATTR = "sed_dask_complete"      # True once the write finished (written last)
 KIND_ATTR = "sed_dask_results"           # "spectra", "jl_sketch", "directions" (written first)
@@ -432,7 +432,7 @@ def missing_parts(path, attrs: dict) -> list[str]:
     elif _has_consolidated(path):  # written before the marker existed: to_zarr consolidates last
         return []
     elif results_kind(attrs) == "spectra":
-        from .schema import VARIABLES
+        from sed_dask.schema import VARIABLES
 
         want = set(VARIABLES) | {"delta_norm", "(consolidated metadata)"}
     else:

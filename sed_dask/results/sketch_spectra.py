@@ -1,9 +1,9 @@
 """Window spectra from a JL sketch (no store re-read), and the JL error report of docs/method.md §11.
 
 A sketch row is ``S_i = Phi^T delta_i``, so ``<S_i, S_j>`` estimates ``<delta_i, delta_j>``: the band of
-``S S^T`` goes through exactly the engine's window code (``sed_dask.windows``) and Dataset builder
-(``sed_dask.spectra.build_dataset``), giving a results Dataset in the same schema for any W.
-Kept apart from ``sed_dask.sketch`` so that the engine may import the sketch kernel without a cycle.
+``S S^T`` goes through exactly the engine's window code (``sed_dask.engine.windows``) and Dataset builder
+(``sed_dask.results.spectra.build_dataset``), giving a results Dataset in the same schema for any W.
+Kept apart from ``sed_dask.engine.sketch`` so that the engine may import the sketch kernel without a cycle.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from . import config
-from .gram import GramResult
-from .spectra import _windows, build_dataset
+from sed_dask import config
+from sed_dask.engine.gram import GramResult
+from sed_dask.results.spectra import build_dataset, window_sizes
 
 RATIOS = ("r12", "r23", "edge")
 
@@ -66,7 +66,7 @@ def _metrics(sketch_ds) -> dict:
 def sketch_grams(sketch_ds, *, width: int, runs=None, d: int | None = None) -> list[GramResult]:
     """``GramResult`` stand-ins (group ``all``) from a sketch; ``d`` < sketch d uses the first d columns.
 
-    Columns of Phi nest (``sed_dask.jl``), so the first ``d`` columns rescaled by sqrt(d_sketch/d)
+    Columns of Phi nest (``sed_dask.engine.jl``), so the first ``d`` columns rescaled by sqrt(d_sketch/d)
     are the sketch a ``d``-dimensional operator with the same seed would give.
     """
     n_params = json.loads(sketch_attrs(sketch_ds)["n_params"])
@@ -98,9 +98,9 @@ def spectra_from_sketch(sketch_ds, *, windows=(10,), runs=None, d: int | None = 
     ``d`` uses only the first d sketch columns. Singular values estimate the exact ones with a
     relative error of order sqrt(W/d) (docs/method.md §11: d = 10W keeps the edge ratio within ~6%).
     """
-    from . import __version__
+    from sed_dask import __version__
 
-    ws = _windows(windows)
+    ws = window_sizes(windows)
     grams = sketch_grams(sketch_ds, width=max(ws) + 1, runs=runs, d=d)
     for g in grams:
         if g.n_deltas < max(ws):
@@ -131,7 +131,7 @@ def spectra_from_sketch(sketch_ds, *, windows=(10,), runs=None, d: int | None = 
     ds = build_dataset(grams, ws, grouped=False, metrics=metrics, attrs=attrs,
                        normalize_spacing=normalize_spacing, zero_rtol=zero_rtol)
     if output is not None:
-        from .sketch import write_zarr
+        from sed_dask.engine.sketch import write_zarr
 
         write_zarr(ds, output)
     return ds
@@ -169,10 +169,10 @@ def jl_error_report(source, *, run: str | None = None, windows=(10,), ds: Sequen
     """
     import xarray as xr
 
-    from .spectra import spectrum
-    from .store import open_store
+    from sed_dask.results.spectra import spectrum
+    from sed_dask.store.trajectory import open_store
 
-    ws = _windows(windows)
+    ws = window_sizes(windows)
     ds_list = sorted({int(x) for x in ds})
     if isinstance(source, xr.Dataset):
         exact = source
@@ -193,7 +193,7 @@ def jl_error_report(source, *, run: str | None = None, windows=(10,), ds: Sequen
         {(seed, d): (1000 * seed + d, d) for seed in seeds for d in ds_list}
     for key, (op_seed, op_d) in wanted.items():
         if key not in sketches:
-            from .sketch import sketch
+            from sed_dask.engine.sketch import sketch
 
             sketches[key] = sketch(store, runs=[run], d=op_d, seed=op_seed, distribution=distribution,
                                    client=client, address=address, scheduler_file=scheduler_file,

@@ -13,21 +13,22 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from . import config
-from .errors import StoreError
-from .gram import GramResult, gram_graph, run_plans
-from .noise import mp_adjacent_ratio
-from .results_io import check_target, write_dataset
-from .schema import COORD_ATTRS, PER_SV, VARIABLES, metric_variables, var_attrs
-from .store import open_store
-from .windows import normalise_spacing, window_features
+from sed_dask import config
+from sed_dask.errors import StoreError
+from sed_dask.engine.gram import GramResult, gram_graph, run_plans
+from sed_dask.engine.noise import mp_adjacent_ratio
+from sed_dask.store.outputs import check_target, write_dataset
+from sed_dask.schema import COORD_ATTRS, PER_SV, VARIABLES, metric_variables, var_attrs
+from sed_dask.store.trajectory import open_store
+from sed_dask.engine.windows import normalise_spacing, window_features
 
 
 class SpacingWarning(UserWarning):
     """Checkpoint spacing is uneven, so deltas of different windows span different step counts."""
 
 
-def _windows(windows) -> list[int]:
+def window_sizes(windows) -> list[int]:
+    """The requested window lengths W as sorted, distinct ints >= 2 (one W or a sequence)."""
     ws = [windows] if isinstance(windows, (int, np.integer)) else list(windows)
     if not ws:
         raise ValueError("windows is empty; give at least one W, e.g. windows=(10,)")
@@ -51,7 +52,7 @@ def _check_spacing(run: str, spans: np.ndarray, normalize: bool) -> None:
 
 def features_for(gram: GramResult, windows: Sequence[int], *, normalize_spacing: bool = False,
                  zero_rtol: float | None = None) -> dict:
-    """``{(W, group): features}`` of one run's band (see ``sed_dask.windows.window_features``)."""
+    """``{(W, group): features}`` of one run's band (see ``sed_dask.engine.windows.window_features``)."""
     out = {}
     for gi, g in enumerate(gram.groups):
         band = gram.band[gi]
@@ -155,7 +156,7 @@ def _open_runs(store, runs) -> tuple[list, str]:
     ``store``: a trajectory store (path, URL, group), or checkpoint runs from
     :func:`sed_dask.open_checkpoints` (one or a list), which the pass reads directly.
     """
-    from .checkpoint_run import CheckpointRun
+    from sed_dask.sources.checkpoint_run import CheckpointRun
 
     items = [store] if isinstance(store, CheckpointRun) else store if isinstance(store, (list, tuple)) else None
     if items is None:
@@ -190,7 +191,7 @@ def spectrum(store, *, runs=None, windows=(10,), groups=None, client=None, addre
     One pass per run over the store computes the banded Gram of width max(W)+1; everything else is
     client-side W x W work. ``groups``: None, "default", "blocks", ``{name: regex}`` or a list of
     group names. ``scheduler`` ("threads"/"sync") runs without a distributed cluster. ``output``
-    writes the Dataset to Zarr through :mod:`sed_dask.results_io`: the path is checked before the
+    writes the Dataset to Zarr through :mod:`sed_dask.store.outputs`: the path is checked before the
     pass (a trajectory store, a non-Zarr folder, a foreign Zarr group, or an existing results store
     without ``overwrite=True`` is refused), written beside it and moved into place complete.
     Returns an ``xarray.Dataset`` (docs/result_schema.md).
@@ -200,20 +201,20 @@ def spectrum(store, *, runs=None, windows=(10,), groups=None, client=None, addre
     ``sketch(run, step, dim)`` with its operator provenance in the variable's attrs, bit-identical
     to ``sed_dask.sketch(...)``'s, and ``spectra_from_sketch(ds)`` accepts the Dataset.
     """
-    from . import __version__
+    from sed_dask import __version__
 
     if output is not None:
         check_target(output, overwrite=overwrite)
     run_stores, source = _open_runs(store, runs)
     names = [rs.name for rs in run_stores]
-    ws = _windows(windows)
+    ws = window_sizes(windows)
     precision = config.get("spectrum.precision", precision)
     sketch_req = _sketch_request(sketch)
     plans = []
     for rs in run_stores:
         extras = ()
         if sketch_req is not None:
-            from .sketch import SketchExtra, make_operator
+            from sed_dask.engine.sketch import SketchExtra, make_operator
 
             extras = (SketchExtra(make_operator(rs.n_params, **sketch_req)),)
         plan = gram_graph(rs, width=max(ws) + 1, groups=groups, precision=precision, tile_bytes=tile_bytes,
@@ -252,7 +253,7 @@ def spectrum(store, *, runs=None, windows=(10,), groups=None, client=None, addre
     ds = build_dataset(grams, ws, grouped=groups is not None, metrics=metrics, attrs=attrs,
                        normalize_spacing=normalize_spacing, zero_rtol=zero_rtol)
     if sketch_req is not None:
-        from .sketch import build_sketch_dataset, provenance
+        from sed_dask.engine.sketch import build_sketch_dataset, provenance
 
         prov = provenance({p.run: x.op for p in plans for x in p.extras})
         sk = build_sketch_dataset([(g.run, g.steps, g.extras["sketch"]) for g in grams], {}, {}, prov)
@@ -263,5 +264,5 @@ def spectrum(store, *, runs=None, windows=(10,), groups=None, client=None, addre
 
 
 def write_zarr(ds, path, *, overwrite: bool = False) -> None:
-    """Write safely (:func:`sed_dask.results_io.write_dataset`); ``xr.open_zarr(path)`` returns the Dataset."""
+    """Write safely (:func:`sed_dask.store.outputs.write_dataset`); ``xr.open_zarr(path)`` returns the Dataset."""
     write_dataset(ds, path, kind="spectra", overwrite=overwrite)

@@ -37,9 +37,9 @@ import dask.config
 from dask.utils import parse_timedelta
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from . import config
-from .config import ConfigError
-from .errors import ScriptReimportError
+from sed_dask import config
+from sed_dask.config import ConfigError
+from sed_dask.errors import ScriptReimportError
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ _EXTRAS = {"dask_jobqueue": "slurm", "dask_kubernetes": "k8s"}
 
 class ZarrConfigPlugin(WorkerPlugin):
     """Apply the client's zarr I/O settings (``sed_dask.config.configure_zarr``) on each worker, and
-    pin OpenBLAS to one thread per task thread as a nanny's environment does (``sed_dask._blas``):
+    pin OpenBLAS to one thread per task thread as a nanny's environment does (``sed_dask.cluster.blas``):
     workers started with ``--no-nanny`` or in-process would otherwise oversubscribe their cores."""
 
     name = PLUGIN_NAME
@@ -63,7 +63,7 @@ class ZarrConfigPlugin(WorkerPlugin):
     def setup(self, worker):
         config.configure_zarr(**self.settings)
         if not _client_in_process():  # an in-process cluster shares the user's BLAS: leave it alone
-            from ._blas import pin_blas_threads
+            from sed_dask.cluster.blas import pin_blas_threads
 
             pin_blas_threads(1)
 

@@ -28,7 +28,7 @@ import warnings
 
 import numpy as np
 
-from .errors import MetricsError, MetricsWarning
+from sed_dask.errors import MetricsError, MetricsWarning
 
 NONFINITE = ("warn", "raise", "ignore")
 

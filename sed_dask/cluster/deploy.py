@@ -21,7 +21,7 @@ import dask.config
 import yaml
 from dask.utils import parse_bytes
 
-from .config import ConfigError
+from sed_dask.config import ConfigError
 
 API_VERSION = "kubernetes.dask.org/v1"
 TARGETS = ("slurm", "slurm-runner", "jobqueue", "k8s", "helm")
@@ -47,14 +47,14 @@ def _check(given: dict, known: dict, path: str) -> None:
 
 def resolve(config: dict | None = None) -> dict:
     """The effective deploy settings: dask config, then ``config["deploy"]`` on top."""
-    from .config import _DEFAULTS
+    from sed_dask.config import package_defaults
 
     base = _canon(dask.config.get("sed_dask.deploy"), "deploy")
     section = dict(config or {})
     if set(section) == {"sed_dask"}:
         section = section["sed_dask"] or {}
     given = _canon(section.get("deploy") or {}, "deploy")
-    _check(given, _DEFAULTS["sed_dask"]["deploy"], "sed_dask.deploy")
+    _check(given, package_defaults("deploy"), "sed_dask.deploy")
     return dask.config.merge(base, given)
 
 

@@ -5,7 +5,7 @@ The companion early-warning work (docs/method.md §13) uses this setting: 2 laye
 memorises the training pairs (train accuracy → 1) and only much later generalises (validation
 accuracy → 1): a real trajectory with a delayed transition, small enough to train several seeds in
 a few minutes on two cores. Checkpoints and validation metrics are written by
-:class:`~sed_dask.recorder.TrajectoryRecorder` in the layout the ingester reads.
+:class:`~sed_dask.sources.recorder.TrajectoryRecorder` in the layout the ingester reads.
 
 Changes from the companion setting, each measured on a 2-core CPU:
 
@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .recorder import METRICS_FILE, TrajectoryRecorder, atomic_write
+from sed_dask.sources.recorder import METRICS_FILE, TrajectoryRecorder, atomic_write
 
 __all__ = ["DemoConfig", "SIZES", "TASKS", "ModAddTransformer", "train_run", "train_demo_runs", "grok_step"]
 
@@ -147,7 +147,7 @@ class ModAddTransformer(nn.Module):
     """Pre-LN transformer on the sequence ``a b =``; predicts (a + b) mod p from the last position.
 
     Parameter names (``tok_emb``, ``blocks.N.attn``, ``blocks.N.mlp``, ``ln_f``, ``head``) follow the
-    GPT naming that :func:`sed_dask.layers.default_group` recognises.
+    GPT naming that :func:`sed_dask.sources.layers.default_group` recognises.
     """
 
     def __init__(self, cfg: DemoConfig):
@@ -394,7 +394,7 @@ def train_demo_runs(out_dir, *, seeds=None, steps: int | None = None, every: int
 
 
 def main(argv=None) -> None:
-    """``python -m sed_dask.demo_train OUT [--quick] [--seeds 0 1 2] [--steps N] [--every K]``."""
+    """``python -m sed_dask.demo.train OUT [--quick] [--seeds 0 1 2] [--steps N] [--every K]``."""
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

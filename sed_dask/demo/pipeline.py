@@ -1,7 +1,7 @@
 """End-to-end demo: train → ingest → spectra → analysis → report (``sed-dask demo``).
 
 Shows every stage on a real trajectory (a small transformer grokking (a + b) mod 97, see
-:mod:`sed_dask.demo_train`) and on a real Dask cluster (a temporary LocalCluster of 2 single-thread
+:mod:`sed_dask.demo.train`) and on a real Dask cluster (a temporary LocalCluster of 2 single-thread
 worker processes unless a scheduler is given), so the demo exercises what a user would run.
 
 Layout under ``out_dir``: ``checkpoints/seed{S}/`` (demo_train; finished runs are reused),
@@ -58,8 +58,8 @@ def _findings(ds, analysis: dict, train_summary: dict, windows, timings: dict) -
     candidate's lead, lag peaks with their resolution and significance, accepted and rejected flips."""
     import xarray as xr
 
-    from .figures import finite, run_value
-    from .report import SIGNALS, add_g23, definitions
+    from sed_dask.report.figures import finite, run_value
+    from sed_dask.report.summary import SIGNALS, add_g23, definitions
 
     ds_g = add_g23(ds)
     W = analysis["window"]
@@ -196,12 +196,12 @@ def run_demo(out_dir="sed-demo", *, quick: bool = False, client=None, address: s
     LocalCluster (:data:`LOCAL_CLUSTER`, updated by ``local_kwargs``); it starts after training so
     that training has the cores to itself.
     """
-    from .cluster import connect
-    from .demo_train import SIZES, SUMMARY_FILE, train_demo_runs
-    from .ingest import ingest
-    from .recorder import METRICS_FILE
-    from .report import make_report, standard_analysis
-    from .spectra import spectrum
+    from sed_dask.cluster.client import connect
+    from sed_dask.demo.train import SIZES, SUMMARY_FILE, train_demo_runs
+    from sed_dask.store.ingest import ingest
+    from sed_dask.sources.recorder import METRICS_FILE
+    from sed_dask.report.summary import make_report, standard_analysis
+    from sed_dask.results.spectra import spectrum
 
     t_all = time.perf_counter()
     timings: dict[str, float] = {}

@@ -2,7 +2,7 @@
 
 Gram matrices are additive over parameter blocks, so a per-group Gram is the same pass restricted
 to the group's columns (docs/method.md §3.3, §9). This module only turns a user's group request into
-``{group: [(start, stop), ...]}`` for one run's parameter index; ``sed_dask.gram`` does the rest.
+``{group: [(start, stop), ...]}`` for one run's parameter index; ``sed_dask.engine.gram`` does the rest.
 
 Requests:
 
@@ -17,9 +17,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from .errors import StoreError
-from .layers import regex_groups
-from .store import ParamIndex
+from sed_dask.errors import StoreError
+from sed_dask.sources.layers import regex_groups
+from sed_dask.sources.param_index import ParamIndex
 
 ALL = "all"
 _BLOCK_LABEL = re.compile(r"^((?:decoder\.)?block\d+)(?:\.|$)")
@@ -27,7 +27,7 @@ _BLOCK_LABEL = re.compile(r"^((?:decoder\.)?block\d+)(?:\.|$)")
 
 def block_label(label: str) -> str:
     """``block3.attn`` -> ``block3``, ``decoder.block3.mlp`` -> ``decoder.block3`` (an
-    encoder-decoder's decoder blocks, sed_dask.layers); labels outside blocks are kept."""
+    encoder-decoder's decoder blocks, sed_dask.sources.layers); labels outside blocks are kept."""
     m = _BLOCK_LABEL.match(label)
     return m.group(1) if m else label
 

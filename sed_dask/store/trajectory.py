@@ -20,24 +20,23 @@ about any file it does not recognise inside the hierarchy.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import errno
-import hashlib
 import json
 import logging
 import os
 import socket
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import zarr
 
-from . import config
-from .errors import StoreError
-from .results_io import describe as describe_path
-from .results_io import results_kind
+from sed_dask import config
+from sed_dask.errors import StoreError
+from sed_dask.store.outputs import describe as describe_path
+from sed_dask.store.outputs import results_kind
+from sed_dask.sources.param_index import ParamIndex, TensorEntry, read_chunk_elems  # noqa: F401  (re-exported)
 
 try:
     import fcntl
@@ -53,112 +52,6 @@ LOCK_DIR_SUFFIX = ".sed_dask-locks"
 
 class RunLockedError(StoreError):
     """Another client holds the writer lock of the run (an ingestion is in progress)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorEntry:
-    """One selected tensor's place in the flat parameter vector."""
-
-    name: str
-    offset: int
-    size: int
-    shape: tuple[int, ...]
-    source_dtype: str
-    group: str
-
-    def to_record(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["shape"] = list(self.shape)
-        return d
-
-
-class ParamIndex:
-    """Ordered tensors of the flat parameter vector, with a content hash.
-
-    The hash covers names, offsets, sizes, shapes and source dtypes (not groups, which are an
-    analysis choice), so two stores agree on it exactly when their flat vectors mean the same thing.
-    """
-
-    def __init__(self, entries: Sequence[TensorEntry]):
-        self.entries = tuple(entries)
-        off = 0
-        for e in self.entries:
-            if e.offset != off:
-                raise StoreError(f"parameter index is not contiguous at tensor {e.name!r} "
-                                 f"(offset {e.offset}, expected {off})")
-            off += e.size
-        self.n_params = off
-
-    @classmethod
-    def from_tensors(cls, tensors: Iterable[tuple[str, tuple[int, ...], str]], *, group_of=None):
-        """Build from ``(name, shape, source_dtype)`` in the order given."""
-        from .layers import default_group
-
-        group_of = group_of or default_group
-        entries, off = [], 0
-        for name, shape, dtype in tensors:
-            size = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
-            entries.append(TensorEntry(name, off, size, tuple(int(s) for s in shape), str(dtype),
-                                       group_of(name)))
-            off += size
-        return cls(entries)
-
-    @classmethod
-    def from_records(cls, records: Sequence[dict]) -> "ParamIndex":
-        return cls([TensorEntry(r["name"], int(r["offset"]), int(r["size"]), tuple(r["shape"]),
-                                r["source_dtype"], r["group"]) for r in records])
-
-    def to_records(self) -> list[dict]:
-        return [e.to_record() for e in self.entries]
-
-    @property
-    def hash(self) -> str:
-        key = [[e.name, e.offset, e.size, list(e.shape), e.source_dtype] for e in self.entries]
-        return hashlib.sha256(json.dumps(key, separators=(",", ":")).encode()).hexdigest()[:16]
-
-    @property
-    def names(self) -> list[str]:
-        return [e.name for e in self.entries]
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __iter__(self):
-        return iter(self.entries)
-
-    def __getitem__(self, name: str) -> TensorEntry:
-        for e in self.entries:
-            if e.name == name:
-                return e
-        raise KeyError(name)
-
-    def regroup(self, group_of) -> "ParamIndex":
-        """The same index with groups from ``group_of(name)`` (a callable or a name->group dict)."""
-        f = group_of.__getitem__ if isinstance(group_of, dict) else group_of
-        return ParamIndex([dataclasses.replace(e, group=f(e.name)) for e in self.entries])
-
-    def group_ranges(self) -> dict[str, list[tuple[int, int]]]:
-        """Group -> sorted, merged ``[start, stop)`` ranges of the flat vector."""
-        out: dict[str, list[tuple[int, int]]] = {}
-        for e in self.entries:
-            rs = out.setdefault(e.group, [])
-            if rs and rs[-1][1] == e.offset:
-                rs[-1] = (rs[-1][0], e.offset + e.size)
-            else:
-                rs.append((e.offset, e.offset + e.size))
-        return out
-
-    def segments(self, start: int, stop: int) -> list[tuple[TensorEntry, int, int]]:
-        """Tensors overlapping flat ``[start, stop)`` as ``(entry, lo, hi)`` flat offsets *within the tensor*."""
-        out = []
-        for e in self.entries:
-            if e.offset >= stop:
-                break
-            if e.offset + e.size <= start:
-                continue
-            lo, hi = max(start, e.offset) - e.offset, min(stop, e.offset + e.size) - e.offset
-            out.append((e, lo, hi))
-        return out
 
 
 def _open_group(store, mode: str, storage_options: dict | None):
@@ -271,7 +164,7 @@ class TrajectoryStore:
                        dimension_names=("row",), overwrite=True)
         g.create_array("complete", shape=(0,), chunks=(1,), dtype="uint8", fill_value=0,
                        dimension_names=("row",), overwrite=True)
-        from . import __version__
+        from sed_dask import __version__
 
         g.attrs.put({  # one write, replacing the creating marker: the run is ready from here
             "sed_dask_version": __version__,
@@ -311,15 +204,6 @@ def run_state(g) -> str:
             return "half-created"
     missing = [k for k in RUN_ARRAYS if k not in arrays] + [f"attr {k}" for k in lacks_attrs]
     return f"it lacks {', '.join(missing)}"
-
-
-def read_chunk_elems(n_params: int, chunk_bytes=None) -> int:
-    """float32 elements of a run's read chunk along P (``store.chunk-bytes`` unless given).
-
-    Also the column unit of a direct checkpoint source (:mod:`sed_dask.checkpoint_run`), so that its
-    Gram tiles, and hence its sums, are those of the store an ingestion would write.
-    """
-    return max(1, min(int(n_params), config.get_bytes("store.chunk-bytes", chunk_bytes) // 4))
 
 
 def _compressor(spec):
@@ -634,7 +518,7 @@ def write_trajectory(store, run: str, steps: Sequence[int], params, *, index: Pa
 
 
 # ----------------------------------------------------------------------------- writer lock
-def _in_memory(store) -> bool:
+def is_in_memory(store) -> bool:
     """True for an in-memory store (``memory://`` URL or a zarr MemoryStore): it lives in one process."""
     if isinstance(store, TrajectoryStore):
         store = store.root
@@ -729,7 +613,7 @@ def run_lock(store, run: str, *, timeout: float = 0) -> Iterator[str | None]:
     path = run_lock_path(store, run)
     fd = None
     if path is None or fcntl is None:
-        if not _in_memory(store):
+        if not is_in_memory(store):
             logger.info("store %s: no writer lock for run %r on this kind of store", store, run)
     else:
         fd = _acquire(path, store, run, timeout)

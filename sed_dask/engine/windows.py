@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import config
-from .noise import bbp_ratio, mp_edge, signal_count
+from sed_dask import config
+from sed_dask.engine.noise import bbp_ratio, mp_edge, signal_count
 
 def window_grams(band: np.ndarray, W: int, *, shift: int = 0) -> np.ndarray:
     """``(n_windows, W, W)`` Grams of the windows ending at deltas W-1 .. N-1 (from ``band[i, k]``).

@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 
-from .errors import CheckpointError
+from sed_dask.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def step_from_name(path) -> int | None:
 
 
 def _is_checkpoint_dir(path: str) -> bool:
-    from .readers import SINGLE_FILES_IN_DIR, find_index, is_dcp_dir
+    from sed_dask.readers import SINGLE_FILES_IN_DIR, find_index, is_dcp_dir
 
     return (bool(find_index(path)) or any(os.path.isfile(os.path.join(path, n)) for n in SINGLE_FILES_IN_DIR)
             or is_dcp_dir(path))

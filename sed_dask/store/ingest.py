@@ -17,7 +17,7 @@ written and a crash at any point loses nothing already done:
 5. connect to the cluster (or start the local pool);
 6. create the run / allocate rows, then run the data tasks, marking rows complete as they finish.
 
-Steps 3-4, the 2-checkpoint rule and the metrics parsing are :mod:`sed_dask.validate`'s, shared
+Steps 3-4, the 2-checkpoint rule and the metrics parsing are :mod:`sed_dask.sources.validate`'s, shared
 with :func:`sed_dask.open_checkpoints` (spectra straight from the files), which must refuse the
 same inputs and build the same parameter index.
 """
@@ -37,18 +37,14 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._callable import make_callable
-from . import config
-from .discover import discover_checkpoints
-from .errors import CheckpointError, NonFiniteError, SEDError, StoreError
-from .readers import open_checkpoint
-from .selection import Selection
-from .store import RunStore, _in_memory, open_store, refuse_foreign, run_lock
-from .validate import CheckpointTodo as _Todo
-from .validate import check_headers as _check_headers
-from .validate import load_metrics_arg as _load_metrics_arg
-from .validate import policy_for as _policy_for
-from .validate import STEP_SOURCES, check_metric_steps, require_deltas, steps_from_files
+from sed_dask import config
+from sed_dask.sources.discover import discover_checkpoints
+from sed_dask.errors import CheckpointError, NonFiniteError, SEDError, StoreError
+from sed_dask.readers import open_checkpoint
+from sed_dask.sources.selection import Selection
+from sed_dask.store.trajectory import RunStore, is_in_memory, open_store, refuse_foreign, run_lock
+from sed_dask.sources.validate import CheckpointTodo, check_headers, load_metrics_arg, policy_for
+from sed_dask.sources.validate import STEP_SOURCES, check_metric_steps, require_deltas, steps_from_files
 
 logger = logging.getLogger(__name__)
 
@@ -205,21 +201,21 @@ def _executor(in_memory: bool, *, client, address, scheduler_file, scheduler):
         finally:
             ex.close()
         return
-    from .cluster import connect
+    from sed_dask.cluster.client import connect
 
     with connect(client, address=address, scheduler_file=scheduler_file) as c:
         yield _DaskExecutor(c)
 
 
 # ----------------------------------------------------------------------------- ingest
-def _plan(existing: RunStore | None, ckpts: Mapping[int, str], run: str) -> tuple[list[_Todo], list[int]]:
+def _plan(existing: RunStore | None, ckpts: Mapping[int, str], run: str) -> tuple[list[CheckpointTodo], list[int]]:
     """``(todo, skipped steps)``: which steps are done, which to (re)write, which are new."""
     row_steps = existing.row_steps() if existing is not None else np.zeros(0, np.int64)
     done = existing.completed() if existing is not None else np.zeros(0, bool)
     row_of = {int(s): i for i, s in enumerate(row_steps) if s >= 0}
     valid = row_steps[row_steps >= 0]
     last = int(valid.max()) if valid.size else None
-    todo: list[_Todo] = []
+    todo: list[CheckpointTodo] = []
     skipped = []
     for step, path in ckpts.items():
         path = os.path.abspath(path)  # workers may run elsewhere in the shared filesystem
@@ -227,12 +223,12 @@ def _plan(existing: RunStore | None, ckpts: Mapping[int, str], run: str) -> tupl
             if done[row_of[step]]:
                 skipped.append(step)
             else:
-                todo.append(_Todo(step, path, row_of[step], {}))
+                todo.append(CheckpointTodo(step, path, row_of[step], {}))
         elif last is not None and step < last:
             raise StoreError(f"run {run!r}: step {step} ({path}) is earlier than the last stored step {last}; "
                              "a run can only be extended with later steps (nothing was written)")
         else:
-            todo.append(_Todo(step, path, None, {}))
+            todo.append(CheckpointTodo(step, path, None, {}))
     require_deltas(run, len(set(row_of) | set(ckpts)), ckpts.values())
     return todo, skipped
 
@@ -247,8 +243,8 @@ def ingest(sources, store, run: str, *, client=None, address: str | None = None,
 
     ``sources``: a directory, a glob, a list of files/directories, or a ``{step: path}`` mapping.
     ``steps`` restricts ingestion to those steps. ``metrics``: a JSON/CSV file or a parsed object
-    (see :mod:`sed_dask.metrics_io`). ``policy``/``include``/``exclude``: the parameter selection
-    (:mod:`sed_dask.selection`; an existing run keeps its own when none is given).
+    (see :mod:`sed_dask.sources.metrics`). ``policy``/``include``/``exclude``: the parameter selection
+    (:mod:`sed_dask.sources.selection`; an existing run keeps its own when none is given).
     ``on_nonfinite``: ``"raise"`` (default) or ``"record"``. ``scheduler="threads"``/``"sync"`` runs
     in this process (also picked for in-memory stores and under ``dask.config.set(scheduler=...)``);
     otherwise tasks run on the cluster from ``sed_dask.cluster.connect``, reached before anything
@@ -266,7 +262,7 @@ def ingest(sources, store, run: str, *, client=None, address: str | None = None,
     filesystem (``memory://``, ``s3://`` and other fsspec URLs) are not locked: do not ingest into
     one run of them from two places at once.
     """
-    from .cluster import check_not_reimported
+    from sed_dask.cluster.client import check_not_reimported
 
     check_not_reimported("sed_dask.ingest()")
     t0 = time.perf_counter()
@@ -280,13 +276,13 @@ def ingest(sources, store, run: str, *, client=None, address: str | None = None,
         ckpts = steps_from_files(ckpts)
         if steps is not None:
             ckpts = discover_checkpoints(ckpts, steps=steps)
-    metric_data, metric_source = _load_metrics_arg(metrics, nonfinite=metrics_nonfinite)
+    metric_data, metric_source = load_metrics_arg(metrics, nonfinite=metrics_nonfinite)
     with run_lock(store, run, timeout=lock_timeout):
         existing = _existing_run(store, run, storage_options)  # read-only: nothing is written before validation
         todo, skipped = _plan(existing, ckpts, run)
         check_metric_steps(metric_data, metric_source,
                            list(ckpts) + ([] if existing is None else existing.row_steps().tolist()))
-        pol = _policy_for(existing, policy, include, exclude)
+        pol = policy_for(existing, policy, include, exclude)
         if existing is not None and not pol.same_as(existing.policy):
             raise StoreError(f"run {run!r} was written with selection policy {_spec_str(existing.policy)}; "
                              f"this call asks for {_spec_str(pol.spec())}; use the same policy or a new run")
@@ -297,8 +293,8 @@ def ingest(sources, store, run: str, *, client=None, address: str | None = None,
             return IngestSummary(run, 0, len(skipped), [int(s) for s in rs.steps], rs.n_params, 0,
                                  time.perf_counter() - t0)
         # the first checkpoint to ingest defines the key set; every other one must match it
-        sel, fmt = _check_headers(todo, pol, existing, run, step_source=step_source)
-        with _executor(_in_memory(store), client=client, address=address, scheduler_file=scheduler_file,
+        sel, fmt = check_headers(todo, pol, existing, run, step_source=step_source)
+        with _executor(is_in_memory(store), client=client, address=address, scheduler_file=scheduler_file,
                        scheduler=scheduler) as ex:
             rs = _allocate(store, run, storage_options, existing, todo, sel, fmt, chunk_bytes=chunk_bytes,
                            shard_bytes=shard_bytes, compressor=compressor)
@@ -347,7 +343,7 @@ def _allocate(store, run, storage_options, existing, todo, sel, fmt, *, chunk_by
     return rs
 
 
-def _run_tasks(ex, rs: RunStore, run: str, todo: list[_Todo], sel: Selection, on_nonfinite: str,
+def _run_tasks(ex, rs: RunStore, run: str, todo: list[CheckpointTodo], sel: Selection, on_nonfinite: str,
                tasks_in_flight, progress: bool, t0: float, *, where: str | None = None):
     """Run the data tasks, marking rows complete as they finish; ``(n_new, bytes, nonfinite, failed)``."""
     ranges = rs.write_ranges()
@@ -374,7 +370,7 @@ def _run_tasks(ex, rs: RunStore, run: str, todo: list[_Todo], sel: Selection, on
             pending[f] = td
             f.add_done_callback(done_q.put)
 
-    from .progress import Bar
+    from sed_dask.progress import Bar
 
     bar = Bar(len(todo) * len(ranges), desc=f"ingest {run}", unit="range", enabled=progress)
     ok = False
@@ -426,8 +422,3 @@ def _spec_str(spec: Mapping) -> str:
 def _store_metrics(rs: RunStore, data: dict, source: str | None) -> None:
     rs.set_metrics(data["step"], {k: v for k, v in data.items() if k != "step"})
     rs.update_attrs(metrics_source=source)
-
-
-
-
-make_callable(__name__)

@@ -16,10 +16,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .errors import CheckpointError, MetricsError, StepMismatchWarning, StoreError
-from .readers import open_checkpoint
-from .selection import Selection, SelectionPolicy, check_same_keys, resolve_policy, select, tie_broken
-from .store import RunStore
+from sed_dask.errors import CheckpointError, MetricsError, StepMismatchWarning, StoreError
+from sed_dask.readers import open_checkpoint
+from sed_dask.sources.selection import Selection, SelectionPolicy, check_same_keys, resolve_policy, select, tie_broken
+from sed_dask.sources.run_source import RunSource
 
 
 @dataclasses.dataclass
@@ -39,7 +39,7 @@ def require_deltas(run: str, n_total: int, paths) -> None:
                               f"({', '.join(paths) or 'none'})")
 
 
-def policy_for(existing: RunStore | None, policy, include, exclude) -> SelectionPolicy:
+def policy_for(existing: RunSource | None, policy, include, exclude) -> SelectionPolicy:
     """The selection policy: an existing run's own when none is asked for, else the one asked for."""
     if existing is not None and policy is None and include is None and exclude is None:
         try:
@@ -64,7 +64,7 @@ def index_diff(old, new) -> str:
     return "tensor order differs"
 
 
-def check_headers(todo: list[CheckpointTodo], pol: SelectionPolicy, existing: RunStore | None, run: str, *,
+def check_headers(todo: list[CheckpointTodo], pol: SelectionPolicy, existing: RunSource | None, run: str, *,
                   step_source: str = "name"):
     """``(selection, format)`` of the first checkpoint, after checking every other header against it.
 
@@ -103,11 +103,11 @@ def check_headers(todo: list[CheckpointTodo], pol: SelectionPolicy, existing: Ru
 def load_metrics_arg(metrics, *, nonfinite: str = "warn"):
     """``(parsed metrics, source description)``; parsed before anything is written or run.
 
-    ``nonfinite``: what explicit NaN/Inf values get (:mod:`sed_dask.metrics_io`; "warn" by default).
+    ``nonfinite``: what explicit NaN/Inf values get (:mod:`sed_dask.sources.metrics`; "warn" by default).
     """
     if metrics is None:
         return None, None
-    from .metrics_io import load_metrics, parse_metrics
+    from sed_dask.sources.metrics import load_metrics, parse_metrics
 
     if isinstance(metrics, (str, os.PathLike)):
         return load_metrics(metrics, nonfinite=nonfinite), os.path.abspath(os.fspath(metrics))

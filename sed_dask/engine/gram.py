@@ -17,9 +17,9 @@ Scheme (why it is shaped like this):
   multiplied) and the last ``width-1`` float32 deltas are carried across. Memory per task is bounded
   by tile-bytes however long the run is, and each row is read once per task, straight into the
   buffer: positioned reads of the raw chunk files for uncompressed local stores
-  (:mod:`sed_dask.rawread`, ~4x less CPU than zarr's shard decoding), zarr ``out=`` otherwise,
+  (:mod:`sed_dask.engine.rawread`, ~4x less CPU than zarr's shard decoding), zarr ``out=`` otherwise,
   or the checkpoint files' slice reads for a run read without a store
-  (:class:`sed_dask.checkpoint_run.CheckpointParams`; same tiles, so the same sums).
+  (:class:`sed_dask.sources.checkpoint_run.CheckpointParams`; same tiles, so the same sums).
 * **Columns.** P-ranges are whole multiples of the store's read chunk, or an even split of one chunk
   when tile-bytes is smaller than a chunk of the rows held in memory. A tile splits its columns at
   layer-group boundaries and emits one partial per group it touches plus ``all``.
@@ -29,7 +29,7 @@ Scheme (why it is shaped like this):
   ``width-1`` predecessors (gemm). Sub-block sums run in a fixed order.
 * **Reduction.** Partials are dicts (``{"band": {group: array}}``) summed by a tree of add tasks
   with a fixed operand order, so the result is bit-identical on any scheduler; later accumulators
-  (e.g. a JL sketch ``delta @ Phi``, ``sed_dask.sketch.SketchExtra``) add a key to the dict and
+  (e.g. a JL sketch ``delta @ Phi``, ``sed_dask.engine.sketch.SketchExtra``) add a key to the dict and
   ride the same read and reduction, with their own combine rule (see ``TileSpec.extras``).
 
 The graph is a plain task dict (kernels below are ordinary functions), as in ``dask.array.linalg``.
@@ -44,12 +44,12 @@ import warnings
 
 import numpy as np
 
-from . import config
-from .errors import NonFiniteError, StoreError
-from .grouping import ALL, resolve
-from .passes import execute, pass_settings, tree_reduce
-from .rawread import RawChunkReader
-from .store import RunStore
+from sed_dask import config
+from sed_dask.errors import NonFiniteError, StoreError
+from sed_dask.engine.grouping import ALL, resolve
+from sed_dask.engine.passes import execute, pass_settings, tree_reduce
+from sed_dask.engine.rawread import RawChunkReader
+from sed_dask.store.trajectory import RunStore
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +87,9 @@ class TileSpec:
 def read_into(params, r0: int, r1: int, c0: int, c1: int, out: np.ndarray) -> None:
     """Read ``params[r0:r1, c0:c1]`` straight into ``out`` (no temporary copy of the tile).
 
-    ``params`` is a zarr array, a :class:`~sed_dask.rawread.RawChunkReader` for it, or any object
+    ``params`` is a zarr array, a :class:`~sed_dask.engine.rawread.RawChunkReader` for it, or any object
     with ``read_block(r0, r1, c0, c1, out)`` (a direct checkpoint source,
-    :class:`sed_dask.checkpoint_run.CheckpointParams`, which reads the checkpoint files themselves).
+    :class:`sed_dask.sources.checkpoint_run.CheckpointParams`, which reads the checkpoint files themselves).
     """
     if isinstance(params, RawChunkReader):
         params.read(r0, r1, c0, c1, out)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import config
+from sed_dask import config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,19 +65,19 @@ def compute_graph(dsk: dict, keys: list, *, client=None, scheduler: str | None =
         if progress:
             from distributed import futures_of
 
-            from .progress import distributed_bar
+            from sed_dask.progress import distributed_bar
 
             distributed_bar(futures_of(futures), desc=desc)
         return client.gather(futures)
     import dask
 
-    from .progress import dask_local_bar
+    from sed_dask.progress import dask_local_bar
 
     get = {"threads": dask.threaded.get, "threading": dask.threaded.get,
            "sync": dask.get, "synchronous": dask.get, "single-threaded": dask.get}.get(scheduler)
     if get is None:
         raise ValueError(f"unknown local scheduler {scheduler!r} (use 'threads' or 'sync', or pass a client)")
-    from ._blas import single_threaded_blas
+    from sed_dask.cluster.blas import single_threaded_blas
 
     with single_threaded_blas(), dask_local_bar(len(dsk), desc=desc, enabled=progress):
         return get(dsk, keys)
@@ -89,7 +89,7 @@ def execute(dsk: dict, keys: list, *, client=None, scheduler: str | None = None,
     ``sed_dask.cluster.connect`` gives for ``client``/``address``/``scheduler_file``."""
     if scheduler is not None and client is None:
         return compute_graph(dsk, keys, scheduler=scheduler, progress=progress)
-    from .cluster import connect
+    from sed_dask.cluster.client import connect
 
     with connect(client, address=address, scheduler_file=scheduler_file) as c:
         return compute_graph(dsk, keys, client=c, progress=progress)

@@ -8,7 +8,7 @@ checkpoint. Nothing P-sized ever reaches the client or lives in RAM as a whole: 
   float64, then QR of stacked R's up a fixed tree: no squared condition number, no Q blocks kept),
   then R = U_r S V_r^T on the client (``xt_array`` feeds ``dask.array.linalg.tsqr``/``svd`` instead);
 * ``method="randomized"``: a Halko range finder on the *small* side, Y = X Omega (Omega: the
-  counter-based Gaussian operator of ``sed_dask.jl``, so chunking does not change it), ``n_power_iter``
+  counter-based Gaussian operator of ``sed_dask.engine.jl``, so chunking does not change it), ``n_power_iter``
   passes Y <- X X^T Q, and a Rayleigh-Ritz pass (eigh of Q^T X X^T Q); every pass holds only n x l;
 * last pass (both): V = X^T U S^-1 block by block, written straight to Zarr as (k, P) float32 with
   per-group sums of squares on the way (loadings: the fraction of ||v_j||^2 in each layer group).
@@ -25,15 +25,14 @@ import json
 
 import numpy as np
 
-from ._callable import make_callable
-from . import config
-from .errors import StoreError
-from .gram import checked_steps, column_segments, read_into
-from .grouping import ALL, resolve
-from .passes import compute_graph, tree_reduce
-from .rawread import RawChunkReader
-from .results_io import check_target, quiet_consolidation, results_target, start_attrs
-from .store import RunStore, open_store
+from sed_dask import config
+from sed_dask.errors import StoreError
+from sed_dask.engine.gram import checked_steps, column_segments, read_into
+from sed_dask.engine.grouping import ALL, resolve
+from sed_dask.engine.passes import compute_graph, tree_reduce
+from sed_dask.engine.rawread import RawChunkReader
+from sed_dask.store.outputs import check_target, quiet_consolidation, results_target, start_attrs
+from sed_dask.store.trajectory import RunStore, open_store
 
 METHODS = ("exact", "randomized")
 
@@ -252,7 +251,7 @@ def exact_svd(stack: Stack, *, client=None, scheduler=None, split_every: int | N
 def randomized_svd(stack: Stack, k: int, *, n_oversamples: int = 10, n_power_iter: int = 2, seed: int = 0,
                    client=None, scheduler=None, tile_elems: int | None = None):
     """Halko et al. on the small side: ``(U (n x l), sigma (l,))``, n_power_iter + 2 passes."""
-    from .jl import Operator
+    from sed_dask.engine.jl import Operator
 
     P = stack.run_store.n_params
     l = min(stack.n, k + n_oversamples)
@@ -292,7 +291,7 @@ def directions(store, *, run: str, window: int | None = None, end_step: int | No
     summing to 1) and the parameter index in attrs; with ``output`` it is written to Zarr, tasks
     writing their own column blocks, and the returned Dataset is lazily opened from there. The
     output is written beside the path and moved into place complete; an existing results store is
-    replaced only with ``overwrite=True`` (:mod:`sed_dask.results_io`).
+    replaced only with ``overwrite=True`` (:mod:`sed_dask.store.outputs`).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -312,7 +311,7 @@ def directions(store, *, run: str, window: int | None = None, end_step: int | No
         if scheduler is not None and client is None:
             c = None
         else:
-            from .cluster import connect
+            from sed_dask.cluster.client import connect
 
             c = es.enter_context(connect(client, address=address, scheduler_file=scheduler_file))
         if output is None:
@@ -327,7 +326,7 @@ def _directions(ts, rs, stack, k, method, groups, n_oversamples, n_power_iter, s
                 output, window, end_step):
     import xarray as xr
 
-    from . import __version__
+    from sed_dask import __version__
 
     if method == "exact":
         U, sigma = exact_svd(stack, client=client, scheduler=scheduler)
@@ -443,8 +442,8 @@ def subspace_rotation(store_or_gram, *, run: str | None = None, window: int = 10
     """
     import xarray as xr
 
-    from .gram import GramResult, banded_gram
-    from .windows import window_grams
+    from sed_dask.engine.gram import GramResult, banded_gram
+    from sed_dask.engine.windows import window_grams
 
     if isinstance(store_or_gram, GramResult):
         gram = store_or_gram
@@ -475,6 +474,3 @@ def subspace_rotation(store_or_gram, *, run: str | None = None, window: int = 10
                         name="angle", attrs={"long_name": f"principal angles between top-{k} subspaces of "
                                                           f"consecutive W={window} windows", "units": "degree",
                                              "run": gram.run, "window": window})
-
-
-make_callable(__name__)

@@ -50,9 +50,9 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .figures import (base, edge_phases_figure, edge_val_loss_figure, finite, lag_figure, noise_figure,
+from sed_dask.report.figures import (base, edge_phases_figure, edge_val_loss_figure, finite, lag_figure, noise_figure,
                       phase_intervals, run_value, signals_figure, spectrum_figure, warning_figure)
-from .results_io import ReportTarget
+from sed_dask.store.outputs import ReportTarget
 
 __all__ = ["make_report", "FIGURES", "findings_table", "normalize_events", "phase_intervals",
            "lag_correlation_simple", "standard_analysis", "warning_signals", "add_g23", "SIGNALS"]
@@ -173,8 +173,8 @@ def warning_signals(ds: xr.Dataset, *, windows=None, phases=None, alarms=None, e
     so that no signal is picked after seeing its lead. Boundary steps are the analyses' own labels
     (phases: window centres; alarms: the step the alarm was decided at).
     """
-    from . import analysis as A
-    from .analysis.warning import event_index
+    from sed_dask import analysis as A
+    from sed_dask.analysis.warning import event_index
 
     ds = add_g23(base(ds))
     ws = [int(w) for w in (windows if windows is not None else ds["window"].values)]
@@ -219,7 +219,7 @@ def standard_analysis(ds: xr.Dataset, *, windows=None, window=None, lags=range(-
     ``val_loss``); PC2 against its matched-norm null at the report's W (199 null draws per window;
     needs ``split_half`` and ``delta_norm``); every early-warning candidate against grokking.
     """
-    from . import analysis as A
+    from sed_dask import analysis as A
 
     ds = base(ds)
     ws = [int(w) for w in (windows if windows is not None else ds["window"].values)]
@@ -265,7 +265,7 @@ def standard_analysis(ds: xr.Dataset, *, windows=None, window=None, lags=range(-
 
 def definitions(ds: xr.Dataset, window: int, analysis: dict) -> list[str]:
     """The definitions, thresholds and provenance a reader needs to judge every number shown."""
-    from .analysis.defaults import describe_tau
+    from sed_dask.analysis.defaults import describe_tau
 
     ws = [int(w) for w in ds["window"].values]
     taus = ", ".join(describe_tau("auto", w) for w in ws)
@@ -314,7 +314,7 @@ def findings_table(ds: xr.Dataset, *, runs, window, events, analysis, lag_r=None
     (``analysis["phases"]``), the first causal alarm and its detector (``analysis["alarms"]``), grok,
     lead = grok - first alarm, the peak lag when resolved and significant (else why not), the PC2
     noise transition (or why none), final val loss."""
-    from .analysis import mode_rank
+    from sed_dask.analysis import mode_rank
 
     rows = {}
     lag = analysis.get("lag")
@@ -469,7 +469,7 @@ def make_report(ds: xr.Dataset, out_dir, *, runs=None, windows=None, events=None
     """Write the figures, ``summary.html``, ``summary.md`` and ``findings.csv`` to ``out_dir``.
 
     ``out_dir`` must be new, empty, or (with ``overwrite=True``) an earlier report; the report is
-    built in a sibling folder and moved into place complete (:class:`sed_dask.results_io.ReportTarget`).
+    built in a sibling folder and moved into place complete (:class:`sed_dask.store.outputs.ReportTarget`).
 
     Returns ``{name: path}`` for every file written (figure names in :data:`FIGURES`, plus
     ``html``, ``markdown``, ``findings``). Figures whose inputs are missing (e.g. no
