@@ -30,6 +30,7 @@ _LAZY = {
     "directions": "sed_dask.engine.directions",
     "subspace_rotation": "sed_dask.engine.directions",
     "connect": "sed_dask.cluster.client",
+    "open_results": "sed_dask.store.outputs",
 }
 
 

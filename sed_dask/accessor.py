@@ -33,6 +33,7 @@ _FORWARD = {
     "onset": "warning:onset",
     "lead_time": "warning:lead_time",
     "attach_metrics": "metrics:attach_metrics",
+    "cross_seed_summary": "phases:cross_seed_summary",
 }
 
 
@@ -656,6 +657,16 @@ class SEDAccessor:
         return attach_metrics(
             self._ds, metrics, run=run, names=names, align=align, tolerance=tolerance, overwrite=overwrite
         )
+
+    def cross_seed_summary(self, variables=None, *, dim: str = "run", ddof: int = 0) -> xr.Dataset:
+        """Mean ± std over ``dim`` (seeds) of each variable, using the seeds where it is defined.
+
+        Forwards to :func:`sed_dask.analysis.phases.cross_seed_summary`
+        (whole docstring: ``ds.sed.help("cross_seed_summary")``).
+        """
+        from sed_dask.analysis.phases import cross_seed_summary
+
+        return cross_seed_summary(self._ds, variables, dim=dim, ddof=ddof)
 
     def help(self, name: str) -> str:
         """Full docstring of the analysis function behind ``ds.sed.<name>``."""

@@ -73,7 +73,8 @@ def metric_attrs(name: str) -> dict:
 
 
 COORD_ATTRS = {
-    "run": {"long_name": "run / seed"},
+    "run": {"long_name": "run name"},
+    "seed": {"long_name": "training seed of the run (-1: not known)", "units": "1"},
     "window": {"long_name": "window length W (deltas per window)", "units": "1"},
     "step": {"long_name": "training step of the newest checkpoint in the window", "units": "steps"},
     "sv": {"long_name": "singular-value index j (or ratio index k)", "units": "1"},

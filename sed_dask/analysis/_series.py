@@ -299,6 +299,9 @@ class Collector:
     def __init__(self, da: xr.DataArray, dims: Sequence[Hashable] | None = None):
         self.dims = series_dims(da) if dims is None else list(dims)
         self.coords = {d: da[d].values for d in self.dims}
+        # the run's seed rides along on "run", so tables of every query keep it (cross-seed summaries)
+        self.labels = ({"seed": ("run", np.asarray(da["seed"].values))}
+                       if "run" in self.dims and "seed" in da.coords and da["seed"].dims == ("run",) else {})
         self._pos = {d: {v: i for i, v in enumerate(self.coords[d].tolist())} for d in self.dims}
         self.shape = tuple(len(self.coords[d]) for d in self.dims)
         self.extra: dict[str, np.ndarray] = {}
@@ -348,7 +351,7 @@ class Collector:
             if self._ints.get(name) and arr.dtype.kind == "f" and not np.isnan(arr).any():
                 arr = arr.astype(np.int64)
             data[name] = (tuple(self.dims) + extra, arr)
-        out = xr.Dataset(data, coords=coords, attrs=ds_attrs)
+        out = xr.Dataset(data, coords={**coords, **self.labels}, attrs=ds_attrs)
         for name, attrs in self.attrs.items():
             if name in out:
                 out[name].attrs.update(attrs)

@@ -291,11 +291,23 @@ def cross_seed_summary(result: xr.Dataset | xr.DataArray, variables=None, *, dim
 
     ``ddof=0`` (population std) matches the reference's ``np.std`` (docs/method.md §5.1); pass
     ``ddof=1`` for the sample std. Returns ``<var>_mean``, ``<var>_std``, ``<var>_n``.
+    Where the runs carry a ``seed`` coordinate (results do), two runs of one seed are refused (a mean
+    over seeds needs one run per seed: select the runs of one configuration first), and the seeds
+    used are recorded in the attrs.
     """
     if isinstance(result, xr.DataArray):
         result = result.to_dataset(name=result.name or "value")
     if dim not in result.dims:
         raise AnalysisError(f"cross_seed_summary: dim {dim!r} not in {tuple(result.dims)}")
+    seeds = None
+    if "seed" in result.coords and result["seed"].dims == (dim,):
+        seeds = [int(x) for x in result["seed"].values]
+        known = [x for x in seeds if x >= 0]
+        dup = sorted({x for x in known if known.count(x) > 1})
+        if dup:
+            runs = [str(r) for r, x in zip(result[dim].values, seeds) if x == dup[0]]
+            raise AnalysisError(f"cross_seed_summary: runs {runs} share seed {dup[0]}; a mean over seeds needs one "
+                                f"run per seed (select one configuration's runs first, e.g. ds.sel(run=[...]))")
     names = list(result.data_vars) if variables is None else (
         [variables] if isinstance(variables, str) else list(variables))
     out = xr.Dataset()
@@ -312,6 +324,8 @@ def cross_seed_summary(result: xr.Dataset | xr.DataArray, variables=None, *, dim
         out[f"{v}_std"] = std.where(n > ddof)
         out[f"{v}_n"] = n
     out.attrs.update(dim=dim, ddof=ddof)
+    if seeds is not None:
+        out.attrs["seeds"] = seeds
     return out
 
 

@@ -18,7 +18,10 @@ def register(sub) -> None:
     p.add_argument("sources", nargs="+", metavar="SRC",
                    help="checkpoint files, directories of checkpoints, sharded-checkpoint directories or globs")
     p.add_argument("--store", required=True, help="trajectory store path or fsspec URL")
-    p.add_argument("--run", required=True, help="run name inside the store (e.g. a seed)")
+    p.add_argument("--run", required=True, help="run name inside the store (e.g. seed3)")
+    p.add_argument("--seed", type=int, default=None, metavar="N",
+                   help="the run's training seed, recorded with the run and carried into results as the 'seed' "
+                        "coordinate (default: the seed the run name spells, e.g. seed3 -> 3)")
     p.add_argument("--metrics", metavar="FILE", help="metrics by step (JSON or CSV; e.g. pilot_metrics.json)")
     p.add_argument("--metrics-nonfinite", choices=["warn", "raise", "ignore"], default="warn",
                    help="explicit NaN/Inf metric values: keep them with a warning (default), refuse the file, "
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     kw = dict(steps=steps, metrics=args.metrics, policy=args.policy, include=args.include, exclude=args.exclude,
               on_nonfinite=args.on_nonfinite, chunk_bytes=args.chunk_bytes, shard_bytes=args.shard_bytes,
               lock_timeout=args.lock_timeout, progress=not args.no_progress, step_source=args.step_source,
-              metrics_nonfinite=args.metrics_nonfinite)
+              metrics_nonfinite=args.metrics_nonfinite, seed=args.seed)
     if args.threads:
         kw["scheduler"] = "threads"
         ctx = contextlib.nullcontext(None)

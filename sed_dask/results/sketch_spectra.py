@@ -128,8 +128,12 @@ def spectra_from_sketch(sketch_ds, *, windows=(10,), runs=None, d: int | None = 
     }
     attrs["zero_rtol"] = float(config.get("spectrum.zero-rtol", zero_rtol))
     metrics = {r: m for r, m in _metrics(sketch_ds).items() if r in used}
+    seeds = None
+    if "seed" in sketch_ds.coords and "run" in sketch_ds["seed"].dims:
+        known = {str(r): int(s) for r, s in zip(sketch_ds["run"].values, sketch_ds["seed"].values)}
+        seeds = [None if known.get(r, -1) < 0 else known[r] for r in used]
     ds = build_dataset(grams, ws, grouped=False, metrics=metrics, attrs=attrs,
-                       normalize_spacing=normalize_spacing, zero_rtol=zero_rtol)
+                       normalize_spacing=normalize_spacing, zero_rtol=zero_rtol, seeds=seeds)
     if output is not None:
         from sed_dask.engine.sketch import write_zarr
 

@@ -17,6 +17,7 @@ from sed_dask import config
 from sed_dask.errors import StoreError
 from sed_dask.engine.gram import GramResult, gram_graph, run_plans
 from sed_dask.engine.noise import mp_adjacent_ratio
+from sed_dask.sources.run_source import run_seed, seed_from_name
 from sed_dask.store.outputs import check_target, write_dataset
 from sed_dask.schema import COORD_ATTRS, PER_SV, VARIABLES, metric_variables, var_attrs
 from sed_dask.store.trajectory import open_store
@@ -63,9 +64,21 @@ def features_for(gram: GramResult, windows: Sequence[int], *, normalize_spacing:
     return out
 
 
+def seed_coordinate(runs: Sequence[str], seeds: Sequence[int | None] | None = None) -> np.ndarray:
+    """int64 seeds of ``runs`` (-1 where none is known), from ``seeds`` or else the run names."""
+    seeds = [seed_from_name(r) for r in runs] if seeds is None else list(seeds)
+    if len(seeds) != len(runs):
+        raise ValueError(f"{len(seeds)} seeds for {len(runs)} runs")
+    return np.array([-1 if s is None else int(s) for s in seeds], np.int64)
+
+
 def build_dataset(grams: list[GramResult], windows: Sequence[int], *, grouped: bool, metrics: dict,
-                  attrs: dict, normalize_spacing: bool = False, zero_rtol: float | None = None):
-    """Assemble the schema Dataset from computed Grams (one per run) and ``{run: metrics dict}``."""
+                  attrs: dict, normalize_spacing: bool = False, zero_rtol: float | None = None,
+                  seeds: Sequence[int | None] | None = None):
+    """Assemble the schema Dataset from computed Grams (one per run) and ``{run: metrics dict}``.
+
+    ``seeds``: each run's training seed (None: not known), the ``seed`` coordinate on ``run``; by
+    default the seed each run name spells (``seed3``)."""
     import xarray as xr
 
     windows = list(windows)
@@ -112,6 +125,7 @@ def build_dataset(grams: list[GramResult], windows: Sequence[int], *, grouped: b
     vars_.update(metric_variables(metrics, runs, steps, set(vars_) | set(COORD_ATTRS) | {"sketch", "dim"}))
     coords = {
         "run": ("run", np.array(runs, dtype=object), COORD_ATTRS["run"]),
+        "seed": ("run", seed_coordinate(runs, seeds), COORD_ATTRS["seed"]),
         "window": ("window", np.array(windows, np.int64), COORD_ATTRS["window"]),
         "step": ("step", steps, COORD_ATTRS["step"]),
         "sv": ("sv", np.arange(1, wmax + 1, dtype=np.int64), COORD_ATTRS["sv"]),
@@ -251,7 +265,8 @@ def spectrum(store, *, runs=None, windows=(10,), groups=None, client=None, addre
     if groups is not None:
         attrs["groups"] = json.dumps(group_desc)
     ds = build_dataset(grams, ws, grouped=groups is not None, metrics=metrics, attrs=attrs,
-                       normalize_spacing=normalize_spacing, zero_rtol=zero_rtol)
+                       normalize_spacing=normalize_spacing, zero_rtol=zero_rtol,
+                       seeds=[run_seed(rs) for rs in run_stores])
     if sketch_req is not None:
         from sed_dask.engine.sketch import build_sketch_dataset, provenance
 

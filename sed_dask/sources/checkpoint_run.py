@@ -34,6 +34,7 @@ from sed_dask.sources.discover import discover_checkpoints
 from sed_dask.errors import CheckpointError
 from sed_dask.readers import open_checkpoint
 from sed_dask.sources.param_index import ParamIndex, read_chunk_elems
+from sed_dask.sources.run_source import check_seed, seed_from_name
 from sed_dask.sources.validate import CheckpointTodo, check_headers, load_metrics_arg, policy_for, require_deltas
 
 _NONFINITE_BLOCK = 1 << 22  # elements per read when locating NaN/Inf (error path only)
@@ -176,7 +177,7 @@ def _stat(path: str) -> tuple[int, int]:
 
 
 def open_checkpoints(sources, *, run: str, steps=None, metrics=None, policy=None, include=None, exclude=None,
-                     chunk_bytes=None) -> CheckpointRun:
+                     chunk_bytes=None, seed: int | None = None) -> CheckpointRun:
     """Validate a run's checkpoints now and return a source that ``spectrum`` reads directly.
 
     ``sources``, ``steps``, ``metrics``, ``policy``/``include``/``exclude``: as for
@@ -185,12 +186,15 @@ def open_checkpoints(sources, *, run: str, steps=None, metrics=None, policy=None
     against the first checkpoint's before this returns, with the messages ingestion gives.
     ``chunk_bytes``: the column unit of the Gram tiles (default ``store.chunk-bytes``); give the
     ``chunk_bytes`` a store was ingested with to get results bit-identical to that store's.
+    ``seed``: the run's training seed (default: the one ``run`` spells, e.g. ``seed3``), the
+    ``seed`` coordinate of the results.
 
     Use it for one-off analyses: it skips the write-bound copy into a store, but every pass
     re-reads the checkpoint files, which workers must be able to open at the same paths.
     """
     if not isinstance(run, str) or not run or "/" in run:
         raise ValueError(f"invalid run name {run!r}")
+    seed = check_seed(seed)
     ckpts = discover_checkpoints(sources, steps=steps)
     metric_data, metric_source = load_metrics_arg(metrics)
     # absolute paths: workers may run elsewhere in the shared filesystem
@@ -198,5 +202,7 @@ def open_checkpoints(sources, *, run: str, steps=None, metrics=None, policy=None
     require_deltas(run, len(todo), ckpts.values())
     pol = policy_for(None, policy, include, exclude)
     sel, fmt = check_headers(todo, pol, None, run)
-    return CheckpointRun(run, todo, sel, fmt, metrics=metric_data, metrics_source=metric_source,
-                         read_unit=read_chunk_elems(sel.index.n_params, chunk_bytes))
+    cr = CheckpointRun(run, todo, sel, fmt, metrics=metric_data, metrics_source=metric_source,
+                       read_unit=read_chunk_elems(sel.index.n_params, chunk_bytes))
+    cr.attrs["seed"] = seed if seed is not None else seed_from_name(run)
+    return cr

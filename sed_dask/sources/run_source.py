@@ -6,6 +6,7 @@ the passes see only this protocol.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -50,3 +51,27 @@ class RunSource(Protocol):
 
     def read(self, rows: slice, start: int = 0, stop: int | None = None) -> np.ndarray:
         """float32 block ``[rows, start:stop]`` (small reads and tests)."""
+
+
+_SEED_IN_NAME = re.compile(r"(?:^|[^A-Za-z0-9])seed[-_=]?(\d+)(?![0-9])", re.IGNORECASE)
+
+
+def seed_from_name(name: str) -> int | None:
+    """The seed a run name spells (``seed3``, ``run-seed_3``, ``lr1e-3_seed=3`` -> 3), or None."""
+    m = _SEED_IN_NAME.search(str(name))
+    return int(m.group(1)) if m else None
+
+
+def check_seed(seed, *, what: str = "seed") -> int | None:
+    """``seed`` as a non-negative int (None stays None); anything else is a clear error."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or int(seed) < 0:
+        raise ValueError(f"{what} must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+def run_seed(run) -> int | None:
+    """A run's seed: the one recorded with it (``ingest(seed=...)``), else the one its name spells."""
+    recorded = (getattr(run, "attrs", None) or {}).get("seed")
+    return int(recorded) if recorded is not None else seed_from_name(run.name)

@@ -43,6 +43,7 @@ from sed_dask.errors import CheckpointError, NonFiniteError, SEDError, StoreErro
 from sed_dask.readers import open_checkpoint
 from sed_dask.sources.selection import Selection
 from sed_dask.store.trajectory import RunStore, is_in_memory, open_store, refuse_foreign, run_lock
+from sed_dask.sources.run_source import check_seed, seed_from_name
 from sed_dask.sources.validate import CheckpointTodo, check_headers, load_metrics_arg, policy_for
 from sed_dask.sources.validate import STEP_SOURCES, check_metric_steps, require_deltas, steps_from_files
 
@@ -238,7 +239,7 @@ def ingest(sources, store, run: str, *, client=None, address: str | None = None,
            policy=None, include=None, exclude=None, on_nonfinite: str | None = None, chunk_bytes=None,
            shard_bytes=None, compressor=None, storage_options: dict | None = None,
            tasks_in_flight: int | None = None, lock_timeout: float = 0, progress: bool = True,
-           step_source: str = "name", metrics_nonfinite: str = "warn") -> IngestSummary:
+           step_source: str = "name", metrics_nonfinite: str = "warn", seed: int | None = None) -> IngestSummary:
     """Ingest checkpoints into run ``run`` of a trajectory store; resumable and idempotent.
 
     ``sources``: a directory, a glob, a list of files/directories, or a ``{step: path}`` mapping.
@@ -253,7 +254,9 @@ def ingest(sources, store, run: str, *, client=None, address: str | None = None,
     name ("name", the default; a file recording another step gets a ``StepMismatchWarning``) or
     from the step the file records ("file"). ``metrics_nonfinite``: explicit NaN/Inf metric values
     are kept with a warning ("warn", default), refused ("raise") or kept silently ("ignore");
-    metrics whose steps match no checkpoint are refused.
+    metrics whose steps match no checkpoint are refused. ``seed``: the run's training seed, recorded
+    with the run (default: the one its name spells, e.g. ``seed3``); results carry it as the ``seed``
+    coordinate on ``run``. A run keeps the seed it was first given.
 
     One call at a time per run: the call holds the run's writer lock (:func:`sed_dask.store.run_lock`,
     an OS file lock next to a local store) from planning to its last write; another call into the
@@ -277,8 +280,10 @@ def ingest(sources, store, run: str, *, client=None, address: str | None = None,
         if steps is not None:
             ckpts = discover_checkpoints(ckpts, steps=steps)
     metric_data, metric_source = load_metrics_arg(metrics, nonfinite=metrics_nonfinite)
+    seed = check_seed(seed)
     with run_lock(store, run, timeout=lock_timeout):
         existing = _existing_run(store, run, storage_options)  # read-only: nothing is written before validation
+        seed = _run_seed(existing, run, seed)
         todo, skipped = _plan(existing, ckpts, run)
         check_metric_steps(metric_data, metric_source,
                            list(ckpts) + ([] if existing is None else existing.row_steps().tolist()))
@@ -290,6 +295,8 @@ def ingest(sources, store, run: str, *, client=None, address: str | None = None,
             rs = open_store(store, storage_options=storage_options).run(run)
             if metric_data is not None:
                 _store_metrics(rs, metric_data, metric_source)
+            if seed is not None and rs.attrs.get("seed") is None:
+                rs.update_attrs(seed=seed)
             return IngestSummary(run, 0, len(skipped), [int(s) for s in rs.steps], rs.n_params, 0,
                                  time.perf_counter() - t0)
         # the first checkpoint to ingest defines the key set; every other one must match it
@@ -298,6 +305,8 @@ def ingest(sources, store, run: str, *, client=None, address: str | None = None,
                        scheduler=scheduler) as ex:
             rs = _allocate(store, run, storage_options, existing, todo, sel, fmt, chunk_bytes=chunk_bytes,
                            shard_bytes=shard_bytes, compressor=compressor)
+            if seed is not None and rs.attrs.get("seed") is None:
+                rs.update_attrs(seed=seed)
             if metric_data is not None:
                 _store_metrics(rs, metric_data, metric_source)
             res = _run_tasks(ex, rs, run, todo, sel, on_nonfinite, tasks_in_flight, progress, t0,
@@ -315,6 +324,15 @@ def ingest(sources, store, run: str, *, client=None, address: str | None = None,
                   f"(completed rows are kept; fix the input and re-run): {detail}") from first
     return IngestSummary(run, n_new, len(skipped), [int(s) for s in rs.steps], rs.n_params, nbytes,
                          time.perf_counter() - t0, nonfinite)
+
+
+def _run_seed(existing: RunStore | None, run: str, seed: int | None) -> int | None:
+    """The seed to record: the one given, else the name's; an existing run's recorded seed must agree."""
+    recorded = None if existing is None else existing.attrs.get("seed")
+    if recorded is not None and seed is not None and int(recorded) != seed:
+        raise StoreError(f"run {run!r} was recorded with seed {recorded}; this call says seed={seed} "
+                         "(a run keeps its seed: use a new run name)")
+    return seed if seed is not None else seed_from_name(run) if recorded is None else int(recorded)
 
 
 def _allocate(store, run, storage_options, existing, todo, sel, fmt, *, chunk_bytes, shard_bytes,

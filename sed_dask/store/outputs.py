@@ -499,4 +499,8 @@ def open_results(path, *, partial: str = "raise", **open_kw):
             raise PartialResultsError(msg)
         warnings.warn(msg, PartialResultsWarning, stacklevel=2)
     with quiet_consolidation():
-        return xr.open_zarr(path, **open_kw)
+        ds = xr.open_zarr(path, **open_kw)
+    # labels on run (seed), window and group are what selections use (ds.where(ds.seed == 3)): load
+    # them now, as index coordinates are; the data variables stay lazy
+    labels = [k for k, c in ds.coords.items() if k not in ds.indexes and c.ndim <= 2 and c.size <= 1_000_000]
+    return ds.assign_coords({k: ds[k].load() for k in labels}) if labels else ds
