@@ -160,3 +160,38 @@ def test_group_dim_lazy_data_and_errors(synth, tmp_path):
         make_report(ds, tmp_path / "y", runs=["nope"])
     with pytest.raises(ValueError, match="windows"):
         make_report(ds, tmp_path / "z", windows=[7])
+
+
+def test_summary_reads_without_the_code(synth, tmp_path):
+    """Every figure has a caption that says how to read it; the summary gives the definitions,
+    thresholds, versions, the command and where the data is; nothing points at a dead link."""
+    import html as _html
+    import importlib.metadata
+    import re
+
+    from sed_dask.analysis.defaults import tau_value
+    from sed_dask.report.captions import caption
+
+    ds, _ = synth
+    ds = ds.assign_attrs(source_store=str(tmp_path / "gone.zarr"))
+    out = make_report(ds, tmp_path / "rep", command="sed-dask report results.zarr -o rep")
+    page = _html.unescape(out["html"].read_text())
+    md = out["markdown"].read_text()
+    for name in FIGURES:
+        title, text = caption(name, window=10)
+        assert len(text) > 150 and title != name.replace("_", " ")
+        assert title in page and text in page and title in md and text in md
+        assert re.search(rf'<figure id="{name}"><img src="{name}.png"', page)
+    assert f"{tau_value('auto', 10):.3f}" in caption("edge_phases", window=10)[1]
+    for needle in ("Definitions and thresholds", "How this report was made", "sed-dask report results.zarr -o rep",
+                   f"numpy {importlib.metadata.version('numpy')}", f"xarray {importlib.metadata.version('xarray')}",
+                   "gone.zarr (no longer there)", "collapse threshold tau", "cusum (drift 0.5, h 1)"):
+        assert needle in page and needle in md, needle
+    assert not re.search(r"https?://(127\.0\.0\.1|localhost)", page + md)   # no dashboard links
+    assert "Across seeds:" not in page                      # this Dataset names no seeds
+    seeded = ds.assign_coords(seed=("run", [0, 1, 2]))
+    page = make_report(seeded, tmp_path / "rep2")["html"].read_text()
+    m = re.search(r"Across seeds: peak edge: ([\d.]+) ± ([\d.]+) \(mean ± sample std over 3 seeds\)", page)
+    peaks = ds.edge_ratio.sel(window=10).max("step").values
+    assert m and float(m.group(1)) == pytest.approx(peaks.mean(), abs=1e-3)
+    assert float(m.group(2)) == pytest.approx(peaks.std(ddof=1), abs=1e-3)

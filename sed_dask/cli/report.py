@@ -41,7 +41,10 @@ def run(args: argparse.Namespace) -> int:
         with open(args.events) as f:
             events = json.load(f)
     analysis = standard_analysis(ds, window=args.window)
+    from sed_dask.report.provenance import invocation
+
     out = make_report(ds, args.out_dir, events=events, analysis=analysis, overwrite=args.overwrite,
+                      command=invocation(),
                       title=args.title or f"Spectral Edge Dynamics: {args.results}")
     print(f"wrote {len(out)} files to {args.out_dir} (open {out['html']})")
     return 0

@@ -247,7 +247,10 @@ def run_demo(out_dir="sed-demo", *, quick: bool = False, client=None, address: s
     t = time.perf_counter()
     say(f"[5/5] report -> {out / 'report'}")
     title = f"SED of grokking (a+b) mod {SIZES[size].p}: {len(runs)} seed(s), W = {list(ws)}"
-    report = make_report(ds, out / "report", analysis=analysis, title=title, overwrite=True)
+    from sed_dask.report.provenance import invocation
+
+    command = invocation() or f"sed_dask.demo.pipeline.run_demo({str(out)!r}, quick={quick})"
+    report = make_report(ds, out / "report", analysis=analysis, title=title, overwrite=True, command=command)
     timings["report"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_all
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -265,7 +266,7 @@ def _train(run_dir: Path, seed: int, cfg: DemoConfig, fmt: str, progress: bool, 
     rec = TrajectoryRecorder(run_dir, every=cfg.every, fmt=fmt)
 
     bar = None
-    if progress:
+    if progress and sys.stderr.isatty():  # in a log: no bar (no carriage returns), one line at the end
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, desc=f"seed {seed}", position=position, leave=True, mininterval=0.5)
@@ -300,6 +301,10 @@ def _train(run_dir: Path, seed: int, cfg: DemoConfig, fmt: str, progress: bool, 
     if bar is not None:
         bar.close()
     wall = time.perf_counter() - t0
+    if progress and bar is None:
+        acc = (rec.records or [{}])[-1].get("val_acc", float("nan"))
+        print(f"seed {seed}: trained {cfg.steps} steps in {wall:.0f} s (val_acc {acc:.2f}) -> {run_dir}",
+              file=sys.stderr, flush=True)
 
     records = rec.records
     summary = {

@@ -52,6 +52,8 @@ import xarray as xr
 
 from sed_dask.report.figures import (base, edge_phases_figure, edge_val_loss_figure, finite, lag_figure, noise_figure,
                       phase_intervals, run_value, signals_figure, spectrum_figure, warning_figure)
+from sed_dask.report.captions import caption
+from sed_dask.report.provenance import provenance
 from sed_dask.store.outputs import ReportTarget
 
 __all__ = ["make_report", "FIGURES", "findings_table", "normalize_events", "phase_intervals",
@@ -228,14 +230,13 @@ def standard_analysis(ds: xr.Dataset, *, windows=None, window=None, lags=range(-
     steps = ["signal rank", "phases", "alarms", "lag sweep", "pc2 null", "warning signals"]
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from sed_dask.progress import Bar
 
-        bar = tqdm(total=len(steps), desc="analysis", leave=True)
+        bar = Bar(len(steps), desc="analysis", unit="query")
     out: dict = {"window": W, "windows": ws}
 
     def tick(name):
         if bar is not None:
-            bar.set_postfix_str(name, refresh=False)
             bar.update(1)
 
     out["signal_rank"] = A.signal_rank(sub)
@@ -264,8 +265,9 @@ def standard_analysis(ds: xr.Dataset, *, windows=None, window=None, lags=range(-
 
 
 def definitions(ds: xr.Dataset, window: int, analysis: dict) -> list[str]:
-    """The definitions, thresholds and provenance a reader needs to judge every number shown."""
-    from sed_dask.analysis.defaults import describe_tau
+    """The definitions and thresholds a reader needs to judge every number shown (from the defaults used)."""
+    from sed_dask.analysis.defaults import ARM, SUSTAIN, describe_tau
+    from sed_dask.analysis.detectors import DEFAULTS as D
 
     ws = [int(w) for w in ds["window"].values]
     taus = ", ".join(describe_tau("auto", w) for w in ws)
@@ -275,11 +277,12 @@ def definitions(ds: xr.Dataset, window: int, analysis: dict) -> list[str]:
         "isotropic noise) calls signal. Both as the mode over windows.",
         "Edge series: sigma_k/sigma_(k+1) at a fixed k per run and W (the mode of k*), so a change of k* "
         "cannot move a boundary.",
-        f"Collapse: first of 2 windows with the edge below tau after it first held >= 1.25 tau; rebound: first "
-        f"of 2 windows back >= 1.25 tau after that; {taus}. Phase steps are window centres.",
-        "Alarms (causal: decided at step t from windows up to t): below_noise (edge < tau for 2 windows), "
-        "peak_drop (edge < 0.5 x running peak for 2 windows), cusum (CUSUM of log(peak/edge) - 0.5 > 1.0); "
-        "all armed once the edge held >= 1.25 tau for 2 windows. Lead = grok step (first val_acc >= 0.9) - alarm step.",
+        f"Collapse: first of {SUSTAIN} windows with the edge below tau after it first held >= {ARM:g} tau; rebound: "
+        f"first of {SUSTAIN} windows back >= {ARM:g} tau after that; {taus}. Phase steps are window centres.",
+        f"Alarms (causal: decided at step t from windows up to t): below_noise (edge < tau for {SUSTAIN} windows), "
+        f"peak_drop (edge < {D['drop']:g} x running peak for {SUSTAIN} windows), cusum (CUSUM of log(peak/edge) - "
+        f"{D['drift']:g} > {D['h']:g}); all armed once the edge held >= {ARM:g} tau for {SUSTAIN} windows. "
+        f"Lead = grok step (first val_acc >= {GROK_ACC:g}) - alarm step.",
     ]
     if "lag" in analysis:
         lag = analysis["lag"]
@@ -288,13 +291,32 @@ def definitions(ds: xr.Dataset, window: int, analysis: dict) -> list[str]:
                      "peak on the grid edge is unresolved; p from 999 phase-randomised val-loss series (peak over "
                      "the whole grid); a lag flip needs both peaks resolved and p <= 0.05.")
     if isinstance(analysis.get("pc2"), xr.Dataset):
-        lines.append("PC2 noise transition: the first of 2 windows with PC2 not above its matched-norm null 95% "
-                     "quantile after PC2 held above it; 'none' when PC2 never rose above its null.")
-    prov = {k: ds.attrs.get(k) for k in ("sed_dask_version", "source_store", "precision", "n_params", "created")
-            if ds.attrs.get(k) is not None}
-    lines.append("Provenance: " + "; ".join(f"{k} = {v}" for k, v in prov.items()) + f"; windows W = {ws}; "
-                 f"table and single-W figures at W = {window}.")
+        lines.append(f"PC2 noise transition: the first of {SUSTAIN} windows with PC2 not above its matched-norm null "
+                     "95% quantile after PC2 held above it; 'none' when PC2 never rose above its null.")
+    lines.append(f"The table and the single-W figures are at W = {window}; the method is written down in "
+                 "docs/method.md of the sed_dask repository.")
     return lines
+
+
+def _seed_lines(df: pd.DataFrame, ds: xr.Dataset) -> list[str]:
+    """Mean ± std over seeds of the table's main columns, as papers report them (>= 2 known seeds)."""
+    if "seed" not in ds.coords:
+        return []
+    seeds = {str(r): int(s) for r, s in zip(ds["run"].values, ds["seed"].values) if int(s) >= 0}
+    rows = [r for r in df.index if str(r) in seeds]
+    if len(rows) < 2 or len({seeds[str(r)] for r in rows}) < len(rows):
+        return []
+    out = []
+    for col in ("peak_edge", "collapse_step", "alarm_step", "grok_step", "lead", "final_val_loss"):
+        if col not in df.columns:
+            continue
+        v = pd.to_numeric(df.loc[rows, col], errors="coerce").to_numpy(dtype=float)
+        v = v[np.isfinite(v)]
+        if v.size >= 2:
+            head, fmt = _COLUMNS.get(col, (col, "{:.3g}"))
+            out.append(f"{head}: {fmt.format(v.mean())} ± {fmt.format(v.std(ddof=1))} (mean ± sample std over "
+                       f"{v.size} seeds)")
+    return ["Across seeds: " + "; ".join(out)] if out else []
 
 
 # ---------------------------------------------------------------------------- findings table
@@ -411,17 +433,27 @@ def _plain_rows(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
-def _markdown(df, figures: dict[str, Path], title: str, notes: list[str], extra=None) -> str:
+def _markdown(df, figures: dict[str, Path], title: str, notes: list[str], extra=None, *, captions=None,
+              definitions=(), prov=()) -> str:
     head, body = _table_rows(df)
-    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [f"# {title}", "", "## Findings", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in body]
     for cap, t in (extra or {}).items():
         h, b = _plain_rows(t)
         lines += ["", f"**{cap}**", "", "| " + " | ".join(h) + " |", "|" + "---|" * len(h)]
         lines += ["| " + " | ".join(r) + " |" for r in b]
-    lines += [""] + [f"- {n}" for n in notes] + [""]
+    if definitions:
+        lines += ["", "## Definitions and thresholds", ""] + [f"- {n}" for n in definitions]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    lines.append("")
     for name, p in figures.items():
-        lines += [f"## {name.replace('_', ' ')}", "", f"![{name}]({p.name})", ""]
+        t, text = (captions or {}).get(name, (name.replace("_", " "), ""))
+        lines += [f"## {t}", "", f"![{t}]({p.name})", ""] + ([f"*{text}*", ""] if text else [])
+    if prov:
+        lines += ["## How this report was made", "", "| | |", "|---|---|"]
+        lines += [f"| {k} | {str(v).replace('|', '/')} |" for k, v in prov]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -429,26 +461,55 @@ def _html_table(head, body) -> str:
     esc = html.escape
     th = "".join(f"<th>{esc(h)}</th>" for h in head)
     trs = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in body)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+    return f"<div class='scroll'><table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table></div>"
 
 
-def _html(df, figures: dict[str, Path], title: str, notes: list[str], extra=None) -> str:
+def _html(df, figures: dict[str, Path], title: str, notes: list[str], extra=None, *, captions=None,
+          definitions=(), prov=()) -> str:
     esc = html.escape
-    tables = _html_table(*_table_rows(df)) + "".join(
+    tables = "<h2>Findings</h2>" + _html_table(*_table_rows(df)) + "".join(
         f"<h3>{esc(cap)}</h3>" + _html_table(*_plain_rows(t)) for cap, t in (extra or {}).items())
-    figs = "".join(f'<figure><img src="{esc(p.name)}" alt="{esc(n)}"><figcaption>{esc(n.replace("_", " "))}'
-                   f"</figcaption></figure>" for n, p in figures.items())
-    li = "".join(f"<li>{esc(n)}</li>" for n in notes)
+    figs = ""
+    for n, p in figures.items():
+        t, text = (captions or {}).get(n, (n.replace("_", " "), ""))
+        stop = "" if t.endswith(("?", ".", "!")) else "."
+        figs += (f'<figure id="{esc(n)}"><img src="{esc(p.name)}" alt="{esc(t)}"><figcaption><b>{esc(t)}{stop}</b> '
+                 f"{esc(text)}</figcaption></figure>")
+    defs = ("<h2>Definitions and thresholds</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in definitions)
+            + "</ul>") if definitions else ""
+    li = ("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>") if notes else ""
+    prov_html = ("<h2>How this report was made</h2><table class='prov'><tbody>" + "".join(
+        f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in prov) + "</tbody></table>") if prov else ""
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>"
-            "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
-            "table{border-collapse:collapse}th,td{border:1px solid #bbb;padding:4px 10px;text-align:right}"
+            "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;line-height:1.4}"
+            "table{border-collapse:collapse;font-size:.92em}div.scroll{overflow-x:auto}th,td{border:1px solid #bbb;padding:4px 10px;text-align:right}"
             "th{background:#eef}td:first-child{text-align:left}img{max-width:100%}"
-            "figure{margin:2em 0}</style></head><body>"
-            f"<h1>{esc(title)}</h1>{tables}"
-            f"<ul>{li}</ul>{figs}</body></html>")
+            "table.prov th,table.prov td{text-align:left;vertical-align:top}table.prov th{white-space:nowrap}"
+            "figure{margin:2em 0}figcaption{color:#333;max-width:60em}</style></head><body>"
+            f"<h1>{esc(title)}</h1>{tables}{defs}{li}"
+            f"<h2>Figures</h2>{figs}{prov_html}</body></html>")
 
 
 # ------------------------------------------------------------------------------------ driver
+def analysis_settings(ds: xr.Dataset, window: int, analysis: dict) -> dict[str, str]:
+    """The analysis settings behind the report's numbers, from the defaults the queries used."""
+    from sed_dask.analysis.defaults import ARM, PLATEAU, SUSTAIN, tau_value
+    from sed_dask.analysis.detectors import DEFAULTS as D
+
+    ws = [int(w) for w in ds["window"].values]
+    out = {
+        "collapse threshold tau": ", ".join(f"W={w}: {tau_value('auto', w):.3f}" for w in ws) + " (1 + 2 W^(-2/3))",
+        "plateau / arm / sustain": f"{PLATEAU:g} x median edge / {ARM:g} tau / {SUSTAIN} windows",
+        "detectors": f"below_noise, peak_drop (drop {D['drop']:g}), cusum (drift {D['drift']:g}, h {D['h']:g})",
+        "grok step": f"first step with val_acc >= {GROK_ACC:g}",
+        "table window": f"W = {window}",
+    }
+    lag = analysis.get("lag")
+    if isinstance(lag, xr.Dataset) and "lag" in lag.dims:
+        out["lag grid"] = f"{int(lag['lag'].min())} .. {int(lag['lag'].max())} checkpoints"
+    return out
+
+
 def _default_window(windows, analysis) -> int:
     if analysis.get("window") is not None:
         return int(analysis["window"])
@@ -465,8 +526,12 @@ def _spacing(ds, run) -> float | None:
 
 def make_report(ds: xr.Dataset, out_dir, *, runs=None, windows=None, events=None, analysis=None,
                 title: str = "Spectral Edge Dynamics report", dpi: int = 120,
-                overwrite: bool = False) -> dict[str, Path]:
+                overwrite: bool = False, command: str | None = None) -> dict[str, Path]:
     """Write the figures, ``summary.html``, ``summary.md`` and ``findings.csv`` to ``out_dir``.
+
+    Each figure gets a caption saying what it shows and how to read it; the summary gives the
+    definitions and thresholds used and how the report was made (data, settings, package versions,
+    and ``command``: the command line or call that made it).
 
     ``out_dir`` must be new, empty, or (with ``overwrite=True``) an earlier report; the report is
     built in a sibling folder and moved into place complete (:class:`sed_dask.store.outputs.ReportTarget`).
@@ -547,7 +612,8 @@ def make_report(ds: xr.Dataset, out_dir, *, runs=None, windows=None, events=None
         df = findings_table(ds, runs=runs, window=W, events=ev, analysis=analysis, lag_r=r_da)
     else:
         df = fnd if isinstance(fnd, pd.DataFrame) else pd.DataFrame.from_dict(fnd, orient="index")
-    notes[:0] = definitions(ds, W, analysis)
+    defs = definitions(ds, W, analysis)
+    notes[:0] = _seed_lines(df, ds)
     notes.extend(str(n) for n in analysis.get("rank_notes", ()))
     rej = analysis.get("lag_rejected")
     if isinstance(rej, pd.DataFrame) and len(rej):
@@ -571,10 +637,13 @@ def make_report(ds: xr.Dataset, out_dir, *, runs=None, windows=None, events=None
         notes.append("Warning candidates (all defined before looking at any outcome; none dropped): "
                      + "; ".join(f"{k}: {d}{'' if c else ' [retrospective]'}" for k, (d, c) in SIGNALS.items()))
     notes.extend(str(n) for n in analysis.get("notes", ()))
+    caps = {n: caption(n, window=W, grok_acc=GROK_ACC) for n in figs}
+    prov = provenance(ds, command=command, settings=analysis_settings(ds, W, analysis))
+    kw = dict(captions=caps, definitions=defs, prov=prov)
     p = out / "summary.md"
-    p.write_text(_markdown(df, figs, title, notes, extra), encoding="utf-8")
+    p.write_text(_markdown(df, figs, title, notes, extra, **kw), encoding="utf-8")
     written["markdown"] = p
     p = out / "summary.html"
-    p.write_text(_html(df, figs, title, notes, extra), encoding="utf-8")
+    p.write_text(_html(df, figs, title, notes, extra, **kw), encoding="utf-8")
     written["html"] = p
     return staging.commit(written)
