@@ -122,7 +122,8 @@ def test_unguarded_script_on_a_local_cluster_says_add_the_guard(work, tmp_path):
     """The README's promise for scripts that start worker processes: re-entry is named, not a lock error."""
     script = tmp_path / "unguarded.py"
     script.write_text(textwrap.dedent(f"""
-        import sed_dask
+        import dask, sed_dask
+        dask.config.set({{"sed_dask.cluster": {{"class": "distributed.LocalCluster", "kwargs": {{"n_workers": 1}}}}}})
         sed_dask.ingest({str(work / 'runs' / 'seed0')!r}, "traj.zarr", run="seed0", progress=False)
     """))
     r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=_env(), capture_output=True, text=True,

@@ -148,7 +148,7 @@ def test_tree_reduction_is_partition_invariant():
 def test_accumulator_rides_the_gram_streaming_batches(stores, traj):
     """Fed by the Gram engine's own reader (batches that repeat width-1 halo rows), the tree nodes
     equal those of one batch: the accumulator can sit next to BandAccumulator in gram_tile."""
-    from sed_dask.engine.gram import TileSpec, stream_deltas
+    from sed_dask.engine.passes import TileSpec, stream_deltas
     from sed_dask.store.trajectory import open_store
 
     op = _op("gaussian")

@@ -12,13 +12,18 @@ COMMANDS = ["ingest", "spectrum", "sketch", "directions", "query", "report", "de
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
-    """The connection options every distributed subcommand accepts (see sed_dask.cluster)."""
-    g = p.add_argument_group("cluster")
+    """Where the tasks run (see sed_dask.cluster.placement): in this process unless a cluster is named."""
+    g = p.add_argument_group("where the tasks run (default: threads in this process)")
+    g.add_argument("--threads", action="store_true",
+                   help="run the tasks on threads in this process (the default when no cluster is named or configured)")
+    g.add_argument("--local-cluster", type=int, metavar="N", default=None,
+                   help="start a temporary LocalCluster of N single-threaded worker processes for this command")
     g.add_argument("--scheduler-address", metavar="ADDR", help="connect to a running Dask scheduler")
     g.add_argument("--scheduler-file", metavar="FILE", help="connect via a scheduler file (SLURM, dask-mpi)")
     g.add_argument("--n-workers", type=int, default=None,
-                   help="workers of the temporary LocalCluster when no cluster is given")
-    g.add_argument("--memory-limit", default=None, help="per-worker memory limit of the temporary LocalCluster")
+                   help="workers of the temporary LocalCluster (implies --local-cluster)")
+    g.add_argument("--memory-limit", default=None,
+                   help="per-worker memory limit of the temporary LocalCluster (implies --local-cluster)")
     g.add_argument("--config", metavar="FILE", default=None,
                    help="YAML with sed_dask settings, e.g. a 'cluster:' section naming a cluster class "
                         "(a top-level 'sed_dask:' key is optional); beats ~/.config/dask and DASK_* env")
@@ -58,47 +63,68 @@ def steps_arg(text: str | None) -> list[int] | None:
     return int_list(text, "steps", minimum=0) if text else None
 
 
-def connect_from_args(args):
-    """A ``sed_dask.cluster.connect`` context for parsed CLI arguments.
+def _local_cluster(args) -> dict | None:
+    """The ``sed_dask.cluster`` section for ``--local-cluster N`` / ``--n-workers`` / ``--memory-limit``."""
+    n, mem = getattr(args, "local_cluster", None), getattr(args, "memory_limit", None)
+    n = n or getattr(args, "n_workers", None)
+    if n is None and mem is None:
+        return None
+    if n is not None and n < 1:
+        raise ValueError(f"--local-cluster {n}: give at least 1 worker")
+    kw = {"processes": True, "threads_per_worker": 1, "dashboard_address": ":0"}
+    if n is not None:
+        kw["n_workers"] = int(n)
+    if mem is not None:
+        kw["memory_limit"] = mem
+    return {"class": "distributed.LocalCluster", "kwargs": kw}
 
-    ``--config FILE`` is applied at once (so code before the ``with`` sees it too) and undone
-    when the context exits. Flags beat the file; the file beats ~/.config/dask and DASK_* env.
+
+def execution_context(args, kw: dict):
+    """Where a subcommand's tasks run, by the rules of ``sed_dask.cluster.placement``.
+
+    ``--config FILE`` is applied at once (and undone when the context exits). The context yields a
+    client for a cluster (named by flags, the config or an active one), else None with
+    ``kw["scheduler"]`` set to the in-process scheduler.
     """
     import contextlib
 
     from sed_dask.cluster.client import connect
+    from sed_dask.cluster.placement import placement
     from sed_dask.config import load_config_file, use_config
 
     path = getattr(args, "config", None)
-    settings = use_config(load_config_file(path)) if path else contextlib.nullcontext()
-    local = {}
-    if getattr(args, "n_workers", None):
-        local["n_workers"] = args.n_workers
-    if getattr(args, "memory_limit", None):
-        local["memory_limit"] = args.memory_limit
+    address, sfile = getattr(args, "scheduler_address", None), getattr(args, "scheduler_file", None)
+    local = _local_cluster(args)
+    if getattr(args, "threads", False) and (address or sfile or local):
+        raise ValueError("--threads runs in this process: drop it, or drop --scheduler-address / "
+                         "--scheduler-file / --local-cluster")
 
     @contextlib.contextmanager
     def session():
-        with settings, connect(address=getattr(args, "scheduler_address", None),
-                               scheduler_file=getattr(args, "scheduler_file", None),
-                               timeout=getattr(args, "connect_timeout", None),
-                               local_kwargs=local) as client:
-            yield client
+        with use_config(load_config_file(path)) if path else contextlib.nullcontext():
+            if getattr(args, "threads", False):
+                kw["scheduler"] = "threads"
+                yield None
+                return
+            if local is None and not address and not sfile:
+                where = placement()
+                if where.local:
+                    kw["scheduler"] = where.scheduler
+                    yield None
+                    return
+            with connect(address=address, scheduler_file=sfile, cluster_config=local,
+                         timeout=getattr(args, "connect_timeout", None)) as client:
+                yield client
 
     return session()
 
 
-def execution_context(args, kw: dict):
-    """``--threads`` runs in this process (sets ``kw["scheduler"]``); otherwise connect to a cluster.
-
-    Returns a context manager yielding the client (``None`` for the threaded scheduler).
-    """
-    import contextlib
-
-    if getattr(args, "threads", False):
-        kw["scheduler"] = "threads"
-        return contextlib.nullcontext(None)
-    return connect_from_args(args)
+def connect_from_args(args):
+    """A client context for parsed CLI arguments (a cluster: flags, config, an active client, or a
+    temporary LocalCluster); subcommands use :func:`execution_context`, which also runs in-process."""
+    kw: dict = {}
+    args.threads = False
+    return execution_context(args, kw)
 
 
 _NEGATIVE_LIST = re.compile(r"^-\d[^=\s]*[:,]")  # -3:5, -1,0,2: argparse takes these for options

@@ -12,7 +12,7 @@ def register(sub) -> None:
         "demo", help="train a small grokking transformer and run ingest -> spectrum -> analysis -> report",
         description="Train (or reuse) the demo runs ((a+b) mod 97, 3 seeds x 2000 steps; --quick: 1 seed x "
                     "700 steps), ingest them into one trajectory store, compute spectra for several W on a "
-                    "Dask cluster (a temporary 2-worker LocalCluster unless one is given), run the edge, "
+                    "Dask cluster (a temporary 2-worker LocalCluster unless one is given; --threads: in this process), run the edge, "
                     "phase, collapse, lag and early-warning queries, and write DIR/report/ and "
                     "DIR/findings.json.")
     p.add_argument("--quick", action="store_true", help="one seed, 700 steps (about a minute)")
@@ -30,8 +30,8 @@ def run(args: argparse.Namespace) -> int:
 
     windows = [int(w) for w in args.windows.split(",") if w.strip()] if args.windows else None
     local = {}
-    if args.n_workers:
-        local["n_workers"] = args.n_workers
+    if args.n_workers or args.local_cluster:
+        local["n_workers"] = args.n_workers or args.local_cluster
     if args.memory_limit:
         local["memory_limit"] = args.memory_limit
     # the cluster is started by run_demo after training, so that training has the cores to itself
@@ -45,5 +45,5 @@ def run(args: argparse.Namespace) -> int:
     with settings, settings_timeout:
         run_demo(args.out_dir, quick=args.quick, address=args.scheduler_address,
                  scheduler_file=args.scheduler_file, windows=windows, progress=not args.no_progress,
-                 local_kwargs=local)
+                 local_kwargs=local, scheduler="threads" if args.threads else None)
     return 0

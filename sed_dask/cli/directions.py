@@ -31,8 +31,6 @@ def register(sub) -> None:
     p.add_argument("--n-power-iter", type=int, default=2, help="randomized: power iterations (default 2)")
     p.add_argument("--seed", type=int, default=None, help="randomized: seed (default sed_dask.sketch.seed)")
     p.add_argument("--tile-bytes", default=None, help="bytes of deltas one task holds (e.g. 256MiB)")
-    p.add_argument("--threads", action="store_true",
-                   help="run the tasks on threads in this process instead of a Dask cluster")
     add_cluster_args(p)
     p.set_defaults(func=run)
 

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 
-from sed_dask.cli import add_cluster_args, add_selection_args, connect_from_args, steps_arg
+from sed_dask.cli import add_cluster_args, add_selection_args, execution_context, steps_arg
 
 
 def register(sub) -> None:
@@ -34,8 +33,6 @@ def register(sub) -> None:
                    help="NaN/Inf in a parameter: fail that checkpoint (default) or store it and record it")
     p.add_argument("--chunk-bytes", default=None, help="Zarr read unit along P for a new run (e.g. 4MiB)")
     p.add_argument("--shard-bytes", default=None, help="Zarr write unit (one task) for a new run (e.g. 64MiB)")
-    p.add_argument("--threads", action="store_true",
-                   help="run the tasks on threads in this process instead of a Dask cluster")
     p.add_argument("--lock-timeout", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long for another ingestion of the same run to finish (default 0: fail at once)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -53,15 +50,7 @@ def run(args: argparse.Namespace) -> int:
               on_nonfinite=args.on_nonfinite, chunk_bytes=args.chunk_bytes, shard_bytes=args.shard_bytes,
               lock_timeout=args.lock_timeout, progress=not args.no_progress, step_source=args.step_source,
               metrics_nonfinite=args.metrics_nonfinite, seed=args.seed)
-    if args.threads:
-        kw["scheduler"] = "threads"
-        ctx = contextlib.nullcontext(None)
-        if getattr(args, "config", None):  # --config still applies (e.g. store chunking defaults)
-            from sed_dask.config import load_config_file, use_config
-
-            ctx = _with_none(use_config(load_config_file(args.config)))
-    else:
-        ctx = connect_from_args(args)
+    ctx = execution_context(args, kw)
     with ctx as client:
         summary = ingest(sources, args.store, args.run, client=client, **kw)
     if args.json:
@@ -73,9 +62,3 @@ def run(args: argparse.Namespace) -> int:
         for rec in summary.nonfinite:
             print(f"  non-finite: step {rec['step']} tensor {rec['tensor']}: {rec['n_nan']} NaN, {rec['n_inf']} Inf")
     return 0
-
-
-@contextlib.contextmanager
-def _with_none(cm):
-    with cm:
-        yield None

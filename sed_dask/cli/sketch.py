@@ -30,8 +30,6 @@ def register(sub) -> None:
                    help="rows of Phi per RNG tile (part of Phi's definition; default sed_dask.sketch.tile-elems)")
     p.add_argument("--runs", default=None, metavar="LIST", help="runs to sketch, comma-separated (default: all)")
     p.add_argument("--tile-bytes", default=None, help="float32 bytes of deltas one task holds (e.g. 256MiB)")
-    p.add_argument("--threads", action="store_true",
-                   help="run the tasks on threads in this process instead of a Dask cluster")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_cluster_args(p)
     p.set_defaults(func=run)

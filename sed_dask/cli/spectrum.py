@@ -53,8 +53,6 @@ def register(sub) -> None:
                     help="entries of Phi (default sed_dask.sketch.distribution)")
     sk.add_argument("--sketch-tile-elems", type=int, default=None,
                     help="rows of Phi per RNG tile (default sed_dask.sketch.tile-elems)")
-    p.add_argument("--threads", action="store_true",
-                   help="run the tasks on threads in this process instead of a Dask cluster")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_cluster_args(p)
     p.set_defaults(func=run)

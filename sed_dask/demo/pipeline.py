@@ -10,6 +10,7 @@ Layout under ``out_dir``: ``checkpoints/seed{S}/`` (demo_train; finished runs ar
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -187,14 +188,14 @@ def _summary_lines(f: dict) -> list[str]:
 
 def run_demo(out_dir="sed-demo", *, quick: bool = False, client=None, address: str | None = None,
              scheduler_file: str | None = None, windows=None, progress: bool = True,
-             local_kwargs: dict | None = None) -> dict:
+             local_kwargs: dict | None = None, scheduler: str | None = None) -> dict:
     """Run the whole pipeline on the grokking demo and return what it wrote and found.
 
     Returns ``{"out_dir", "checkpoints", "store", "results", "report" ({name: path}), "findings"
     (path of findings.json), "findings_data" (its content), "summary" (printed lines),
     "wall_seconds"}``. Cluster: ``client`` > ``address`` > ``scheduler_file`` > a temporary
     LocalCluster (:data:`LOCAL_CLUSTER`, updated by ``local_kwargs``); it starts after training so
-    that training has the cores to itself.
+    that training has the cores to itself. ``scheduler="threads"`` runs everything in this process.
     """
     from sed_dask.cluster.client import connect
     from sed_dask.demo.train import SIZES, SUMMARY_FILE, train_demo_runs
@@ -220,19 +221,25 @@ def run_demo(out_dir="sed-demo", *, quick: bool = False, client=None, address: s
     store = _fresh_store(out, train_summary)
     results = out / "results.zarr"
     local = dict(LOCAL_CLUSTER, **(local_kwargs or {}))
-    with connect(client, address=address, scheduler_file=scheduler_file, local_kwargs=local) as c:
-        dashboard = c.dashboard_link
-        say(f"Dask dashboard: {dashboard}  ({len(c.scheduler_info()['workers'])} workers)")
+    in_process = scheduler is not None and client is None and not address and not scheduler_file
+    where = (contextlib.nullcontext(None) if in_process else
+             connect(client, address=address, scheduler_file=scheduler_file, local_kwargs=local))
+    with where as c:
+        if c is not None:
+            n = len(c.scheduler_info()["workers"])
+            say(f"Dask dashboard: {c.dashboard_link}  ({n} workers, live while this runs)")
+        else:
+            say(f"running in this process (scheduler={scheduler!r})")
         t = time.perf_counter()
         say(f"[2/5] ingesting {len(runs)} run(s) -> {store}")
         for seed, run_dir in runs.items():
             ingest(str(run_dir), str(store), f"seed{seed}", metrics=str(run_dir / METRICS_FILE), client=c,
-                   progress=progress)
+                   scheduler=scheduler if c is None else None, progress=progress)
         timings["ingest"] = time.perf_counter() - t
         t = time.perf_counter()
         say(f"[3/5] spectra for W = {list(ws)} -> {results}")
-        ds = spectrum(str(store), windows=ws, client=c, output=str(results), overwrite=True,
-                      progress=progress)
+        ds = spectrum(str(store), windows=ws, client=c, scheduler=scheduler if c is None else None,
+                      output=str(results), overwrite=True, progress=progress)
         timings["spectrum"] = time.perf_counter() - t
 
     t = time.perf_counter()

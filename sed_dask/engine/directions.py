@@ -18,7 +18,6 @@ banded Gram alone (V_t^T V_{t-1} = S_t^-1 U_t^T C_t U_{t-1} S_{t-1}^-1, docs/met
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -27,9 +26,9 @@ import numpy as np
 
 from sed_dask import config
 from sed_dask.errors import StoreError
-from sed_dask.engine.gram import checked_steps, column_segments, read_into
+from sed_dask.engine.passes import checked_steps, column_segments, read_into
 from sed_dask.engine.grouping import ALL, resolve
-from sed_dask.engine.passes import compute_graph, tree_reduce
+from sed_dask.engine.passes import compute_graph, pass_settings, sum_partials, tree_reduce
 from sed_dask.engine.rawread import RawChunkReader
 from sed_dask.store.outputs import check_target, quiet_consolidation, results_target, start_attrs
 from sed_dask.store.trajectory import RunStore, open_store
@@ -87,23 +86,6 @@ def _v_block(params, b: Block, M: np.ndarray, segments: tuple, n_groups: int, ou
     else:
         res["v"] = {b.c0: V.T.astype(np.float32)}
     return res
-
-
-def _sum(parts: list):
-    """Left-to-right sum (dicts key by key; ``v`` pieces are merged): a fixed order."""
-    first = parts[0]
-    if isinstance(first, dict):
-        out = {}
-        for k in first:
-            if k == "v":
-                out["v"] = {c: a for p in parts for c, a in p["v"].items()}
-            else:
-                out[k] = _sum([p[k] for p in parts])
-        return out
-    out = np.array(first, copy=True)
-    for p in parts[1:]:
-        out += p
-    return out
 
 
 @dataclasses.dataclass
@@ -172,14 +154,13 @@ def window_stack(run_store: RunStore, *, window: int | None = None, end_step: in
 
 # ----------------------------------------------------------------------------- running
 def _run(dsk: dict, keys: list, *, client, scheduler):
-    if client is not None:
-        return compute_graph(dsk, keys, client=client)
-    return compute_graph(dsk, keys, scheduler=scheduler or "threads")
+    """Run on the placement ``directions`` resolved once (a client, or an in-process scheduler)."""
+    return compute_graph(dsk, keys, client=client, scheduler=None if client is not None else scheduler or "threads")
 
 
 def block_pass(stack: Stack, fn, *args, client=None, scheduler=None, split_every: int | None = None):
     """Sum over column blocks of ``fn(params, block, *args)`` (one read of the stack)."""
-    split_every = int(config.get("spectrum.split-every", split_every))
+    split_every = pass_settings(split_every=split_every).split_every
     token = stack.token(fn.__name__, *args)
     name, rname = f"sed-dir-{fn.__name__}-{token}", f"sed-dir-sum-{token}"
     dsk = {}
@@ -187,7 +168,7 @@ def block_pass(stack: Stack, fn, *args, client=None, scheduler=None, split_every
     for i, b in enumerate(stack.blocks()):
         dsk[(name, i)] = (fn, stack.run_store.params, b, *args)
         level.append((name, i))
-    root = tree_reduce(dsk, level, rname, _sum, split_every=split_every)
+    root = tree_reduce(dsk, level, rname, sum_partials, split_every=split_every)
     return _run(dsk, [root], client=client, scheduler=scheduler)[0]
 
 
@@ -234,7 +215,7 @@ def exact_svd(stack: Stack, *, client=None, scheduler=None, split_every: int | N
     task holds its block about twice, where ``dask.array.linalg.tsqr`` also builds every block's Q
     (``xt_array`` gives the same X^T for that route).
     """
-    split_every = int(config.get("spectrum.split-every", split_every))
+    split_every = pass_settings(split_every=split_every).split_every
     token = stack.token("tsqr-r")
     name, rname = f"sed-dir-r-{token}", f"sed-dir-rstack-{token}"
     dsk, level = {}, []
@@ -307,17 +288,13 @@ def directions(store, *, run: str, window: int | None = None, end_step: int | No
 
     seed = int(config.get("sketch.seed", seed))
     args = (ts, rs, stack, k, method, groups, n_oversamples, n_power_iter, seed)
-    with contextlib.ExitStack() as es:
-        if scheduler is not None and client is None:
-            c = None
-        else:
-            from sed_dask.cluster.client import connect
+    from sed_dask.cluster.placement import running
 
-            c = es.enter_context(connect(client, address=address, scheduler_file=scheduler_file))
+    with running(client=client, address=address, scheduler_file=scheduler_file, scheduler=scheduler) as where:
         if output is None:
-            return _directions(*args, c, scheduler if c is None else None, None, window, end_step)
+            return _directions(*args, where.client, where.scheduler, None, window, end_step)
         with results_target(output, overwrite=overwrite) as t:
-            _directions(*args, c, scheduler if c is None else None, t.path, window, end_step)
+            _directions(*args, where.client, where.scheduler, t.path, window, end_step)
         with quiet_consolidation():
             return xr.open_zarr(str(output))
 
@@ -405,14 +382,14 @@ def _directions(ts, rs, stack, k, method, groups, n_oversamples, n_power_iter, s
 
 
 def _v_pass(stack: Stack, M, segs, n_groups, out, *, client, scheduler):
-    split_every = int(config.get("spectrum.split-every"))
+    split_every = pass_settings().split_every
     token = stack.token("v", M, segs, None if out is None else str(out.store_path))
     name, rname = f"sed-dir-v-{token}", f"sed-dir-vsum-{token}"
     dsk, level = {}, []
     for i, (b, sg) in enumerate(zip(stack.blocks(), segs)):
         dsk[(name, i)] = (_v_block, stack.run_store.params, b, M, sg, n_groups, out)
         level.append((name, i))
-    root = tree_reduce(dsk, level, rname, _sum, split_every=split_every)
+    root = tree_reduce(dsk, level, rname, sum_partials, split_every=split_every)
     return _run(dsk, [root], client=client, scheduler=scheduler)[0]
 
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import threading
 import warnings
 
 import numpy as np
@@ -47,9 +46,10 @@ import numpy as np
 from sed_dask import config
 from sed_dask.errors import NonFiniteError, StoreError
 from sed_dask.engine.grouping import ALL, resolve
-from sed_dask.engine.passes import execute, pass_settings, tree_reduce
+from sed_dask.engine.passes import (TileSpec, checked_steps, column_segments, execute, pass_settings, read_into,
+                                    stream_deltas, sum_partials, tree_reduce)
 from sed_dask.engine.rawread import RawChunkReader
-from sed_dask.store.trajectory import RunStore
+from sed_dask.sources.run_source import RunSource
 
 logger = logging.getLogger(__name__)
 
@@ -66,141 +66,6 @@ class PrecisionWarning(UserWarning):
 
 
 # ----------------------------------------------------------------------------- tile kernel
-@dataclasses.dataclass(frozen=True)
-class TileSpec:
-    """Everything one tile task needs (a plain object, so the legacy task tuple keeps it literal)."""
-
-    out_lo: int            # first delta whose band row this tile emits
-    out_hi: int            # one past the last
-    c0: int                # P-range [c0, c1)
-    c1: int
-    segments: tuple        # ((lo, hi, gid), ...) absolute columns; gid 0 = only "all", >= 1 a group
-    width: int             # band width (entries k = 0 .. width-1)
-    buf_rows: int          # delta rows per buffer (carried width-1 + new rows read per batch)
-    sub_cols: int          # columns per float64 sub-block
-    precision: str         # "float64" | "float32"
-    zarr_settings: tuple = ()
-    direct_read: bool = True  # positioned reads of raw local chunk files when the layout allows
-    extras: tuple = ()        # further accumulators fed by the same read (see ``gram_tile``)
-
-
-def read_into(params, r0: int, r1: int, c0: int, c1: int, out: np.ndarray) -> None:
-    """Read ``params[r0:r1, c0:c1]`` straight into ``out`` (no temporary copy of the tile).
-
-    ``params`` is a zarr array, a :class:`~sed_dask.engine.rawread.RawChunkReader` for it, or any object
-    with ``read_block(r0, r1, c0, c1, out)`` (a direct checkpoint source,
-    :class:`sed_dask.sources.checkpoint_run.CheckpointParams`, which reads the checkpoint files themselves).
-    """
-    if isinstance(params, RawChunkReader):
-        params.read(r0, r1, c0, c1, out)
-        return
-    if hasattr(params, "read_block"):
-        params.read_block(r0, r1, c0, c1, out)
-        return
-    from zarr.core.buffer import default_buffer_prototype
-
-    nd = default_buffer_prototype().nd_buffer.from_numpy_array(out)
-    params.get_basic_selection((slice(r0, r1), slice(c0, c1)), out=nd)
-
-
-class _Prefetch:
-    """Read the next row batch in a thread while the current one is being multiplied."""
-
-    def __init__(self, params, r0, r1, c0, c1, out):
-        self.exc = None
-        self.thread = threading.Thread(target=self._run, args=(params, r0, r1, c0, c1, out), daemon=True)
-        self.thread.start()
-
-    def _run(self, *args):
-        try:
-            read_into(*args)
-        except BaseException as exc:  # re-raised in the task's thread
-            self.exc = exc
-
-    def wait(self):
-        self.thread.join()
-        if self.exc is not None:
-            raise self.exc
-
-
-_LOCAL = threading.local()
-
-
-def _in_worker() -> bool:
-    try:
-        from distributed import get_worker
-
-        get_worker()
-        return True
-    except (ImportError, ValueError):
-        return False
-
-
-def _buffers(shape: tuple) -> list[np.ndarray]:
-    """This thread's two float32 row buffers, reused across tasks of the same shape.
-
-    Fresh multi-MiB arrays are new mmap'd pages that the kernel zeroes on first touch (measured
-    ~30% of a task's time); a worker thread keeps at most one pair (= tile-bytes) alive. Outside a
-    Dask worker (local schedulers run in the user's process) nothing is kept after the pass.
-    """
-    if not _in_worker():
-        return [np.empty(shape, np.float32), np.empty(shape, np.float32)]
-    cached = getattr(_LOCAL, "bufs", None)
-    if cached is None or cached[0].shape != shape:
-        _LOCAL.bufs = None  # drop the old pair before allocating the new one
-        _LOCAL.bufs = cached = [np.empty(shape, np.float32), np.empty(shape, np.float32)]
-    return cached
-
-
-def stream_deltas(params, spec: TileSpec):
-    """Yield ``(S, g0)``: float32 deltas ``S`` (carried + new rows) whose row 0 is delta ``g0``.
-
-    Two buffers of ``buf_rows x P-range``: the next batch is read into one while the other is being
-    used; the last ``width-1`` deltas are carried over by copying them across (so the first batch
-    reads ``buf_rows`` rows, later ones ``buf_rows - (width-1)``).
-    """
-    H = spec.width - 1
-    row_lo, row_hi = max(0, spec.out_lo - H), spec.out_hi + 1
-    C, R = spec.c1 - spec.c0, spec.buf_rows
-    bufs = _buffers((R, C))
-    last = np.empty((1, C), np.float32)
-    nxt = np.empty(C, np.float32)
-    read_into(params, row_lo, row_lo + 1, spec.c0, spec.c1, last)
-    r, k, cur = row_lo + 1, 0, 0
-    nr = min(R, row_hi - r)
-    if nr <= 0:
-        return
-    read_into(params, r, r + nr, spec.c0, spec.c1, bufs[0][:nr])
-    pending = None
-    try:
-        while True:
-            buf = bufs[cur]
-            n = k + nr
-            r_next = r + nr
-            keep = min(H, n)
-            nr_next = min(R - keep, row_hi - r_next)
-            if nr_next <= 0 < row_hi - r_next:
-                raise RuntimeError(f"tile buffer of {R} rows cannot carry {keep} deltas and read more")
-            if nr_next > 0:
-                pending = _Prefetch(params, r_next, r_next + nr_next, spec.c0, spec.c1,
-                                    bufs[1 - cur][keep:keep + nr_next])
-            nxt[:] = buf[n - 1]
-            for i in range(n - 1, k, -1):  # backwards, in place: row i becomes a delta
-                np.subtract(buf[i], buf[i - 1], out=buf[i])
-            np.subtract(buf[k], last[0], out=buf[k])
-            last[0] = nxt
-            yield buf[:n], r - 1 - k
-            if nr_next <= 0:
-                return
-            bufs[1 - cur][:keep] = buf[n - keep:n]
-            pending.wait()
-            pending = None
-            cur, k, r, nr = 1 - cur, keep, r_next, nr_next
-    finally:
-        if pending is not None:
-            pending.thread.join()
-
-
 class BandAccumulator:
     """Banded products of the tile's deltas, per group, accumulated in float64.
 
@@ -290,18 +155,6 @@ def combine_partials(parts: list, extras: tuple = ()) -> dict:
     return out
 
 
-def sum_partials(parts: list):
-    """Sum a list of partial dicts key by key, left to right (a fixed order: deterministic)."""
-    first = parts[0]
-    if isinstance(first, dict):
-        keys = sorted({k for p in parts for k in p}, key=lambda x: (str(type(x)), x))
-        return {k: sum_partials([p[k] for p in parts if k in p]) for k in keys}
-    out = np.array(first, copy=True)
-    for p in parts[1:]:
-        out += p
-    return out
-
-
 def assemble_blocks(blocks: list, n_deltas: int, width: int) -> dict:
     """Concatenate reduced step blocks along the delta axis, per accumulator and key.
 
@@ -368,24 +221,6 @@ def plan_tiles(n_rows: int, n_params: int, read_chunk: int, *, width: int, tile_
     return Tiling(blocks, cols, int(buf_rows), sub_cols)
 
 
-def column_segments(c0: int, c1: int, ranges: list[tuple[int, int, int]]) -> tuple:
-    """Split ``[c0, c1)`` at group boundaries; ``ranges`` are sorted ``(lo, hi, gid)``."""
-    if not ranges:
-        return ((c0, c1, 0),)
-    segs, pos = [], c0
-    for lo, hi, gid in ranges:
-        if hi <= c0 or lo >= c1:
-            continue
-        lo, hi = max(lo, c0), min(hi, c1)
-        if lo > pos:
-            segs.append((pos, lo, 0))
-        segs.append((lo, hi, gid))
-        pos = hi
-    if pos < c1:
-        segs.append((pos, c1, 0))
-    return tuple(segs)
-
-
 @dataclasses.dataclass
 class GramPlan:
     """A run's task graph and what is needed to label its result."""
@@ -404,22 +239,7 @@ class GramPlan:
     extras: tuple = ()
 
 
-def checked_steps(rs: RunStore) -> np.ndarray:
-    """The run's checkpoint steps, after checking that every row is complete and finite."""
-    steps = rs.check_complete()
-    if steps.size < 2:
-        raise StoreError(f"run {rs.name!r} has {steps.size} checkpoint(s), so no deltas; "
-                         "a spectrum needs at least 2 checkpoints")
-    bad = rs.attrs.get("nonfinite") or []
-    if bad:
-        where = sorted({int(r["step"]) for r in bad if "step" in r})
-        tensors = sorted({str(r.get("tensor")) for r in bad})[:5]
-        raise StoreError(f"run {rs.name!r}: NaN/Inf recorded at ingestion in step(s) {where} "
-                         f"(tensors {tensors}); the Gram of those deltas is undefined")
-    return steps
-
-
-def gram_graph(run_store: RunStore, *, width: int, groups=None, precision: str | None = None,
+def gram_graph(run_store: RunSource, *, width: int, groups=None, precision: str | None = None,
                tile_bytes=None, block_steps: int | None = None, split_every: int | None = None,
                direct_read: bool | None = None, extras: tuple = ()) -> GramPlan:
     """Build (do not run) the one-pass graph of ``run_store``'s banded Gram of ``width`` columns.
@@ -546,14 +366,15 @@ def find_nonfinite_rows(params, bad_deltas) -> list[int]:
     return found
 
 
-def banded_gram(run_store: RunStore, *, w_max: int, groups=None, client=None, scheduler: str | None = None,
+def banded_gram(run_store: RunSource, *, w_max: int, groups=None, client=None, scheduler: str | None = None,
                 address: str | None = None, scheduler_file: str | None = None, precision: str | None = None,
                 tile_bytes=None, block_steps: int | None = None, split_every: int | None = None,
                 direct_read: bool | None = None, progress: bool = False) -> GramResult:
     """The banded Gram (entries ``|i-j| < w_max``) of one run in one pass, global and per group.
 
-    Runs on ``client`` (or ``address``/``scheduler_file``, else the default or a temporary cluster
-    via ``sed_dask.cluster.connect``), or on a local dask ``scheduler`` ("threads", "sync").
+    Runs where ``sed_dask.cluster.placement`` decides: a local ``scheduler`` ("threads", "sync"),
+    ``client``/``address``/``scheduler_file``, an active Client, a configured cluster, the dask.config
+    scheduler, else threads in this process.
     """
     plan = gram_graph(run_store, width=w_max, groups=groups, precision=precision, tile_bytes=tile_bytes,
                       block_steps=block_steps, split_every=split_every, direct_read=direct_read)

@@ -36,7 +36,7 @@ import numpy as np
 
 from sed_dask import config
 from sed_dask.errors import StoreError
-from sed_dask.engine.gram import TileSpec, checked_steps, stream_deltas
+from sed_dask.engine.passes import TileSpec, checked_steps, stream_deltas
 from sed_dask.engine.jl import Operator
 from sed_dask.schema import metric_variables
 from sed_dask.engine.passes import execute, pass_settings, tree_reduce

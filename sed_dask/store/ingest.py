@@ -49,7 +49,6 @@ from sed_dask.sources.validate import STEP_SOURCES, check_metric_steps, require_
 
 logger = logging.getLogger(__name__)
 
-_LOCAL_SCHEDULERS = {"threads": None, "threading": None, "sync": 1, "synchronous": 1, "single-threaded": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,28 +183,23 @@ class _DaskExecutor:
 
 @contextlib.contextmanager
 def _executor(in_memory: bool, *, client, address, scheduler_file, scheduler):
+    """Threads in this process or a cluster's workers, as ``sed_dask.cluster.placement`` decides (an
+    in-memory store lives in this process only, so it is written here unless a cluster is named)."""
     import dask
 
-    explicit = client is not None or address or scheduler_file
-    mode = scheduler
-    if mode is None and not explicit:
-        cfg = dask.config.get("scheduler", None)
-        mode = cfg if isinstance(cfg, str) and cfg in _LOCAL_SCHEDULERS else None
-        if mode is None and in_memory:
-            mode = "threads"  # an in-memory store lives in this process only
-    if mode is not None and mode not in _LOCAL_SCHEDULERS and mode not in ("distributed", "dask.distributed"):
-        raise ValueError(f"unknown scheduler {mode!r}; use 'threads', 'sync' or 'distributed'")
-    if mode in _LOCAL_SCHEDULERS:
-        ex = _LocalExecutor(_LOCAL_SCHEDULERS[mode] or dask.config.get("num_workers", None))
-        try:
-            yield ex
-        finally:
-            ex.close()
-        return
-    from sed_dask.cluster.client import connect
+    from sed_dask.cluster.placement import running
 
-    with connect(client, address=address, scheduler_file=scheduler_file) as c:
-        yield _DaskExecutor(c)
+    if in_memory and client is None and not address and not scheduler_file and scheduler is None:
+        scheduler = "threads"
+    with running(client=client, address=address, scheduler_file=scheduler_file, scheduler=scheduler) as where:
+        if where.local:
+            ex = _LocalExecutor(1 if where.scheduler == "sync" else dask.config.get("num_workers", None))
+            try:
+                yield ex
+            finally:
+                ex.close()
+        else:
+            yield _DaskExecutor(where.client)
 
 
 # ----------------------------------------------------------------------------- ingest
@@ -246,10 +240,11 @@ def ingest(sources, store, run: str, *, client=None, address: str | None = None,
     ``steps`` restricts ingestion to those steps. ``metrics``: a JSON/CSV file or a parsed object
     (see :mod:`sed_dask.sources.metrics`). ``policy``/``include``/``exclude``: the parameter selection
     (:mod:`sed_dask.sources.selection`; an existing run keeps its own when none is given).
-    ``on_nonfinite``: ``"raise"`` (default) or ``"record"``. ``scheduler="threads"``/``"sync"`` runs
-    in this process (also picked for in-memory stores and under ``dask.config.set(scheduler=...)``);
-    otherwise tasks run on the cluster from ``sed_dask.cluster.connect``, reached before anything
-    is written. ``tasks_in_flight`` bounds the tasks submitted at once (default
+    ``on_nonfinite``: ``"raise"`` (default) or ``"record"``. Where the tasks run follows dask's rules
+    (:mod:`sed_dask.cluster.placement`): ``scheduler=``, then ``client``/``address``/``scheduler_file``,
+    an active Client, a configured cluster, the ``dask.config`` scheduler, else threads in this
+    process (always for an in-memory store unless a cluster is named); a cluster is reached before
+    anything is written. ``tasks_in_flight`` bounds the tasks submitted at once (default
     ``sed_dask.ingest.tasks-in-flight``). ``step_source``: a checkpoint's step comes from its file
     name ("name", the default; a file recording another step gets a ``StepMismatchWarning``) or
     from the step the file records ("file"). ``metrics_nonfinite``: explicit NaN/Inf metric values
