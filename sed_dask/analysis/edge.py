@@ -336,16 +336,7 @@ def pc2_summary(ds: xr.Dataset, *, split_half="split_half", n_null: int = 999, q
         raise AnalysisError(f"sustain must be an integer >= 1, got {sustain!r}")
     if ddof not in (0, 1):
         raise AnalysisError(f"ddof must be 0 (population std) or 1 (sample std), got {ddof!r}")
-    sh = None
-    if split_half is not None:
-        name = str(split_half)
-        if name not in ds.data_vars:
-            raise AnalysisError(f"{name} not in dataset: the split-half stability needs the engine's "
-                                "'split_half(run, window[, group], step, sv)' (result_schema.md); "
-                                "recompute the spectrum, or pass split_half=None to skip it")
-        if 2 not in ds[name]["sv"].values:
-            raise AnalysisError(f"{name}: sv=2 not in its sv coordinate")
-        sh = select(ds[name].sel(sv=2, drop=True), run=run, window=window, group=group)
+    sh = None if split_half is None else _split_half_k2(ds, str(split_half), run=run, window=window, group=group)
     nul = edge_null(ds, statistic="pc2", n_null=n_null, q=q, seed=seed, norms=norms, n_params=n_params,
                     run=run, window=window, group=group)
     obs_all = nul["observed"]
@@ -356,24 +347,9 @@ def pc2_summary(ds: xr.Dataset, *, split_half="split_half", n_null: int = 999, q
         obs = np.asarray(s.values, dtype=float)
         qv = np.asarray(nul["null_quantile"].sel(key).values, dtype=float)
         valid = np.isfinite(obs) & np.isfinite(qv)
-        above = valid & (obs > qv)
-        vo, vq = obs[valid], qv[valid]
-        vsteps = steps_all[valid]
-        emerge = first_sustained(vo > vq, 0, sustain)
-        sink = None if emerge is None else first_sustained(~(vo > vq), emerge, sustain)
-        trans = np.nan if sink is None else float(vsteps[sink])
-        kind = 0 if emerge is None else (1 if sink is not None else 2)
-        if vo.size:
-            mean = float(vo.mean())
-            cv = float(vo.std(ddof=ddof) / mean) if mean > 0 and vo.size > ddof else np.nan
-            qmean = float(vq.mean())
-        else:
-            mean = cv = qmean = np.nan
         col.add(key, along=(STEP, steps_all), pc2_pct=np.where(valid, obs, np.nan),
-                null_pc2=np.where(valid, qv, np.nan), pc2_above_null=above)
-        col.add(key, noise_transition_step=trans, transition_kind=kind,
-                pc2_emerge_step=np.nan if emerge is None else float(vsteps[emerge]), pc2_cv=cv, pc2_mean=mean,
-                null_pc2_mean=qmean, n_above_null=int(above.sum()), n_windows=int(valid.sum()))
+                null_pc2=np.where(valid, qv, np.nan), pc2_above_null=valid & (obs > qv))
+        col.add(key, **_pc2_crossings(obs[valid], qv[valid], steps_all[valid], sustain=sustain, ddof=ddof))
         if sh is not None:
             k2 = np.asarray(sh.sel({d: v for d, v in key.items() if d in sh.dims})
                             .reindex({STEP: steps_all}).values, dtype=float)
@@ -383,7 +359,42 @@ def pc2_summary(ds: xr.Dataset, *, split_half="split_half", n_null: int = 999, q
     out = col.dataset(statistic="pc2", n_null=n_null, q=q, norms=norms, seed=-1 if seed is None else seed,
                       sustain=int(sustain), ddof=int(ddof),
                       split_half_variable="" if sh is None else str(split_half))
-    attrs = {
+    for v, (long_name, units) in _pc2_attrs(q, sustain, ddof).items():
+        if v in out:
+            out[v].attrs.update(long_name=long_name, **({"units": units} if units else {}))
+    return out
+
+
+def _split_half_k2(ds: xr.Dataset, name: str, *, run, window, group) -> xr.DataArray:
+    """``split_half`` at sv=2 (the PC2 directions' stability), with errors that say what is missing."""
+    if name not in ds.data_vars:
+        raise AnalysisError(f"{name} not in dataset: the split-half stability needs the engine's "
+                            "'split_half(run, window[, group], step, sv)' (result_schema.md); "
+                            "recompute the spectrum, or pass split_half=None to skip it")
+    if 2 not in ds[name]["sv"].values:
+        raise AnalysisError(f"{name}: sv=2 not in its sv coordinate")
+    return select(ds[name].sel(sv=2, drop=True), run=run, window=window, group=group)
+
+
+def _pc2_crossings(vo: np.ndarray, vq: np.ndarray, vsteps: np.ndarray, *, sustain: int, ddof: int) -> dict:
+    """One series' summary over its valid windows: emergence above the null, the downward crossing, CV."""
+    emerge = first_sustained(vo > vq, 0, sustain)
+    sink = None if emerge is None else first_sustained(~(vo > vq), emerge, sustain)
+    if vo.size:
+        mean = float(vo.mean())
+        cv = float(vo.std(ddof=ddof) / mean) if mean > 0 and vo.size > ddof else np.nan
+        qmean = float(vq.mean())
+    else:
+        mean = cv = qmean = np.nan
+    return {"noise_transition_step": np.nan if sink is None else float(vsteps[sink]),
+            "transition_kind": 0 if emerge is None else (1 if sink is not None else 2),
+            "pc2_emerge_step": np.nan if emerge is None else float(vsteps[emerge]), "pc2_cv": cv,
+            "pc2_mean": mean, "null_pc2_mean": qmean, "n_above_null": int((vo > vq).sum()),
+            "n_windows": int(vo.size)}
+
+
+def _pc2_attrs(q: float, sustain: int, ddof: int) -> dict[str, tuple[str, str | None]]:
+    return {
         "pc2_pct": ("PC2 share of the window energy 100 lambda_2 / sum(lambda)", "percent"),
         "null_pc2": (f"{q:g} quantile of PC2 under the matched-norm random-direction null", "percent"),
         "pc2_above_null": (f"pc2_pct > the null {q:g} quantile", None),
@@ -399,7 +410,3 @@ def pc2_summary(ds: xr.Dataset, *, split_half="split_half", n_null: int = 999, q
         "split_half_k2": ("split-half |cos| of the PC2 directions (split_half at sv=2)", "1"),
         "split_half_k2_mean": ("mean split_half at sv=2 over valid windows (0.5 = 'weak')", "1"),
     }
-    for v, (long_name, units) in attrs.items():
-        if v in out:
-            out[v].attrs.update(long_name=long_name, **({"units": units} if units else {}))
-    return out

@@ -287,56 +287,93 @@ def directions(store, *, run: str, window: int | None = None, end_step: int | No
     import xarray as xr
 
     seed = int(config.get("sketch.seed", seed))
-    args = (ts, rs, stack, k, method, groups, n_oversamples, n_power_iter, seed)
+    req = DirectionsRequest(k, method, groups, n_oversamples, n_power_iter, seed, window, end_step)
     from sed_dask.cluster.placement import running
 
     with running(client=client, address=address, scheduler_file=scheduler_file, scheduler=scheduler) as where:
         if output is None:
-            return _directions(*args, where.client, where.scheduler, None, window, end_step)
+            return _directions(ts, rs, stack, req, client=where.client, scheduler=where.scheduler, output=None)
         with results_target(output, overwrite=overwrite) as t:
-            _directions(*args, where.client, where.scheduler, t.path, window, end_step)
+            _directions(ts, rs, stack, req, client=where.client, scheduler=where.scheduler, output=t.path)
         with quiet_consolidation():
             return xr.open_zarr(str(output))
 
 
-def _directions(ts, rs, stack, k, method, groups, n_oversamples, n_power_iter, seed, client, scheduler,
-                output, window, end_step):
-    import xarray as xr
+@dataclasses.dataclass(frozen=True)
+class DirectionsRequest:
+    """What ``directions`` was asked for (recorded in the result's attrs)."""
 
-    from sed_dask import __version__
+    k: int
+    method: str
+    groups: object
+    n_oversamples: int
+    n_power_iter: int
+    seed: int
+    window: int | None
+    end_step: int | None
 
-    if method == "exact":
+
+def _left_vectors(stack: Stack, req: DirectionsRequest, *, client, scheduler):
+    """``(U[:, :k] sign-fixed, sigma[:k], every sigma, passes over the store)`` of the stack."""
+    if req.method == "exact":
         U, sigma = exact_svd(stack, client=client, scheduler=scheduler)
         passes = 2
     else:
-        U, sigma = randomized_svd(stack, k, n_oversamples=n_oversamples, n_power_iter=n_power_iter, seed=seed,
-                                  client=client, scheduler=scheduler)
-        passes = n_power_iter + 3
-    U, sig = U[:, :k], sigma[:k]
+        U, sigma = randomized_svd(stack, req.k, n_oversamples=req.n_oversamples, n_power_iter=req.n_power_iter,
+                                  seed=req.seed, client=client, scheduler=scheduler)
+        passes = req.n_power_iter + 3
+    U, sig = U[:, :req.k], sigma[:req.k]
     if not (sig > 0).all():
-        raise StoreError(f"run {rs.name!r}: the stack has rank < k={k} (sigma {sig.tolist()}); lower k")
-    U = U * _flip(U)[None, :]
-    M = U / sig[None, :]
-    if groups == "default" and set(rs.index.group_ranges()) == {ALL}:
-        groups = None  # stores written from arrays label everything "all"
-    granges, gdesc = resolve(rs.index, groups, run=rs.name)
-    gnames = list(granges) or [ALL]
-    flat = sorted((lo, hi, gid) for gid, g in enumerate(granges, start=1) for lo, hi in granges[g])
+        raise StoreError(f"run {stack.run_store.name!r}: the stack has rank < k={req.k} (sigma {sig.tolist()}); "
+                         "lower k")
+    return U * _flip(U)[None, :], sig, sigma, passes
+
+
+def _directions_attrs(ts, rs, stack, req: DirectionsRequest, *, sigma, passes, gdesc, output) -> dict:
+    from sed_dask import __version__
+
     attrs = {
         "sed_dask_version": __version__, "sed_kind": "directions", "source_store": ts.url, "run": rs.name,
-        "method": method, "window": -1 if window is None else int(window),
+        "method": req.method, "window": -1 if req.window is None else int(req.window),
         "end_step": int(stack.delta_steps[-1]), "first_delta_step": int(stack.delta_steps[0]),
-        "center": int(stack.center), "k": k, "passes": passes,
+        "center": int(stack.center), "k": req.k, "passes": passes,
         "n_params": rs.n_params, "param_index_hash": rs.index.hash,
         "param_index": json.dumps(rs.index.to_records()),
         "groups": json.dumps(gdesc or {ALL: "the whole selected parameter vector"}),
         "sigma_all": json.dumps([float(x) for x in sigma]),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    if method == "randomized":
-        attrs.update(n_oversamples=int(n_oversamples), n_power_iter=int(n_power_iter), seed=int(seed))
+    if req.method == "randomized":
+        attrs.update(n_oversamples=int(req.n_oversamples), n_power_iter=int(req.n_power_iter), seed=int(req.seed))
     if output is not None:
         attrs.update(start_attrs("directions", ["sigma", "u", "direction", "loading", "component", "step", "group"]))
+    return attrs
+
+
+def _group_loadings(sumsq: np.ndarray, granges: dict, gnames: list) -> tuple[np.ndarray, list]:
+    """Fraction of each ||v_j||^2 per layer group (tensors in no listed group gathered last)."""
+    gnames = list(gnames)
+    if not granges:
+        ss = sumsq.sum(axis=1, keepdims=True)
+    elif sumsq[:, 0].any():  # a list of group names need not cover every tensor
+        gnames.append("(unassigned)")
+        ss = np.concatenate([sumsq[:, 1:], sumsq[:, :1]], axis=1)
+    else:
+        ss = sumsq[:, 1:]
+    return ss / ss.sum(axis=1, keepdims=True), gnames
+
+
+def _directions(ts, rs, stack, req: DirectionsRequest, *, client, scheduler, output):
+    import xarray as xr
+
+    U, sig, sigma, passes = _left_vectors(stack, req, client=client, scheduler=scheduler)
+    k, M = req.k, U / sig[None, :]
+    groups = req.groups
+    if groups == "default" and set(rs.index.group_ranges()) == {ALL}:
+        groups = None  # stores written from arrays label everything "all"
+    granges, gdesc = resolve(rs.index, groups, run=rs.name)
+    flat = sorted((lo, hi, gid) for gid, g in enumerate(granges, start=1) for lo, hi in granges[g])
+    attrs = _directions_attrs(ts, rs, stack, req, sigma=sigma, passes=passes, gdesc=gdesc, output=output)
     coords = {"component": ("component", np.arange(1, k + 1, dtype=np.int64),
                             {"long_name": "singular vector index j"}),
               "step": ("step", stack.delta_steps.astype(np.int64),
@@ -359,16 +396,9 @@ def _directions(ts, rs, stack, k, method, groups, n_oversamples, n_power_iter, s
             meta.to_zarr(str(output), mode="w-", compute=False, consolidated=False)
         out_arr = zarr.open_group(str(output), mode="r+")["direction"]
     segs = tuple(column_segments(c0, c1, flat) for c0, c1 in stack.cols)
+    gnames = list(granges) or [ALL]
     res = _v_pass(stack, M, segs, len(gnames), out_arr, client=client, scheduler=scheduler)
-    ss = res["sumsq"]
-    if not granges:
-        ss = ss.sum(axis=1, keepdims=True)
-    elif ss[:, 0].any():  # a list of group names need not cover every tensor
-        gnames.append("(unassigned)")
-        ss = np.concatenate([ss[:, 1:], ss[:, :1]], axis=1)
-    else:
-        ss = ss[:, 1:]
-    loading = ss / ss.sum(axis=1, keepdims=True)
+    loading, gnames = _group_loadings(res["sumsq"], granges, gnames)
     lvar = {"loading": (("component", "group"), loading,
                         {"long_name": "fraction of ||v_j||^2 in the layer group", "units": "1"})}
     gcoord = {"group": ("group", np.array(gnames, dtype=object), {"long_name": "layer group"})}

@@ -40,12 +40,6 @@ _NUMPY_DTYPES = {"float64", "float32", "float16", "int64", "int32", "int16", "in
                  "uint8", "bool", "complex64"}
 
 
-def read_header(path: str) -> tuple[dict[str, TensorInfo], dict]:
-    """``({name: TensorInfo}, metadata)`` from a safetensors header, after checking the file length."""
-    infos, meta, _ = _read_header(path)
-    return infos, meta
-
-
 def _read_header(path: str):
     """Header entries, metadata and each tensor's absolute byte offset in the file."""
     try:

@@ -388,9 +388,3 @@ class TorchReader(ReaderBase):
             os.close(self._fd)
             self._fd = None
         self._sd = None  # drops the mapping once no tensor references it
-
-
-def is_zip_or_pickle(path: str) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(4)
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"

@@ -17,8 +17,8 @@ so the tiling, and hence every float64 sum, is that of the ingested store: the s
 bit-identical to ingest + spectrum (tests/test_checkpoint_run.py).
 
 What a store gives that this does not: resumability, one copy for many analyses (every pass
-re-reads and re-decodes the checkpoint files; ``.pt`` files are re-unpickled once per tile and row
-batch), NaN/Inf recorded up front (here they surface at the end of the pass, naming step and file),
+re-reads the checkpoint files: positioned reads of the stored tensor bytes, each file's layout parsed
+once per process), NaN/Inf recorded up front (here they surface at the end of the pass, naming step and file),
 and reads on workers that cannot see the checkpoint paths.
 """
 from __future__ import annotations

@@ -184,11 +184,6 @@ class Selection:
         return {**self.policy.spec(), "dropped": dropped}
 
 
-def _read_blocks(reader, raw: str, size: int):
-    for lo in range(0, size, _BLOCK_ELEMS):
-        yield lo, reader.read(raw, lo, min(size, lo + _BLOCK_ELEMS))
-
-
 def bit_identical(reader, a: str, b: str) -> bool:
     """Whether two tensors of one checkpoint hold the same values, bit for bit (read in blocks)."""
     ia, ib = reader.tensors()[a], reader.tensors()[b]
