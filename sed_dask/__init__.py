@@ -29,6 +29,8 @@ _LAZY = {
     "jl_error_report": "sed_dask.sketch_spectra",
     "directions": "sed_dask.directions",
     "subspace_rotation": "sed_dask.directions",
+    "weight_spectra": "sed_dask.weights",
+    "update_alignment": "sed_dask.weights",
     "connect": "sed_dask.cluster",
 }
 

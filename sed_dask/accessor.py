@@ -31,12 +31,17 @@ _FORWARD = {
     "onset": "warning:onset",
     "lead_time": "warning:lead_time",
     "attach_metrics": "metrics:attach_metrics",
+    # weight spectra (sed_dask.weight_spectra / update_alignment Datasets): full module paths
+    "weight_escape": "sed_dask.weights.queries:escape_steps",
+    "weight_series": "sed_dask.weights.queries:series",
+    "weight_table": "sed_dask.weights.queries:layer_table",
+    "alignment_summary": "sed_dask.weights.queries:alignment_summary",
 }
 
 
 def _target(spec: str):
     mod, fn = spec.split(":")
-    return getattr(importlib.import_module(f"sed_dask.analysis.{mod}"), fn)
+    return getattr(importlib.import_module(mod if mod.startswith("sed_dask.") else f"sed_dask.analysis.{mod}"), fn)
 
 
 def _forwarder(name: str, spec: str):
@@ -46,7 +51,8 @@ def _forwarder(name: str, spec: str):
     mod, fn = spec.split(":")
     method.__name__ = name
     method.__qualname__ = f"SEDAccessor.{name}"
-    method.__doc__ = f"``{fn}(ds, ...)`` from :mod:`sed_dask.analysis.{mod}` on this Dataset."
+    where = mod if mod.startswith("sed_dask.") else f"sed_dask.analysis.{mod}"
+    method.__doc__ = f"``{fn}(ds, ...)`` from :mod:`{where}` on this Dataset."
     return method
 
 
