@@ -157,8 +157,9 @@ def esd_snapshot_steps(ds: xr.Dataset, run: str, escape: dict | None = None) -> 
 
 def pick_layers(ds: xr.Dataset, n: int = 4) -> list[str]:
     """The ``n`` layers with the most outliers at the last step (ties: index order), for the ESD figure."""
-    last = ds["n_outliers"].isel(run=0).ffill("step").isel(step=-1)
-    order = np.argsort(-np.nan_to_num(np.asarray(last.values, float), nan=-1), kind="stable")
+    v = np.asarray(ds["n_outliers"].isel(run=0).transpose("layer", "step").values, float)
+    last = np.array([row[np.isfinite(row)][-1] if np.isfinite(row).any() else -1.0 for row in v])
+    order = np.argsort(-last, kind="stable")
     names = [str(x) for x in ds["layer"].values]
     if "layer_method" in ds.coords:
         order = [i for i in order if str(ds["layer_method"].values[i]) != "randomized"]
