@@ -243,6 +243,12 @@ def test_bad_input_errors(real_run, tmp_path, capsys):
     assert cli_main(["weights", "compute", store, "-o", str(tmp_path / "x.zarr"), "--threads",
                      "--layer", "nope"]) == 2
     assert "unknown layer" in capsys.readouterr().err
+    import dask
+
+    with dask.config.set({"sed_dask.weights.k": 40}):  # the configured default is cut to a small matrix
+        ds = sed_dask.weight_spectra(store, scheduler="threads", steps=[0])
+    x = ds["sigma"].sel(layer="blocks.0.attn.c_proj.weight").isel(run=0, step=0).values
+    assert np.isfinite(x[:32]).all() and np.isnan(x[32:]).all()
     with pytest.raises(ValueError, match="outlier_alpha"):
         sed_dask.weight_spectra(store, outlier_alpha=0.02, scheduler="threads")
 

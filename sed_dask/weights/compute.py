@@ -199,7 +199,7 @@ def _plan(run_stores, layers, exclude, steps, s) -> dict:
         entries = select_layers(rs.index, rs.name, layers, exclude)
         for e in entries:
             m, n = matrix_shape(e.shape)
-            check_k(e.name, m, n, s.k)
+            check_k(e.name, m, n, s.k, s.strict_k)
             if e.name in info and info[e.name]["shape"] != tuple(e.shape):
                 raise StoreError(f"tensor {e.name!r} has shape {info[e.name]['shape']} in one run and "
                                  f"{tuple(e.shape)} in run {rs.name!r}")
@@ -229,7 +229,8 @@ def _compute(plan, s, described, client, address, scheduler_file, scheduler, pro
         "run": ("run", np.array(runs, dtype=object), {"long_name": "run / seed"}),
         "step": ("step", steps.astype(np.int64), {"long_name": "training step of the checkpoint", "units": "steps"}),
         "layer": ("layer", np.array(layers, dtype=object), {"long_name": "2-D weight tensor"}),
-        "sv": ("sv", np.arange(1, s.k + 1, dtype=np.int64), {"long_name": "singular-value index j"}),
+        "sv": ("sv", np.arange(1, s.k + 1, dtype=np.int64),
+               {"long_name": "singular-value index j (NaN beyond a matrix's min(rows, cols))"}),
         "layer_rows": ("layer", np.array([plan["info"][n]["rows"] for n in layers], np.int64),
                        {"long_name": "rows of the matrix (out features)"}),
         "layer_cols": ("layer", np.array([plan["info"][n]["cols"] for n in layers], np.int64),

@@ -59,6 +59,7 @@ class SpectrumSettings:
     outlier_alpha: float
     alpha_min_tail: int
     keep_esd: bool
+    strict_k: bool = True   # k was asked for: a matrix with fewer singular values is an error (else: all it has)
 
     def method(self, m: int, n: int) -> str:
         if 8 * m * n <= self.exact_bytes:
@@ -77,7 +78,8 @@ def settings(*, k=None, exact_bytes=None, esd_max_dim=None, block_bytes=None, ov
     from .fit import tw_quantile
 
     s = SpectrumSettings(
-        k=int(config.get("weights.k", k)), exact_bytes=config.get_bytes("weights.exact-bytes", exact_bytes),
+        strict_k=k is not None, k=int(config.get("weights.k", k)),
+        exact_bytes=config.get_bytes("weights.exact-bytes", exact_bytes),
         esd_max_dim=int(config.get("weights.esd-max-dim", esd_max_dim)),
         block_bytes=config.get_bytes("weights.block-bytes", block_bytes),
         oversamples=int(config.get("weights.oversamples", oversamples)),
@@ -166,8 +168,9 @@ def _randomized(rows, m: int, n: int, l: int, s: SpectrumSettings, *, vectors: b
     return sig, fro2, Q @ UbT.T, Vb
 
 
-def check_k(name: str, m: int, n: int, k: int) -> None:
-    if k > min(m, n):
+def check_k(name: str, m: int, n: int, k: int, strict: bool = True) -> None:
+    """An explicit k must fit every matrix; the configured default k is cut to what a small matrix has."""
+    if strict and k > min(m, n):
         raise WeightSpectrumError(f"tensor {name!r} ({m} x {n}) has {min(m, n)} singular values; k={k} is larger "
                                   f"than the matrix: lower k, or leave the tensor out (exclude=)")
 
@@ -185,7 +188,7 @@ def matrix_spectrum(rows, m: int, n: int, s: SpectrumSettings, *, name: str = "m
             raise WeightSpectrumError(f"{name}: expected a 2-D matrix, got shape {rows.shape}")
         m, n = rows.shape
         rows = array_rows(rows)
-    check_k(name, m, n, s.k)
+    check_k(name, m, n, s.k, s.strict_k)
     method = s.method(m, n)
     esd = None
     if method == "exact":
@@ -203,7 +206,8 @@ def matrix_spectrum(rows, m: int, n: int, s: SpectrumSettings, *, name: str = "m
         top = sig[:s.k]
     if not np.isfinite(fro2):
         raise WeightSpectrumError(f"{name}: the matrix holds NaN/Inf")
-    out = {"method": method, "sigma": np.asarray(top, np.float64), "frobenius": math.sqrt(max(fro2, 0.0)),
+    top = np.concatenate([np.asarray(top, np.float64), np.full(s.k - len(top), np.nan)])  # NaN past min(m, n)
+    out = {"method": method, "sigma": top, "frobenius": math.sqrt(max(fro2, 0.0)),
            "spectral": float(top[0]), "esd": esd}
     out["stable_rank"] = out["frobenius"] ** 2 / out["spectral"] ** 2 if out["spectral"] > 0 else math.nan
     if esd is not None:
@@ -211,7 +215,7 @@ def matrix_spectrum(rows, m: int, n: int, s: SpectrumSettings, *, name: str = "m
         out["mp"]["censored"] = False
         out["alpha"] = powerlaw_alpha(esd, min_tail=s.alpha_min_tail)
     else:
-        out["mp"] = mp_fit_trace(top, out["frobenius"], m, n, outlier_alpha=s.outlier_alpha)
+        out["mp"] = mp_fit_trace(top[np.isfinite(top)], out["frobenius"], m, n, outlier_alpha=s.outlier_alpha)
         out["alpha"] = powerlaw_alpha(np.zeros(0))
     return out
 
