@@ -85,7 +85,7 @@ def planted_matrices() -> dict[str, np.ndarray]:
 def demo_matrices(run_dir: Path) -> dict[str, np.ndarray]:
     import torch
 
-    last = sorted(run_dir.glob("ckpt_*.pt"))[-1]
+    last = max(run_dir.glob("ckpt_*.pt"))
     obj = torch.load(last, weights_only=True, map_location="cpu")
     sd = obj.get("model_state_dict", obj)
     return {f"demo:{k}": v.double().numpy().reshape(v.shape[0], -1) for k, v in sd.items()
@@ -103,7 +103,7 @@ def part_ww(args, out_lines: list[str]) -> None:
         script = os.path.join(td, "ww_side.py")
         Path(script).write_text(WW_SCRIPT)
         t0 = time.perf_counter()
-        res = subprocess.run([args.ww_python, script, npz], capture_output=True, text=True, timeout=1800)
+        res = subprocess.run([args.ww_python, script, npz], check=False, capture_output=True, text=True, timeout=1800)
         t_ww = time.perf_counter() - t0
         if res.returncode:
             raise SystemExit(f"WeightWatcher run failed:\n{res.stderr[-3000:]}")
@@ -112,11 +112,11 @@ def part_ww(args, out_lines: list[str]) -> None:
     t0 = time.perf_counter()
     ours = {k: matrix_spectrum(v.astype(np.float32).astype(np.float64), *v.shape, s, name=k) for k, v in mats.items()}
     t_ours = time.perf_counter() - t0
-    out_lines += [f"WeightWatcher {ww['version']} (separate venv) vs sed_dask on the same float32 matrices; "
+    out_lines += [(f"WeightWatcher {ww['version']} (separate venv) vs sed_dask on the same float32 matrices; "
                   f"wall: WeightWatcher {t_ww:.1f} s (incl. interpreter/torch start), sed_dask {t_ours:.1f} s "
-                  f"({len(mats)} matrices)", "",
-                  "| matrix | shape | α sed_dask (xmin, n_tail) | α WW (xmin) | outliers sed_dask | spikes WW | "
-                  "MP edge² sed_dask | bulk_max WW | λ_max |",
+                  f"({len(mats)} matrices)"), "",
+                  ("| matrix | shape | α sed_dask (xmin, n_tail) | α WW (xmin) | outliers sed_dask | spikes WW | "
+                  "MP edge² sed_dask | bulk_max WW | λ_max |"),
                   "|---|---|---|---|---|---|---|---|---|"]
     for k, v in mats.items():
         o, w = ours[k], ww["layers"].get(k)
@@ -163,12 +163,12 @@ def part_cost(args, out_lines, client) -> None:
         sed_dask.spectrum(store, windows=[10], client=client, progress=False)
         best["gram"] = min(best["gram"], time.perf_counter() - t0)
     n_layers = w.sizes["layer"]
-    out_lines += ["", f"Cost on the demo store ({len(ts.runs)} runs, {n_ckpt} checkpoints, {P:,} parameters, "
+    out_lines += ["", (f"Cost on the demo store ({len(ts.runs)} runs, {n_ckpt} checkpoints, {P:,} parameters, "
                       f"{n_layers} 2-D tensors per checkpoint; LocalCluster {args.workers}×1 thread; best of "
-                      f"{args.repeat}; load {os.getloadavg()[0]:.2f})", "",
+                      f"{args.repeat}; load {os.getloadavg()[0]:.2f})"), "",
                   "| pass | wall s | per checkpoint ms | ratio to Gram pass |", "|---|---|---|---|",
-                  f"| weight_spectra (k=10, ESD, MP, α; {w.attrs['n_tasks']} tasks) | {best['weights']:.2f} | "
-                  f"{1e3 * best['weights'] / n_ckpt:.1f} | {best['weights'] / best['gram']:.2f}× |",
+                  (f"| weight_spectra (k=10, ESD, MP, α; {w.attrs['n_tasks']} tasks) | {best['weights']:.2f} | "
+                  f"{1e3 * best['weights'] / n_ckpt:.1f} | {best['weights'] / best['gram']:.2f}× |"),
                   f"| spectrum W=10 (one banded-Gram pass) | {best['gram']:.2f} | {1e3 * best['gram'] / n_ckpt:.1f} | 1× |"]
 
 
@@ -181,14 +181,14 @@ def part_demo(args, out_lines, client) -> None:
     work = Path(args.work)
     w = sed_dask.weight_spectra(store, client=client, output=str(work / "weights.zarr"), overwrite=True).load()
     esc = escape_steps(w)
-    out_lines += ["", "Demo run (default configuration; outlier escape = n_outliers above its first-checkpoint value "
-                      "for 2 consecutive checkpoints, checkpoints every 40 steps; grok = first val_acc >= 0.9)", ""]
+    out_lines += ["", ("Demo run (default configuration; outlier escape = n_outliers above its first-checkpoint value "
+                      "for 2 consecutive checkpoints, checkpoints every 40 steps; grok = first val_acc >= 0.9)"), ""]
     for run, g in grok.items():
         e = esc[esc["run"] == run]
-        out_lines += [f"**{run}** (grokked at {g}; memorised at "
-                      f"{json.loads((Path(args.runs) / 'summary.json').read_text())['runs'][run]['memorize_step']})",
-                      "", "| layer | escape step | lead before grok | σ1/edge at escape | outliers first→max→last | "
-                      "α first→last |", "|---|---|---|---|---|---|"]
+        out_lines += [(f"**{run}** (grokked at {g}; memorised at "
+                      f"{json.loads((Path(args.runs) / 'summary.json').read_text())['runs'][run]['memorize_step']})"),
+                      "", ("| layer | escape step | lead before grok | σ1/edge at escape | outliers first→max→last | "
+                      "α first→last |"), "|---|---|---|---|---|---|"]
         for x in e.itertuples():
             esc_s = "—" if x.escape_step is None or (isinstance(x.escape_step, float) and math.isnan(x.escape_step)) \
                 else int(x.escape_step)
@@ -202,8 +202,8 @@ def part_demo(args, out_lines, client) -> None:
     s = alignment_summary(al)
     pre = al.sel(step=al.step[al.step <= grok["seed0"]])
     post = al.sel(step=al.step[al.step > grok["seed0"]])
-    out_lines += ["Alignment, seed0 (W=10, top-3 update directions vs the weight's top-3 singular subspaces; "
-                  "overlap = mean cos² of the principal angles; chance = 3/dim)", "",
+    out_lines += [("Alignment, seed0 (W=10, top-3 update directions vs the weight's top-3 singular subspaces; "
+                  "overlap = mean cos² of the principal angles; chance = 3/dim)"), "",
                   "| layer | side | chance | mean overlap ≤ grok | mean overlap > grok | mean ×chance | loading |",
                   "|---|---|---|---|---|---|---|"]
     for x in s.itertuples():

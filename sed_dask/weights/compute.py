@@ -274,12 +274,15 @@ def _compute(plan, s, described, client, address, scheduler_file, scheduler, pro
     tname = f"sed-weights-{token}"
     dsk, keys, where = {}, [], []
     for r, (rs, rows, st, entries) in enumerate(plan["runs"]):
+        src = (f"{tname}-source", r)   # the source (a zarr array or checkpoint files) once per run, not per task
+        dsk[src] = rs.params
+        out_key = (f"{tname}-esd-out", r)
+        dsk[out_key] = esd_arr
         for row, step in zip(rows, st):
             t = int(np.searchsorted(steps, step))
             for e in entries:
                 key = (tname, r, int(row), lidx[e.name])
-                dsk[key] = (layer_task, rs.params, int(row), int(step), rs.name, e, s, esd_arr,
-                            (r, t, lidx[e.name]))
+                dsk[key] = (layer_task, src, int(row), int(step), rs.name, e, s, out_key, (r, t, lidx[e.name]))
                 keys.append(key)
                 where.append((r, t, lidx[e.name]))
     results = execute(dsk, keys, client=client, scheduler=scheduler, address=address,

@@ -157,22 +157,24 @@ def powerlaw_alpha(lam: np.ndarray, *, min_tail: int = 10) -> dict:
         return nan
     logs = np.log(x)
     suffix = np.cumsum(logs[::-1])[::-1]            # sum_{i >= j} ln x_i
-    best = None
-    for j in range(x.size - int(min_tail) + 1):
-        if j and x[j] == x[j - 1]:
-            continue
-        n = x.size - j
-        s = suffix[j] - n * logs[j]
-        if s <= 0:
-            continue
-        a = 1.0 + n / s
-        tail = x[j:]
-        model = 1.0 - (tail / x[j]) ** (1.0 - a)
-        emp = np.arange(n) / n
-        d = float(max(np.abs(model - emp).max(), np.abs(model - emp - 1.0 / n).max()))
-        if best is None or d < best[0]:
-            best = (d, a, x[j], n)
-    if best is None:
+    js = np.arange(x.size - int(min_tail) + 1)
+    js = js[(js == 0) | (x[js] != x[js - 1])]       # one candidate per distinct value
+    n = x.size - js
+    s = suffix[js] - n * logs[js]
+    keep = s > 0
+    js, n, s = js[keep], n[keep], s[keep]
+    if not js.size:
         return nan
-    d, a, xm, n = best
-    return {"alpha": float(a), "xmin": float(xm), "ks": d, "n_tail": int(n), "sigma": float((a - 1) / math.sqrt(n))}
+    a = 1.0 + n / s
+    D = np.empty(js.size)
+    i = np.arange(x.size)
+    for b0 in range(0, js.size, 256):               # (256 x M) at a time: bounded memory for M up to 4096
+        jb, ab, nb = js[b0:b0 + 256, None], a[b0:b0 + 256, None], n[b0:b0 + 256, None]
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            model = 1.0 - (x[None, :] / x[jb]) ** (1.0 - ab)
+        emp = (i[None, :] - jb) / nb
+        dev = np.maximum(np.abs(model - emp), np.abs(model - emp - 1.0 / nb))
+        D[b0:b0 + 256] = np.where(i[None, :] >= jb, dev, -np.inf).max(axis=1)
+    best = int(np.argmin(D))                         # first minimum: the smallest xmin among ties
+    d, a, xm, n = float(D[best]), float(a[best]), float(x[js[best]]), int(n[best])
+    return {"alpha": a, "xmin": xm, "ks": d, "n_tail": n, "sigma": (a - 1) / math.sqrt(n)}
