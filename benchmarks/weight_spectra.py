@@ -1,6 +1,6 @@
 """Weight spectra: WeightWatcher side by side, cost against a Gram pass, and the demo run's layers.
 
-Three parts, in one run (``--parts ww,cost,demo``):
+Four parts, in one run (``--parts ww,cost,demo,early``):
 
 ww    the same matrices through ``sed_dask.weights.matrix_spectrum`` and WeightWatcher
       (``ww.WeightWatcher(model).analyze(mp_fit=True)`` on ``nn.Linear`` layers holding them):
@@ -14,6 +14,9 @@ cost  on the demo store: ``weight_spectra`` (every 2-D tensor of every checkpoin
 demo  per seed: the step each layer's outliers first escape the bulk (sustained 2 checkpoints), the
       grokking step (first val_acc >= 0.9), the update/weight alignment (W = 10) and a report with
       the weight-spectra section.
+early the same for the first 240 steps checkpointed every 5 steps (``--early``: ``python -m
+      sed_dask.demo_train DIR --seeds 0 1 --steps 240 --every 5``, bit-identical to the default
+      runs' first 240 steps): which layers' outliers escape first.
 
 The demo runs come from ``python -m sed_dask.demo_train DIR --seeds 0 1`` (default configuration).
 Example:
@@ -175,7 +178,7 @@ def part_cost(args, out_lines, client) -> None:
 def part_demo(args, out_lines, client) -> None:
     import sed_dask
     from sed_dask.report import make_report, standard_analysis
-    from sed_dask.weights import alignment_summary, escape_steps
+    from sed_dask.weights import escape_steps
 
     store, grok = _store(args)
     work = Path(args.work)
@@ -194,23 +197,33 @@ def part_demo(args, out_lines, client) -> None:
                 else int(x.escape_step)
             lead = "—" if esc_s == "—" else f"{g - esc_s:+d}"
             out_lines.append(f"| {x.layer} | {esc_s} | {lead} | {x.sigma1_over_edge_at_escape:.2f} | "
-                             f"{x.init_outliers}→{x.max_outliers}→{x.final_outliers} | "
+                             f"{x.init_outliers}→{x.max_outliers} ({x.max_outlier_fraction:.0%} of M)→{x.final_outliers} | "
                              f"{x.alpha_first:.2f}→{x.alpha_last:.2f} |")
         out_lines.append("")
-    al = sed_dask.update_alignment(store, run="seed0", window=10, k=3, n_directions=3, client=client,
-                                   output=str(work / "align_seed0.zarr"), overwrite=True)
-    s = alignment_summary(al)
-    pre = al.sel(step=al.step[al.step <= grok["seed0"]])
-    post = al.sel(step=al.step[al.step > grok["seed0"]])
-    out_lines += [("Alignment, seed0 (W=10, top-3 update directions vs the weight's top-3 singular subspaces; "
-                  "overlap = mean cos² of the principal angles; chance = 3/dim)"), "",
-                  "| layer | side | chance | mean overlap ≤ grok | mean overlap > grok | mean ×chance | loading |",
-                  "|---|---|---|---|---|---|---|"]
-    for x in s.itertuples():
-        a = float(pre["overlap"].sel(layer=x.layer, side=x.side).mean())
-        b = float(post["overlap"].sel(layer=x.layer, side=x.side).mean()) if post.sizes["step"] else math.nan
-        out_lines.append(f"| {x.layer} | {x.side} | {x.chance:.3f} | {a:.3f} | {b:.3f} | {x.mean_over_chance:.1f} | "
-                         f"{x.mean_loading:.3f} |")
+    summ = json.loads((Path(args.runs) / "summary.json").read_text())["runs"]
+    als = {}
+    for run in grok:
+        als[run] = sed_dask.update_alignment(store, run=run, window=10, k=3, n_directions=3, client=client,
+                                             output=str(work / f"align_{run}.zarr"), overwrite=True)
+    out_lines += [("Alignment (W=10, top-3 update directions vs the weight's top-3 singular subspaces at the window's "
+                  "newest step): mean overlap / chance (overlap = mean cos² of the principal angles, chance = 3/dim) "
+                  "over windows ending ≤ memorisation (mem), in (mem, grok], and after grok"), "",
+                  "| layer | side | " + " | ".join(f"{r} ≤mem | {r} mem..grok | {r} >grok" for r in grok) + " |",
+                  "|---|---|" + "---|---|---|" * len(grok)]
+    first = als[next(iter(grok))]
+    for layer in [str(x) for x in first.layer.values]:
+        for side in ("left", "right"):
+            cells = []
+            for run, g in grok.items():
+                al, mem = als[run], summ[run]["memorize_step"]
+                o = al["overlap"].sel(layer=layer, side=side)
+                c = float(al["chance"].sel(layer=layer, side=side))
+                st = al["step"]
+                for sel in (st <= mem, (st > mem) & (st <= g), st > g):
+                    v = o.sel(step=st[sel])
+                    cells.append(f"{float(v.mean()) / c:.1f}" if v.size else "—")
+            out_lines.append(f"| {layer} | {side} | " + " | ".join(cells) + " |")
+    al = als[next(iter(grok))]
     res = sed_dask.spectrum(store, windows=[10], client=client, progress=False)
     analysis = standard_analysis(res, window=10, progress=False)
     analysis.update({"weights": w, "weight_alignment": al})
@@ -219,11 +232,41 @@ def part_demo(args, out_lines, client) -> None:
     out_lines += ["", f"report: {rep['html']}"]
 
 
+def part_early(args, out_lines, client) -> None:
+    """The first steps at a finer checkpoint spacing (``demo_train --steps 240 --every 5``: the same
+    trajectory as the default run's first 240 steps, bit for bit): which layers escape first."""
+    import sed_dask
+    from sed_dask.weights import escape_steps
+
+    work = Path(args.work)
+    store = work / "early.zarr"
+    seeds = sorted(p.name for p in Path(args.early).glob("seed*") if p.is_dir())
+    if not store.exists():
+        for sd in seeds:
+            sed_dask.ingest(str(Path(args.early) / sd), str(store), run=sd, scheduler="threads", progress=False)
+    w = sed_dask.weight_spectra(str(store), client=client).load()
+    esc = escape_steps(w)
+    out_lines += ["", "First 240 steps, checkpoints every 5 steps (same trajectories): escape step per layer", "",
+                  "| layer | " + " | ".join(f"{sd} escape (σ1/edge)" for sd in seeds) + " |",
+                  "|---|" + "---|" * len(seeds)]
+    for layer in [str(x) for x in w.layer.values]:
+        cells = []
+        for sd in seeds:
+            x = esc[(esc["run"] == sd) & (esc["layer"] == layer)]
+            if not len(x) or x["escape_step"].isna().all():
+                cells.append("—")
+            else:
+                r = x.iloc[0]
+                cells.append(f"{int(r['escape_step'])} ({r['sigma1_over_edge_at_escape']:.2f})")
+        out_lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", required=True, help="demo_train output (seed*/ + summary.json)")
     ap.add_argument("--work", required=True, help="scratch folder (store, results, report)")
     ap.add_argument("--parts", default="ww,cost,demo")
+    ap.add_argument("--early", default=None, help="demo_train --steps 240 --every 5 output (part 'early')")
     ap.add_argument("--ww-python", default="/work/wwvenv/bin/python")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2)
@@ -232,7 +275,7 @@ def main(argv=None) -> int:
     lines = [f"load at start: {os.getloadavg()[0]:.2f} (1-min), {os.cpu_count()} cores", ""]
     if "ww" in parts:
         part_ww(args, lines)
-    if "cost" in parts or "demo" in parts:
+    if {"cost", "demo", "early"} & set(parts):
         from distributed import Client, LocalCluster
 
         with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0") as c, \
@@ -241,6 +284,8 @@ def main(argv=None) -> int:
                 part_cost(args, lines, client)
             if "demo" in parts:
                 part_demo(args, lines, client)
+            if "early" in parts:
+                part_early(args, lines, client)
     lines.append(f"\nload at end: {os.getloadavg()[0]:.2f}")
     print("\n".join(lines))
     return 0

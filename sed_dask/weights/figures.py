@@ -71,7 +71,11 @@ def mp_density(x: np.ndarray, s2: float, N: int, M: int) -> np.ndarray:
 
 
 def esd_figure(ds: xr.Dataset, *, run: str, layers, steps) -> Figure:
-    """ESD histograms (eigenvalues sigma^2) for ``layers`` (rows) at ``steps`` (columns), MP fit overlaid."""
+    """ESD histograms of log10(sigma^2) for ``layers`` (rows) at ``steps`` (columns), MP fit overlaid.
+
+    Log-spaced bins, so a bulk that weight decay shrinks by orders of magnitude and outliers far above
+    it stay visible in one panel; densities are per unit of log10(lambda) (MP: f(lam) lam ln 10).
+    """
     if "esd" not in ds:
         raise ValueError("esd_figure: the Dataset holds no ESD (computed with keep_esd=False or beyond esd-max-dim)")
     layers, steps = list(layers), [int(s) for s in steps]
@@ -86,29 +90,31 @@ def esd_figure(ds: xr.Dataset, *, run: str, layers, steps) -> Figure:
             ax = axes[i, j]
             y = x.sel(step=step)
             lam = np.asarray(y["esd"].values, float)
-            lam = lam[np.isfinite(lam)]
+            lam = lam[np.isfinite(lam) & (lam > 0)]
             if not lam.size:
                 ax.set_axis_off()
                 continue
             s2 = float(y["mp_s2"])
             thr = float(y["outlier_threshold"]) ** 2
-            hi = max(lam.max(), thr) * 1.05
-            ax.hist(lam, bins=min(60, max(10, lam.size // 4)), range=(0, hi), density=True, color="#9ecae1",
-                    edgecolor="#4a90c2", lw=0.4, label="ESD")
-            grid = np.linspace(hi * 1e-4, hi, 600)
+            lo, hi = np.log10(lam.min()) - 0.1, np.log10(max(lam.max(), thr if np.isfinite(thr) else 0)) + 0.1
+            ax.hist(np.log10(lam), bins=min(50, max(10, lam.size // 3)), range=(lo, hi), density=True,
+                    color="#9ecae1", edgecolor="#4a90c2", lw=0.4, label="ESD")
             if np.isfinite(s2):
-                ax.plot(grid, mp_density(grid, s2, N, M), color="#c0392b", lw=1.3, label="MP fit")
-                ax.axvline(float(y["mp_edge"]) ** 2, color="#c0392b", ls=":", lw=1, label="MP edge")
-                ax.axvline(thr, color="#e67e22", ls="--", lw=1, label="edge + TW margin")
-            out = lam[lam > thr]
+                grid = np.logspace(lo, hi, 800)
+                ax.plot(np.log10(grid), mp_density(grid, s2, N, M) * grid * math.log(10), color="#c0392b", lw=1.3,
+                        label="MP fit")
+                ax.axvline(np.log10(float(y["mp_edge"]) ** 2), color="#c0392b", ls=":", lw=1, label="MP edge")
+                ax.axvline(np.log10(thr), color="#e67e22", ls="--", lw=1, label="edge + TW margin")
+            out = lam[lam > thr] if np.isfinite(thr) else lam[:0]
             if out.size:
-                ax.plot(out, np.zeros_like(out), "v", color="#6a1b9a", ms=6, label="outliers", clip_on=False)
+                ax.plot(np.log10(out), np.zeros_like(out), "v", color="#6a1b9a", ms=5, label="outliers",
+                        clip_on=False)
             a = float(y["alpha"])
-            ax.set_title(f"{_short(layer)} @ {step}\n{int(out.size)} outliers, "
-                         f"α={a:.2f}" if np.isfinite(a) else f"{_short(layer)} @ {step}", fontsize=8)
+            tail = f", α={a:.2f}" if np.isfinite(a) else ""
+            ax.set_title(f"{_short(layer)} @ {step}\n{int(out.size)} of {lam.size} above the edge{tail}", fontsize=8)
             ax.tick_params(labelsize=7)
             if i == len(layers) - 1:
-                ax.set_xlabel(r"eigenvalue $\sigma^2$", fontsize=8)
+                ax.set_xlabel(r"$\log_{10}\,\sigma^2$", fontsize=8)
     h, lab = axes[0, 0].get_legend_handles_labels()
     fig.legend(h, lab, loc="outside lower center", ncol=5, fontsize=8)
     return fig
@@ -134,13 +140,13 @@ def alignment_figure(al: xr.Dataset, *, events: dict | None = None) -> Figure:
         ax.set_yticks(range(len(layers)), [_short(x) for x in layers], fontsize=7)
         ax.set_xlabel("window's newest step")
         ax.set_title(f"{side} singular subspace (k={al.attrs.get('k')})", fontsize=9)
-        for label, step in (events or {}).items():
+        for step in (events or {}).values():
             if step is not None and np.isfinite(step):
                 ax.axvline(step, color="k", ls="--", lw=1.2)
-                ax.text(step, -0.6, label, fontsize=7, ha="center", va="bottom")
     fig.colorbar(im, ax=axes, label=r"$\log_2$(overlap / chance)")
     fig.suptitle(f"{al.attrs.get('run')}: top-{al.attrs.get('n_directions')} update directions (W="
-                 f"{al.attrs.get('window')}) vs the weight's top-{al.attrs.get('k')} singular subspace", fontsize=10)
+                 f"{al.attrs.get('window')}) vs the weight's top-{al.attrs.get('k')} singular subspace"
+                 + (f"; dashed: {', '.join(str(k) for k in events)}" if events else ""), fontsize=10)
     return fig
 
 

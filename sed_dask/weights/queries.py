@@ -62,7 +62,10 @@ def escape_steps(ds: xr.Dataset, *, runs=None, layers=None, sustain: int = 2) ->
     Escape = the first checkpoint from which ``n_outliers`` exceeds its value at the run's first
     checkpoint (``init_outliers``) for ``sustain`` consecutive checkpoints (2 by default: a single
     edge eigenvalue crossing the Tracy-Widom margin has probability ~outlier_alpha per checkpoint).
-    Also: sigma_1 / edge at escape, the largest count and its step, and alpha first -> last.
+    Also: sigma_1 / edge at escape, the largest count, its fraction of the M eigenvalues and its
+    step, and alpha first -> last. A fraction near 1/2 or more means the ESD is no longer "an MP bulk
+    plus a few spikes" (e.g. weight decay spreading it over decades): the count then measures that
+    spread, not separated spikes.
     """
     _need(ds, "n_outliers", "sigma", "mp_edge")
     if int(sustain) < 1:
@@ -84,10 +87,12 @@ def escape_steps(ds: xr.Dataset, *, runs=None, layers=None, sustain: int = 2) ->
             s1 = np.asarray(x["sigma"].isel(sv=0).values, float)[ok]
             edge = np.asarray(x["mp_edge"].values, float)[ok]
             jmax = int(np.argmax(n))
+            M = int(min(int(x["layer_rows"]), int(x["layer_cols"])))
             rows.append({"run": run, "layer": layer, "init_outliers": int(base),
                          "escape_step": int(st_ok[i]) if i is not None else None,
                          "sigma1_over_edge_at_escape": float(s1[i] / edge[i]) if i is not None else math.nan,
-                         "max_outliers": int(n[jmax]), "step_of_max": int(st_ok[jmax]),
+                         "max_outliers": int(n[jmax]), "max_outlier_fraction": float(n[jmax] / M),
+                         "step_of_max": int(st_ok[jmax]),
                          "final_outliers": int(n[-1]), "alpha_first": float(al[0]), "alpha_last": float(al[-1])})
     df = pd.DataFrame(rows)
     if len(df):
@@ -128,7 +133,9 @@ def layer_table(ds: xr.Dataset, *, run: str | None = None, step: int | None = No
                      "method": str(y["layer_method"].values), "spectral_norm": float(y["spectral_norm"]),
                      "frobenius_norm": float(y["frobenius_norm"]), "stable_rank": float(y["stable_rank"]),
                      "mp_edge": float(y["mp_edge"]), "sigma1_over_edge": float(y["sigma"].isel(sv=0) / y["mp_edge"]),
-                     "n_outliers": float(y["n_outliers"]), "alpha": float(y["alpha"]),
+                     "n_outliers": float(y["n_outliers"]),
+                     "outlier_fraction": float(y["n_outliers"]) / min(int(y["layer_rows"]), int(y["layer_cols"])),
+                     "mp_ks": float(y["mp_ks"]), "alpha": float(y["alpha"]),
                      "escape_step": esc["escape_step"].get(layer) if layer in esc.index else None})
     out = pd.DataFrame(rows)
     out.insert(0, "step", int(step))
