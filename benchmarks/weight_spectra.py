@@ -95,6 +95,10 @@ def demo_matrices(run_dir: Path) -> dict[str, np.ndarray]:
             if hasattr(v, "ndim") and v.ndim >= 2 and v.is_floating_point()}
 
 
+def _count(n: int) -> str:
+    return "—" if n < 0 else str(n)  # -1: no MP fit (fewer than 4 eigenvalues)
+
+
 def part_ww(args, out_lines: list[str]) -> None:
     from sed_dask.weights import matrix_spectrum, settings
 
@@ -125,12 +129,13 @@ def part_ww(args, out_lines: list[str]) -> None:
         o, w = ours[k], ww["layers"].get(k)
         if w is None:
             out_lines.append(f"| {k} | {v.shape[0]}×{v.shape[1]} | {o['alpha']['alpha']:.3f} | skipped by WW | "
-                             f"{o['mp']['n_outliers']} | — | {o['mp']['edge'] ** 2:.4g} | — | {o['spectral'] ** 2:.4g} |")
+                             f"{_count(o['mp']['n_outliers'])} | — | {o['mp']['edge'] ** 2:.4g} | — | "
+                             f"{o['spectral'] ** 2:.4g} |")
             continue
         lam_max = o["spectral"] ** 2
         out_lines.append(
             f"| {k} | {v.shape[0]}×{v.shape[1]} | {o['alpha']['alpha']:.3f} ({o['alpha']['xmin']:.3g}, "
-            f"{o['alpha']['n_tail']}) | {w['alpha']:.3f} ({w['xmin']:.3g}) | {o['mp']['n_outliers']} | "
+            f"{o['alpha']['n_tail']}) | {w['alpha']:.3f} ({w['xmin']:.3g}) | {_count(o['mp']['n_outliers'])} | "
             f"{int(w['num_spikes']) if w['num_spikes'] is not None else '—'} | {o['mp']['edge'] ** 2:.4g} | "
             f"{w['bulk_max']:.4g} | {lam_max:.4g} |")
 
