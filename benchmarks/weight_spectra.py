@@ -205,6 +205,20 @@ def part_demo(args, out_lines, client) -> None:
                              f"{x.init_outliers}→{x.max_outliers} ({x.max_outlier_fraction:.0%} of M)→{x.final_outliers} | "
                              f"{x.alpha_first:.2f}→{x.alpha_last:.2f} |")
         out_lines.append("")
+    from sed_dask.weights.queries import first_sustained
+
+    out_lines += ["First step with alpha < 2 for 3 consecutive checkpoints", "",
+                  "| layer | " + " | ".join(f"{r} (grok {g})" for r, g in grok.items()) + " |",
+                  "|---|" + "---|" * len(grok)]
+    for layer in [str(x) for x in w.layer.values]:
+        cells = []
+        for run in grok:
+            a = np.asarray(w["alpha"].sel(run=run, layer=layer).values, float)
+            ok = np.isfinite(a)
+            i = first_sustained(a[ok] < 2.0, 3)
+            cells.append(str(int(w["step"].values[ok][i])) if i is not None else "—")
+        out_lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    out_lines.append("")
     summ = json.loads((Path(args.runs) / "summary.json").read_text())["runs"]
     als = {}
     for run in grok:
