@@ -99,13 +99,14 @@ def esd_figure(ds: xr.Dataset, *, run: str, layers, steps) -> Figure:
             lo, hi = np.log10(lam.min()) - 0.1, np.log10(max(lam.max(), thr if np.isfinite(thr) else 0)) + 0.1
             ax.hist(np.log10(lam), bins=min(50, max(10, lam.size // 3)), range=(lo, hi), density=True,
                     color="#9ecae1", edgecolor="#4a90c2", lw=0.4, label="ESD")
+            out = lam[lam > thr] if np.isfinite(thr) else lam[:0]
             if np.isfinite(s2):
                 grid = np.logspace(lo, hi, 800)
-                ax.plot(np.log10(grid), mp_density(grid, s2, N, M) * grid * math.log(10), color="#c0392b", lw=1.3,
-                        label="MP fit")
+                bulk = 1.0 - out.size / lam.size   # the MP law describes the bulk's share of the histogram
+                ax.plot(np.log10(grid), bulk * mp_density(grid, s2, N, M) * grid * math.log(10), color="#c0392b",
+                        lw=1.3, label="MP fit (bulk share)")
                 ax.axvline(np.log10(float(y["mp_edge"]) ** 2), color="#c0392b", ls=":", lw=1, label="MP edge")
                 ax.axvline(np.log10(thr), color="#e67e22", ls="--", lw=1, label="edge + TW margin")
-            out = lam[lam > thr] if np.isfinite(thr) else lam[:0]
             if out.size:
                 ax.plot(np.log10(out), np.zeros_like(out), "v", color="#6a1b9a", ms=5, label="outliers",
                         clip_on=False)
