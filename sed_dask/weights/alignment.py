@@ -5,7 +5,8 @@ vectors v_j of the W x P delta stack X (:mod:`sed_dask.directions`); here they c
 Gram of one banded-Gram pass (``X X^T = U S^2 U^T``, as ``directions.subspace_rotation`` does), so
 ``v_j = X^T u_j / sigma_j`` is never formed in R^P: a task per (window, layer) reads only the
 layer's columns of the W + 1 checkpoints, in row blocks of the matrix, and builds
-``D_j = reshape(v_j restricted to the layer, (rows, cols))``.
+``D_j = reshape(v_j restricted to the layer, (rows, cols))``; a task holds about 3q + 2 copies of the layer
+(float64), never a rows x rows or cols x cols matrix.
 
 The layer's update subspaces are the top-k left and right singular subspaces of the window's top-q
 update restricted to the layer, ``sum_j sigma_j^2 D_j D_j^T`` and ``sum_j sigma_j^2 D_j^T D_j``
@@ -40,11 +41,6 @@ KIND = "weight_alignment"
 SIDES = ("left", "right")
 
 
-def _subspace(C: np.ndarray, k: int) -> np.ndarray:
-    E = np.linalg.eigh((C + C.T) / 2)[1]
-    return E[:, ::-1][:, :k]
-
-
 def _angles(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     """Principal angles (degrees, ascending) between the column spaces of orthonormal A and B."""
     cos = np.clip(np.linalg.svd(A.T @ B, compute_uv=False), 0.0, 1.0)
@@ -71,13 +67,17 @@ def window_layer_task(params, d0: int, d1: int, entry, M: np.ndarray, sig: np.nd
     out = {"loading": float(energy / np.sum(sig ** 2)), "angle": np.full((2, k), np.nan)}
     if not energy > 0:
         return out
-    w = sig ** 2
-    Cl = np.einsum("j,jab,jcb->ac", w, D, D)
-    Cr = np.einsum("j,jab,jac->bc", w, D, D)
+    # the eigenvectors of sum_j sigma_j^2 D_j D_j^T (D_j^T D_j) are the left (right) singular vectors of
+    # [sigma_1 D_1 | ... | sigma_q D_q] ([sigma_1 D_1; ...; sigma_q D_q]): no rows x rows or cols x cols matrix
+    SD = D * sig[:, None, None]
+    Bl = SD.transpose(1, 0, 2).reshape(m, q * n)
+    Br = SD.reshape(q * m, n)
+    Ul = np.linalg.qr(top_singular_vectors(array_rows(Bl), m, q * n, k, s)[0])[0]
+    Vr = np.linalg.qr(top_singular_vectors(array_rows(Br), q * m, n, k, s)[2])[0]
     Uw, _, Vw = top_singular_vectors(array_rows(Wend), m, n, k, s)
     Uw, Vw = np.linalg.qr(Uw)[0], np.linalg.qr(Vw)[0]
-    out["angle"][0] = _angles(_subspace(Cl, k), Uw)
-    out["angle"][1] = _angles(_subspace(Cr, k), Vw)
+    out["angle"][0] = _angles(Ul, Uw)
+    out["angle"][1] = _angles(Vr, Vw)
     return out
 
 
