@@ -1,6 +1,6 @@
 """Weight spectra over a training trajectory: per-layer bulk, outliers and heavy tails, and how updates align.
 
-SED follows the spectrum of the *updates*; this subpackage follows the spectrum of the *weights*
+SED follows the spectrum of the *updates*; this subpackage (docs/method.md §18) follows that of the *weights*
 of every checkpoint, out of core, next to it:
 
 * :func:`weight_spectra` (``sed_dask.weight_spectra``) - for every (checkpoint, 2-D tensor): top-k
