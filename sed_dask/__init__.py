@@ -31,6 +31,8 @@ _LAZY = {
     "subspace_rotation": "sed_dask.engine.directions",
     "connect": "sed_dask.cluster.client",
     "open_results": "sed_dask.store.outputs",
+    "weight_spectra": "sed_dask.weights",
+    "update_alignment": "sed_dask.weights",
 }
 
 

@@ -34,6 +34,11 @@ _FORWARD = {
     "lead_time": "warning:lead_time",
     "attach_metrics": "metrics:attach_metrics",
     "cross_seed_summary": "phases:cross_seed_summary",
+    # weight spectra (sed_dask.weight_spectra / update_alignment Datasets): full module paths
+    "weight_escape": "sed_dask.weights.queries:escape_steps",
+    "weight_series": "sed_dask.weights.queries:series",
+    "weight_table": "sed_dask.weights.queries:layer_table",
+    "alignment_summary": "sed_dask.weights.queries:alignment_summary",
 }
 
 
@@ -668,9 +673,52 @@ class SEDAccessor:
 
         return cross_seed_summary(self._ds, variables, dim=dim, ddof=ddof)
 
+    def weight_escape(self, *, runs=None, layers=None, sustain: int = 2) -> pd.DataFrame:
+        """Per (run, layer): the step an outlier first escapes the bulk.
+
+        Forwards to :func:`sed_dask.weights.queries.escape_steps`
+        (whole docstring: ``ds.sed.help("weight_escape")``).
+        """
+        from sed_dask.weights.queries import escape_steps
+
+        return escape_steps(self._ds, runs=runs, layers=layers, sustain=sustain)
+
+    def weight_series(self, var: str = "n_outliers", *, runs=None, layers=None) -> pd.DataFrame:
+        """Long table ``run, step, layer, <var>`` of one per-matrix variable over training (α, counts, norms).
+
+        Forwards to :func:`sed_dask.weights.queries.series`
+        (whole docstring: ``ds.sed.help("weight_series")``).
+        """
+        from sed_dask.weights.queries import series
+
+        return series(self._ds, var, runs=runs, layers=layers)
+
+    def weight_table(self, *, run: str | None = None, step: int | None = None, sustain: int = 2) -> pd.DataFrame:
+        """Cross-layer table at one checkpoint (default: the run's last): shape, method, norms, stable rank,
+        MP edge, outliers, alpha, plus each layer's escape step.
+
+        Forwards to :func:`sed_dask.weights.queries.layer_table`
+        (whole docstring: ``ds.sed.help("weight_table")``).
+        """
+        from sed_dask.weights.queries import layer_table
+
+        return layer_table(self._ds, run=run, step=step, sustain=sustain)
+
+    def alignment_summary(self, *, layers=None) -> pd.DataFrame:
+        """Per (layer, side): mean/max overlap over windows, its ratio to chance, and the first window step
+        where the overlap exceeds 10x chance (the update subspace is then far from random in that layer).
+
+        Forwards to :func:`sed_dask.weights.queries.alignment_summary`
+        (whole docstring: ``ds.sed.help("alignment_summary")``).
+        """
+        from sed_dask.weights.queries import alignment_summary
+
+        return alignment_summary(self._ds, layers=layers)
+
     def help(self, name: str) -> str:
         """Full docstring of the analysis function behind ``ds.sed.<name>``."""
         if name not in _FORWARD:
             raise AttributeError(f"ds.sed has no query {name!r}; available: {sorted(_FORWARD)}")
         mod, fn = _FORWARD[name].split(":")
-        return getattr(importlib.import_module(f"sed_dask.analysis.{mod}"), fn).__doc__ or ""
+        mod = mod if mod.startswith("sed_dask.") else f"sed_dask.analysis.{mod}"
+        return getattr(importlib.import_module(mod), fn).__doc__ or ""

@@ -17,7 +17,7 @@ RANK = {
     "store": 3,
     "engine": 4,
     "results": 5,
-    "analysis": 6,
+    "analysis": 6, "weights": 6,
     "accessor": 7, "report": 7, "testing": 7,
     "demo": 8,
     "cli": 9,

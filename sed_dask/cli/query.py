@@ -205,6 +205,10 @@ def register(subparsers) -> None:
                    help="event = first step with the metric >= this (default 0.9: grokking)")
     q.add_argument("--sustain", type=int, default=1, help="evaluations the event must hold (default 1)")
     p.set_defaults(func=run)
+    # `query RESULTS weights ...` (weight-spectra stores)
+    from sed_dask.cli.weights import register_query
+
+    register_query(sub)
 
 
 def _table(ds, names=None):

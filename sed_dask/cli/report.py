@@ -22,6 +22,10 @@ def register(sub) -> None:
     p.add_argument("--events", default=None, metavar="FILE",
                    help="JSON {run: {event: step}} marked on the figures (default: grok from val_acc)")
     p.add_argument("--title", default=None, help="title of the summary page (default \"Spectral Edge Dynamics: RESULTS\")")
+    p.add_argument("--weights", default=None, metavar="ZARR",
+                   help="add the weight-spectra section from a `sed-dask weights compute` store")
+    p.add_argument("--alignment", default=None, metavar="ZARR",
+                   help="with --weights: add the alignment heat map from a `sed-dask weights align` store")
     p.set_defaults(func=run)
 
 
@@ -41,6 +45,12 @@ def run(args: argparse.Namespace) -> int:
         with open(args.events) as f:
             events = json.load(f)
     analysis = standard_analysis(ds, window=args.window)
+    if args.weights:
+        analysis["weights"] = open_results(args.weights).load()
+        if args.alignment:
+            analysis["weight_alignment"] = open_results(args.alignment).load()
+    elif args.alignment:
+        raise ValueError("--alignment needs --weights (the section is built from the weight spectra)")
     from sed_dask.report.provenance import invocation
 
     out = make_report(ds, args.out_dir, events=events, analysis=analysis, overwrite=args.overwrite,

@@ -36,7 +36,11 @@ Inputs (all optional, keyword-only):
     - ``"pc2"``: output of ``analysis.pc2_summary``: adds the ``noise_pc2`` figure;
     - ``"signals"``: the long table of :func:`warning_signals` (every early-warning candidate):
       adds the ``warning_signals`` figure, a lead table and ``warning_signals.csv``;
-    - ``"notes"``: extra lines for the summary.
+    - ``"notes"``: extra lines for the summary;
+    - ``"weights"``: a :func:`sed_dask.weight_spectra` Dataset (``"weight_alignment"``: an
+      :func:`sed_dask.update_alignment` Dataset): adds the weight-spectra section
+      (:mod:`sed_dask.weights.report`: alpha / outlier figures, ESD snapshots with the MP fit, the
+      alignment heat map, ``weights_layers.csv``).
 
 :func:`standard_analysis` computes all of these from a Dataset (the demo and ``sed-dask report``).
 """
@@ -607,6 +611,13 @@ def make_report(ds: xr.Dataset, out_dir, *, runs=None, windows=None, events=None
     if isinstance(sig, pd.DataFrame) and not sig.empty:
         save("warning_signals", signals_figure(add_g23(ds), runs=runs, window=W, signals=sig, events=ev))
 
+    wts, wfiles = analysis.get("weights"), {}
+    if isinstance(wts, xr.Dataset):  # weight spectra over the trajectory (sed_dask.weights)
+        from sed_dask.weights.report import weight_section
+
+        wnotes, wfiles = weight_section(wts, save, out, events=ev, alignment=analysis.get("weight_alignment"))
+        notes.extend(wnotes)
+
     fnd = analysis.get("findings")
     if fnd is None:
         df = findings_table(ds, runs=runs, window=W, events=ev, analysis=analysis, lag_r=r_da)
@@ -624,6 +635,7 @@ def make_report(ds: xr.Dataset, out_dir, *, runs=None, windows=None, events=None
         if "status" in rej and not (rej["status"] == "flip").any():
             notes.append("No lag flip: no pair of W has resolved, significant peaks of opposite sign.")
     figs = dict(written)
+    written.update(wfiles)
     p = out / "findings.csv"
     df.to_csv(p)
     written["findings"] = p
