@@ -37,6 +37,14 @@ saved flat has FQNs ``model.layers.0...`` *and* ``lm_head.weight`` at the top le
 
 Parsed metadata is cached per process (LRU keyed by the ``.metadata`` file's real path, size and
 mtime, like the ``.pt`` layouts), so the many tasks that open one checkpoint unpickle it once.
+
+By default (``sed_dask.readers.dcp-metadata: fast``) the metadata is not unpickled into torch's
+classes at all: :mod:`sed_dask.readers.dcp_metadata` parses it with a restricted unpickler that
+builds inert stand-ins only, and a file that differs from one parsed before only in its
+``storage_meta`` strings (every later checkpoint of a run) is matched byte for byte against it. The
+layout is then compact tables (numpy arrays per tensor), shared by every checkpoint of that shape;
+``Chunk`` records are made only for the tensors a reader touches. ``torch`` selects the
+weights_only path above (slow: seconds per FSDP-sized file).
 """
 from __future__ import annotations
 
@@ -54,6 +62,7 @@ import numpy as np
 from sed_dask.errors import CheckpointError
 from sed_dask.readers._pickle2 import as_protocol2
 from sed_dask.readers.base import ReaderBase, TensorInfo, flat_slices
+from sed_dask.readers.dcp_metadata import TemplateStore, tiles_exactly
 from sed_dask.readers.layout_cache import LayoutCache, approx_nbytes
 from sed_dask.readers.rawio import RAW_DTYPES, open_if_unchanged, pread_full, read_float32, to_float32, zip_data_start
 from sed_dask.readers.torch_pt import STATE_DICT_KEYS
@@ -63,6 +72,8 @@ SUFFIX = ".distcp"
 
 #: parsed checkpoints of this process (bounded by ``sed_dask.readers.layout-cache-bytes``)
 _LAYOUTS = LayoutCache()
+#: recently parsed metadata of this process, matched byte for byte by later files of the same length
+_TEMPLATES = TemplateStore()
 #: ``safe_globals`` edits torch's process-wide allow-list: one metadata unpickling at a time
 _UNPICKLE_LOCK = threading.Lock()
 #: a chunk archive's data.pkl describes one tensor; anything larger is not a DCP chunk
@@ -178,11 +189,12 @@ class Layout:
     (served name -> FQN), ``chunks`` (FQN -> chunks), ``files`` (relative path -> (size, mtime))
     and ``stored`` (lazily located chunk storages, shared by the readers of this process)."""
 
-    __slots__ = ("key", "infos", "fqns", "chunks", "files", "stored")
+    __slots__ = ("key", "infos", "fqns", "chunks", "files", "stored", "nbytes")
 
     def __init__(self, key, infos, fqns, chunks, files):
         self.key, self.infos, self.fqns, self.chunks, self.files = key, infos, fqns, chunks, files
         self.stored: dict[tuple, Stored] = {}
+        self.nbytes: int | None = None  # set when the layout shares tables: what it adds to memory
 
 
 def _dtype_name(dtype) -> str:
@@ -250,6 +262,8 @@ def _served_names(fqns, planner_data, where: str) -> dict[str, str]:
 def _build_layout(directory: str, meta_path: str, key: tuple) -> Layout:
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
+    if _parser() == "fast":
+        return _build_fast(directory, meta_path, key)
     md = load_metadata(meta_path)
     sdm, storage = md.state_dict_metadata, md.storage_data
     if not isinstance(sdm, Mapping) or not isinstance(storage, Mapping):
@@ -311,6 +325,155 @@ def _build_layout(directory: str, meta_path: str, key: tuple) -> Layout:
     return Layout(key, infos, names, chunks, files)
 
 
+def _parser() -> str:
+    try:
+        from sed_dask import config
+
+        how = config.get("readers.dcp-metadata")
+    except Exception:  # noqa: BLE001  a process that never loaded the package's config
+        how = "fast"
+    if how not in ("fast", "torch"):
+        raise CheckpointError(f"sed_dask.readers.dcp-metadata must be 'fast' or 'torch', got {how!r}")
+    return how
+
+
+class _Tables:
+    """The content of one ``.metadata`` as a reader needs it, shared by every checkpoint whose
+    metadata matches it: served names, infos, and per FQN the non-empty chunks as arrays (offsets,
+    sizes, file index, start, length); the data files' sizes are checked per checkpoint."""
+
+    __slots__ = ("arrays", "end", "files", "first_fqn", "fqns", "infos", "made", "owner", "start", "transforms")
+
+    def __init__(self, infos, fqns, arrays, transforms, files, first_fqn, owner, start, end):
+        self.infos, self.fqns, self.arrays, self.transforms = infos, fqns, arrays, transforms
+        self.files, self.first_fqn, self.owner, self.start, self.end = files, first_fqn, owner, start, end
+        self.made: dict[str, list[Chunk]] = {}
+
+    def chunks(self, fqn: str) -> list[Chunk]:
+        got = self.made.get(fqn)
+        if got is None:
+            offs, sizes, fidx, start, length = self.arrays[fqn]
+            tr = self.transforms.get(fqn, {})
+            got = [Chunk(tuple(o), tuple(z), self.files[f], s, n, tr.get(i, ()))
+                   for i, (o, z, f, s, n) in enumerate(zip(offs.tolist(), sizes.tolist(), fidx.tolist(),
+                                                           start.tolist(), length.tolist()))]
+            got = self.made.setdefault(fqn, got)
+        return got
+
+
+class _ChunkMap(Mapping):
+    """``FQN -> [Chunk]`` of a layout, made on first access from the shared tables."""
+
+    __slots__ = ("_t",)
+
+    def __init__(self, tables: _Tables):
+        self._t = tables
+
+    def __getitem__(self, fqn):
+        if fqn not in self._t.arrays:
+            raise KeyError(fqn)
+        return self._t.chunks(fqn)
+
+    def __iter__(self):
+        return iter(self._t.arrays)
+
+    def __len__(self):
+        return len(self._t.arrays)
+
+
+def _make_tables(rec, directory: str, meta_path: str) -> _Tables:
+    """Check a parsed record as :func:`_build_layout` checks torch's ``Metadata`` (same messages) and
+    reduce it to :class:`_Tables` (everything but the data files' sizes)."""
+    tensors, storage = rec.tensors, rec.storage
+    names = _served_names(tensors, rec.planner_data, directory)
+    infos, arrays, transforms = {}, {}, {}
+    files: dict[str, int] = {}
+    first_fqn: list[str] = []
+    owner_f, starts, ends = [], [], []
+    for name, fqn in names.items():
+        dtype, size, offs, sizes = tensors[fqn]
+        nd = len(size)
+        o = np.array(offs, dtype=np.int64).reshape(len(offs), nd) if all(len(x) == nd for x in offs) else None
+        z = np.array(sizes, dtype=np.int64).reshape(len(sizes), nd) if all(len(x) == nd for x in sizes) else None
+        if o is None or z is None or not tiles_exactly(size, o, z):
+            why = _cover_problem(size, list(zip(offs, sizes)))
+            if why:
+                raise CheckpointError(f"{meta_path}: tensor {fqn!r} of size {list(size)} is not covered by its "
+                                      f"chunks: {why}")
+        keep = [i for i, zz in enumerate(sizes) if math.prod(zz) > 0]
+        fidx, st, ln, tr = [], [], [], {}
+        for j, i in enumerate(keep):
+            info = storage.get((fqn, offs[i]))
+            if info is None:
+                raise CheckpointError(f"{meta_path}: tensor {fqn!r}: no storage entry for its chunk at offsets "
+                                      f"{list(offs[i])}")
+            rel, start, length, trans = info
+            f = files.get(rel)
+            if f is None:
+                if not rel or os.path.isabs(rel) or os.path.normpath(rel).startswith(os.pardir):
+                    raise CheckpointError(f"{meta_path}: tensor {fqn!r}: chunk file {rel!r} is not inside the "
+                                          f"checkpoint directory")
+                f = files[rel] = len(files)
+                first_fqn.append(fqn)
+            fidx.append(f)
+            st.append(start)
+            ln.append(length)
+            if trans:
+                tr[j] = trans
+        arrays[fqn] = (o[keep] if o is not None else np.zeros((0, nd), np.int64),
+                       z[keep] if z is not None else np.zeros((0, nd), np.int64),
+                       np.array(fidx, dtype=np.int32), np.array(st, dtype=np.int64), np.array(ln, dtype=np.int64))
+        if tr:
+            transforms[fqn] = tr
+        infos[name] = TensorInfo(dtype, tuple(size))
+        owner_f.append(arrays[fqn][2])
+        starts.append(arrays[fqn][3])
+        ends.append(arrays[fqn][3] + arrays[fqn][4])
+    cat = (lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt))
+    return _Tables(infos, names, arrays, transforms, tuple(files), tuple(first_fqn), cat(owner_f, np.int32),
+                   cat(starts, np.int64), cat(ends, np.int64))
+
+
+def _build_fast(directory: str, meta_path: str, key: tuple) -> Layout:
+    """:func:`_build_layout` through :mod:`sed_dask.readers.dcp_metadata` (no torch objects)."""
+    try:
+        with open(meta_path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise CheckpointError(f"{meta_path}: cannot read DCP metadata: {exc}") from exc
+    tables, _meta, how = _TEMPLATES.tables(raw, meta_path, lambda rec: _make_tables(rec, directory, meta_path))
+    stats = {}
+    fsize = np.empty(len(tables.files), dtype=np.int64)
+    for i, rel in enumerate(tables.files):
+        try:
+            st = os.stat(os.path.join(directory, rel))
+        except FileNotFoundError:
+            raise CheckpointError(f"{directory}: DCP data file {rel} (holding tensor {tables.first_fqn[i]!r}) does "
+                                  f"not exist") from None
+        stats[rel] = (st.st_size, st.st_mtime_ns)
+        fsize[i] = st.st_size
+    bad = (tables.start < 0) | (tables.end <= tables.start) | (tables.end > fsize[tables.owner])
+    if bad.any():
+        at = int(np.argmax(bad))
+        for fqn, (offs, _z, fidx, start, length) in tables.arrays.items():
+            if at < fidx.size:
+                rel = tables.files[int(fidx[at])]
+                a, n = int(start[at]), int(length[at])
+                raise CheckpointError(f"{os.path.join(directory, rel)}: truncated: the metadata puts tensor {fqn!r} "
+                                      f"(chunk at offsets {offs[at].tolist()}) at bytes [{a}:{a + n}], the file "
+                                      f"holds {stats[rel][0]}")
+            at -= fidx.size
+    lay = Layout(key, tables.infos, tables.fqns, _ChunkMap(tables), stats)
+    # shared tables are charged to the layout that parsed them; a match adds its file stats only
+    lay.nbytes = 2048 + 200 * len(stats) + (_tables_nbytes(tables) if how == "parsed" else 0)
+    return lay
+
+
+def _tables_nbytes(t: _Tables) -> int:
+    arrays = sum(a.nbytes for arr in t.arrays.values() for a in arr) + 5 * 112 * len(t.arrays)
+    return arrays + approx_nbytes((t.infos, 300), (t.fqns, 100)) + 250 * int(t.start.size)
+
+
 def get_layout(directory: str) -> Layout:
     """The cached layout of a DCP directory (its metadata unpickled the first time)."""
     meta = os.path.join(directory, METADATA_NAME)
@@ -328,12 +491,15 @@ def get_layout(directory: str) -> Layout:
 
 
 def _layout_nbytes(lay: Layout) -> int:
+    if lay.nbytes is not None:
+        return lay.nbytes
     n_chunks = sum(len(c) for c in lay.chunks.values())
     return approx_nbytes((lay.infos, 300), (lay.fqns, 100)) + 250 * n_chunks
 
 
 def clear_layout_cache() -> None:
     _LAYOUTS.clear()
+    _TEMPLATES.clear()
 
 
 class _Range(io.RawIOBase):
