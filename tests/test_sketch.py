@@ -175,7 +175,7 @@ def _oracle_sigma(traj, W):
     return np.array([s for _, s, _ in window_svds(_deltas(traj), W)])
 
 
-@pytest.mark.parametrize("dist", ["gaussian", "sparse"])
+@pytest.mark.parametrize("dist", ["gaussian", "sparse", "osnap"])
 def test_sketch_in_the_gram_pass_is_bit_identical(stores, traj, dist):
     """``spectrum(..., sketch=...)``: one read gives the exact spectra and the very sketch that
     ``sketch()`` gives, under unrelated chunkings, tile plans (several P-ranges, several row
@@ -243,7 +243,7 @@ def test_column_plan_with_a_sketch_aligns_to_rng_tiles():
 
 
 # ----------------------------------------------------------------------------- the pass
-@pytest.mark.parametrize("dist", ["gaussian", "rademacher", "sparse"])
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher", "sparse", "osnap"])
 def test_sketch_matches_dense_oracle(stores, traj, dist):
     ds = sketch(stores[0], d=D, seed=7, distribution=dist, tile_elems=T, scheduler="sync", progress=False)
     S = ds["sketch"].sel(run="seed0").values
@@ -266,7 +266,7 @@ LAYOUTS = [  # (tiles_per_task, block_steps, tile_bytes): step blocks cut ROW_BL
 ]
 
 
-@pytest.mark.parametrize("dist", ["gaussian", "sparse"])
+@pytest.mark.parametrize("dist", ["gaussian", "sparse", "osnap"])
 def test_sketch_is_bit_identical_under_any_chunking(stores, dist):
     ref = sketch(stores[0], d=D, seed=7, distribution=dist, tile_elems=T, scheduler="sync",
                  progress=False)["sketch"].values
@@ -282,10 +282,11 @@ def test_sketch_is_bit_identical_under_any_chunking(stores, dist):
     assert not np.array_equal(other["sketch"].values, ref)
 
 
-def test_sketch_on_distributed_cluster_is_bit_identical(stores, client):
-    ref = sketch(stores[0], d=D, seed=3, tile_elems=T, scheduler="threads", progress=False)
+@pytest.mark.parametrize("dist", ["gaussian", "osnap"])
+def test_sketch_on_distributed_cluster_is_bit_identical(stores, client, dist):
+    ref = sketch(stores[0], d=D, seed=3, tile_elems=T, distribution=dist, scheduler="threads", progress=False)
     for store, lay in [(stores[1], LAYOUTS[1]), (stores[2], LAYOUTS[2])]:
-        ds = sketch(store, d=D, seed=3, tile_elems=T, client=client, progress=False, **lay)
+        ds = sketch(store, d=D, seed=3, tile_elems=T, distribution=dist, client=client, progress=False, **lay)
         assert np.array_equal(ds["sketch"].values, ref["sketch"].values)
 
 
