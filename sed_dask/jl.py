@@ -12,9 +12,10 @@ Why it is built like this:
   53-bit uniforms (words k and k + T/2 of a column of the tile); Rademacher uses the top bit; the very sparse
   operator (Li, Hastie & Church 2006) compares the top 53 bits with an integer threshold and takes
   the sign from bit 0. ``osnap`` (``sed_dask.osnap``) draws only s words per row: one column per
-  block of d/s columns and a sign, so its cost is O(P s), not O(P d). Rademacher and sparse tiles are pure bit functions (identical on every
-  machine); Gaussian tiles go through ``log``/``cos``, whose last bit may differ between CPUs or
-  libm builds (never between the tasks of one homogeneous cluster).
+  block of d/s columns and a sign, so its cost is O(P s), not O(P d). Rademacher, sparse and osnap
+  tiles are pure bit functions (identical on every machine); Gaussian tiles go through
+  ``log``/``cos``, whose last bit may differ between CPUs or libm builds (never between the tasks
+  of one homogeneous cluster).
 * **Columns nest** (all but ``osnap``). Column ``j`` does not depend on ``d``, so the first ``d`` columns
   of a ``d' > d`` operator, rescaled by ``sqrt(d'/d)``, are the ``d`` operator: one wide sketch serves
   every smaller d. OSNAP's blocks depend on d, so it does not nest (``Operator.nests``).
@@ -32,7 +33,7 @@ import numpy as np
 
 DISTRIBUTIONS = ("gaussian", "rademacher", "sparse", "osnap")
 NESTED_DISTRIBUTIONS = ("gaussian", "rademacher", "sparse")  # first d columns of a wider operator = the d one
-OSNAP_S = 4  # osnap nonzeros per row unless given (benchmarks/README.md "Sketch and directions")
+OSNAP_S = 1  # osnap nonzeros per row unless given (benchmarks/README.md "Sketch and directions")
 _TWO53 = 2.0 ** 53
 _INV53 = 2.0 ** -53
 _SHIFT = np.uint64(11)

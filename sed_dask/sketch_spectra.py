@@ -101,8 +101,8 @@ def spectra_from_sketch(sketch_ds, *, windows=(10,), runs=None, d: int | None = 
                         normalize_spacing: bool = False, zero_rtol: float | None = None, output=None):
     """Results Dataset (docs/result_schema.md) of every W from a sketch Dataset, without the store.
 
-    ``d`` uses only the first d sketch columns. Singular values estimate the exact ones with a
-    relative error of order sqrt(W/d) (docs/method.md §11: d = 10W keeps the edge ratio within ~6%).
+    ``d`` uses only the first d sketch columns (refused for osnap, whose columns do not nest).
+    Singular values estimate the exact ones with a relative error of order sqrt(W/d) (docs/method.md §11: d = 10W keeps the edge ratio within ~6%).
     """
     from . import __version__
 
@@ -168,9 +168,9 @@ def jl_error_report(source, *, run: str | None = None, windows=(10,), ds: Sequen
     sketch of ``max(ds)`` columns per seed, each d using its first d columns (cheapest; errors of
     different d are then correlated); ``nested=False``: an independent operator per (d, seed) with
     seed ``1000 * seed + d``, the reference's convention (docs/method.md §11). ``None``: nested
-    unless the operator's columns do not nest (osnap), for which ``nested=True`` is an error. ``sketches={seed: Dataset}``
-    (nested) or ``{(seed, d): Dataset}`` reuses sketches. Windows count where the exact sigma_2,
-    sigma_3 are nonzero and finite (as the reference does). Returns a Dataset
+    unless the operator's columns do not nest (osnap), for which ``nested=True`` is an error.
+    ``sketches={seed: Dataset}`` (nested) or ``{(seed, d): Dataset}`` reuses sketches. Windows count
+    where the exact sigma_2, sigma_3 are nonzero and finite (as the reference does). Returns a Dataset
     ``mean/std/max(window, d, ratio)`` with ratio in r12 (sigma1/sigma2), r23 (sigma2/sigma3), edge
     (sigma_k*/sigma_k*+1 at the exact k*), and ``n_windows(window)``; ``jl_table`` renders it.
     """

@@ -154,10 +154,11 @@ def test_columns_do_not_nest_and_code_that_needs_nesting_refuses(store):
 
 # ----------------------------------------------------------------------------- config, validation, CLI
 def test_default_s_from_config_and_validation():
-    assert make_operator(P, d=24, distribution="osnap").s == 4
-    assert make_operator(P, d=3, distribution="osnap").s == 3                  # the default is capped at d
-    with dask.config.set({"sed_dask.sketch.osnap-s": 2}):
-        assert make_operator(P, d=24, distribution="osnap").s == 2
+    assert make_operator(P, d=24).distribution == "osnap" and make_operator(P, d=24).s == 1    # the defaults
+    assert _osnap(24, None).s == 1
+    with dask.config.set({"sed_dask.sketch.osnap-s": 5}):
+        assert make_operator(P, d=24, distribution="osnap").s == 5
+        assert make_operator(P, d=3, distribution="osnap").s == 3              # the default is capped at d
     assert make_operator(P, d=24, distribution="osnap", s=6).s == 6
     for bad in (0, 2.5, 25):
         with pytest.raises(ValueError, match="osnap sketch s"):
