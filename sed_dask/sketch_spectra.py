@@ -102,7 +102,8 @@ def spectra_from_sketch(sketch_ds, *, windows=(10,), runs=None, d: int | None = 
     """Results Dataset (docs/result_schema.md) of every W from a sketch Dataset, without the store.
 
     ``d`` uses only the first d sketch columns (refused for osnap, whose columns do not nest).
-    Singular values estimate the exact ones with a relative error of order sqrt(W/d) (docs/method.md §11: d = 10W keeps the edge ratio within ~6%).
+    Singular values estimate the exact ones with a relative error of order sqrt(W/d) (docs/method.md
+    §11: d = 10W keeps the edge ratio within ~6%).
     """
     from . import __version__
 
