@@ -11,7 +11,12 @@ Prints markdown tables (copied into benchmarks/README.md, "Sketch and directions
    on the same dask array of X^T; each method runs in a fresh process (peak RSS above the process
    baseline, from VmHWM); accuracy = max principal angle to the exact (float64) subspace and
    max relative error of sigma_1..k.
-3. with ``--jl-store``: ``sed_dask.results.sketch_spectra.jl_error_report`` on a real trajectory (docs/method.md §11).
+3. with ``--jl-store``: ``sed_dask.results.sketch_spectra.jl_error_report`` on a real trajectory (docs/method.md §11),
+   for each operator of ``--jl-distribution`` (comma-separated), then their mean errors side by side.
+
+Operators are named ``gaussian``, ``rademacher``, ``sparse`` or ``osnap:S`` (OSNAP with S nonzeros
+per parameter; plain ``osnap`` uses the ``sketch.osnap-s`` default). In ``--distributions``, ``NAME@D``
+(``@D1+D2``) limits an operator to those d.
 
 Example (the README numbers)::
 
@@ -19,6 +24,8 @@ Example (the README numbers)::
     python -m sed_dask.demo.train runs --seeds 0 1 --steps 2400 --every 40     # then sed-dask ingest
     python benchmarks/sketch.py --store STORE --run grok_seed0 --d 100,1000 --k 5 \\
         --jl-store STORE --jl-runs grok_seed0,grok_seed1
+    python benchmarks/sketch.py --d 100,1000 --distributions gaussian,sparse,osnap:1,osnap:2,osnap:4 --skip-svd \\
+        --jl-store STORE --jl-distribution gaussian,osnap:1,osnap:2,osnap:4     # the OSNAP rows
 """
 from __future__ import annotations
 
@@ -54,6 +61,12 @@ def make_store(path: str, *, P: int, n_ckpts: int, rank: int = 8, seed: int = 0)
     return path
 
 
+def operator_kw(spec: str) -> dict:
+    """``"osnap:4"`` -> ``{"distribution": "osnap", "s": 4}``; other names pass through."""
+    name, _, s = spec.partition(":")
+    return {"distribution": name, **({"s": int(s)} if s else {})}
+
+
 def _best(fn, repeat: int) -> float:
     best = np.inf
     for _ in range(repeat):
@@ -76,19 +89,61 @@ def bench_sketch(store: str, run: str, *, W: int, ds: list[int], dists: list[str
     t_spec = _best(lambda: sed_dask.spectrum(store, **spec), repeat)
     rows = [f"| banded Gram (W_max = {W + 1}) | - | {t_gram:.2f} s | 1.0x | {gb / t_gram:.2f} GB/s | | |",
             f"| spectrum (W = {W}) | - | {t_spec:.2f} s | {t_spec / t_gram:.1f}x | {gb / t_spec:.2f} GB/s | | |"]
-    for dist in dists:
+    for spec_ in dists:
+        dist, _, only = spec_.partition("@")  # gaussian@100: that operator at d = 100 only
+        kw = operator_kw(dist)
         for d in ds:
-            t = _best(lambda: sed_dask.sketch(store, runs=[run], d=d, distribution=dist, scheduler="threads",
-                                              progress=False), repeat)
-            t1 = _best(lambda: sed_dask.spectrum(store, sketch={"d": d, "distribution": dist}, **spec), repeat)
+            if only and d not in [int(x) for x in only.split("+")]:
+                continue
+            t = _best(lambda: sed_dask.sketch(store, runs=[run], d=d, scheduler="threads", progress=False, **kw),
+                      repeat)
+            t1 = _best(lambda: sed_dask.spectrum(store, sketch={"d": d, **kw}, **spec), repeat)
             rows.append(f"| sketch {dist} | {d} | {t:.2f} s | {t / t_gram:.1f}x | {gb / t:.2f} GB/s | "
                         f"{t1:.2f} s | {t1 / (t + t_spec):.2f} |")
     head = (f"Run `{run}`: {N + 1} checkpoints x {P:,} parameters ({gb:.2f} GB float32); threaded scheduler, "
-            f"{os.cpu_count()} cores, best of {repeat}. Last columns: `spectrum(..., sketch=...)` (spectra and "
+            f"{os.cpu_count()} cores, best of {repeat}, load average {os.getloadavg()[0]:.2f} at the end. "
+            "Last columns: `spectrum(..., sketch=...)` (spectra and "
             "sketch from one read) and its time over spectrum + sketch as two passes.\n\n"
             "| pass | d | wall | vs Gram | store read rate | spectrum + sketch in one pass | one pass / two |\n"
             "|---|---|---|---|---|---|---|")
     return head + "\n" + "\n".join(rows)
+
+
+def bench_ratio(store: str, run: str, *, W: int, ds: list[int], dists: list[str], rounds: int) -> str:
+    """Sketch pass / Gram pass robust to a busy machine: each round times the Gram pass and every
+    (operator, d) once, back to back; the ratio is the median over rounds of the per-round ratios."""
+    import sed_dask
+    from sed_dask.store import open_store
+
+    rs = open_store(store, mode="r").run(run)
+    cases = []
+    for spec_ in dists:
+        dist, _, only = spec_.partition("@")
+        cases += [(dist, d) for d in ds if not only or d in [int(x) for x in only.split("+")]]
+    times = {c: [] for c in [("gram", 0), *cases]}
+    load = []
+    for _ in range(rounds):
+        load.append(os.getloadavg()[0])
+        for (name, d), ts in times.items():
+            t = time.perf_counter()
+            if name == "gram":
+                sed_dask.banded_gram(rs, w_max=W + 1, scheduler="threads")
+            else:
+                sed_dask.sketch(store, runs=[run], d=d, scheduler="threads", progress=False, **operator_kw(name))
+            ts.append(time.perf_counter() - t)
+    g = np.array(times[("gram", 0)])
+    lines = [f"Run `{run}` ({rs.n_rows} x {rs.n_params:,}; {rs.n_rows * rs.n_params * 4 / 1e9:.2f} GB float32), "
+             f"{rounds} interleaved rounds, threaded scheduler, {os.cpu_count()} cores, load average "
+             f"{min(load):.1f}–{max(load):.1f} during the rounds.", "",
+             "| pass | d | median wall | min wall | median of per-round ratio to the Gram pass | range over rounds |",
+             "|---|---|---|---|---|---|",
+             f"| banded Gram (W_max = {W + 1}) | - | {np.median(g):.2f} s | {g.min():.2f} s | 1.00x | |"]
+    for c in cases:
+        t = np.array(times[c])
+        r = t / g
+        lines.append(f"| sketch {c[0]} | {c[1]} | {np.median(t):.2f} s | {t.min():.2f} s | **{np.median(r):.2f}x** "
+                     f"| {r.min():.2f}–{r.max():.2f}x |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- 2. SVDs
@@ -187,19 +242,74 @@ def bench_svd(store: str, run: str, *, k: int, n_oversamples: int, n_power_iter:
 
 
 # ----------------------------------------------------------------------------- 3. JL table
-def bench_jl(store: str, runs: list[str], *, windows: list[int], ds: list[int], seeds: list[int], dist: str,
+def bench_jl(store: str, runs: list[str], *, windows: list[int], ds: list[int], seeds: list[int], dists: list[str],
              nested: bool) -> str:
+    import sed_dask
     from sed_dask.results.sketch_spectra import jl_error_report, jl_table
 
-    out = []
+    out, reps = [], {}
     for run in runs:
-        t = time.perf_counter()
-        rep = jl_error_report(store, run=run, windows=windows, ds=ds, seeds=seeds, distribution=dist,
-                              nested=nested, scheduler="threads")
-        how = "nested columns of one sketch per seed" if nested else "independent operator per (d, seed)"
-        out.append(f"Run `{run}` ({dist} Phi, seeds {seeds}, {how}; {time.perf_counter() - t:.0f} s):"
-                   f"\n\n{jl_table(rep)}")
+        exact = sed_dask.spectrum(store, runs=[run], windows=windows, scheduler="threads", progress=False)
+        for dist in dists:
+            kw = operator_kw(dist)
+            t = time.perf_counter()
+            rep = jl_error_report(exact, store=store, run=run, windows=windows, ds=ds, seeds=seeds,
+                                  nested=nested and kw["distribution"] != "osnap", scheduler="threads", **kw)
+            reps[(run, dist)] = rep
+            how = "nested columns of one sketch per seed" if rep.attrs["nested_d"] else \
+                "independent operator per (d, seed)"
+            out.append(f"Run `{run}` ({dist} Phi, seeds {seeds}, {how}; {time.perf_counter() - t:.0f} s):"
+                       f"\n\n{jl_table(rep)}")
+    if len(dists) > 1:  # side by side: mean relative error (%) of r23 and edge per (W, d), each operator
+        head = "| run | W | d | " + " | ".join(f"{x} r23 / edge" for x in dists) + \
+            f" | max abs. diff. vs {dists[0]} (points) |"
+        lines = [head, "|" + "---|" * (4 + len(dists))]
+        for run in runs:
+            for W in windows:
+                for d in ds:
+                    cells, vals = [], []
+                    for dist in dists:
+                        mean = reps[(run, dist)]["mean"].sel(window=W, d=d)
+                        m = [float(mean.sel(ratio=r)) * 100 for r in ("r23", "edge")]
+                        cells.append(f"{m[0]:.1f} / {m[1]:.1f}%")
+                        vals.append(m)
+                    diff = max(abs(v[i] - vals[0][i]) for v in vals[1:] for i in range(2))
+                    lines.append(f"| {run} | {W} | {d} | " + " | ".join(cells) + f" | {diff:.1f} |")
+        out.append("Mean relative error, side by side:\n\n" + "\n".join(lines))
     return "\n\n".join(out)
+
+
+def bench_jl_per_seed(store: str, runs: list[str], *, W: int, ds: list[int], seeds: list[int],
+                      dists: list[str]) -> str:
+    """Is a difference between operators more than seed noise? The protocol's mean error per seed
+    (independent operators, seed 1000 s + d), then mean +- standard error over seeds, and each
+    operator's difference from the first one with its standard error."""
+    import sed_dask
+    from sed_dask.results.sketch_spectra import jl_error_report
+
+    lines = ["| run | d | " + " | ".join(f"{x} r23 / edge" for x in dists) +
+             "".join(f" | {x} - {dists[0]}: r23 / edge" for x in dists[1:]) + " |",
+             "|" + "---|" * (2 + 2 * len(dists) - 1)]
+    for run in runs:
+        exact = sed_dask.spectrum(store, runs=[run], windows=[W], scheduler="threads", progress=False)
+        per = {}
+        for dist in dists:
+            kw = operator_kw(dist)
+            per[dist] = np.array([[[float(jl_error_report(exact, store=store, run=run, windows=[W], ds=[d], seeds=[s],
+                                                          nested=False, scheduler="threads", **kw)["mean"]
+                                          .sel(window=W, d=d, ratio=r)) * 100 for r in ("r23", "edge")]
+                                   for d in ds] for s in seeds])           # (seed, d, ratio)
+        n = len(seeds)
+        for di, d in enumerate(ds):
+            cells = [" / ".join(f"{per[x][:, di, r].mean():.1f} ± {per[x][:, di, r].std(ddof=1) / n ** 0.5:.1f}"
+                                for r in (0, 1)) for x in dists]
+            for x in dists[1:]:
+                diff = per[x][:, di] - per[dists[0]][:, di]          # independent seeds: SEs add in quadrature
+                se = np.sqrt(per[x][:, di].var(axis=0, ddof=1) / n + per[dists[0]][:, di].var(axis=0, ddof=1) / n)
+                cells.append(" / ".join(f"{diff[:, r].mean():+.1f} ± {se[r]:.1f}" for r in (0, 1)))
+            lines.append(f"| {run} | {d} | " + " | ".join(cells) + " |")
+    return (f"W = {W}, seeds {seeds[0]}..{seeds[-1]} ({len(seeds)}), mean relative error in % "
+            "(mean ± standard error over seeds):\n\n" + "\n".join(lines))
 
 
 def main(argv=None) -> None:
@@ -216,13 +326,17 @@ def main(argv=None) -> None:
     ap.add_argument("--n-power-iter", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--skip-sketch", action="store_true")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="instead of best-of-repeat: this many interleaved rounds of Gram and every sketch (ratios)")
     ap.add_argument("--skip-svd", action="store_true")
     ap.add_argument("--jl-store", help="also print the JL error table for runs of this store")
     ap.add_argument("--jl-runs", default=None, help="runs for the JL table (default: all)")
     ap.add_argument("--jl-windows", default="10")
     ap.add_argument("--jl-ds", default="50,100,200,500,1000")
     ap.add_argument("--jl-seeds", default="0,1,2")
-    ap.add_argument("--jl-distribution", default="gaussian")
+    ap.add_argument("--jl-distribution", default="gaussian", help="operators, comma-separated (osnap:S for s = S)")
+    ap.add_argument("--jl-per-seed", action="store_true",
+                    help="instead: mean +- standard error over seeds per operator, and differences (first W only)")
     ap.add_argument("--jl-nested", action="store_true", help="one max(d) sketch per seed, prefixes for smaller d")
     a = ap.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
@@ -234,7 +348,11 @@ def main(argv=None) -> None:
         store = make_store(os.path.join(tmp, "store.zarr"), P=a.P, n_ckpts=a.n_ckpts)
         print(f"(synthetic store written in {time.perf_counter() - t:.0f} s)\n")
     try:
-        if not a.skip_sketch:
+        if a.rounds:
+            print("### Sketch pass / Gram pass, interleaved rounds\n")
+            print(bench_ratio(store, a.run, W=a.W, ds=ints(a.d), dists=a.distributions.split(","), rounds=a.rounds))
+            print()
+        elif not a.skip_sketch:
             print("### Sketch pass vs banded-Gram pass\n")
             print(bench_sketch(store, a.run, W=a.W, ds=ints(a.d), dists=a.distributions.split(","), repeat=a.repeat))
             print()
@@ -248,8 +366,12 @@ def main(argv=None) -> None:
 
             runs = a.jl_runs.split(",") if a.jl_runs else open_store(a.jl_store, mode="r").runs
             print("### JL error of edge ratios vs the exact engine\n")
+            if a.jl_per_seed:
+                print(bench_jl_per_seed(a.jl_store, runs, W=ints(a.jl_windows)[0], ds=ints(a.jl_ds),
+                                        seeds=ints(a.jl_seeds), dists=a.jl_distribution.split(",")))
+                return
             print(bench_jl(a.jl_store, runs, windows=ints(a.jl_windows), ds=ints(a.jl_ds), seeds=ints(a.jl_seeds),
-                           dist=a.jl_distribution, nested=a.jl_nested))
+                           dists=a.jl_distribution.split(","), nested=a.jl_nested))
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -175,7 +175,7 @@ def _oracle_sigma(traj, W):
     return np.array([s for _, s, _ in window_svds(_deltas(traj), W)])
 
 
-@pytest.mark.parametrize("dist", ["gaussian", "sparse"])
+@pytest.mark.parametrize("dist", ["gaussian", "sparse", "osnap"])
 def test_sketch_in_the_gram_pass_is_bit_identical(stores, traj, dist):
     """``spectrum(..., sketch=...)``: one read gives the exact spectra and the very sketch that
     ``sketch()`` gives, under unrelated chunkings, tile plans (several P-ranges, several row
@@ -216,7 +216,8 @@ def test_sketch_in_the_gram_pass_on_a_cluster_roundtrips_and_feeds_sketch_spectr
 
 def test_sketch_argument_forms_and_errors(stores):
     small = spectrum(stores[1], windows=(3,), scheduler="sync", progress=False, sketch=5)
-    assert small.sizes["dim"] == 5 and small["sketch"].attrs["distribution"] == "gaussian"
+    assert small.sizes["dim"] == 5 and small["sketch"].attrs["distribution"] == dask.config.get(
+        "sed_dask.sketch.distribution")
     with dask.config.set({"sed_dask.sketch.d": 6}):
         assert spectrum(stores[1], windows=(3,), scheduler="sync", progress=False, sketch=True).sizes["dim"] == 6
     assert "sketch" not in spectrum(stores[1], windows=(3,), scheduler="sync", progress=False, sketch=False)
@@ -243,7 +244,7 @@ def test_column_plan_with_a_sketch_aligns_to_rng_tiles():
 
 
 # ----------------------------------------------------------------------------- the pass
-@pytest.mark.parametrize("dist", ["gaussian", "rademacher", "sparse"])
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher", "sparse", "osnap"])
 def test_sketch_matches_dense_oracle(stores, traj, dist):
     ds = sketch(stores[0], d=D, seed=7, distribution=dist, tile_elems=T, scheduler="sync", progress=False)
     S = ds["sketch"].sel(run="seed0").values
@@ -266,7 +267,7 @@ LAYOUTS = [  # (tiles_per_task, block_steps, tile_bytes): step blocks cut ROW_BL
 ]
 
 
-@pytest.mark.parametrize("dist", ["gaussian", "sparse"])
+@pytest.mark.parametrize("dist", ["gaussian", "sparse", "osnap"])
 def test_sketch_is_bit_identical_under_any_chunking(stores, dist):
     ref = sketch(stores[0], d=D, seed=7, distribution=dist, tile_elems=T, scheduler="sync",
                  progress=False)["sketch"].values
@@ -282,10 +283,11 @@ def test_sketch_is_bit_identical_under_any_chunking(stores, dist):
     assert not np.array_equal(other["sketch"].values, ref)
 
 
-def test_sketch_on_distributed_cluster_is_bit_identical(stores, client):
-    ref = sketch(stores[0], d=D, seed=3, tile_elems=T, scheduler="threads", progress=False)
+@pytest.mark.parametrize("dist", ["gaussian", "osnap"])
+def test_sketch_on_distributed_cluster_is_bit_identical(stores, client, dist):
+    ref = sketch(stores[0], d=D, seed=3, tile_elems=T, distribution=dist, scheduler="threads", progress=False)
     for store, lay in [(stores[1], LAYOUTS[1]), (stores[2], LAYOUTS[2])]:
-        ds = sketch(store, d=D, seed=3, tile_elems=T, client=client, progress=False, **lay)
+        ds = sketch(store, d=D, seed=3, tile_elems=T, distribution=dist, client=client, progress=False, **lay)
         assert np.array_equal(ds["sketch"].values, ref["sketch"].values)
 
 
@@ -322,7 +324,8 @@ def _window_sigmas(Dm, W):
 
 def test_sketch_spectra_schema_and_convergence(stores, traj):
     exact = sed_dask.spectrum(stores[0], windows=(5, 10), scheduler="sync", progress=False)
-    sk = sketch(stores[0], d=2000, seed=1, tile_elems=T, scheduler="threads", progress=False)
+    sk = sketch(stores[0], d=2000, seed=1, tile_elems=T, distribution="gaussian", scheduler="threads",
+                progress=False)                   # nesting: the d prefixes below are d-sketches
     approx = spectra_from_sketch(sk, windows=(5, 10))
     assert set(approx.data_vars) == set(exact.data_vars) and "split_half" in approx.data_vars
     assert approx["sigma"].dims == exact["sigma"].dims
@@ -356,7 +359,8 @@ def test_sketch_band_matches_gram_of_sketch():
 
 def test_jl_error_report_against_numpy_oracle(stores, traj):
     ds_, seeds, W = (10, 40, 160), (0, 1), 5
-    rep = jl_error_report(stores[0], windows=(W,), ds=ds_, seeds=seeds, scheduler="threads", tile_elems=T)
+    rep = jl_error_report(stores[0], windows=(W,), ds=ds_, seeds=seeds, scheduler="threads", tile_elems=T,
+                          distribution="gaussian")
     assert rep["mean"].dims == ("window", "d", "ratio")
     Dm = _deltas(traj)
     sig = _window_sigmas(Dm, W)
@@ -384,7 +388,7 @@ def test_jl_error_report_against_numpy_oracle(stores, traj):
     assert m[0] > m[-1]
     # independent operators per (d, seed), seeded 1000 * seed + d as the reference does
     ind = jl_error_report(stores[0], windows=(W,), ds=(40,), seeds=(1,), nested=False, scheduler="threads",
-                          tile_elems=T)
+                          distribution="gaussian", tile_elems=T)
     Phi = Operator(seed=1040, d=40, distribution="gaussian", tile_elems=T, n_params=P).rows()
     sk_sig = _window_sigmas(Dm @ Phi, W)
     e = np.abs(sk_sig[:, 1] / sk_sig[:, 2] - sig[:, 1] / sig[:, 2]) / (sig[:, 1] / sig[:, 2])
@@ -400,7 +404,7 @@ def test_several_runs_on_a_union_step_grid(tmp_path):
     a, b = _trajectory(seed=3, n=20, p=1500), _trajectory(seed=4, n=12, p=1500)
     write_trajectory(path, "a", 10 * np.arange(20), a)
     write_trajectory(path, "b", 20 * np.arange(12), b)
-    ds = sketch(path, d=8, tile_elems=400, scheduler="threads", progress=False)
+    ds = sketch(path, d=8, tile_elems=400, distribution="gaussian", scheduler="threads", progress=False)
     assert list(ds["run"].values) == ["a", "b"]
     sb = ds["sketch"].sel(run="b")
     have = ds["delta_span"].sel(run="b").values >= 0

@@ -22,10 +22,12 @@ def register(sub) -> None:
     p.add_argument("--d", type=int, default=None, help="sketch dimension (default sed_dask.sketch.d, 100; "
                                                         "d = 10 W keeps edge ratios within ~6%%)")
     p.add_argument("--seed", type=int, default=None, help="operator seed (default sed_dask.sketch.seed)")
-    p.add_argument("--distribution", choices=["gaussian", "rademacher", "sparse"], default=None,
-                   help="entries of Phi (default sed_dask.sketch.distribution)")
+    p.add_argument("--distribution", choices=["gaussian", "rademacher", "sparse", "osnap"], default=None,
+                   help="entries of Phi (default sed_dask.sketch.distribution); osnap: s nonzeros per parameter, "
+                        "O(P s) random words, the cheapest; its columns do not nest (no d prefixes)")
     p.add_argument("--s", type=float, default=None, dest="s",
-                   help="sparse only: an entry is nonzero with probability 1/s (default sqrt(P))")
+                   help="sparse: an entry is nonzero with probability 1/s (default sqrt(P)); osnap: nonzeros per "
+                        "parameter, an integer (default sed_dask.sketch.osnap-s)")
     p.add_argument("--tile-elems", type=int, default=None,
                    help="rows of Phi per RNG tile (part of Phi's definition; default sed_dask.sketch.tile-elems)")
     p.add_argument("--runs", default=None, metavar="LIST", help="runs to sketch, comma-separated (default: all)")

@@ -49,7 +49,7 @@ def register(sub) -> None:
     sk.add_argument("--sketch-d", type=int, default=None, metavar="D",
                     help="also compute the JL sketch Phi^T delta of dimension D in the same read")
     sk.add_argument("--sketch-seed", type=int, default=None, help="operator seed (default sed_dask.sketch.seed)")
-    sk.add_argument("--sketch-distribution", choices=["gaussian", "rademacher", "sparse"], default=None,
+    sk.add_argument("--sketch-distribution", choices=["gaussian", "rademacher", "sparse", "osnap"], default=None,
                     help="entries of Phi (default sed_dask.sketch.distribution)")
     sk.add_argument("--sketch-tile-elems", type=int, default=None,
                     help="rows of Phi per RNG tile (default sed_dask.sketch.tile-elems)")

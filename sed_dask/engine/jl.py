@@ -11,13 +11,17 @@ Why it is built like this:
   ``random_raw`` output of a keyed Philox does not. Gaussian entries use Box-Muller on pairs of
   53-bit uniforms (words k and k + T/2 of a column of the tile); Rademacher uses the top bit; the very sparse
   operator (Li, Hastie & Church 2006) compares the top 53 bits with an integer threshold and takes
-  the sign from bit 0. Rademacher and sparse tiles are pure bit functions (identical on every
-  machine); Gaussian tiles go through ``log``/``cos``, whose last bit may differ between CPUs or
-  libm builds (never between the tasks of one homogeneous cluster).
-* **Columns nest.** Column ``j`` does not depend on ``d``, so the first ``d`` columns of a ``d' > d``
-  operator, rescaled by ``sqrt(d'/d)``, are the ``d`` operator: one wide sketch serves every smaller d.
+  the sign from bit 0. ``osnap`` (``sed_dask.engine.osnap``) draws only s words per row: one column per
+  block of d/s columns and a sign, so its cost is O(P s), not O(P d). Rademacher, sparse and osnap
+  tiles are pure bit functions (identical on every machine); Gaussian tiles go through
+  ``log``/``cos``, whose last bit may differ between CPUs or libm builds (never between the tasks
+  of one homogeneous cluster).
+* **Columns nest** (all but ``osnap``). Column ``j`` does not depend on ``d``, so the first ``d`` columns
+  of a ``d' > d`` operator, rescaled by ``sqrt(d'/d)``, are the ``d`` operator: one wide sketch serves
+  every smaller d. OSNAP's blocks depend on d, so it does not nest (``Operator.nests``).
 * Values are generated unscaled (N(0,1), +-1, {-1,0,+1}); ``Operator.scale`` (1/sqrt(d), or
-  sqrt(s/d) for sparse) is applied once to the finished sketch, so E[Phi_pj^2] = 1/d throughout.
+  sqrt(s/d) for sparse, 1/sqrt(s) for osnap) is applied once to the finished sketch, so
+  E[Phi_pj^2] = 1/d throughout (osnap: every row has squared norm exactly 1).
 """
 from __future__ import annotations
 
@@ -27,7 +31,9 @@ import math
 
 import numpy as np
 
-DISTRIBUTIONS = ("gaussian", "rademacher", "sparse")
+DISTRIBUTIONS = ("gaussian", "rademacher", "sparse", "osnap")
+NESTED_DISTRIBUTIONS = ("gaussian", "rademacher", "sparse")  # first d columns of a wider operator = the d one
+OSNAP_S = 1  # osnap nonzeros per row unless given (benchmarks/README.md "Sketch and directions")
 _TWO53 = 2.0 ** 53
 _INV53 = 2.0 ** -53
 _SHIFT = np.uint64(11)
@@ -46,7 +52,8 @@ class Operator:
     distribution: str
     tile_elems: int
     n_params: int
-    s: float | None = None   # sparse only: an entry is nonzero with probability 1/s (default sqrt(P))
+    s: float | None = None   # sparse: an entry is nonzero with probability 1/s (default sqrt(P));
+    #                          osnap: nonzeros per row, an integer 1..d (default OSNAP_S, at most d)
 
     def __post_init__(self):
         if not 0 <= int(self.seed) < 2 ** 64:
@@ -64,8 +71,14 @@ class Operator:
             if not s >= 1.0:
                 raise ValueError(f"sparse sketch density parameter s must be >= 1, got {s!r}")
             object.__setattr__(self, "s", s)
+        elif self.distribution == "osnap":
+            s = min(OSNAP_S, int(self.d)) if self.s is None else self.s
+            if float(s) != int(s) or not 1 <= int(s) <= int(self.d):
+                raise ValueError(f"osnap sketch s (nonzeros per row) must be an integer in 1..d={self.d}, got {s!r}")
+            object.__setattr__(self, "s", int(s))
         elif self.s is not None:
-            raise ValueError(f"s is the density of the 'sparse' distribution; not valid for {self.distribution!r}")
+            raise ValueError(f"s is a parameter of the 'sparse' and 'osnap' distributions; not valid for "
+                             f"{self.distribution!r}")
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -78,6 +91,16 @@ class Operator:
         return p0, min(p0 + self.tile_elems, self.n_params)
 
     @property
+    def nests(self) -> bool:
+        """Whether the first d' columns, rescaled by sqrt(d/d'), are the d' operator (not for osnap)."""
+        return self.distribution in NESTED_DISTRIBUTIONS
+
+    @property
+    def tile_values(self) -> int:
+        """Phi values one tile generates and holds: T x d (T x s for osnap); sizes task plans and caches."""
+        return self.tile_elems * (int(self.s) if self.distribution == "osnap" else self.d)
+
+    @property
     def threshold(self) -> int:
         """Sparse only: an entry is nonzero iff its top 53 bits are below this integer."""
         return max(1, min(1 << 53, int(round(_TWO53 / self.s))))
@@ -87,6 +110,8 @@ class Operator:
         """Factor applied to unscaled entries so that every entry has variance exactly 1/d."""
         if self.distribution == "sparse":
             return math.sqrt(_TWO53 / self.threshold / self.d)
+        if self.distribution == "osnap":
+            return 1.0 / math.sqrt(self.s)
         return 1.0 / math.sqrt(self.d)
 
     def describe(self) -> dict:
@@ -95,7 +120,10 @@ class Operator:
                "tile_elems": int(self.tile_elems), "n_params": int(self.n_params), "scale": self.scale,
                "rng": "numpy Philox4x64, key=(seed, tile), counter=(row//4, column, 0, 0), random_raw; "
                       "gaussian: Box-Muller on 53-bit uniforms; rademacher: top bit; sparse: 53-bit "
-                      "threshold + bit 0 sign"}
+                      "threshold + bit 0 sign; osnap: counter column b = block b of d // s columns, "
+                      "column (w >> 32) * size >> 32 in the block, bit 0 sign"}
+        if self.distribution == "osnap":
+            out["s"] = int(self.s)
         if self.distribution == "sparse":
             out["s"] = float(self.s)
             out["threshold"] = self.threshold
@@ -131,6 +159,10 @@ class Operator:
         import scipy.sparse as sp
 
         p0, p1 = self.tile_bounds(t)
+        if self.distribution == "osnap":
+            from sed_dask.engine.osnap import tile_csr
+
+            return tile_csr(self.raw(t, 0, p1 - p0, cols=range(self.s)), self.d)
         w = self.raw(t, 0, p1 - p0)
         nz = (w >> _SHIFT) < np.uint64(self.threshold)
         r, c = np.nonzero(nz)                      # row-major: sorted by column j, then row p
@@ -141,7 +173,7 @@ class Operator:
 
     def tile_T(self, t: int) -> np.ndarray:
         """Unscaled tile ``t`` transposed as a dense ``(d, rows)`` array, for any distribution."""
-        if self.distribution == "sparse":
+        if self.distribution in ("sparse", "osnap"):
             return self.tile_sparse(t).toarray()
         return self.tile_dense(t)
 
@@ -157,7 +189,18 @@ class Operator:
         return np.ascontiguousarray(out) * self.scale
 
     def checksum(self) -> str:
-        """sha256 (16 hex) of the first tile's scaled float64 values: proves which Phi a sketch used."""
+        """sha256 (16 hex) of the first tile's scaled float64 values: proves which Phi a sketch used.
+
+        osnap: of its nonzeros instead (per row p ascending: column int64, then scaled value float64),
+        O(T s) like the operator (the dense tile at d = 1000 took 0.3 s, as long as the whole pass).
+        """
+        if self.distribution == "osnap":
+            c = self.tile_sparse(0).tocsc()        # rows of Phi = columns of the transposed tile
+            c.sort_indices()
+            pairs = np.empty((c.nnz, 2), "<f8")
+            pairs[:, 0].view("<i8")[:] = c.indices
+            pairs[:, 1] = c.data * self.scale
+            return hashlib.sha256(pairs.tobytes()).hexdigest()[:16]
         a = np.ascontiguousarray(self.tile_T(0).T) * self.scale
         return hashlib.sha256(a.astype("<f8").tobytes()).hexdigest()[:16]
 

@@ -16,6 +16,7 @@ import numpy as np
 from sed_dask import config
 from sed_dask.engine.gram import GramResult
 from sed_dask.results.spectra import build_dataset, window_sizes
+from sed_dask.engine.jl import NESTED_DISTRIBUTIONS
 
 RATIOS = ("r12", "r23", "edge")
 
@@ -67,14 +68,19 @@ def sketch_grams(sketch_ds, *, width: int, runs=None, d: int | None = None) -> l
     """``GramResult`` stand-ins (group ``all``) from a sketch; ``d`` < sketch d uses the first d columns.
 
     Columns of Phi nest (``sed_dask.engine.jl``), so the first ``d`` columns rescaled by sqrt(d_sketch/d)
-    are the sketch a ``d``-dimensional operator with the same seed would give.
+    are the sketch a ``d``-dimensional operator with the same seed would give. OSNAP columns do not
+    nest (``sed_dask.engine.osnap``): ``d`` below its width is refused.
     """
-    n_params = json.loads(sketch_attrs(sketch_ds)["n_params"])
+    attrs = sketch_attrs(sketch_ds)
+    n_params = json.loads(attrs["n_params"])
     runs = [str(r) for r in sketch_ds["run"].values] if runs is None else list(runs)
     dmax = int(sketch_ds.sizes["dim"])
     d = dmax if d is None else int(d)
     if not 1 <= d <= dmax:
         raise ValueError(f"d={d} is outside the sketch's 1..{dmax} columns")
+    if d < dmax and attrs.get("distribution") not in NESTED_DISTRIBUTIONS:
+        raise ValueError(f"d={d} < {dmax}: the first d columns of a {attrs.get('distribution')!r} sketch are not a "
+                         f"d-dimensional sketch (its columns do not nest); sketch again with d={d}")
     out = []
     for run in runs:
         steps, S = _run_rows(sketch_ds, run)
@@ -95,8 +101,9 @@ def spectra_from_sketch(sketch_ds, *, windows=(10,), runs=None, d: int | None = 
                         normalize_spacing: bool = False, zero_rtol: float | None = None, output=None):
     """Results Dataset (docs/result_schema.md) of every W from a sketch Dataset, without the store.
 
-    ``d`` uses only the first d sketch columns. Singular values estimate the exact ones with a
-    relative error of order sqrt(W/d) (docs/method.md §11: d = 10W keeps the edge ratio within ~6%).
+    ``d`` uses only the first d sketch columns (refused for osnap, whose columns do not nest).
+    Singular values estimate the exact ones with a relative error of order sqrt(W/d) (docs/method.md
+    §11: d = 10W keeps the edge ratio within ~6%).
     """
     from sed_dask import __version__
 
@@ -155,7 +162,7 @@ def edge_ratios(sigma: np.ndarray, k_star: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def jl_error_report(source, *, run: str | None = None, windows=(10,), ds: Sequence[int] = (50, 100, 200, 500, 1000),
-                    seeds: Sequence[int] = (0, 1, 2), distribution: str | None = None, nested: bool = True,
+                    seeds: Sequence[int] = (0, 1, 2), distribution: str | None = None, nested: bool | None = None,
                     store=None, sketches=None, client=None, address: str | None = None,
                     scheduler_file: str | None = None, scheduler: str | None = None, progress: bool = False,
                     **sketch_kw):
@@ -165,9 +172,10 @@ def jl_error_report(source, *, run: str | None = None, windows=(10,), ds: Sequen
     (its ``source_store`` is sketched unless ``store``/``sketches`` are given). ``nested=True``: one
     sketch of ``max(ds)`` columns per seed, each d using its first d columns (cheapest; errors of
     different d are then correlated); ``nested=False``: an independent operator per (d, seed) with
-    seed ``1000 * seed + d``, the reference's convention (docs/method.md §11). ``sketches={seed: Dataset}``
-    (nested) or ``{(seed, d): Dataset}`` reuses sketches. Windows count where the exact sigma_2,
-    sigma_3 are nonzero and finite (as the reference does). Returns a Dataset
+    seed ``1000 * seed + d``, the reference's convention (docs/method.md §11). ``None``: nested
+    unless the operator's columns do not nest (osnap), for which ``nested=True`` is an error.
+    ``sketches={seed: Dataset}`` (nested) or ``{(seed, d): Dataset}`` reuses sketches. Windows count
+    where the exact sigma_2, sigma_3 are nonzero and finite (as the reference does). Returns a Dataset
     ``mean/std/max(window, d, ratio)`` with ratio in r12 (sigma1/sigma2), r23 (sigma2/sigma3), edge
     (sigma_k*/sigma_k*+1 at the exact k*), and ``n_windows(window)``; ``jl_table`` renders it.
     """
@@ -192,6 +200,12 @@ def jl_error_report(source, *, run: str | None = None, windows=(10,), ds: Sequen
     missing = [W for W in ws if W not in exact["window"].values]
     if missing:
         raise ValueError(f"the exact Dataset lacks window(s) {missing}")
+    dist = str(config.get("sketch.distribution", distribution))
+    if nested is None:
+        nested = dist in NESTED_DISTRIBUTIONS
+    elif nested and dist not in NESTED_DISTRIBUTIONS:
+        raise ValueError(f"nested=True uses the first d columns of one max(d) sketch, but {dist!r} columns do not "
+                         f"nest; use nested=False (an independent operator per (d, seed))")
     sketches = dict(sketches or {})
     wanted = {seed: (seed, max(ds_list)) for seed in seeds} if nested else \
         {(seed, d): (1000 * seed + d, d) for seed in seeds for d in ds_list}
