@@ -44,11 +44,12 @@ import warnings
 import numpy as np
 
 from sed_dask import config
-from sed_dask.errors import NonFiniteError, StoreError
+from sed_dask.engine import band_kernel
 from sed_dask.engine.grouping import ALL, resolve
 from sed_dask.engine.passes import (TileSpec, checked_steps, column_segments, execute, pass_settings, read_into,
                                     stream_deltas, sum_partials, tree_reduce)
 from sed_dask.engine.rawread import RawChunkReader
+from sed_dask.errors import NonFiniteError, StoreError
 from sed_dask.sources.run_source import RunSource
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ class BandAccumulator:
 
     Few rows (<= max(4 width, 64)): one symmetric product ``D @ D.T`` of all rows in memory (BLAS
     syrk; measured fastest there). More rows: chunks of ``2 width`` rows times their partners.
+    ``spec.kernel == "fused"``: only the band's products (:mod:`sed_dask.engine.band_kernel`), each row
+    once, in a summation order that does not depend on how rows are grouped.
     """
 
     name = "band"
@@ -82,8 +85,13 @@ class BandAccumulator:
         for g in sorted(gids):
             self.out[g] = np.zeros((spec.out_hi - spec.out_lo, spec.width), np.float64)
         self._work = None
+        self.kernel = band_kernel.runnable(spec.kernel)
+        self._next = spec.out_lo  # fused: first delta whose band row is not yet computed
 
     def update(self, S: np.ndarray, g0: int) -> None:
+        if self.kernel == "fused":
+            self.update_fused(S, g0)
+            return
         spec, w = self.spec, self.spec.width
         n = S.shape[0]
         i_out0 = max(0, spec.out_lo - g0)
@@ -121,6 +129,29 @@ class BandAccumulator:
                 ok = (col >= 0) & (i0 + t >= i_out0)
                 rows = np.broadcast_to(g0 + i0 + t - spec.out_lo, ok.shape)
                 out[rows[ok], np.broadcast_to(kk, ok.shape)[ok]] = A[np.broadcast_to(t, ok.shape)[ok], col[ok]]
+
+    def update_fused(self, S: np.ndarray, g0: int) -> None:
+        """Band rows of the deltas not yet computed (carried rows are skipped), one segment at a time."""
+        spec, w = self.spec, self.spec.width
+        n = S.shape[0]
+        i_out0 = max(0, spec.out_lo - g0, self._next - g0)
+        if i_out0 >= n:
+            return
+        pmin = max(0, i_out0 - w + 1)
+        if self._work is None or self._work.shape[0] < n - pmin:
+            self._work = np.empty((n - pmin, band_kernel.SUB_COLS), np.float64)
+        seg = np.empty((n - i_out0, w), np.float64)
+        acc = {g: np.zeros_like(seg) for g in self.out}
+        for lo, hi, gid in spec.segments:  # "all" = sum of the segments in column order
+            seg[:] = 0.0
+            band_kernel.band_segment(S, pmin, i_out0, lo - spec.c0, hi - spec.c0, w, self._work, seg)
+            acc[0] += seg
+            if gid:
+                acc[gid] += seg
+        r0 = g0 + i_out0 - spec.out_lo
+        for g, A in acc.items():
+            self.out[g][r0:r0 + n - i_out0] = A
+        self._next = g0 + n
 
     def result(self) -> dict[int, np.ndarray]:
         return self.out
@@ -237,14 +268,17 @@ class GramPlan:
     tiling: Tiling
     params: object
     extras: tuple = ()
+    kernel: str = "blas"   # band kernel every tile runs ("fused" | "blas")
 
 
 def gram_graph(run_store: RunSource, *, width: int, groups=None, precision: str | None = None,
                tile_bytes=None, block_steps: int | None = None, split_every: int | None = None,
-               direct_read: bool | None = None, extras: tuple = ()) -> GramPlan:
+               direct_read: bool | None = None, extras: tuple = (), kernel: str | None = None) -> GramPlan:
     """Build (do not run) the one-pass graph of ``run_store``'s banded Gram of ``width`` columns.
 
     ``extras``: further accumulators riding the same read (see ``gram_tile``), e.g. a JL sketch.
+    ``kernel``: "auto" | "fused" | "blas" (default ``spectrum.gram-kernel``), chosen here once for every
+    tile (:func:`sed_dask.engine.band_kernel.choose`) so all tiles of a pass sum the same way.
     """
     from dask.base import tokenize
 
@@ -273,8 +307,9 @@ def gram_graph(run_store: RunSource, *, width: int, groups=None, precision: str 
                         block_steps=ps.block_steps, col_align=align, max_cols=min(caps) if caps else None)
     zs = tuple(sorted(config.zarr_settings().items()))
     direct = bool(config.get("spectrum.direct-read", direct_read))
+    kern = band_kernel.choose(width, precision, kernel)
     token = tokenize(rs.token_id, rs.name, n_rows, P, index.hash, width, flat,
-                     precision, tiling, zs, direct, ps.split_every, extras)
+                     precision, tiling, zs, direct, ps.split_every, extras, kern)
     tname, rname, fname = f"sed-gram-tile-{token}", f"sed-gram-sum-{token}", f"sed-gram-{token}"
     params = rs.params
     dsk: dict = {}
@@ -283,14 +318,14 @@ def gram_graph(run_store: RunSource, *, width: int, groups=None, precision: str 
         level = []
         for p, (c0, c1) in enumerate(tiling.cols):
             spec = TileSpec(a, e, c0, c1, column_segments(c0, c1, flat), width, tiling.buf_rows,
-                            tiling.sub_cols, precision, zs, direct, extras)
+                            tiling.sub_cols, precision, zs, direct, extras, kern)
             dsk[(tname, b, p)] = (gram_tile, params, spec)
             level.append((tname, b, p))
         block_keys.append(tree_reduce(dsk, level, rname, combine_partials, extras,
                                       split_every=ps.split_every, prefix=(b,)))
     dsk[(fname,)] = (assemble_blocks, block_keys, n_rows - 1, width)
     return GramPlan(rs.name, dsk, (fname,), names, sizes, {ALL: "the whole selected parameter vector", **gdesc},
-                    steps, width, precision, tiling, params, extras)
+                    steps, width, precision, tiling, params, extras, kern)
 
 
 # ----------------------------------------------------------------------------- running
@@ -345,7 +380,7 @@ def finish(plan: GramPlan, out: dict) -> GramResult:
         raise StoreError(f"run {plan.run!r}: NaN/Inf in the store at step(s) "
                          f"{[int(plan.steps[r]) for r in rows]} (row(s) {rows})")
     return GramResult(plan.run, band, list(plan.groups), dict(plan.n_params), dict(plan.group_desc),
-                      plan.steps, w, plan.precision, plan.tiling.as_dict(),
+                      plan.steps, w, plan.precision, {**plan.tiling.as_dict(), "kernel": plan.kernel},
                       {x.name: x.finish(out[x.name]) for x in plan.extras})
 
 
@@ -369,7 +404,7 @@ def find_nonfinite_rows(params, bad_deltas) -> list[int]:
 def banded_gram(run_store: RunSource, *, w_max: int, groups=None, client=None, scheduler: str | None = None,
                 address: str | None = None, scheduler_file: str | None = None, precision: str | None = None,
                 tile_bytes=None, block_steps: int | None = None, split_every: int | None = None,
-                direct_read: bool | None = None, progress: bool = False) -> GramResult:
+                direct_read: bool | None = None, progress: bool = False, kernel: str | None = None) -> GramResult:
     """The banded Gram (entries ``|i-j| < w_max``) of one run in one pass, global and per group.
 
     Runs where ``sed_dask.cluster.placement`` decides: a local ``scheduler`` ("threads", "sync"),
@@ -377,7 +412,7 @@ def banded_gram(run_store: RunSource, *, w_max: int, groups=None, client=None, s
     scheduler, else threads in this process.
     """
     plan = gram_graph(run_store, width=w_max, groups=groups, precision=precision, tile_bytes=tile_bytes,
-                      block_steps=block_steps, split_every=split_every, direct_read=direct_read)
+                      block_steps=block_steps, split_every=split_every, direct_read=direct_read, kernel=kernel)
     return run_plans([plan], client=client, scheduler=scheduler, address=address,
                      scheduler_file=scheduler_file, progress=progress)[0]
 

@@ -40,6 +40,7 @@ class TileSpec:
     zarr_settings: tuple = ()
     direct_read: bool = True  # positioned reads of raw local chunk files when the layout allows
     extras: tuple = ()        # further accumulators fed by the same read (see ``gram_tile``)
+    kernel: str = "blas"      # band kernel: "blas" | "fused" (sed_dask.engine.band_kernel), chosen once per pass
 
 
 def read_into(params, r0: int, r1: int, c0: int, c1: int, out: np.ndarray) -> None:
@@ -72,7 +73,7 @@ class _Prefetch:
     def _run(self, *args):
         try:
             read_into(*args)
-        except BaseException as exc:  # re-raised in the task's thread
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the task's thread
             self.exc = exc
 
     def wait(self):
