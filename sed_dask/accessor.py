@@ -8,8 +8,12 @@ only xarray at import time — the analysis modules load on first use — so reg
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 import xarray as xr
+
+if TYPE_CHECKING:  # annotations only: importing pandas here would slow `import sed_dask`
+    import pandas as pd
 
 # accessor method -> "module:function" in sed_dask.analysis; every method below forwards to one of
 # these with the same signature (tests/test_accessor_signatures.py keeps the two in step)
