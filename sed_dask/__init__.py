@@ -31,6 +31,9 @@ _LAZY = {
     "subspace_rotation": "sed_dask.engine.directions",
     "connect": "sed_dask.cluster.client",
     "open_results": "sed_dask.store.outputs",
+    "watch": "sed_dask.live.watch",
+    "LiveSpectrum": "sed_dask.live.incremental",
+    "open_live": "sed_dask.live.incremental",
 }
 
 

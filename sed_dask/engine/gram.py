@@ -253,10 +253,12 @@ class GramPlan:
 
 def gram_graph(run_store: RunSource, *, width: int, groups=None, precision: str | None = None,
                tile_bytes=None, block_steps: int | None = None, split_every: int | None = None,
-               direct_read: bool | None = None, extras: tuple = ()) -> GramPlan:
+               direct_read: bool | None = None, extras: tuple = (), rows: tuple[int, int] | None = None) -> GramPlan:
     """Build (do not run) the one-pass graph of ``run_store``'s banded Gram of ``width`` columns.
 
     ``extras``: further accumulators riding the same read (see ``gram_tile``), e.g. a JL sketch.
+    ``rows=(lo, hi)``: emit only band rows ``lo .. hi-1`` (one step block; the live engine's new
+    deltas), with the whole run's P-ranges and kernel, so they equal the full pass's rows bit for bit.
     """
     from dask.base import tokenize
 
@@ -289,9 +291,16 @@ def gram_graph(run_store: RunSource, *, width: int, groups=None, precision: str 
                      precision, tiling, zs, direct, ps.split_every, extras)
     tname, rname, fname = f"sed-gram-tile-{token}", f"sed-gram-sum-{token}", f"sed-gram-{token}"
     params = rs.params
+    blocks = tiling.blocks
+    if rows is not None:
+        lo, hi = int(rows[0]), int(rows[1])
+        if not 0 <= lo < hi <= n_rows - 1:
+            raise ValueError(f"rows={rows!r}: need 0 <= lo < hi <= {n_rows - 1} (the run's deltas)")
+        blocks, token = ((lo, hi),), tokenize(token, lo, hi)
+        tname, rname, fname = f"sed-gram-tile-{token}", f"sed-gram-sum-{token}", f"sed-gram-{token}"
     dsk: dict = {}
     block_keys = []
-    for b, (a, e) in enumerate(tiling.blocks):
+    for b, (a, e) in enumerate(blocks):
         level = []
         for p, (c0, c1) in enumerate(tiling.cols):
             spec = TileSpec(a, e, c0, c1, column_segments(c0, c1, flat), width, tiling.buf_rows,
@@ -300,7 +309,7 @@ def gram_graph(run_store: RunSource, *, width: int, groups=None, precision: str 
             level.append((tname, b, p))
         block_keys.append(tree_reduce(dsk, level, rname, combine_partials, extras,
                                       split_every=ps.split_every, prefix=(b,)))
-    dsk[(fname,)] = (assemble_blocks, block_keys, n_rows - 1, width)
+    dsk[(fname,)] = (assemble_blocks, block_keys, sum(e - a for a, e in blocks), width)
     return GramPlan(rs.name, dsk, (fname,), names, sizes, {ALL: "the whole selected parameter vector", **gdesc},
                     steps, width, precision, tiling, params, extras)
 
