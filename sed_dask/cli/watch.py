@@ -38,10 +38,10 @@ def run(args: argparse.Namespace) -> int:
     from sed_dask.engine.grouping import parse_groups_arg
     from sed_dask.live.watch import watch
 
-    kw = dict(results=args.results, windows=int_list(args.windows, "windows", minimum=2), store=args.store,
-              run=args.run, groups=parse_groups_arg(args.groups), alerts=args.alerts, until=args.until,
-              idle_timeout=args.idle_timeout, poll=args.poll, settle=args.settle,
-              normalize_spacing=args.normalize_spacing)
+    kw = {"results": args.results, "windows": int_list(args.windows, "windows", minimum=2), "store": args.store,
+          "run": args.run, "groups": parse_groups_arg(args.groups), "alerts": args.alerts, "until": args.until,
+          "idle_timeout": args.idle_timeout, "poll": args.poll, "settle": args.settle,
+          "normalize_spacing": args.normalize_spacing}
     if args.poll <= 0 or args.settle < 0:
         raise ValueError("--poll must be > 0 and --settle >= 0")
     with execution_context(args, kw) as client:

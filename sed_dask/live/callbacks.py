@@ -92,7 +92,7 @@ class BackgroundWatch:
     def _run(self, folder, kw):
         try:
             self.summary = watch(folder, stop=self.event, **kw)
-        except BaseException as exc:  # re-raised by stop()
+        except BaseException as exc:  # noqa: BLE001  (re-raised by stop(), in the caller's thread)
             self.error = exc
 
     def stop(self, timeout: float | None = None):

@@ -195,7 +195,10 @@ class LiveSpectrum:
         """Append every new complete checkpoint's band row and windows; None if there is nothing to do."""
         t0 = time.perf_counter()
         rs = self._open_run()
-        steps = rs.check_complete()   # StoreError / RunLockedError while another ingest is writing rows
+        # the row labels only: the completion check (one read per row in the trajectory store's layout,
+        # the one cost here that grows with N) is done once, by the pass planner in _rows
+        steps = rs.row_steps()
+        steps = steps[steps >= 0]
         N = steps.size - 1
         if self.ckpt_steps is not None:
             k = min(self.ckpt_steps.size, self.n + 1)
@@ -205,7 +208,9 @@ class LiveSpectrum:
         if N <= self.n or N < max(self.windows):
             return None
         lo = self.n if self.ckpt_steps is not None else 0
-        new = self._rows(rs, lo, N)
+        new = self._rows(rs, lo, N)   # StoreError / RunLockedError while another ingest is writing rows
+        if not np.array_equal(self._plan.steps, steps):
+            raise StoreError(f"run {rs.name!r}: its rows changed while being read; retry")
         if self.ckpt_steps is None:
             band, ck = new, steps
         else:

@@ -198,7 +198,7 @@ def watch(source, *, results, windows=(10,), store=None, run: str | None = None,
             except RunLockedError:
                 u = None          # another ingest is writing rows; they are taken when complete
             except StoreError as exc:
-                if "ingestion is incomplete" not in str(exc) and "has no run" not in str(exc):
+                if not any(s in str(exc) for s in ("ingestion is incomplete", "has no run", "no trajectory store")):
                     raise
                 u = None
             if u is not None:
