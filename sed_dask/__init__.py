@@ -33,6 +33,9 @@ _LAZY = {
     "open_results": "sed_dask.store.outputs",
     "weight_spectra": "sed_dask.weights",
     "update_alignment": "sed_dask.weights",
+    "watch": "sed_dask.live.watch",
+    "LiveSpectrum": "sed_dask.live.incremental",
+    "open_live": "sed_dask.live.incremental",
 }
 
 

@@ -18,7 +18,7 @@ RANK = {
     "engine": 4,
     "results": 5,
     "analysis": 6, "weights": 6,
-    "accessor": 7, "report": 7, "testing": 7,
+    "accessor": 7, "report": 7, "live": 7, "testing": 7,
     "demo": 8,
     "cli": 9,
     "__init__": 10, "__main__": 10,

@@ -8,7 +8,8 @@ import re
 import sys
 
 # subcommand modules, in the order shown by --help
-COMMANDS = ["ingest", "spectrum", "sketch", "directions", "weights", "query", "report", "demo", "deploy"]
+COMMANDS = ["ingest", "spectrum", "sketch", "directions", "weights", "query", "watch", "report", "demo",
+            "deploy"]
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:

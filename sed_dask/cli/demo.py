@@ -20,6 +20,9 @@ def register(sub) -> None:
     p.add_argument("--windows", default=None, metavar="LIST",
                    help="window lengths W, comma-separated (default 5,10,20; quick 5,10,15)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--live", action="store_true",
+                   help="train one seed and watch it at once (sed-dask watch): the edge after every checkpoint and "
+                        "each early-warning alert as it is raised, then each alert's lead over grokking")
     add_cluster_args(p)
     p.set_defaults(func=run)
 
@@ -29,6 +32,11 @@ def run(args: argparse.Namespace) -> int:
     from sed_dask.demo.pipeline import run_demo
 
     windows = [int(w) for w in args.windows.split(",") if w.strip()] if args.windows else None
+    if args.live:
+        from sed_dask.demo.live import run_live_demo
+
+        run_live_demo(args.out_dir, quick=args.quick, windows=windows, echo=lambda line: print(line, flush=True))
+        return 0
     local = {}
     if args.n_workers or args.local_cluster:
         local["n_workers"] = args.n_workers or args.local_cluster

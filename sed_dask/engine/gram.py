@@ -24,9 +24,11 @@ Scheme (why it is shaped like this):
   when tile-bytes is smaller than a chunk of the rows held in memory. A tile splits its columns at
   layer-group boundaries and emits one partial per group it touches plus ``all``.
 * **Kernel.** Deltas are formed in float32 (docs/method.md §2.3) in place, then each ~2 MiB column
-  sub-block is upcast to float64 and multiplied by BLAS: one ``D @ D.T`` (syrk) when the rows in
-  memory are few (the usual case, measured fastest), else chunks of ``2 width`` rows times their
-  ``width-1`` predecessors (gemm). Sub-block sums run in a fixed order.
+  sub-block is upcast to float64 and multiplied by BLAS with a fixed shape: chunks of ``2 width``
+  rows aligned to the absolute delta index, with their ``width-1`` predecessors, one ``D @ D.T``
+  (syrk) each, zero-padded (``BandAccumulator``). P-ranges and sub-blocks depend on the width, not
+  on the run's length, so a band row has the same bits in any task and after any number of later
+  checkpoints (what the live engine needs). Sub-block sums run in a fixed order.
 * **Reduction.** Partials are dicts (``{"band": {group: array}}``) summed by a tree of add tasks
   with a fixed operand order, so the result is bit-identical on any scheduler; later accumulators
   (e.g. a JL sketch ``delta @ Phi``, ``sed_dask.engine.sketch.SketchExtra``) add a key to the dict and
@@ -67,13 +69,23 @@ class PrecisionWarning(UserWarning):
 
 
 # ----------------------------------------------------------------------------- tile kernel
+def row_chunk(width: int) -> int:
+    """Delta rows per fixed-shape kernel call: part of the summation order (see ``BandAccumulator``)."""
+    return 2 * width
+
+
 class BandAccumulator:
     """Banded products of the tile's deltas, per group, accumulated in float64.
 
-    Few rows (<= max(4 width, 64)): one symmetric product ``D @ D.T`` of all rows in memory (BLAS
-    syrk; measured fastest there). More rows: chunks of ``2 width`` rows times their partners.
+    **Fixed-shape kernel** (as the sketch's ``tile_product``): delta rows are taken in chunks of
+    ``2 width`` aligned to the *absolute* delta index; a chunk and its ``width-1`` predecessors
+    (zero rows where a row is not in memory) form one float64 work block of a fixed shape whose
+    ``D @ D.T`` (BLAS syrk) gives the chunk's band entries. A BLAS product's rounding depends on
+    its shape and a row's position in it, never on other rows' values, so a band row has the same
+    bits whichever task, step block, row batch or run length computed it: the live engine
+    (``sed_dask.live``) emits one new row and gets the batch pass's bits. Each row is emitted once.
     ``spec.kernel == "fused"``: only the band's products (:mod:`sed_dask.engine.band_kernel`), each row
-    once, in a summation order that does not depend on how rows are grouped.
+    once, in a summation order that does not depend on how rows are grouped (so live rows match too).
     """
 
     name = "band"
@@ -84,6 +96,7 @@ class BandAccumulator:
         gids = {0} | {g for _, _, g in spec.segments}
         for g in sorted(gids):
             self.out[g] = np.zeros((spec.out_hi - spec.out_lo, spec.width), np.float64)
+        self.next = spec.out_lo  # first delta not yet emitted
         self._work = None
         self.kernel = band_kernel.runnable(spec.kernel)
         self._next = spec.out_lo  # fused: first delta whose band row is not yet computed
@@ -93,42 +106,39 @@ class BandAccumulator:
             self.update_fused(S, g0)
             return
         spec, w = self.spec, self.spec.width
+        H, m = w - 1, row_chunk(w)
         n = S.shape[0]
-        i_out0 = max(0, spec.out_lo - g0)
-        if i_out0 >= n:
+        first, last = max(self.next, g0), min(g0 + n, spec.out_hi)
+        if first >= last:
             return
-        pmin = max(0, i_out0 - w + 1)
-        if n - pmin <= max(4 * w, 64):
-            chunks = [(pmin, n, pmin)]
-        else:
-            m = 2 * w
-            chunks = [(i, min(i + m, n), max(0, i - w + 1)) for i in range(i_out0, n, m)]
-        single = len(chunks) == 1 and chunks[0][0] == chunks[0][2]
-        acc = {g: [np.zeros((i1 - i0, i1 - p0)) for i0, i1, p0 in chunks] for g in self.out}
         dtype = np.float64 if spec.precision == "float64" else np.float32
         # one preallocated work block: Dask's nanny sets MALLOC_TRIM_THRESHOLD_, which turns every
         # multi-MiB temporary into a fresh mmap whose pages are zeroed again (measured 2x the CPU)
-        if self._work is None or self._work.shape[0] < n - pmin or self._work.dtype != dtype:
-            self._work = np.empty((n - pmin, spec.sub_cols), dtype)
+        if self._work is None or self._work.dtype != dtype:
+            self._work = np.empty((m + H, spec.sub_cols), dtype)
+        chunks = range((first // m) * m, last, m)
+        acc = {g: [np.zeros((m + H, m + H)) for _ in chunks] for g in self.out}
         for lo, hi, gid in spec.segments:
             for a in range(lo - spec.c0, hi - spec.c0, spec.sub_cols):
                 b = min(a + spec.sub_cols, hi - spec.c0)
-                D = self._work[:n - pmin, :b - a]
-                np.copyto(D, S[pmin:n, a:b])
-                for j, (i0, i1, p0) in enumerate(chunks):
-                    G = D @ D.T if single else D[i0 - pmin:i1 - pmin] @ D[p0 - pmin:i1 - pmin].T
+                D = self._work[:, :b - a]
+                for j, q in enumerate(chunks):
+                    r0, r1 = max(q - H, g0), min(q + m, g0 + n)   # rows of the block held in S
+                    D[:r0 - (q - H)] = 0.0
+                    np.copyto(D[r0 - (q - H):r1 - (q - H)], S[r0 - g0:r1 - g0, a:b])
+                    D[r1 - (q - H):] = 0.0
+                    G = D @ D.T
                     acc[0][j] += G
                     if gid:
                         acc[gid][j] += G
+        t = np.arange(m)[:, None]
+        kk = np.arange(w)[None, :]
         for g, mats in acc.items():
             out = self.out[g]
-            for (i0, i1, p0), A in zip(chunks, mats):
-                t = np.arange(i1 - i0)[:, None]
-                kk = np.arange(w)[None, :]
-                col = i0 - p0 + t - kk
-                ok = (col >= 0) & (i0 + t >= i_out0)
-                rows = np.broadcast_to(g0 + i0 + t - spec.out_lo, ok.shape)
-                out[rows[ok], np.broadcast_to(kk, ok.shape)[ok]] = A[np.broadcast_to(t, ok.shape)[ok], col[ok]]
+            for q, A in zip(chunks, mats):
+                lo, hi = max(q, first) - q, min(q + m, last) - q
+                out[q + lo - spec.out_lo:q + hi - spec.out_lo] = A[H + t[lo:hi], H + t[lo:hi] - kk]
+        self.next = last
 
     def update_fused(self, S: np.ndarray, g0: int) -> None:
         """Band rows of the deltas not yet computed (carried rows are skipped), one segment at a time."""
@@ -228,7 +238,9 @@ def plan_tiles(n_rows: int, n_params: int, read_chunk: int, *, width: int, tile_
     N, H, P = n_rows - 1, width - 1, n_params
     blocks = tuple((a, min(a + block_steps, N)) for a in range(0, N, block_steps))
     max_rows = max(e - a + min(a, H) + 1 for a, e in blocks)
-    rows_mem = min(max_rows, max(4 * width, 64))
+    # P-ranges and sub-blocks depend on the width only, never on the run's length: a band row's
+    # summation order must not change when checkpoints are appended (the live engine relies on it)
+    rows_mem = max(4 * width, 64)
     per_buf = tile_bytes // 2  # two row buffers: one being read while the other is multiplied
     C = max(1, per_buf // (4 * rows_mem))
     if max_cols:
@@ -248,7 +260,7 @@ def plan_tiles(n_rows: int, n_params: int, read_chunk: int, *, width: int, tile_
                      for s in range(0, P, chunk) for q in range(s, min(s + chunk, P), piece))
     cmax = max(c1 - c0 for c0, c1 in cols)
     buf_rows = min(max(H + 1, per_buf // (4 * cmax)), max_rows - 1)
-    sub_cols = int(max(256, _SUB_BYTES // (8 * buf_rows)))
+    sub_cols = int(max(256, _SUB_BYTES // (8 * (row_chunk(width) + width - 1))))
     return Tiling(blocks, cols, int(buf_rows), sub_cols)
 
 
@@ -273,12 +285,15 @@ class GramPlan:
 
 def gram_graph(run_store: RunSource, *, width: int, groups=None, precision: str | None = None,
                tile_bytes=None, block_steps: int | None = None, split_every: int | None = None,
-               direct_read: bool | None = None, extras: tuple = (), kernel: str | None = None) -> GramPlan:
+               direct_read: bool | None = None, extras: tuple = (), kernel: str | None = None,
+               rows: tuple[int, int] | None = None) -> GramPlan:
     """Build (do not run) the one-pass graph of ``run_store``'s banded Gram of ``width`` columns.
 
     ``extras``: further accumulators riding the same read (see ``gram_tile``), e.g. a JL sketch.
     ``kernel``: "auto" | "fused" | "blas" (default ``spectrum.gram-kernel``), chosen here once for every
     tile (:func:`sed_dask.engine.band_kernel.choose`) so all tiles of a pass sum the same way.
+    ``rows=(lo, hi)``: emit only band rows ``lo .. hi-1`` (one step block; the live engine's new
+    deltas), with the whole run's P-ranges and kernel, so they equal the full pass's rows bit for bit.
     """
     from dask.base import tokenize
 
@@ -312,9 +327,16 @@ def gram_graph(run_store: RunSource, *, width: int, groups=None, precision: str 
                      precision, tiling, zs, direct, ps.split_every, extras, kern)
     tname, rname, fname = f"sed-gram-tile-{token}", f"sed-gram-sum-{token}", f"sed-gram-{token}"
     params = rs.params
+    blocks = tiling.blocks
+    if rows is not None:
+        lo, hi = int(rows[0]), int(rows[1])
+        if not 0 <= lo < hi <= n_rows - 1:
+            raise ValueError(f"rows={rows!r}: need 0 <= lo < hi <= {n_rows - 1} (the run's deltas)")
+        blocks, token = ((lo, hi),), tokenize(token, lo, hi)
+        tname, rname, fname = f"sed-gram-tile-{token}", f"sed-gram-sum-{token}", f"sed-gram-{token}"
     dsk: dict = {}
     block_keys = []
-    for b, (a, e) in enumerate(tiling.blocks):
+    for b, (a, e) in enumerate(blocks):
         level = []
         for p, (c0, c1) in enumerate(tiling.cols):
             spec = TileSpec(a, e, c0, c1, column_segments(c0, c1, flat), width, tiling.buf_rows,
@@ -323,7 +345,7 @@ def gram_graph(run_store: RunSource, *, width: int, groups=None, precision: str 
             level.append((tname, b, p))
         block_keys.append(tree_reduce(dsk, level, rname, combine_partials, extras,
                                       split_every=ps.split_every, prefix=(b,)))
-    dsk[(fname,)] = (assemble_blocks, block_keys, n_rows - 1, width)
+    dsk[(fname,)] = (assemble_blocks, block_keys, sum(e - a for a, e in blocks), width)
     return GramPlan(rs.name, dsk, (fname,), names, sizes, {ALL: "the whole selected parameter vector", **gdesc},
                     steps, width, precision, tiling, params, extras, kern)
 
