@@ -24,6 +24,7 @@ Usage: python benchmarks/dcp_metadata.py --n-ckpts 1000 --n-old 3
 Prints a markdown table. Data goes to --dir (default bench-data/dcp_metadata, git-ignored; ~4.5 GB
 of metadata for 1,000 checkpoints), removed unless --keep.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,9 +52,16 @@ def shapes(n: int, d: int = 1024) -> dict[str, tuple]:
     i = 0
     while len(out) < n:
         p = f"layers.{i}."
-        for nm, sh in (("attn.qkv.weight", (3 * d, d)), ("attn.qkv.bias", (3 * d,)), ("attn.out.weight", (d, 2 * d)),
-                       ("mlp.fc1.weight", (4 * d, d)), ("mlp.fc1.bias", (4 * d,)), ("mlp.fc2.weight", (d, 4 * d)),
-                       ("norm1.weight", (d,)), ("norm2.weight", (d,))):
+        for nm, sh in (
+            ("attn.qkv.weight", (3 * d, d)),
+            ("attn.qkv.bias", (3 * d,)),
+            ("attn.out.weight", (d, 2 * d)),
+            ("mlp.fc1.weight", (4 * d, d)),
+            ("mlp.fc1.bias", (4 * d,)),
+            ("mlp.fc2.weight", (d, 4 * d)),
+            ("norm1.weight", (d,)),
+            ("norm2.weight", (d,)),
+        ):
             out[p + nm] = sh
         i += 1
     return dict(list(out.items())[:n])
@@ -84,8 +92,13 @@ def write_first(path: str, n_tensors: int, ranks: int) -> list[int]:
             off, sz = torch.Size([a] + [0] * (len(shape) - 1)), torch.Size([b - a, *shape[1:]])
             chunks.append(ChunkStorageMetadata(off, sz))
             n = (b - a) * (shape[1] if len(shape) > 1 else 1) * 4 + 1100  # a torch.save archive of the chunk
-            results[r].append(WriteResult(index=MetadataIndex(fqn, off), size_in_bytes=n,
-                                          storage_data=_StorageInfo(f"__{r}_0.distcp", pos[r], n)))
+            results[r].append(
+                WriteResult(
+                    index=MetadataIndex(fqn, off),
+                    size_in_bytes=n,
+                    storage_data=_StorageInfo(f"__{r}_0.distcp", pos[r], n),
+                )
+            )
             pos[r] += n
         sdm[fqn] = TensorStorageMetadata(TensorProperties(dtype=torch.float32), torch.Size(shape), chunks)
         planner[fqn] = ("model", name)
@@ -140,11 +153,15 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
     t_gen, paths = timed(lambda: generate(root, args.n_ckpts, args.tensors, args.ranks))
     md_bytes = os.path.getsize(os.path.join(paths[0], ".metadata"))
-    print(f"generated {len(paths)} checkpoints in {t_gen:.1f} s: {args.tensors} tensors x {args.ranks} chunks, "
-          f".metadata {md_bytes / 1e6:.2f} MB each", file=sys.stderr)
+    print(
+        f"generated {len(paths)} checkpoints in {t_gen:.1f} s: {args.tensors} tensors x {args.ranks} chunks, "
+        f".metadata {md_bytes / 1e6:.2f} MB each",
+        file=sys.stderr,
+    )
     load0 = os.getloadavg()[0]
-    sub = {s: p for s, p in enumerate(paths[:args.n_old])}
+    sub = {s: p for s, p in enumerate(paths[: args.n_old])}
     try:
+
         def run(src, how):
             dcp.clear_layout_cache()
             with dask.config.set({"sed_dask.readers.dcp-metadata": how}):
@@ -164,34 +181,40 @@ def main() -> None:
         assert set(old_lay.chunks) == set(new_lay.chunks)
         assert all(old_lay.chunks[f] == new_lay.chunks[f] for f in old_lay.chunks)
         full = []
-        for p in paths[:args.n_old]:
+        for p in paths[: args.n_old]:
             dcp.clear_layout_cache()
             full.append(timed(lambda p=p: dcp.get_layout(p))[0])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
 
         def worker(ps, how):
             env2 = {**env, "DASK_SED_DASK__READERS__DCP_METADATA": how}
-            out = subprocess.run([sys.executable, "-c", _WORKER, *ps], env=env2, check=True, capture_output=True,
-                                 text=True).stdout.split()
+            out = subprocess.run(
+                [sys.executable, "-c", _WORKER, *ps], env=env2, check=True, capture_output=True, text=True
+            ).stdout.split()
             return float(out[0])
 
         w_new = worker(paths, "fast")
-        w_old = worker(paths[:args.n_old], "torch")
+        w_old = worker(paths[: args.n_old], "torch")
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     n, k = len(paths), args.n_old
     per_old = t_old / k
-    print(f"\nLoad average {load0:.1f} (1 min) at the start, {os.getloadavg()[0]:.1f} at the end; "
-          f"{os.cpu_count()} cores. Command: python benchmarks/dcp_metadata.py --n-ckpts {n} --n-old {k}\n")
+    print(
+        f"\nLoad average {load0:.1f} (1 min) at the start, {os.getloadavg()[0]:.1f} at the end; "
+        f"{os.cpu_count()} cores. Command: python benchmarks/dcp_metadata.py --n-ckpts {n} --n-old {k}\n"
+    )
     print("| what | checkpoints | old (torch weights_only) | new | old / new |")
     print("|---|---|---|---|---|")
-    print(f"| open_checkpoints: validate + plan | {k} | {t_old:.2f} s | {t_new_sub:.2f} s | "
-          f"{t_old / t_new_sub:.0f}x |")
-    print(f"| open_checkpoints: validate + plan | {n} | {per_old * n:.0f} s (extrapolated: {per_old:.2f} s each) | "
-          f"**{t_new:.1f} s** ({t_new / n * 1e3:.1f} ms each) | {per_old * n / t_new:.0f}x |")
-    print(f"| worker process: list tensors of every checkpoint | {n} | {w_old / k * n:.0f} s (extrapolated from "
-          f"{k}) | {w_new:.1f} s | {w_old / k * n / w_new:.0f}x |")
+    print(f"| open_checkpoints: validate + plan | {k} | {t_old:.2f} s | {t_new_sub:.2f} s | {t_old / t_new_sub:.0f}x |")
+    print(
+        f"| open_checkpoints: validate + plan | {n} | {per_old * n:.0f} s (extrapolated: {per_old:.2f} s each) | "
+        f"**{t_new:.1f} s** ({t_new / n * 1e3:.1f} ms each) | {per_old * n / t_new:.0f}x |"
+    )
+    print(
+        f"| worker process: list tensors of every checkpoint | {n} | {w_old / k * n:.0f} s (extrapolated from "
+        f"{k}) | {w_new:.1f} s | {w_old / k * n / w_new:.0f}x |"
+    )
     print(f"| new, full restricted parse (no earlier file matches) | {k} | - | {sum(full) / k:.2f} s each | - |")
 
 

@@ -17,6 +17,7 @@ files are in the page cache (best of ``--repeat``). "cold": the pages of the fil
 Usage: python benchmarks/direct.py --size 0.4 --n-ckpts 12 --windows 5,10
 Prints a markdown table. Data goes to --dir (default bench-data/direct, git-ignored), removed unless --keep.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,11 +55,11 @@ def measure(paths, ckdir: str, store: str, windows, *, cold: bool, repeat: int) 
     for _ in range(1 if cold else repeat):
         timed("raw", lambda: read_sequential(paths), lambda: paths)
         shutil.rmtree(store, ignore_errors=True)
-        timed("ingest", lambda: sed_dask.ingest(ckdir, store, "r", scheduler="threads", progress=False),
-              lambda: paths)
+        timed("ingest", lambda: sed_dask.ingest(ckdir, store, "r", scheduler="threads", progress=False), lambda: paths)
         ds_store = timed("store_spectrum", lambda: sed_dask.spectrum(store, **kw), lambda: _files(store))
-        ds_direct = timed("direct", lambda: sed_dask.spectrum(sed_dask.open_checkpoints(ckdir, run="r"), **kw),
-                          lambda: paths)
+        ds_direct = timed(
+            "direct", lambda: sed_dask.spectrum(sed_dask.open_checkpoints(ckdir, run="r"), **kw), lambda: paths
+        )
         for v in ("sigma", "edge_ratio", "k_star"):
             assert np.array_equal(ds_store[v].values, ds_direct[v].values, equal_nan=True), v
     return best
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
         paths = write_checkpoints(ckdir, int(a.size * 1e9), a.n_ckpts, fmt, a.d)
         store = os.path.join(a.dir, f"{fmt}.zarr")
         nbytes = sum(os.path.getsize(p) for p in paths)
-        for cold in ([False] if a.no_cold else [False, True]):
+        for cold in [False] if a.no_cold else [False, True]:
             t = measure(paths, ckdir, store, windows, cold=cold, repeat=a.repeat)
             both = t["ingest"] + t["store_spectrum"]
             rows.append((fmt, "cold" if cold else "warm", nbytes, t, both))
@@ -94,14 +95,21 @@ def main(argv=None) -> int:
             shutil.rmtree(os.path.join(a.dir, f".{fmt}.zarr{LOCK_DIR_SUFFIX}"), ignore_errors=True)
     size = f"{a.n_ckpts} x {nbytes / a.n_ckpts / 1e9:.2f} GB"
     print(f"\nwindows {windows}, threads scheduler ({os.cpu_count()} cores); seconds (GB/s of checkpoint bytes)\n")
-    print("| format | checkpoints | cache | raw read | ingest | store spectrum | ingest + spectrum | **direct spectrum** "
-          "| direct / raw read (speed) | direct / store spectrum (speed) | direct vs ingest + spectrum |")
+    print(
+        "| format | checkpoints | cache | raw read | ingest | store spectrum | ingest + spectrum | **direct spectrum** "
+        "| direct / raw read (speed) | direct / store spectrum (speed) | direct vs ingest + spectrum |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for fmt, cache, nb, t, both in rows:
+
         def cell(s):
             return f"{s:.2f} s ({nb / 1e9 / s:.2f})"
-        print(f"| {fmt} | {size} | {cache} | {cell(t['raw'])} | {cell(t['ingest'])} | {cell(t['store_spectrum'])} "
-              f"| {cell(both)} | **{cell(t['direct'])}** | {t['raw'] / t['direct']:.0%} | {t['store_spectrum'] / t['direct']:.0%} | {both / t['direct']:.1f}x faster |")
+
+        print(
+            f"| {fmt} | {size} | {cache} | {cell(t['raw'])} | {cell(t['ingest'])} | {cell(t['store_spectrum'])} "
+            f"| {cell(both)} | **{cell(t['direct'])}** | {t['raw'] / t['direct']:.0%} "
+            f"| {t['store_spectrum'] / t['direct']:.0%} | {both / t['direct']:.1f}x faster |"
+        )
     return 0
 
 

@@ -6,6 +6,7 @@ Usage: ``python benchmarks/direct_loads.py DIR [--windows 5,10]``. To compare tw
 sed_dask on the same files, run it once with ``PYTHONPATH=<other checkout>`` in front.
 ``benchmarks/direct.py --keep`` leaves suitable ``.pt`` directories behind.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,12 +32,13 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     run = sed_dask.open_checkpoints(a.dir, run="r")
     t1 = time.perf_counter()
-    ds = sed_dask.spectrum(run, windows=[int(w) for w in a.windows.split(",")], scheduler="threads",
-                           progress=False)
+    ds = sed_dask.spectrum(run, windows=[int(w) for w in a.windows.split(",")], scheduler="threads", progress=False)
     t2 = time.perf_counter()
-    print(f"{sed_dask.__file__}: {len(run.steps) if hasattr(run, 'steps') else '?'} checkpoints, "
-          f"validate {t1 - t0:.2f} s, pass {t2 - t1:.2f} s, torch.load calls {n[0]}, "
-          f"sum of sigma {float(ds['sigma'].sum()):.12e}")
+    print(
+        f"{sed_dask.__file__}: {len(run.steps) if hasattr(run, 'steps') else '?'} checkpoints, "
+        f"validate {t1 - t0:.2f} s, pass {t2 - t1:.2f} s, torch.load calls {n[0]}, "
+        f"sum of sigma {float(ds['sigma'].sum()):.12e}"
+    )
     return 0
 
 

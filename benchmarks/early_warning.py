@@ -31,6 +31,7 @@ Usage:
     python benchmarks/early_warning.py --eval-only              # only the detector table
 Data goes to --out (default bench-data/early_warning, git-ignored).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,9 @@ COLLAPSE_WINDOW = 10
 
 
 # ------------------------------------------------------------------------------------------ plan
-def plan_runs(tasks, seeds, control_tasks, control_seeds, *, steps: int, every: int,
-              control_wd: float = 0.0) -> list[dict]:
+def plan_runs(
+    tasks, seeds, control_tasks, control_seeds, *, steps: int, every: int, control_wd: float = 0.0
+) -> list[dict]:
     """One entry per run: ``name``, ``task``, ``seed``, ``control``, ``config`` (a DemoConfig)."""
     from sed_dask.demo.train import SIZES, TASKS
 
@@ -59,12 +61,26 @@ def plan_runs(tasks, seeds, control_tasks, control_seeds, *, steps: int, every: 
             raise SystemExit(f"unknown task {task!r}; choose from {sorted(TASKS)}")
     for task in tasks:
         for s in seeds:
-            runs.append(dict(name=f"{task}_s{s}", task=task, seed=int(s), control=False,
-                             config=replace(base, task=task, seeds=(int(s),))))
+            runs.append(
+                dict(
+                    name=f"{task}_s{s}",
+                    task=task,
+                    seed=int(s),
+                    control=False,
+                    config=replace(base, task=task, seeds=(int(s),)),
+                )
+            )
     for task in control_tasks:
         for s in control_seeds:
-            runs.append(dict(name=f"{task}_wd{control_wd:g}_s{s}", task=task, seed=int(s), control=True,
-                             config=replace(base, task=task, weight_decay=float(control_wd), seeds=(int(s),))))
+            runs.append(
+                dict(
+                    name=f"{task}_wd{control_wd:g}_s{s}",
+                    task=task,
+                    seed=int(s),
+                    control=True,
+                    config=replace(base, task=task, weight_decay=float(control_wd), seeds=(int(s),)),
+                )
+            )
     return runs
 
 
@@ -95,8 +111,10 @@ def train(runs: list[dict], ckpt_dir: Path, *, jobs: int, skip_train: bool) -> d
         else:
             todo.append(dict(run_dir=run_dir, seed=r["seed"], config=r["config"], name=r["name"]))
     if todo:
-        print(f"training {len(todo)} run(s) with {jobs} process(es), one torch thread each "
-              f"({len(out)} reused)", flush=True)
+        print(
+            f"training {len(todo)} run(s) with {jobs} process(es), one torch thread each ({len(out)} reused)",
+            flush=True,
+        )
     t0 = time.perf_counter()
     if jobs <= 1:
         for j in todo:
@@ -115,24 +133,27 @@ def train(runs: list[dict], ckpt_dir: Path, *, jobs: int, skip_train: bool) -> d
 
 
 def _say_trained(name: str, s: dict, t0: float) -> None:
-    print(f"  {name:14s} memorised@{s['memorize_step']} grokked@{s['grok_step']} "
-          f"final val_acc {s['final_val_acc']:.3f}  {s['wall_seconds']:.0f} s "
-          f"({s['ms_per_step']:.0f} ms/step)  [{time.perf_counter() - t0:.0f} s]", flush=True)
+    print(
+        f"  {name:14s} memorised@{s['memorize_step']} grokked@{s['grok_step']} "
+        f"final val_acc {s['final_val_acc']:.3f}  {s['wall_seconds']:.0f} s "
+        f"({s['ms_per_step']:.0f} ms/step)  [{time.perf_counter() - t0:.0f} s]",
+        flush=True,
+    )
 
 
 # ------------------------------------------------------------------------ ingest, spectrum, runs
 def _fresh_store(store: Path, fp_path: Path, summaries: dict[str, dict]) -> None:
     """Empty the store when any run was retrained since it was built (ingest skips held steps)."""
-    fp = {n: {k: s.get(k) for k in ("seed", "config", "n_checkpoints", "wall_seconds")}
-          for n, s in summaries.items()}
+    fp = {n: {k: s.get(k) for k in ("seed", "config", "n_checkpoints", "wall_seconds")} for n, s in summaries.items()}
     old = json.loads(fp_path.read_text()) if fp_path.exists() else None
     if store.exists() and (old is None or any(old.get(n) != v for n, v in fp.items())):
         shutil.rmtree(store)
     fp_path.write_text(json.dumps(fp, indent=1))
 
 
-def build_results(runs: list[dict], summaries: dict[str, dict], out: Path, ckpt_dir: Path,
-                  windows=GROK_WINDOWS) -> dict:
+def build_results(
+    runs: list[dict], summaries: dict[str, dict], out: Path, ckpt_dir: Path, windows=GROK_WINDOWS
+) -> dict:
     """Ingest every run, compute the spectra, write ``runs.json``; returns the timings."""
     import sed_dask
     from sed_dask.sources.recorder import METRICS_FILE
@@ -142,17 +163,30 @@ def build_results(runs: list[dict], summaries: dict[str, dict], out: Path, ckpt_
     t = time.perf_counter()
     for r in runs:
         run_dir = ckpt_dir / r["name"]
-        sed_dask.ingest(str(run_dir), str(store), r["name"], metrics=str(run_dir / METRICS_FILE),
-                        scheduler="threads", progress=False)
+        sed_dask.ingest(
+            str(run_dir),
+            str(store),
+            r["name"],
+            metrics=str(run_dir / METRICS_FILE),
+            scheduler="threads",
+            progress=False,
+        )
     t_ingest = time.perf_counter() - t
     print(f"ingested {len(runs)} runs -> {store} ({t_ingest:.0f} s)", flush=True)
     t = time.perf_counter()
-    ds = sed_dask.spectrum(str(store), runs=[r["name"] for r in runs], windows=list(windows),
-                           scheduler="threads", output=str(results), progress=False)
+    ds = sed_dask.spectrum(
+        str(store),
+        runs=[r["name"] for r in runs],
+        windows=list(windows),
+        scheduler="threads",
+        output=str(results),
+        progress=False,
+    )
     t_spec = time.perf_counter() - t
     print(f"spectra W = {list(windows)} -> {results} ({t_spec:.0f} s)", flush=True)
-    write_runs_json(ds.load(), runs, summaries, out / "runs.json",
-                    timings={"ingest_seconds": t_ingest, "spectrum_seconds": t_spec})
+    write_runs_json(
+        ds.load(), runs, summaries, out / "runs.json", timings={"ingest_seconds": t_ingest, "spectrum_seconds": t_spec}
+    )
     return {"ingest_seconds": t_ingest, "spectrum_seconds": t_spec}
 
 
@@ -170,9 +204,24 @@ def write_runs_json(ds, runs: list[dict], summaries: dict[str, dict], path: Path
     entries = {}
     for r in runs:
         s = summaries[r["name"]]
-        e = {k: s[k] for k in ("seed", "grok_step", "memorize_step", "final_val_acc", "final_train_acc",
-                               "final_val_loss", "n_params", "n_checkpoints", "ms_per_step",
-                               "cpu_ms_per_step", "wall_seconds", "torch_threads", "config")}
+        e = {
+            k: s[k]
+            for k in (
+                "seed",
+                "grok_step",
+                "memorize_step",
+                "final_val_acc",
+                "final_train_acc",
+                "final_val_loss",
+                "n_params",
+                "n_checkpoints",
+                "ms_per_step",
+                "cpu_ms_per_step",
+                "wall_seconds",
+                "torch_threads",
+                "config",
+            )
+        }
         e.update(task=r["task"], control=r["control"], run_dir=s["run_dir"])
         e["config"] = dict(e["config"], task=r["task"])
         e["control_grokked"] = bool(r["control"] and s["grok_step"] is not None)
@@ -183,11 +232,15 @@ def write_runs_json(ds, runs: list[dict], summaries: dict[str, dict], path: Path
             e[f"collapse_step_W{W}"] = _num(c["collapse_step"])
             e[f"collapse_tau_W{W}"] = _num(c["tau"])
         entries[r["name"]] = e
-    doc = {"grok_definition": f"first evaluation with val_acc >= {GROK_ACC}",
-           "memorize_definition": f"first evaluation with train_acc >= {MEMORIZE_ACC}",
-           "collapse_definition": "first step at/after the edge-ratio peak with edge_ratio < 1 + 2 W^(-2/3) "
-                                  "(sed_dask.analysis.collapse_step(tau='auto')); retrospective, not causal",
-           "windows": list(GROK_WINDOWS), **timings, "runs": entries}
+    doc = {
+        "grok_definition": f"first evaluation with val_acc >= {GROK_ACC}",
+        "memorize_definition": f"first evaluation with train_acc >= {MEMORIZE_ACC}",
+        "collapse_definition": "first step at/after the edge-ratio peak with edge_ratio < 1 + 2 W^(-2/3) "
+        "(sed_dask.analysis.collapse_step(tau='auto')); retrospective, not causal",
+        "windows": list(GROK_WINDOWS),
+        **timings,
+        "runs": entries,
+    }
     path.write_text(json.dumps(doc, indent=1))
     return doc
 
@@ -229,8 +282,7 @@ def evaluate(results_path, runs_json, *, windows=GROK_WINDOWS, out_dir=None) -> 
             for name in runs:
                 row = a.sel(run=name)
                 alarms[(name, W)] = {d: _num(row.sel(detector=d)) for d in detectors}
-                extra[(name, W)] = {v: _sel_num(ew[v], name, W) for v in ("edge_k", "event_step")
-                                    if v in ew.data_vars}
+                extra[(name, W)] = {v: _sel_num(ew[v], name, W) for v in ("edge_k", "event_step") if v in ew.data_vars}
                 if "n_alarms" in ew.data_vars:
                     na = ew["n_alarms"].sel(run=name)
                     na = na.sel(window=W) if "window" in na.dims else na
@@ -242,28 +294,43 @@ def evaluate(results_path, runs_json, *, windows=GROK_WINDOWS, out_dir=None) -> 
                     defs = json.loads(defs).get(f"W{W}", defs)
                 except ValueError:
                     pass
-            definitions[f"W{W}"] = {"detectors": defs, **{k: (v if isinstance(v, (str, int, float, bool)) else str(v))
-                                                          for k, v in attrs.items()}}
+            definitions[f"W{W}"] = {
+                "detectors": defs,
+                **{k: (v if isinstance(v, (str, int, float, bool)) else str(v)) for k, v in attrs.items()},
+            }
 
     rows = []
     for name, e in runs.items():
         for W in windows:
             grok = e["grok_step"]
-            row = {"run": name, "task": e["task"], "seed": e["seed"], "control": e["control"], "window": W,
-                   "memorize_step": e["memorize_step"], "grok_step": grok,
-                   "collapse_step": e.get(f"collapse_step_W{W}"),
-                   "collapse_lead": (grok - e[f"collapse_step_W{W}"]
-                                     if grok is not None and e.get(f"collapse_step_W{W}") is not None else None)}
+            row = {
+                "run": name,
+                "task": e["task"],
+                "seed": e["seed"],
+                "control": e["control"],
+                "window": W,
+                "memorize_step": e["memorize_step"],
+                "grok_step": grok,
+                "collapse_step": e.get(f"collapse_step_W{W}"),
+                "collapse_lead": (
+                    grok - e[f"collapse_step_W{W}"]
+                    if grok is not None and e.get(f"collapse_step_W{W}") is not None
+                    else None
+                ),
+            }
             if early_warning is not None:
                 row["alarm_step"] = alarms[(name, W)]
-                row["lead"] = {d: (grok - v if grok is not None and v is not None else None)
-                               for d, v in alarms[(name, W)].items()}
+                row["lead"] = {
+                    d: (grok - v if grok is not None and v is not None else None) for d, v in alarms[(name, W)].items()
+                }
                 if e["control"]:
                     row["false_alarm"] = {d: v is not None for d, v in alarms[(name, W)].items()}
                 row.update(extra[(name, W)])
                 if "event_step" in row and row["event_step"] != grok:  # same definition, same metric
-                    raise RuntimeError(f"{name} W={W}: early_warning's event_step {row['event_step']} "
-                                       f"!= grok step {grok} from training")
+                    raise RuntimeError(
+                        f"{name} W={W}: early_warning's event_step {row['event_step']} "
+                        f"!= grok step {grok} from training"
+                    )
             rows.append(row)
 
     summary = {}
@@ -275,32 +342,60 @@ def evaluate(results_path, runs_json, *, windows=GROK_WINDOWS, out_dir=None) -> 
                 pairs = [(r["alarm_step"][d], r["grok_step"]) for r in g if r["alarm_step"][d] is not None]
                 al = [p[0] for p in pairs]
                 # does the alarm track the grok step, or fire at a fixed step whatever the grok step?
-                corr = (float(np.corrcoef(np.array(pairs, float).T)[0, 1])
-                        if len(pairs) >= 3 and np.std(al) > 0 and np.std([p[1] for p in pairs]) > 0 else None)
+                corr = (
+                    float(np.corrcoef(np.array(pairs, float).T)[0, 1])
+                    if len(pairs) >= 3 and np.std(al) > 0 and np.std([p[1] for p in pairs]) > 0
+                    else None
+                )
                 c = [r for r in rows if r["window"] == W and r["control"]]
                 summary[f"W{W}/{d}"] = {
-                    "grokking_runs": len(g), "alarmed": len(leads),
+                    "grokking_runs": len(g),
+                    "alarmed": len(leads),
                     "alarm_before_grok": sum(l > 0 for l in leads),
-                    "lead_min": min(leads) if leads else None, "lead_median": float(np.median(leads)) if leads else None,
+                    "lead_min": min(leads) if leads else None,
+                    "lead_median": float(np.median(leads)) if leads else None,
                     "lead_max": max(leads) if leads else None,
-                    "alarm_min": min(al) if al else None, "alarm_max": max(al) if al else None,
+                    "alarm_min": min(al) if al else None,
+                    "alarm_max": max(al) if al else None,
                     "grok_min": min(p[1] for p in pairs) if pairs else None,
                     "grok_max": max(p[1] for p in pairs) if pairs else None,
                     "corr_alarm_grok": corr,
-                    "controls": len(c), "false_alarms": sum(r["false_alarm"][d] for r in c)}
-    training = [{"run": n, "task": e["task"], "seed": e["seed"], "control": e["control"],
-                 "weight_decay": e["config"]["weight_decay"], "memorize_step": e["memorize_step"],
-                 "grok_step": e["grok_step"], "final_train_acc": e["final_train_acc"],
-                 "final_val_acc": e["final_val_acc"], "wall_seconds": e["wall_seconds"],
-                 "ms_per_step": e["ms_per_step"], "cpu_ms_per_step": e["cpu_ms_per_step"],
-                 "edge_peak_W10": e.get("edge_peak_value_W10"), "edge_peak_step_W10": e.get("edge_peak_step_W10")}
-                for n, e in runs.items()]
-    doc = {"detectors_available": early_warning is not None, "training": training,
-           "status": "ok" if early_warning is not None else
-           "pending: sed_dask.analysis.early_warning does not exist yet; detector columns not computed",
-           "detectors": detectors, "definitions": definitions, "windows": list(windows),
-           "grok_definition": meta["grok_definition"], "collapse_definition": meta["collapse_definition"],
-           "rows": rows, "summary": summary}
+                    "controls": len(c),
+                    "false_alarms": sum(r["false_alarm"][d] for r in c),
+                }
+    training = [
+        {
+            "run": n,
+            "task": e["task"],
+            "seed": e["seed"],
+            "control": e["control"],
+            "weight_decay": e["config"]["weight_decay"],
+            "memorize_step": e["memorize_step"],
+            "grok_step": e["grok_step"],
+            "final_train_acc": e["final_train_acc"],
+            "final_val_acc": e["final_val_acc"],
+            "wall_seconds": e["wall_seconds"],
+            "ms_per_step": e["ms_per_step"],
+            "cpu_ms_per_step": e["cpu_ms_per_step"],
+            "edge_peak_W10": e.get("edge_peak_value_W10"),
+            "edge_peak_step_W10": e.get("edge_peak_step_W10"),
+        }
+        for n, e in runs.items()
+    ]
+    doc = {
+        "detectors_available": early_warning is not None,
+        "training": training,
+        "status": "ok"
+        if early_warning is not None
+        else "pending: sed_dask.analysis.early_warning does not exist yet; detector columns not computed",
+        "detectors": detectors,
+        "definitions": definitions,
+        "windows": list(windows),
+        "grok_definition": meta["grok_definition"],
+        "collapse_definition": meta["collapse_definition"],
+        "rows": rows,
+        "summary": summary,
+    }
     (out_dir / "early_warning.json").write_text(json.dumps(doc, indent=1))
     md = markdown(doc)
     (out_dir / "early_warning.md").write_text(md)
@@ -327,9 +422,17 @@ def markdown(doc: dict) -> str:
         head += ["detector alarms / leads"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in doc["rows"]:
-        cells = [r["run"], r["task"], str(r["seed"]), "yes" if r["control"] else "no", str(r["window"]),
-                 _cell(r["memorize_step"]), _cell(r["grok_step"]) if r["grok_step"] is not None else "never",
-                 _cell(r["collapse_step"]), _cell(r["collapse_lead"])]
+        cells = [
+            r["run"],
+            r["task"],
+            str(r["seed"]),
+            "yes" if r["control"] else "no",
+            str(r["window"]),
+            _cell(r["memorize_step"]),
+            _cell(r["grok_step"]) if r["grok_step"] is not None else "never",
+            _cell(r["collapse_step"]),
+            _cell(r["collapse_lead"]),
+        ]
         if doc["detectors_available"]:
             for d in dets:
                 a = r["alarm_step"][d]
@@ -340,32 +443,45 @@ def markdown(doc: dict) -> str:
         else:
             cells += ["pending"]
         lines.append("| " + " | ".join(cells) + " |")
-    tr = ["| run | task | seed | control | wd | memorised | grok | final train / val acc | edge peak W=10 (step) "
-          "| wall | ms/step (wall / CPU) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    tr = [
+        "| run | task | seed | control | wd | memorised | grok | final train / val acc | edge peak W=10 (step) "
+        "| wall | ms/step (wall / CPU) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for t in doc.get("training", []):
         pk = t["edge_peak_W10"]
-        tr.append(f"| {t['run']} | {t['task']} | {t['seed']} | {'yes' if t['control'] else 'no'} | "
-                  f"{t['weight_decay']:g} | {_cell(t['memorize_step'])} | "
-                  f"{_cell(t['grok_step']) if t['grok_step'] is not None else 'never'} | "
-                  f"{t['final_train_acc']:.3f} / {t['final_val_acc']:.3f} | "
-                  f"{'—' if pk is None else f'{pk:.2f}'} ({_cell(t['edge_peak_step_W10'])}) | "
-                  f"{t['wall_seconds']:.0f} s | {t['ms_per_step']:.0f} / {t['cpu_ms_per_step']:.0f} |")
-    out = ["Lead = grok step − alarm step (positive: the alarm came first). On a control any alarm is a "
-           "false alarm. Grok: " + doc["grok_definition"] + ". MP collapse: " + doc["collapse_definition"] + ".",
-           "", *lines]
+        tr.append(
+            f"| {t['run']} | {t['task']} | {t['seed']} | {'yes' if t['control'] else 'no'} | "
+            f"{t['weight_decay']:g} | {_cell(t['memorize_step'])} | "
+            f"{_cell(t['grok_step']) if t['grok_step'] is not None else 'never'} | "
+            f"{t['final_train_acc']:.3f} / {t['final_val_acc']:.3f} | "
+            f"{'—' if pk is None else f'{pk:.2f}'} ({_cell(t['edge_peak_step_W10'])}) | "
+            f"{t['wall_seconds']:.0f} s | {t['ms_per_step']:.0f} / {t['cpu_ms_per_step']:.0f} |"
+        )
+    out = [
+        "Lead = grok step − alarm step (positive: the alarm came first). On a control any alarm is a "
+        "false alarm. Grok: " + doc["grok_definition"] + ". MP collapse: " + doc["collapse_definition"] + ".",
+        "",
+        *lines,
+    ]
     if tr[2:]:
         out = ["Training (one torch thread per run):", "", *tr, "", *out]
     if doc["detectors_available"]:
-        out += ["", "| W / detector | grokking runs alarmed | alarm before grok | lead min / median / max "
-                "| alarm steps (grok steps) | r(alarm, grok) | false alarms on controls |",
-                "|---|---|---|---|---|---|---|"]
+        out += [
+            "",
+            "| W / detector | grokking runs alarmed | alarm before grok | lead min / median / max "
+            "| alarm steps (grok steps) | r(alarm, grok) | false alarms on controls |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for k, s in doc["summary"].items():
             r = s.get("corr_alarm_grok")
-            out.append(f"| {k} | {s['alarmed']}/{s['grokking_runs']} | {s['alarm_before_grok']} | "
-                       f"{_cell(s['lead_min'])} / {_cell(s['lead_median'])} / {_cell(s['lead_max'])} | "
-                       f"{_cell(s.get('alarm_min'))}–{_cell(s.get('alarm_max'))} "
-                       f"({_cell(s.get('grok_min'))}–{_cell(s.get('grok_max'))}) | "
-                       f"{'—' if r is None else f'{r:+.2f}'} | {s['false_alarms']}/{s['controls']} |")
+            out.append(
+                f"| {k} | {s['alarmed']}/{s['grokking_runs']} | {s['alarm_before_grok']} | "
+                f"{_cell(s['lead_min'])} / {_cell(s['lead_median'])} / {_cell(s['lead_max'])} | "
+                f"{_cell(s.get('alarm_min'))}–{_cell(s.get('alarm_max'))} "
+                f"({_cell(s.get('grok_min'))}–{_cell(s.get('grok_max'))}) | "
+                f"{'—' if r is None else f'{r:+.2f}'} | {s['false_alarms']}/{s['controls']} |"
+            )
         for w, defs in doc["definitions"].items():
             d = defs.get("detectors")
             if isinstance(d, dict):
@@ -380,8 +496,9 @@ def markdown(doc: dict) -> str:
 
 # ------------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", default="bench-data/early_warning", help="output folder (default %(default)s)")
     ap.add_argument("--jobs", type=int, default=2, help="parallel training processes, one thread each")
     ap.add_argument("--tasks", nargs="+", default=["add", "mul"], help="grokking tasks (default: add mul)")
@@ -402,8 +519,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
         out.mkdir(parents=True, exist_ok=True)
         ckpt_dir = out / "checkpoints"
-        runs = plan_runs(a.tasks, a.seeds, a.control_tasks, a.control_seeds, steps=a.steps, every=a.every,
-                         control_wd=a.control_wd)
+        runs = plan_runs(
+            a.tasks, a.seeds, a.control_tasks, a.control_seeds, steps=a.steps, every=a.every, control_wd=a.control_wd
+        )
         t0 = time.perf_counter()
         summaries = train(runs, ckpt_dir, jobs=max(1, a.jobs), skip_train=a.skip_train)
         print(f"training done ({time.perf_counter() - t0:.0f} s)", flush=True)

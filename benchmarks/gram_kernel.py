@@ -9,6 +9,7 @@ written (warm), and what a fresh worker process pays on its first task.
 
     python benchmarks/gram_kernel.py --n-ckpts 40 --params 10e6 --widths 11,64
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,19 +26,23 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spectrum import make_store, worker_cpu
 
-COMPILE = ("import time; t = time.perf_counter(); import numpy as np; from sed_dask.engine import band_kernel as b; "
-           "S = np.ones((16, 600), np.float32); w = np.empty((16, b.SUB_COLS)); o = np.zeros((6, 11)); "
-           "b.band_segment(S, 0, 10, 0, 600, 11, w, o); print(time.perf_counter() - t)")
+COMPILE = (
+    "import time; t = time.perf_counter(); import numpy as np; from sed_dask.engine import band_kernel as b; "
+    "S = np.ones((16, 600), np.float32); w = np.empty((16, b.SUB_COLS)); o = np.zeros((6, 11)); "
+    "b.band_segment(S, 0, 10, 0, 600, 11, w, o); print(time.perf_counter() - t)"
+)
 
 
 def compile_cost() -> tuple[float, float]:
     """Seconds for a fresh process to import and run the kernel once: empty numba cache, then cached."""
     with tempfile.TemporaryDirectory() as d:
         env = {**os.environ, "NUMBA_CACHE_DIR": d}
-        cold = float(subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True,
-                                    check=True).stdout)
-        warm = float(subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True,
-                                    check=True).stdout)
+        cold = float(
+            subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, check=True).stdout
+        )
+        warm = float(
+            subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, check=True).stdout
+        )
     return cold, warm
 
 
@@ -66,8 +71,10 @@ def main(argv=None) -> None:
         rs = open_store(str(path), mode="r").run("r")
         gb = n * P * 4 / 1e9
         cold, warm = compile_cost()
-        with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                          dashboard_address=":0") as lc, Client(lc) as client:
+        with (
+            LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0") as lc,
+            Client(lc) as client,
+        ):
             t = time.perf_counter()
             client.run(lambda: __import__("sed_dask.engine.gram"))
             first = time.perf_counter() - t
@@ -84,23 +91,29 @@ def main(argv=None) -> None:
                         cpu[kern].append(worker_cpu(client) - c0)
                         bands[kern] = g.band
                 ok = np.isfinite(bands["blas"])
-                diff = float(np.max(np.abs(bands["blas"][ok] - bands["fused"][ok]) /
-                                    np.abs(bands["blas"][0, :, 0]).max()))
+                diff = float(
+                    np.max(np.abs(bands["blas"][ok] - bands["fused"][ok]) / np.abs(bands["blas"][0, :, 0]).max())
+                )
                 b, f = min(cpu["blas"]), min(cpu["fused"])
-                rows.append((W, gb / b, gb / f, b / f, min(wall["blas"]), min(wall["fused"]), diff,
-                             os.getloadavg()[0]))
+                rows.append((W, gb / b, gb / f, b / f, min(wall["blas"]), min(wall["fused"]), diff, os.getloadavg()[0]))
                 print(f"# {rows[-1]}", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"\nStore: {n} checkpoints x {P:,} float32 params ({gb:.2f} GB), warm page cache; LocalCluster "
-          f"{args.workers} workers x 1 thread; best of {args.repeat} alternating runs.\n")
-    print("| W_max | BLAS kernel (GB per worker CPU-s) | fused kernel (GB per worker CPU-s) | **fused / BLAS** | "
-          "BLAS pass (s) | fused pass (s) | max rel. band difference | load avg (1 min) |")
+    print(
+        f"\nStore: {n} checkpoints x {P:,} float32 params ({gb:.2f} GB), warm page cache; LocalCluster "
+        f"{args.workers} workers x 1 thread; best of {args.repeat} alternating runs.\n"
+    )
+    print(
+        "| W_max | BLAS kernel (GB per worker CPU-s) | fused kernel (GB per worker CPU-s) | **fused / BLAS** | "
+        "BLAS pass (s) | fused pass (s) | max rel. band difference | load avg (1 min) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for W, b, f, r, tb, tf, d, load in rows:
         print(f"| {W} | {b:.2f} | **{f:.2f}** | **{r:.2f}x** | {tb:.2f} | {tf:.2f} | {d:.1e} | {load:.1f} |")
-    print(f"\nCompile: fresh process, empty numba cache {cold:.2f} s; cache written {warm:.2f} s "
-          f"(import + first call); {args.workers} fresh workers importing the engine: {first:.2f} s.")
+    print(
+        f"\nCompile: fresh process, empty numba cache {cold:.2f} s; cache written {warm:.2f} s "
+        f"(import + first call); {args.workers} fresh workers importing the engine: {first:.2f} s."
+    )
 
 
 if __name__ == "__main__":

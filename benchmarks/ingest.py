@@ -17,6 +17,7 @@ Usage: python benchmarks/ingest.py --sizes 0.5,1.5 --n-ckpts 3 --workers 2 --sha
 Prints markdown tables. Data goes to --dir (default bench-data/ingest, git-ignored) and is removed
 unless --keep.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -127,8 +128,9 @@ def _read_piece(args):
 
 def read_parallel(paths, n: int, pool) -> float:
     pool.map(_read_piece, [(paths[0], 0, 1)] * n)  # allocate the per-process buffers first
-    pieces = [(p, off, min(BLOCK, os.path.getsize(p) - off)) for p in paths
-              for off in range(0, os.path.getsize(p), BLOCK)]
+    pieces = [
+        (p, off, min(BLOCK, os.path.getsize(p) - off)) for p in paths for off in range(0, os.path.getsize(p), BLOCK)
+    ]
     t0 = time.perf_counter()
     total = sum(pool.map(_read_piece, pieces, chunksize=1))
     return total / (time.perf_counter() - t0)
@@ -191,8 +193,9 @@ def run_ingest(client, paths, store, *, shard_bytes, chunk_bytes):
     sampler.start()
     try:
         t0 = time.perf_counter()
-        summary = ingest(paths, store, "bench", client=client, shard_bytes=shard_bytes, chunk_bytes=chunk_bytes,
-                         progress=False)
+        summary = ingest(
+            paths, store, "bench", client=client, shard_bytes=shard_bytes, chunk_bytes=chunk_bytes, progress=False
+        )
         secs = time.perf_counter() - t0
     finally:
         sampler.stop()
@@ -204,8 +207,9 @@ def _warm_worker():
     import safetensors  # noqa: F401
     import torch  # noqa: F401
 
-    import sed_dask.store.ingest  # noqa: F401
     import sed_dask.readers  # noqa: F401
+    import sed_dask.store.ingest  # noqa: F401
+
     return os.getpid()
 
 
@@ -219,9 +223,12 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", default="safetensors", help="safetensors, pt and/or dcp, comma-separated")
     ap.add_argument("--d-model", type=int, default=1024)
     ap.add_argument("--dir", default=os.path.join(os.path.dirname(__file__), "..", "bench-data", "ingest"))
-    ap.add_argument("--store-dir", default=None,
-                    help="where stores and copies are written (default: next to the checkpoints); e.g. a tmpfs "
-                         "such as /dev/shm to take the disk's write speed out of the measurement")
+    ap.add_argument(
+        "--store-dir",
+        default=None,
+        help="where stores and copies are written (default: next to the checkpoints); e.g. a tmpfs "
+        "such as /dev/shm to take the disk's write speed out of the measurement",
+    )
     ap.add_argument("--memory-limit", default="6GiB", help="per worker (LocalCluster)")
     ap.add_argument("--repeat", type=int, default=2, help="warm measurements: best of this many")
     ap.add_argument("--keep", action="store_true")
@@ -233,9 +240,17 @@ def main(argv=None) -> int:
     root = os.path.abspath(args.dir)
     rows = []
     ctx = mp.get_context("spawn")
-    with ctx.Pool(args.workers) as pool, \
-            LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                         memory_limit=args.memory_limit) as cluster, Client(cluster) as client:
+    with (
+        ctx.Pool(args.workers) as pool,
+        LocalCluster(
+            n_workers=args.workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            memory_limit=args.memory_limit,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         client.run(_warm_worker)
         for fmt in args.formats.split(","):
             for size in (float(s) for s in args.sizes.split(",")):
@@ -246,27 +261,34 @@ def main(argv=None) -> int:
                 print(f"[{fmt} {size} GB] writing {args.n_ckpts} checkpoints ...", file=sys.stderr)
                 paths = write_checkpoints(os.path.join(d, "ckpts"), int(size * 1e9), args.n_ckpts, fmt, args.d_model)
                 r = {"fmt": fmt, "model": os.path.getsize(paths[0]), "n": len(paths)}
-                read_sequential(paths)                      # warm the page cache
+                read_sequential(paths)  # warm the page cache
                 r["seq"] = max(read_sequential(paths) for _ in range(args.repeat))
                 r["par"] = max(read_parallel(paths, args.workers, pool) for _ in range(args.repeat))
                 r["cp"] = max(copy_files(paths, os.path.join(out, "copy")) for _ in range(args.repeat))
                 best = None
                 for i in range(args.repeat):
                     print(f"[{fmt} {size} GB] ingesting (warm {i + 1}) ...", file=sys.stderr)
-                    res = run_ingest(client, paths, os.path.join(out, f"warm{i}.zarr"), shard_bytes=shard,
-                                     chunk_bytes=chunk)
+                    res = run_ingest(
+                        client, paths, os.path.join(out, f"warm{i}.zarr"), shard_bytes=shard, chunk_bytes=chunk
+                    )
                     shutil.rmtree(os.path.join(out, f"warm{i}.zarr"))
                     if best is None or res[1] < best[1]:
                         best = res
                 summary, secs, base, peak = best
-                r.update(total=summary.bytes, ingest=summary.bytes / secs, base=max(base.values()),
-                         peak=max(peak.values()), delta=max(peak[p] - base[p] for p in peak))
+                r.update(
+                    total=summary.bytes,
+                    ingest=summary.bytes / secs,
+                    base=max(base.values()),
+                    peak=max(peak.values()),
+                    delta=max(peak[p] - base[p] for p in peak),
+                )
                 evict(paths)
                 r["seq_cold"] = read_sequential(paths)
                 evict(paths)
                 print(f"[{fmt} {size} GB] ingesting (cold) ...", file=sys.stderr)
-                summary, secs, base, peak = run_ingest(client, paths, os.path.join(out, "cold.zarr"),
-                                                       shard_bytes=shard, chunk_bytes=chunk)
+                summary, secs, base, peak = run_ingest(
+                    client, paths, os.path.join(out, "cold.zarr"), shard_bytes=shard, chunk_bytes=chunk
+                )
                 r.update(ingest_cold=summary.bytes / secs, delta_cold=max(peak[p] - base[p] for p in peak))
                 rows.append(r)
                 if not args.keep:
@@ -274,28 +296,40 @@ def main(argv=None) -> int:
                     shutil.rmtree(out, ignore_errors=True)
 
     gb, mib = 1e9, 2**20
-    print(f"\n{args.workers} worker processes x 1 thread; shard {format_bytes(shard)}, chunk {format_bytes(chunk)}; "
-          f"{os.cpu_count()} cores; store written to {args.store_dir or root}; load average at the end "
-          f"{os.getloadavg()[0]:.1f}.\n")
-    print("Throughput (GB of float32 parameters per second; warm = sources in page cache, best of "
-          f"{args.repeat}; cold = sources evicted first)\n")
-    print(f"| format | checkpoint | ckpts | raw read 1 proc | raw read {args.workers} procs | copy (cp) | **ingest** "
-          f"| ingest / raw read 1 proc | ingest / raw read {args.workers} procs | ingest / copy "
-          "| cold: raw read 1 proc | cold: **ingest** | cold: ingest / raw read |")
+    print(
+        f"\n{args.workers} worker processes x 1 thread; shard {format_bytes(shard)}, chunk {format_bytes(chunk)}; "
+        f"{os.cpu_count()} cores; store written to {args.store_dir or root}; load average at the end "
+        f"{os.getloadavg()[0]:.1f}.\n"
+    )
+    print(
+        "Throughput (GB of float32 parameters per second; warm = sources in page cache, best of "
+        f"{args.repeat}; cold = sources evicted first)\n"
+    )
+    print(
+        f"| format | checkpoint | ckpts | raw read 1 proc | raw read {args.workers} procs | copy (cp) | **ingest** "
+        f"| ingest / raw read 1 proc | ingest / raw read {args.workers} procs | ingest / copy "
+        "| cold: raw read 1 proc | cold: **ingest** | cold: ingest / raw read |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['fmt']} | {r['model'] / gb:.2f} GB | {r['n']} | {r['seq'] / gb:.2f} | {r['par'] / gb:.2f} "
-              f"| {r['cp'] / gb:.2f} | **{r['ingest'] / gb:.2f}** | {100 * r['ingest'] / r['seq']:.0f}% "
-              f"| {100 * r['ingest'] / r['par']:.0f}% | {100 * r['ingest'] / r['cp']:.0f}% "
-              f"| {r['seq_cold'] / gb:.2f} | **{r['ingest_cold'] / gb:.2f}** "
-              f"| {100 * r['ingest_cold'] / r['seq_cold']:.0f}% |")
+        print(
+            f"| {r['fmt']} | {r['model'] / gb:.2f} GB | {r['n']} | {r['seq'] / gb:.2f} | {r['par'] / gb:.2f} "
+            f"| {r['cp'] / gb:.2f} | **{r['ingest'] / gb:.2f}** | {100 * r['ingest'] / r['seq']:.0f}% "
+            f"| {100 * r['ingest'] / r['par']:.0f}% | {100 * r['ingest'] / r['cp']:.0f}% "
+            f"| {r['seq_cold'] / gb:.2f} | **{r['ingest_cold'] / gb:.2f}** "
+            f"| {100 * r['ingest_cold'] / r['seq_cold']:.0f}% |"
+        )
     print("\nWorker memory while ingesting (RSS of each worker process, max over workers)\n")
-    print("| format | checkpoint | shard | RSS before | peak RSS (warm) | peak − before (warm) | peak − before (cold) |")
+    print(
+        "| format | checkpoint | shard | RSS before | peak RSS (warm) | peak − before (warm) | peak − before (cold) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['fmt']} | {r['model'] / gb:.2f} GB | {format_bytes(shard)} | {r['base'] / mib:.0f} MiB "
-              f"| {r['peak'] / mib:.0f} MiB | {r['delta'] / mib:.0f} MiB ({r['delta'] / shard:.1f} shards) "
-              f"| {r['delta_cold'] / mib:.0f} MiB ({r['delta_cold'] / shard:.1f} shards) |")
+        print(
+            f"| {r['fmt']} | {r['model'] / gb:.2f} GB | {format_bytes(shard)} | {r['base'] / mib:.0f} MiB "
+            f"| {r['peak'] / mib:.0f} MiB | {r['delta'] / mib:.0f} MiB ({r['delta'] / shard:.1f} shards) "
+            f"| {r['delta_cold'] / mib:.0f} MiB ({r['delta_cold'] / shard:.1f} shards) |"
+        )
     return 0
 
 

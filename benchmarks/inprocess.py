@@ -13,6 +13,7 @@ Each command is a fresh process (what a user runs; python and import start-up in
 
     python benchmarks/inprocess.py --cases 160x250000,60x20000000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,10 +40,12 @@ def write_checkpoints(d: Path, n: int, P: int, seed: int = 0) -> None:
     for i in range(n):
         if i:
             off = int(rng.integers(0, 4096))
-            x += pool[off:off + P]
+            x += pool[off : off + P]
         half = P // 2
-        save_file({"a.weight": x[:half].reshape(-1, 50) if half % 50 == 0 else x[:half], "b.weight": x[half:]},
-                  str(d / f"step_{i * 100:07d}.safetensors"))
+        save_file(
+            {"a.weight": x[:half].reshape(-1, 50) if half % 50 == 0 else x[:half], "b.weight": x[half:]},
+            str(d / f"step_{i * 100:07d}.safetensors"),
+        )
 
 
 def cli(*args) -> float:
@@ -74,24 +77,41 @@ def main(argv=None) -> None:
                 ts = cli("spectrum", str(store), "-o", str(out), "--windows", str(args.window), "--no-progress", *extra)
                 times[mode] = (ti, ts, ti + ts)
                 ds = xr.open_zarr(str(out))
-                sig[mode] = ds.sigma.sel(run="r", window=args.window).dropna("step", how="all").values[:, :args.window]
-                print(f"# {n}x{P} {mode}: ingest {ti:.1f}s spectrum {ts:.1f}s load {os.getloadavg()[0]:.1f}", flush=True)
+                sig[mode] = ds.sigma.sel(run="r", window=args.window).dropna("step", how="all").values[:, : args.window]
+                print(
+                    f"# {n}x{P} {mode}: ingest {ti:.1f}s spectrum {ts:.1f}s load {os.getloadavg()[0]:.1f}", flush=True
+                )
             ref = reference(root / "defaults.zarr", "r", args.window)
             err = float(np.max(np.abs(sig["defaults"] - ref["sigma"]) / ref["sigma"][:, :1]))
             same = bool(np.array_equal(sig["defaults"], sig["LocalCluster"]))
-            rows.append((n, P, times["defaults"], times["LocalCluster"], ref["total"], ref["loop"], err, same,
-                         os.getloadavg()[0]))
+            rows.append(
+                (
+                    n,
+                    P,
+                    times["defaults"],
+                    times["LocalCluster"],
+                    ref["total"],
+                    ref["loop"],
+                    err,
+                    same,
+                    os.getloadavg()[0],
+                )
+            )
             print(f"# {rows[-1]}", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print("\n| checkpoints x params | defaults: ingest + spectrum (s) | `--local-cluster 2` (s) | reference loop (s) "
-          "| **reference / defaults** | LocalCluster / defaults | max rel. sigma diff vs reference | defaults = "
-          "LocalCluster bits | load avg (1 min) |")
+    print(
+        "\n| checkpoints x params | defaults: ingest + spectrum (s) | `--local-cluster 2` (s) | reference loop (s) "
+        "| **reference / defaults** | LocalCluster / defaults | max rel. sigma diff vs reference | defaults = "
+        "LocalCluster bits | load avg (1 min) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for n, P, d, lc, rt, rl, err, same, load in rows:
-        print(f"| {n} x {P:,} ({n * P * 4 / 1e9:.2f} GB) | {d[2]:.1f} ({d[0]:.1f} + {d[1]:.1f}) | "
-              f"{lc[2]:.1f} ({lc[0]:.1f} + {lc[1]:.1f}) | {rt:.1f} | **{rt / d[2]:.1f}x** | {lc[2] / d[2]:.1f}x | "
-              f"{err:.1e} | {'yes' if same else 'no'} | {load:.1f} |")
+        print(
+            f"| {n} x {P:,} ({n * P * 4 / 1e9:.2f} GB) | {d[2]:.1f} ({d[0]:.1f} + {d[1]:.1f}) | "
+            f"{lc[2]:.1f} ({lc[0]:.1f} + {lc[1]:.1f}) | {rt:.1f} | **{rt / d[2]:.1f}x** | {lc[2] / d[2]:.1f}x | "
+            f"{err:.1e} | {'yes' if same else 'no'} | {load:.1f} |"
+        )
 
 
 if __name__ == "__main__":

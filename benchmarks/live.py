@@ -9,6 +9,7 @@ to its alert line being printed is measured.
 
     python benchmarks/live.py [--params 1000000] [--ns 40,80,160,320] [--reps 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,11 @@ def latency(args):
     live.update()
     n = ns[0]
     print(f"P={P:,} ({P * 4 / 2**20:.1f} MiB per checkpoint), W={W} (band width {W + 1}), load {uptime()}")
-    print("| N | live update (s) | batch recompute (s) | batch / update | raw read 1 ckpt (s) | raw read W_max+1 ckpts (s) "
-          "| update / read(W_max+1) |")
+    print(
+        "| N | live update (s) | batch recompute (s) | batch / update | raw read 1 ckpt (s) "
+        "| raw read W_max+1 ckpts (s) "
+        "| update / read(W_max+1) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for target in ns:
         while n < target:  # grow the run to N (live keeps up, untimed)
@@ -105,8 +109,19 @@ def alert_delay(args):
     def echo(line):
         lines.append((time.time(), line))
 
-    th = threading.Thread(target=lambda: watch(folder, results=os.path.join(d, "live.zarr"), windows=(5,), poll=0.05,
-                                               settle=0.0, echo=echo, stop=stop, scheduler="threads"), daemon=True)
+    th = threading.Thread(
+        target=lambda: watch(
+            folder,
+            results=os.path.join(d, "live.zarr"),
+            windows=(5,),
+            poll=0.05,
+            settle=0.0,
+            echo=echo,
+            stop=stop,
+            scheduler="threads",
+        ),
+        daemon=True,
+    )
     th.start()
     written = {}
     for i in range(60):
@@ -115,13 +130,15 @@ def alert_delay(args):
                 p += 0.01 * torch.randn(p.shape, generator=g) + (0.2 * v if i < 35 else 0)
         path = rec.save(i * 10, model)
         written[i * 10] = os.stat(path).st_mtime
-        time.sleep(0.4)    # a training step between checkpoints
+        time.sleep(0.4)  # a training step between checkpoints
     time.sleep(2)
     stop.set()
     th.join(30)
     alerts = [(t, ln) for t, ln in lines if ln.startswith("ALERT")]
-    print(f"\nalert delay (P={sum(p.numel() for p in model.parameters()):,}, W=5, planted collapse at step 350, "
-          f"load {uptime()}):")
+    print(
+        f"\nalert delay (P={sum(p.numel() for p in model.parameters()):,}, W=5, planted collapse at step 350, "
+        f"load {uptime()}):"
+    )
     for t, ln in alerts:
         step = int(ln.split("step=")[1].split()[0])
         print(f"  {ln}  | {t - written[step]:.2f} s after the checkpoint was written")

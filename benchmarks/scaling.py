@@ -16,6 +16,7 @@ compute, so the total is ``max(compute, scheduler) + reduction``).
 
     python benchmarks/scaling.py --gb 1 --workers 1,2 --project 8,16,32,64,100 --project-gb 100
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,15 +63,20 @@ def main(argv=None) -> None:
     ap.add_argument("--repeat", type=int, default=2, help="timed passes per worker count, best kept")
     ap.add_argument("--project", default="8,16,32,64,100", help="projected worker counts")
     ap.add_argument("--project-gb", type=float, default=100.0, help="store size for the projection (GB)")
-    ap.add_argument("--read-gbps", type=float, default=1.0,
-                    help="assumed per-node read bandwidth from the shared filesystem, GB/s (default 1)")
+    ap.add_argument(
+        "--read-gbps",
+        type=float,
+        default=1.0,
+        help="assumed per-node read bandwidth from the shared filesystem, GB/s (default 1)",
+    )
     ap.add_argument("--dir", default=None, help="where to put the store (default: a temp dir)")
     a = ap.parse_args(argv)
 
-    import sed_dask
     from distributed import Client
     from procs import DaskProcs
-    from sed_dask.engine.gram import gram_graph, gram_tile, sum_partials
+
+    import sed_dask
+    from sed_dask.engine.gram import gram_graph, sum_partials
     from sed_dask.store.trajectory import open_store
 
     tile_bytes = parse_bytes(a.tile_bytes)
@@ -80,8 +86,11 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         P = make_store(store, a.gb, a.steps)
         nbytes = a.steps * P * 4
-        print(f"store: {a.steps} steps x {P:,} params = {nbytes / 1e9:.2f} GB, written in "
-              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        print(
+            f"store: {a.steps} steps x {P:,} params = {nbytes / 1e9:.2f} GB, written in "
+            f"{time.perf_counter() - t0:.1f} s",
+            file=sys.stderr,
+        )
         kw = {"windows": (a.window,), "tile_bytes": tile_bytes, "progress": False}
         rs = open_store(store, mode="r").run("r")
         plan = gram_graph(rs, width=a.window + 1, tile_bytes=tile_bytes)
@@ -129,27 +138,34 @@ def main(argv=None) -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    print(f"\nStore: {a.steps} steps x {P:,} params = {nbytes / 1e9:.2f} GB float32; W={a.window} (band "
-          f"{a.window + 1}); tile-bytes {a.tile_bytes}: {n_tiles} tile tasks, {n_tasks} tasks in all.\n")
+    print(
+        f"\nStore: {a.steps} steps x {P:,} params = {nbytes / 1e9:.2f} GB float32; W={a.window} (band "
+        f"{a.window + 1}); tile-bytes {a.tile_bytes}: {n_tiles} tile tasks, {n_tasks} tasks in all.\n"
+    )
     print("Measured (this machine, best of %d):\n" % a.repeat)
     print("| worker processes | pass time (s) | throughput (GB/s) | speed-up vs 1 |")
     print("|---|---|---|---|")
     for n, t, g in rows:
         print(f"| {n} | {t:.2f} | {g:.2f} | {rows[0][1] / t:.2f}x |")
-    print(f"\n| cost | value |\n|---|---|\n| per tile (gram_tile, warm, 1 thread) | {t_tile * 1e3:.1f} ms "
-          f"({tile_read_bytes / 1e6:.1f} MB/tile: {tile_read_bytes / t_tile / 1e9:.2f} GB/s) |\n"
-          f"| reduction (sum of {split} partials) | {t_red * 1e3:.2f} ms |\n"
-          f"| scheduler overhead per task | {overhead * 1e3:.2f} ms |")
+    print(
+        f"\n| cost | value |\n|---|---|\n| per tile (gram_tile, warm, 1 thread) | {t_tile * 1e3:.1f} ms "
+        f"({tile_read_bytes / 1e6:.1f} MB/tile: {tile_read_bytes / t_tile / 1e9:.2f} GB/s) |\n"
+        f"| reduction (sum of {split} partials) | {t_red * 1e3:.2f} ms |\n"
+        f"| scheduler overhead per task | {overhead * 1e3:.2f} ms |"
+    )
 
     # ---- projection
     scale = a.project_gb * 1e9 / nbytes
     p_tiles = max(1, round(n_tiles * scale))
     p_tasks = max(1, round(n_tasks * scale))
     t_eff = max(t_tile, tile_read_bytes / (a.read_gbps * 1e9))
-    print(f"\n**Projection (model, not measured)** for a {a.project_gb:g} GB store ({p_tiles:,} tiles, "
-          f"{p_tasks:,} tasks), one single-threaded worker per node, per-node read {a.read_gbps:g} GB/s "
-          f"(per-tile cost = max(measured {t_tile * 1e3:.1f} ms, read {tile_read_bytes / a.read_gbps / 1e6:.1f} ms)"
-          f" = {t_eff * 1e3:.1f} ms), shared filesystem aggregate bandwidth assumed unlimited; total = max(compute, scheduler) + reduction:\n")
+    print(
+        f"\n**Projection (model, not measured)** for a {a.project_gb:g} GB store ({p_tiles:,} tiles, "
+        f"{p_tasks:,} tasks), one single-threaded worker per node, per-node read {a.read_gbps:g} GB/s "
+        f"(per-tile cost = max(measured {t_tile * 1e3:.1f} ms, read {tile_read_bytes / a.read_gbps / 1e6:.1f} ms)"
+        f" = {t_eff * 1e3:.1f} ms), shared filesystem aggregate bandwidth assumed unlimited;"
+        f" total = max(compute, scheduler) + reduction:\n"
+    )
     print("| workers | compute (s) | reduction (s) | scheduler (s) | total (s) | GB/s | efficiency |")
     print("|---|---|---|---|---|---|---|")
     base = None
@@ -159,8 +175,10 @@ def main(argv=None) -> None:
         sch = p_tasks * overhead
         tot = max(comp, sch) + red  # the scheduler dispatches while workers compute
         base = base or tot
-        print(f"| {n} | {comp:.1f} | {red:.3f} | {sch:.1f} | {tot:.1f} | {a.project_gb / tot:.2f} | "
-              f"{base / tot / n:.0%} |")
+        print(
+            f"| {n} | {comp:.1f} | {red:.3f} | {sch:.1f} | {tot:.1f} | {a.project_gb / tot:.2f} | "
+            f"{base / tot / n:.0%} |"
+        )
 
 
 def _timed(fn, *args, **kw) -> float:

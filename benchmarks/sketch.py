@@ -27,6 +27,7 @@ Example (the README numbers)::
     python benchmarks/sketch.py --d 100,1000 --distributions gaussian,sparse,osnap:1,osnap:2,osnap:4 --skip-svd \\
         --jl-store STORE --jl-distribution gaussian,osnap:1,osnap:2,osnap:4     # the OSNAP rows
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,25 +88,32 @@ def bench_sketch(store: str, run: str, *, W: int, ds: list[int], dists: list[str
     t_gram = _best(lambda: sed_dask.banded_gram(rs, w_max=W + 1, scheduler="threads"), repeat)
     spec = dict(runs=[run], windows=(W,), scheduler="threads", progress=False)
     t_spec = _best(lambda: sed_dask.spectrum(store, **spec), repeat)
-    rows = [f"| banded Gram (W_max = {W + 1}) | - | {t_gram:.2f} s | 1.0x | {gb / t_gram:.2f} GB/s | | |",
-            f"| spectrum (W = {W}) | - | {t_spec:.2f} s | {t_spec / t_gram:.1f}x | {gb / t_spec:.2f} GB/s | | |"]
+    rows = [
+        f"| banded Gram (W_max = {W + 1}) | - | {t_gram:.2f} s | 1.0x | {gb / t_gram:.2f} GB/s | | |",
+        f"| spectrum (W = {W}) | - | {t_spec:.2f} s | {t_spec / t_gram:.1f}x | {gb / t_spec:.2f} GB/s | | |",
+    ]
     for spec_ in dists:
         dist, _, only = spec_.partition("@")  # gaussian@100: that operator at d = 100 only
         kw = operator_kw(dist)
         for d in ds:
             if only and d not in [int(x) for x in only.split("+")]:
                 continue
-            t = _best(lambda: sed_dask.sketch(store, runs=[run], d=d, scheduler="threads", progress=False, **kw),
-                      repeat)
+            t = _best(
+                lambda: sed_dask.sketch(store, runs=[run], d=d, scheduler="threads", progress=False, **kw), repeat
+            )
             t1 = _best(lambda: sed_dask.spectrum(store, sketch={"d": d, **kw}, **spec), repeat)
-            rows.append(f"| sketch {dist} | {d} | {t:.2f} s | {t / t_gram:.1f}x | {gb / t:.2f} GB/s | "
-                        f"{t1:.2f} s | {t1 / (t + t_spec):.2f} |")
-    head = (f"Run `{run}`: {N + 1} checkpoints x {P:,} parameters ({gb:.2f} GB float32); threaded scheduler, "
-            f"{os.cpu_count()} cores, best of {repeat}, load average {os.getloadavg()[0]:.2f} at the end. "
-            "Last columns: `spectrum(..., sketch=...)` (spectra and "
-            "sketch from one read) and its time over spectrum + sketch as two passes.\n\n"
-            "| pass | d | wall | vs Gram | store read rate | spectrum + sketch in one pass | one pass / two |\n"
-            "|---|---|---|---|---|---|---|")
+            rows.append(
+                f"| sketch {dist} | {d} | {t:.2f} s | {t / t_gram:.1f}x | {gb / t:.2f} GB/s | "
+                f"{t1:.2f} s | {t1 / (t + t_spec):.2f} |"
+            )
+    head = (
+        f"Run `{run}`: {N + 1} checkpoints x {P:,} parameters ({gb:.2f} GB float32); threaded scheduler, "
+        f"{os.cpu_count()} cores, best of {repeat}, load average {os.getloadavg()[0]:.2f} at the end. "
+        "Last columns: `spectrum(..., sketch=...)` (spectra and "
+        "sketch from one read) and its time over spectrum + sketch as two passes.\n\n"
+        "| pass | d | wall | vs Gram | store read rate | spectrum + sketch in one pass | one pass / two |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     return head + "\n" + "\n".join(rows)
 
 
@@ -132,17 +140,22 @@ def bench_ratio(store: str, run: str, *, W: int, ds: list[int], dists: list[str]
                 sed_dask.sketch(store, runs=[run], d=d, scheduler="threads", progress=False, **operator_kw(name))
             ts.append(time.perf_counter() - t)
     g = np.array(times[("gram", 0)])
-    lines = [f"Run `{run}` ({rs.n_rows} x {rs.n_params:,}; {rs.n_rows * rs.n_params * 4 / 1e9:.2f} GB float32), "
-             f"{rounds} interleaved rounds, threaded scheduler, {os.cpu_count()} cores, load average "
-             f"{min(load):.1f}–{max(load):.1f} during the rounds.", "",
-             "| pass | d | median wall | min wall | median of per-round ratio to the Gram pass | range over rounds |",
-             "|---|---|---|---|---|---|",
-             f"| banded Gram (W_max = {W + 1}) | - | {np.median(g):.2f} s | {g.min():.2f} s | 1.00x | |"]
+    lines = [
+        f"Run `{run}` ({rs.n_rows} x {rs.n_params:,}; {rs.n_rows * rs.n_params * 4 / 1e9:.2f} GB float32), "
+        f"{rounds} interleaved rounds, threaded scheduler, {os.cpu_count()} cores, load average "
+        f"{min(load):.1f}–{max(load):.1f} during the rounds.",
+        "",
+        "| pass | d | median wall | min wall | median of per-round ratio to the Gram pass | range over rounds |",
+        "|---|---|---|---|---|---|",
+        f"| banded Gram (W_max = {W + 1}) | - | {np.median(g):.2f} s | {g.min():.2f} s | 1.00x | |",
+    ]
     for c in cases:
         t = np.array(times[c])
         r = t / g
-        lines.append(f"| sketch {c[0]} | {c[1]} | {np.median(t):.2f} s | {t.min():.2f} s | **{np.median(r):.2f}x** "
-                     f"| {r.min():.2f}–{r.max():.2f}x |")
+        lines.append(
+            f"| sketch {c[0]} | {c[1]} | {np.median(t):.2f} s | {t.min():.2f} s | **{np.median(r):.2f}x** "
+            f"| {r.min():.2f}–{r.max():.2f}x |"
+        )
     return "\n".join(lines)
 
 
@@ -186,16 +199,23 @@ def _svd_child(args):
     _reset_peak()
     t = time.perf_counter()
     if method in ("exact", "randomized"):
-        ds = sed_dask.directions(store, run=run, k=k, method=method, n_oversamples=n_oversamples,
-                                 n_power_iter=n_power_iter, seed=0, scheduler="threads")
+        ds = sed_dask.directions(
+            store,
+            run=run,
+            k=k,
+            method=method,
+            n_oversamples=n_oversamples,
+            n_power_iter=n_power_iter,
+            seed=0,
+            scheduler="threads",
+        )
         sigma, V = ds["sigma"].values, ds["direction"].values.astype(np.float64)
     else:
         import dask.array as da
 
         XT = xt_array(stack)
         if method == "svd_compressed":
-            u, s, _ = da.linalg.svd_compressed(XT, k, n_power_iter=n_power_iter, n_oversamples=n_oversamples,
-                                               seed=0)
+            u, s, _ = da.linalg.svd_compressed(XT, k, n_power_iter=n_power_iter, n_oversamples=n_oversamples, seed=0)
         else:  # dask.array.linalg.svd: TSQR of the whole array, then truncate
             u, s, _ = da.linalg.svd(XT)
             u, s = u[:, :k], s[:k]
@@ -223,17 +243,27 @@ def bench_svd(store: str, run: str, *, k: int, n_oversamples: int, n_power_iter:
                 best = out
         res[method] = best
     _, _, s_ref, V_ref = res["exact"]
-    xbytes = n * P * 8 / 2 ** 20
-    lines = [f"Trajectory PCA of run `{run}`: X = {n} deltas x {P:,} parameters (X as float64: {xbytes:.0f} MiB), "
-             f"k = {k}, n_oversamples = {n_oversamples}, n_power_iter = {n_power_iter}; threaded scheduler, "
-             f"fresh process per method, best of {repeat}. Peak = max RSS above the process baseline.",
-             "", "| method | store passes | wall | peak memory | max principal angle vs exact "
-                 "| max rel. error sigma_1..k |",
-             "|---|---|---|---|---|---|"]
-    passes = {"exact": "2 (TSQR R, then V)", "randomized": f"{n_power_iter + 3}",
-              "svd_compressed": "1 (X held in memory)", "dask_svd": "1 (X held in memory)"}
-    names = {"exact": "sed_dask exact (TSQR R + blockwise V)", "randomized": "sed_dask randomized (Halko, small side)",
-             "svd_compressed": "dask.array.linalg.svd_compressed", "dask_svd": "dask.array.linalg.svd (full TSQR)"}
+    xbytes = n * P * 8 / 2**20
+    lines = [
+        f"Trajectory PCA of run `{run}`: X = {n} deltas x {P:,} parameters (X as float64: {xbytes:.0f} MiB), "
+        f"k = {k}, n_oversamples = {n_oversamples}, n_power_iter = {n_power_iter}; threaded scheduler, "
+        f"fresh process per method, best of {repeat}. Peak = max RSS above the process baseline.",
+        "",
+        "| method | store passes | wall | peak memory | max principal angle vs exact | max rel. error sigma_1..k |",
+        "|---|---|---|---|---|---|",
+    ]
+    passes = {
+        "exact": "2 (TSQR R, then V)",
+        "randomized": f"{n_power_iter + 3}",
+        "svd_compressed": "1 (X held in memory)",
+        "dask_svd": "1 (X held in memory)",
+    }
+    names = {
+        "exact": "sed_dask exact (TSQR R + blockwise V)",
+        "randomized": "sed_dask randomized (Halko, small side)",
+        "svd_compressed": "dask.array.linalg.svd_compressed",
+        "dask_svd": "dask.array.linalg.svd (full TSQR)",
+    }
     for m, (secs, peak, s, V) in res.items():
         ang = np.degrees(principal_angles(V / np.linalg.norm(V, axis=1, keepdims=True), V_ref)).max()
         err = np.max(np.abs(s[:k] - s_ref[:k]) / s_ref[:k])
@@ -242,8 +272,9 @@ def bench_svd(store: str, run: str, *, k: int, n_oversamples: int, n_power_iter:
 
 
 # ----------------------------------------------------------------------------- 3. JL table
-def bench_jl(store: str, runs: list[str], *, windows: list[int], ds: list[int], seeds: list[int], dists: list[str],
-             nested: bool) -> str:
+def bench_jl(
+    store: str, runs: list[str], *, windows: list[int], ds: list[int], seeds: list[int], dists: list[str], nested: bool
+) -> str:
     import sed_dask
     from sed_dask.results.sketch_spectra import jl_error_report, jl_table
 
@@ -253,16 +284,32 @@ def bench_jl(store: str, runs: list[str], *, windows: list[int], ds: list[int], 
         for dist in dists:
             kw = operator_kw(dist)
             t = time.perf_counter()
-            rep = jl_error_report(exact, store=store, run=run, windows=windows, ds=ds, seeds=seeds,
-                                  nested=nested and kw["distribution"] != "osnap", scheduler="threads", **kw)
+            rep = jl_error_report(
+                exact,
+                store=store,
+                run=run,
+                windows=windows,
+                ds=ds,
+                seeds=seeds,
+                nested=nested and kw["distribution"] != "osnap",
+                scheduler="threads",
+                **kw,
+            )
             reps[(run, dist)] = rep
-            how = "nested columns of one sketch per seed" if rep.attrs["nested_d"] else \
-                "independent operator per (d, seed)"
-            out.append(f"Run `{run}` ({dist} Phi, seeds {seeds}, {how}; {time.perf_counter() - t:.0f} s):"
-                       f"\n\n{jl_table(rep)}")
+            how = (
+                "nested columns of one sketch per seed"
+                if rep.attrs["nested_d"]
+                else "independent operator per (d, seed)"
+            )
+            out.append(
+                f"Run `{run}` ({dist} Phi, seeds {seeds}, {how}; {time.perf_counter() - t:.0f} s):\n\n{jl_table(rep)}"
+            )
     if len(dists) > 1:  # side by side: mean relative error (%) of r23 and edge per (W, d), each operator
-        head = "| run | W | d | " + " | ".join(f"{x} r23 / edge" for x in dists) + \
-            f" | max abs. diff. vs {dists[0]} (points) |"
+        head = (
+            "| run | W | d | "
+            + " | ".join(f"{x} r23 / edge" for x in dists)
+            + f" | max abs. diff. vs {dists[0]} (points) |"
+        )
         lines = [head, "|" + "---|" * (4 + len(dists))]
         for run in runs:
             for W in windows:
@@ -279,37 +326,67 @@ def bench_jl(store: str, runs: list[str], *, windows: list[int], ds: list[int], 
     return "\n\n".join(out)
 
 
-def bench_jl_per_seed(store: str, runs: list[str], *, W: int, ds: list[int], seeds: list[int],
-                      dists: list[str]) -> str:
+def bench_jl_per_seed(store: str, runs: list[str], *, W: int, ds: list[int], seeds: list[int], dists: list[str]) -> str:
     """Is a difference between operators more than seed noise? The protocol's mean error per seed
     (independent operators, seed 1000 s + d), then mean +- standard error over seeds, and each
     operator's difference from the first one with its standard error."""
     import sed_dask
     from sed_dask.results.sketch_spectra import jl_error_report
 
-    lines = ["| run | d | " + " | ".join(f"{x} r23 / edge" for x in dists) +
-             "".join(f" | {x} - {dists[0]}: r23 / edge" for x in dists[1:]) + " |",
-             "|" + "---|" * (2 + 2 * len(dists) - 1)]
+    lines = [
+        "| run | d | "
+        + " | ".join(f"{x} r23 / edge" for x in dists)
+        + "".join(f" | {x} - {dists[0]}: r23 / edge" for x in dists[1:])
+        + " |",
+        "|" + "---|" * (2 + 2 * len(dists) - 1),
+    ]
     for run in runs:
         exact = sed_dask.spectrum(store, runs=[run], windows=[W], scheduler="threads", progress=False)
         per = {}
         for dist in dists:
             kw = operator_kw(dist)
-            per[dist] = np.array([[[float(jl_error_report(exact, store=store, run=run, windows=[W], ds=[d], seeds=[s],
-                                                          nested=False, scheduler="threads", **kw)["mean"]
-                                          .sel(window=W, d=d, ratio=r)) * 100 for r in ("r23", "edge")]
-                                   for d in ds] for s in seeds])           # (seed, d, ratio)
+            per[dist] = np.array(
+                [
+                    [
+                        [
+                            float(
+                                jl_error_report(
+                                    exact,
+                                    store=store,
+                                    run=run,
+                                    windows=[W],
+                                    ds=[d],
+                                    seeds=[s],
+                                    nested=False,
+                                    scheduler="threads",
+                                    **kw,
+                                )["mean"].sel(window=W, d=d, ratio=r)
+                            )
+                            * 100
+                            for r in ("r23", "edge")
+                        ]
+                        for d in ds
+                    ]
+                    for s in seeds
+                ]
+            )  # (seed, d, ratio)
         n = len(seeds)
         for di, d in enumerate(ds):
-            cells = [" / ".join(f"{per[x][:, di, r].mean():.1f} ± {per[x][:, di, r].std(ddof=1) / n ** 0.5:.1f}"
-                                for r in (0, 1)) for x in dists]
+            cells = [
+                " / ".join(
+                    f"{per[x][:, di, r].mean():.1f} ± {per[x][:, di, r].std(ddof=1) / n**0.5:.1f}" for r in (0, 1)
+                )
+                for x in dists
+            ]
             for x in dists[1:]:
-                diff = per[x][:, di] - per[dists[0]][:, di]          # independent seeds: SEs add in quadrature
+                diff = per[x][:, di] - per[dists[0]][:, di]  # independent seeds: SEs add in quadrature
                 se = np.sqrt(per[x][:, di].var(axis=0, ddof=1) / n + per[dists[0]][:, di].var(axis=0, ddof=1) / n)
                 cells.append(" / ".join(f"{diff[:, r].mean():+.1f} ± {se[r]:.1f}" for r in (0, 1)))
             lines.append(f"| {run} | {d} | " + " | ".join(cells) + " |")
-    return (f"W = {W}, seeds {seeds[0]}..{seeds[-1]} ({len(seeds)}), mean relative error in % "
-            "(mean ± standard error over seeds):\n\n" + "\n".join(lines))
+    return (
+        f"W = {W}, seeds {seeds[0]}..{seeds[-1]} ({len(seeds)}), mean relative error in % "
+        "(mean ± standard error over seeds):\n\n" + "\n".join(lines)
+    )
 
 
 def main(argv=None) -> None:
@@ -326,8 +403,12 @@ def main(argv=None) -> None:
     ap.add_argument("--n-power-iter", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--skip-sketch", action="store_true")
-    ap.add_argument("--rounds", type=int, default=0,
-                    help="instead of best-of-repeat: this many interleaved rounds of Gram and every sketch (ratios)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="instead of best-of-repeat: this many interleaved rounds of Gram and every sketch (ratios)",
+    )
     ap.add_argument("--skip-svd", action="store_true")
     ap.add_argument("--jl-store", help="also print the JL error table for runs of this store")
     ap.add_argument("--jl-runs", default=None, help="runs for the JL table (default: all)")
@@ -335,8 +416,11 @@ def main(argv=None) -> None:
     ap.add_argument("--jl-ds", default="50,100,200,500,1000")
     ap.add_argument("--jl-seeds", default="0,1,2")
     ap.add_argument("--jl-distribution", default="gaussian", help="operators, comma-separated (osnap:S for s = S)")
-    ap.add_argument("--jl-per-seed", action="store_true",
-                    help="instead: mean +- standard error over seeds per operator, and differences (first W only)")
+    ap.add_argument(
+        "--jl-per-seed",
+        action="store_true",
+        help="instead: mean +- standard error over seeds per operator, and differences (first W only)",
+    )
     ap.add_argument("--jl-nested", action="store_true", help="one max(d) sketch per seed, prefixes for smaller d")
     a = ap.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
@@ -358,8 +442,11 @@ def main(argv=None) -> None:
             print()
         if not a.skip_svd:
             print("### Randomized SVD vs dask\n")
-            print(bench_svd(store, a.run, k=a.k, n_oversamples=a.n_oversamples, n_power_iter=a.n_power_iter,
-                            repeat=a.repeat))
+            print(
+                bench_svd(
+                    store, a.run, k=a.k, n_oversamples=a.n_oversamples, n_power_iter=a.n_power_iter, repeat=a.repeat
+                )
+            )
             print()
         if a.jl_store:
             from sed_dask.store.trajectory import open_store
@@ -367,11 +454,28 @@ def main(argv=None) -> None:
             runs = a.jl_runs.split(",") if a.jl_runs else open_store(a.jl_store, mode="r").runs
             print("### JL error of edge ratios vs the exact engine\n")
             if a.jl_per_seed:
-                print(bench_jl_per_seed(a.jl_store, runs, W=ints(a.jl_windows)[0], ds=ints(a.jl_ds),
-                                        seeds=ints(a.jl_seeds), dists=a.jl_distribution.split(",")))
+                print(
+                    bench_jl_per_seed(
+                        a.jl_store,
+                        runs,
+                        W=ints(a.jl_windows)[0],
+                        ds=ints(a.jl_ds),
+                        seeds=ints(a.jl_seeds),
+                        dists=a.jl_distribution.split(","),
+                    )
+                )
                 return
-            print(bench_jl(a.jl_store, runs, windows=ints(a.jl_windows), ds=ints(a.jl_ds), seeds=ints(a.jl_seeds),
-                           dists=a.jl_distribution.split(","), nested=a.jl_nested))
+            print(
+                bench_jl(
+                    a.jl_store,
+                    runs,
+                    windows=ints(a.jl_windows),
+                    ds=ints(a.jl_ds),
+                    seeds=ints(a.jl_seeds),
+                    dists=a.jl_distribution.split(","),
+                    nested=a.jl_nested,
+                )
+            )
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

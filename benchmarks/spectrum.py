@@ -11,6 +11,7 @@ Measures, in one run and on the same stores:
 Prints markdown tables. Example:
     python benchmarks/spectrum.py --n-ckpts 60 --params 20e6 --big-ckpts 100 --big-params 25e6
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,7 @@ def make_store(path: Path, run: str, n: int, P: int, *, seed: int = 0) -> None:
             assert i == self.i + 1, "rows are produced in order"
             if i > 0:
                 off = int(rng.integers(0, 4096))
-                self.cur += pool[off:off + P] + drift * np.float32(np.sin(i / 7.0))
+                self.cur += pool[off : off + P] + drift * np.float32(np.sin(i / 7.0))
             self.i = i
             return self.cur
 
@@ -149,7 +150,7 @@ def reference(path: Path, run: str, W: int) -> dict:
     t_loop = time.perf_counter() - t1
     sig = []
     for k in range(W - 1, N):
-        lam = np.linalg.eigvalsh(dot[k - W + 1:k + 1, k - W + 1:k + 1])[::-1]
+        lam = np.linalg.eigvalsh(dot[k - W + 1 : k + 1, k - W + 1 : k + 1])[::-1]
         sig.append(np.sqrt(np.clip(lam, 0, None)))
     return {"load": t_load, "loop": t_loop, "total": time.perf_counter() - t0, "sigma": np.array(sig)}
 
@@ -157,14 +158,16 @@ def reference(path: Path, run: str, W: int) -> dict:
 def precision_table(root: Path, n: int = 41, P: int = 2_000_000) -> list[tuple]:
     """Max relative sigma error of float64 vs float32 mode against numpy SVD of the explicit deltas."""
     from sed_dask.engine.gram import banded_gram
-    from sed_dask.store.trajectory import write_trajectory
     from sed_dask.engine.windows import window_features
+    from sed_dask.store.trajectory import write_trajectory
 
     rng = np.random.default_rng(0)
     cases = {
         "random walk": (rng.standard_normal((n - 1, P)) * 1e-3).astype(np.float32),
-        "rank 4 + noise": ((rng.standard_normal((n - 1, 4)) * [10, 5, 2, 1.0]) @ rng.standard_normal((4, P)) * 1e-4
-                           + rng.standard_normal((n - 1, P)) * 3e-5).astype(np.float32),
+        "rank 4 + noise": (
+            (rng.standard_normal((n - 1, 4)) * [10, 5, 2, 1.0]) @ rng.standard_normal((4, P)) * 1e-4
+            + rng.standard_normal((n - 1, P)) * 3e-5
+        ).astype(np.float32),
     }
     rows = []
     for name, D in cases.items():
@@ -180,7 +183,7 @@ def precision_table(root: Path, n: int = 41, P: int = 2_000_000) -> list[tuple]:
                 f = window_features(g["all"], W, n_params=P)
                 hi, lo, smin = 0.0, 0.0, 1.0
                 for t_, k in enumerate(range(W - 1, n - 1)):
-                    s = np.linalg.svd(Dx[k - W + 1:k + 1], compute_uv=False)
+                    s = np.linalg.svd(Dx[k - W + 1 : k + 1], compute_uv=False)
                     rel = np.abs(f["sigma"][t_] - s) / s
                     hi = max(hi, rel[s >= 0.1 * s[0]].max())
                     lo = max(lo, rel.max())
@@ -204,8 +207,11 @@ def main(argv=None) -> None:
     ap.add_argument("--memory-limit", default="2GB")
     ap.add_argument("--no-big", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the stores")
-    ap.add_argument("--precision-only", action="store_true",
-                    help="only the float64 vs float32 accuracy table (threaded scheduler, 41 x 2M)")
+    ap.add_argument(
+        "--precision-only",
+        action="store_true",
+        help="only the float64 vs float32 accuracy table (threaded scheduler, 41 x 2M)",
+    )
     args = ap.parse_args(argv)
     if args.precision_only:
         import warnings
@@ -219,8 +225,10 @@ def main(argv=None) -> None:
             rows = precision_table(root)
         finally:
             shutil.rmtree(root, ignore_errors=True)
-        print("| trajectory | precision | W | max rel. error, sigma >= 0.1 sigma_1 | max rel. error, all sigma | "
-              "min sigma_W / sigma_1 | band time (s) |")
+        print(
+            "| trajectory | precision | W | max rel. error, sigma >= 0.1 sigma_1 | max rel. error, all sigma | "
+            "min sigma_W / sigma_1 | band time (s) |"
+        )
         print("|---|---|---|---|---|---|---|")
         for name, prec, W, hi, lo, smin, dt in rows:
             print(f"| {name} | {prec} | {W} | {hi:.1e} | {lo:.1e} | {smin:.3f} | {dt:.1f} |")
@@ -248,12 +256,14 @@ def main(argv=None) -> None:
             print(f"# wrote {n} x {P} store ({_gb(n * P * 4):.2f} GB) in {time.perf_counter() - t:.0f}s", flush=True)
         files = chunk_files(small, "r")
         nbytes = n * P * 4
-        with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                          dashboard_address=":0") as lc, Client(lc) as client:
+        with (
+            LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0") as lc,
+            Client(lc) as client,
+        ):
             client.run(lambda: __import__("sed_dask.engine.gram"))
             for mode in ("warm", "cold"):
                 for prec in ("float64", "float32"):
-                    for ws in ([windows] if len(windows) == 1 else [windows[:1], windows]):
+                    for ws in [windows] if len(windows) == 1 else [windows[:1], windows]:
                         best_raw, best_pass, best_cpu = np.inf, np.inf, np.inf
                         for _ in range(args.repeat if mode == "warm" else 1):
                             if mode == "cold":
@@ -270,9 +280,18 @@ def main(argv=None) -> None:
                             dt = time.perf_counter() - t
                             if dt < best_pass:
                                 best_pass, best_cpu = dt, worker_cpu(client) - c0
-                        rows_a.append((mode, prec, ",".join(map(str, ws)), _gb(got) / best_raw,
-                                       _gb(nbytes) / best_pass, best_pass, _gb(nbytes) / best_cpu,
-                                       os.getloadavg()[0]))
+                        rows_a.append(
+                            (
+                                mode,
+                                prec,
+                                ",".join(map(str, ws)),
+                                _gb(got) / best_raw,
+                                _gb(nbytes) / best_pass,
+                                best_pass,
+                                _gb(nbytes) / best_cpu,
+                                os.getloadavg()[0],
+                            )
+                        )
                         print(f"# (a) {rows_a[-1]}", flush=True)
             if not args.no_reference:
                 W = windows[0]
@@ -282,8 +301,18 @@ def main(argv=None) -> None:
                 ref = reference(small, "r", W)
                 ours = ds.sigma.sel(run="r", window=W).dropna("step", how="all").values[:, :W]
                 err = float(np.max(np.abs(ours - ref["sigma"]) / ref["sigma"][:, :1]))
-                rows_b.append((W, ref["load"], ref["loop"], ref["total"], t_ours, ref["total"] / t_ours,
-                               ref["loop"] / t_ours, err))
+                rows_b.append(
+                    (
+                        W,
+                        ref["load"],
+                        ref["loop"],
+                        ref["total"],
+                        t_ours,
+                        ref["total"] / t_ours,
+                        ref["loop"] / t_ours,
+                        err,
+                    )
+                )
                 print(f"# (b) {rows_b[-1]}", flush=True)
         if not args.no_big:
             big = root / "big.zarr"
@@ -291,11 +320,21 @@ def main(argv=None) -> None:
             if not big.exists():
                 t = time.perf_counter()
                 make_store(big, "r", nb, Pb, seed=1)
-                print(f"# wrote {nb} x {Pb} store ({_gb(nb * Pb * 4):.2f} GB) in {time.perf_counter() - t:.0f}s",
-                      flush=True)
+                print(
+                    f"# wrote {nb} x {Pb} store ({_gb(nb * Pb * 4):.2f} GB) in {time.perf_counter() - t:.0f}s",
+                    flush=True,
+                )
             disk = sum(f.stat().st_size for f in chunk_files(big, "r"))
-            with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                              memory_limit=args.memory_limit) as lc, Client(lc) as client:
+            with (
+                LocalCluster(
+                    n_workers=args.workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=":0",
+                    memory_limit=args.memory_limit,
+                ) as lc,
+                Client(lc) as client,
+            ):
                 client.run(lambda: __import__("sed_dask.engine.gram"))
                 pids = list(client.run(os.getpid).values())
                 limit = dask.utils.parse_bytes(args.memory_limit)
@@ -305,34 +344,58 @@ def main(argv=None) -> None:
                     dt = time.perf_counter() - t
                 after = list(client.run(os.getpid).values())
                 ok = bool(np.isfinite(ds.sigma).any()) and sorted(after) == sorted(pids)
-                rows_c.append((nb, Pb, _gb(disk), args.memory_limit, max(s.base.values()) / 2**20,
-                               max(s.peak.values()) / 2**20, max(s.peak.values()) / limit, dt, _gb(nb * Pb * 4) / dt, ok))
+                rows_c.append(
+                    (
+                        nb,
+                        Pb,
+                        _gb(disk),
+                        args.memory_limit,
+                        max(s.base.values()) / 2**20,
+                        max(s.peak.values()) / 2**20,
+                        max(s.peak.values()) / limit,
+                        dt,
+                        _gb(nb * Pb * 4) / dt,
+                        ok,
+                    )
+                )
                 print(f"# (c) {rows_c[-1]}", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
-    print(f"\nStore: {n} checkpoints x {P:,} float32 params ({_gb(n * P * 4):.2f} GB), 4 MiB chunks, "
-          f"64 MiB shards, uncompressed; LocalCluster {args.workers} workers x 1 thread.\n")
-    print("| cache | precision | windows W | raw sequential read (GB/s) | spectrum pass (GB/s) | pass time (s) | "
-          "pass / raw read | GB per worker CPU-second | load avg (1 min) |")
+    print(
+        f"\nStore: {n} checkpoints x {P:,} float32 params ({_gb(n * P * 4):.2f} GB), 4 MiB chunks, "
+        f"64 MiB shards, uncompressed; LocalCluster {args.workers} workers x 1 thread.\n"
+    )
+    print(
+        "| cache | precision | windows W | raw sequential read (GB/s) | spectrum pass (GB/s) | pass time (s) | "
+        "pass / raw read | GB per worker CPU-second | load avg (1 min) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for mode, prec, ws, raw, ps, tp, gcpu, load in rows_a:
-        print(f"| {mode} | {prec} | {ws} | {raw:.2f} | **{ps:.2f}** | {tp:.1f} | {100 * ps / raw:.0f}% | "
-              f"{gcpu:.2f} | {load:.1f} |")
+        print(
+            f"| {mode} | {prec} | {ws} | {raw:.2f} | **{ps:.2f}** | {tp:.1f} | {100 * ps / raw:.0f}% | "
+            f"{gcpu:.2f} | {load:.1f} |"
+        )
     if rows_b:
-        print("\n| W | reference: load deltas (s) | reference: N x N dot loop (s) | reference total (s) | "
-              "sed_dask spectrum (s) | **speed-up** | speed-up vs loop only | max rel. sigma difference |")
+        print(
+            "\n| W | reference: load deltas (s) | reference: N x N dot loop (s) | reference total (s) | "
+            "sed_dask spectrum (s) | **speed-up** | speed-up vs loop only | max rel. sigma difference |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         for W, tl, tlp, tt, to, su, sul, err in rows_b:
             print(f"| {W} | {tl:.1f} | {tlp:.1f} | {tt:.1f} | {to:.1f} | **{su:.1f}x** | {sul:.1f}x | {err:.1e} |")
     if rows_c:
-        print("\n| checkpoints | params | on disk (GB) | worker memory limit | worker RSS before (MiB) | "
-              "**peak worker RSS (MiB)** | peak / limit | pass time (s) | GB/s | completed, no worker restart |")
+        print(
+            "\n| checkpoints | params | on disk (GB) | worker memory limit | worker RSS before (MiB) | "
+            "**peak worker RSS (MiB)** | peak / limit | pass time (s) | GB/s | completed, no worker restart |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|")
         for nb, Pb, disk, lim, base, peak, frac, dt, gbs, ok in rows_c:
-            print(f"| {nb} | {Pb:,} | {disk:.1f} | {lim} | {base:.0f} | **{peak:.0f}** | {100 * frac:.0f}% | "
-                  f"{dt:.0f} | {gbs:.2f} | {'yes' if ok else 'NO'} |")
+            print(
+                f"| {nb} | {Pb:,} | {disk:.1f} | {lim} | {base:.0f} | **{peak:.0f}** | {100 * frac:.0f}% | "
+                f"{dt:.0f} | {gbs:.2f} | {'yes' if ok else 'NO'} |"
+            )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ The demo runs come from ``python -m sed_dask.demo.train DIR --seeds 0 1`` (defau
 Example:
     python benchmarks/weight_spectra.py --runs /tmp/wdemo/runs --work /tmp/wdemo/bench
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-WW_SCRIPT = r'''
+WW_SCRIPT = r"""
 import json, logging, sys
 import numpy as np, torch, weightwatcher as ww
 logging.disable(logging.WARNING)
@@ -60,7 +61,7 @@ for i, n in enumerate(names):
     out[n] = {k: (float(row[k]) if k in row and row[k] is not None else None)
               for k in ("alpha", "xmin", "D", "num_spikes", "sigma_mp", "bulk_max", "num_pl_spikes", "lambda_max")}
 print("JSON" + json.dumps({"version": ww.__version__, "layers": out}))
-'''
+"""
 
 
 def planted_matrices() -> dict[str, np.ndarray]:
@@ -77,7 +78,7 @@ def planted_matrices() -> dict[str, np.ndarray]:
     out = {"mp_noise": rng.standard_normal((m, n)) * s}
     out["mp_3_spikes_above_bbp"] = rng.standard_normal((m, n)) * s + spikes([4 * crit, 3 * crit, 2 * crit], 1)
     out["mp_2_spikes_below_bbp"] = rng.standard_normal((m, n)) * s + spikes([0.5 * crit, 0.5 * crit], 2)
-    lam = (1 - rng.random(500)) ** (-1 / 1.5)                       # Pareto ESD, alpha = 2.5
+    lam = (1 - rng.random(500)) ** (-1 / 1.5)  # Pareto ESD, alpha = 2.5
     U = np.linalg.qr(rng.standard_normal((500, 500)))[0]
     V = np.linalg.qr(rng.standard_normal((800, 500)))[0]
     out["pareto_esd_alpha2.5"] = (U * np.sqrt(lam)) @ V.T
@@ -91,8 +92,11 @@ def demo_matrices(run_dir: Path) -> dict[str, np.ndarray]:
     last = max(run_dir.glob("ckpt_*.pt"))
     obj = torch.load(last, weights_only=True, map_location="cpu")
     sd = obj.get("model_state_dict", obj)
-    return {f"demo:{k}": v.double().numpy().reshape(v.shape[0], -1) for k, v in sd.items()
-            if hasattr(v, "ndim") and v.ndim >= 2 and v.is_floating_point()}
+    return {
+        f"demo:{k}": v.double().numpy().reshape(v.shape[0], -1)
+        for k, v in sd.items()
+        if hasattr(v, "ndim") and v.ndim >= 2 and v.is_floating_point()
+    }
 
 
 def _count(n: int) -> str:
@@ -119,25 +123,35 @@ def part_ww(args, out_lines: list[str]) -> None:
     t0 = time.perf_counter()
     ours = {k: matrix_spectrum(v.astype(np.float32).astype(np.float64), *v.shape, s, name=k) for k, v in mats.items()}
     t_ours = time.perf_counter() - t0
-    out_lines += [(f"WeightWatcher {ww['version']} (separate venv) vs sed_dask on the same float32 matrices; "
-                  f"wall: WeightWatcher {t_ww:.1f} s (incl. interpreter/torch start), sed_dask {t_ours:.1f} s "
-                  f"({len(mats)} matrices)"), "",
-                  ("| matrix | shape | α sed_dask (xmin, n_tail) | α WW (xmin) | outliers sed_dask | spikes WW | "
-                  "MP edge² sed_dask | bulk_max WW | λ_max |"),
-                  "|---|---|---|---|---|---|---|---|---|"]
+    out_lines += [
+        (
+            f"WeightWatcher {ww['version']} (separate venv) vs sed_dask on the same float32 matrices; "
+            f"wall: WeightWatcher {t_ww:.1f} s (incl. interpreter/torch start), sed_dask {t_ours:.1f} s "
+            f"({len(mats)} matrices)"
+        ),
+        "",
+        (
+            "| matrix | shape | α sed_dask (xmin, n_tail) | α WW (xmin) | outliers sed_dask | spikes WW | "
+            "MP edge² sed_dask | bulk_max WW | λ_max |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for k, v in mats.items():
         o, w = ours[k], ww["layers"].get(k)
         if w is None:
-            out_lines.append(f"| {k} | {v.shape[0]}×{v.shape[1]} | {o['alpha']['alpha']:.3f} | skipped by WW | "
-                             f"{_count(o['mp']['n_outliers'])} | — | {o['mp']['edge'] ** 2:.4g} | — | "
-                             f"{o['spectral'] ** 2:.4g} |")
+            out_lines.append(
+                f"| {k} | {v.shape[0]}×{v.shape[1]} | {o['alpha']['alpha']:.3f} | skipped by WW | "
+                f"{_count(o['mp']['n_outliers'])} | — | {o['mp']['edge'] ** 2:.4g} | — | "
+                f"{o['spectral'] ** 2:.4g} |"
+            )
             continue
         lam_max = o["spectral"] ** 2
         out_lines.append(
             f"| {k} | {v.shape[0]}×{v.shape[1]} | {o['alpha']['alpha']:.3f} ({o['alpha']['xmin']:.3g}, "
             f"{o['alpha']['n_tail']}) | {w['alpha']:.3f} ({w['xmin']:.3g}) | {_count(o['mp']['n_outliers'])} | "
             f"{int(w['num_spikes']) if w['num_spikes'] is not None else '—'} | {o['mp']['edge'] ** 2:.4g} | "
-            f"{w['bulk_max']:.4g} | {lam_max:.4g} |")
+            f"{w['bulk_max']:.4g} | {lam_max:.4g} |"
+        )
 
 
 def _store(args) -> tuple[str, dict]:
@@ -149,8 +163,14 @@ def _store(args) -> tuple[str, dict]:
     seeds = sorted(p.name for p in Path(args.runs).glob("seed*") if p.is_dir())
     if not store.exists():
         for s in seeds:
-            sed_dask.ingest(str(Path(args.runs) / s), str(store), run=s, metrics=str(Path(args.runs) / s /
-                            "metrics.json"), scheduler="threads", progress=False)
+            sed_dask.ingest(
+                str(Path(args.runs) / s),
+                str(store),
+                run=s,
+                metrics=str(Path(args.runs) / s / "metrics.json"),
+                scheduler="threads",
+                progress=False,
+            )
     grok = json.loads((Path(args.runs) / "summary.json").read_text())["runs"]
     return str(store), {s: grok[s]["grok_step"] for s in seeds}
 
@@ -171,13 +191,22 @@ def part_cost(args, out_lines, client) -> None:
         sed_dask.spectrum(store, windows=[10], client=client, progress=False)
         best["gram"] = min(best["gram"], time.perf_counter() - t0)
     n_layers = w.sizes["layer"]
-    out_lines += ["", (f"Cost on the demo store ({len(ts.runs)} runs, {n_ckpt} checkpoints, {P:,} parameters, "
-                      f"{n_layers} 2-D tensors per checkpoint; LocalCluster {args.workers}×1 thread; best of "
-                      f"{args.repeat}; load {os.getloadavg()[0]:.2f})"), "",
-                  "| pass | wall s | per checkpoint ms | ratio to Gram pass |", "|---|---|---|---|",
-                  (f"| weight_spectra (k=10, ESD, MP, α; {w.attrs['n_tasks']} tasks) | {best['weights']:.2f} | "
-                  f"{1e3 * best['weights'] / n_ckpt:.1f} | {best['weights'] / best['gram']:.2f}× |"),
-                  f"| spectrum W=10 (one banded-Gram pass) | {best['gram']:.2f} | {1e3 * best['gram'] / n_ckpt:.1f} | 1× |"]
+    out_lines += [
+        "",
+        (
+            f"Cost on the demo store ({len(ts.runs)} runs, {n_ckpt} checkpoints, {P:,} parameters, "
+            f"{n_layers} 2-D tensors per checkpoint; LocalCluster {args.workers}×1 thread; best of "
+            f"{args.repeat}; load {os.getloadavg()[0]:.2f})"
+        ),
+        "",
+        "| pass | wall s | per checkpoint ms | ratio to Gram pass |",
+        "|---|---|---|---|",
+        (
+            f"| weight_spectra (k=10, ESD, MP, α; {w.attrs['n_tasks']} tasks) | {best['weights']:.2f} | "
+            f"{1e3 * best['weights'] / n_ckpt:.1f} | {best['weights'] / best['gram']:.2f}× |"
+        ),
+        f"| spectrum W=10 (one banded-Gram pass) | {best['gram']:.2f} | {1e3 * best['gram'] / n_ckpt:.1f} | 1× |",
+    ]
 
 
 def part_demo(args, out_lines, client) -> None:
@@ -189,27 +218,46 @@ def part_demo(args, out_lines, client) -> None:
     work = Path(args.work)
     w = sed_dask.weight_spectra(store, client=client, output=str(work / "weights.zarr"), overwrite=True).load()
     esc = escape_steps(w)
-    out_lines += ["", ("Demo run (default configuration; outlier escape = n_outliers above its first-checkpoint value "
-                      "for 2 consecutive checkpoints, checkpoints every 40 steps; grok = first val_acc >= 0.9)"), ""]
+    out_lines += [
+        "",
+        (
+            "Demo run (default configuration; outlier escape = n_outliers above its first-checkpoint value "
+            "for 2 consecutive checkpoints, checkpoints every 40 steps; grok = first val_acc >= 0.9)"
+        ),
+        "",
+    ]
     for run, g in grok.items():
         e = esc[esc["run"] == run]
-        out_lines += [(f"**{run}** (grokked at {g}; memorised at "
-                      f"{json.loads((Path(args.runs) / 'summary.json').read_text())['runs'][run]['memorize_step']})"),
-                      "", ("| layer | escape step | lead before grok | σ1/edge at escape | outliers first→max→last | "
-                      "α first→last |"), "|---|---|---|---|---|---|"]
+        out_lines += [
+            (
+                f"**{run}** (grokked at {g}; memorised at "
+                f"{json.loads((Path(args.runs) / 'summary.json').read_text())['runs'][run]['memorize_step']})"
+            ),
+            "",
+            ("| layer | escape step | lead before grok | σ1/edge at escape | outliers first→max→last | α first→last |"),
+            "|---|---|---|---|---|---|",
+        ]
         for x in e.itertuples():
-            esc_s = "—" if x.escape_step is None or (isinstance(x.escape_step, float) and math.isnan(x.escape_step)) \
+            esc_s = (
+                "—"
+                if x.escape_step is None or (isinstance(x.escape_step, float) and math.isnan(x.escape_step))
                 else int(x.escape_step)
+            )
             lead = "—" if esc_s == "—" else f"{g - esc_s:+d}"
-            out_lines.append(f"| {x.layer} | {esc_s} | {lead} | {x.sigma1_over_edge_at_escape:.2f} | "
-                             f"{x.init_outliers}→{x.max_outliers} ({x.max_outlier_fraction:.0%} of M)→{x.final_outliers} | "
-                             f"{x.alpha_first:.2f}→{x.alpha_last:.2f} |")
+            out_lines.append(
+                f"| {x.layer} | {esc_s} | {lead} | {x.sigma1_over_edge_at_escape:.2f} | "
+                f"{x.init_outliers}→{x.max_outliers} ({x.max_outlier_fraction:.0%} of M)→{x.final_outliers} | "
+                f"{x.alpha_first:.2f}→{x.alpha_last:.2f} |"
+            )
         out_lines.append("")
     from sed_dask.weights.queries import first_sustained
 
-    out_lines += ["First step with alpha < 2 for 3 consecutive checkpoints", "",
-                  "| layer | " + " | ".join(f"{r} (grok {g})" for r, g in grok.items()) + " |",
-                  "|---|" + "---|" * len(grok)]
+    out_lines += [
+        "First step with alpha < 2 for 3 consecutive checkpoints",
+        "",
+        "| layer | " + " | ".join(f"{r} (grok {g})" for r, g in grok.items()) + " |",
+        "|---|" + "---|" * len(grok),
+    ]
     for layer in [str(x) for x in w.layer.values]:
         cells = []
         for run in grok:
@@ -222,13 +270,26 @@ def part_demo(args, out_lines, client) -> None:
     summ = json.loads((Path(args.runs) / "summary.json").read_text())["runs"]
     als = {}
     for run in grok:
-        als[run] = sed_dask.update_alignment(store, run=run, window=10, k=3, n_directions=3, client=client,
-                                             output=str(work / f"align_{run}.zarr"), overwrite=True)
-    out_lines += [("Alignment (W=10, top-3 update directions vs the weight's top-3 singular subspaces at the window's "
-                  "newest step): mean overlap / chance (overlap = mean cos² of the principal angles, chance = 3/dim) "
-                  "over windows ending ≤ memorisation (mem), in (mem, grok], and after grok"), "",
-                  "| layer | side | " + " | ".join(f"{r} ≤mem | {r} mem..grok | {r} >grok" for r in grok) + " |",
-                  "|---|---|" + "---|---|---|" * len(grok)]
+        als[run] = sed_dask.update_alignment(
+            store,
+            run=run,
+            window=10,
+            k=3,
+            n_directions=3,
+            client=client,
+            output=str(work / f"align_{run}.zarr"),
+            overwrite=True,
+        )
+    out_lines += [
+        (
+            "Alignment (W=10, top-3 update directions vs the weight's top-3 singular subspaces at the window's "
+            "newest step): mean overlap / chance (overlap = mean cos² of the principal angles, chance = 3/dim) "
+            "over windows ending ≤ memorisation (mem), in (mem, grok], and after grok"
+        ),
+        "",
+        "| layer | side | " + " | ".join(f"{r} ≤mem | {r} mem..grok | {r} >grok" for r in grok) + " |",
+        "|---|---|" + "---|---|---|" * len(grok),
+    ]
     first = als[next(iter(grok))]
     for layer in [str(x) for x in first.layer.values]:
         for side in ("left", "right"):
@@ -246,8 +307,7 @@ def part_demo(args, out_lines, client) -> None:
     res = sed_dask.spectrum(store, windows=[10], client=client, progress=False)
     analysis = standard_analysis(res, window=10, progress=False)
     analysis.update({"weights": w, "weight_alignment": al})
-    rep = make_report(res, work / "report", analysis=analysis, overwrite=True,
-                      title="Demo: SED + weight spectra")
+    rep = make_report(res, work / "report", analysis=analysis, overwrite=True, title="Demo: SED + weight spectra")
     out_lines += ["", f"report: {rep['html']}"]
 
 
@@ -265,9 +325,13 @@ def part_early(args, out_lines, client) -> None:
             sed_dask.ingest(str(Path(args.early) / sd), str(store), run=sd, scheduler="threads", progress=False)
     w = sed_dask.weight_spectra(str(store), client=client).load()
     esc = escape_steps(w)
-    out_lines += ["", "First 240 steps, checkpoints every 5 steps (same trajectories): escape step per layer", "",
-                  "| layer | " + " | ".join(f"{sd} escape (σ1/edge)" for sd in seeds) + " |",
-                  "|---|" + "---|" * len(seeds)]
+    out_lines += [
+        "",
+        "First 240 steps, checkpoints every 5 steps (same trajectories): escape step per layer",
+        "",
+        "| layer | " + " | ".join(f"{sd} escape (σ1/edge)" for sd in seeds) + " |",
+        "|---|" + "---|" * len(seeds),
+    ]
     for layer in [str(x) for x in w.layer.values]:
         cells = []
         for sd in seeds:
@@ -297,8 +361,10 @@ def main(argv=None) -> int:
     if {"cost", "demo", "early"} & set(parts):
         from distributed import Client, LocalCluster
 
-        with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0") as c, \
-                Client(c) as client:
+        with (
+            LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=":0") as c,
+            Client(c) as client,
+        ):
             if "cost" in parts:
                 part_cost(args, lines, client)
             if "demo" in parts:

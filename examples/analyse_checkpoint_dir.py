@@ -8,15 +8,16 @@ cadence, e.g. by ``examples/record_from_training.py``. The trajectory store and 
 ``--work`` (default CKPT_DIR/sed); a second run re-uses the ingested steps. Without a scheduler
 a temporary 2-worker LocalCluster is used.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 
 import sed_dask.analysis as A
-from sed_dask.store.ingest import ingest
-from sed_dask.results.spectra import spectrum
 from sed_dask.cluster.client import connect
+from sed_dask.results.spectra import spectrum
+from sed_dask.store.ingest import ingest
 
 
 def main(argv=None) -> None:
@@ -31,13 +32,15 @@ def main(argv=None) -> None:
 
     work = args.work or os.path.join(args.ckpt_dir, "sed")
     os.makedirs(work, exist_ok=True)
-    metrics = args.metrics or (os.path.join(args.ckpt_dir, "metrics.json")
-                               if os.path.exists(os.path.join(args.ckpt_dir, "metrics.json")) else None)
+    metrics = args.metrics or (
+        os.path.join(args.ckpt_dir, "metrics.json")
+        if os.path.exists(os.path.join(args.ckpt_dir, "metrics.json"))
+        else None
+    )
     windows = [int(w) for w in args.windows.split(",")]
     store, results = os.path.join(work, "trajectory.zarr"), os.path.join(work, "results.zarr")
 
-    with connect(address=args.scheduler_address,
-                 local_kwargs={"n_workers": 2, "threads_per_worker": 1}) as client:
+    with connect(address=args.scheduler_address, local_kwargs={"n_workers": 2, "threads_per_worker": 1}) as client:
         print("dashboard:", client.dashboard_link)
         summary = ingest(args.ckpt_dir, store, args.run, metrics=metrics, client=client)
         print(summary)
@@ -48,14 +51,18 @@ def main(argv=None) -> None:
     edge = A.edge_summary(ds)
     col = A.collapse_step(ds, tau="auto")
     for W in windows:
-        print(f"W={W}: k* (mode) = {int(rank.sel(window=W))}, edge ratio max "
-              f"{float(edge['edge_max'].sel(run=args.run, window=W)):.3f} at step "
-              f"{int(col['peak_step'].sel(run=args.run, window=W))}, "
-              f"collapse step (tau = MP noise level) {float(col['collapse_step'].sel(run=args.run, window=W)):.0f}")
+        print(
+            f"W={W}: k* (mode) = {int(rank.sel(window=W))}, edge ratio max "
+            f"{float(edge['edge_max'].sel(run=args.run, window=W)):.3f} at step "
+            f"{int(col['peak_step'].sel(run=args.run, window=W))}, "
+            f"collapse step (tau = MP noise level) {float(col['collapse_step'].sel(run=args.run, window=W)):.0f}"
+        )
     if "val_loss" in ds and len(windows) >= 2:
         sweep = A.lag_sweep(ds, windows=windows, lags=range(-3, 6))
-        print("peak lag of r(edge ratio, val loss) by W:",
-              {int(w): float(sweep["peak_lag"].sel(run=args.run, window=w)) for w in windows})
+        print(
+            "peak lag of r(edge ratio, val loss) by W:",
+            {int(w): float(sweep["peak_lag"].sel(run=args.run, window=w)) for w in windows},
+        )
         print("lag flips:\n", A.lag_flips(sweep))
 
 

@@ -9,6 +9,7 @@ STORE is a trajectory store (``sed-dask ingest`` / ``sed_dask.ingest`` output, e
 workers must see STORE at the same path. Without either, a 2-worker LocalCluster is started, with
 a message, so the script also works on a laptop.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,14 +29,18 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     if not (args.scheduler_address or args.scheduler_file):
-        print("no --scheduler-address / --scheduler-file given: starting a temporary LocalCluster "
-              "(2 worker processes, 1 thread each)")
-    with connect(address=args.scheduler_address, scheduler_file=args.scheduler_file,
-                 local_kwargs={"n_workers": 2, "threads_per_worker": 1}) as client:
+        print(
+            "no --scheduler-address / --scheduler-file given: starting a temporary LocalCluster "
+            "(2 worker processes, 1 thread each)"
+        )
+    with connect(
+        address=args.scheduler_address,
+        scheduler_file=args.scheduler_file,
+        local_kwargs={"n_workers": 2, "threads_per_worker": 1},
+    ) as client:
         workers = client.scheduler_info()["workers"]
         print(f"connected: {client.scheduler.address}, {len(workers)} workers, dashboard {client.dashboard_link}")
-        ds = spectrum(args.store, windows=[int(w) for w in args.windows.split(",")], client=client,
-                      output=args.output)
+        ds = spectrum(args.store, windows=[int(w) for w in args.windows.split(",")], client=client, output=args.output)
     rank = A.signal_rank(ds)["k_mode"].to_pandas()
     print("signal rank k* (mode over windows), runs x W:")
     print(rank)

@@ -8,6 +8,7 @@ parameter names), from a small residual MLP trained with AdamW on a toy regressi
 ``metrics.json``. Then ingests them (sed_dask reads the index and the shards; no shard is merged)
 and computes spectra, printing k*, the edge peak and the collapse step per W.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,13 @@ class TinyModel(nn.Module):
 
     def __init__(self, d_in=16, d=64, d_ff=128, n_layers=3, d_out=4):
         super().__init__()
-        self.model = nn.ModuleDict({"embed": nn.Linear(d_in, d),
-                                    "layers": nn.ModuleList(Layer(d, d_ff) for _ in range(n_layers)),
-                                    "norm": nn.LayerNorm(d)})
+        self.model = nn.ModuleDict(
+            {
+                "embed": nn.Linear(d_in, d),
+                "layers": nn.ModuleList(Layer(d, d_ff) for _ in range(n_layers)),
+                "norm": nn.LayerNorm(d),
+            }
+        )
         self.lm_head = nn.Linear(d, d_out)
 
     def forward(self, x):
@@ -57,7 +62,7 @@ def save_sharded(model: nn.Module, directory: str, n_shards: int) -> None:
     weight_map, total = {}, 0
     for k in range(n_shards):
         fn = f"model-{k + 1:05d}-of-{n_shards:05d}.safetensors"
-        part = {n: sd[n] for n in names[k * per:(k + 1) * per]}
+        part = {n: sd[n] for n in names[k * per : (k + 1) * per]}
         save_file(part, os.path.join(directory, fn), metadata={"format": "pt"})
         for n, v in part.items():
             weight_map[n] = fn
@@ -89,8 +94,10 @@ def train(ckpt_dir: str, *, steps: int, every: int, n_shards: int) -> str:
     path = os.path.join(ckpt_dir, "metrics.json")
     with open(path, "w") as f:
         json.dump(records, f)
-    print(f"{len(records)} sharded checkpoints ({n_shards} shards each) in {ckpt_dir}; "
-          f"val_loss {records[0]['val_loss']:.4f} -> {records[-1]['val_loss']:.4f}")
+    print(
+        f"{len(records)} sharded checkpoints ({n_shards} shards each) in {ckpt_dir}; "
+        f"val_loss {records[0]['val_loss']:.4f} -> {records[-1]['val_loss']:.4f}"
+    )
     return path
 
 
@@ -104,8 +111,8 @@ def main(argv=None) -> None:
 
     import sed_dask.analysis as A
     from sed_dask.cluster.client import connect
-    from sed_dask.store.ingest import ingest
     from sed_dask.results.spectra import spectrum
+    from sed_dask.store.ingest import ingest
 
     ckpts = os.path.join(args.out_dir, "checkpoints")
     metrics = train(ckpts, steps=args.steps, every=args.every, n_shards=args.shards)
@@ -118,10 +125,12 @@ def main(argv=None) -> None:
     rank = A.signal_rank(ds)["k_mode"]
     col = A.collapse_step(ds, tau="auto")
     for W in windows:
-        print(f"W={W}: k* = {int(rank.sel(run='hf', window=W))}, edge peak "
-              f"{float(col['peak_value'].sel(run='hf', window=W)):.2f} at step "
-              f"{int(col['peak_step'].sel(run='hf', window=W))}, collapse step "
-              f"{float(col['collapse_step'].sel(run='hf', window=W)):.0f}")
+        print(
+            f"W={W}: k* = {int(rank.sel(run='hf', window=W))}, edge peak "
+            f"{float(col['peak_value'].sel(run='hf', window=W)):.2f} at step "
+            f"{int(col['peak_step'].sel(run='hf', window=W))}, collapse step "
+            f"{float(col['collapse_step'].sel(run='hf', window=W)):.0f}"
+        )
     print(f"results: {results}")
 
 

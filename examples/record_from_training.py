@@ -12,6 +12,7 @@ then holds ``ckpt_000000.pt``, ``ckpt_000010.pt``, … and ``metrics.json``, rea
 SED needs full-precision weights at a uniform cadence (the spectra compare consecutive deltas),
 so keep ``every`` fixed for the whole run and do not quantise what you save.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,7 @@ from sed_dask.sources.recorder import TrajectoryRecorder
 
 def make_data(n: int, *, seed: int = 0):
     """A small regression task: y = sin(Wx / 4) with a fixed random W, plus noise."""
-    w = torch.randn(16, 4, generator=torch.Generator().manual_seed(1234))   # the same task for every split
+    w = torch.randn(16, 4, generator=torch.Generator().manual_seed(1234))  # the same task for every split
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 16, generator=g)
     y = torch.sin(x @ w / 4) + 0.05 * torch.randn(n, 4, generator=g)
@@ -46,13 +47,13 @@ def main(argv=None) -> None:
     xtr, ytr = make_data(2048, seed=0)
     xva, yva = make_data(512, seed=1)
 
-    recorder = TrajectoryRecorder(args.out_dir, every=args.every, fmt=args.fmt)   # (1)
+    recorder = TrajectoryRecorder(args.out_dir, every=args.every, fmt=args.fmt)  # (1)
     train_loss = float("nan")
     for step in range(args.steps + 1):
-        if recorder.should_save(step):              # evaluate only on the checkpoint cadence
+        if recorder.should_save(step):  # evaluate only on the checkpoint cadence
             with torch.no_grad():
                 val_loss = F.mse_loss(model(xva), yva).item()
-            recorder.save(step, model, val_loss=val_loss, train_loss=train_loss)   # (2)
+            recorder.save(step, model, val_loss=val_loss, train_loss=train_loss)  # (2)
         if step == args.steps:
             break
         idx = torch.randint(len(xtr), (128,))
@@ -63,9 +64,11 @@ def main(argv=None) -> None:
         train_loss = loss.item()
 
     recs = recorder.records
-    print(f"{len(recorder.saved_steps())} checkpoints in {args.out_dir} "
-          f"(steps {recs[0]['step']}…{recs[-1]['step']}); "
-          f"val_loss {recs[0]['val_loss']:.4f} -> {recs[-1]['val_loss']:.4f}")
+    print(
+        f"{len(recorder.saved_steps())} checkpoints in {args.out_dir} "
+        f"(steps {recs[0]['step']}…{recs[-1]['step']}); "
+        f"val_loss {recs[0]['val_loss']:.4f} -> {recs[-1]['val_loss']:.4f}"
+    )
 
 
 if __name__ == "__main__":

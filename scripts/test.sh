@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 sed_dask_venv
 constraints="$(sed_dask_install_torch)"
 python -m pip install -q -e ".[test]" --constraint "$constraints"
+python -m ruff check .          # lint first: CI fails on a lint error before spending 15 min
 python -m pytest -q "$@"

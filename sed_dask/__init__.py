@@ -3,12 +3,15 @@
 Public entry points are imported lazily so that ``import sed_dask`` stays cheap (no torch import)
 and so that worker processes only load what their tasks need.
 """
+
 from __future__ import annotations
 
 import importlib
 
-from sed_dask import config  # noqa: F401  (registers package defaults with dask.config)
-from sed_dask import accessor  # noqa: F401  (registers the ds.sed accessor; imports xarray only)
+from sed_dask import (
+    accessor,  # noqa: F401  (registers the ds.sed accessor; imports xarray only)
+    config,  # noqa: F401  (registers package defaults with dask.config)
+)
 
 __version__ = "0.1.0"
 

@@ -4,6 +4,7 @@ Defaults live in ``sed_dask.yaml`` and are merged with ``dask.config.update_defa
 user YAML in ``~/.config/dask/``, ``DASK_SED_DASK__...`` environment variables and
 ``dask.config.set`` all take precedence over them.
 """
+
 from __future__ import annotations
 
 import os
@@ -89,8 +90,10 @@ def configure_zarr(*, async_concurrency=None, threading_max_workers=None) -> dic
             new["threading.max_workers"] = v
     if new:
         zarr.config.set(new)
-    return {"async_concurrency": zarr.config.get("async.concurrency"),
-            "threading_max_workers": zarr.config.get("threading.max_workers", None)}
+    return {
+        "async_concurrency": zarr.config.get("async.concurrency"),
+        "threading_max_workers": zarr.config.get("threading.max_workers", None),
+    }
 
 
 # ----------------------------------------------------------------------------- config files
@@ -116,13 +119,16 @@ def load_config_file(path) -> dict:
     if "sed_dask" in data:
         extra = sorted(set(data) - {"sed_dask"})
         if extra:
-            raise ConfigError(f"config file {str(path)!r}: unexpected top-level keys {extra} next to "
-                             "'sed_dask' (put dask settings in ~/.config/dask/ instead)")
+            raise ConfigError(
+                f"config file {str(path)!r}: unexpected top-level keys {extra} next to "
+                "'sed_dask' (put dask settings in ~/.config/dask/ instead)"
+            )
         data = data["sed_dask"] or {}
     unknown = sorted(set(data) - set(_DEFAULTS["sed_dask"]))
     if unknown:
-        raise ConfigError(f"config file {str(path)!r}: unknown sed_dask sections {unknown}; "
-                         f"known: {sorted(_DEFAULTS['sed_dask'])}")
+        raise ConfigError(
+            f"config file {str(path)!r}: unknown sed_dask sections {unknown}; known: {sorted(_DEFAULTS['sed_dask'])}"
+        )
     return data
 
 

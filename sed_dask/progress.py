@@ -4,6 +4,7 @@ On a terminal a tqdm bar is drawn on stderr and left at its final count; when st
 terminal (a log file, CI, a pipe) no bar is drawn at all, so no carriage returns or escape codes
 reach the log: only the closing line (what, how much, how long, where) is printed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +31,15 @@ class Bar:
             from tqdm.auto import tqdm
 
             cols = shutil.get_terminal_size((100, 20)).columns or 100  # a pty may report 0 columns
-            self._tqdm = tqdm(total=self.total, desc=desc, unit=unit, leave=True, file=sys.stderr,
-                              mininterval=0.2, ncols=min(cols, 120))
+            self._tqdm = tqdm(
+                total=self.total,
+                desc=desc,
+                unit=unit,
+                leave=True,
+                file=sys.stderr,
+                mininterval=0.2,
+                ncols=min(cols, 120),
+            )
 
     def set(self, n: int) -> None:
         """Set the count of finished units (never backwards)."""

@@ -3,6 +3,7 @@
 Kept apart from the computation so that analysis and report code can import the vocabulary
 (``VARIABLES``, ``sed_role`` values) without pulling in the engine.
 """
+
 from __future__ import annotations
 
 PU = "parameter units"
@@ -12,10 +13,8 @@ VARIABLES: dict[str, tuple[str, str, str | None]] = {
     "sigma": ("singular values of the W-delta update stack", PU, "singular_values"),
     "ratio": ("consecutive singular-value ratio sigma_k / sigma_(k+1)", "1", "consecutive_ratio"),
     "pc_frac": ("fraction of window energy lambda_j / sum(lambda)", "1", None),
-    "k_star": ("edge location k*: argmax ratio sigma_k / sigma_(k+1) over sigma_k >= noise floor", "1",
-               "signal_rank"),
-    "n_signal": ("signal count: values above the noise by a sequential Wishart test (alpha 0.01)", "1",
-                 "signal_count"),
+    "k_star": ("edge location k*: argmax ratio sigma_k / sigma_(k+1) over sigma_k >= noise floor", "1", "signal_rank"),
+    "n_signal": ("signal count: values above the noise by a sequential Wishart test (alpha 0.01)", "1", "signal_count"),
     "k_star_naive": ("k*: argmax of all consecutive ratios (reference code)", "1", None),
     "k_star_weighted": ("k*: argmax (sigma_k / sum sigma) * ratio_k (companion repos)", "1", None),
     "edge_ratio": ("spectral edge ratio sigma_k* / sigma_(k*+1)", "1", "edge_ratio"),
@@ -29,8 +28,11 @@ VARIABLES: dict[str, tuple[str, str, str | None]] = {
     "align_u": ("|<delta_last, v1>| / ||delta_last||", "1", None),
     "a_speed": ("component of the window-mean delta along v1", PU, None),
     "r_speed": ("component of the window-mean delta across v1", PU, None),
-    "split_half": ("|cos| between the k-th right singular vectors of the window's first ceil(W/2) "
-                   "and last floor(W/2) deltas", "1", "split_half_stability"),
+    "split_half": (
+        "|cos| between the k-th right singular vectors of the window's first ceil(W/2) and last floor(W/2) deltas",
+        "1",
+        "split_half_stability",
+    ),
 }
 
 PER_SV = ("sigma", "ratio", "pc_frac", "split_half")
@@ -68,8 +70,12 @@ def metric_variables(metrics: dict, runs: list, steps, taken) -> dict:
 
 
 def metric_attrs(name: str) -> dict:
-    return {"long_name": f"{name} recorded at the step (exact match)", "units": "1", "sed_role": "metric",
-            "metric_name": name}
+    return {
+        "long_name": f"{name} recorded at the step (exact match)",
+        "units": "1",
+        "sed_role": "metric",
+        "metric_name": name,
+    }
 
 
 COORD_ATTRS = {
@@ -79,8 +85,10 @@ COORD_ATTRS = {
     "step": {"long_name": "training step of the newest checkpoint in the window", "units": "steps"},
     "sv": {"long_name": "singular-value index j (or ratio index k)", "units": "1"},
     "group": {"long_name": "layer group ('all' = whole selected parameter vector)"},
-    "delta_span": {"long_name": "s_i - s_(i-1) of the delta labelled by step (-1: run lacks the step)",
-                   "units": "steps"},
+    "delta_span": {
+        "long_name": "s_i - s_(i-1) of the delta labelled by step (-1: run lacks the step)",
+        "units": "steps",
+    },
     "mp_adjacent_ratio": {"long_name": "MP noise-level adjacent ratio 1 + 2 W^(-2/3)", "units": "1"},
     "param_count": {"long_name": "parameters in the group", "units": "1"},
 }

@@ -1,4 +1,5 @@
 """Shared fixtures: real distributed clusters on loopback."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,8 +10,9 @@ def local_cluster():
     """A real LocalCluster with two worker processes (one thread each), shared by the session."""
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      memory_limit="4GiB") as cluster:
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", memory_limit="4GiB"
+    ) as cluster:
         yield cluster
 
 

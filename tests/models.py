@@ -8,6 +8,7 @@ steps on random tokens between checkpoints (well under a second), and the ``writ
 save that trajectory as ``.pt`` (fp32/bf16, ``_orig_mod.`` prefix, legacy format), single
 safetensors, or Hugging Face sharded directories.
 """
+
 from __future__ import annotations
 
 import copy
@@ -67,8 +68,7 @@ class Block(nn.Module):
 class TinyGPT(nn.Module):
     """GPT with token + position embeddings, ``n_layer`` blocks and a head tied to the token embedding."""
 
-    def __init__(self, vocab_size: int = 64, block_size: int = 16, n_embd: int = 32, n_head: int = 2,
-                 n_layer: int = 2):
+    def __init__(self, vocab_size: int = 64, block_size: int = 16, n_embd: int = 32, n_head: int = 2, n_layer: int = 2):
         super().__init__()
         self.block_size = block_size
         self.tok_emb = nn.Embedding(vocab_size, n_embd)
@@ -89,7 +89,7 @@ class TinyGPT(nn.Module):
 class Trajectory:
     model: TinyGPT
     steps: list[int]
-    state_dicts: list[dict]   # deep copies (tied tensors still share storage)
+    state_dicts: list[dict]  # deep copies (tied tensors still share storage)
 
     def trainable_names(self) -> list[str]:
         """Unique trainable parameter names (tied head counted once), in natural order."""
@@ -110,6 +110,7 @@ def _sgd(params, lr, momentum=0.9):
         for p, b in zip(params, buf):
             b.mul_(momentum).add_(p.grad)
             p.add_(b, alpha=-lr)
+
     return step
 
 
@@ -129,11 +130,21 @@ def _adamw(params, lr, betas=(0.9, 0.95), eps=1e-8, wd=0.1):
             p.mul_(1 - lr * wd)
             denom = (vi / (1 - b2 ** t[0])).sqrt_().add_(eps)
             p.addcdiv_(mi, denom, value=-lr / (1 - b1 ** t[0]))
+
     return step
 
 
-def make_trajectory(n_ckpts: int = 5, *, every: int = 100, first: int = 0, seed: int = 0,
-                    train_steps: int = 2, optimizer: str = "adamw", lr: float = 1e-2, **model_kw) -> Trajectory:
+def make_trajectory(
+    n_ckpts: int = 5,
+    *,
+    every: int = 100,
+    first: int = 0,
+    seed: int = 0,
+    train_steps: int = 2,
+    optimizer: str = "adamw",
+    lr: float = 1e-2,
+    **model_kw,
+) -> Trajectory:
     """Checkpoints of a real (short) training run: ``train_steps`` optimizer steps between checkpoints."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -173,8 +184,16 @@ def _prep(sd, dtype, prefix):
     return {prefix + k: v for k, v in sd.items()}
 
 
-def write_pt(traj: Trajectory, directory, *, dtype=None, prefix: str = "", legacy: bool = False,
-             template: str = "ckpt_{step:06d}.pt", wrap: str | None = "model_state_dict") -> dict[int, str]:
+def write_pt(
+    traj: Trajectory,
+    directory,
+    *,
+    dtype=None,
+    prefix: str = "",
+    legacy: bool = False,
+    template: str = "ckpt_{step:06d}.pt",
+    wrap: str | None = "model_state_dict",
+) -> dict[int, str]:
     """``torch.save({"step": s, wrap: state_dict})`` per checkpoint (``wrap=None``: state dict at top level)."""
     os.makedirs(directory, exist_ok=True)
     out = {}
@@ -198,8 +217,9 @@ def _hf_state_dict(sd, dtype):
     return {k: v.detach().clone().contiguous() for k, v in sd.items() if k != "lm_head.weight"}
 
 
-def write_safetensors(traj: Trajectory, directory, *, dtype=None,
-                      template: str = "model_{step}.safetensors") -> dict[int, str]:
+def write_safetensors(
+    traj: Trajectory, directory, *, dtype=None, template: str = "model_{step}.safetensors"
+) -> dict[int, str]:
     from safetensors.torch import save_file
 
     os.makedirs(directory, exist_ok=True)
@@ -211,8 +231,15 @@ def write_safetensors(traj: Trajectory, directory, *, dtype=None,
     return out
 
 
-def write_hf_sharded(traj: Trajectory, directory, *, n_shards: int = 2, dtype=None, bin: bool = False,
-                     template: str = "checkpoint-{step}") -> dict[int, str]:
+def write_hf_sharded(
+    traj: Trajectory,
+    directory,
+    *,
+    n_shards: int = 2,
+    dtype=None,
+    bin: bool = False,
+    template: str = "checkpoint-{step}",
+) -> dict[int, str]:
     """HF sharded checkpoint directories: ``model-0000k-of-0000N.safetensors`` (or ``pytorch_model-…bin``) + index."""
     from safetensors.torch import save_file
 
@@ -225,7 +252,7 @@ def write_hf_sharded(traj: Trajectory, directory, *, n_shards: int = 2, dtype=No
         per = -(-len(names) // n_shards)
         weight_map, total = {}, 0
         for k in range(n_shards):
-            part = {n: sd[n] for n in names[k * per:(k + 1) * per]}
+            part = {n: sd[n] for n in names[k * per : (k + 1) * per]}
             if bin:
                 fn = f"pytorch_model-{k + 1:05d}-of-{n_shards:05d}.bin"
                 torch.save(part, os.path.join(d, fn))
@@ -252,7 +279,9 @@ def write_metrics_json(traj: Trajectory, path, *, shape: str = "records") -> dic
     rng = np.random.default_rng(0)
     vals = {s: float(4.0 - 0.1 * i + 0.01 * rng.standard_normal()) for i, s in enumerate(traj.steps)}
     if shape == "records":
-        obj = [{"step": s, "train_loss": v + 0.1, "val_loss": v, "lr": 1e-3, "phase": "warmup"} for s, v in vals.items()]
+        obj = [
+            {"step": s, "train_loss": v + 0.1, "val_loss": v, "lr": 1e-3, "phase": "warmup"} for s, v in vals.items()
+        ]
     elif shape == "by_step":
         obj = {str(s): {"val_loss": v} for s, v in vals.items()}
     else:

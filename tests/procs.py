@@ -11,6 +11,7 @@ exactly as a SLURM or Kubernetes deployment does, and can SIGKILL a worker mid-c
         ...
         dask_procs.kill_worker("w0")         # SIGKILL; a no-nanny worker stays dead
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -79,8 +80,9 @@ class DaskProcs:
         log = self.root / f"{name}.log"
         fh = open(log, "wb")
         try:
-            p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env,
-                                 cwd=self.root, start_new_session=True)
+            p = subprocess.Popen(
+                cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env, cwd=self.root, start_new_session=True
+            )
         finally:
             fh.close()
         return Proc(name, role, p, log, nanny)
@@ -94,8 +96,14 @@ class DaskProcs:
         if self.scheduler is not None:
             raise RuntimeError("scheduler already started")
         cmd = _dask_cmd("scheduler") + [
-            "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-            "--scheduler-file", str(self.scheduler_file)]
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-dashboard",
+            "--scheduler-file",
+            str(self.scheduler_file),
+        ]
         self.scheduler = self._spawn("scheduler", "scheduler", cmd)
         return self.wait_for_scheduler(timeout=timeout) if wait else None
 
@@ -113,8 +121,9 @@ class DaskProcs:
             time.sleep(0.05)
         raise TimeoutError(f"dask scheduler wrote no scheduler file within {timeout} s:\n{self.scheduler.tail()}")
 
-    def start_worker(self, name: str | None = None, *, nthreads: int = 1, memory_limit="1GiB",
-                     nanny: bool = False, extra_args=()) -> Proc:
+    def start_worker(
+        self, name: str | None = None, *, nthreads: int = 1, memory_limit="1GiB", nanny: bool = False, extra_args=()
+    ) -> Proc:
         """Start one ``dask worker`` (no nanny by default, so a SIGKILL is a lost node)."""
         if self.scheduler is None:
             raise RuntimeError("start the scheduler first")
@@ -122,11 +131,24 @@ class DaskProcs:
         if name in self.workers:
             raise ValueError(f"worker name {name!r} already used")
         cmd = _dask_cmd("worker") + [
-            "--scheduler-file", str(self.scheduler_file), "--host", "127.0.0.1",
-            "--name", name, "--nthreads", str(nthreads), "--memory-limit", str(memory_limit),
-            "--no-dashboard", "--death-timeout", "30",
-            "--local-directory", str(self.root / f"{name}-space"),
-            "--nanny" if nanny else "--no-nanny", *map(str, extra_args)]
+            "--scheduler-file",
+            str(self.scheduler_file),
+            "--host",
+            "127.0.0.1",
+            "--name",
+            name,
+            "--nthreads",
+            str(nthreads),
+            "--memory-limit",
+            str(memory_limit),
+            "--no-dashboard",
+            "--death-timeout",
+            "30",
+            "--local-directory",
+            str(self.root / f"{name}-space"),
+            "--nanny" if nanny else "--no-nanny",
+            *map(str, extra_args),
+        ]
         proc = self._spawn(name, "worker", cmd, nanny=nanny)
         self.workers[name] = proc
         return proc

@@ -2,6 +2,7 @@
 
 Nothing here imports sed_dask's Gram or window code, so a shared bug cannot hide.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,7 +28,7 @@ def window_svds(D: np.ndarray, W: int):
     """[(end index, sigma, v1), ...] from numpy SVD of each explicit W x P window."""
     out = []
     for k in range(W - 1, D.shape[0]):
-        _, s, vt = np.linalg.svd(D[k - W + 1:k + 1], full_matrices=False)
+        _, s, vt = np.linalg.svd(D[k - W + 1 : k + 1], full_matrices=False)
         out.append((k, s, vt[0]))
     return out
 

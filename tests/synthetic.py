@@ -6,6 +6,7 @@ NaNs the real engine produces (no window for k < W, a run lacking steps of the u
 a missing val_loss eval). ``with_series`` overwrites a variable with a planted series where the
 window exists, so time-series tests know their answers.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,11 +17,11 @@ import xarray as xr
 
 def _rule_kstar(sigma: np.ndarray, P: int) -> tuple[int, float]:
     W = sigma.size
-    lam = sigma ** 2
-    nbar = lam[W // 2:].mean()
+    lam = sigma**2
+    nbar = lam[W // 2 :].mean()
     floor = np.sqrt(nbar) * (1 + np.sqrt(W / P))
     rho = sigma[:-1] / sigma[1:]
-    cand = sigma[:-1] >= floor          # numerator rule (docs/method.md)
+    cand = sigma[:-1] >= floor  # numerator rule (docs/method.md)
     if not cand.any():
         cand = np.arange(1, W) <= W // 2
     k = int(np.argmax(np.where(cand, rho, -np.inf))) + 1
@@ -31,10 +32,23 @@ def window_features(deltas: np.ndarray, W: int) -> dict[str, np.ndarray]:
     """Per right-aligned window (index k ≥ W−1): the schema's per-window variables."""
     N, P = deltas.shape
     G = deltas @ deltas.T
-    out = {k: [] for k in ("sigma", "ratio", "k_star", "k_star_naive", "edge_ratio", "edge_gap",
-                           "pc_frac", "k95", "drift_speed", "noise_floor")}
+    out = {
+        k: []
+        for k in (
+            "sigma",
+            "ratio",
+            "k_star",
+            "k_star_naive",
+            "edge_ratio",
+            "edge_gap",
+            "pc_frac",
+            "k95",
+            "drift_speed",
+            "noise_floor",
+        )
+    }
     for k in range(W - 1, N):
-        g = G[k - W + 1:k + 1, k - W + 1:k + 1]
+        g = G[k - W + 1 : k + 1, k - W + 1 : k + 1]
         lam = np.clip(np.linalg.eigvalsh(g)[::-1], 0, None)
         s = np.sqrt(lam)
         rho = s[:-1] / s[1:]
@@ -53,8 +67,9 @@ def window_features(deltas: np.ndarray, W: int) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, dtype=float) for k, v in out.items()}
 
 
-def make_deltas(n: int, P: int, *, rank: int = 2, signal=(5.0, 4.0), bulk: int = 8,
-                noise: float = 0.2, rng=None) -> np.ndarray:
+def make_deltas(
+    n: int, P: int, *, rank: int = 2, signal=(5.0, 4.0), bulk: int = 8, noise: float = 0.2, rng=None
+) -> np.ndarray:
     """n deltas in R^P: ``rank`` strong fixed directions, ``bulk`` weaker ones with slowly
     decaying scales 1.0 … 0.5 (all above the noise floor, like the paper's BBP finding), plus
     isotropic noise. ``rank=0, bulk=0`` gives pure isotropic noise."""
@@ -67,9 +82,19 @@ def make_deltas(n: int, P: int, *, rank: int = 2, signal=(5.0, 4.0), bulk: int =
     return out
 
 
-def make_results(*, runs=("s1", "s2", "s3"), windows=(5, 8), n_deltas: int = 40, P: int = 300,
-                 groups=None, rank: int = 2, spacing: int = 200, seed: int = 0,
-                 noise_runs=(), lacking: dict | None = None) -> xr.Dataset:
+def make_results(
+    *,
+    runs=("s1", "s2", "s3"),
+    windows=(5, 8),
+    n_deltas: int = 40,
+    P: int = 300,
+    groups=None,
+    rank: int = 2,
+    spacing: int = 200,
+    seed: int = 0,
+    noise_runs=(),
+    lacking: dict | None = None,
+) -> xr.Dataset:
     """A multi-run results Dataset with real spectra.
 
     ``groups``: e.g. ("all", "attn", "mlp") — "all" is the full vector, the others split the P
@@ -79,14 +104,16 @@ def make_results(*, runs=("s1", "s2", "s3"), windows=(5, 8), n_deltas: int = 40,
     """
     rng = np.random.default_rng(seed)
     lacking = {"s3": [spacing * 20]} if lacking is None else lacking
-    grid = spacing * np.arange(1, n_deltas + 1, dtype=np.int64)       # union of delta steps
+    grid = spacing * np.arange(1, n_deltas + 1, dtype=np.int64)  # union of delta steps
     Wmax = max(windows)
     sv = np.arange(1, Wmax + 1)
     gnames = list(groups) if groups else [None]
     nr, nw, ng, ns = len(runs), len(windows), len(gnames), grid.size
     shape = (nr, nw, ng, ns)
-    v = {k: np.full(shape, np.nan) for k in ("k_star", "k_star_naive", "edge_ratio", "edge_gap", "k95",
-                                            "drift_speed", "noise_floor")}
+    v = {
+        k: np.full(shape, np.nan)
+        for k in ("k_star", "k_star_naive", "edge_ratio", "edge_gap", "k95", "drift_speed", "noise_floor")
+    }
     v.update({k: np.full(shape + (Wmax,), np.nan) for k in ("sigma", "ratio", "pc_frac")})
     delta_norm = np.full((nr, ng, ns), np.nan)
     delta_span = np.full((nr, ns), -1, dtype=np.int64)
@@ -102,7 +129,7 @@ def make_results(*, runs=("s1", "s2", "s3"), windows=(5, 8), n_deltas: int = 40,
         delta_span[i, idx] = span
         if r in noise_runs:
             D = make_deltas(steps.size, P, rank=0, bulk=0, noise=1.0, rng=rng)
-            D *= rng.uniform(0.5, 2.0, (steps.size, 1))        # uneven norms, isotropic directions
+            D *= rng.uniform(0.5, 2.0, (steps.size, 1))  # uneven norms, isotropic directions
         else:
             D = make_deltas(steps.size, P, rank=rank, rng=rng)
         t = steps / steps.max()
@@ -124,9 +151,8 @@ def make_results(*, runs=("s1", "s2", "s3"), windows=(5, 8), n_deltas: int = 40,
             delta_norm[i, gi, idx] = np.linalg.norm(Dg, axis=1)
             for wi, W in enumerate(windows):
                 f = window_features(Dg, W)
-                pos = idx[W - 1:]
-                for k in ("k_star", "k_star_naive", "edge_ratio", "edge_gap", "k95", "drift_speed",
-                          "noise_floor"):
+                pos = idx[W - 1 :]
+                for k in ("k_star", "k_star_naive", "edge_ratio", "edge_gap", "k95", "drift_speed", "noise_floor"):
                     v[k][i, wi, gi, pos] = f[k]
                 for k in ("sigma", "ratio", "pc_frac"):
                     v[k][i, wi, gi, pos, :W] = f[k]
@@ -140,9 +166,16 @@ def make_results(*, runs=("s1", "s2", "s3"), windows=(5, 8), n_deltas: int = 40,
     def sq(a):
         return a if groups else a[:, :, 0]
 
-    attrs = {"sed_role": {"sigma": "singular_values", "ratio": "consecutive_ratio", "k_star": "signal_rank",
-                          "edge_ratio": "edge_ratio", "drift_speed": "drift_speed",
-                          "noise_floor": "noise_floor"}}
+    attrs = {
+        "sed_role": {
+            "sigma": "singular_values",
+            "ratio": "consecutive_ratio",
+            "k_star": "signal_rank",
+            "edge_ratio": "edge_ratio",
+            "drift_speed": "drift_speed",
+            "noise_floor": "noise_floor",
+        }
+    }
     data = {}
     for k in ("k_star", "k_star_naive", "edge_ratio", "edge_gap", "k95", "drift_speed", "noise_floor"):
         data[k] = (dims(k), sq(v[k]))
@@ -152,17 +185,29 @@ def make_results(*, runs=("s1", "s2", "s3"), windows=(5, 8), n_deltas: int = 40,
     data["delta_norm"] = (dn_dims, delta_norm if groups else delta_norm[:, 0])
     for name, arr in (("val_loss", val_loss), ("val_acc", val_acc), ("lr", lr)):
         data[name] = (("run", "step"), arr)
-    coords = {"run": np.array(runs, dtype=object),          # object dtype, as the engine writes
-              "window": np.asarray(windows, dtype=np.int64), "step": grid, "sv": sv,
-              "delta_span": (("run", "step"), delta_span),
-              "mp_adjacent_ratio": ("window", 1 + 2 * np.asarray(windows, float) ** (-2 / 3))}
+    coords = {
+        "run": np.array(runs, dtype=object),  # object dtype, as the engine writes
+        "window": np.asarray(windows, dtype=np.int64),
+        "step": grid,
+        "sv": sv,
+        "delta_span": (("run", "step"), delta_span),
+        "mp_adjacent_ratio": ("window", 1 + 2 * np.asarray(windows, float) ** (-2 / 3)),
+    }
     if groups:
         coords["group"] = np.array(groups, dtype=object)
         coords["param_count"] = (("run", "group"), param_count)
-    ds = xr.Dataset(data, coords=coords,
-                    attrs={"sed_dask_version": "test", "windows": list(windows), "runs": list(runs),
-                           "n_params": json.dumps({r: P for r in runs}), "precision": "float64",
-                           "step_normalised": 0})
+    ds = xr.Dataset(
+        data,
+        coords=coords,
+        attrs={
+            "sed_dask_version": "test",
+            "windows": list(windows),
+            "runs": list(runs),
+            "n_params": json.dumps({r: P for r in runs}),
+            "precision": "float64",
+            "step_normalised": 0,
+        },
+    )
     for k, role in attrs["sed_role"].items():
         ds[k].attrs["sed_role"] = role
     for k in ("val_loss", "val_acc", "lr"):
@@ -211,14 +256,14 @@ def plant_lag(ds, leads, seed=0):
         own, e = noise[key["run"]]
         out = np.full(steps.size, np.nan)
         t = steps[own] / steps.max()
-        out[own] = 2 + 3 * np.exp(-3 * t) + 0.5 * t ** 2 + e[10:10 + own.sum()]
+        out[own] = 2 + 3 * np.exp(-3 * t) + 0.5 * t**2 + e[10 : 10 + own.sum()]
         return out
 
     def edge(key, steps):
         own, e = noise[key["run"]]
         L = leads[key["window"]]
         out = np.full(steps.size, np.nan)
-        out[own] = 1.5 - 0.1 * e[10 + L + np.arange(own.sum())]     # x[t] = -e[t + L]
+        out[own] = 1.5 - 0.1 * e[10 + L + np.arange(own.sum())]  # x[t] = -e[t + L]
         return out
 
     d = with_series(ds, "val_loss", vl, keep_nan=True)

@@ -6,6 +6,7 @@ edge ratio, MP floor, …), so the figures show what the engine would produce fo
 the edge σ₂/σ₃ rises, plateaus and collapses, and validation accuracy jumps (grokking) a fixed
 number of steps after the collapse. ``truth`` holds the planted step numbers.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,13 +24,13 @@ def window_spectra(deltas: np.ndarray, W: int) -> dict[str, np.ndarray]:
     G = deltas @ deltas.T
     out = {k: [] for k in PER_WINDOW + PER_SV}
     for k in range(W - 1, N):
-        g = G[k - W + 1:k + 1, k - W + 1:k + 1]
+        g = G[k - W + 1 : k + 1, k - W + 1 : k + 1]
         lam = np.clip(np.linalg.eigvalsh(g)[::-1], 0.0, None)
         s = np.sqrt(lam)
         rho = s[:-1] / s[1:]
-        nbar = lam[W // 2:].mean()
-        floor = np.sqrt(nbar * (1 + np.sqrt(W / P)) ** 2)           # docs/method.md §4.2
-        cand = s[:-1] >= floor          # numerator rule (docs/method.md)
+        nbar = lam[W // 2 :].mean()
+        floor = np.sqrt(nbar * (1 + np.sqrt(W / P)) ** 2)  # docs/method.md §4.2
+        cand = s[:-1] >= floor  # numerator rule (docs/method.md)
         if not cand.any():
             cand = np.arange(1, W) <= W // 2
         ks = int(np.argmax(np.where(cand, rho, -np.inf))) + 1
@@ -54,8 +55,16 @@ def _profile(t, rise_end, collapse):
     return 0.08 + 1.9 * up * down
 
 
-def grokking_results(*, runs=("seed0", "seed1", "seed2"), windows=(5, 10, 15), n_deltas: int = 60,
-                     spacing: int = 40, P: int = 1500, lead: int = 240, seed: int = 0):
+def grokking_results(
+    *,
+    runs=("seed0", "seed1", "seed2"),
+    windows=(5, 10, 15),
+    n_deltas: int = 60,
+    spacing: int = 40,
+    P: int = 1500,
+    lead: int = 240,
+    seed: int = 0,
+):
     """A results Dataset for ``runs`` plus ``truth = {run: {"collapse": t, "grok": t}}`` (steps).
 
     Per run the edge collapses at a different time; ``val_acc`` reaches 0.9 ``lead`` steps after
@@ -84,9 +93,9 @@ def grokking_results(*, runs=("seed0", "seed1", "seed2"), windows=(5, 10, 15), n
         for wi, W in enumerate(windows):
             f = window_spectra(D, W)
             for k in PER_WINDOW:
-                v[k][i, wi, W - 1:] = f[k]
+                v[k][i, wi, W - 1 :] = f[k]
             for k in PER_SV:
-                v[k][i, wi, W - 1:, :W] = f[k]
+                v[k][i, wi, W - 1 :, :W] = f[k]
         # the planted collapse step: first step after the peak where the W=min edge drops below 1.2
         e = v["edge_ratio"][i, 0]
         p = int(np.nanargmax(e))
@@ -94,29 +103,55 @@ def grokking_results(*, runs=("seed0", "seed1", "seed2"), windows=(5, 10, 15), n
         c_step = int(grid[p + below[0]]) if below.size else int(grid[int(collapse * (ns - 1))])
         g_step = c_step + lead
         z = (grid - g_step) / (1.5 * spacing)
-        metrics["val_acc"][i] = 0.02 + 0.97 / (1 + np.exp(-(z + 1.5)))    # crosses 0.9 at g_step
+        metrics["val_acc"][i] = 0.02 + 0.97 / (1 + np.exp(-(z + 1.5)))  # crosses 0.9 at g_step
         metrics["train_acc"][i] = np.clip(1 - np.exp(-grid / (4 * spacing)), 0, 1)
-        metrics["val_loss"][i] = (0.05 + 4.5 / (1 + np.exp(z + 0.5)) + 0.3 * np.exp(-grid / 300)
-                                  + 0.02 * rng.standard_normal(ns))
+        metrics["val_loss"][i] = (
+            0.05 + 4.5 / (1 + np.exp(z + 0.5)) + 0.3 * np.exp(-grid / 300) + 0.02 * rng.standard_normal(ns)
+        )
         first = int(grid[np.nonzero(metrics["val_acc"][i] >= 0.9)[0][0]])
         truth[run] = {"collapse": c_step, "grok": first}
     dims3 = ("run", "window", "step")
     data = {k: (dims3, v[k]) for k in PER_WINDOW}
     data.update({k: (dims3 + ("sv",), v[k]) for k in PER_SV})
     data.update({k: (("run", "step"), a) for k, a in metrics.items()})
-    coords = {"run": np.array(runs, dtype=object), "window": np.asarray(windows, dtype=np.int64),
-              "step": grid, "sv": np.arange(1, Wmax + 1, dtype=np.int64),
-              "delta_span": (("run", "step"), np.full((nr, ns), spacing, dtype=np.int64)),
-              "mp_adjacent_ratio": ("window", 1 + 2 * np.asarray(windows, float) ** (-2 / 3))}
-    ds = xr.Dataset(data, coords=coords, attrs={
-        "sed_dask_version": "test", "windows": list(windows), "runs": list(runs),
-        "n_params": json.dumps({r: P for r in runs}), "precision": "float64", "step_normalised": 0,
-        "source_store": "synthetic"})
-    units = {"sigma": "parameter units", "edge_gap": "parameter units", "drift_speed": "parameter units",
-             "noise_floor": "parameter units"}
-    roles = {"sigma": "singular_values", "ratio": "consecutive_ratio", "k_star": "signal_rank",
-             "edge_ratio": "edge_ratio", "drift_speed": "drift_speed", "noise_floor": "noise_floor",
-             "val_loss": "metric", "val_acc": "metric", "train_acc": "metric"}
+    coords = {
+        "run": np.array(runs, dtype=object),
+        "window": np.asarray(windows, dtype=np.int64),
+        "step": grid,
+        "sv": np.arange(1, Wmax + 1, dtype=np.int64),
+        "delta_span": (("run", "step"), np.full((nr, ns), spacing, dtype=np.int64)),
+        "mp_adjacent_ratio": ("window", 1 + 2 * np.asarray(windows, float) ** (-2 / 3)),
+    }
+    ds = xr.Dataset(
+        data,
+        coords=coords,
+        attrs={
+            "sed_dask_version": "test",
+            "windows": list(windows),
+            "runs": list(runs),
+            "n_params": json.dumps({r: P for r in runs}),
+            "precision": "float64",
+            "step_normalised": 0,
+            "source_store": "synthetic",
+        },
+    )
+    units = {
+        "sigma": "parameter units",
+        "edge_gap": "parameter units",
+        "drift_speed": "parameter units",
+        "noise_floor": "parameter units",
+    }
+    roles = {
+        "sigma": "singular_values",
+        "ratio": "consecutive_ratio",
+        "k_star": "signal_rank",
+        "edge_ratio": "edge_ratio",
+        "drift_speed": "drift_speed",
+        "noise_floor": "noise_floor",
+        "val_loss": "metric",
+        "val_acc": "metric",
+        "train_acc": "metric",
+    }
     for k in ds.data_vars:
         ds[k].attrs.update(long_name=k.replace("_", " "), units=units.get(k, "1"))
         if k in roles:

@@ -1,5 +1,6 @@
 """``ds.sed.<name>`` has the signature of the analysis function it forwards to (minus ``ds``), so
 ``help()`` and IDEs show the real parameters, and the two cannot drift apart."""
+
 import importlib
 import inspect
 import subprocess
@@ -23,12 +24,16 @@ def test_method_signature_is_the_functions(name):
 
 
 def test_methods_forward_their_arguments():
-    ds = xr.Dataset({"edge_ratio": (("run", "window", "step"), np.arange(12.0).reshape(1, 2, 6))},
-                    coords={"run": ["a"], "window": [3, 5], "step": np.arange(6)})
+    ds = xr.Dataset(
+        {"edge_ratio": (("run", "window", "step"), np.arange(12.0).reshape(1, 2, 6))},
+        coords={"run": ["a"], "window": [3, 5], "step": np.arange(6)},
+    )
     xr.testing.assert_identical(ds.sed.var("edge_ratio"), ds["edge_ratio"])
 
 
 def test_accessor_import_stays_light():
-    code = ("import sys, sed_dask, inspect; inspect.signature(sed_dask.accessor.SEDAccessor.phases); "
-            "assert 'sed_dask.analysis' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)")
+    code = (
+        "import sys, sed_dask, inspect; inspect.signature(sed_dask.accessor.SEDAccessor.phases); "
+        "assert 'sed_dask.analysis' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

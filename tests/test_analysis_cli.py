@@ -1,4 +1,5 @@
 """``ds.sed`` accessor forwarding and the ``sed-dask query`` command on a Zarr results store."""
+
 from __future__ import annotations
 
 import json
@@ -9,23 +10,23 @@ import warnings
 import numpy as np
 import pytest
 import xarray as xr
+from synthetic import make_results, plant_lag
 
 import sed_dask  # noqa: F401  (registers ds.sed)
 import sed_dask.cli as cli
 from sed_dask import analysis as A
-from synthetic import make_results, plant_lag
 
 
 @pytest.fixture(scope="module")
 def ds():
     d = make_results(groups=("all", "attn", "mlp"), windows=(5, 8), n_deltas=40)
-    return plant_lag(d, {5: 2, 8: -1})       # a lag flip between W=5 and W=8
+    return plant_lag(d, {5: 2, 8: -1})  # a lag flip between W=5 and W=8
 
 
 @pytest.fixture(scope="module")
 def store(ds, tmp_path_factory):
     path = tmp_path_factory.mktemp("res") / "results.zarr"
-    with warnings.catch_warnings():          # zarr 3: "consolidated metadata is not in the v3 spec"
+    with warnings.catch_warnings():  # zarr 3: "consolidated metadata is not in the v3 spec"
         warnings.simplefilter("ignore", UserWarning)
         ds.to_zarr(path, mode="w")
     return str(path)
@@ -40,17 +41,17 @@ def run_cli(monkeypatch, capsys):
         rc = cli.main(["query", *argv])
         out = capsys.readouterr()
         return rc, out.out, out.err
+
     return go
 
 
 def test_accessor_forwards_to_functions(ds):
-    xr.testing.assert_identical(ds.sed.lag_correlation(lags=range(-2, 3)),
-                                A.lag_correlation(ds, lags=range(-2, 3)))
+    xr.testing.assert_identical(ds.sed.lag_correlation(lags=range(-2, 3)), A.lag_correlation(ds, lags=range(-2, 3)))
     xr.testing.assert_identical(ds.sed.signal_rank(run="s1"), A.signal_rank(ds, run="s1"))
     xr.testing.assert_identical(ds.sed.collapse_step(tau="auto"), A.collapse_step(ds, tau="auto"))
     xr.testing.assert_identical(ds.sed.granger(n_perm=0, window=5), A.granger(ds, n_perm=0, window=5))
     xr.testing.assert_identical(ds.sed.var("r23"), ds.ratio.sel(sv=2, drop=True).rename("r23"))
-    xr.testing.assert_identical(ds.sed.var("edge"), A.resolve(ds, "edge"))       # the fixed-k edge
+    xr.testing.assert_identical(ds.sed.var("edge"), A.resolve(ds, "edge"))  # the fixed-k edge
     assert ds.sed.var("edge").name == "edge" and "edge_k" in ds.sed.var("edge").coords
     xr.testing.assert_identical(ds.sed.var("edge_ratio"), ds.edge_ratio)
     assert "lag_sweep" in dir(ds.sed) and "positive lag" in ds.sed.help("lag_correlation")
@@ -60,14 +61,21 @@ def test_accessor_forwards_to_functions(ds):
 
 def test_every_query_on_multi_run_dataset_with_nans_and_groups(ds):
     calls = {
-        "signal_rank": {}, "edge_summary": {}, "edge_null": {"n_null": 19},
-        "phases": {"method": "changepoint"}, "collapse_step": {"tau": [1.2, 1.3]},
-        "lag_correlation": {}, "lag_sweep": {}, "sliding_correlation": {"align": "trailing"},
+        "signal_rank": {},
+        "edge_summary": {},
+        "edge_null": {"n_null": 19},
+        "phases": {"method": "changepoint"},
+        "collapse_step": {"tau": [1.2, 1.3]},
+        "lag_correlation": {},
+        "lag_sweep": {},
+        "sliding_correlation": {"align": "trailing"},
         "phase_correlation": {"method": "threshold", "threshold": 2.0},
         "granger": {"n_perm": 19, "covariate": "lr"},
         "granger_multivariate": {"features": ["edge_ratio", "drift_speed"], "n_perm": 19},
-        "pc2_summary": {"n_null": 19, "split_half": None}, "event_study": {"taus": [1.2, 2.0]},
-        "detect_shift": {}, "onset": {"variable": "drift_speed", "k": 1.2, "floor": None},
+        "pc2_summary": {"n_null": 19, "split_half": None},
+        "event_study": {"taus": [1.2, 2.0]},
+        "detect_shift": {},
+        "onset": {"variable": "drift_speed", "k": 1.2, "floor": None},
         "lead_time": {"variable": "drift_speed", "k": 1.2, "floor": None},
     }
     for name, kw in calls.items():
@@ -80,27 +88,38 @@ def test_every_query_on_multi_run_dataset_with_nans_and_groups(ds):
 
 
 def test_import_registers_accessor_without_heavy_imports():
-    code = ("import sys, xarray as xr, sed_dask; xr.Dataset().sed; "
-            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'distributed', 'statsmodels'}); "
-            "assert not bad, bad; assert 'sed_dask.analysis' not in sys.modules")
+    code = (
+        "import sys, xarray as xr, sed_dask; xr.Dataset().sed; "
+        "bad = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'distributed', 'statsmodels'}); "
+        "assert not bad, bad; assert 'sed_dask.analysis' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("query,extra,title", [
-    ("edge", ["--null", "--n-null", "19"], "edge vs matched-norm null (per series)"),
-    ("phases", ["--method", "changepoint", "--tau", "auto"], "phases (changepoint)"),
-    ("phases", ["--tau", "1.3", "--tau", "1.5"], "collapse step per tau"),
-    ("pc2", ["--n-null", "19", "--sustain", "2"], "pc2 vs null (per series)"),
-    ("events", ["--tau", "1.2", "--tau", "2.0", "--baseline", "5"],
-     "event study: edge collapse -> val_loss stabilisation"),
-    ("lag", ["--sweep", "--sliding", "center", "--phase-method", "peak"], "lag flips"),
-    ("granger", ["--n-perm", "19", "--covariate", "lr"], None),
-    ("granger", ["--features", "edge_ratio", "k95", "--n-perm", "0"], "multivariate Granger"),
-    ("shift", ["--true-step", "4000", "--tolerance", "200"], "shift detection"),
-    ("warning", ["--method", "onset", "--var", "drift_speed", "--k", "1.2", "--floor", "none", "--event", "val_acc"],
-     "onset and lead time"),
-    ("warning", [], "early-warning alarms (causal)"),
-])
+@pytest.mark.parametrize(
+    "query,extra,title",
+    [
+        ("edge", ["--null", "--n-null", "19"], "edge vs matched-norm null (per series)"),
+        ("phases", ["--method", "changepoint", "--tau", "auto"], "phases (changepoint)"),
+        ("phases", ["--tau", "1.3", "--tau", "1.5"], "collapse step per tau"),
+        ("pc2", ["--n-null", "19", "--sustain", "2"], "pc2 vs null (per series)"),
+        (
+            "events",
+            ["--tau", "1.2", "--tau", "2.0", "--baseline", "5"],
+            "event study: edge collapse -> val_loss stabilisation",
+        ),
+        ("lag", ["--sweep", "--sliding", "center", "--phase-method", "peak"], "lag flips"),
+        ("granger", ["--n-perm", "19", "--covariate", "lr"], None),
+        ("granger", ["--features", "edge_ratio", "k95", "--n-perm", "0"], "multivariate Granger"),
+        ("shift", ["--true-step", "4000", "--tolerance", "200"], "shift detection"),
+        (
+            "warning",
+            ["--method", "onset", "--var", "drift_speed", "--k", "1.2", "--floor", "none", "--event", "val_acc"],
+            "onset and lead time",
+        ),
+        ("warning", [], "early-warning alarms (causal)"),
+    ],
+)
 def test_cli_json_every_query(run_cli, store, query, extra, title):
     rc, out, err = run_cli(store, query, "--json", *extra)
     assert rc == 0, err
@@ -116,7 +135,7 @@ def test_cli_json_every_query(run_cli, store, query, extra, title):
 
 def test_cli_pc2_with_split_half_and_events_tables(run_cli, ds, tmp_path):
     d = ds.copy()
-    d["split_half"] = d.sigma * 0 + 0.5                    # a planted split-half value where windows exist
+    d["split_half"] = d.sigma * 0 + 0.5  # a planted split-half value where windows exist
     path = tmp_path / "sh.zarr"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -146,10 +165,10 @@ def test_cli_tables_selection_and_errors(run_cli, store, tmp_path):
     assert rc == 2 and "W=[7] not in the dataset" in err
     # --metrics attaches a metric the store lacks (exact step match)
     steps = xr.open_zarr(store).step.values
-    recs = [{"run": r, "step": int(s), "grad_norm": float(i)} for r in ("s1", "s2", "s3")
-            for i, s in enumerate(steps)]
+    recs = [{"run": r, "step": int(s), "grad_norm": float(i)} for r in ("s1", "s2", "s3") for i, s in enumerate(steps)]
     (tmp_path / "m.json").write_text(json.dumps(recs))
-    rc, out, err = run_cli(store, "granger", "--metrics", str(tmp_path / "m.json"), "--target",
-                           "grad_norm", "--n-perm", "0", "--json")
+    rc, out, err = run_cli(
+        store, "granger", "--metrics", str(tmp_path / "m.json"), "--target", "grad_norm", "--n-perm", "0", "--json"
+    )
     assert rc == 0, err
     assert json.loads(out)["tables"]

@@ -1,4 +1,5 @@
 """Edge queries: signal rank, edge summary, matched-norm null (synthetic data, known answers)."""
+
 from __future__ import annotations
 
 import json
@@ -8,12 +9,11 @@ import numpy as np
 import pytest
 import xarray as xr
 from scipy import stats
+from synthetic import make_results, with_series
 
-from sed_dask.analysis import (edge_null, edge_summary, null_distribution, pc2_summary, signal_rank,
-                               window_statistic)
+from sed_dask.analysis import edge_null, edge_summary, null_distribution, pc2_summary, signal_rank, window_statistic
 from sed_dask.analysis.edge import null_gram
 from sed_dask.errors import AnalysisError
-from synthetic import make_results, with_series
 
 FIG1A = np.array([198.58, 169.08, 122.47, 110.73, 106.22, 92.66, 78.30, 61.27, 44.58, 22.79])
 P_TS = 163_150_848
@@ -28,7 +28,7 @@ def test_signal_rank_matches_counter_with_smallest_tie(ds):
     rng = np.random.default_rng(1)
 
     def plant(key, steps):
-        if key["run"] == "s2" and key["window"] == 5:      # exact tie 2 vs 3 -> 2
+        if key["run"] == "s2" and key["window"] == 5:  # exact tie 2 vs 3 -> 2
             return np.where(np.arange(steps.size) % 2 == 0, 3.0, 2.0)
         return rng.choice([1, 2, 2, 2, 3], size=steps.size).astype(float)
 
@@ -76,7 +76,7 @@ def test_window_statistic_fig1a_restricted_rule():
     assert window_statistic(FIG1A, n_params=P_TS) == pytest.approx(169.08 / 122.47)
     assert window_statistic(FIG1A, n_params=P_TS, statistic=9) == pytest.approx(44.58 / 22.79)
     pc2 = window_statistic(FIG1A, n_params=P_TS, statistic="pc2")
-    assert pc2 == pytest.approx(100 * 169.08 ** 2 / np.sum(FIG1A ** 2))
+    assert pc2 == pytest.approx(100 * 169.08**2 / np.sum(FIG1A**2))
     with pytest.raises(AnalysisError):
         window_statistic(FIG1A, n_params=P_TS, statistic=10)
 
@@ -96,7 +96,7 @@ def test_bartlett_null_matches_brute_force_random_directions():
     Z /= np.linalg.norm(Z, axis=-1, keepdims=True)
     Z *= norms[:, None]
     Gb = Z @ np.swapaxes(Z, 1, 2)
-    np.testing.assert_allclose(np.einsum("bii->bi", G), np.tile(norms ** 2, (B, 1)))
+    np.testing.assert_allclose(np.einsum("bii->bi", G), np.tile(norms**2, (B, 1)))
     for i, j in [(0, 1), (1, 3)]:
         assert stats.ks_2samp(G[:, i, j], Gb[:, i, j]).pvalue > 1e-3
     lam = lambda g: np.sqrt(np.clip(np.linalg.eigvalsh(g)[..., ::-1], 0, None))  # noqa: E731
@@ -109,14 +109,13 @@ def test_bartlett_null_matches_brute_force_random_directions():
 
 
 def test_edge_null_separates_signal_from_noise():
-    d = make_results(runs=("sig", "noise"), noise_runs=("noise",), windows=(6,), n_deltas=60,
-                     lacking={})
+    d = make_results(runs=("sig", "noise"), noise_runs=("noise",), windows=(6,), n_deltas=60, lacking={})
     out = edge_null(d, n_null=199, seed=3)
     assert float(out.frac_significant.sel(run="sig", window=6)) > 0.9
     noise = out.sel(run="noise", window=6)
     assert float(noise.frac_significant) < 0.2
     p = noise.p_value.values[np.isfinite(noise.p_value.values)]
-    assert 0.3 < p.mean() < 0.7                     # calibrated: roughly uniform under the null
+    assert 0.3 < p.mean() < 0.7  # calibrated: roughly uniform under the null
     assert np.nanmin(out.p_value.values) >= 1 / 200  # +1 correction: never 0
     again = edge_null(d, n_null=199, seed=3)
     xr.testing.assert_identical(out, again)
@@ -144,8 +143,8 @@ def test_null_distribution_needs_p_at_least_w():
 
 
 # ------------------------------------------------------------------------------ PC2 noise transition
-STRONG = np.array([3.0, 2.5, 0.1, 0.1, 0.1])     # pc2 = 100 * 6.25 / 15.28 ~ 41%: far above the null
-WEAK = np.array([3.0, 0.1, 0.1, 0.1, 0.1])       # pc2 ~ 0.11%: far below it
+STRONG = np.array([3.0, 2.5, 0.1, 0.1, 0.1])  # pc2 = 100 * 6.25 / 15.28 ~ 41%: far above the null
+WEAK = np.array([3.0, 0.1, 0.1, 0.1, 0.1])  # pc2 ~ 0.11%: far below it
 # equal-norm null, P = 1e6, W = 5: null Gram ~ ||d||^2 (I + O(1e-3)), so null pc2 ~ 20% for every window
 
 
@@ -159,13 +158,15 @@ def _pc2_ds(pattern, *, P=10**6, split=None):
         if c != ".":
             sig[0, 0, W - 1 + i] = STRONG if c == "S" else WEAK
     steps = 100 * np.arange(1, n + 1)
-    ds = xr.Dataset({"sigma": (("run", "window", "step", "sv"), sig)},
-                    coords={"run": ["r"], "window": [W], "step": steps, "sv": np.arange(1, W + 1)},
-                    attrs={"n_params": json.dumps({"r": P})})
+    ds = xr.Dataset(
+        {"sigma": (("run", "window", "step", "sv"), sig)},
+        coords={"run": ["r"], "window": [W], "step": steps, "sv": np.arange(1, W + 1)},
+        attrs={"n_params": json.dumps({"r": P})},
+    )
     if split is not None:
         sh = np.full((1, 1, n, W), np.nan)
-        sh[0, 0, W - 1:, 1] = split
-        sh[0, 0, W - 1:, 0] = 0.99
+        sh[0, 0, W - 1 :, 1] = split
+        sh[0, 0, W - 1 :, 0] = 0.99
         ds["split_half"] = (("run", "window", "step", "sv"), sh)
     return ds, steps
 
@@ -175,8 +176,8 @@ def test_pc2_summary_planted_transition_cv_and_split_half():
     split = np.array([0.9, 0.8, 0.7, 0.1, 0.6, 0.99, 0.5, 0.4, 0.2, np.nan, 0.2, 0.3])
     ds, steps = _pc2_ds(pattern, split=split)
     out = pc2_summary(ds, norms="equal", n_null=99).sel(run="r", window=5)
-    win = steps[4:]                                         # steps of the windows, one per letter
-    pc2 = {c: 100 * v[1] ** 2 / np.sum(v ** 2) for c, v in (("S", STRONG), ("w", WEAK))}
+    win = steps[4:]  # steps of the windows, one per letter
+    pc2 = {c: 100 * v[1] ** 2 / np.sum(v**2) for c, v in (("S", STRONG), ("w", WEAK))}
     obs = np.array([pc2[c] for c in pattern if c != "."])
     valid = np.array([c != "." for c in pattern])
     # default sustain 2: the first two consecutive windows not above the null after PC2 held above it
@@ -185,9 +186,10 @@ def test_pc2_summary_planted_transition_cv_and_split_half():
     assert pc2_summary(ds, norms="equal", n_null=99, sustain=1).noise_transition_step.item() == win[3]
     four = pc2_summary(ds, norms="equal", n_null=99, sustain=4)
     assert four.noise_transition_step.isnull().item() and int(four.transition_kind.item()) == 0  # never 4 above
-    assert float(out.pc2_cv) == pytest.approx(np.std(obs) / np.mean(obs), rel=1e-12)     # ddof = 0
+    assert float(out.pc2_cv) == pytest.approx(np.std(obs) / np.mean(obs), rel=1e-12)  # ddof = 0
     assert pc2_summary(ds, norms="equal", n_null=99, ddof=1).pc2_cv.item() == pytest.approx(
-        np.std(obs, ddof=1) / np.mean(obs), rel=1e-12)
+        np.std(obs, ddof=1) / np.mean(obs), rel=1e-12
+    )
     assert float(out.pc2_mean) == pytest.approx(obs.mean(), rel=1e-12)
     assert int(out.n_above_null) == pattern.count("S") and int(out.n_windows) == valid.sum()
     np.testing.assert_array_equal(out.pc2_above_null.values[4:], [c == "S" for c in pattern])
@@ -214,7 +216,7 @@ def test_pc2_transition_is_a_downward_crossing_never_the_first_window():
     assert float(out.noise_transition_step) == win[7] and int(out.transition_kind) == 1
     never, _ = _pc2_ds("wwwwwww")
     n = pc2_summary(never, norms="equal", n_null=99, split_half=None)
-    assert n.noise_transition_step.isnull().all() and int(n.transition_kind.item()) == 0   # "no transition"
+    assert n.noise_transition_step.isnull().all() and int(n.transition_kind.item()) == 0  # "no transition"
 
 
 def test_pc2_summary_never_in_noise_groups_and_errors(ds):

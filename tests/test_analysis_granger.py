@@ -1,16 +1,17 @@
 """Granger tests: statsmodels agreement, known causal direction, lag selection, permutation null,
 residualised and multivariate variants, on arrays and on a multi-run Dataset."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import statsmodels.api as sm
 from statsmodels.tsa.stattools import grangercausalitytests
+from synthetic import make_results, with_series
 
 from sed_dask.analysis import granger, granger_multivariate, granger_test, residualize
 from sed_dask.analysis.granger import lag_matrix
 from sed_dask.errors import AnalysisError
-from synthetic import make_results, with_series
 
 
 def ar_pair(n, *, seed=0, coupling=0.8, lag=1):
@@ -39,7 +40,7 @@ def test_f_test_rss_aic_match_statsmodels(p):
     assert ours["rss_u"] == pytest.approx(u_fit.ssr, rel=1e-8)
     n = ours["n_obs"]
     assert n == u_fit.nobs
-    const = n * (1 + np.log(2 * np.pi))          # statsmodels AIC = -2 llf + 2k
+    const = n * (1 + np.log(2 * np.pi))  # statsmodels AIC = -2 llf + 2k
     assert ours["aic_u"] + const == pytest.approx(u_fit.aic, rel=1e-8)
     assert ours["aic_r"] + const == pytest.approx(r_fit.aic, rel=1e-8)
     assert ours["r2_u"] == pytest.approx(u_fit.rsquared, rel=1e-8)
@@ -71,17 +72,19 @@ def test_known_direction_and_lag_selection():
         fwd_p.append(fwd["p_value"])
         rev_p.append(granger_test(x, y, max_lag=3)["p_value"])
     assert max(fwd_p) < 1e-10
-    assert np.mean(np.array(rev_p) < 0.05) <= 0.2       # y -> x is false: near-nominal rejections
+    assert np.mean(np.array(rev_p) < 0.05) <= 0.2  # y -> x is false: near-nominal rejections
     assert np.median(rev_p) > 0.2
     # y depends on x_{t-2} only: AIC never picks p = 1 and mostly picks 2 (it may overfit to 3)
     for sample in ("per_lag", "common"):
-        orders = [granger_test(y2, x2, max_lag=3, aic_sample=sample)["lag_order"]
-                  for x2, y2 in (ar_pair(200, seed=s, lag=2) for s in range(10))]
+        orders = [
+            granger_test(y2, x2, max_lag=3, aic_sample=sample)["lag_order"]
+            for x2, y2 in (ar_pair(200, seed=s, lag=2) for s in range(10))
+        ]
         assert min(orders) == 2 and orders.count(2) >= 6, (sample, orders)
     x2, y2 = ar_pair(200, seed=2, lag=2)
     per, com = (granger_test(y2, x2, max_lag=3, aic_sample=a) for a in ("per_lag", "common"))
     assert com["selected_by"] == "aic (common)"
-    assert per["aic_by_lag"][2] == com["aic_by_lag"][2]          # same sample at p = max_lag
+    assert per["aic_by_lag"][2] == com["aic_by_lag"][2]  # same sample at p = max_lag
     assert per["aic_by_lag"][0] != com["aic_by_lag"][0]
 
 
@@ -89,7 +92,7 @@ def test_permutation_null_is_seeded_and_corrected():
     x, y = ar_pair(80, seed=3)
     a = granger_test(y, x, n_perm=199, seed=11)
     b = granger_test(y, x, n_perm=199, seed=11)
-    assert a["p_perm"] == b["p_perm"] == pytest.approx(1 / 200)       # never 0
+    assert a["p_perm"] == b["p_perm"] == pytest.approx(1 / 200)  # never 0
     r = granger_test(x, y, n_perm=199, seed=11)
     assert r["p_perm"] > 0.05
 
@@ -181,8 +184,9 @@ def test_errors():
 
 def test_fast_permutation_null_equals_full_refits():
     from sed_dask.analysis.granger import _fit, _perm_null
+
     x, y = ar_pair(50, seed=9)
-    x[7] = np.nan                        # holes move with the shift: restricted rows change
+    x[7] = np.nan  # holes move with the shift: restricted rows change
     cov = np.linspace(0, 1, 50)[:, None]
     fast = _perm_null(y, x, cov, 2, n_perm=40, rng=np.random.default_rng(1))
     rng = np.random.default_rng(1)

@@ -1,19 +1,30 @@
 """Lagged cross-correlation, sign convention, W sweep / lag flip, sliding and phase correlations."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import xarray as xr
 from scipy import stats
+from synthetic import make_results, with_series
+from synthetic import plant_lag as planted
 
-from sed_dask.analysis import (detrend_series, lag_correlation, lag_flips, lag_sweep, lagged_corr,
-                               pearson, peak_lag, phase_correlation, sliding_correlation)
+from sed_dask.analysis import (
+    detrend_series,
+    lag_correlation,
+    lag_flips,
+    lag_sweep,
+    lagged_corr,
+    peak_lag,
+    pearson,
+    phase_correlation,
+    sliding_correlation,
+)
 from sed_dask.analysis.lag import peak_resolved, phase_surrogates
 from sed_dask.errors import AnalysisError
 from sed_dask.testing.series import planted_lag_family, planted_lag_pair, planted_shift_series
-from synthetic import make_results, plant_lag as planted, with_series
 
-LEADS = {5: 2, 8: -1}          # planted: edge leads val_loss by 2 at W=5, lags it by 1 at W=8
+LEADS = {5: 2, 8: -1}  # planted: edge leads val_loss by 2 at W=5, lags it by 1 at W=8
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +36,13 @@ def test_sign_convention_on_arrays():
     rng = np.random.default_rng(0)
     e = rng.standard_normal(60)
     for L in (3, -2):
-        x = -np.roll(e, -L)            # x[t] = -e[t+L]
+        x = -np.roll(e, -L)  # x[t] = -e[t+L]
         r, n = lagged_corr(x, e, lags=range(-5, 8))
         lag, rmin = peak_lag(range(-5, 8), r)
         assert lag == L and rmin < -0.95
         assert n[list(range(-5, 8)).index(L)] == 60 - abs(L)
     r, n = lagged_corr(np.arange(8.0), np.arange(8.0), lags=[0, 2, 3])
-    assert np.isfinite(r[:2]).all() and np.isnan(r[2]) and n[2] == 5      # overlap must exceed 5
+    assert np.isfinite(r[:2]).all() and np.isnan(r[2]) and n[2] == 5  # overlap must exceed 5
 
 
 def test_peak_rules():
@@ -56,12 +67,13 @@ def test_pearson_matches_scipy():
 def test_detrend_variants():
     steps = np.arange(200, 26001, 200).astype(float)
     t = steps / 1e4
-    cubic = 1 + 2 * t - 0.3 * t ** 2 + 0.05 * t ** 3
+    cubic = 1 + 2 * t - 0.3 * t**2 + 0.05 * t**3
     assert np.abs(detrend_series(steps, cubic)).max() < 1e-9
     assert np.abs(detrend_series(steps, cubic, method="cubic_raw")).max() < 1e-6
     noisy = cubic + np.random.default_rng(0).standard_normal(steps.size)
-    np.testing.assert_allclose(detrend_series(steps, noisy),
-                               detrend_series(steps, noisy, method="cubic_raw"), atol=1e-6)
+    np.testing.assert_allclose(
+        detrend_series(steps, noisy), detrend_series(steps, noisy, method="cubic_raw"), atol=1e-6
+    )
     lin = detrend_series(steps, cubic, method="linear")
     assert np.abs(lin).max() > 1e-3 and abs(lin.mean()) < 1e-9
     v = noisy.copy()
@@ -79,8 +91,9 @@ def test_planted_lead_and_lag_on_multi_run_dataset(ds):
         assert (pl == L).all(), (W, pl.values)
         assert (out.peak_r.sel(window=W) < -0.9).all()
     # the missing val_loss eval leaves a hole: kept on the grid, the lag stays exact ...
-    assert int(out.n_overlap.sel(run="s1", window=5, group="all", lag=2)) < int(out.n_points.sel(
-        run="s1", window=5, group="all"))
+    assert int(out.n_overlap.sel(run="s1", window=5, group="all", lag=2)) < int(
+        out.n_points.sel(run="s1", window=5, group="all")
+    )
     # ... while the reference's compression shifts part of the pairs
     drop = lag_correlation(ds, gaps="drop")
     assert (drop.peak_r.sel(window=5) > out.peak_r.sel(window=5)).all()
@@ -138,13 +151,17 @@ def test_phase_correlation_collapse_phase():
         assert (pc.r.sel(phase="collapse") > 0.99).all(), method
         assert (pc.delta_y.sel(phase="collapse") > 0).all()
     from sed_dask.analysis import cross_seed_summary
+
     s = cross_seed_summary(phase_correlation(d, method="derivative").r.sel(phase="collapse", drop=True))
     assert s.r_mean.item() > 0.99 and s.r_n.item() == 3
 
 
 def test_errors_name_the_problem(ds):
-    with pytest.raises(AnalysisError, match=r"val_loss not in dataset; attach with "
-                                            r"sed_dask.analysis.attach_metrics or ingest --metrics"):
+    with pytest.raises(
+        AnalysisError,
+        match=r"val_loss not in dataset; attach with "
+        r"sed_dask.analysis.attach_metrics or ingest --metrics",
+    ):
         lag_correlation(ds.drop_vars("val_loss"))
     with pytest.raises(AnalysisError, match="unknown variable 'sigma_9'"):
         lag_correlation(ds, "sigma_9")
@@ -161,13 +178,15 @@ def test_errors_name_the_problem(ds):
 
 # ---- issue 12 item 5: a lag is a peak only when interior and significant ---------------------
 
+
 def _dataset(steps, X, y, windows=None):
     """One run: edge_ratio per W (rows of X) and a shared val_loss, on a regular step grid."""
     X = np.atleast_2d(X)
     windows = list(range(5, 5 + X.shape[0])) if windows is None else list(windows)
-    return xr.Dataset({"edge_ratio": (("run", "window", "step"), X[None]),
-                       "val_loss": (("run", "step"), np.asarray(y)[None])},
-                      coords={"run": ["a"], "window": windows, "step": steps})
+    return xr.Dataset(
+        {"edge_ratio": (("run", "window", "step"), X[None]), "val_loss": (("run", "step"), np.asarray(y)[None])},
+        coords={"run": ["a"], "window": windows, "step": steps},
+    )
 
 
 def _one(out):
@@ -196,19 +215,19 @@ def test_pure_noise_false_positive_rate_within_two_alpha():
         hits += bool(o.peak_significant)
         xd, zd = detrend_series(steps, x), detrend_series(steps, z)
         lag = int(o.peak_lag)
-        a, b = (xd[:60 - lag], zd[lag:]) if lag >= 0 else (xd[-lag:], zd[:60 + lag])
+        a, b = (xd[: 60 - lag], zd[lag:]) if lag >= 0 else (xd[-lag:], zd[: 60 + lag])
         naive += pearson(a, b)[1] < 0.05
-    assert hits <= 5, hits                      # ≤ 2·alpha·50 (measured: 2/50)
-    assert naive >= 15, naive                   # naive Pearson p at the peak: 26/50 significant
+    assert hits <= 5, hits  # ≤ 2·alpha·50 (measured: 2/50)
+    assert naive >= 15, naive  # naive Pearson p at the peak: 26/50 significant
 
 
 def test_peak_on_grid_edge_is_unresolved_and_widening_moves_it():
-    steps, x, y = planted_lag_pair(150, 7, ar=0.8, seed=1)       # true lead 7, outside −3..5
+    steps, x, y = planted_lag_pair(150, 7, ar=0.8, seed=1)  # true lead 7, outside −3..5
     narrow = _one(lag_correlation(_dataset(steps, x, y), lags=range(-3, 6)))
     assert int(narrow.peak_lag) == 5 and not bool(narrow.peak_resolved)
     wide = _one(lag_correlation(_dataset(steps, x, y), lags=range(-5, 11)))
     assert int(wide.peak_lag) == 7 and bool(wide.peak_resolved) and bool(wide.peak_significant)
-    assert not peak_resolved([-1, 0, 1, 2], [np.nan, 0.1, -0.5, np.nan], 1)   # edge of the *finite* lags
+    assert not peak_resolved([-1, 0, 1, 2], [np.nan, 0.1, -0.5, np.nan], 1)  # edge of the *finite* lags
     assert peak_resolved([-1, 0, 1, 2], [0.3, 0.1, -0.5, 0.2], 1)
 
 
@@ -257,8 +276,17 @@ def test_edge_peak_sign_change_is_no_flip():
     rej = lag_flips(sw, rejected=True)
     assert list(rej.status) == ["unresolved"]
     assert "W=20: unresolved (peak on grid edge at +7)" in rej.reason.iloc[0]
-    assert set(rej.columns) >= {"run", "window_a", "window_b", "peak_lag_a", "peak_lag_b", "peak_r_a",
-                                "peak_r_b", "peak_p_value_a", "peak_p_value_b"}
+    assert set(rej.columns) >= {
+        "run",
+        "window_a",
+        "window_b",
+        "peak_lag_a",
+        "peak_lag_b",
+        "peak_r_a",
+        "peak_r_b",
+        "peak_p_value_a",
+        "peak_p_value_b",
+    }
 
 
 def test_null_is_deterministic_and_checks_its_arguments():

@@ -1,24 +1,22 @@
 """Phase segmentation, collapse step, cross-seed summaries and the collapse -> val-loss event study
 on planted series."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import xarray as xr
+from synthetic import make_results, with_series
 
-from sed_dask.analysis import (collapse_step, cross_seed_summary, event_study, phase_intervals, phases,
-                               segment)
+from sed_dask.analysis import collapse_step, cross_seed_summary, event_study, phase_intervals, phases, segment
 from sed_dask.analysis.events import smoothed_change, stabilisation_threshold
 from sed_dask.errors import AnalysisError
-from synthetic import make_results, with_series
 
 
 def three_phase(n, b1, b2, *, lo=1.1, hi=2.0, end=1.0, noise=0.0, rng=None):
     """Linear rise to ``hi`` until b1, flat plateau until b2, linear collapse to ``end``."""
     i = np.arange(n, dtype=float)
-    x = np.where(i < b1, lo + (hi - lo) * i / b1,
-                 np.where(i < b2, hi, hi - (hi - end) * (i - b2 + 1) / (n - b2)))
+    x = np.where(i < b1, lo + (hi - lo) * i / b1, np.where(i < b2, hi, hi - (hi - end) * (i - b2 + 1) / (n - b2)))
     if noise:
         x = x + noise * np.random.default_rng(rng).standard_normal(n)
     return x
@@ -26,7 +24,7 @@ def three_phase(n, b1, b2, *, lo=1.1, hi=2.0, end=1.0, noise=0.0, rng=None):
 
 def test_peak_method_hand_example():
     x = np.array([1.0, 1.2, 1.5, 2.0, 1.9, 1.8, 1.6, 1.2, 1.0])
-    assert segment(x, method="peak") == (3, 5)           # 0.85 * 2.0 = 1.7
+    assert segment(x, method="peak") == (3, 5)  # 0.85 * 2.0 = 1.7
     assert segment(x, method="peak", plateau=0.7) == (2, 6)
     assert phase_intervals(3, 5, 9) == {"rise": (0, 4), "plateau": (3, 6), "collapse": (5, 9)}
 
@@ -43,9 +41,9 @@ def test_derivative_method_finds_decline_start():
     x = np.concatenate([np.linspace(1.0, 2.0, 10), np.full(10, 2.0), 2.0 - 0.05 * np.arange(1, 21)])
     a, b = segment(x, method="derivative")
     assert a == int(np.argmax(x))
-    assert 17 <= b <= 20                      # the size-5 moving average starts falling 2 points early
+    assert 17 <= b <= 20  # the size-5 moving average starts falling 2 points early
     flat = np.concatenate([np.linspace(1, 2, 5), np.full(5, 2.0)])
-    assert segment(flat, method="derivative") == (4, 4)   # never falls: collapse starts at the peak
+    assert segment(flat, method="derivative") == (4, 4)  # never falls: collapse starts at the peak
 
 
 @pytest.mark.parametrize("model", ["linear", "constant"])
@@ -69,8 +67,7 @@ def test_changepoint_exact_against_brute_force():
         c = np.polyfit(t, seg, 1)
         return np.sum((seg - np.polyval(c, t)) ** 2)
 
-    best = min(((sse(x[:i]) + sse(x[i:j]) + sse(x[j:]), (i, j))
-                for i in range(3, 14) for j in range(i + 3, 14)))
+    best = min(((sse(x[:i]) + sse(x[i:j]) + sse(x[j:]), (i, j)) for i in range(3, 14) for j in range(i + 3, 14)))
     assert segment(x, method="changepoint", model="linear") == best[1]
 
 
@@ -83,7 +80,7 @@ def test_phases_on_dataset_with_nans_and_groups():
         return three_phase(steps.size, b1, b2, noise=0.005, rng=len(key["run"]))
 
     d = with_series(ds, "edge_ratio", plant)
-    d["edge_ratio"].loc[dict(run="s1", step=5000)] = np.nan       # a degenerate window
+    d["edge_ratio"].loc[dict(run="s1", step=5000)] = np.nan  # a degenerate window
     out = phases(d, "edge_ratio", method="changepoint", model="linear", label="newest")
     for r, (b1, b2) in breaks.items():
         for w in (5, 8):
@@ -98,7 +95,7 @@ def test_phases_on_dataset_with_nans_and_groups():
     assert out.phase.attrs["flag_meanings"] == "rise plateau collapse rebound"
 
 
-REF = dict(sustain=1, label="newest", after="peak")   # the reference's collapse rule (docs/method.md §5.1)
+REF = dict(sustain=1, label="newest", after="peak")  # the reference's collapse rule (docs/method.md §5.1)
 ROBUST = [1.15, 1.20, 1.25, 1.30]
 
 
@@ -123,12 +120,12 @@ def test_collapse_step_fixed_auto_and_list():
     many = collapse_step(d, "edge_ratio", tau=[1.15, 1.20, 1.25, 1.30], **REF)
     assert many.collapse_step.dims == ("run", "window", "tau")
     cs = many.collapse_step.sel(run="b", window=5).values
-    assert np.all(np.diff(cs) <= 0)          # a higher tau is crossed earlier
+    assert np.all(np.diff(cs) <= 0)  # a higher tau is crossed earlier
     never = collapse_step(with_series(ds, "edge_ratio", lambda k, s: x + 0.5), "edge_ratio", tau=1.2, **REF)
     assert np.isnan(never.collapse_step).all()
     with pytest.raises(AnalysisError, match="tau"):
         collapse_step(d, "edge_ratio", tau="sometimes")
-    with pytest.raises(AnalysisError, match="ratio > 1"):    # a tau <= 1 can never be crossed by a ratio
+    with pytest.raises(AnalysisError, match="ratio > 1"):  # a tau <= 1 can never be crossed by a ratio
         collapse_step(d, "edge_ratio", tau=0.5)
 
 
@@ -146,7 +143,7 @@ def test_cross_seed_summary_population_std():
     got = cross_seed_summary(cs, "collapse_step")
     vals = np.array([ds.step.values[e] for e in (20, 24, 28)], dtype=float)
     assert got.collapse_step_mean.item() == pytest.approx(vals.mean())
-    assert got.collapse_step_std.item() == pytest.approx(np.std(vals))          # ddof = 0
+    assert got.collapse_step_std.item() == pytest.approx(np.std(vals))  # ddof = 0
     assert got.collapse_step_n.item() == 3
     s1 = cross_seed_summary(cs, "collapse_step", ddof=1)
     assert s1.collapse_step_std.item() == pytest.approx(np.std(vals, ddof=1))
@@ -179,10 +176,12 @@ def _event_ds(edges, losses, *, W=10, pad=2):
     x = np.full((len(edges), 1, n), np.nan)
     y = np.full((len(edges), n), np.nan)
     for i, r in enumerate(edges):
-        x[i, 0, pad:pad + len(edges[r])] = edges[r]
-        y[i, pad:pad + len(losses[r])] = losses[r]
-    return xr.Dataset({"edge_ratio": (("run", "window", "step"), x), "val_loss": (("run", "step"), y)},
-                      coords={"run": list(edges), "window": [W], "step": steps})
+        x[i, 0, pad : pad + len(edges[r])] = edges[r]
+        y[i, pad : pad + len(losses[r])] = losses[r]
+    return xr.Dataset(
+        {"edge_ratio": (("run", "window", "step"), x), "val_loss": (("run", "step"), y)},
+        coords={"run": list(edges), "window": [W], "step": steps},
+    )
 
 
 def _loss(dvl, start=5.0):
@@ -215,6 +214,7 @@ def test_event_study_planted_lead_times():
     assert "tau" not in one.dims and one.collapse_step.isnull().all() and one.stab_delay.isnull().all()
     # the accessor forwards
     import sed_dask  # noqa: F401
+
     xr.testing.assert_identical(ds.sed.event_study("edge_ratio", taus=[1.2]), event_study(ds, "edge_ratio", taus=[1.2]))
 
 
@@ -228,7 +228,7 @@ def test_event_study_smoothing_rules_and_missing_values():
     assert stabilisation_threshold(np.arange(20.0), baseline=3, factor=0.5) == (0.5, 3)
     # fewer than 10 windows: the threshold uses the dvl it has (n_baseline says how many)
     short_edge = [1.5, 1.6, 1.3, 1.1, 1.0, 1.0]
-    short_loss = _loss([0.3, 0.3, 0.3, 0.01, 0.01])       # dvl_smooth 0.3, 0.3, 0.203, 0.107, 0.01, 0.01
+    short_loss = _loss([0.3, 0.3, 0.3, 0.01, 0.01])  # dvl_smooth 0.3, 0.3, 0.203, 0.107, 0.01, 0.01
     ds = _event_ds({"s": short_edge}, {"s": short_loss})
     s = event_study(ds, "edge_ratio", taus=[1.2], **REF).sel(run="s", window=10, tau=1.2)
     assert int(s.n_baseline) == 6
@@ -242,9 +242,10 @@ def test_event_study_smoothing_rules_and_missing_values():
     assert r.stab_step.isnull().all() and np.isfinite(r.collapse_step).all()
     # val_loss missing at some windows: only the finite dvl_smooth entries can mark stabilisation
     holes = _loss(DVL)
-    holes[8:10] = np.nan                                  # hides the early dip at t = 8
-    h = event_study(_event_ds({"h": EDGE}, {"h": holes}), "edge_ratio", taus=[1.25], **REF
-                    ).sel(run="h", window=10, tau=1.25)
+    holes[8:10] = np.nan  # hides the early dip at t = 8
+    h = event_study(_event_ds({"h": EDGE}, {"h": holes}), "edge_ratio", taus=[1.25], **REF).sel(
+        run="h", window=10, tau=1.25
+    )
     assert float(h.stab_step) == 1300
 
 
@@ -259,7 +260,7 @@ def test_event_study_errors_name_the_series():
         event_study(ds, "edge_ratio", taus=["auto"], run="a")
     with pytest.raises(AnalysisError, match="taus must be"):
         event_study(ds, "edge_ratio", taus=[], run="a")
-    with pytest.raises(AnalysisError, match="the fixed-k edge needs 'ratio'"):   # default series: fixed-k edge
+    with pytest.raises(AnalysisError, match="the fixed-k edge needs 'ratio'"):  # default series: fixed-k edge
         event_study(ds, run="a")
     nan_edge = ds.copy()
     nan_edge["edge_ratio"] = nan_edge.edge_ratio.where(nan_edge.run != "a")

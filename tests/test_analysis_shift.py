@@ -1,13 +1,14 @@
 """Shift detectors on planted change points (arrays and a multi-run Dataset with NaNs and groups)."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from scipy import stats
+from synthetic import make_results, with_series
 
 from sed_dask.analysis import cusum, detect_shift, max_derivative, welch_scan
 from sed_dask.errors import AnalysisError
-from synthetic import make_results, with_series
 
 
 def shifted(n=50, at=25, size=1.0, sd=0.1, seed=0):
@@ -15,8 +16,7 @@ def shifted(n=50, at=25, size=1.0, sd=0.1, seed=0):
     sine) whose baseline std is representative — a few Gaussian baseline points underestimate
     σ₀ often enough to make the textbook CUSUM false-alarm before the shift."""
     i = np.arange(n)
-    wiggle = (np.sqrt(2) * np.sin(1.7 * i + 0.3) if seed is None
-              else np.random.default_rng(seed).standard_normal(n))
+    wiggle = np.sqrt(2) * np.sin(1.7 * i + 0.3) if seed is None else np.random.default_rng(seed).standard_normal(n)
     return np.where(i < at, 1.5, 1.5 + size) + sd * wiggle
 
 
@@ -41,7 +41,7 @@ def test_welch_scan_matches_scipy_at_the_split():
     ref = stats.ttest_ind(x[:25], x[25:], equal_var=False)
     assert r["score"] == pytest.approx(abs(ref.statistic)) and r["p"] == pytest.approx(ref.pvalue)
     assert r["p"] < 1e-10
-    for c in range(5, 46):                       # it is the maximum over all admissible splits
+    for c in range(5, 46):  # it is the maximum over all admissible splits
         assert abs(stats.ttest_ind(x[:c], x[c:], equal_var=False).statistic) <= r["score"] + 1e-12
     with pytest.raises(AnalysisError, match="at least 10"):
         welch_scan(x[:9])
@@ -62,7 +62,7 @@ def test_detect_shift_on_dataset():
     out = detect_shift(d, true_step=6000, tolerance=200)
     assert out.step.dims == ("run", "window", "group", "detector")
     for r, i in at.items():
-        want = d.step.values[i]          # planted on the union grid (s3 lacks step 4000: NaN there)
+        want = d.step.values[i]  # planted on the union grid (s3 lacks step 4000: NaN there)
         got = out.step.sel(run=r)
         assert (np.abs(got.sel(detector=["ttest", "maxderiv"]) - want) <= 200).all(), (r, got.values)
         assert (np.abs(got.sel(detector="cusum") - want) <= 400).all(), (r, got.values)
@@ -71,7 +71,7 @@ def test_detect_shift_on_dataset():
     assert (out.p_value.sel(detector="ttest") < 1e-6).all()
     assert np.isnan(out.p_value.sel(detector="cusum")).all()
     np.testing.assert_array_equal(out.error, out.step - 6000)
-    assert bool(out.hit.sel(run="s2", window=5, group="all", detector="ttest"))      # 6200 vs 6000
+    assert bool(out.hit.sel(run="s2", window=5, group="all", detector="ttest"))  # 6200 vs 6000
     assert not bool(out.hit.sel(run="s3", window=5, group="all", detector="ttest"))
     only = detect_shift(d, methods="maxderiv", smooth=True, run="s2")
     assert only.sizes["detector"] == 1

@@ -1,17 +1,18 @@
 """Onset detection (rise / drop) and lead time to an event."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from synthetic import make_results, with_series
 
 from sed_dask.analysis import event_index, lead_time, onset, onset_index
 from sed_dask.errors import AnalysisError
-from synthetic import make_results, with_series
 
 
 def test_onset_rise_needs_ratio_and_floor():
     x = np.array([1.0, 1.0, 1.0, 2.0, 5.0, 15.0, 25.0, 30.0])
-    assert onset_index(x)[0] == 6                      # 15 > 10x baseline but below the floor 20
+    assert onset_index(x)[0] == 6  # 15 > 10x baseline but below the floor 20
     assert onset_index(x, floor=None)[0] == 5
     assert onset_index(x, k=3, floor=None)[0] == 4
     i, b, thr = onset_index(x, baseline=4, floor=None)
@@ -43,7 +44,7 @@ def test_lead_time_on_dataset_with_groups():
     on = {"s1": 12, "s2": 15, "s3": 18}
     ev = {"s1": 20, "s2": 26, "s3": 30}
 
-    def gap(key, steps):                   # gap compression: collapses 20x at on[run]
+    def gap(key, steps):  # gap compression: collapses 20x at on[run]
         i = np.arange(steps.size)
         return np.where(i < on[key["run"]], 40.0, 2.0) + 0.1 * np.sin(i)
 

@@ -3,6 +3,7 @@
 Bit-identity is asserted where the kernel promises it: across schedulers, and across every tiling
 that keeps the same column segments (row buffers, step blocks, which rows share a call).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,14 @@ from sed_dask.store.trajectory import ParamIndex, write_trajectory
 
 pytestmark = pytest.mark.skipif(not band_kernel.available(), reason="numba is not installed")
 
-TENSORS = [("tok_emb.weight", (40, 30)), ("blocks.0.attn.c_attn.weight", (30, 90)),
-           ("blocks.0.mlp.c_fc.weight", (30, 61)), ("blocks.1.attn.c_attn.weight", (30, 90)),
-           ("blocks.1.mlp.c_fc.weight", (30, 61)), ("ln_f.weight", (30,))]
+TENSORS = [
+    ("tok_emb.weight", (40, 30)),
+    ("blocks.0.attn.c_attn.weight", (30, 90)),
+    ("blocks.0.mlp.c_fc.weight", (30, 61)),
+    ("blocks.1.attn.c_attn.weight", (30, 90)),
+    ("blocks.1.mlp.c_fc.weight", (30, 61)),
+    ("ln_f.weight", (30,)),
+]
 
 
 def _index():
@@ -36,8 +42,13 @@ def test_segment_against_numpy_and_row_grouping():
     rng = np.random.default_rng(0)
     S = rng.standard_normal((45, 2 * band_kernel.SUB_COLS + 77)).astype(np.float32)
     work = np.empty((45, band_kernel.SUB_COLS))
-    for width, p0, t_lo, a, b in ((11, 0, 10, 0, S.shape[1]), (11, 4, 9, 13, 1100), (64, 0, 0, 5, 600),
-                                  (3, 0, 44, 0, 1), (1, 2, 2, 0, S.shape[1])):
+    for width, p0, t_lo, a, b in (
+        (11, 0, 10, 0, S.shape[1]),
+        (11, 4, 9, 13, 1100),
+        (64, 0, 0, 5, 600),
+        (3, 0, 44, 0, 1),
+        (1, 2, 2, 0, S.shape[1]),
+    ):
         out = np.zeros((45 - t_lo, width))
         band_kernel.band_segment(S, p0, t_lo, a, b, width, work, out)
         ref = band_kernel.band_reference(S, p0, t_lo, a, b, width)
@@ -96,9 +107,15 @@ def test_bit_identical_across_schedulers_and_row_groupings(tmp_path, client):
         tb = 2 * 4 * (-(-P // 700) * 700) * rows  # P rounded up to whole read chunks
         tiling = gram_graph(rs, width=W, tile_bytes=tb, block_steps=bs, kernel="fused").tiling
         assert len(tiling.cols) == 1, tiling
-        results.append((tiling.buf_rows, len(tiling.blocks),
-                        banded_gram(rs, w_max=W, groups="default", scheduler="sync", tile_bytes=tb, block_steps=bs,
-                                    kernel="fused")))
+        results.append(
+            (
+                tiling.buf_rows,
+                len(tiling.blocks),
+                banded_gram(
+                    rs, w_max=W, groups="default", scheduler="sync", tile_bytes=tb, block_steps=bs, kernel="fused"
+                ),
+            )
+        )
     assert len({(r, b) for r, b, _ in results}) == len(results)
     assert results[0][0] < n - 1  # several batches per task, W-1 rows carried between them
     for _, _, g in results[1:]:
@@ -117,8 +134,8 @@ def test_bit_identical_across_schedulers_and_row_groupings(tmp_path, client):
 def test_automatic_choice_and_overrides(tmp_path):
     assert band_kernel.choose(11, "float64") == "fused"
     assert band_kernel.choose(32, "float64") == "fused"
-    assert band_kernel.choose(64, "float64") == "blas"          # wide bands: BLAS syrk is cheaper
-    assert band_kernel.choose(11, "float32") == "blas"          # float32 products are BLAS's
+    assert band_kernel.choose(64, "float64") == "blas"  # wide bands: BLAS syrk is cheaper
+    assert band_kernel.choose(11, "float32") == "blas"  # float32 products are BLAS's
     assert band_kernel.choose(64, "float64", "fused") == "fused"
     assert band_kernel.choose(11, "float64", "blas") == "blas"
     with dask.config.set({"sed_dask.spectrum.gram-kernel": "blas"}):
@@ -161,8 +178,13 @@ def test_fallback_without_numba(tmp_path):
     rs = write_trajectory(tmp_path / "s.zarr", "r", np.arange(25), X, chunk_bytes=4 * 300)
     script = tmp_path / "fallback.py"
     script.write_text(FALLBACK)
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "s.zarr"), str(tmp_path / "band.npy")],
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "s.zarr"), str(tmp_path / "band.npy")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["available"] is False and got["kernels"] == ["blas", "blas"] and got["worker"] == "blas"
@@ -170,5 +192,5 @@ def test_fallback_without_numba(tmp_path):
     assert len(got["warnings"]) == 1 and "needs numba" in got["warnings"][0] and "BLAS" in got["warnings"][0]
     band = np.load(tmp_path / "band.npy")
     blas_here = banded_gram(rs, w_max=11, scheduler="sync", tile_bytes=4 * 64 * 300, kernel="blas")
-    assert np.array_equal(band, blas_here.band, equal_nan=True)   # the fallback is the BLAS path, bit for bit
+    assert np.array_equal(band, blas_here.band, equal_nan=True)  # the fallback is the BLAS path, bit for bit
     np.testing.assert_allclose(band[0], band_of(deltas(X), 11), rtol=0, atol=1e-13 * np.nanmax(band))

@@ -1,5 +1,6 @@
 """Spectra straight from checkpoint files (``open_checkpoints``): same validation as ingestion, and
 results bit-identical to ``spectrum`` of the ingested store of the same files."""
+
 from __future__ import annotations
 
 import json
@@ -16,10 +17,10 @@ from safetensors.torch import save_file
 from sed_oracle import deltas, window_svds
 
 import sed_dask
-from sed_dask.sources.checkpoint_run import CheckpointRun, open_checkpoints
-from sed_dask.errors import CheckpointError, MetricsError, NonFiniteError, StoreError
-from sed_dask.store.ingest import ingest
 from sed_dask.engine.rawread import RawChunkReader
+from sed_dask.errors import CheckpointError, MetricsError, NonFiniteError, StoreError
+from sed_dask.sources.checkpoint_run import CheckpointRun, open_checkpoints
+from sed_dask.store.ingest import ingest
 from sed_dask.store.trajectory import open_store
 
 CHUNK = 4096  # bytes: 1,024-element column unit, so 28,032 params make many P-ranges
@@ -36,8 +37,13 @@ def traj():
 @pytest.fixture(scope="module")
 def src(traj, tmp_path_factory):
     d = tmp_path_factory.mktemp("ck")
-    return {"pt": write_pt(traj, d / "pt"), "st": write_safetensors(traj, d / "st"), "root": d,
-            "metrics": write_metrics_json(traj, d / "metrics.json"), "metrics_file": d / "metrics.json"}
+    return {
+        "pt": write_pt(traj, d / "pt"),
+        "st": write_safetensors(traj, d / "st"),
+        "root": d,
+        "metrics": write_metrics_json(traj, d / "metrics.json"),
+        "metrics_file": d / "metrics.json",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +51,16 @@ def stores(src, tmp_path_factory):
     """The same files ingested (store read chunk = CHUNK)."""
     d = tmp_path_factory.mktemp("stores")
     for kind in ("pt", "st"):
-        ingest(src["root"] / kind, d / f"{kind}.zarr", "r", scheduler="threads", progress=False,
-               metrics=src["metrics_file"], chunk_bytes=CHUNK, shard_bytes=4 * CHUNK)
+        ingest(
+            src["root"] / kind,
+            d / f"{kind}.zarr",
+            "r",
+            scheduler="threads",
+            progress=False,
+            metrics=src["metrics_file"],
+            chunk_bytes=CHUNK,
+            shard_bytes=4 * CHUNK,
+        )
     return d
 
 
@@ -92,8 +106,10 @@ def test_bit_identical_to_the_ingested_store_and_to_svd(traj, src, stores, kind)
 
 def test_on_a_cluster_several_runs_and_sketch(client, traj, src, stores):
     """Two runs (pt + safetensors) on a LocalCluster, with the JL sketch from the same read."""
-    runs = [open_checkpoints(src["root"] / "pt", run="a", chunk_bytes=CHUNK),
-            open_checkpoints(src["root"] / "st", run="b", chunk_bytes=CHUNK)]
+    runs = [
+        open_checkpoints(src["root"] / "pt", run="a", chunk_bytes=CHUNK),
+        open_checkpoints(src["root"] / "st", run="b", chunk_bytes=CHUNK),
+    ]
     sk = {"d": 6, "seed": 3, "tile_elems": 4096}
     got = _spec(runs, client=client, sketch=sk)
     assert list(got.run.values) == ["a", "b"] and "sketch" in got
@@ -121,19 +137,25 @@ def test_bad_checkpoint_is_named_when_opened(traj, src, tmp_path, damage):
     files = _copy(src[kind], tmp_path / "ck")
     victim = files[traj.steps[3]]
     if damage == "extra_key":
-        torch.save({"step": traj.steps[3], "model_state_dict": dict(traj.state_dicts[3], **{"x.weight": torch.ones(2)})},
-                   victim)
+        torch.save(
+            {"step": traj.steps[3], "model_state_dict": dict(traj.state_dicts[3], **{"x.weight": torch.ones(2)})},
+            victim,
+        )
     elif damage == "shape":
         sd = {k: v.contiguous() for k, v in traj.state_dicts[3].items() if k != "lm_head.weight"}
         sd["ln_f.weight"] = torch.ones(5)
         save_file(sd, victim)
     elif damage == "truncate":
         data = open(victim, "rb").read()
-        open(victim, "wb").write(data[:len(data) - 400])
+        open(victim, "wb").write(data[: len(data) - 400])
     else:
         open(victim, "wb").write(os.urandom(800))
-    msg = {"extra_key": r"unexpected \['x.weight'\]", "shape": r"'ln_f.weight' has shape \[5\], expected \[32\]",
-           "truncate": "truncated", "garbage": "unreadable"}[damage]
+    msg = {
+        "extra_key": r"unexpected \['x.weight'\]",
+        "shape": r"'ln_f.weight' has shape \[5\], expected \[32\]",
+        "truncate": "truncated",
+        "garbage": "unreadable",
+    }[damage]
     with pytest.raises(CheckpointError, match=msg) as ei:
         open_checkpoints(tmp_path / "ck", run="r")
     assert victim in str(ei.value)
@@ -164,8 +186,11 @@ def test_nan_in_one_checkpoint_names_step_and_file(traj, src, tmp_path):
     sd["blocks.1.mlp.c_fc.weight"][2, 3] = float("nan")
     torch.save({"step": bad, "model_state_dict": sd}, files[bad])
     run = open_checkpoints(tmp_path / "ck", run="r", chunk_bytes=CHUNK)  # headers are fine
-    with pytest.raises(NonFiniteError, match=rf"{files[bad]} \(step {bad}\): tensor 'blocks.1.mlp.c_fc.weight' "
-                                             r"holds 1 NaN and 0 Inf"):
+    with pytest.raises(
+        NonFiniteError,
+        match=rf"{files[bad]} \(step {bad}\): tensor 'blocks.1.mlp.c_fc.weight' "
+        r"holds 1 NaN and 0 Inf",
+    ):
         _spec(run, scheduler="threads")
 
 
@@ -174,26 +199,76 @@ def test_cli_spectrum_from_checkpoints(traj, src, stores, tmp_path, capsys):
     from sed_dask.cli import main
 
     out = tmp_path / "res.zarr"
-    rc = main(["spectrum", "--checkpoints", str(src["root"] / "pt"), "--checkpoints", str(src["root"] / "st"),
-               "--runs", "a,b", "--metrics", str(src["metrics_file"]), "--metrics", str(src["metrics_file"]),
-               "--windows", "2,3", "--groups", "default", "--chunk-bytes", str(CHUNK), "--tile-bytes", "60000",
-               "-o", str(out), "--threads", "--no-progress"])
+    rc = main(
+        [
+            "spectrum",
+            "--checkpoints",
+            str(src["root"] / "pt"),
+            "--checkpoints",
+            str(src["root"] / "st"),
+            "--runs",
+            "a,b",
+            "--metrics",
+            str(src["metrics_file"]),
+            "--metrics",
+            str(src["metrics_file"]),
+            "--windows",
+            "2,3",
+            "--groups",
+            "default",
+            "--chunk-bytes",
+            str(CHUNK),
+            "--tile-bytes",
+            "60000",
+            "-o",
+            str(out),
+            "--threads",
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert "wrote" in capsys.readouterr().out
     got = xr.open_zarr(out).load()
-    want = sed_dask.spectrum(stores / "st.zarr", windows=WINDOWS, groups="default", scheduler="threads",
-                             progress=False, tile_bytes=60_000)
+    want = sed_dask.spectrum(
+        stores / "st.zarr", windows=WINDOWS, groups="default", scheduler="threads", progress=False, tile_bytes=60_000
+    )
     assert list(got.run.values) == ["a", "b"]
     assert np.array_equal(got.sigma.sel(run="b").values, want.sigma.sel(run="r").values, equal_nan=True)
     assert np.array_equal(got.val_loss.sel(run="a").values, want.val_loss.sel(run="r").values, equal_nan=True)
     # the directory name is the default run name; selection flags as for ingest
-    rc = main(["spectrum", "--checkpoints", str(src["root"] / "pt"), "--exclude", r"^pos_emb\.", "--windows", "2",
-               "-o", str(out), "--overwrite", "--threads", "--no-progress"])
+    rc = main(
+        [
+            "spectrum",
+            "--checkpoints",
+            str(src["root"] / "pt"),
+            "--exclude",
+            r"^pos_emb\.",
+            "--windows",
+            "2",
+            "-o",
+            str(out),
+            "--overwrite",
+            "--threads",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     ds = xr.open_zarr(out)
     pos = traj.model.pos_emb.weight.numel()
     assert list(ds.run.values) == ["pt"]
     assert json.loads(ds.attrs["n_params"]) == {"pt": traj.n_trainable() - pos}
     assert json.loads(ds.attrs["selection_policy"])["pt"]["options"]["exclude"] == [r"^pos_emb\."]
-    rc = main(["spectrum", "--checkpoints", str(src["root"] / "pt"), "--windows", "7", "-o", str(out), "--overwrite", "--threads"])
+    rc = main(
+        [
+            "spectrum",
+            "--checkpoints",
+            str(src["root"] / "pt"),
+            "--windows",
+            "7",
+            "-o",
+            str(out),
+            "--overwrite",
+            "--threads",
+        ]
+    )
     assert rc == 2 and "has only 6 deltas" in capsys.readouterr().err

@@ -1,10 +1,9 @@
 """The CLI explains itself: every option has help, help has no Sphinx markup, examples parse as written."""
+
 from __future__ import annotations
 
 import argparse
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -26,10 +25,12 @@ PARSERS = list(_parsers(build_parser()))
 
 
 def test_every_option_of_every_command_has_help():
-    missing = [f"{' '.join(path)} {'/'.join(a.option_strings) or a.dest}"
-               for path, p in PARSERS for a in p._actions
-               if a.help != argparse.SUPPRESS and not (a.help or "").strip()
-               and not isinstance(a, argparse._SubParsersAction)]
+    missing = [
+        f"{' '.join(path)} {'/'.join(a.option_strings) or a.dest}"
+        for path, p in PARSERS
+        for a in p._actions
+        if a.help != argparse.SUPPRESS and not (a.help or "").strip() and not isinstance(a, argparse._SubParsersAction)
+    ]
     assert not missing, "options without help:\n" + "\n".join(missing)
 
 
@@ -48,13 +49,16 @@ def test_query_help_lists_each_query_with_one_line():
         assert re.search(rf"^\s+{q}\s+\S", text, re.M), f"query {q} has no one-line description:\n{text}"
 
 
-@pytest.mark.parametrize("argv,lags", [
-    (["--lags", "-3:5"], list(range(-3, 5))),
-    (["--lags=-3:5"], list(range(-3, 5))),
-    (["--lags", "-1,0,2"], [-1, 0, 2]),
-    (["--lags", "-2"], [-2]),
-    (["--lags", "0:3", "--json"], [0, 1, 2]),
-])
+@pytest.mark.parametrize(
+    "argv,lags",
+    [
+        (["--lags", "-3:5"], list(range(-3, 5))),
+        (["--lags=-3:5"], list(range(-3, 5))),
+        (["--lags", "-1,0,2"], [-1, 0, 2]),
+        (["--lags", "-2"], [-2]),
+        (["--lags", "0:3", "--json"], [0, 1, 2]),
+    ],
+)
 def test_negative_lag_ranges_parse_as_written(argv, lags):
     from sed_dask.cli import attach_negative_values
 

@@ -1,4 +1,5 @@
 """sed_dask.cluster.connect against real scheduler/worker processes, config precedence, SLURMRunner."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,8 @@ import yaml
 import zarr
 from distributed import Client, LocalCluster
 from distributed.client import _get_global_client
-
 from procs import dask_procs  # noqa: F401  (fixture)
+
 from sed_dask.cluster.client import PLUGIN_NAME, connect, probe_scheduler
 from sed_dask.config import ConfigError, configure_zarr, load_config_file, use_config
 
@@ -45,8 +46,9 @@ def test_real_processes_by_address_and_scheduler_file_then_sigkill(dask_procs, t
     addr = dask_procs.address
     procs_pids = {n: p.pid for n, p in dask_procs.workers.items()}
     # address beats a (missing) scheduler file and a cluster section that cannot even be imported
-    with dask.config.set({"sed_dask.store.zarr-async-concurrency": 3,
-                          "sed_dask.cluster": {"class": "no_such_module.Cluster"}}):
+    with dask.config.set(
+        {"sed_dask.store.zarr-async-concurrency": 3, "sed_dask.cluster": {"class": "no_such_module.Cluster"}}
+    ):
         with connect(address=addr, scheduler_file=str(tmp_path / "missing.json"), timeout=10) as c:
             assert c.scheduler.address == addr
             x = da.arange(100_000, chunks=10_000, dtype="int64")
@@ -125,8 +127,12 @@ def test_scheduler_file_missing_or_stale(tmp_path):
 
 # ----------------------------------------------------------------------------- cluster section
 def test_cluster_section_instantiates_class_by_import_string_and_scales():
-    section = {"class": "distributed.LocalCluster", "kwargs": _local(**{"n-workers": 0}),
-               "scale": 2, "wait-for-workers": 2}
+    section = {
+        "class": "distributed.LocalCluster",
+        "kwargs": _local(**{"n-workers": 0}),
+        "scale": 2,
+        "wait-for-workers": 2,
+    }
     with dask.config.set({"sed_dask.cluster": section}):
         with connect() as c:
             cluster = c.cluster
@@ -135,8 +141,12 @@ def test_cluster_section_instantiates_class_by_import_string_and_scales():
             assert c.submit(lambda: 5, pure=False).result() == 5
     assert cluster.status.name == "closed"
     # adapt instead of scale, given as an argument (beats the config section)
-    section = {"class": "distributed.LocalCluster", "kwargs": _local(n_workers=0),
-               "adapt": {"minimum": 1, "maximum": 2}, "wait_for_workers": 1}
+    section = {
+        "class": "distributed.LocalCluster",
+        "kwargs": _local(n_workers=0),
+        "adapt": {"minimum": 1, "maximum": 2},
+        "wait_for_workers": 1,
+    }
     with dask.config.set({"sed_dask.cluster": {"class": "no_such_module.Cluster"}}):
         with connect(cluster_config=section) as c:
             assert c.cluster._adaptive is not None
@@ -144,14 +154,17 @@ def test_cluster_section_instantiates_class_by_import_string_and_scales():
         assert c.cluster.status.name == "closed"
 
 
-@pytest.mark.parametrize("section, match", [
-    ({"kwargs": {}}, "needs 'class'"),
-    ({"class": "distributed.LocalCluster", "scal": 2}, "unknown keys.*scal"),
-    ({"class": "distributed.LocalCluster", "scale": 1, "adapt": {"maximum": 2}}, "either 'scale' or 'adapt'"),
-    ({"class": "no_such_pkg.Cluster"}, "cannot be imported"),
-    ({"class": "distributed.NoSuchCluster"}, "has no attribute 'NoSuchCluster'"),
-    ({"class": "LocalCluster"}, "import string"),
-])
+@pytest.mark.parametrize(
+    "section, match",
+    [
+        ({"kwargs": {}}, "needs 'class'"),
+        ({"class": "distributed.LocalCluster", "scal": 2}, "unknown keys.*scal"),
+        ({"class": "distributed.LocalCluster", "scale": 1, "adapt": {"maximum": 2}}, "either 'scale' or 'adapt'"),
+        ({"class": "no_such_pkg.Cluster"}, "cannot be imported"),
+        ({"class": "distributed.NoSuchCluster"}, "has no attribute 'NoSuchCluster'"),
+        ({"class": "LocalCluster"}, "import string"),
+    ],
+)
 def test_cluster_section_errors_are_clear(section, match):
     with pytest.raises(ConfigError, match=match):
         with connect(cluster_config=section):
@@ -215,9 +228,12 @@ def test_config_file_loading_and_whole_cluster_replacement(tmp_path):
             assert dask.config.get("sed_dask.store.chunk-bytes") == "1MiB"
             assert dask.config.get("sed_dask.store.shard-bytes") == "64MiB"  # other keys kept
         assert dask.config.get("sed_dask.cluster.kwargs.cores") == 8
-    for text, match in [("sed_dask: {bogus: 1}\n", "unknown sed_dask sections"),
-                        ("sed_dask: {}\ndistributed: {}\n", "unexpected top-level"),
-                        ("- a\n", "must hold a mapping"), ("a: [\n", "not valid YAML")]:
+    for text, match in [
+        ("sed_dask: {bogus: 1}\n", "unknown sed_dask sections"),
+        ("sed_dask: {}\ndistributed: {}\n", "unexpected top-level"),
+        ("- a\n", "must hold a mapping"),
+        ("a: [\n", "not valid YAML"),
+    ]:
         g.write_text(text)
         with pytest.raises(ConfigError, match=match):
             load_config_file(g)
@@ -265,35 +281,54 @@ def test_config_precedence_yaml_env_file_keyword_in_a_subprocess(tmp_path):
     """package yaml < DASK_CONFIG yaml < DASK_SED_DASK__ env < --config file < flags/keywords."""
     confdir = tmp_path / "dask-config"
     confdir.mkdir()
-    (confdir / "site.yaml").write_text(yaml.safe_dump({"sed_dask": {
-        "store": {"chunk-bytes": "8MiB", "shard-bytes": "128MiB"},
-        "connect": {"timeout": "7s"},
-        "cluster": {"class": "distributed.LocalCluster", "kwargs": _local(n_workers=1)}}}))
+    (confdir / "site.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "sed_dask": {
+                    "store": {"chunk-bytes": "8MiB", "shard-bytes": "128MiB"},
+                    "connect": {"timeout": "7s"},
+                    "cluster": {"class": "distributed.LocalCluster", "kwargs": _local(n_workers=1)},
+                }
+            }
+        )
+    )
     cfgfile = tmp_path / "run.yaml"
-    cfgfile.write_text(yaml.safe_dump({"connect": {"timeout": "11s"},
-                                       "cluster": {"class": "distributed.LocalCluster",
-                                                   "kwargs": _local(n_workers=2)}}))
+    cfgfile.write_text(
+        yaml.safe_dump(
+            {
+                "connect": {"timeout": "11s"},
+                "cluster": {"class": "distributed.LocalCluster", "kwargs": _local(n_workers=2)},
+            }
+        )
+    )
     script = tmp_path / "precedence.py"
     script.write_text(textwrap.dedent(PRECEDENCE_SCRIPT))
     env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
-    env.update({"HOME": str(tmp_path), "DASK_CONFIG": str(confdir),
-                "DASK_SED_DASK__STORE__SHARD_BYTES": "256MiB", "DASK_SED_DASK__CONNECT__TIMEOUT": "9s",
-                "DASK_SED_DASK__CLUSTER__KWARGS__N_WORKERS": "3"})
-    r = subprocess.run([sys.executable, str(script), str(cfgfile)], env=env, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
+    env.update(
+        {
+            "HOME": str(tmp_path),
+            "DASK_CONFIG": str(confdir),
+            "DASK_SED_DASK__STORE__SHARD_BYTES": "256MiB",
+            "DASK_SED_DASK__CONNECT__TIMEOUT": "9s",
+            "DASK_SED_DASK__CLUSTER__KWARGS__N_WORKERS": "3",
+        }
+    )
+    r = subprocess.run(
+        [sys.executable, str(script), str(cfgfile)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.split("RESULT ", 1)[1])
-    assert out["light"] == []                 # cluster/deploy/cli import no torch, no spectral code
-    assert out["chunk"] == 8 * 2**20          # yaml beats the package default (4MiB)
-    assert out["shard"] == 256 * 2**20        # env beats yaml (128MiB)
-    assert out["conc"] == 4                   # untouched package default
-    assert out["kw"] == 1024                  # keyword beats everything
-    assert out["set"] == 2 * 2**20            # dask.config.set beats yaml
-    assert out["timeout"] == 9                # env beats yaml (7s)
-    assert out["cluster"] == ["LocalCluster", 3]       # yaml cluster section, env merged into it
-    assert out["file_timeout"] == 11          # --config beats env
+    assert out["light"] == []  # cluster/deploy/cli import no torch, no spectral code
+    assert out["chunk"] == 8 * 2**20  # yaml beats the package default (4MiB)
+    assert out["shard"] == 256 * 2**20  # env beats yaml (128MiB)
+    assert out["conc"] == 4  # untouched package default
+    assert out["kw"] == 1024  # keyword beats everything
+    assert out["set"] == 2 * 2**20  # dask.config.set beats yaml
+    assert out["timeout"] == 9  # env beats yaml (7s)
+    assert out["cluster"] == ["LocalCluster", 3]  # yaml cluster section, env merged into it
+    assert out["file_timeout"] == 11  # --config beats env
     assert out["file_cluster"] == ["LocalCluster", 2]  # replaced whole: env's n_workers=3 does not leak
-    assert out["after_file_timeout"] == 9     # undone when the context exits
+    assert out["after_file_timeout"] == 9  # undone when the context exits
     assert out["flag_error"][0] and out["flag_error"][1] < 1 + MARGIN  # --connect-timeout beats the file
 
 
@@ -314,18 +349,32 @@ def test_slurm_runner_from_the_cluster_section_under_emulated_srun(tmp_path):
     pytest.importorskip("dask_jobqueue")
     script = tmp_path / "job.py"
     script.write_text(textwrap.dedent(RUNNER_SCRIPT))
-    section = {"class": "dask_jobqueue.slurm.SLURMRunner",
-               "kwargs": {"scheduler_file": str(tmp_path / "scheduler-{job_id}.json"),
-                          "worker_options": {"nthreads": 1, "memory_limit": "1GiB"}},
-               "wait-for-workers": 1}
+    section = {
+        "class": "dask_jobqueue.slurm.SLURMRunner",
+        "kwargs": {
+            "scheduler_file": str(tmp_path / "scheduler-{job_id}.json"),
+            "worker_options": {"nthreads": 1, "memory_limit": "1GiB"},
+        },
+        "wait-for-workers": 1,
+    }
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DASK_", "SLURM_"))}
     env.update({"SLURM_NTASKS": "3", "SLURM_JOB_ID": "4242", "DASK_SED_DASK__CLUSTER": repr(section)})
     ranks = []
     for rank in range(3):
         log = open(tmp_path / f"rank{rank}.log", "w")
-        ranks.append((subprocess.Popen([sys.executable, str(script), str(tmp_path / "out.json")],
-                                       env={**env, "SLURM_PROCID": str(rank)}, cwd=tmp_path,
-                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log))
+        ranks.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, str(script), str(tmp_path / "out.json")],
+                    env={**env, "SLURM_PROCID": str(rank)},
+                    cwd=tmp_path,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                ),
+                log,
+            )
+        )
     try:
         codes = [p.wait(timeout=90) for p, _ in ranks]
     finally:

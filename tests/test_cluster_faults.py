@@ -4,6 +4,7 @@ to the threaded scheduler, a worker SIGKILLed mid-spectrum and mid-ingest, an un
 Every store lives on disk in ``tmp_path`` (worker processes cannot see an in-memory store). Workers
 run without a nanny, so a SIGKILL is a lost node: nothing restarts it.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,11 +17,11 @@ import numpy as np
 import pytest
 import xarray as xr
 from distributed import KilledWorker
+from procs import DaskProcs, dask_procs  # noqa: F401  (fixture)
 from safetensors.numpy import save_file
 
 import sed_dask
 from sed_dask.store.ingest import ingest
-from procs import DaskProcs, dask_procs  # noqa: F401  (fixture)
 from sed_dask.store.trajectory import open_store, write_trajectory
 
 MARGIN = 3.0  # seconds on top of a timeout: thread start-up and a loaded 2-core machine
@@ -38,8 +39,7 @@ def _checkpoints(directory, n: int, seed: int = 0) -> dict[int, str]:
     """``n`` safetensors checkpoints of a random walk over GPT-named tensors (no torch needed)."""
     rng = np.random.default_rng(seed)
     os.makedirs(directory, exist_ok=True)
-    state = {f"transformer.h.{i}.mlp.c_fc.weight": rng.standard_normal(SHAPE, dtype=np.float32)
-             for i in range(LAYERS)}
+    state = {f"transformer.h.{i}.mlp.c_fc.weight": rng.standard_normal(SHAPE, dtype=np.float32) for i in range(LAYERS)}
     out = {}
     for k in range(n):
         if k:
@@ -55,8 +55,11 @@ def _row_files(store, run, rows) -> dict:
     out = {}
     for r in rows:
         d = os.path.join(store, run, "params", "c", str(int(r)))
-        out[int(r)] = sorted((os.path.join(dp, f), os.stat(os.path.join(dp, f)).st_mtime_ns,
-                              os.path.getsize(os.path.join(dp, f))) for dp, _, fs in os.walk(d) for f in fs)
+        out[int(r)] = sorted(
+            (os.path.join(dp, f), os.stat(os.path.join(dp, f)).st_mtime_ns, os.path.getsize(os.path.join(dp, f)))
+            for dp, _, fs in os.walk(d)
+            for f in fs
+        )
     return out
 
 
@@ -127,9 +130,14 @@ def _spectrum_kill(dask_procs, store, baseline):
 
     # first an undisturbed pass by address: identical to the threaded scheduler
     _same_values(sed_dask.spectrum(store, address=addr, **SPEC_KW), baseline)
-    n_tasks = len(sed_dask.engine.gram.gram_graph(open_store(store, mode="r").run("r"), width=11,
-                                           tile_bytes=SPEC_KW["tile_bytes"],
-                                           block_steps=SPEC_KW["block_steps"]).dsk)
+    n_tasks = len(
+        sed_dask.engine.gram.gram_graph(
+            open_store(store, mode="r").run("r"),
+            width=11,
+            tile_bytes=SPEC_KW["tile_bytes"],
+            block_steps=SPEC_KW["block_steps"],
+        ).dsk
+    )
     assert n_tasks > 250  # many small tasks, so the kill lands in the middle of the pass
 
     with dask_procs.client() as mon:
@@ -180,16 +188,17 @@ def test_ingest_by_address_equals_threads(dask_procs, ckpts, tmp_path):
     files, want = ckpts
     dask_procs.start_scheduler(wait=False)
     dask_procs.start_workers(2, nthreads=1, memory_limit="1GiB")
-    s = ingest(files, tmp_path / "a.zarr", "r", address=dask_procs.address, progress=False,
-                        **INGEST_SMALL)
+    s = ingest(files, tmp_path / "a.zarr", "r", address=dask_procs.address, progress=False, **INGEST_SMALL)
     assert (s.n_new, s.n_skipped) == (N_CKPTS, 0)
     _assert_store_equals(tmp_path / "a.zarr", want)
     rs = open_store(tmp_path / "a.zarr", mode="r").run("r")
     assert rs.attrs["ingest_log"][-1]["executor"] == "distributed"
     # and the spectrum of that store by address equals the threaded one, bit for bit
     kw = {"windows": (4,), "tile_bytes": 512 * 1024, "progress": False}
-    _same_values(sed_dask.spectrum(tmp_path / "a.zarr", address=dask_procs.address, **kw),
-                 sed_dask.spectrum(tmp_path / "a.zarr", scheduler="threads", **kw))
+    _same_values(
+        sed_dask.spectrum(tmp_path / "a.zarr", address=dask_procs.address, **kw),
+        sed_dask.spectrum(tmp_path / "a.zarr", scheduler="threads", **kw),
+    )
 
 
 @pytest.mark.parametrize("allowed_failures", [None, 0], ids=["retried", "killedworker"])
@@ -208,8 +217,9 @@ def test_ingest_resumes_after_a_worker_sigkilled_mid_run(ckpts, tmp_path, allowe
         procs.start_workers(3, nthreads=1, memory_limit="1GiB")
         addr = procs.address
         with procs.client() as mon:
-            box = _in_thread(ingest, files, store, "r", address=addr, progress=False, tasks_in_flight=12,
-                             **INGEST_SMALL)
+            box = _in_thread(
+                ingest, files, store, "r", address=addr, progress=False, tasks_in_flight=12, **INGEST_SMALL
+            )
             deadline = time.monotonic() + 60
             while True:
                 assert box["thread"].is_alive(), f"ingest ended before the kill: {box}"

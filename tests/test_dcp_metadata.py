@@ -1,6 +1,7 @@
 """The fast DCP metadata path (sed_dask.readers.dcp_metadata) against torch's own parse, on real
 ``torch.distributed.checkpoint.save`` output: 2-rank DTensor saves (gloo, several chunks per tensor,
 one file per rank) and single-process runs of consecutive checkpoints."""
+
 from __future__ import annotations
 
 import os
@@ -36,23 +37,47 @@ def as_record(md) -> dict:
     """torch's ``Metadata`` in the record's plain terms (``load_id`` left out: torch's reader sets its own)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    tensors = {fqn: (str(m.properties.dtype).removeprefix("torch."), tuple(m.size),
-                     [tuple(c.offsets) for c in m.chunks], [tuple(c.sizes) for c in m.chunks])
-               for fqn, m in md.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+    tensors = {
+        fqn: (
+            str(m.properties.dtype).removeprefix("torch."),
+            tuple(m.size),
+            [tuple(c.offsets) for c in m.chunks],
+            [tuple(c.sizes) for c in m.chunks],
+        )
+        for fqn, m in md.state_dict_metadata.items()
+        if isinstance(m, TensorStorageMetadata)
+    }
     others = tuple(f for f, m in md.state_dict_metadata.items() if not isinstance(m, TensorStorageMetadata))
-    storage = {(k.fqn, None if k.offset is None else tuple(k.offset)):
-               (v.relative_path, v.offset, v.length, tuple(v.transform_descriptors or ()))
-               for k, v in md.storage_data.items()}
+    storage = {
+        (k.fqn, None if k.offset is None else tuple(k.offset)): (
+            v.relative_path,
+            v.offset,
+            v.length,
+            tuple(v.transform_descriptors or ()),
+        )
+        for k, v in md.storage_data.items()
+    }
     sm = md.storage_meta
-    return {"tensors": tensors, "others": others, "storage": storage,
-            "planner": {k: tuple(v) for k, v in md.planner_data.items()},
-            "meta": (str(sm.checkpoint_id), sm.save_id, tuple(sm.modules)), "version": md.version}
+    return {
+        "tensors": tensors,
+        "others": others,
+        "storage": storage,
+        "planner": {k: tuple(v) for k, v in md.planner_data.items()},
+        "meta": (str(sm.checkpoint_id), sm.save_id, tuple(sm.modules)),
+        "version": md.version,
+    }
 
 
 def rec_dict(rec) -> dict:
     m = rec.storage_meta
-    return {"tensors": rec.tensors, "others": rec.others, "storage": rec.storage, "planner": rec.planner_data,
-            "meta": (str(m["checkpoint_id"]), m["save_id"], m["modules"]), "version": rec.version}
+    return {
+        "tensors": rec.tensors,
+        "others": rec.others,
+        "storage": rec.storage,
+        "planner": rec.planner_data,
+        "meta": (str(m["checkpoint_id"]), m["save_id"], m["modules"]),
+        "version": rec.version,
+    }
 
 
 def read_bytes(path) -> bytes:
@@ -80,8 +105,10 @@ def ranks2(tmp_path_factory):
     d = tmp_path_factory.mktemp("dcp2")
     ts, place = extra_tensors()
     sd = make_trajectory(2).state_dicts[1]
-    jobs = [{"out": str(d / "extra"), "tensors": ts, "place": place, "step": 0},
-            {"out": str(d / "last"), "tensors": dict(sd), "place": {n: t.dim() - 1 for n, t in sd.items()}, "step": 7}]
+    jobs = [
+        {"out": str(d / "extra"), "tensors": ts, "place": place, "step": 0},
+        {"out": str(d / "last"), "tensors": dict(sd), "place": {n: t.dim() - 1 for n, t in sd.items()}, "step": 7},
+    ]
     run_two_ranks(jobs, str(d))
     return {"extra": str(d / "extra"), "last": str(d / "last")}
 
@@ -108,8 +135,10 @@ def test_consecutive_saves_match_the_first_byte_for_byte(tmp_path):
     """Later checkpoints of a run differ only in storage_meta strings: matched, not re-parsed, and
     equal to torch's parse of each; any other difference of the same length is parsed in full."""
     traj = make_trajectory(4)
-    paths = [save_dcp({"model": dict(sd), "step": s}, tmp_path / f"step_{s:04d}")
-             for s, sd in zip(traj.steps, traj.state_dicts)]
+    paths = [
+        save_dcp({"model": dict(sd), "step": s}, tmp_path / f"step_{s:04d}")
+        for s, sd in zip(traj.steps, traj.state_dicts)
+    ]
     raws = [read_bytes(p) for p in paths]
     assert len({len(r) for r in raws}) == 1 and len(set(raws)) == len(raws)
     store = TemplateStore()
@@ -185,15 +214,20 @@ def test_malicious_pickles_are_refused_naming_the_file(ranks2, tmp_path):
     md.planner_data["model.a"] = _Evil(marker)
     with open(meta, "wb") as f:
         pickle.dump(md, f)
-    with pytest.raises(CheckpointError, match=r"ck/\.metadata: refused or unreadable DCP metadata: global "
-                                              r"(posix|os)\.system is not allowed.*refused for safety"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"ck/\.metadata: refused or unreadable DCP metadata: global "
+        r"(posix|os)\.system is not allowed.*refused for safety",
+    ):
         sed_dask.readers.open_checkpoint(p).tensors()
     assert not marker.exists()
     # BUILD on a stand-in class (would patch it), persistent ids, extension codes: refused, nothing changed
     cls = b"ctorch.distributed.checkpoint.metadata\nMetadata\n"
-    for raw in (b"\x80\x02" + cls + b"N}X\x07\x00\x00\x00__eq__K\x01s\x86b.",
-                b"\x80\x02X\x01\x00\x00\x00xQ.",
-                b"\x80\x02\x82\xf0."):
+    for raw in (
+        b"\x80\x02" + cls + b"N}X\x07\x00\x00\x00__eq__K\x01s\x86b.",
+        b"\x80\x02X\x01\x00\x00\x00xQ.",
+        b"\x80\x02\x82\xf0.",
+    ):
         with pytest.raises(CheckpointError, match=r"^where: (not a DCP metadata pickle|refused)"):
             parse_metadata(raw, "where")
     assert "__eq__" not in vars(dcp_metadata._STAND_INS["Metadata"])
@@ -236,8 +270,9 @@ def test_spectrum_of_dcp_checkpoints_equals_the_float64_oracle(ranks2, tmp_path)
     for how in ("fast", "torch"):
         with dask.config.set({"sed_dask.readers.dcp-metadata": how}):
             dcp_mod.clear_layout_cache()
-            direct = sed_dask.spectrum(sed_dask.open_checkpoints(root, run="r"), windows=[3], scheduler="threads",
-                                       progress=False)
+            direct = sed_dask.spectrum(
+                sed_dask.open_checkpoints(root, run="r"), windows=[3], scheduler="threads", progress=False
+            )
             got = direct["sigma"].sel(run="r", window=3).values[2:, :3]
             assert np.allclose(got, want[:, :3], rtol=1e-9, atol=0), how
     ds = sed_dask.spectrum(str(store), runs=["r"], windows=[3], scheduler="threads", progress=False)

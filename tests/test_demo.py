@@ -1,4 +1,5 @@
 """``sed-dask demo --quick`` end to end (real training, real LocalCluster), and ``sed-dask report``."""
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,14 @@ def quick_demo(tmp_path_factory):
     """The CLI in a subprocess: what a user types, with its own LocalCluster and training pool."""
     out = tmp_path_factory.mktemp("demo") / "sed-demo"
     t0 = time.perf_counter()
-    cli = "import sys; from sed_dask.cli import main; sys.exit(main())"   # = the sed-dask script
-    proc = subprocess.run([sys.executable, "-c", cli, "demo", "--quick", "-o", str(out), "--no-progress"],
-                          capture_output=True, text=True, timeout=900, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    cli = "import sys; from sed_dask.cli import main; sys.exit(main())"  # = the sed-dask script
+    proc = subprocess.run(
+        [sys.executable, "-c", cli, "demo", "--quick", "-o", str(out), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out, proc.stdout, time.perf_counter() - t0
 
@@ -57,7 +63,7 @@ def test_demo_quick_end_to_end(quick_demo):
     for W in (5, 10, 15):
         k = ds["k_star"].sel(run="seed0", window=W)
         ok = np.isfinite(k.values)
-        assert ok.sum() == ds.sizes["step"] - W + 1           # every full window has a k*
+        assert ok.sum() == ds.sizes["step"] - W + 1  # every full window has a k*
         assert np.all((k.values[ok] >= 1) & (k.values[ok] <= W - 1))
         sig = ds["sigma"].sel(run="seed0", window=W, sv=slice(1, W)).values[ok]
         assert np.isfinite(sig).all() and (sig >= 0).all()
@@ -75,6 +81,7 @@ def test_demo_quick_end_to_end(quick_demo):
     assert 1 <= r0["k_star_mode"] <= f["window"] - 1
     # phases found and ordered; they are the analysis' own (fixed-k edge, window-centre steps)
     from sed_dask.analysis import phases
+
     ph = phases(ds).sel(run="seed0", window=f["window"])
     assert r0["peak_step"] == float(ph.peak_step) and r0["collapse_step"] == _none_or(ph.collapse_step)
     assert r0["plateau_start_step"] <= r0["peak_step"] <= r0["collapse_start_step"]
@@ -99,7 +106,7 @@ def test_demo_quick_end_to_end(quick_demo):
 
     again = run_demo(out, quick=True, progress=False)
     assert time.perf_counter() - t0 < 0.8 * wall
-    assert json.loads(json.dumps(again["findings_data"]["runs"])) == f["runs"]   # JSON keys are strings
+    assert json.loads(json.dumps(again["findings_data"]["runs"])) == f["runs"]  # JSON keys are strings
 
 
 def test_report_cli_on_demo_results(quick_demo, tmp_path, capsys):
@@ -114,6 +121,7 @@ def test_report_cli_on_demo_results(quick_demo, tmp_path, capsys):
     ds = xr.open_zarr(out / "results.zarr")
     assert df.loc["seed0", "window"] == 5
     from sed_dask.analysis import phases
+
     assert df.loc["seed0", "peak_step"] == float(phases(ds.load(), window=5).peak_step.sel(run="seed0", window=5))
     assert "Early-warning candidates" in (dest / "summary.md").read_text()
     assert main(["report", str(out / "results.zarr"), "-o", str(dest), "--window", "7", "--overwrite"]) == 2

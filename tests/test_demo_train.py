@@ -1,4 +1,5 @@
 """Demo training: a real quick grokking run, its checkpoints and metrics, and the model shortcut."""
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,7 @@ def test_quick_run_layout_and_checkpoints(quick_run):
     run = runs[0]
     assert run == out / "seed0"
     steps = list(range(0, cfg.steps + 1, cfg.every))
-    found = discover_checkpoints([str(run)])          # the ingester's own discovery
+    found = discover_checkpoints([str(run)])  # the ingester's own discovery
     assert sorted(found) == steps
     names = list(ModAddTransformer(cfg).state_dict())
     assert any(n.startswith("blocks.1.attn.") for n in names) and "head.weight" in names
@@ -40,7 +41,7 @@ def test_quick_run_layout_and_checkpoints(quick_run):
         sd = obj["model_state_dict"]
         assert list(sd) == names
         assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in sd.values())
-        if prev is not None:                              # the weights move between checkpoints
+        if prev is not None:  # the weights move between checkpoints
             assert any(not torch.equal(sd[k], prev[k]) for k in names)
         prev = sd
 
@@ -52,13 +53,13 @@ def test_quick_run_metrics_show_grokking(quick_run):
     assert [r["step"] for r in recs] == list(range(0, cfg.steps + 1, cfg.every))
     for r in recs:
         assert r["val_loss"] > 0 and 0.0 <= r["val_acc"] <= 1.0 and 0.0 <= r["train_acc"] <= 1.0
-    first, last = recs[0], recs[-1]
-    assert first["val_acc"] < 0.05 and first["val_loss"] > 4.0     # chance level: 1/97, ln 97 = 4.57
+    first, _last = recs[0], recs[-1]
+    assert first["val_acc"] < 0.05 and first["val_loss"] > 4.0  # chance level: 1/97, ln 97 = 4.57
     mem = next(r["step"] for r in recs if r["train_acc"] >= 0.95)
     grok = next(r["step"] for r in recs if r["val_acc"] >= 0.9)
     at_mem = next(r for r in recs if r["step"] == mem)
-    assert at_mem["val_acc"] < 0.2                                   # memorised, not generalised
-    assert grok - mem >= 200                                          # ... and generalised much later
+    assert at_mem["val_acc"] < 0.2  # memorised, not generalised
+    assert grok - mem >= 200  # ... and generalised much later
     after = [r for r in recs if r["step"] >= grok]
     # generalisation holds after grokking (up to brief "slingshot" loss spikes at this high lr)
     assert max(r["val_acc"] for r in after[-5:]) >= 0.95 and min(r["val_loss"] for r in after) < 0.5
@@ -100,7 +101,7 @@ def test_last_position_shortcut_equals_full_forward():
     with torch.no_grad():
         h = model.tok_emb(x) + model.pos_emb.weight
         for b in model.blocks:
-            h = b(h)                                     # every position through every block
+            h = b(h)  # every position through every block
         full = model.head(model.ln_f(h[:, -1]))
         torch.testing.assert_close(model(x), full, rtol=1e-5, atol=1e-5)
     # gradients agree too (the shortcut changes no parameter's role)
@@ -132,7 +133,7 @@ def test_parallel_workers_and_safetensors(tmp_path):
             assert f.metadata()["step"] == "20"
             weights.append(f.get_tensor("head.weight"))
         assert summary["runs"][f"seed{s}"]["torch_threads"] == 1
-    assert not torch.equal(weights[0], weights[1])          # different seeds, different runs
+    assert not torch.equal(weights[0], weights[1])  # different seeds, different runs
 
 
 def test_bad_arguments(tmp_path):
@@ -145,18 +146,23 @@ def test_task_labels():
     p = 7
     cfg = replace(SIZES["default"], p=p)
     assert cfg.task == "add"
-    expected = {"add": lambda a, b: (a + b) % p, "sub": lambda a, b: (a - b) % p,
-                "mul": lambda a, b: (a * b) % p, "x2y2": lambda a, b: (a * a + b * b) % p}
+    expected = {
+        "add": lambda a, b: (a + b) % p,
+        "sub": lambda a, b: (a - b) % p,
+        "mul": lambda a, b: (a * b) % p,
+        "x2y2": lambda a, b: (a * a + b * b) % p,
+    }
     (x0, _), (v0, _) = modadd_split(cfg, 3)
     for task, f in expected.items():
         (xtr, ytr), (xva, yva) = modadd_split(replace(cfg, task=task), 3)
-        assert torch.equal(xtr, x0) and torch.equal(xva, v0)          # same pairs, same split
+        assert torch.equal(xtr, x0) and torch.equal(xva, v0)  # same pairs, same split
         for x, y in ((xtr, ytr), (xva, yva)):
             assert (x[:, 2] == p).all()
             assert y.tolist() == [f(int(a), int(b)) for a, b in x[:, :2].tolist()]
             assert 0 <= int(y.min()) and int(y.max()) < p
     # the default config's summary/fingerprint keeps its pre-task form; other tasks are recorded
     from sed_dask.demo.train import _config_dict
+
     assert "task" not in _config_dict(SIZES["default"])
     assert _config_dict(replace(SIZES["default"], task="sub"))["task"] == "sub"
     with pytest.raises(ValueError, match="unknown task"):

@@ -1,4 +1,5 @@
 """Rendering SLURM scripts, the DaskCluster resource and Helm values from sed_dask config."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,19 +22,43 @@ from sed_dask.config import ConfigError, load_config_file
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 
-CONFIG = {"deploy": {
-    "image": "registry.example.org/ml/sed-dask:1.2.3",
-    "store-url": "s3://bucket/sed",
-    "worker": {"cores": 8, "processes": 2, "memory": "32GiB", "lifetime": "55m",
-               "lifetime-stagger": "4m", "env": {"OMP_NUM_THREADS": 1}, "extra-args": ["--no-dashboard"]},
-    "slurm": {"queue": "cpu", "account": "proj42", "walltime": "02:00:00", "interface": "ib0",
-              "python": "/opt/sed/bin/python", "local-directory": "$TMPDIR",
-              "job-script-prologue": ["module load python/3.11"], "job-extra-directives": ["--constraint=cpu"],
-              "runner": {"n-workers": 3, "scheduler-file": "/shared/sched-$SLURM_JOB_ID.json"}},
-    "kubernetes": {"name": "sed-a", "namespace": "ml", "n-workers": 6, "pvc": "sed-store",
-                   "mount-path": "/data", "local-directory": "/scratch", "scratch-size": "50Gi",
-                   "secret": "s3-creds", "scheduler": {"cores": 2, "memory": "8GiB"}},
-}}
+CONFIG = {
+    "deploy": {
+        "image": "registry.example.org/ml/sed-dask:1.2.3",
+        "store-url": "s3://bucket/sed",
+        "worker": {
+            "cores": 8,
+            "processes": 2,
+            "memory": "32GiB",
+            "lifetime": "55m",
+            "lifetime-stagger": "4m",
+            "env": {"OMP_NUM_THREADS": 1},
+            "extra-args": ["--no-dashboard"],
+        },
+        "slurm": {
+            "queue": "cpu",
+            "account": "proj42",
+            "walltime": "02:00:00",
+            "interface": "ib0",
+            "python": "/opt/sed/bin/python",
+            "local-directory": "$TMPDIR",
+            "job-script-prologue": ["module load python/3.11"],
+            "job-extra-directives": ["--constraint=cpu"],
+            "runner": {"n-workers": 3, "scheduler-file": "/shared/sched-$SLURM_JOB_ID.json"},
+        },
+        "kubernetes": {
+            "name": "sed-a",
+            "namespace": "ml",
+            "n-workers": 6,
+            "pvc": "sed-store",
+            "mount-path": "/data",
+            "local-directory": "/scratch",
+            "scratch-size": "50Gi",
+            "secret": "s3-creds",
+            "scheduler": {"cores": 2, "memory": "8GiB"},
+        },
+    }
+}
 
 
 def _bash_ok(tmp_path, text):
@@ -44,14 +69,15 @@ def _bash_ok(tmp_path, text):
 
 
 def _directives(script):
-    return [line[len("#SBATCH "):] for line in script.splitlines() if line.startswith("#SBATCH ")]
+    return [line[len("#SBATCH ") :] for line in script.splitlines() if line.startswith("#SBATCH ")]
 
 
 # ----------------------------------------------------------------------------- SLURM
 def test_slurm_job_script_carries_the_config(tmp_path):
     pytest.importorskip("dask_jobqueue")
-    cfg = {"deploy": {**CONFIG["deploy"], "slurm": {**CONFIG["deploy"]["slurm"],
-                                                    "log-directory": str(tmp_path / "logs")}}}
+    cfg = {
+        "deploy": {**CONFIG["deploy"], "slurm": {**CONFIG["deploy"]["slurm"], "log-directory": str(tmp_path / "logs")}}
+    }
     script = deploy.slurm_job_script(cfg)
     d = _directives(script)
     assert "--cpus-per-task=8" in d and "--mem=32G" in d and "-t 02:00:00" in d
@@ -64,9 +90,17 @@ def test_slurm_job_script_carries_the_config(tmp_path):
     cmd = shlex.split(body[-1], posix=True)
     assert cmd[:3] == ["/opt/sed/bin/python", "-m", "distributed.cli.dask_worker"]
     flags = " ".join(cmd)
-    for part in ("--nthreads 4", "--nworkers 2", "--memory-limit 16.00GiB", "--nanny",
-                 "--lifetime 55m --lifetime-stagger 4m", "--local-directory $TMPDIR",
-                 "--interface ib0", "--death-timeout 60", "--no-dashboard"):
+    for part in (
+        "--nthreads 4",
+        "--nworkers 2",
+        "--memory-limit 16.00GiB",
+        "--nanny",
+        "--lifetime 55m --lifetime-stagger 4m",
+        "--local-directory $TMPDIR",
+        "--interface ib0",
+        "--death-timeout 60",
+        "--no-dashboard",
+    ):
         assert part in flags, part
     assert "${DASK_SCHEDULER_ADDRESS:?" in body[-1]
     _bash_ok(tmp_path, script)
@@ -88,7 +122,7 @@ def test_slurm_kwargs_give_the_same_job_as_slurmcluster():
     def tokens(script):
         cmd = script.strip().splitlines()[-1].split()
         i = cmd.index("--name")
-        return cmd[:3] + cmd[i + 2:]  # drop the scheduler address and the worker name
+        return cmd[:3] + cmd[i + 2 :]  # drop the scheduler address and the worker name
 
     assert tokens(real) == tokens(ours)
 
@@ -112,16 +146,22 @@ def test_slurm_runner_script(tmp_path):
     assert "--ntasks=5" in d and "--cpus-per-task=8" in d and "-t 02:00:00" in d
     assert f"--mem-per-cpu={math.ceil(32 * 1024 / 8)}M" in d
     _bash_ok(tmp_path, script)
-    heredoc = script.split('<<EOF\n', 1)[1].split("\nEOF\n", 1)[0]
+    heredoc = script.split("<<EOF\n", 1)[1].split("\nEOF\n", 1)[0]
     cfg = yaml.safe_load(heredoc)["sed_dask"]["cluster"]
     checked = _check_cluster_section(cfg)  # what connect() will accept on every rank
     assert checked["class"] == "dask_jobqueue.slurm.SLURMRunner" and checked["wait-for-workers"] == 3
     assert cfg["kwargs"]["scheduler_file"] == "/shared/sched-{job_id}.json"
-    assert cfg["kwargs"]["worker_options"] == {"nthreads": 8, "memory_limit": "32GiB",
-                                               "death_timeout": 60, "interface": "ib0"}
+    assert cfg["kwargs"]["worker_options"] == {
+        "nthreads": 8,
+        "memory_limit": "32GiB",
+        "death_timeout": 60,
+        "interface": "ib0",
+    }
     srun = [line for line in script.splitlines() if line.startswith("srun ")]
-    assert srun == ["srun bash -c 'export DASK_TEMPORARY_DIRECTORY=\"$TMPDIR\"; exec sed-dask \"$@\"' "
-                    "sed-dask \"$@\" --config \"$CONFIG\""]
+    assert srun == [
+        'srun bash -c \'export DASK_TEMPORARY_DIRECTORY="$TMPDIR"; exec sed-dask "$@"\' '
+        'sed-dask "$@" --config "$CONFIG"'
+    ]
     assert "module load python/3.11" in script and "export SED_DASK_STORE=s3://bucket/sed" in script
 
 
@@ -140,24 +180,34 @@ def test_kubernetes_cluster_spec():
     args = c["args"]
     assert args[:4] == ["dask", "worker", "--name", "$(DASK_WORKER_NAME)"]
     joined = " ".join(args)
-    for part in ("--nthreads 8", "--memory-limit 32GiB", "--lifetime 55m --lifetime-stagger 4m",
-                 "--local-directory /scratch", "--death-timeout 60", "--no-dashboard"):
+    for part in (
+        "--nthreads 8",
+        "--memory-limit 32GiB",
+        "--lifetime 55m --lifetime-stagger 4m",
+        "--local-directory /scratch",
+        "--death-timeout 60",
+        "--no-dashboard",
+    ):
         assert part in joined, part
-    assert c["resources"] == {"requests": {"cpu": "8", "memory": "32Gi"},
-                              "limits": {"cpu": "8", "memory": "32Gi"}}
+    assert c["resources"] == {"requests": {"cpu": "8", "memory": "32Gi"}, "limits": {"cpu": "8", "memory": "32Gi"}}
     assert {"name": "SED_DASK_STORE", "value": "s3://bucket/sed"} in c["env"]
     assert {"name": "OMP_NUM_THREADS", "value": "1"} in c["env"]
     assert c["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
-    assert c["volumeMounts"] == [{"name": "sed-store", "mountPath": "/data"},
-                                 {"name": "scratch", "mountPath": "/scratch"}]
+    assert c["volumeMounts"] == [
+        {"name": "sed-store", "mountPath": "/data"},
+        {"name": "scratch", "mountPath": "/scratch"},
+    ]
     assert w["spec"]["volumes"] == [
         {"name": "sed-store", "persistentVolumeClaim": {"claimName": "sed-store"}},
-        {"name": "scratch", "emptyDir": {"sizeLimit": "50Gi"}}]
+        {"name": "scratch", "emptyDir": {"sizeLimit": "50Gi"}},
+    ]
     (s,) = spec["spec"]["scheduler"]["spec"]["containers"]
     assert s["args"][:2] == ["dask", "scheduler"] and s["image"] == c["image"]
     assert s["resources"]["limits"] == {"cpu": "2", "memory": "8Gi"}
     assert spec["spec"]["scheduler"]["service"]["selector"] == {
-        "dask.org/cluster-name": "sed-a", "dask.org/component": "scheduler"}
+        "dask.org/cluster-name": "sed-a",
+        "dask.org/component": "scheduler",
+    }
     assert {p["containerPort"] for p in s["ports"]} == {8786, 8787}
 
 
@@ -175,24 +225,32 @@ def test_kubernetes_object_store_variant_and_yaml_round_trip():
 def test_helm_values():
     v = deploy.helm_values(CONFIG)
     w = v["worker"]
-    assert w["image"] == {"repository": "registry.example.org/ml/sed-dask", "tag": "1.2.3",
-                          "pullPolicy": "IfNotPresent", "dask_worker": "dask-worker"}
+    assert w["image"] == {
+        "repository": "registry.example.org/ml/sed-dask",
+        "tag": "1.2.3",
+        "pullPolicy": "IfNotPresent",
+        "dask_worker": "dask-worker",
+    }
     assert v["scheduler"]["image"]["tag"] == "1.2.3" and v["jupyter"] == {"enabled": False}
     assert w["replicas"] == 6 and w["threads_per_worker"] == 8
     assert w["resources"]["limits"] == {"cpu": "8", "memory": "32Gi"}
-    assert " ".join(w["extraArgs"]) == ("--death-timeout 60 --lifetime 55m --lifetime-stagger 4m "
-                                        "--local-directory /scratch --no-dashboard")
+    assert " ".join(w["extraArgs"]) == (
+        "--death-timeout 60 --lifetime 55m --lifetime-stagger 4m --local-directory /scratch --no-dashboard"
+    )
     assert w["mounts"]["volumeMounts"][0] == {"name": "sed-store", "mountPath": "/data"}
 
 
-@pytest.mark.parametrize("fn, cfg, match", [
-    ("kubernetes_cluster_spec", {"worker": {"lifetme": "5m"}}, r"worker\.lifetme: unknown setting"),
-    ("slurm_cluster_kwargs", {"worker": {"lifetime-stagger": "4m"}}, "needs worker.lifetime"),
-    ("slurm_cluster_kwargs", {"worker": {"cores": 6, "processes": 4}}, "multiple of processes"),
-    ("kubernetes_cluster_spec", {"worker": {"cores": 0}}, "must be >= 1"),
-    ("kubernetes_cluster_spec", {"kubernetes": {"local-directory": "$TMPDIR"}}, "absolute path inside"),
-    ("helm_values", {"image": "registry.example.org:5000/sed-dask"}, "pinned tag"),
-])
+@pytest.mark.parametrize(
+    "fn, cfg, match",
+    [
+        ("kubernetes_cluster_spec", {"worker": {"lifetme": "5m"}}, r"worker\.lifetme: unknown setting"),
+        ("slurm_cluster_kwargs", {"worker": {"lifetime-stagger": "4m"}}, "needs worker.lifetime"),
+        ("slurm_cluster_kwargs", {"worker": {"cores": 6, "processes": 4}}, "multiple of processes"),
+        ("kubernetes_cluster_spec", {"worker": {"cores": 0}}, "must be >= 1"),
+        ("kubernetes_cluster_spec", {"kubernetes": {"local-directory": "$TMPDIR"}}, "absolute path inside"),
+        ("helm_values", {"image": "registry.example.org:5000/sed-dask"}, "pinned tag"),
+    ],
+)
 def test_invalid_deploy_settings_are_named(fn, cfg, match):
     with pytest.raises(ConfigError, match=match):
         getattr(deploy, fn)({"deploy": cfg})
@@ -228,13 +286,20 @@ def test_cli_prints_and_writes(tmp_path, capsys):
     assert out.read_text() == deploy.slurm_runner_script(CONFIG) and out.stat().st_mode & 0o111
 
 
-@pytest.mark.parametrize("target, path", [("k8s", "k8s/daskcluster.yaml"), ("helm", "k8s/helm-values.yaml"),
-                                          ("jobqueue", "slurm/jobqueue.yaml"),
-                                          ("slurm-runner", "slurm/sed-dask-runner.sbatch")])
+@pytest.mark.parametrize(
+    "target, path",
+    [
+        ("k8s", "k8s/daskcluster.yaml"),
+        ("helm", "k8s/helm-values.yaml"),
+        ("jobqueue", "slurm/jobqueue.yaml"),
+        ("slurm-runner", "slurm/sed-dask-runner.sbatch"),
+    ],
+)
 def test_checked_in_files_are_what_the_example_config_renders(target, path):
     cfg = load_config_file(DEPLOY / "sed-dask.yaml")
-    assert (DEPLOY / path).read_text() == deploy.render(target, cfg), \
+    assert (DEPLOY / path).read_text() == deploy.render(target, cfg), (
         f"re-render: sed-dask deploy {target} --config deploy/sed-dask.yaml -o deploy/{path}"
+    )
 
 
 def test_client_job_matches_the_cluster():

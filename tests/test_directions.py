@@ -1,4 +1,5 @@
 """Parameter-space directions: TSQR and randomized SVD on Dask vs numpy oracles, loadings, rotation."""
+
 from __future__ import annotations
 
 import json
@@ -9,13 +10,18 @@ import xarray as xr
 
 import sed_dask
 from sed_dask.cli import main as cli_main
-from sed_dask.engine.directions import (exact_svd, principal_angles, randomized_svd, subspace_rotation, window_stack)
+from sed_dask.engine.directions import exact_svd, principal_angles, randomized_svd, subspace_rotation, window_stack
 from sed_dask.store.trajectory import ParamIndex, TensorEntry, open_store, write_trajectory
 
 N_CKPT = 41
-SIZES = [("tok_emb.weight", (40, 30), "embed"), ("blocks.0.attn.qkv.weight", (30, 90), "block0.attn"),
-         ("blocks.0.mlp.fc.weight", (30, 60), "block0.mlp"), ("blocks.1.attn.qkv.weight", (30, 90), "block1.attn"),
-         ("blocks.1.mlp.fc.weight", (30, 61), "block1.mlp"), ("head.weight", (7, 30), "head")]
+SIZES = [
+    ("tok_emb.weight", (40, 30), "embed"),
+    ("blocks.0.attn.qkv.weight", (30, 90), "block0.attn"),
+    ("blocks.0.mlp.fc.weight", (30, 60), "block0.mlp"),
+    ("blocks.1.attn.qkv.weight", (30, 90), "block1.attn"),
+    ("blocks.1.mlp.fc.weight", (30, 61), "block1.mlp"),
+    ("head.weight", (7, 30), "head"),
+]
 
 
 def _index():
@@ -73,12 +79,13 @@ def test_tsqr_is_exact(setup):
 def test_exact_directions_vs_numpy(setup, tmp_path):
     path, D, idx = setup
     k = 4
-    mem = sed_dask.directions(path, run="run0", window=10, end_step=300, k=k, scheduler="threads",
-                              tile_bytes=24 * 11 * 800)
+    mem = sed_dask.directions(
+        path, run="run0", window=10, end_step=300, k=k, scheduler="threads", tile_bytes=24 * 11 * 800
+    )
     Uo, so, Vo = _oracle(D[20:30], k)
     V = mem["direction"].values
     assert V.dtype == np.float32 and V.shape == (k, idx.n_params)
-    assert np.allclose(V.astype(np.float64) @ V.T.astype(np.float64), np.eye(k), atol=1e-6)   # orthonormal
+    assert np.allclose(V.astype(np.float64) @ V.T.astype(np.float64), np.eye(k), atol=1e-6)  # orthonormal
     assert np.allclose(_abs_cos(V, Vo), np.eye(k), atol=1e-6)
     assert np.allclose(mem["sigma"].values, so[:k], rtol=1e-10)
     assert np.allclose(np.abs(mem["u"].values), np.abs(Uo.T), atol=1e-9)
@@ -93,8 +100,9 @@ def test_exact_directions_vs_numpy(setup, tmp_path):
     assert np.allclose(L, want, atol=1e-6)
     # written to Zarr by the tasks themselves: same values, and the index maps back to tensors
     out = tmp_path / "dirs.zarr"
-    disk = sed_dask.directions(path, run="run0", window=10, end_step=300, k=k, scheduler="threads",
-                               tile_bytes=24 * 11 * 800, output=out)
+    disk = sed_dask.directions(
+        path, run="run0", window=10, end_step=300, k=k, scheduler="threads", tile_bytes=24 * 11 * 800, output=out
+    )
     back = xr.open_zarr(out)
     assert np.array_equal(back["direction"].values, V)
     assert np.array_equal(disk["loading"].values, L)
@@ -102,13 +110,13 @@ def test_exact_directions_vs_numpy(setup, tmp_path):
     e = index["blocks.0.mlp.fc.weight"]
     assert back.attrs["param_index_hash"] == idx.hash
     tensor = back["direction"].isel(component=0, param=slice(e.offset, e.offset + e.size)).values.reshape(e.shape)
-    assert np.allclose(tensor.ravel(), Vo[0, e.offset:e.offset + e.size] * np.sign(Vo[0] @ V[0]), atol=1e-6)
+    assert np.allclose(tensor.ravel(), Vo[0, e.offset : e.offset + e.size] * np.sign(Vo[0] @ V[0]), atol=1e-6)
 
 
 def test_randomized_vs_numpy_on_planted_spectrum(setup):
     path, D, _ = setup
     rs = open_store(path, mode="r").run("run0")
-    stack = window_stack(rs, tile_bytes=24 * 41 * 900)            # whole trajectory: 40 deltas
+    stack = window_stack(rs, tile_bytes=24 * 41 * 900)  # whole trajectory: 40 deltas
     k = 3
     Uo, so, Vo = _oracle(D, k)
     U, s = randomized_svd(stack, k, n_oversamples=5, n_power_iter=2, seed=3, scheduler="threads")
@@ -118,8 +126,7 @@ def test_randomized_vs_numpy_on_planted_spectrum(setup):
     # without power iterations and oversampling the subspace is visibly worse: the test can tell
     U0, s0 = randomized_svd(stack, k, n_oversamples=0, n_power_iter=0, seed=3, scheduler="threads")
     assert principal_angles(U0[:, :k].T, Uo.T).max() > 10 * ang.max()
-    ds = sed_dask.directions(path, run="run0", k=k, method="randomized", n_oversamples=5, seed=3,
-                             scheduler="threads")
+    ds = sed_dask.directions(path, run="run0", k=k, method="randomized", n_oversamples=5, seed=3, scheduler="threads")
     V = ds["direction"].values.astype(np.float64)
     assert np.allclose(V @ V.T, np.eye(k), atol=1e-5)
     assert principal_angles(V, Vo).max() < 1e-3
@@ -146,8 +153,8 @@ def test_subspace_rotation_vs_numpy(setup):
     ang = subspace_rotation(path, run="run0", window=W, k=k, scheduler="threads")
     assert ang.dims == ("step", "component") and np.isnan(ang.values[0]).all()
     for e in (W, 15, 25, 30, 39):
-        _, _, Va = _oracle(D[e - W + 1:e + 1], k)
-        _, _, Vb = _oracle(D[e - W:e], k)
+        _, _, Va = _oracle(D[e - W + 1 : e + 1], k)
+        _, _, Vb = _oracle(D[e - W : e], k)
         want = np.degrees(principal_angles(Va, Vb))
         assert np.allclose(ang.values[e - W + 1], want, atol=1e-4), e
 
@@ -155,8 +162,25 @@ def test_subspace_rotation_vs_numpy(setup):
 def test_directions_cli_and_errors(setup, tmp_path, capsys):
     path, _, _ = setup
     out = tmp_path / "cli.zarr"
-    rc = cli_main(["directions", path, "--run", "run0", "--window", "10", "--end-step", "300", "-k", "2",
-                   "--groups", "blocks", "-o", str(out), "--threads"])
+    rc = cli_main(
+        [
+            "directions",
+            path,
+            "--run",
+            "run0",
+            "--window",
+            "10",
+            "--end-step",
+            "300",
+            "-k",
+            "2",
+            "--groups",
+            "blocks",
+            "-o",
+            str(out),
+            "--threads",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "v1 loading" in text and "block0" in text

@@ -1,17 +1,24 @@
 """The one-pass banded Gram against explicit dot products of the float32 deltas."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from sed_dask.errors import StoreError
-from sed_dask.engine.gram import banded_gram, gram_graph, plan_tiles
-from sed_dask.store.trajectory import ParamIndex, write_trajectory
 from sed_oracle import band_of, deltas, random_walk
 
-TENSORS = [("tok_emb.weight", (12, 10)), ("blocks.0.attn.c_attn.weight", (10, 30)),
-           ("blocks.0.mlp.c_fc.weight", (10, 17)), ("blocks.1.attn.c_attn.weight", (10, 30)),
-           ("blocks.1.ln_1.weight", (10,)), ("blocks.1.mlp.c_fc.weight", (10, 17)), ("ln_f.weight", (10,))]
+from sed_dask.engine.gram import banded_gram, gram_graph, plan_tiles
+from sed_dask.errors import StoreError
+from sed_dask.store.trajectory import ParamIndex, write_trajectory
+
+TENSORS = [
+    ("tok_emb.weight", (12, 10)),
+    ("blocks.0.attn.c_attn.weight", (10, 30)),
+    ("blocks.0.mlp.c_fc.weight", (10, 17)),
+    ("blocks.1.attn.c_attn.weight", (10, 30)),
+    ("blocks.1.ln_1.weight", (10,)),
+    ("blocks.1.mlp.c_fc.weight", (10, 17)),
+    ("ln_f.weight", (10,)),
+]
 
 
 def _index():
@@ -27,11 +34,11 @@ def _close(a, b, rtol=1e-12):
 
 # (rows, P, chunk_bytes, shard_bytes, width, tile_bytes, block_steps)
 CASES = [
-    (23, 1037, 400, None, 5, None, None),          # one tile; P not divisible by the chunk
-    (23, 1037, 400, 1600, 12, 3000, 3),            # tiles smaller than a chunk, halos, shards
-    (23, 1037, 400, None, 30, 6000, 7),            # band wider than the run (22 deltas)
-    (9, 300, 128, None, 4, 200, 1),                # one-delta step blocks, tiny tiles
-    (40, 513, 4 * 513, None, 11, 40 * 4 * 16, 13), # P-range narrower than the rows in memory
+    (23, 1037, 400, None, 5, None, None),  # one tile; P not divisible by the chunk
+    (23, 1037, 400, 1600, 12, 3000, 3),  # tiles smaller than a chunk, halos, shards
+    (23, 1037, 400, None, 30, 6000, 7),  # band wider than the run (22 deltas)
+    (9, 300, 128, None, 4, 200, 1),  # one-delta step blocks, tiny tiles
+    (40, 513, 4 * 513, None, 11, 40 * 4 * 16, 13),  # P-range narrower than the rows in memory
 ]
 
 
@@ -39,8 +46,9 @@ CASES = [
 def test_band_matches_explicit_dots(tmp_path, case):
     n, P, cb, sb, width, tb, bs = case
     X = random_walk(np.random.default_rng(n * P + width), n, P)
-    rs = write_trajectory(tmp_path / "s.zarr", "r", np.arange(n) * 10, X, chunk_bytes=cb,
-                          **({"shard_bytes": sb} if sb else {}))
+    rs = write_trajectory(
+        tmp_path / "s.zarr", "r", np.arange(n) * 10, X, chunk_bytes=cb, **({"shard_bytes": sb} if sb else {})
+    )
     g = banded_gram(rs, w_max=width, scheduler="threads", tile_bytes=tb, block_steps=bs)
     assert g.band.shape == (1, n - 1, width) and g.groups == ["all"]
     _close(g["all"], band_of(deltas(X), width))
@@ -48,8 +56,11 @@ def test_band_matches_explicit_dots(tmp_path, case):
 
 
 def test_plan_respects_tile_bytes_and_chunks():
-    for rows, P, chunk, width, tb, bs in [(100, 10_000, 1000, 11, 200_000, 40), (61, 20_000_000, 1 << 20, 31, 256 << 20, 512),
-                                          (30, 5000, 1000, 5, 2000, 4)]:
+    for rows, P, chunk, width, tb, bs in [
+        (100, 10_000, 1000, 11, 200_000, 40),
+        (61, 20_000_000, 1 << 20, 31, 256 << 20, 512),
+        (30, 5000, 1000, 5, 2000, 4),
+    ]:
         t = plan_tiles(rows, P, chunk, width=width, tile_bytes=tb, block_steps=bs)
         widths = [c1 - c0 for c0, c1 in t.cols]
         # columns cover [0, P) exactly once and never straddle a read-chunk boundary unless whole chunks
@@ -95,7 +106,7 @@ def test_group_subset_and_unknown_group(tmp_path):
     assert g.groups == ["all", "block0.attn", "block1.mlp"]
     _close(g["all"], band_of(D, 3))
     e = idx["blocks.0.attn.c_attn.weight"]
-    _close(g["block0.attn"], band_of(D[:, e.offset:e.offset + e.size], 3))
+    _close(g["block0.attn"], band_of(D[:, e.offset : e.offset + e.size], 3))
     with pytest.raises(StoreError, match=r"run 'r': unknown group\(s\) \['block7'\]"):
         banded_gram(rs, w_max=3, groups=["block0", "block7"], scheduler="sync")
     with pytest.raises(StoreError, match=r"run 'r': group\(s\) \['conv'\] match no parameter"):
@@ -112,7 +123,12 @@ def test_bit_identical_on_local_cluster_and_threads(tmp_path, client):
     a = banded_gram(rs, client=client, **kw)
     b = banded_gram(rs, scheduler="threads", **kw)
     c = banded_gram(rs, scheduler="sync", **kw)
-    assert gram_graph(rs, width=8, groups="default", tile_bytes=kw["tile_bytes"], block_steps=6).tiling.as_dict()["p_ranges"] > 1
+    assert (
+        gram_graph(rs, width=8, groups="default", tile_bytes=kw["tile_bytes"], block_steps=6).tiling.as_dict()[
+            "p_ranges"
+        ]
+        > 1
+    )
     assert np.array_equal(a.band, b.band, equal_nan=True)
     assert np.array_equal(a.band, c.band, equal_nan=True)
     _close(a["all"], band_of(deltas(X), 8))
@@ -154,8 +170,11 @@ def test_recorded_nonfinite_and_incomplete_ingestion(tmp_path):
         banded_gram(rs3, w_max=2, scheduler="sync")
 
 
-@pytest.mark.parametrize("layout", [dict(chunk_bytes=400), dict(chunk_bytes=400, shard_bytes=2000),
-                                    dict(chunk_bytes=400, compressor="zstd")], ids=["plain", "sharded", "zstd"])
+@pytest.mark.parametrize(
+    "layout",
+    [dict(chunk_bytes=400), dict(chunk_bytes=400, shard_bytes=2000), dict(chunk_bytes=400, compressor="zstd")],
+    ids=["plain", "sharded", "zstd"],
+)
 def test_direct_reads_equal_zarr_reads(tmp_path, layout):
     """Positioned raw reads (uncompressed local layouts) give bit-identical bands to zarr's reader."""
     from sed_dask.engine.rawread import RawChunkReader
@@ -166,7 +185,7 @@ def test_direct_reads_equal_zarr_reads(tmp_path, layout):
     assert (reader is None) == ("compressor" in layout)
     if reader is not None:
         out = np.empty((5, 333), np.float32)
-        reader.read(3, 8, 250, 583, out)                 # crosses chunk (and shard) borders
+        reader.read(3, 8, 250, 583, out)  # crosses chunk (and shard) borders
         np.testing.assert_array_equal(out, X[3:8, 250:583])
     kw = dict(w_max=5, scheduler="sync", tile_bytes=3000, block_steps=4)
     a = banded_gram(rs, direct_read=True, **kw)

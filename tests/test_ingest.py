@@ -1,4 +1,5 @@
 """End-to-end ingestion: real checkpoint files -> Zarr trajectory store, on threads and on a LocalCluster."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,15 @@ import time
 import numpy as np
 import pytest
 import torch
-from models import (flatten, make_trajectory, write_hf_sharded, write_metrics_json, write_orig_mod, write_pt,
-                    write_safetensors)
+from models import (
+    flatten,
+    make_trajectory,
+    write_hf_sharded,
+    write_metrics_json,
+    write_orig_mod,
+    write_pt,
+    write_safetensors,
+)
 from safetensors.torch import save_file
 
 from sed_dask.errors import CheckpointError, NonFiniteError, StoreError
@@ -70,8 +78,11 @@ def assert_rows_exact(rs, want):
 def row_files(store_path, run, row):
     """(path, mtime_ns, size) of every stored shard file of one row."""
     d = os.path.join(store_path, run, "params", "c", str(row))
-    return sorted((os.path.join(dp, f), os.stat(os.path.join(dp, f)).st_mtime_ns, os.path.getsize(os.path.join(dp, f)))
-                  for dp, _, fs in os.walk(d) for f in fs)
+    return sorted(
+        (os.path.join(dp, f), os.stat(os.path.join(dp, f)).st_mtime_ns, os.path.getsize(os.path.join(dp, f)))
+        for dp, _, fs in os.walk(d)
+        for f in fs
+    )
 
 
 # ----------------------------------------------------------------------------- round trips
@@ -131,7 +142,7 @@ def test_append_and_idempotent_rerun(traj, src, tmp_path):
     first = ingest_t(src["pt"], store, "r", steps=traj.steps[:3])
     assert first.steps == traj.steps[:3]
     before = {r: row_files(store, "r", r) for r in range(3)}
-    again = ingest_t(src["pt"], store, "r")           # the run is still training: two more checkpoints
+    again = ingest_t(src["pt"], store, "r")  # the run is still training: two more checkpoints
     assert (again.n_new, again.n_skipped, again.steps) == (2, 3, traj.steps)
     assert {r: row_files(store, "r", r) for r in range(3)} == before  # completed rows never rewritten
     assert_rows_exact(open_store(store).run("r"), expected_rows(traj))
@@ -167,8 +178,11 @@ def test_resume_after_a_real_kill(tmp_path):
     tr = make_trajectory(10, seed=3)
     files = write_safetensors(tr, tmp_path / "ck")  # the child then never imports torch: quick start
     store = tmp_path / "s.zarr"
-    child = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, str(tmp_path / "ck"), str(store)],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    child = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CHILD, str(tmp_path / "ck"), str(store)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     done_dir = store / "r" / "complete" / "c"
     deadline = time.time() + 60
     try:
@@ -207,7 +221,7 @@ def test_repair_after_crash_inside_allocate(traj, src, tmp_path):
     store = tmp_path / "s.zarr"
     ingest_t(src["pt"], store, "r", steps=traj.steps[:2])
     rs = open_store(store).run("r")
-    rs.params.resize((4, rs.n_params))    # as if killed between the resizes of a later allocate
+    rs.params.resize((4, rs.n_params))  # as if killed between the resizes of a later allocate
     rs._complete.resize((3,))
     assert rs.row_steps().tolist() == traj.steps[:2]
     s = ingest_t(src["pt"], store, "r")
@@ -225,8 +239,9 @@ def _no_run(store):
     return not os.path.exists(store)  # validation failed before the store was even created
 
 
-@pytest.mark.parametrize("kind,damage", [("pt", "garbage"), ("pt", "truncate"), ("st", "truncate"),
-                                         ("pt", "extra_key"), ("st", "shape")])
+@pytest.mark.parametrize(
+    "kind,damage", [("pt", "garbage"), ("pt", "truncate"), ("st", "truncate"), ("pt", "extra_key"), ("st", "shape")]
+)
 def test_bad_late_file_fails_before_anything_is_written(traj, src, tmp_path, kind, damage):
     files = _copy_files(src[kind], tmp_path / "ck")
     victim = files[traj.steps[-1]]
@@ -243,8 +258,12 @@ def test_bad_late_file_fails_before_anything_is_written(traj, src, tmp_path, kin
         sd["ln_f.weight"] = torch.ones(7)
         save_file(sd, victim)
     store = tmp_path / "s.zarr"
-    msg = {"garbage": "unreadable", "truncate": "truncated", "extra_key": r"unexpected \['extra.weight'\]",
-           "shape": r"tensor 'ln_f.weight' has shape \[7\], expected \[32\]"}[damage]
+    msg = {
+        "garbage": "unreadable",
+        "truncate": "truncated",
+        "extra_key": r"unexpected \['extra.weight'\]",
+        "shape": r"tensor 'ln_f.weight' has shape \[7\], expected \[32\]",
+    }[damage]
     with pytest.raises(CheckpointError, match=msg) as ei:
         ingest_t(tmp_path / "ck", store, "r")
     assert victim in str(ei.value)
@@ -259,8 +278,11 @@ def test_nonfinite_raise_then_fix_and_record(traj, src, tmp_path):
     sd["ln_f.bias"][0] = float("inf")
     torch.save({"step": bad_step, "model_state_dict": sd}, files[bad_step])
     store = tmp_path / "s.zarr"
-    with pytest.raises(NonFiniteError, match=rf"{files[bad_step]} \(step {bad_step}\): tensor "
-                                             r"'blocks.1.mlp.c_fc.weight' holds 1 NaN"):
+    with pytest.raises(
+        NonFiniteError,
+        match=rf"{files[bad_step]} \(step {bad_step}\): tensor "
+        r"'blocks.1.mlp.c_fc.weight' holds 1 NaN",
+    ):
         ingest_t(tmp_path / "ck", store, "r")
     rs = open_store(store).run("r")
     assert rs.steps.tolist() == [s for s in traj.steps if s != bad_step]  # the others are complete
@@ -271,7 +293,9 @@ def test_nonfinite_raise_then_fix_and_record(traj, src, tmp_path):
     assert rec.steps == traj.steps
     got = open_store(tmp_path / "rec.zarr").run("r").attrs["nonfinite"]
     assert [(d["step"], d["tensor"], d["n_nan"], d["n_inf"]) for d in got] == [
-        (bad_step, "blocks.1.mlp.c_fc.weight", 1, 0), (bad_step, "ln_f.bias", 0, 1)]
+        (bad_step, "blocks.1.mlp.c_fc.weight", 1, 0),
+        (bad_step, "ln_f.bias", 0, 1),
+    ]
     assert got[0]["file"] == files[bad_step]
 
     keep = {r: row_files(store, "r", r) for r in (0, 1, 3, 4)}
@@ -302,7 +326,10 @@ def test_other_policy_or_index_is_refused(traj, src, tmp_path):
         ingest_t(src["pt"], store, "r", policy="full_state_dict_sorted")
     with pytest.raises(StoreError, match="selection policy"):
         ingest_t(src["pt"], store, "r", exclude=["ln_f"])
-    with pytest.raises(StoreError, match=r"parameter index .* differs .*run has shape/dtype \[96\]/float32, new checkpoints \[96\]/bfloat16"):
+    with pytest.raises(
+        StoreError,
+        match=r"parameter index .* differs .*run has shape/dtype \[96\]/float32, new checkpoints \[96\]/bfloat16",
+    ):
         ingest_t(src["pt_bf16"], store, "r")
     assert open_store(store).run("r").n_rows == 2
     write_trajectory(store, "arr", [0, 1], np.zeros((2, 3), np.float32))
@@ -317,10 +344,28 @@ def test_cli_ingest_on_a_cluster(local_cluster, traj, src, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers())
     vals = write_metrics_json(traj, tmp_path / "m.json", shape="columns")
-    args = parser.parse_args(["ingest", str(src["root"] / "hf"), "--store", str(tmp_path / "s.zarr"), "--run", "seed0",
-                              "--metrics", str(tmp_path / "m.json"), "--exclude", r"^pos_emb\.", "--json",
-                              "--no-progress", "--shard-bytes", "16KiB", "--chunk-bytes", "4KiB",
-                              "--scheduler-address", local_cluster.scheduler_address])
+    args = parser.parse_args(
+        [
+            "ingest",
+            str(src["root"] / "hf"),
+            "--store",
+            str(tmp_path / "s.zarr"),
+            "--run",
+            "seed0",
+            "--metrics",
+            str(tmp_path / "m.json"),
+            "--exclude",
+            r"^pos_emb\.",
+            "--json",
+            "--no-progress",
+            "--shard-bytes",
+            "16KiB",
+            "--chunk-bytes",
+            "4KiB",
+            "--scheduler-address",
+            local_cluster.scheduler_address,
+        ]
+    )
     assert args.func(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["steps"] == traj.steps and out["n_new"] == 5
@@ -329,7 +374,17 @@ def test_cli_ingest_on_a_cluster(local_cluster, traj, src, tmp_path, capsys):
     assert rs.metrics()["val_loss"].tolist() == list(vals.values())
     names = [n for n in traj.trainable_names() if n != "pos_emb.weight"]
     assert np.array_equal(rs.read(slice(None)), np.stack([flatten(sd, names) for sd in traj.state_dicts]))
-    args = parser.parse_args(["ingest", str(src["root"] / "hf"), "--store", str(tmp_path / "s.zarr"), "--run", "seed0",
-                              "--threads", "--no-progress"])
+    args = parser.parse_args(
+        [
+            "ingest",
+            str(src["root"] / "hf"),
+            "--store",
+            str(tmp_path / "s.zarr"),
+            "--run",
+            "seed0",
+            "--threads",
+            "--no-progress",
+        ]
+    )
     args.func(args)
     assert "0 checkpoint(s) ingested, 5 already complete" in capsys.readouterr().out

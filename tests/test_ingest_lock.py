@@ -1,5 +1,6 @@
 """The run writer lock and the connect-before-write order of ``ingest``: real stores, real checkpoints,
 a lock held by a real second process (flock semantics across processes, release on SIGKILL)."""
+
 from __future__ import annotations
 
 import os
@@ -70,8 +71,12 @@ def want_rows(traj):
 
 def hold_lock(store, run, seconds=600.0):
     """A separate process holding the run's lock; returns once it has it."""
-    child = subprocess.Popen([sys.executable, "-c", HOLDER, str(store), run, str(seconds)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(store), run, str(seconds)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     ready, _, _ = select.select([child.stdout], [], [], 30)
     line = child.stdout.readline() if ready else ""
     if line.strip() != "locked":
@@ -100,9 +105,13 @@ def test_locked_run_fails_fast_writes_nothing_and_sigkill_leaves_no_stale_lock(t
     try:
         before = snapshot(store)
         t0 = time.monotonic()
-        with pytest.raises(RunLockedError, match=(
+        with pytest.raises(
+            RunLockedError,
+            match=(
                 rf"run 'r' of store {re.escape(os.path.realpath(store))} is being ingested by pid {child.pid} "
-                rf"on host {re.escape(socket.gethostname())} since 20\d\d-.*nothing was written")) as ei:
+                rf"on host {re.escape(socket.gethostname())} since 20\d\d-.*nothing was written"
+            ),
+        ) as ei:
             ingest_t(files, store, "r", metrics={"step": traj.steps, "val_loss": [1.0] * 5})
         assert time.monotonic() - t0 < 5  # fails fast, no waiting
         assert isinstance(ei.value, StoreError)
@@ -213,7 +222,11 @@ def test_readers_and_reingest_ignore_the_lock(traj, files, tmp_path):
         ts = open_store(store, mode="r")
         assert ts.runs == ["r"] and ts.run("r").check_complete().tolist() == traj.steps
         assert {k for k, _ in zarr.open_group(store, mode="r").members(max_depth=None)} >= {
-            "r", "r/params", "r/steps", "r/complete"}
+            "r",
+            "r/params",
+            "r/steps",
+            "r/complete",
+        }
         ds = xr.open_zarr(store, group="r", consolidated=False)
         assert ds["params"].dims == ("row", "param")
         assert np.array_equal(ds["params"].values, want_rows(traj))

@@ -1,5 +1,6 @@
 """The package's layering (docs/architecture.md): imports flow down only, and no module imports
 another module's private names."""
+
 from __future__ import annotations
 
 import ast
@@ -11,17 +12,26 @@ PKG = pathlib.Path(__file__).resolve().parents[1] / "sed_dask"
 
 # rank of each top-level part of the package; a module may import parts of its own rank or lower
 RANK = {
-    "errors": 0, "config": 0, "schema": 0, "progress": 0,
-    "readers": 1, "cluster": 1,
+    "errors": 0,
+    "config": 0,
+    "schema": 0,
+    "progress": 0,
+    "readers": 1,
+    "cluster": 1,
     "sources": 2,
     "store": 3,
     "engine": 4,
     "results": 5,
-    "analysis": 6, "weights": 6,
-    "accessor": 7, "report": 7, "live": 7, "testing": 7,
+    "analysis": 6,
+    "weights": 6,
+    "accessor": 7,
+    "report": 7,
+    "live": 7,
+    "testing": 7,
     "demo": 8,
     "cli": 9,
-    "__init__": 10, "__main__": 10,
+    "__init__": 10,
+    "__main__": 10,
 }
 
 
@@ -88,8 +98,9 @@ def test_no_private_names_across_modules(path, parts):
         private = [n for n in names if n.startswith("_") and not n.startswith("__")]
         bits = mod.split(".")
         # a private module (analysis._series) serves its own subpackage only
-        outside = [b for i, b in enumerate(bits) if b.startswith("_") and not b.startswith("__")
-                   and bits[:i] != parts[:i]]
+        outside = [
+            b for i, b in enumerate(bits) if b.startswith("_") and not b.startswith("__") and bits[:i] != parts[:i]
+        ]
         if private or outside:
             bad.append(f"line {line}: from {mod} import {', '.join(names)}")
     assert not bad, f"{path.relative_to(PKG.parent)} imports private names:\n" + "\n".join(bad)

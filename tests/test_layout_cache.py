@@ -1,5 +1,6 @@
 """The per-process layout cache: a pass over more checkpoints than a count-bounded cache would
 hold must parse each file once, not once per task (a cyclic scan defeats a small LRU)."""
+
 from __future__ import annotations
 
 import threading
@@ -38,8 +39,10 @@ def test_a_direct_pass_over_many_checkpoints_loads_each_file_once(tmp_path, load
     for i in range(N_CKPTS):
         w = w + torch.randn(3000, generator=g) * (1.0 + (i % 5))
         rows.append(w.clone())
-        torch.save({"model_state_dict": {"a.weight": w[:1000].reshape(10, 100).clone(),
-                                         "b.weight": w[1000:].clone()}}, tmp_path / f"ckpt_{i * 10:05d}.pt")
+        torch.save(
+            {"model_state_dict": {"a.weight": w[:1000].reshape(10, 100).clone(), "b.weight": w[1000:].clone()}},
+            tmp_path / f"ckpt_{i * 10:05d}.pt",
+        )
     run = sed_dask.open_checkpoints(str(tmp_path), run="r", chunk_bytes=1024)  # 256-element column unit
     n_validation = len(loads)
     assert n_validation == N_CKPTS
@@ -67,7 +70,7 @@ def test_cache_is_bounded_in_bytes_and_lru():
     cache.get(10, lambda: build(10), size=lambda _: 300)
     assert built == list(range(11)) and len(cache) == 3
     cache.get(7, lambda: build(7), size=lambda _: 300)
-    assert built == list(range(11))            # 8 was evicted, 7 was not
+    assert built == list(range(11))  # 8 was evicted, 7 was not
     cache.get(11, lambda: build(11), size=lambda _: 5000)  # larger than the bound: kept alone
     assert len(cache) == 1
     cache.get(12, lambda: build(12), size=lambda _: 10, still_valid=lambda: False)  # changed meanwhile

@@ -1,5 +1,6 @@
 """Live SED: incremental spectra equal the batch spectrum bit for bit, one checkpoint at a time, in bursts,
 and after a SIGKILL of a real watcher process; alerts are those of the batch detectors."""
+
 from __future__ import annotations
 
 import json
@@ -74,9 +75,8 @@ def test_one_at_a_time_and_bursts_are_bit_identical_to_batch(tmp_path, groups):
     _record(ck, steps)
     live = LiveSpectrum(store, res, run="r", windows=WINDOWS, groups=groups, scheduler="threads")
     n_upd = 0
-    for upto in (2, 4, 5, 6, 7, 11, 12, 20):        # creation, singles, bursts of 4 and 8
-        ingest({s: str(ck / f"ckpt_{s:06d}.pt") for s in steps[:upto]}, store, "r", progress=False,
-               scheduler="threads")
+    for upto in (2, 4, 5, 6, 7, 11, 12, 20):  # creation, singles, bursts of 4 and 8
+        ingest({s: str(ck / f"ckpt_{s:06d}.pt") for s in steps[:upto]}, store, "r", progress=False, scheduler="threads")
         u = live.update()
         if upto - 1 < max(WINDOWS):
             assert u is None
@@ -87,9 +87,17 @@ def test_one_at_a_time_and_bursts_are_bit_identical_to_batch(tmp_path, groups):
         ref = _batch(ck, steps[:upto], groups)
         _assert_same(got, ref)
         # and the batch itself against an independent float64 oracle of the band's diagonal
-        X = np.stack([np.concatenate([p.detach().numpy().ravel() for p in
-                                      torch.load(ck / f"ckpt_{s:06d}.pt", weights_only=True)["model_state_dict"].values()])
-                      for s in steps[:upto]]).astype(np.float32)
+        X = np.stack(
+            [
+                np.concatenate(
+                    [
+                        p.detach().numpy().ravel()
+                        for p in torch.load(ck / f"ckpt_{s:06d}.pt", weights_only=True)["model_state_dict"].values()
+                    ]
+                )
+                for s in steps[:upto]
+            ]
+        ).astype(np.float32)
         d0 = band_of(deltas(X), 1)[:, 0]
         norm = got["delta_norm"].values if groups is None else got["delta_norm"].sel(group="all").values
         np.testing.assert_allclose(norm[0] ** 2, d0, rtol=1e-10)
@@ -109,11 +117,37 @@ def test_resume_refuses_other_settings(tmp_path):
 
 
 def _watcher(ck, res, *extra):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__))]
-                                                       + os.environ.get("PYTHONPATH", "").split(os.pathsep))}
-    return subprocess.Popen([sys.executable, "-m", "sed_dask", "watch", str(ck), "--results", str(res),
-                             "--windows", ",".join(map(str, WINDOWS)), "--run", "r", "--poll", "0.05", "--settle", "0", "--threads",
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [os.path.dirname(os.path.dirname(__file__))] + os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        ),
+    }
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sed_dask",
+            "watch",
+            str(ck),
+            "--results",
+            str(res),
+            "--windows",
+            ",".join(map(str, WINDOWS)),
+            "--run",
+            "r",
+            "--poll",
+            "0.05",
+            "--settle",
+            "0",
+            "--threads",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+    )
 
 
 def _wait_steps(res, n, proc, timeout=120):
@@ -121,7 +155,7 @@ def _wait_steps(res, n, proc, timeout=120):
     while time.time() - t0 < timeout:
         try:
             ds = open_live(res)
-        except StoreError:      # not created yet
+        except StoreError:  # not created yet
             ds = None
         if ds is not None and ds.sizes["step"] >= n:
             return ds
@@ -137,13 +171,13 @@ def test_watcher_subprocess_survives_sigkill_and_matches_batch(tmp_path):
     w = _watcher(ck, res)
     seen = _wait_steps(res, 7, w)
     _assert_same(seen, _batch(ck, steps[:8]))
-    model = _record(ck, steps[8:9], model=model, seed=1, collapse_at=200)        # one at a time
+    model = _record(ck, steps[8:9], model=model, seed=1, collapse_at=200)  # one at a time
     _assert_same(_wait_steps(res, 8, w), _batch(ck, steps[:9]))
-    model = _record(ck, steps[9:14], model=model, seed=2, collapse_at=200)       # a burst, then the kill mid-update
+    model = _record(ck, steps[9:14], model=model, seed=2, collapse_at=200)  # a burst, then the kill mid-update
     time.sleep(0.15)
     w.send_signal(signal.SIGKILL)
     w.wait(timeout=30)
-    model = _record(ck, steps[14:], model=model, seed=3, collapse_at=200)        # written while nobody watches
+    model = _record(ck, steps[14:], model=model, seed=3, collapse_at=200)  # written while nobody watches
     w2 = _watcher(ck, res, "--until", str(steps[-1]), "--idle-timeout", "60")
     out, _ = w2.communicate(timeout=300)
     assert w2.returncode == 0, out
@@ -162,7 +196,7 @@ def test_watcher_subprocess_survives_sigkill_and_matches_batch(tmp_path):
     want = []
     for wi, W in enumerate(WINDOWS):
         watch = EdgeWatch(window=W)
-        r = batch["ratio"].isel(run=0, window=wi).values[:, :W - 1]
+        r = batch["ratio"].isel(run=0, window=wi).values[:, : W - 1]
         k = batch["k_star"].isel(run=0, window=wi).values
         for st, rr, kk in zip(batch["step"].values.tolist(), r, k):
             if np.isfinite(rr[0]) and np.isfinite(kk):
@@ -170,8 +204,11 @@ def test_watcher_subprocess_survives_sigkill_and_matches_batch(tmp_path):
     assert sorted(keys) == sorted(want)
     assert want, "the planted collapse at step 200 raised no alarm"
     ew = early_warning(batch)
-    first = {(int(W), d): s for W in ew.window.values for d, s in
-             zip(ew.detector.values, ew["alarm_step"].sel(window=W).values.ravel())}
+    first = {
+        (int(W), d): s
+        for W in ew.window.values
+        for d, s in zip(ew.detector.values, ew["alarm_step"].sel(window=W).values.ravel())
+    }
     for (W, d), s in first.items():
         if np.isfinite(s):
             assert min(st for w_, d_, st in keys if (w_, d_) == (W, d)) == s
@@ -183,6 +220,11 @@ def test_watcher_subprocess_survives_sigkill_and_matches_batch(tmp_path):
 def test_watch_cli_bad_source_exits_2(tmp_path):
     f = tmp_path / "x.txt"
     f.write_text("hi")
-    p = subprocess.run([sys.executable, "-m", "sed_dask", "watch", str(f), "--results", str(tmp_path / "r.zarr")],
-                       capture_output=True, text=True, env={**os.environ}, check=False)
+    p = subprocess.run(
+        [sys.executable, "-m", "sed_dask", "watch", str(f), "--results", str(tmp_path / "r.zarr")],
+        capture_output=True,
+        text=True,
+        env={**os.environ},
+        check=False,
+    )
     assert p.returncode == 2 and "Traceback" not in p.stderr and "x.txt" in p.stderr

@@ -1,4 +1,5 @@
 """The trainer callbacks with the real packages: a few CPU steps, then the TensorBoard events read back."""
+
 from __future__ import annotations
 
 import glob
@@ -19,7 +20,7 @@ def _scalars(logdir, tag):
     for f in glob.glob(f"{logdir}/**/events.out.tfevents.*", recursive=True):
         acc = EventAccumulator(f)
         acc.Reload()
-        for t in acc.Tags()["scalars"]:   # transformers prefixes its logs with "train/"
+        for t in acc.Tags()["scalars"]:  # transformers prefixes its logs with "train/"
             if t == tag or t == f"train/{tag}":
                 out.update({e.step: e.value for e in acc.Scalars(t)})
     return out
@@ -52,10 +53,18 @@ def test_hf_trainer_callback_logs_to_tensorboard(tmp_path):
     g = torch.Generator().manual_seed(0)
     X = torch.randn(64, 6, generator=g)
     data = [{"x": X[i], "labels": X[i].sum()} for i in range(64)]
-    logdir = tmp_path / "out"   # the TensorBoard callback writes under output_dir (transformers 5 has no logging_dir)
-    args = transformers.TrainingArguments(output_dir=str(logdir), max_steps=12, per_device_train_batch_size=8,
-                                          logging_steps=100, report_to=["tensorboard"],
-                                          save_strategy="no", use_cpu=True, learning_rate=0.05, disable_tqdm=True)
+    logdir = tmp_path / "out"  # the TensorBoard callback writes under output_dir (transformers 5 has no logging_dir)
+    args = transformers.TrainingArguments(
+        output_dir=str(logdir),
+        max_steps=12,
+        per_device_train_batch_size=8,
+        logging_steps=100,
+        report_to=["tensorboard"],
+        save_strategy="no",
+        use_cpu=True,
+        learning_rate=0.05,
+        disable_tqdm=True,
+    )
     trainer = transformers.Trainer(model=Reg(), args=args, train_dataset=data)
     SEDTrainerCallback(tmp_path / "ck", every=2, windows=WINDOWS, echo=None).attach(trainer)
     trainer.train()
@@ -85,9 +94,15 @@ def test_lightning_callback_logs_to_tensorboard(tmp_path):
     X = torch.randn(64, 6, generator=g)
     dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, X.sum(1)), batch_size=8)
     logger = TensorBoardLogger(str(tmp_path / "tb"), name="m")
-    trainer = L.Trainer(max_steps=12, logger=logger, accelerator="cpu", enable_progress_bar=False,
-                        enable_checkpointing=False, enable_model_summary=False,
-                        callbacks=[SEDCallback(tmp_path / "ck", every=2, windows=WINDOWS, echo=None)])
+    trainer = L.Trainer(
+        max_steps=12,
+        logger=logger,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[SEDCallback(tmp_path / "ck", every=2, windows=WINDOWS, echo=None)],
+    )
     trainer.fit(Reg(), dl)
     logger.experiment.flush()
     _check(tmp_path, tmp_path / "tb", 2, 12)

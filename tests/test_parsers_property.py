@@ -5,6 +5,7 @@ or raise their one clear error type, for any input hypothesis can think of; so t
 Catches on the code before issue 13: ``3,,4`` and ``3,3`` parsed to [3, 4] / [3]; ``--tau -1``,
 ``nan`` and ``inf`` accepted; ``--lags 5:2`` gave an empty list; metric names with '/' accepted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ def test_int_list_is_exactly_the_integers_given(text):
 
 
 @FAST
-@given(st.lists(st.integers(-10**6, 10**6), min_size=1, max_size=8))
+@given(st.lists(st.integers(-(10**6), 10**6), min_size=1, max_size=8))
 def test_int_list_round_trips_and_refuses_repeats(values):
     text = ",".join(map(str, values))
     if len(set(values)) == len(values):
@@ -80,11 +81,12 @@ def test_tau_is_auto_or_a_finite_positive_number(text):
 
 
 NAMES = st.one_of(st.just("val_loss"), st.text(alphabet=st.sampled_from(list("abc_/ .\\\t")), max_size=6))
-VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True, allow_infinity=True),
-                   st.text(max_size=3))
-RECORD = st.fixed_dictionaries({"step": st.one_of(st.integers(-3, 50), st.floats(-3, 50), st.text(max_size=2))},
-                               optional={}).flatmap(
-    lambda base: st.dictionaries(NAMES, VALUES, max_size=3).map(lambda extra: {**extra, **base}))
+VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=3)
+)
+RECORD = st.fixed_dictionaries(
+    {"step": st.one_of(st.integers(-3, 50), st.floats(-3, 50), st.text(max_size=2))}, optional={}
+).flatmap(lambda base: st.dictionaries(NAMES, VALUES, max_size=3).map(lambda extra: {**extra, **base}))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

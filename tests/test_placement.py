@@ -1,6 +1,7 @@
 """Where the tasks run, by dask's rules (sed_dask.cluster.placement): an explicit scheduler, then a
 client/address/scheduler file, an active Client, a configured cluster, the dask.config scheduler, and
 by default the in-process threaded scheduler; and the reduction tree refuses a fan-in that never ends."""
+
 from __future__ import annotations
 
 import subprocess
@@ -57,13 +58,15 @@ def test_spectrum_runs_where_dask_config_says(store, monkeypatch):
     monkeypatch.undo()
     for name in ("sigma", "edge_ratio", "k_star"):
         np.testing.assert_array_equal(a[name].values, b[name].values)
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as lc, \
-            Client(lc) as client:
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as lc,
+        Client(lc) as client,
+    ):
         assert placement().client is client
         before = len(client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes)))
         c = sed_dask.spectrum(store, windows=(3, 5), progress=False)
         after = len(client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes)))
-        assert after > before                       # the pass ran on the active client's cluster
+        assert after > before  # the pass ran on the active client's cluster
     np.testing.assert_array_equal(a["sigma"].values, c["sigma"].values)
 
 
@@ -76,20 +79,38 @@ def test_split_every_one_is_refused_everywhere(store):
 
     stack = window_stack(sed_dask.open_store(store, mode="r").run("r"), window=5)
     with pytest.raises(ValueError, match=r"split_every must be an integer >= 2"):
-        block_pass(stack, read_block, scheduler="sync", split_every=1)   # once hung forever
+        block_pass(stack, read_block, scheduler="sync", split_every=1)  # once hung forever
     with dask.config.set({"sed_dask.spectrum.split-every": 1}), pytest.raises(ValueError, match="split_every"):
         sed_dask.directions(store, run="r", window=5, k=2, scheduler="sync")
 
 
 def test_cli_default_runs_in_process(store, tmp_path):
-    code = ("import sys, sed_dask.cluster.client as c\n"
-            "def boom(*a, **k): raise SystemExit('cluster started')\n"
-            "c.connect = boom\n"
-            "from sed_dask.cli import main\n"
-            f"sys.exit(main(['spectrum', {str(store)!r}, '--windows', '3', '-o', {str(tmp_path / 'r.zarr')!r}, "
-            "'--no-progress']))")
+    code = (
+        "import sys, sed_dask.cluster.client as c\n"
+        "def boom(*a, **k): raise SystemExit('cluster started')\n"
+        "c.connect = boom\n"
+        "from sed_dask.cli import main\n"
+        f"sys.exit(main(['spectrum', {str(store)!r}, '--windows', '3', '-o', {str(tmp_path / 'r.zarr')!r}, "
+        "'--no-progress']))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "sed_dask", "spectrum", str(store), "--windows", "3", "--threads",
-                        "--local-cluster", "2", "-o", str(tmp_path / "x.zarr")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sed_dask",
+            "spectrum",
+            str(store),
+            "--windows",
+            "3",
+            "--threads",
+            "--local-cluster",
+            "2",
+            "-o",
+            str(tmp_path / "x.zarr"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "--threads runs in this process" in r.stderr

@@ -1,11 +1,11 @@
 """Progress tells the truth: bars reach 100 %, end with one summary line, and logs get no escape codes."""
+
 from __future__ import annotations
 
 import io
 import re
 
 import numpy as np
-import pytest
 
 from sed_dask.engine.passes import compute_graph
 from sed_dask.progress import Bar
@@ -68,6 +68,9 @@ def test_ingest_ends_with_what_how_long_where(tmp_path, capsys):
     ingest(str(ck), str(tmp_path / "t.zarr"), "r", scheduler="threads", progress=True)
     err = capsys.readouterr().err
     assert not ESCAPES.search(err)
-    line, = [ln for ln in err.splitlines() if ln.startswith("ingest r")]
-    assert re.fullmatch(rf"ingest r: done, 7 checkpoint\(s\) in 7 range\(s\), 0\.000 GB in \d+\.\d s -> "
-                        rf"{re.escape(str(tmp_path / 't.zarr'))}", line), line
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("ingest r")]
+    assert re.fullmatch(
+        rf"ingest r: done, 7 checkpoint\(s\) in 7 range\(s\), 0\.000 GB in \d+\.\d s -> "
+        rf"{re.escape(str(tmp_path / 't.zarr'))}",
+        line,
+    ), line

@@ -1,4 +1,5 @@
 """Checkpoint readers, step discovery and metrics files, on real files written by tests/models.py."""
+
 from __future__ import annotations
 
 import itertools
@@ -8,14 +9,20 @@ import os
 import numpy as np
 import pytest
 import torch
-from models import (make_trajectory, write_hf_sharded, write_orig_mod, write_pt, write_safetensors)
+from models import make_trajectory, write_hf_sharded, write_orig_mod, write_pt, write_safetensors
 from safetensors.torch import save_file
 
-from sed_dask.sources.discover import discover_checkpoints, step_from_name
 from sed_dask.errors import CheckpointError, MetricsError
+from sed_dask.readers import (
+    CheckpointReader,
+    SafetensorsReader,
+    ShardedReader,
+    TorchReader,
+    flat_slices,
+    open_checkpoint,
+)
+from sed_dask.sources.discover import discover_checkpoints, step_from_name
 from sed_dask.sources.metrics import load_metrics
-from sed_dask.readers import (CheckpointReader, ShardedReader, SafetensorsReader, TorchReader, flat_slices,
-                              open_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +59,19 @@ def _expected(traj, kind, i):
     return sd
 
 
-KINDS = ["pt", "pt_bf16", "pt_legacy", "pt_top", "pt_state_dict", "pt_model", "orig_mod", "st", "st_bf16", "hf", "hf_bin"]
+KINDS = [
+    "pt",
+    "pt_bf16",
+    "pt_legacy",
+    "pt_top",
+    "pt_state_dict",
+    "pt_model",
+    "orig_mod",
+    "st",
+    "st_bf16",
+    "hf",
+    "hf_bin",
+]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -113,8 +132,10 @@ def test_flat_slices_cover_every_range_exactly():
 
 
 @pytest.mark.parametrize("method", ["auto", "safe_open"])
-@pytest.mark.parametrize("dtype,framework", [(torch.bfloat16, "pt"), (torch.float16, "np"), (torch.float32, "np"),
-                                             (torch.float64, "np"), (torch.int64, "np")])
+@pytest.mark.parametrize(
+    "dtype,framework",
+    [(torch.bfloat16, "pt"), (torch.float16, "np"), (torch.float32, "np"), (torch.float64, "np"), (torch.int64, "np")],
+)
 def test_safetensors_slices_of_nd_tensor(tmp_path, dtype, framework, method):
     """Positioned reads and safe_open + get_slice give the same bits for every numpy-expressible dtype."""
     t = (torch.randn(3, 5, 7) * 100).to(dtype)
@@ -170,11 +191,21 @@ def test_sharded_index_problems(files, traj, tmp_path):
 
 
 # ----------------------------------------------------------------------------- discovery
-@pytest.mark.parametrize("name,step", [
-    ("ckpt_000200.pt", 200), ("step200", 200), ("checkpoint-200", 200), ("step1000-tokens4B", 1000),
-    ("model_200.safetensors", 200), ("global_step300", 300), ("gpt2_124m_step500.pt", 500),
-    ("iter_0007.pth", 7), ("final.pt", None), ("run3_epoch2.pt", None),
-])
+@pytest.mark.parametrize(
+    "name,step",
+    [
+        ("ckpt_000200.pt", 200),
+        ("step200", 200),
+        ("checkpoint-200", 200),
+        ("step1000-tokens4B", 1000),
+        ("model_200.safetensors", 200),
+        ("global_step300", 300),
+        ("gpt2_124m_step500.pt", 500),
+        ("iter_0007.pth", 7),
+        ("final.pt", None),
+        ("run3_epoch2.pt", None),
+    ],
+)
 def test_step_from_name(name, step):
     assert step_from_name(name) == step
 
@@ -217,10 +248,12 @@ def test_duplicate_steps_name_both_files(tmp_path):
 
 # ----------------------------------------------------------------------------- metrics files
 def test_metrics_shapes(tmp_path):
-    recs = [{"step": 200, "val_loss": 3.0, "lr": 1e-3, "phase": "warm", "is_hot": True},
-            {"step": 0, "val_loss": 4.0, "lr": 0.0, "phase": "warm", "is_hot": False},
-            {"step": 400, "train_loss": 2.5},            # a train-only record
-            {"step": 400, "val_loss": 2.7, "lr": None}]  # merged into step 400
+    recs = [
+        {"step": 200, "val_loss": 3.0, "lr": 1e-3, "phase": "warm", "is_hot": True},
+        {"step": 0, "val_loss": 4.0, "lr": 0.0, "phase": "warm", "is_hot": False},
+        {"step": 400, "train_loss": 2.5},  # a train-only record
+        {"step": 400, "val_loss": 2.7, "lr": None},
+    ]  # merged into step 400
     (tmp_path / "pilot_metrics.json").write_text(json.dumps(recs))
     m = load_metrics(tmp_path / "pilot_metrics.json")
     assert m["step"].tolist() == [0, 200, 400] and m["step"].dtype == np.int64
@@ -231,8 +264,9 @@ def test_metrics_shapes(tmp_path):
 
     (tmp_path / "by_step.json").write_text(json.dumps({"400": {"val_loss": 2.7}, "0": {"val_loss": 4.0}}))
     (tmp_path / "cols.json").write_text(json.dumps({"step": [400, 0], "val_loss": [2.7, 4.0]}))
-    (tmp_path / "wrapped.json").write_text(json.dumps({"metrics": [{"global_step": 0, "val_loss": 4.0},
-                                                                   {"global_step": 400, "val_loss": 2.7}]}))
+    (tmp_path / "wrapped.json").write_text(
+        json.dumps({"metrics": [{"global_step": 0, "val_loss": 4.0}, {"global_step": 400, "val_loss": 2.7}]})
+    )
     (tmp_path / "m.csv").write_text("step,val_loss,phase\n400,2.7,b\n0,4.0,a\n200,,a\n")
     for f in ("by_step.json", "cols.json", "wrapped.json"):
         m = load_metrics(tmp_path / f)

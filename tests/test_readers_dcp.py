@@ -4,6 +4,7 @@ Single-process saves need no process group; the sharded ones come from 2 real pr
 127.0.0.1, ``_RANK_SCRIPT``) saving DTensors with ``Shard(0)``, ``Shard(1)``,
 ``Shard(2)`` and ``Replicate`` placements, uneven and empty shards included.
 """
+
 from __future__ import annotations
 
 import io
@@ -22,13 +23,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 from models import cast_state_dict, flatten, make_trajectory, write_pt
 
-from sed_dask.sources.checkpoint_run import open_checkpoints
-from sed_dask.sources.discover import discover_checkpoints
 from sed_dask.errors import CheckpointError
-from sed_dask.store.ingest import ingest
 from sed_dask.readers import DCPReader, checkpoint_format, open_checkpoint
 from sed_dask.readers import dcp as dcp_mod
 from sed_dask.readers._pickle2 import as_protocol2
+from sed_dask.sources.checkpoint_run import open_checkpoints
+from sed_dask.sources.discover import discover_checkpoints
+from sed_dask.store.ingest import ingest
 from sed_dask.store.trajectory import open_store
 
 SMALL = {"chunk_bytes": 4096, "shard_bytes": 16384}
@@ -45,9 +46,12 @@ def save_dcp(state: dict, path, **kw) -> str:
 
 def optim_state(sd: dict, step: int) -> dict:
     """An optimizer-like subtree: tensors under other names and values, plus python objects."""
-    return {"state": {k: {"exp_avg": v * 2 + 1, "step": torch.tensor(float(step))}
-                      for k, v in sd.items() if v.is_floating_point()},
-            "param_groups": [{"lr": 1e-3, "params": list(sd)}]}
+    return {
+        "state": {
+            k: {"exp_avg": v * 2 + 1, "step": torch.tensor(float(step))} for k, v in sd.items() if v.is_floating_point()
+        },
+        "param_groups": [{"lr": 1e-3, "params": list(sd)}],
+    }
 
 
 def bits(a: np.ndarray) -> np.ndarray:
@@ -108,8 +112,16 @@ def run_two_ranks(jobs: list[dict], tmp) -> None:
     torch.save({"jobs": jobs}, spec)
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    procs = [subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT, str(r), str(port), spec], cwd=tmp, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RANK_SCRIPT, str(r), str(port), spec],
+            cwd=tmp,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(2)
+    ]
     outs = []
     try:
         for p in procs:
@@ -129,9 +141,19 @@ def extra_tensors() -> tuple[dict, dict]:
     def r(*shape, dtype=torch.float32):
         return (torch.randn(*shape, generator=g) * 3).to(dtype)
 
-    ts = {"a": r(7, 5), "b": r(4, 9), "c": r(3, 4, 5, dtype=torch.bfloat16), "d": r(3, 2, 7, dtype=torch.float16),
-          "e": r(5, 6, dtype=torch.float64), "f": r(1, 6), "g": r(10, dtype=torch.bfloat16), "h": r(6, 4),
-          "i": r(9, 3, 4), "n": torch.arange(12, dtype=torch.int64).reshape(3, 4), "s": torch.tensor(3.25)}
+    ts = {
+        "a": r(7, 5),
+        "b": r(4, 9),
+        "c": r(3, 4, 5, dtype=torch.bfloat16),
+        "d": r(3, 2, 7, dtype=torch.float16),
+        "e": r(5, 6, dtype=torch.float64),
+        "f": r(1, 6),
+        "g": r(10, dtype=torch.bfloat16),
+        "h": r(6, 4),
+        "i": r(9, 3, 4),
+        "n": torch.arange(12, dtype=torch.int64).reshape(3, 4),
+        "s": torch.tensor(3.25),
+    }
     place = {"a": 0, "b": 1, "c": 1, "d": 2, "e": 0, "f": 0, "g": -1, "h": 1, "i": 1, "n": 0, "s": -1}
     return ts, place
 
@@ -215,9 +237,14 @@ def test_two_rank_shards_every_dtype_and_random_slices_across_chunks(src):
                 assert np.array_equal(bits(got), bits(w[lo:hi])), (name, lo, hi)
                 if hi > lo and len(chunks) > 1:
                     idx = np.unravel_index(np.arange(lo, hi), t.shape)
-                    owner = {next(i for i, c in enumerate(chunks)
-                                  if all(o <= x < o + z for x, o, z in zip(p, c.offsets, c.sizes)))
-                             for p in zip(*[ix[[0, -1]] for ix in idx])}
+                    owner = {
+                        next(
+                            i
+                            for i, c in enumerate(chunks)
+                            if all(o <= x < o + z for x, o, z in zip(p, c.offsets, c.sizes))
+                        )
+                        for p in zip(*[ix[[0, -1]] for ix in idx])
+                    }
                     crossing += len(owner) > 1
         assert crossing > 300  # many slices start in one chunk and end in another
 
@@ -238,8 +265,9 @@ def test_tensors_reads_no_chunk_data_and_slices_read_only_their_bytes(src, tmp_p
         assert calls == [] and "a" in infos
         chunk0 = next(c for c in r.layout.chunks["model.a"] if c.offsets == (0, 0))
         r.read("a", 0, 3)  # locates chunk 0 (zip directory + data.pkl) and reads 3 floats
-        assert calls and all(fd == r._fds[chunk0.file] and chunk0.start <= off < chunk0.start + chunk0.length
-                             for fd, off, _ in calls)
+        assert calls and all(
+            fd == r._fds[chunk0.file] and chunk0.start <= off < chunk0.start + chunk0.length for fd, off, _ in calls
+        )
         calls.clear()
         r.read("a", 5, 17)  # chunk 0 located already: one positioned read of exactly 12 floats
         assert [n for _, _, n in calls] == [12 * 4]
@@ -258,19 +286,30 @@ def test_tensors_reads_no_chunk_data_and_slices_read_only_their_bytes(src, tmp_p
                 fh.write(b"\0" * size)
     with DCPReader(bad) as r:
         assert r.tensors() == infos
-        with pytest.raises(CheckpointError, match=r"__\d_0\.distcp: bytes \[\d+:\d+\] \(tensor 'model\.a'.*not a "
-                                                   r"torch\.save archive"):
+        with pytest.raises(
+            CheckpointError,
+            match=r"__\d_0\.distcp: bytes \[\d+:\d+\] \(tensor 'model\.a'.*not a "
+            r"torch\.save archive",
+        ):
             r.read("a")
 
 
 def test_dtypes_non_contiguous_chunks_scalars_and_unsupported(tmp_path):
     g = torch.Generator().manual_seed(2)
     base = torch.randn(6, 4, generator=g)
-    sd = {"f32": torch.randn(3, 5, generator=g), "bf16": torch.randn(4, 6, generator=g).bfloat16(),
-          "f16": torch.randn(9, generator=g).half(), "f64": torch.randn(2, 3, generator=g).double() * 1e3,
-          "f8": torch.randn(5, 3, generator=g).to(torch.float8_e4m3fn), "i32": torch.arange(-5, 5, dtype=torch.int32),
-          "t": base.t(), "perm": torch.randn(2, 3, 4, generator=g).permute(2, 0, 1), "scalar": torch.tensor(-1.5),
-          "bool": torch.tensor([True, False, True]), "c64": torch.randn(3, dtype=torch.complex64)}
+    sd = {
+        "f32": torch.randn(3, 5, generator=g),
+        "bf16": torch.randn(4, 6, generator=g).bfloat16(),
+        "f16": torch.randn(9, generator=g).half(),
+        "f64": torch.randn(2, 3, generator=g).double() * 1e3,
+        "f8": torch.randn(5, 3, generator=g).to(torch.float8_e4m3fn),
+        "i32": torch.arange(-5, 5, dtype=torch.int32),
+        "t": base.t(),
+        "perm": torch.randn(2, 3, 4, generator=g).permute(2, 0, 1),
+        "scalar": torch.tensor(-1.5),
+        "bool": torch.tensor([True, False, True]),
+        "c64": torch.randn(3, dtype=torch.complex64),
+    }
     path = save_dcp(sd, tmp_path / "d")
     with open_checkpoint(path) as r:
         infos = r.tensors()
@@ -298,8 +337,9 @@ def test_namespaces_follow_find_state_dict(tmp_path):
     flat = save_dcp({"model.layers.0.w": w, "lm_head.weight": w + 1}, tmp_path / "flat")
     assert set(DCPReader(flat).tensors()) == {"model.layers.0.w", "lm_head.weight"}
     # the .pt wrappers, in find_state_dict's order of preference
-    both = save_dcp({"model_state_dict": {"w": w}, "model": {"v": w}, "optim": {"state": {"w": {"m": w}}}},
-                    tmp_path / "both")
+    both = save_dcp(
+        {"model_state_dict": {"w": w}, "model": {"v": w}, "optim": {"state": {"w": {"m": w}}}}, tmp_path / "both"
+    )
     assert set(DCPReader(both).tensors()) == {"w"}
     sdk = save_dcp({"state_dict": {"w": w}, "step": 3}, tmp_path / "sdk")
     assert set(DCPReader(sdk).tensors()) == {"w"}
@@ -307,8 +347,11 @@ def test_namespaces_follow_find_state_dict(tmp_path):
     top = save_dcp({"w": w, "optim": {"state": {"w": {"m": w}}}, "step": 1}, tmp_path / "top")
     assert set(DCPReader(top).tensors()) == {"w"}
     none = save_dcp({"net": {"w": w}, "step": 1}, tmp_path / "none")
-    with pytest.raises(CheckpointError, match=r"no tensors found at the top level or under "
-                                              r"model_state_dict/state_dict/model \(top-level keys: \['net'"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"no tensors found at the top level or under "
+        r"model_state_dict/state_dict/model \(top-level keys: \['net'",
+    ):
         DCPReader(none).tensors()
 
 
@@ -380,16 +423,22 @@ def test_missing_and_truncated_files(two_rank_copy, tmp_path):
         open_checkpoint(p).tensors()
     os.rename(os.path.join(tmp_path, "md"), os.path.join(p, ".metadata"))
     os.rename(os.path.join(p, "__1_0.distcp"), os.path.join(tmp_path, "d1"))
-    with pytest.raises(CheckpointError, match=r"DCP data file __1_0\.distcp \(holding tensor 'model\.\w+'\) does not "
-                                              r"exist"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"DCP data file __1_0\.distcp \(holding tensor 'model\.\w+'\) does not "
+        r"exist",
+    ):
         open_checkpoint(p).tensors()
     with open(os.path.join(tmp_path, "d1"), "rb") as f:
         data = f.read()
     with open(os.path.join(p, "__1_0.distcp"), "wb") as f:
         f.write(data[: len(data) // 2])
     clear_cache()
-    with pytest.raises(CheckpointError, match=r"__1_0\.distcp: truncated: the metadata puts tensor 'model\.\w+' "
-                                              r"\(chunk at offsets \[.*\]\) at bytes \[\d+:\d+\], the file holds"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"__1_0\.distcp: truncated: the metadata puts tensor 'model\.\w+' "
+        r"\(chunk at offsets \[.*\]\) at bytes \[\d+:\d+\], the file holds",
+    ):
         open_checkpoint(p).tensors()
     with pytest.raises(CheckpointError, match="is one data file of a DCP checkpoint; pass its directory"):
         open_checkpoint(os.path.join(p, "__0_0.distcp"))
@@ -422,21 +471,30 @@ def test_inconsistent_metadata(two_rank_copy):
     size = os.path.getsize(os.path.join(p, info.relative_path))
     info.offset = size - 10
     _write_meta(p, md)
-    with pytest.raises(CheckpointError, match=r"truncated: the metadata puts tensor 'model\.a' \(chunk at offsets "
-                                              r"\[4, 0\]\) at bytes"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"truncated: the metadata puts tensor 'model\.a' \(chunk at offsets "
+        r"\[4, 0\]\) at bytes",
+    ):
         DCPReader(p).tensors()
     md = fresh()
     md.state_dict_metadata["model.b"].chunks.pop()
     _write_meta(p, md)
-    with pytest.raises(CheckpointError, match=r"tensor 'model\.b' of size \[4, 9\] is not covered by its chunks: its "
-                                              r"chunks hold \d+ elements, the tensor has 36"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor 'model\.b' of size \[4, 9\] is not covered by its chunks: its "
+        r"chunks hold \d+ elements, the tensor has 36",
+    ):
         DCPReader(p).tensors()
     md = fresh()
     c1 = next(c for c in md.state_dict_metadata["model.a"].chunks if c.offsets[0] == 4)
     c1.offsets = torch.Size([3, 0])  # overlaps row 3 of the other chunk, leaves row 6 uncovered: same volume
     _write_meta(p, md)
-    with pytest.raises(CheckpointError, match=r"tensor 'model\.a' .* not covered by its chunks: chunks at offsets "
-                                              r"\[\d, 0\] and \[\d, 0\] overlap"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor 'model\.a' .* not covered by its chunks: chunks at offsets "
+        r"\[\d, 0\] and \[\d, 0\] overlap",
+    ):
         DCPReader(p).tensors()
     md = fresh()
     md.state_dict_metadata["model.h"].chunks[0].offsets = torch.Size([0, 3])
@@ -469,8 +527,11 @@ def test_metadata_with_a_disallowed_global_is_refused(two_rank_copy, tmp_path):
     md = _meta(p)
     md.planner_data["model.a"] = _Evil(marker)
     _write_meta(p, md)
-    with pytest.raises(CheckpointError, match=r"\.metadata: refused or unreadable DCP metadata: .*(posix|os)\.system.*"
-                                              r"refused for safety"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"\.metadata: refused or unreadable DCP metadata: .*(posix|os)\.system.*"
+        r"refused for safety",
+    ):
         open_checkpoint(p).tensors()
     assert not marker.exists()
     with open(os.path.join(p, ".metadata"), "wb") as f:
@@ -498,8 +559,16 @@ def test_protocol_rewrite_keeps_every_value():
     from torch._weights_only_unpickler import Unpickler
 
     shared = ["x" * 300, "é"]
-    obj = {"a": [1, 2.5, None, True, (shared, shared)], "long": "y" * 70000, "n": 2 ** 70, "dt": torch.bfloat16,
-           "size": torch.Size([3, 4]), "sz2": torch.Size([3, 4]), "t": ("torch", "Size"), ("k", 1): {"nested": {}}}
+    obj = {
+        "a": [1, 2.5, None, True, (shared, shared)],
+        "long": "y" * 70000,
+        "n": 2**70,
+        "dt": torch.bfloat16,
+        "size": torch.Size([3, 4]),
+        "sz2": torch.Size([3, 4]),
+        "t": ("torch", "Size"),
+        ("k", 1): {"nested": {}},
+    }
     for proto in (2, 3, 4, 5):
         raw = pickle.dumps(obj, protocol=proto)
         got = Unpickler(io.BytesIO(as_protocol2(raw)), encoding="utf-8").load()
@@ -538,6 +607,7 @@ def _zlib_extension():
                     if not self.closed:
                         output.write(self.c.flush())
                     super().close()
+
             return W()
 
         def transform_from(self, input):
@@ -557,8 +627,11 @@ def test_chunks_with_stream_transforms(tmp_path):
     with open_checkpoint(path) as r:
         assert set(r.tensors()) == {"w", "b"}
         assert r.layout.chunks["model.w"][0].transforms == ("test.zlib/1",)
-        with pytest.raises(CheckpointError, match=r"tensor 'model\.w', chunk at offsets \[0, 0\]\): stored with "
-                                                  r"transforms \['test\.zlib/1'\] that cannot be undone here"):
+        with pytest.raises(
+            CheckpointError,
+            match=r"tensor 'model\.w', chunk at offsets \[0, 0\]\): stored with "
+            r"transforms \['test\.zlib/1'\] that cannot be undone here",
+        ):
             r.read("w")
     reg = ExtensionRegistry()
     reg.register(Zlib)

@@ -5,6 +5,7 @@ standalone script (as a user pastes it), each ```bash block that is not one of t
 (`./scripts/*.sh`, which CI runs itself) is run by bash, and the examples run with small arguments.
 ``SED_DASK_README`` points the test at another copy (e.g. an older README) to check it.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,15 +32,13 @@ def blocks(text: str, lang: str) -> list[str]:
 
 def _env() -> dict:
     """The test's own interpreter and console scripts first on PATH; one BLAS thread per process."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MPLBACKEND="Agg",
-               PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MPLBACKEND="Agg", PYTHONPATH=str(ROOT))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
 
 def _run(cmd, cwd: Path, *, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, cwd=cwd, env={**_env(), **(env or {})}, capture_output=True, text=True,
-                       timeout=timeout)
+    r = subprocess.run(cmd, cwd=cwd, env={**_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{cmd} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return r
 
@@ -51,7 +50,9 @@ def work(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("readme")
     for seed in (0, 1):
-        PlantedTrajectory(n_deltas=30, n_params=3000, rank=2, seed=seed).write_checkpoints(root / "runs" / f"seed{seed}")
+        PlantedTrajectory(n_deltas=30, n_params=3000, rank=2, seed=seed).write_checkpoints(
+            root / "runs" / f"seed{seed}"
+        )
     return root
 
 
@@ -91,8 +92,9 @@ def scheduler():
     They reach it as a user's script would: ``--scheduler-address``, or ``DASK_SCHEDULER_ADDRESS``."""
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, protocol="tcp", host="127.0.0.1",
-                      dashboard_address=":0") as cl:
+    with LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=False, protocol="tcp", host="127.0.0.1", dashboard_address=":0"
+    ) as cl:
         yield cl.scheduler_address
 
 
@@ -103,15 +105,23 @@ def test_examples_run(tmp_path, scheduler):
 
     def run(name, *args):
         ran.add(name)
-        return _run([sys.executable, str(ex / name), *map(str, args)], tmp_path,
-                    env={"DASK_SCHEDULER_ADDRESS": scheduler})
+        return _run(
+            [sys.executable, str(ex / name), *map(str, args)], tmp_path, env={"DASK_SCHEDULER_ADDRESS": scheduler}
+        )
 
     run("record_from_training.py", tmp_path / "ckpts", "--steps", 40, "--every", 4)
-    out = run("analyse_checkpoint_dir.py", tmp_path / "ckpts", "--windows", "3,4",
-              "--scheduler-address", scheduler).stdout
+    out = run(
+        "analyse_checkpoint_dir.py", tmp_path / "ckpts", "--windows", "3,4", "--scheduler-address", scheduler
+    ).stdout
     assert "W=3: k* (mode)" in out
-    out = run("connect_existing_cluster.py", tmp_path / "ckpts" / "sed" / "trajectory.zarr", "--windows", "3,4",
-              "-o", tmp_path / "r.zarr").stdout
+    out = run(
+        "connect_existing_cluster.py",
+        tmp_path / "ckpts" / "sed" / "trajectory.zarr",
+        "--windows",
+        "3,4",
+        "-o",
+        tmp_path / "r.zarr",
+    ).stdout
     assert "signal rank" in out and (tmp_path / "r.zarr").is_dir()
     out = run("hf_sharded_run.py", tmp_path / "hf", "--steps", 60, "--every", 6, "--shards", 2).stdout
     assert "W=5: k* =" in out
@@ -121,13 +131,16 @@ def test_examples_run(tmp_path, scheduler):
 def test_unguarded_script_on_a_local_cluster_says_add_the_guard(work, tmp_path):
     """The README's promise for scripts that start worker processes: re-entry is named, not a lock error."""
     script = tmp_path / "unguarded.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import dask, sed_dask
         dask.config.set({{"sed_dask.cluster": {{"class": "distributed.LocalCluster", "kwargs": {{"n_workers": 1}}}}}})
-        sed_dask.ingest({str(work / 'runs' / 'seed0')!r}, "traj.zarr", run="seed0", progress=False)
-    """))
-    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                       timeout=120)
+        sed_dask.ingest({str(work / "runs" / "seed0")!r}, "traj.zarr", run="seed0", progress=False)
+    """)
+    )
+    r = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120
+    )
     assert r.returncode != 0
     assert 'if __name__ == "__main__":' in r.stderr, r.stderr[-4000:]
     assert "RunLockedError" not in r.stderr, r.stderr[-4000:]

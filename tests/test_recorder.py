@@ -1,4 +1,5 @@
 """TrajectoryRecorder: checkpoint layout, metrics.json, atomic writes, resume, tied weights."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,7 @@ def test_pt_cadence_content_and_metrics(tmp_path):
         else:
             assert path is None
         _bump(model)
-    assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == [
-        "ckpt_000000.pt", "ckpt_000010.pt", "ckpt_000020.pt"]
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_000000.pt", "ckpt_000010.pt", "ckpt_000020.pt"]
     assert rec.saved_steps() == [0, 10, 20]
     for step, sd in expected.items():
         obj = torch.load(tmp_path / checkpoint_name(step), map_location="cpu", weights_only=True)
@@ -76,8 +76,10 @@ def test_log_metrics_merge_types_and_nan(tmp_path):
     rec.log_metrics(10, val_acc=0.75, tokens=np.int64(1234))
     rec.log_metrics(5, val_loss=float("nan"), val_acc=float("inf"))
     recs = json.loads((tmp_path / "metrics.json").read_text())
-    assert recs == [{"step": 5, "val_loss": None, "val_acc": None},
-                    {"step": 10, "val_loss": 2.5, "lr": pytest.approx(1e-3), "val_acc": 0.75, "tokens": 1234}]
+    assert recs == [
+        {"step": 5, "val_loss": None, "val_acc": None},
+        {"step": 10, "val_loss": 2.5, "lr": pytest.approx(1e-3), "val_acc": 0.75, "tokens": 1234},
+    ]
     assert isinstance(recs[1]["tokens"], int)
     with pytest.raises(ValueError, match="scalar"):
         rec.log_metrics(15, val_loss=torch.ones(3))
@@ -111,8 +113,11 @@ def test_resume_keeps_earlier_records(tmp_path):
     again.log_metrics(20, val_loss=1.0)
     again.log_metrics(10, val_acc=0.5)
     recs = json.loads((tmp_path / "metrics.json").read_text())
-    assert recs == [{"step": 0, "val_loss": 3.0}, {"step": 10, "val_loss": 2.0, "val_acc": 0.5},
-                    {"step": 20, "val_loss": 1.0}]
+    assert recs == [
+        {"step": 0, "val_loss": 3.0},
+        {"step": 10, "val_loss": 2.0, "val_acc": 0.5},
+        {"step": 20, "val_loss": 1.0},
+    ]
 
 
 def test_crash_mid_write_leaves_old_files_intact(tmp_path, monkeypatch):
@@ -123,7 +128,7 @@ def test_crash_mid_write_leaves_old_files_intact(tmp_path, monkeypatch):
     before_json = (tmp_path / "metrics.json").read_text()
 
     def torn_dump(obj, f, **kw):
-        f.write('[{"step": 1, "val_lo')           # half a record, then the process "dies"
+        f.write('[{"step": 1, "val_lo')  # half a record, then the process "dies"
         raise KeyboardInterrupt
 
     monkeypatch.setattr("sed_dask.sources.recorder.json.dump", torn_dump)
@@ -144,7 +149,7 @@ def test_crash_mid_write_leaves_old_files_intact(tmp_path, monkeypatch):
         rec.save(2, model)
     assert (tmp_path / "ckpt_000001.pt").read_bytes() == before_ckpt
     assert not (tmp_path / "ckpt_000002.pt").exists()
-    assert sorted(os.listdir(tmp_path)) == ["ckpt_000001.pt", "metrics.json"]   # no temp files left
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_000001.pt", "metrics.json"]  # no temp files left
 
 
 def test_files_get_the_normal_umask_mode(tmp_path):
@@ -168,7 +173,7 @@ def test_safetensors_tied_weights_and_step_metadata(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["step"] == "8"
         keys = set(f.keys())
-    assert "mid.weight" in keys and len({"emb.weight", "head.weight"} & keys) == 1   # tied: one copy
+    assert "mid.weight" in keys and len({"emb.weight", "head.weight"} & keys) == 1  # tied: one copy
     fresh = Tied()
     load_model(fresh, str(path))
     for k, v in model.state_dict().items():
@@ -183,9 +188,8 @@ def test_upcast_and_argument_checks(tmp_path):
     sd = torch.load(rec.save(0, model), weights_only=True)["model_state_dict"]
     assert sd["weight"].dtype == torch.float32
     torch.testing.assert_close(sd["weight"], model.weight.float(), rtol=0, atol=0)
-    kept = torch.load(TrajectoryRecorder(tmp_path / "b", every=1).save(0, model),
-                      weights_only=True)["model_state_dict"]
-    assert kept["weight"].dtype == torch.bfloat16           # never downcast, never silently changed
+    kept = torch.load(TrajectoryRecorder(tmp_path / "b", every=1).save(0, model), weights_only=True)["model_state_dict"]
+    assert kept["weight"].dtype == torch.bfloat16  # never downcast, never silently changed
     with pytest.raises(ValueError, match="only supported with fmt='pt'"):
         TrajectoryRecorder(tmp_path / "c", every=1, fmt="safetensors", upcast=True).save(0, model)
     with pytest.raises(ValueError, match="positive"):

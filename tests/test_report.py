@@ -1,4 +1,5 @@
 """Report figures and tables from schema Datasets (synthetic, with real window spectra)."""
+
 from __future__ import annotations
 
 import matplotlib.image as mpimg
@@ -20,7 +21,7 @@ def synth():
 def _png_ok(path, min_px=400):
     img = mpimg.imread(path)
     assert img.ndim == 3 and min(img.shape[:2]) >= min_px
-    assert img[..., :3].std() > 0.05           # not a blank canvas
+    assert img[..., :3].std() > 0.05  # not a blank canvas
     return img
 
 
@@ -33,15 +34,15 @@ def test_report_from_dataset_alone(synth, tmp_path):
         _png_ok(out[name])
     df = pd.read_csv(out["findings"], index_col="run")
     assert list(df.index) == ["seed0", "seed1", "seed2"]
-    for r in df.index:                          # grok step derived from val_acc >= 0.9
+    for r in df.index:  # grok step derived from val_acc >= 0.9
         assert df.loc[r, "grok_step"] == truth[r]["grok"]
         e = ds.edge_ratio.sel(run=r, window=10)
         assert df.loc[r, "peak_edge"] == pytest.approx(float(e.max()))
         assert df.loc[r, "peak_step"] == int(e.idxmax())
-    assert set(df["k_star"]) == {2}             # the planted signal rank
-    assert "collapse_step" not in df.columns    # nothing was given: no invented analysis
+    assert set(df["k_star"]) == {2}  # the planted signal rank
+    assert "collapse_step" not in df.columns  # nothing was given: no invented analysis
     r = lag_correlation_simple(ds, runs=list(df.index), windows=[10])
-    for run in df.index:                        # peak lag of the fallback r, argmin rule
+    for run in df.index:  # peak lag of the fallback r, argmin rule
         assert df.loc[run, "peak_lag"] == int(r.lag[int(np.nanargmin(r.sel(run=run, window=10).values))])
     md = out["markdown"].read_text()
     assert "| run | W | k* (mode) | peak edge |" in md and "fallback" in md
@@ -52,23 +53,41 @@ def test_report_from_dataset_alone(synth, tmp_path):
 def test_report_with_analysis_inputs(synth, tmp_path):
     ds, truth = synth
     runs = ["seed0", "seed2"]
-    phases = pd.DataFrame([{"run": r, "phase": p, "start": s0, "end": s1}
-                           for r in runs for p, s0, s1 in
-                           (("rise", 400, 800), ("plateau", 800, 1200), ("collapse", 1200, 2400))])
+    phases = pd.DataFrame(
+        [
+            {"run": r, "phase": p, "start": s0, "end": s1}
+            for r in runs
+            for p, s0, s1 in (("rise", 400, 800), ("plateau", 800, 1200), ("collapse", 1200, 2400))
+        ]
+    )
     onset = {r: truth[r]["collapse"] - 100 for r in runs}
-    lag = xr.DataArray(np.tile(np.linspace(-0.5, 0.5, 7), (2, 1)), dims=("window", "lag"),
-                       coords={"window": [5, 10], "lag": np.arange(-3, 4)})
+    lag = xr.DataArray(
+        np.tile(np.linspace(-0.5, 0.5, 7), (2, 1)),
+        dims=("window", "lag"),
+        coords={"window": [5, 10], "lag": np.arange(-3, 4)},
+    )
     events = pd.DataFrame({"grok": [1500, 1900]}, index=runs)
-    out = make_report(ds, tmp_path, runs=runs, windows=[5, 10], events=events,
-                      analysis={"phases": phases, "warning": onset, "lag": lag,
-                                "collapse": {r: truth[r]["collapse"] for r in runs}, "window": 5})
+    out = make_report(
+        ds,
+        tmp_path,
+        runs=runs,
+        windows=[5, 10],
+        events=events,
+        analysis={
+            "phases": phases,
+            "warning": onset,
+            "lag": lag,
+            "collapse": {r: truth[r]["collapse"] for r in runs},
+            "window": 5,
+        },
+    )
     df = pd.read_csv(out["findings"], index_col="run")
     assert list(df.index) == runs and set(df["window"]) == {5}
     assert df.loc["seed0", "grok_step"] == 1500 and df.loc["seed2", "grok_step"] == 1900
     assert df.loc["seed2", "alarm_step"] == onset["seed2"]
     assert df.loc["seed2", "lead"] == 1900 - onset["seed2"]
     assert df.loc["seed0", "collapse_step"] == truth["seed0"]["collapse"]
-    assert set(df["peak_lag"]) == {-3}            # argmin of the given r(lag) = linspace(-.5, .5)
+    assert set(df["peak_lag"]) == {-3}  # argmin of the given r(lag) = linspace(-.5, .5)
     assert "fallback" not in out["markdown"].read_text()
     for name in FIGURES:
         _png_ok(out[name])
@@ -83,12 +102,13 @@ def test_spectrum_figure_marks_edge_and_floor(synth):
     floor = float(ds.noise_floor.sel(run="seed1", window=10, step=step))
     ks = int(ds.k_star.sel(run="seed1", window=10, step=step))
     assert a1.get_yscale() == ("log" if sig.max() / sig.min() > 20 else "linear")
-    assert any(abs(line.get_ydata()[0] - floor) < 1e-12 for line in a1.get_lines())   # floor line
+    assert any(abs(line.get_ydata()[0] - floor) < 1e-12 for line in a1.get_lines())  # floor line
     bars = a2.patches[:9]
     hatched = [bool(b.get_hatch()) for b in bars]
-    assert hatched == list(sig[1:] < floor)           # greyed exactly where σ_{k+1} is below the floor
+    assert hatched == list(sig[1:] < floor)  # greyed exactly where σ_{k+1} is below the floor
     assert bars[ks - 1].get_facecolor()[:3] == pytest.approx(
-        tuple(int(figures.C_ONSET[i:i + 2], 16) / 255 for i in (1, 3, 5)))
+        tuple(int(figures.C_ONSET[i : i + 2], 16) / 255 for i in (1, 3, 5))
+    )
     assert f"= {ks}" in a2.texts[0].get_text()
 
 
@@ -102,20 +122,26 @@ def test_phases_from_the_analysis_functions(synth):
     a = float(ph.plateau_start_step.sel(run="seed0", window=10))
     b = float(ph.collapse_start_step.sel(run="seed0", window=10))
     r = float(ph.rebound_step.sel(run="seed0", window=10))
-    if np.isfinite(r):      # a rebound after the collapse is its own phase, not more collapse (issue 12)
+    if np.isfinite(r):  # a rebound after the collapse is its own phase, not more collapse (issue 12)
         assert iv == [("rise", st[0], a), ("plateau", a, b), ("collapse", b, r), ("rebound", r, st[-1])]
     else:
         assert iv == [("rise", st[0], a), ("plateau", a, b), ("collapse", b, st[-1])]
     col = collapse_step(ds, window=10, tau=1.5)
-    fig = figures.edge_phases_figure(ds, runs=["seed0", "seed1"], window=10, phases=ph,
-                                     events={"seed0": {"grok": 1500.0}}, collapse=col)
+    fig = figures.edge_phases_figure(
+        ds, runs=["seed0", "seed1"], window=10, phases=ph, events={"seed0": {"grok": 1500.0}}, collapse=col
+    )
     ax0 = fig.axes[0]
     spans = [p for p in ax0.patches if p.get_label().endswith("phase")]
     assert [p.get_label() for p in spans] == [f"{n} phase" for n, _, _ in iv]
-    vlines = {line.get_label(): line.get_xdata()[0] for line in ax0.get_lines() if line.get_label().endswith("step")
-              or "grok" in line.get_label() or line.get_label().startswith("collapse step")}
+    vlines = {
+        line.get_label(): line.get_xdata()[0]
+        for line in ax0.get_lines()
+        if line.get_label().endswith("step")
+        or "grok" in line.get_label()
+        or line.get_label().startswith("collapse step")
+    }
     assert vlines["grok step (val acc ≥ 0.9)"] == 1500.0
-    c = float(ph.collapse_step.sel(run="seed0", window=10))   # the figure marks the phases' own collapse
+    c = float(ph.collapse_step.sel(run="seed0", window=10))  # the figure marks the phases' own collapse
     assert np.isfinite(c) and vlines["collapse step (edge < tau, 2 windows)"] == c
 
 
@@ -127,11 +153,12 @@ def test_fallback_lag_finds_planted_leads():
     e = rng.standard_normal(n + 10)
     leads = {5: -1, 10: 2}
     t = steps / steps[-1]
-    val = 3 * np.exp(-3 * t) + 0.3 * e[5:5 + n]
+    val = 3 * np.exp(-3 * t) + 0.3 * e[5 : 5 + n]
     edge = np.stack([1.5 - 0.1 * e[5 + L + np.arange(n)] for L in leads.values()])
-    ds = xr.Dataset({"edge_ratio": (("run", "window", "step"), edge[None]),
-                     "val_loss": (("run", "step"), val[None])},
-                    coords={"run": ["a"], "window": list(leads), "step": steps})
+    ds = xr.Dataset(
+        {"edge_ratio": (("run", "window", "step"), edge[None]), "val_loss": (("run", "step"), val[None])},
+        coords={"run": ["a"], "window": list(leads), "step": steps},
+    )
     r = lag_correlation_simple(ds, runs=["a"], windows=list(leads), lags=range(-3, 4))
     for W, L in leads.items():
         y = r.sel(run="a", window=W)
@@ -145,8 +172,11 @@ def test_group_dim_lazy_data_and_errors(synth, tmp_path):
     for v in ("sigma", "ratio", "k_star", "edge_ratio", "noise_floor"):
         noisy[v] = noisy[v] * 0 + 1.0
     per_sv = {"sigma", "ratio", "pc_frac"}
-    grouped = xr.concat([noisy, ds], dim=xr.DataArray(["attn", "all"], dims="group", name="group"),
-                        data_vars=[v for v in ds.data_vars if v not in ("val_loss", "val_acc", "train_acc")])
+    grouped = xr.concat(
+        [noisy, ds],
+        dim=xr.DataArray(["attn", "all"], dims="group", name="group"),
+        data_vars=[v for v in ds.data_vars if v not in ("val_loss", "val_acc", "train_acc")],
+    )
     assert "group" in grouped["sigma"].dims and per_sv <= set(grouped.data_vars)
     out = make_report(grouped.chunk({"step": 20}), tmp_path / "g", runs=["seed1"], windows=[10])
     df = pd.read_csv(out["findings"], index_col="run")
@@ -183,12 +213,19 @@ def test_summary_reads_without_the_code(synth, tmp_path):
         assert title in page and text in page and title in md and text in md
         assert re.search(rf'<figure id="{name}"><img src="{name}.png"', page)
     assert f"{tau_value('auto', 10):.3f}" in caption("edge_phases", window=10)[1]
-    for needle in ("Definitions and thresholds", "How this report was made", "sed-dask report results.zarr -o rep",
-                   f"numpy {importlib.metadata.version('numpy')}", f"xarray {importlib.metadata.version('xarray')}",
-                   "gone.zarr (no longer there)", "collapse threshold tau", "cusum (drift 0.5, h 1)"):
+    for needle in (
+        "Definitions and thresholds",
+        "How this report was made",
+        "sed-dask report results.zarr -o rep",
+        f"numpy {importlib.metadata.version('numpy')}",
+        f"xarray {importlib.metadata.version('xarray')}",
+        "gone.zarr (no longer there)",
+        "collapse threshold tau",
+        "cusum (drift 0.5, h 1)",
+    ):
         assert needle in page and needle in md, needle
-    assert not re.search(r"https?://(127\.0\.0\.1|localhost)", page + md)   # no dashboard links
-    assert "Across seeds:" not in page                      # this Dataset names no seeds
+    assert not re.search(r"https?://(127\.0\.0\.1|localhost)", page + md)  # no dashboard links
+    assert "Across seeds:" not in page  # this Dataset names no seeds
     seeded = ds.assign_coords(seed=("run", [0, 1, 2]))
     page = make_report(seeded, tmp_path / "rep2")["html"].read_text()
     m = re.search(r"Across seeds: peak edge: ([\d.]+) ± ([\d.]+) \(mean ± sample std over 3 seeds\)", page)

@@ -8,6 +8,7 @@ loop after a fork), so ~40 real kills cost seconds. Before issue 13, a kill afte
 before the attrs left a run every re-run refused ("is not a trajectory run" / KeyError
 'param_index'), so the kill points inside ``create_run`` fail on that code.
 """
+
 from __future__ import annotations
 
 import json
@@ -118,10 +119,17 @@ def ck(tmp_path_factory):
 
 def test_kills_at_every_point_of_run_creation_and_random_points_of_ingest(ck, tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "tests"),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    p = subprocess.run([sys.executable, "-c", DRIVER, str(ck), str(tmp_path), "10", "13"], env=env,
-                       capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
+    p = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(ck), str(tmp_path), "10", "13"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout)
     trials = res["trials"]

@@ -4,6 +4,7 @@ or an explicit warning where a policy choice exists (stated default, option to c
 Real torch checkpoints, real Zarr stores on disk, the real CLI, a real second process holding a
 run lock. Every test fails on the code before issue 13 (the comment on each says what it catches).
 """
+
 from __future__ import annotations
 
 import json
@@ -67,14 +68,20 @@ def test_spectrum_on_a_plain_group_or_a_layout_copy(tmp_path, capsys):
     # catches: KeyError: 'steps' (plain group) / KeyError: 'param_index' or a bogus "re-run ingest" (layout copy)
     g = zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
     g.create_group("a").create_array("params", shape=(3, 4), dtype="f4")
-    one_error(*cli(capsys, "spectrum", tmp_path / "plain.zarr", "--windows", "3", "-o", tmp_path / "o.zarr", *T),
-              "plain.zarr", "not a sed_dask trajectory store")
+    one_error(
+        *cli(capsys, "spectrum", tmp_path / "plain.zarr", "--windows", "3", "-o", tmp_path / "o.zarr", *T),
+        "plain.zarr",
+        "not a sed_dask trajectory store",
+    )
     g = zarr.open_group(str(tmp_path / "copy.zarr"), mode="w")
     r = g.create_group("r0")
     for name, shape, dt in (("params", (3, 4), "f4"), ("steps", (3,), "i8"), ("complete", (3,), "u1")):
-        r.create_array(name, shape=shape, dtype=dt, dimension_names=("row", "param")[:len(shape)])
-    one_error(*cli(capsys, "spectrum", tmp_path / "copy.zarr", "--windows", "3", "-o", tmp_path / "o.zarr", *T),
-              "copy.zarr", "not a sed_dask trajectory store")
+        r.create_array(name, shape=shape, dtype=dt, dimension_names=("row", "param")[: len(shape)])
+    one_error(
+        *cli(capsys, "spectrum", tmp_path / "copy.zarr", "--windows", "3", "-o", tmp_path / "o.zarr", *T),
+        "copy.zarr",
+        "not a sed_dask trajectory store",
+    )
     assert not os.path.exists(tmp_path / "o.zarr")
 
 
@@ -82,8 +89,11 @@ def test_metrics_column_that_cannot_be_stored(ck, tmp_path, capsys):
     # catches: a column like 'val/loss' was stored (as a nested group nobody reads) and failed later
     m = tmp_path / "m.json"
     m.write_text(json.dumps([{"step": s, "val/loss": 1.0} for s in range(0, 600, 100)]))
-    one_error(*cli(capsys, "ingest", ck, "--store", tmp_path / "s.zarr", "--run", "r0", "--metrics", m, *T),
-              "m.json", "'val/loss'")
+    one_error(
+        *cli(capsys, "ingest", ck, "--store", tmp_path / "s.zarr", "--run", "r0", "--metrics", m, *T),
+        "m.json",
+        "'val/loss'",
+    )
     assert not os.path.exists(tmp_path / "s.zarr")
 
 
@@ -91,20 +101,42 @@ def test_metrics_steps_matching_no_checkpoint(ck, tmp_path, capsys):
     # catches: all-NaN val_loss stored silently ("needs at least 6 finite points, got 0" much later)
     m = tmp_path / "m.json"
     m.write_text(json.dumps([{"step": s + 1, "val_loss": 1.0} for s in range(0, 600, 100)]))
-    one_error(*cli(capsys, "ingest", ck, "--store", tmp_path / "s.zarr", "--run", "r0", "--metrics", m, *T),
-              "m.json", "none of its 6 steps", "0..500")
+    one_error(
+        *cli(capsys, "ingest", ck, "--store", tmp_path / "s.zarr", "--run", "r0", "--metrics", m, *T),
+        "m.json",
+        "none of its 6 steps",
+        "0..500",
+    )
 
 
 def test_nonfinite_metrics_warn_by_default_and_raise_on_request(ck, tmp_path, capsys):
     # catches: NaN/Inf metric values were stored without a word
     m = tmp_path / "m.json"
     vals = ["1", "NaN", "2", "Infinity", "3", "4"]
-    m.write_text("[" + ",".join('{"step": %d, "val_loss": %s}' % (s, v) for s, v in zip(range(0, 600, 100), vals))
-                 + "]")
+    m.write_text(
+        "[" + ",".join('{"step": %d, "val_loss": %s}' % (s, v) for s, v in zip(range(0, 600, 100), vals)) + "]"
+    )
     rc, err = cli(capsys, "ingest", ck, "--store", tmp_path / "s.zarr", "--run", "r0", "--metrics", m, *T)
     assert rc == 0 and any("warning" in ln and "m.json" in ln and "[100, 300]" in ln for ln in err), err
-    one_error(*cli(capsys, "ingest", ck, "--store", tmp_path / "s2.zarr", "--run", "r0", "--metrics", m,
-                   "--metrics-nonfinite", "raise", *T), "m.json", "NaN/Inf", "'val_loss'")
+    one_error(
+        *cli(
+            capsys,
+            "ingest",
+            ck,
+            "--store",
+            tmp_path / "s2.zarr",
+            "--run",
+            "r0",
+            "--metrics",
+            m,
+            "--metrics-nonfinite",
+            "raise",
+            *T,
+        ),
+        "m.json",
+        "NaN/Inf",
+        "'val_loss'",
+    )
 
 
 def test_step_inside_the_file_disagreeing_with_its_name(ck, tmp_path, capsys):
@@ -140,8 +172,11 @@ def test_ingest_into_a_foreign_group_or_a_results_store(ck, results, tmp_path, c
     g = zarr.open_group(str(tmp_path / "foreign.zarr"), mode="w")
     g.attrs["owner"] = "me"
     g.create_array("data", shape=(3,), dtype="f4")[:] = 1
-    one_error(*cli(capsys, "ingest", ck, "--store", tmp_path / "foreign.zarr", "--run", "r0", *T),
-              "foreign.zarr", "did not write")
+    one_error(
+        *cli(capsys, "ingest", ck, "--store", tmp_path / "foreign.zarr", "--run", "r0", *T),
+        "foreign.zarr",
+        "did not write",
+    )
     g = zarr.open_group(str(tmp_path / "foreign.zarr"), mode="r")
     assert dict(g.attrs) == {"owner": "me"} and sorted(g.keys()) == ["data"]
     res = str(tmp_path / "res.zarr")
@@ -161,8 +196,11 @@ def test_random_bytes_named_pt(tmp_path, capsys):
     rng = np.random.default_rng(1)
     for s in (0, 100):
         (d / f"ckpt_{s:06d}.pt").write_bytes(rng.bytes(4096))
-    one_error(*cli(capsys, "ingest", d, "--store", tmp_path / "s.zarr", "--run", "r0", *T),
-              "ckpt_000000.pt", "not a PyTorch checkpoint")
+    one_error(
+        *cli(capsys, "ingest", d, "--store", tmp_path / "s.zarr", "--run", "r0", *T),
+        "ckpt_000000.pt",
+        "not a PyTorch checkpoint",
+    )
     assert "add_safe_globals" not in capsys.readouterr().err
 
 
@@ -178,13 +216,25 @@ def test_spectrum_during_another_ingest_says_so(store, tmp_path, capsys):
     s = str(tmp_path / "s.zarr")
     shutil.copytree(store, s)
     open_store(s).run("r0").allocate([600])  # the appending ingestion's new row, not written yet
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom sed_dask.store import run_lock\n"
-                               "with run_lock(sys.argv[1], 'r0'):\n    print('locked', flush=True)\n"
-                               "    time.sleep(60)\n", s], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom sed_dask.store import run_lock\n"
+            "with run_lock(sys.argv[1], 'r0'):\n    print('locked', flush=True)\n"
+            "    time.sleep(60)\n",
+            s,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        one_error(*cli(capsys, "spectrum", s, "--windows", "3", "-o", tmp_path / "o.zarr", *T),
-                  "being ingested right now", f"pid {holder.pid}")
+        one_error(
+            *cli(capsys, "spectrum", s, "--windows", "3", "-o", tmp_path / "o.zarr", *T),
+            "being ingested right now",
+            f"pid {holder.pid}",
+        )
     finally:
         holder.kill()
         holder.wait()

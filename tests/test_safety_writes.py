@@ -4,6 +4,7 @@ Real Zarr stores on disk, the real CLI, and real SIGKILLs of a writer at many po
 (a child process whose zarr file writes count down to ``os.kill(os.getpid(), SIGKILL)``).
 Every test fails on the code before issue 13 (the comment on each says what it catches).
 """
+
 from __future__ import annotations
 
 import os
@@ -82,10 +83,20 @@ def test_output_folder_with_user_files_is_refused(store, tmp_path, capsys):
     d = tmp_path / "mine"
     d.mkdir()
     (d / "notes.txt").write_text("keep me")
-    for cmd in (["spectrum", store, "--windows", "3"], ["sketch", store, "--d", "4"],
-                ["directions", store, "--run", "r0", "-k", "1"]):
-        rc, err = run_cli(capsys, *cmd, "-o", str(d), "--overwrite", "--threads", *(
-            ["--no-progress"] if cmd[0] != "directions" else []))
+    for cmd in (
+        ["spectrum", store, "--windows", "3"],
+        ["sketch", store, "--d", "4"],
+        ["directions", store, "--run", "r0", "-k", "1"],
+    ):
+        rc, err = run_cli(
+            capsys,
+            *cmd,
+            "-o",
+            str(d),
+            "--overwrite",
+            "--threads",
+            *(["--no-progress"] if cmd[0] != "directions" else []),
+        )
         assert rc == 2 and "not a Zarr store" in err, err
     assert (d / "notes.txt").read_text() == "keep me" and os.listdir(d) == ["notes.txt"]
     g = zarr.open_group(str(tmp_path / "foreign.zarr"), mode="w")  # a Zarr group sed_dask did not write
@@ -133,9 +144,26 @@ def test_kill_while_rewriting_keeps_the_old_result(store, tmp_path, kill_at):
     # catches: killing `spectrum -o out.zarr` while it rewrote a result left neither the old nor a new one
     out = str(tmp_path / "res.zarr")
     old = spec(store, out)
-    p = subprocess.run([sys.executable, "-c", KILLER, "spectrum", store, "--windows", "3,4", "-o", out,
-                        "--overwrite", "--threads", "--no-progress"], env={**_env(), "KILL_AT": str(kill_at)},
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            KILLER,
+            "spectrum",
+            store,
+            "--windows",
+            "3,4",
+            "-o",
+            out,
+            "--overwrite",
+            "--threads",
+            "--no-progress",
+        ],
+        env={**_env(), "KILL_AT": str(kill_at)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == -9, p.stderr
     xr.testing.assert_identical(open_results(out).load(), old)
     new = sed_dask.spectrum(store, windows=(3, 4), scheduler="threads", progress=False, output=out, overwrite=True)

@@ -1,6 +1,7 @@
 """Seeds as users name them: ``ingest --seed`` or the run name (``seed3``) gives the ``seed``
 coordinate on ``run``, recorded in the store and carried into results, so ``ds.where(ds.seed == 3)``
 and mean ± std over seeds work."""
+
 from __future__ import annotations
 
 import subprocess
@@ -21,8 +22,19 @@ from sed_dask.store.trajectory import open_store
 RUNS = {"seed0": None, "seed_1": None, "lr3e-4": 7, "baseline": None}
 
 
-@pytest.mark.parametrize("name,seed", [("seed3", 3), ("run-seed_12", 12), ("lr1e-3_seed=4", 4), ("SEED7", 7),
-                                       ("s3", None), ("reseed", None), ("seeds", None), ("baseline", None)])
+@pytest.mark.parametrize(
+    "name,seed",
+    [
+        ("seed3", 3),
+        ("run-seed_12", 12),
+        ("lr1e-3_seed=4", 4),
+        ("SEED7", 7),
+        ("s3", None),
+        ("reseed", None),
+        ("seeds", None),
+        ("baseline", None),
+    ],
+)
 def test_seed_from_name(name, seed):
     assert seed_from_name(name) == seed
 
@@ -38,8 +50,7 @@ def store(tmp_path_factory):
 
 def test_seed_is_recorded_with_the_run(store):
     ts = open_store(store, mode="r")
-    assert {r: ts.run(r).attrs.get("seed") for r in ts.runs} == {"seed0": 0, "seed_1": 1, "lr3e-4": 7,
-                                                                  "baseline": None}
+    assert {r: ts.run(r).attrs.get("seed") for r in ts.runs} == {"seed0": 0, "seed_1": 1, "lr3e-4": 7, "baseline": None}
 
 
 def test_results_carry_the_seed_coordinate_through_zarr(store, tmp_path):
@@ -59,8 +70,25 @@ def test_a_run_keeps_its_seed(store, tmp_path):
     with pytest.raises(StoreError, match=r"run 'seed0' was recorded with seed 0; this call says seed=5"):
         sed_dask.ingest(ck, store, "seed0", scheduler="threads", progress=False, seed=5)
     assert open_store(store, mode="r").run("seed0").attrs["seed"] == 0
-    r = subprocess.run([sys.executable, "-m", "sed_dask", "ingest", str(tmp_path / "more"), "--store", str(store), "--run", "seed0",
-                        "--seed", "5", "--threads", "--no-progress"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sed_dask",
+            "ingest",
+            str(tmp_path / "more"),
+            "--store",
+            str(store),
+            "--run",
+            "seed0",
+            "--seed",
+            "5",
+            "--threads",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "recorded with seed 0" in r.stderr and "Traceback" not in r.stderr
     with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
         sed_dask.ingest(ck, store, "other", scheduler="threads", progress=False, seed=-1)
@@ -68,13 +96,33 @@ def test_a_run_keeps_its_seed(store, tmp_path):
 
 def test_cli_seed_and_checkpoint_runs(tmp_path):
     ck = write_pt(make_trajectory(5, seed=3), tmp_path / "ck")
-    r = subprocess.run([sys.executable, "-m", "sed_dask", "ingest", str(tmp_path / "ck"), "--store", str(tmp_path / "s.zarr"),
-                        "--run", "a", "--seed", "11", "--threads", "--no-progress"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sed_dask",
+            "ingest",
+            str(tmp_path / "ck"),
+            "--store",
+            str(tmp_path / "s.zarr"),
+            "--run",
+            "a",
+            "--seed",
+            "11",
+            "--threads",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert open_store(tmp_path / "s.zarr", mode="r").run("a").attrs["seed"] == 11
-    direct = sed_dask.spectrum([sed_dask.open_checkpoints(ck, run="seed3"),
-                                sed_dask.open_checkpoints(ck, run="b", seed=4)],
-                               windows=(2,), scheduler="threads", progress=False)
+    direct = sed_dask.spectrum(
+        [sed_dask.open_checkpoints(ck, run="seed3"), sed_dask.open_checkpoints(ck, run="b", seed=4)],
+        windows=(2,),
+        scheduler="threads",
+        progress=False,
+    )
     assert direct["seed"].values.tolist() == [3, 4]
 
 

@@ -1,11 +1,12 @@
 """Parameter-selection policies on real checkpoints of tests/models.py."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-from models import (make_trajectory, write_hf_sharded, write_orig_mod, write_pt, write_safetensors)
+from models import make_trajectory, write_hf_sharded, write_orig_mod, write_pt, write_safetensors
 from safetensors.torch import save_file
 
 from sed_dask.errors import CheckpointError
@@ -106,25 +107,26 @@ class _BufferZoo(torch.nn.Module):
     def __init__(self, T=8):
         super().__init__()
         self.lin = torch.nn.Linear(4, 4)
-        self.bn = torch.nn.BatchNorm1d(4)               # running_mean/var, num_batches_tracked
+        self.bn = torch.nn.BatchNorm1d(4)  # running_mean/var, num_batches_tracked
         self.register_buffer("inv_freq", torch.rand(2))  # rotary buffer (exact name)
         self.register_buffer("masked_bias", torch.tensor(-1e4))
         self.register_buffer("keep_mask", torch.ones(3, dtype=torch.bool))  # non-float
         self.attn = torch.nn.Module()
-        self.attn.bias = torch.nn.Parameter(torch.randn(1, 1, T, T))   # trainable, merely named like a mask
+        self.attn.bias = torch.nn.Parameter(torch.randn(1, 1, T, T))  # trainable, merely named like a mask
         add = torch.zeros(T, T).masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
         self.attn2 = torch.nn.Module()
-        self.attn2.register_buffer("mask", add.view(1, 1, T, T))          # additive causal mask
-        self.eye = torch.nn.Parameter(torch.eye(T))                        # square, first row like a mask
-        self.upper = torch.nn.Parameter(torch.ones(T, T).triu())           # 0/1 but not lower-triangular
+        self.attn2.register_buffer("mask", add.view(1, 1, T, T))  # additive causal mask
+        self.eye = torch.nn.Parameter(torch.eye(T))  # square, first row like a mask
+        self.upper = torch.nn.Parameter(torch.ones(T, T).triu())  # 0/1 but not lower-triangular
 
 
 def test_buffers_are_recognised_by_what_they_are(tmp_path):
     m = _BufferZoo()
     torch.save({"step": 1, "model_state_dict": m.state_dict()}, tmp_path / "ckpt_1.pt")
     sel = _select(tmp_path / "ckpt_1.pt")
-    assert sorted(sel.index.names) == sorted(["attn.bias", "bn.bias", "bn.weight", "eye", "lin.bias",
-                                              "lin.weight", "upper"])
+    assert sorted(sel.index.names) == sorted(
+        ["attn.bias", "bn.bias", "bn.weight", "eye", "lin.bias", "lin.weight", "upper"]
+    )
     d = sel.dropped
     assert d["bn.running_mean"] == "buffer (name 'running_mean')"
     assert d["bn.num_batches_tracked"] == "non-float tensor (int64)"
@@ -160,8 +162,9 @@ def test_prefixes(tmp_path):
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])
 def test_a_tie_that_breaks_in_a_later_checkpoint_is_refused(tmp_path, fmt):
     """Ties are judged on the first checkpoint; a later file that unties them would silently lose the head."""
-    import sed_dask
     from safetensors.torch import save_file as st_save
+
+    import sed_dask
 
     traj = make_trajectory(4)
     src = tmp_path / "ckpts"

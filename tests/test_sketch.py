@@ -1,4 +1,5 @@
 """JL sketches: operator statistics, bit-exact chunking invariance, sketch spectra, JL error report."""
+
 from __future__ import annotations
 
 import json
@@ -12,18 +13,25 @@ import numpy as np
 import pytest
 import xarray as xr
 from scipy import stats
+from sed_oracle import window_svds
+from synthetic import make_deltas
 
 import sed_dask
 from sed_dask.engine.jl import Operator
-from sed_dask.engine.sketch import (ROW_BLOCK, SketchAccumulator, merge_nodes, reduce_nodes, root_key, sketch,
-                             tile_product)
+from sed_dask.engine.sketch import (
+    ROW_BLOCK,
+    SketchAccumulator,
+    merge_nodes,
+    reduce_nodes,
+    root_key,
+    sketch,
+    tile_product,
+)
 from sed_dask.results.sketch_spectra import jl_error_report, jl_table, sketch_band, spectra_from_sketch
-from sed_dask.store.trajectory import write_trajectory
-from sed_oracle import window_svds
 from sed_dask.results.spectra import spectrum
-from synthetic import make_deltas
+from sed_dask.store.trajectory import write_trajectory
 
-N_CKPT, P, T, D = 40, 5003, 1000, 24      # P odd, T divides neither P nor any store chunk below
+N_CKPT, P, T, D = 40, 5003, 1000, 24  # P odd, T divides neither P nor any store chunk below
 
 
 def _trajectory(seed=0, n=N_CKPT, p=P):
@@ -51,8 +59,16 @@ def stores(tmp_path_factory, traj):
     out = []
     for chunk, comp in ((333, None), (1024, None), (8192, "zstd")):
         path = str(root / f"c{chunk}.zarr")
-        write_trajectory(path, "seed0", steps, traj, metrics=metrics, chunk_bytes=4 * chunk,
-                         shard_bytes=4 * chunk * 3, compressor=comp)
+        write_trajectory(
+            path,
+            "seed0",
+            steps,
+            traj,
+            metrics=metrics,
+            chunk_bytes=4 * chunk,
+            shard_bytes=4 * chunk * 3,
+            compressor=comp,
+        )
         out.append(path)
     return out
 
@@ -68,12 +84,12 @@ def test_phi_column_statistics(dist):
     op = _op(dist, d=d, p=p, tile=4096, s=16.0 if dist == "sparse" else None)
     Phi = op.rows()
     assert Phi.shape == (p, d)
-    se = math.sqrt(1.0 / d / p)                      # standard error of a column mean
+    se = math.sqrt(1.0 / d / p)  # standard error of a column mean
     assert np.abs(Phi.mean(axis=0)).max() < 5 * se
     var = Phi.var(axis=0)
-    assert np.abs(var.mean() * d - 1.0) < 0.03       # E[Phi^2] = 1/d exactly by construction
+    assert np.abs(var.mean() * d - 1.0) < 0.03  # E[Phi^2] = 1/d exactly by construction
     assert np.abs(var * d - 1.0).max() < 0.15
-    C = Phi.T @ Phi                                  # columns nearly orthogonal, norms ~ p/d
+    C = Phi.T @ Phi  # columns nearly orthogonal, norms ~ p/d
     off = C[~np.eye(d, dtype=bool)]
     assert np.abs(off).max() < 6 * math.sqrt(p) / d
     if dist == "gaussian":
@@ -90,11 +106,11 @@ def test_phi_column_statistics(dist):
 def test_phi_addressing_and_nesting():
     op = _op("gaussian", d=16, tile=999)
     full = op.rows()
-    assert np.array_equal(op.rows(1234, 3456), full[1234:3456])      # tile-unaligned ranges
+    assert np.array_equal(op.rows(1234, 3456), full[1234:3456])  # tile-unaligned ranges
     wide = _op("gaussian", d=40, tile=999)
-    assert np.array_equal(wide.tile_T(2)[:16], op.tile_T(2))        # columns do not depend on d
+    assert np.array_equal(wide.tile_T(2)[:16], op.tile_T(2))  # columns do not depend on d
     assert not np.array_equal(_op("gaussian", d=16, tile=999, seed=8).tile_T(0), op.tile_T(0))
-    assert not np.array_equal(op.tile_T(0), op.tile_T(1))           # tiles are keyed apart
+    assert not np.array_equal(op.tile_T(0), op.tile_T(1))  # tiles are keyed apart
     sp = _op("sparse", d=16, tile=999)
     assert sp.s == pytest.approx(math.sqrt(P))
     assert op.checksum() == _op("gaussian", d=16, tile=999).checksum() != sp.checksum()
@@ -118,7 +134,7 @@ def test_tile_product_rows_do_not_depend_on_neighbours():
     phi = _op("gaussian").tile_dense(0)
     whole = tile_product(Dm, 37, phi)
     assert np.allclose(whole, Dm.astype(np.float64) @ phi.T, rtol=1e-12, atol=1e-12)
-    for a, b in [(0, 1), (5, 70), (27, 91), (100, 150)]:   # any sub-range, any alignment to ROW_BLOCK
+    for a, b in [(0, 1), (5, 70), (27, 91), (100, 150)]:  # any sub-range, any alignment to ROW_BLOCK
         assert np.array_equal(tile_product(Dm[a:b], 37 + a, phi), whole[a:b])
 
 
@@ -154,7 +170,7 @@ def test_accumulator_rides_the_gram_streaming_batches(stores, traj):
     op = _op("gaussian")
     params = open_store(stores[0], mode="r").run("seed0").params
     one = SketchAccumulator(4, 30, 0, 3 * T, op)
-    one.update(np.diff(traj[:, :3 * T], axis=0), 0)
+    one.update(np.diff(traj[:, : 3 * T], axis=0), 0)
     acc = SketchAccumulator(4, 30, 0, 3 * T, op)
     spec = TileSpec(4, 30, 0, 3 * T, ((0, 3 * T, 0),), 6, 8, 256, "float64")  # 5 carried + 3 new rows
     batches = 0
@@ -181,16 +197,19 @@ def test_sketch_in_the_gram_pass_is_bit_identical(stores, traj, dist):
     ``sketch()`` gives, under unrelated chunkings, tile plans (several P-ranges, several row
     batches per task, several step blocks) and schedulers."""
     ref = sketch(stores[0], distribution=dist, scheduler="sync", progress=False, **SKETCH_KW)
-    plans = [(stores[0], dict(tile_bytes=96_000, block_steps=17), "threads"),   # 12-row batches, 6 P-ranges
-             (stores[1], dict(), "sync"),                                       # one task
-             (stores[2], dict(tile_bytes=200_000, block_steps=9), "threads")]   # zarr-decoded reads
+    plans = [
+        (stores[0], dict(tile_bytes=96_000, block_steps=17), "threads"),  # 12-row batches, 6 P-ranges
+        (stores[1], dict(), "sync"),  # one task
+        (stores[2], dict(tile_bytes=200_000, block_steps=9), "threads"),
+    ]  # zarr-decoded reads
     seen_ranges = set()
     for path, kw, sched in plans:
-        ds = spectrum(path, windows=(3, 6), scheduler=sched, progress=False,
-                      sketch=dict(distribution=dist, **SKETCH_KW), **kw)
+        ds = spectrum(
+            path, windows=(3, 6), scheduler=sched, progress=False, sketch=dict(distribution=dist, **SKETCH_KW), **kw
+        )
         assert np.array_equal(ds["sketch"].values, ref["sketch"].values)
         for W in (3, 6):
-            sig = ds["sigma"].sel(run="seed0", window=W).values[W - 1:, :W]
+            sig = ds["sigma"].sel(run="seed0", window=W).values[W - 1 :, :W]
             assert np.allclose(sig, _oracle_sigma(traj, W), rtol=1e-9, atol=1e-12 * sig.max())
         seen_ranges.add(json.loads(ds.attrs["tiling"])["seed0"]["p_ranges"])
         a = ds["sketch"].attrs
@@ -202,8 +221,16 @@ def test_sketch_in_the_gram_pass_is_bit_identical(stores, traj, dist):
 def test_sketch_in_the_gram_pass_on_a_cluster_roundtrips_and_feeds_sketch_spectra(stores, client, tmp_path):
     ref = sketch(stores[1], scheduler="sync", progress=False, **SKETCH_KW)
     out = tmp_path / "spec.zarr"
-    ds = spectrum(stores[0], windows=(4,), groups={"head": "p"}, client=client, progress=False,
-                  tile_bytes=96_000, sketch=SKETCH_KW, output=out)
+    ds = spectrum(
+        stores[0],
+        windows=(4,),
+        groups={"head": "p"},
+        client=client,
+        progress=False,
+        tile_bytes=96_000,
+        sketch=SKETCH_KW,
+        output=out,
+    )
     assert np.array_equal(ds["sketch"].values, ref["sketch"].values)
     back = xr.open_zarr(out)
     assert np.array_equal(back["sketch"].values, ref["sketch"].values)
@@ -217,7 +244,8 @@ def test_sketch_in_the_gram_pass_on_a_cluster_roundtrips_and_feeds_sketch_spectr
 def test_sketch_argument_forms_and_errors(stores):
     small = spectrum(stores[1], windows=(3,), scheduler="sync", progress=False, sketch=5)
     assert small.sizes["dim"] == 5 and small["sketch"].attrs["distribution"] == dask.config.get(
-        "sed_dask.sketch.distribution")
+        "sed_dask.sketch.distribution"
+    )
     with dask.config.set({"sed_dask.sketch.d": 6}):
         assert spectrum(stores[1], windows=(3,), scheduler="sync", progress=False, sketch=True).sizes["dim"] == 6
     assert "sketch" not in spectrum(stores[1], windows=(3,), scheduler="sync", progress=False, sketch=False)
@@ -234,8 +262,12 @@ def test_sketch_argument_forms_and_errors(stores):
 def test_column_plan_with_a_sketch_aligns_to_rng_tiles():
     from sed_dask.engine.gram import plan_tiles
 
-    for P_, chunk, tb, T_, cap in [(5003, 333, 96_000, 1000, None), (10**6, 1 << 18, 256 << 20, 8192, 167_772),
-                                   (10**6, 1 << 18, 64 << 20, 8192, None), (70_001, 4096, 1 << 20, 3000, 5000)]:
+    for P_, chunk, tb, T_, cap in [
+        (5003, 333, 96_000, 1000, None),
+        (10**6, 1 << 18, 256 << 20, 8192, 167_772),
+        (10**6, 1 << 18, 64 << 20, 8192, None),
+        (70_001, 4096, 1 << 20, 3000, 5000),
+    ]:
         t = plan_tiles(40, P_, chunk, width=7, tile_bytes=tb, block_steps=512, col_align=T_, max_cols=cap)
         assert t.cols[0][0] == 0 and t.cols[-1][1] == P_
         assert all(a % T_ == 0 and b == c for (a, b), (c, _) in zip(t.cols, t.cols[1:] + ((P_, 0),)))
@@ -261,7 +293,7 @@ def test_sketch_matches_dense_oracle(stores, traj, dist):
 LAYOUTS = [  # (tiles_per_task, block_steps, tile_bytes): step blocks cut ROW_BLOCK rows anywhere
     dict(),
     dict(tiles_per_task=1, block_steps=5),
-    dict(tiles_per_task=3, block_steps=7, tile_bytes=2 * 4 * 3 * T * 3),   # 3-row streaming batches
+    dict(tiles_per_task=3, block_steps=7, tile_bytes=2 * 4 * 3 * T * 3),  # 3-row streaming batches
     dict(tiles_per_task=2, block_steps=ROW_BLOCK, split_every=2),
     dict(tiles_per_task=4, block_steps=13, split_every=3),
 ]
@@ -269,13 +301,22 @@ LAYOUTS = [  # (tiles_per_task, block_steps, tile_bytes): step blocks cut ROW_BL
 
 @pytest.mark.parametrize("dist", ["gaussian", "sparse", "osnap"])
 def test_sketch_is_bit_identical_under_any_chunking(stores, dist):
-    ref = sketch(stores[0], d=D, seed=7, distribution=dist, tile_elems=T, scheduler="sync",
-                 progress=False)["sketch"].values
+    ref = sketch(stores[0], d=D, seed=7, distribution=dist, tile_elems=T, scheduler="sync", progress=False)[
+        "sketch"
+    ].values
     n_tasks = set()
     for store in stores:
         for i, lay in enumerate(LAYOUTS):
-            ds = sketch(store, d=D, seed=7, distribution=dist, tile_elems=T,
-                        scheduler="threads" if i % 2 else "sync", progress=False, **lay)
+            ds = sketch(
+                store,
+                d=D,
+                seed=7,
+                distribution=dist,
+                tile_elems=T,
+                scheduler="threads" if i % 2 else "sync",
+                progress=False,
+                **lay,
+            )
             n_tasks.add(json.loads(ds.attrs["tiling"])["seed0"]["p_ranges"])
             assert np.array_equal(ds["sketch"].values, ref), (store, lay)
     assert len(n_tasks) >= 4
@@ -297,35 +338,83 @@ def test_top_level_call_cli_and_reproducibility_across_processes(stores, tmp_pat
     ds = sed_dask.sketch(stores[2], d=D, seed=11, tile_elems=T, scheduler="sync", progress=False)
     out = tmp_path / "sk.zarr"
     env = {**os.environ, "DASK_SED_DASK__SKETCH__TILE_ELEMS": str(T)}
-    cmd = [sys.executable, "-c", "import sys; from sed_dask.cli import main; sys.exit(main())",
-           "sketch", stores[0], "--d", str(D), "--seed", "11", "-o", str(out), "--threads", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from sed_dask.cli import main; sys.exit(main())",
+        "sketch",
+        stores[0],
+        "--d",
+        str(D),
+        "--seed",
+        "11",
+        "-o",
+        str(out),
+        "--threads",
+        "--no-progress",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout
     back = xr.open_zarr(out)
     assert np.array_equal(back["sketch"].values, ds["sketch"].values)
     assert back.attrs["phi_checksum"] == ds.attrs["phi_checksum"]
-    spec_out = tmp_path / "spec.zarr"                 # the same sketch from the Gram pass, via python -m
-    r = subprocess.run([sys.executable, "-m", "sed_dask", "spectrum", stores[1], "--windows", "4", "-o",
-                        str(spec_out), "--sketch-d", str(D), "--sketch-seed", "11", "--threads", "--no-progress"],
-                       capture_output=True, text=True, env=env)
+    spec_out = tmp_path / "spec.zarr"  # the same sketch from the Gram pass, via python -m
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sed_dask",
+            "spectrum",
+            stores[1],
+            "--windows",
+            "4",
+            "-o",
+            str(spec_out),
+            "--sketch-d",
+            str(D),
+            "--sketch-seed",
+            "11",
+            "--threads",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     assert "with JL sketch d=24" in r.stdout
     assert np.array_equal(xr.open_zarr(spec_out)["sketch"].values, ds["sketch"].values)
-    r = subprocess.run([sys.executable, "-m", "sed_dask.cli", "spectrum", stores[1], "-o", str(tmp_path / "x.zarr"),
-                        "--sketch-seed", "3", "--threads"], capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sed_dask.cli",
+            "spectrum",
+            stores[1],
+            "-o",
+            str(tmp_path / "x.zarr"),
+            "--sketch-seed",
+            "3",
+            "--threads",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode != 0 and "need --sketch-d" in r.stderr
 
 
 # ----------------------------------------------------------------------------- spectra from a sketch
 def _window_sigmas(Dm, W):
-    return np.array([np.linalg.svd(Dm[e - W + 1:e + 1], compute_uv=False) for e in range(W - 1, len(Dm))])
+    return np.array([np.linalg.svd(Dm[e - W + 1 : e + 1], compute_uv=False) for e in range(W - 1, len(Dm))])
 
 
 def test_sketch_spectra_schema_and_convergence(stores, traj):
     exact = sed_dask.spectrum(stores[0], windows=(5, 10), scheduler="sync", progress=False)
-    sk = sketch(stores[0], d=2000, seed=1, tile_elems=T, distribution="gaussian", scheduler="threads",
-                progress=False)                   # nesting: the d prefixes below are d-sketches
+    sk = sketch(
+        stores[0], d=2000, seed=1, tile_elems=T, distribution="gaussian", scheduler="threads", progress=False
+    )  # nesting: the d prefixes below are d-sketches
     approx = spectra_from_sketch(sk, windows=(5, 10))
     assert set(approx.data_vars) == set(exact.data_vars) and "split_half" in approx.data_vars
     assert approx["sigma"].dims == exact["sigma"].dims
@@ -338,11 +427,11 @@ def test_sketch_spectra_schema_and_convergence(stores, traj):
         errs = []
         for d in (20, 200, 2000):
             got = spectra_from_sketch(sk, windows=[W], d=d)["sigma"].sel(run="seed0", window=W).values
-            got = got[W - 1:, :3]
+            got = got[W - 1 :, :3]
             errs.append(np.median(np.abs(got - oracle) / oracle))
         assert errs[0] > errs[1] > errs[2], (W, errs)
         assert errs[2] < 0.04, (W, errs)
-        assert np.allclose(exact["sigma"].sel(run="seed0", window=W).values[W - 1:, :3], oracle, rtol=1e-9)
+        assert np.allclose(exact["sigma"].sel(run="seed0", window=W).values[W - 1 :, :3], oracle, rtol=1e-9)
 
 
 def test_sketch_band_matches_gram_of_sketch():
@@ -359,13 +448,14 @@ def test_sketch_band_matches_gram_of_sketch():
 
 def test_jl_error_report_against_numpy_oracle(stores, traj):
     ds_, seeds, W = (10, 40, 160), (0, 1), 5
-    rep = jl_error_report(stores[0], windows=(W,), ds=ds_, seeds=seeds, scheduler="threads", tile_elems=T,
-                          distribution="gaussian")
+    rep = jl_error_report(
+        stores[0], windows=(W,), ds=ds_, seeds=seeds, scheduler="threads", tile_elems=T, distribution="gaussian"
+    )
     assert rep["mean"].dims == ("window", "d", "ratio")
     Dm = _deltas(traj)
     sig = _window_sigmas(Dm, W)
     exact = sed_dask.spectrum(stores[0], windows=(W,), scheduler="sync", progress=False)
-    kst = exact["k_star"].sel(run="seed0", window=W).values[W - 1:]
+    kst = exact["k_star"].sel(run="seed0", window=W).values[W - 1 :]
     assert rep["n_windows"].sel(window=W) == len(sig)
     for d in ds_:
         errs = {"r12": [], "r23": [], "edge": []}
@@ -387,8 +477,16 @@ def test_jl_error_report_against_numpy_oracle(stores, traj):
     m = rep["mean"].sel(window=W, ratio="r12").values
     assert m[0] > m[-1]
     # independent operators per (d, seed), seeded 1000 * seed + d as the reference does
-    ind = jl_error_report(stores[0], windows=(W,), ds=(40,), seeds=(1,), nested=False, scheduler="threads",
-                          distribution="gaussian", tile_elems=T)
+    ind = jl_error_report(
+        stores[0],
+        windows=(W,),
+        ds=(40,),
+        seeds=(1,),
+        nested=False,
+        scheduler="threads",
+        distribution="gaussian",
+        tile_elems=T,
+    )
     Phi = Operator(seed=1040, d=40, distribution="gaussian", tile_elems=T, n_params=P).rows()
     sk_sig = _window_sigmas(Dm @ Phi, W)
     e = np.abs(sk_sig[:, 1] / sk_sig[:, 2] - sig[:, 1] / sig[:, 2]) / (sig[:, 1] / sig[:, 2])
@@ -414,4 +512,3 @@ def test_several_runs_on_a_union_step_grid(tmp_path):
     res = spectra_from_sketch(ds, windows=(4,))
     assert np.isnan(res["sigma"].sel(run="b", window=4).values[~have]).all()
     assert np.isfinite(res["sigma"].sel(run="b", window=4).values[have][3:]).all()
-

@@ -1,4 +1,5 @@
 """``sed_dask.spectrum``: sigma vs numpy SVD of every window, the Dataset contract, errors, CLI."""
+
 from __future__ import annotations
 
 import json
@@ -7,18 +8,23 @@ import warnings
 import numpy as np
 import pytest
 import xarray as xr
+from sed_oracle import deltas, planted, random_walk, stack_with_spectrum, window_svds
 
 import sed_dask
 from sed_dask.errors import StoreError
 from sed_dask.results.spectra import SpacingWarning
 from sed_dask.store.trajectory import ParamIndex, open_store, write_trajectory
-from sed_oracle import deltas, planted, random_walk, stack_with_spectrum, window_svds
 
 FIG1A = [198.58, 169.08, 122.47, 110.73, 106.22, 92.66, 78.30, 61.27, 44.58, 22.79]
 
-TENSORS = [("transformer.wte.weight", (16, 8)), ("transformer.h.0.attn.c_attn.weight", (8, 24)),
-           ("transformer.h.0.mlp.c_fc.weight", (8, 32)), ("transformer.h.1.attn.c_attn.weight", (8, 24)),
-           ("transformer.h.1.mlp.c_fc.weight", (8, 32)), ("transformer.ln_f.weight", (8,))]
+TENSORS = [
+    ("transformer.wte.weight", (16, 8)),
+    ("transformer.h.0.attn.c_attn.weight", (8, 24)),
+    ("transformer.h.0.mlp.c_fc.weight", (8, 32)),
+    ("transformer.h.1.attn.c_attn.weight", (8, 24)),
+    ("transformer.h.1.mlp.c_fc.weight", (8, 32)),
+    ("transformer.ln_f.weight", (8,)),
+]
 
 
 def _check_sigma(ds, run, X, steps_run, windows, *, group="all", cols=None, spans=None):
@@ -55,7 +61,7 @@ def _check_split_half(ds, run, X, steps_run, windows, *, group="all", cols=None)
             sel = sel.sel(group=group)
         a, b = (W + 1) // 2, W // 2
         for k in range(W - 1, D.shape[0]):
-            Xw = D[k - W + 1:k + 1]
+            Xw = D[k - W + 1 : k + 1]
             _, sa, va = np.linalg.svd(Xw[:a], full_matrices=False)
             _, sb, vb = np.linalg.svd(Xw[a:], full_matrices=False)
             got = sel.isel(step=int(np.searchsorted(steps, steps_run[k + 1]))).values
@@ -68,10 +74,10 @@ def _check_split_half(ds, run, X, steps_run, windows, *, group="all", cols=None)
 
 SHAPES = [
     # maker, n checkpoints, P, chunk_bytes, shard_bytes, windows, tile_bytes, block_steps
-    (random_walk, 26, 1301, 512, None, (3, 10, 15), 6000, 5),        # tiles < chunk, step halos
-    (planted, 31, 2500, 1024, 4096, (5, 10, 15), None, None),        # one tile, sharded store
-    (planted, 31, 2500, 1024, None, (2, 30), 20_000, 7),             # W = N: every window edge case
-    (random_walk, 7, 333, 400, None, (4, 6), 2_000, 2),              # run shorter than W_max + 1
+    (random_walk, 26, 1301, 512, None, (3, 10, 15), 6000, 5),  # tiles < chunk, step halos
+    (planted, 31, 2500, 1024, 4096, (5, 10, 15), None, None),  # one tile, sharded store
+    (planted, 31, 2500, 1024, None, (2, 30), 20_000, 7),  # W = N: every window edge case
+    (random_walk, 7, 333, 400, None, (4, 6), 2_000, 2),  # run shorter than W_max + 1
 ]
 
 
@@ -81,14 +87,15 @@ def test_sigma_matches_numpy_svd(tmp_path, shape):
     X = maker(np.random.default_rng(n + P), n, P)
     steps = np.arange(n) * 50
     write_trajectory(tmp_path / "s.zarr", "r", steps, X, chunk_bytes=cb, **({"shard_bytes": sb} if sb else {}))
-    ds = sed_dask.spectrum(tmp_path / "s.zarr", windows=windows, tile_bytes=tb, block_steps=bs, scheduler="threads",
-                           progress=False)
+    ds = sed_dask.spectrum(
+        tmp_path / "s.zarr", windows=windows, tile_bytes=tb, block_steps=bs, scheduler="threads", progress=False
+    )
     _check_sigma(ds, "r", X, steps, windows)
     _check_split_half(ds, "r", X, steps, windows)
     # windows that do not exist (fewer than W deltas before the step) are NaN, none are dropped
     for W in windows:
         k = ds.k_star.sel(run="r", window=W).values
-        assert np.isnan(k[:W - 1]).all() and np.isfinite(k[W - 1:]).all()
+        assert np.isnan(k[: W - 1]).all() and np.isfinite(k[W - 1 :]).all()
 
 
 def test_planted_rank_and_fig1a_through_the_store(tmp_path):
@@ -103,7 +110,7 @@ def test_planted_rank_and_fig1a_through_the_store(tmp_path):
     r = ds.sel(run="r", window=10).dropna("step", subset=["k_star"])
     assert r.sizes["step"] == 31
     assert (r.k_star_naive == 2).all() and (r.ratio.sel(sv=2) > 100).all()
-    assert r.k_star.isin([1, 2]).all()   # k=2 only where sigma_3 clears the MP floor (small P)
+    assert r.k_star.isin([1, 2]).all()  # k=2 only where sigma_3 clears the MP floor (small P)
     f = ds.sel(run="fig1a", window=10, step=2000)
     np.testing.assert_allclose(f.sigma.values, FIG1A, rtol=1e-5)  # float32 checkpoints
     assert int(f.k_star) == 2 and int(f.k_star_naive) == 9
@@ -121,8 +128,16 @@ def test_multi_run_groups_metrics_and_zarr_roundtrip(tmp_path, client):
         metrics = {"val_loss": 3.0 - st / 1000.0, "lr": np.full(st.size, 1e-3)}
         write_trajectory(tmp_path / "s.zarr", name, st, Xs[name], index=idx, chunk_bytes=256, metrics=metrics)
     with pytest.warns(SpacingWarning, match="run 'seed2': uneven checkpoint spacing"):
-        ds = sed_dask.spectrum(tmp_path / "s.zarr", windows=(3, 5), groups="blocks", client=client,
-                               output=tmp_path / "out.zarr", progress=False, tile_bytes=2048, block_steps=4)
+        ds = sed_dask.spectrum(
+            tmp_path / "s.zarr",
+            windows=(3, 5),
+            groups="blocks",
+            client=client,
+            output=tmp_path / "out.zarr",
+            progress=False,
+            tile_bytes=2048,
+            block_steps=4,
+        )
     # dims, coords and order per docs/result_schema.md
     assert ds.sigma.dims == ("run", "window", "group", "step", "sv")
     assert ds.k_star.dims == ("run", "window", "group", "step")
@@ -146,8 +161,10 @@ def test_multi_run_groups_metrics_and_zarr_roundtrip(tmp_path, client):
     # per-group sigma against the group's own columns
     for name in runs:
         _check_sigma(ds, name, Xs[name], runs[name], (3, 5))
-        for g, tensors in {"block1": ["transformer.h.1.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight"],
-                           "embeddings": ["transformer.wte.weight"]}.items():
+        for g, tensors in {
+            "block1": ["transformer.h.1.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight"],
+            "embeddings": ["transformer.wte.weight"],
+        }.items():
             cols = np.concatenate([np.arange(idx[t].offset, idx[t].offset + idx[t].size) for t in tensors])
             _check_sigma(ds, name, Xs[name], runs[name], (3, 5), group=g, cols=cols)
             _check_split_half(ds, name, Xs[name], runs[name], (3, 5), group=g, cols=cols)
@@ -176,8 +193,15 @@ def test_multi_run_groups_metrics_and_zarr_roundtrip(tmp_path, client):
     xr.testing.assert_identical(back.load(), ds)
     # the same request on the threaded scheduler gives bit-identical values
     with pytest.warns(SpacingWarning):
-        ds2 = sed_dask.spectrum(tmp_path / "s.zarr", windows=(3, 5), groups="blocks", scheduler="threads",
-                                progress=False, tile_bytes=2048, block_steps=4)
+        ds2 = sed_dask.spectrum(
+            tmp_path / "s.zarr",
+            windows=(3, 5),
+            groups="blocks",
+            scheduler="threads",
+            progress=False,
+            tile_bytes=2048,
+            block_steps=4,
+        )
     for v in ds.data_vars:
         np.testing.assert_array_equal(ds[v].values, ds2[v].values, err_msg=v)
 
@@ -190,12 +214,16 @@ def test_spacing_normalisation_and_warning(tmp_path):
     with pytest.warns(SpacingWarning, match=r"run 'u'.*\[100, 199, 200, 400\].*NOT normalised"):
         raw = sed_dask.spectrum(tmp_path / "s.zarr", runs="u", windows=(4,), scheduler="sync", progress=False)
     with pytest.warns(SpacingWarning, match=r"run 'u'.*divided by their step spans"):
-        ds = sed_dask.spectrum(tmp_path / "s.zarr", runs=["u"], windows=(4,), scheduler="sync", progress=False,
-                               normalize_spacing=True)
+        ds = sed_dask.spectrum(
+            tmp_path / "s.zarr", runs=["u"], windows=(4,), scheduler="sync", progress=False, normalize_spacing=True
+        )
     _check_sigma(ds, "u", X, uneven, (4,), spans=np.diff(uneven).astype(float))
     assert ds.attrs["step_normalised"] == 1 and ds.sigma.attrs["units"] == "parameter units per training step"
-    np.testing.assert_allclose(ds.delta_norm.sel(run="u", step=uneven[1:]).values,
-                               np.linalg.norm(deltas(X), axis=1) / np.diff(uneven), rtol=1e-12)
+    np.testing.assert_allclose(
+        ds.delta_norm.sel(run="u", step=uneven[1:]).values,
+        np.linalg.norm(deltas(X), axis=1) / np.diff(uneven),
+        rtol=1e-12,
+    )
     assert not np.allclose(raw.sigma.values, ds.sigma.values, equal_nan=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", SpacingWarning)
@@ -241,15 +269,39 @@ def test_cli_spectrum(tmp_path, local_cluster, capsys):
     X = random_walk(np.random.default_rng(6), 9, idx.n_params)
     write_trajectory(tmp_path / "s.zarr", "a", np.arange(9) * 10, X, index=idx, metrics={"val_loss": np.arange(9.0)})
     out = tmp_path / "res.zarr"
-    rc = main(["spectrum", str(tmp_path / "s.zarr"), "--windows", "3,4", "--groups", "emb=wte,attn=attn",
-               "-o", str(out), "--scheduler-address", local_cluster.scheduler_address])
+    rc = main(
+        [
+            "spectrum",
+            str(tmp_path / "s.zarr"),
+            "--windows",
+            "3,4",
+            "--groups",
+            "emb=wte,attn=attn",
+            "-o",
+            str(out),
+            "--scheduler-address",
+            local_cluster.scheduler_address,
+        ]
+    )
     assert rc == 0, capsys.readouterr()
     assert "wrote" in capsys.readouterr().out
     ds = xr.open_zarr(out)
     assert list(ds.group.values) == ["all", "emb", "attn", "other"]
     assert list(ds.window.values) == [3, 4]
     _check_sigma(ds.load(), "a", X, np.arange(9) * 10, (3, 4))
-    rc = main(["spectrum", str(tmp_path / "s.zarr"), "--windows", "20", "-o", str(out), "--overwrite", "--threads", "--no-progress"])
+    rc = main(
+        [
+            "spectrum",
+            str(tmp_path / "s.zarr"),
+            "--windows",
+            "20",
+            "-o",
+            str(out),
+            "--overwrite",
+            "--threads",
+            "--no-progress",
+        ]
+    )
     assert rc == 2 and "has only 8 deltas" in capsys.readouterr().err
     rc = main(["spectrum", str(tmp_path / "s.zarr"), "--runs", "b", "-o", str(out), "--overwrite", "--threads"])
     assert rc == 2 and "unknown run 'b'" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """Trajectory stores addressed by paths and fsspec URLs (file://, memory://) with storage_options."""
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,9 @@ def test_write_reopen_read_back_bit_exact(kind, tmp_path):
     url, so = _url(kind, tmp_path)
     X = _traj()
     ts = open_store(url, storage_options=so)
-    write_trajectory(ts, "seed0", STEPS, X, chunk_bytes=1024, shard_bytes=4096,
-                     metrics={"val_loss": [3.0, 2.5, 2.0, 1.9, 1.8]})
+    write_trajectory(
+        ts, "seed0", STEPS, X, chunk_bytes=1024, shard_bytes=4096, metrics={"val_loss": [3.0, 2.5, 2.0, 1.9, 1.8]}
+    )
     # reopen read-only from the URL alone, as a worker would
     again = open_store(url, mode="r", storage_options=so)
     run = again.run("seed0")

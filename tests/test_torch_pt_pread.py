@@ -4,6 +4,7 @@ Every value read with ``os.preadv`` from the cached layout must equal, bit for b
 path (``method="mmap"``) and ``torch.load`` give; the layout must be built once per file per process
 and rebuilt when the file changes.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,7 @@ import torch
 from models import make_trajectory, write_orig_mod, write_pt
 
 from sed_dask.errors import CheckpointError
-from sed_dask.readers import TorchReader, open_checkpoint
-from sed_dask.readers import layout_cache, rawio, torch_pt
+from sed_dask.readers import TorchReader, layout_cache, open_checkpoint, rawio, torch_pt
 
 
 @pytest.fixture(autouse=True)
@@ -68,15 +68,15 @@ def _crafted():
         "f16": torch.randn(3, 41, generator=g).half(),
         "f64": torch.randn(29, generator=g).double() * 1e40,  # beyond float32: overflows to inf as torch does
         "f64_small": torch.randn(5, 7, generator=g).double(),
-        "i64": torch.tensor([2 ** 53 + 1, -(2 ** 62) + 12345, 7, 0, 2 ** 24 + 1, -3]),
+        "i64": torch.tensor([2**53 + 1, -(2**62) + 12345, 7, 0, 2**24 + 1, -3]),
         "i32": torch.arange(-50, 50, dtype=torch.int32).reshape(10, 10),
         "u8": torch.arange(256, dtype=torch.uint8),
         "flag": torch.tensor([True, False, True]),
-        "view_tail": big[10:],             # shares big's storage, storage_offset 10
-        "view_head": big[:5],              # same storage, offset 0
+        "view_tail": big[10:],  # shares big's storage, storage_offset 10
+        "view_head": big[:5],  # same storage, offset 0
         "view_mid": big[50:120].view(7, 10),
         "w": w,
-        "w_tied": w,                       # the same tensor twice: a tied group
+        "w_tied": w,  # the same tensor twice: a tied group
         "empty": torch.empty(0, 3),
         "scalar": torch.tensor(3.25),
         "transposed": torch.randn(5, 9, generator=g).t(),  # saved with its strides: non-contiguous
@@ -122,7 +122,7 @@ def test_offsets_point_at_the_tensor_bytes(crafted):
         if t.numel() == 0:
             continue
         raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-        assert data[off:off + len(raw)] == raw, name
+        assert data[off : off + len(raw)] == raw, name
     # views of one storage sit at the storage's offset + storage_offset * itemsize
     assert lay.offsets["view_tail"] - lay.offsets["view_head"] == 10 * 4
     assert lay.offsets["view_mid"] - lay.offsets["view_head"] == 50 * 4
@@ -138,8 +138,10 @@ def test_tensors_and_shared_groups_unchanged(crafted):
         assert r.shared_groups() == [("w", "w_tied")]
         # exactly what the pre-layout code computed from the mapped state dict
         assert r.shared_groups() == torch_pt._shared_groups(m._state_dict())
-        assert infos == {k: torch_pt.TensorInfo(str(v.dtype).removeprefix("torch."), tuple(v.shape))
-                         for k, v in m._state_dict().items()}
+        assert infos == {
+            k: torch_pt.TensorInfo(str(v.dtype).removeprefix("torch."), tuple(v.shape))
+            for k, v in m._state_dict().items()
+        }
 
 
 def test_pread_method_refuses_what_it_cannot_serve(crafted):
@@ -166,17 +168,21 @@ def test_reads_in_pieces(crafted, monkeypatch):
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "top", "orig_mod", "fp16"])
 def test_trajectory_files(tmp_path, kind):
     traj = make_trajectory(2)
-    kw = {"fp32": {}, "bf16": {"dtype": torch.bfloat16}, "top": {"wrap": None},
-          "fp16": {"dtype": torch.float16}}.get(kind, {})
-    paths = (write_orig_mod(traj, tmp_path) if kind == "orig_mod" else write_pt(traj, tmp_path, **kw))
+    kw = {"fp32": {}, "bf16": {"dtype": torch.bfloat16}, "top": {"wrap": None}, "fp16": {"dtype": torch.float16}}.get(
+        kind, {}
+    )
+    paths = write_orig_mod(traj, tmp_path) if kind == "orig_mod" else write_pt(traj, tmp_path, **kw)
     for p in paths.values():
         obj = torch.load(p, weights_only=True)
         sd = torch_pt.find_state_dict(obj, p)
         with open_checkpoint(p) as r, TorchReader(p, method="mmap") as m:
             assert isinstance(r, TorchReader) and r.mmap is True
             assert set(r.layout.offsets) == set(sd)  # everything served by positioned reads
-            assert r.shared_groups() == m.shared_groups() == [(k, k.replace("tok_emb", "lm_head"))
-                                                              for k in sd if k.endswith("tok_emb.weight")]
+            assert (
+                r.shared_groups()
+                == m.shared_groups()
+                == [(k, k.replace("tok_emb", "lm_head")) for k in sd if k.endswith("tok_emb.weight")]
+            )
             for name, t in sd.items():
                 want = _expected(t)
                 assert np.array_equal(_bits(r.read(name)), _bits(want)), name
@@ -340,8 +346,11 @@ def test_compressed_entries_fall_back_to_the_mapping(tmp_path):
     dst = tmp_path / "deflated.pt"
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
         for i in zin.infolist():
-            zout.writestr(i.filename, zin.read(i.filename),
-                          compress_type=zipfile.ZIP_DEFLATED if "/data/" in i.filename else zipfile.ZIP_STORED)
+            zout.writestr(
+                i.filename,
+                zin.read(i.filename),
+                compress_type=zipfile.ZIP_DEFLATED if "/data/" in i.filename else zipfile.ZIP_STORED,
+            )
     with TorchReader(dst) as r, TorchReader(dst, method="mmap") as m:
         assert r.layout.offsets == {} and "compressed" in r.layout.why
         assert np.array_equal(_bits(r.read("a")), _bits(m.read("a")))  # the previous behaviour

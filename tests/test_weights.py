@@ -1,6 +1,7 @@
 """Weight spectra over a trajectory: every quantity against numpy, planted matrices (MP bulk + BBP spikes,
 heavy tails), real torch/safetensors checkpoints through the Dask pass on a LocalCluster, alignment
 against a numpy oracle, queries, CLI and bad input."""
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,11 @@ def test_matrix_spectrum_vs_numpy(shape, method):
     # a decaying spectrum so that the randomized range finder has something to find
     U, _, Vt = np.linalg.svd(A, full_matrices=False)
     A = (U * (0.8 ** np.arange(min(m, n)) + 0.01)) @ Vt
-    kw = {"exact": {}, "gram": {"exact_bytes": 1, "block_bytes": 4 * n * 7},
-          "randomized": {"exact_bytes": 1, "esd_max_dim": 1, "block_bytes": 4 * n * 7}}[method]
+    kw = {
+        "exact": {},
+        "gram": {"exact_bytes": 1, "block_bytes": 4 * n * 7},
+        "randomized": {"exact_bytes": 1, "esd_max_dim": 1, "block_bytes": 4 * n * 7},
+    }[method]
     s = _settings(**kw)
     assert s.method(m, n) == method
     out = matrix_spectrum(A, m, n, s)
@@ -93,7 +97,7 @@ def test_powerlaw_mle_matches_closed_form_at_chosen_xmin():
 
 # ----------------------------------------------------------------------------- planted: MP bulk + BBP spikes
 M_, N_, S_ = 300, 600, 0.05
-CRIT = S_ * (M_ * N_) ** 0.25          # BBP: a spike theta separates from the bulk iff theta > s (N M)^(1/4)
+CRIT = S_ * (M_ * N_) ** 0.25  # BBP: a spike theta separates from the bulk iff theta > s (N M)^(1/4)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -102,12 +106,12 @@ def test_planted_outliers_above_bbp_are_counted_and_bulk_fitted(seed):
     lam = np.linalg.svd(A, compute_uv=False) ** 2
     fit = mp_fit(lam, M_, N_)
     assert fit["n_outliers"] == 3
-    assert fit["s2"] == pytest.approx(S_ ** 2, rel=0.03)
+    assert fit["s2"] == pytest.approx(S_**2, rel=0.03)
     assert fit["edge"] == pytest.approx(S_ * (math.sqrt(N_) + math.sqrt(M_)), rel=0.015)
     assert fit["ks"] < 0.05
     # the outliers sit where BBP puts them: sigma^2 = (theta^2 + s^2 N)(theta^2 + s^2 M) / theta^2
     th = np.array([4.0, 3.0, 2.0]) * CRIT
-    bbp = np.sqrt((th ** 2 + S_ ** 2 * N_) * (th ** 2 + S_ ** 2 * M_)) / th
+    bbp = np.sqrt((th**2 + S_**2 * N_) * (th**2 + S_**2 * M_)) / th
     np.testing.assert_allclose(np.sqrt(lam[:3]), bbp, rtol=0.05)  # finite-size: measured <= 4 %
 
 
@@ -171,15 +175,18 @@ def test_pass_on_local_cluster_vs_numpy_and_store_equals_files(real_run, client)
     out = tmp / "w.zarr"
     ds = sed_dask.weight_spectra(src, k=4, client=client, output=str(out))
     assert ds.attrs["sed_dask_complete"] and ds.attrs["sed_dask_results"] == "weight_spectra"
-    two_d = [n for n, v in traj.state_dicts[0].items() if v.ndim >= 2 and n != "lm_head.weight"
-             and not n.endswith("attn.bias")]
+    two_d = [
+        n
+        for n, v in traj.state_dicts[0].items()
+        if v.ndim >= 2 and n != "lm_head.weight" and not n.endswith("attn.bias")
+    ]
     assert sorted(str(x) for x in ds.layer.values) == sorted(two_d)
     for i, step in enumerate(traj.steps):
         for name in two_d:
             A = _oracle(traj, i, name)
             sig = np.linalg.svd(A, compute_uv=False)
             x = ds.sel(run="s0", step=step, layer=name)
-            np.testing.assert_allclose(x["sigma"].values, sig[:4], rtol=1e-6)   # float32 weights, float64 SVD
+            np.testing.assert_allclose(x["sigma"].values, sig[:4], rtol=1e-6)  # float32 weights, float64 SVD
             assert float(x["frobenius_norm"]) == pytest.approx(np.linalg.norm(A), rel=1e-6)
             esd = x["esd"].values
             esd = esd[np.isfinite(esd)]
@@ -210,8 +217,10 @@ def test_conv_model_from_safetensors(tmp_path):
     for s in (0, 1, 2):
         with torch.no_grad():
             conv.weight.add_(0.01 * torch.randn_like(conv.weight))
-        save_file({"conv.weight": conv.weight.detach().clone(), "conv.bias": conv.bias.detach().clone()},
-                  str(tmp_path / f"model_{s}.safetensors"))
+        save_file(
+            {"conv.weight": conv.weight.detach().clone(), "conv.bias": conv.bias.detach().clone()},
+            str(tmp_path / f"model_{s}.safetensors"),
+        )
     src = sed_dask.open_checkpoints(str(tmp_path), run="c")
     ds = sed_dask.weight_spectra(src, k=3, scheduler="threads")
     assert [str(x) for x in ds.layer.values] == ["conv.weight"]
@@ -219,8 +228,9 @@ def test_conv_model_from_safetensors(tmp_path):
     from safetensors.numpy import load_file
 
     A = load_file(str(tmp_path / "model_2.safetensors"))["conv.weight"].astype(np.float64).reshape(8, 27)
-    np.testing.assert_allclose(ds["sigma"].isel(run=0, step=-1, layer=0).values,
-                               np.linalg.svd(A, compute_uv=False)[:3], rtol=1e-12)
+    np.testing.assert_allclose(
+        ds["sigma"].isel(run=0, step=-1, layer=0).values, np.linalg.svd(A, compute_uv=False)[:3], rtol=1e-12
+    )
 
 
 def test_bad_input_errors(real_run, tmp_path, capsys):
@@ -232,16 +242,19 @@ def test_bad_input_errors(real_run, tmp_path, capsys):
         sed_dask.weight_spectra(store, layers=["nope"], scheduler="threads")
     with pytest.raises(WeightSpectrumError, match="not 2-D weights"):
         sed_dask.weight_spectra(store, layers=["ln_f.weight"], scheduler="threads")
-    idx = ParamIndex([TensorEntry("a.bias", 0, 6, (6,), "float32", "other"),
-                      TensorEntry("b.weight", 6, 3, (1, 3), "float32", "other")])
+    idx = ParamIndex(
+        [
+            TensorEntry("a.bias", 0, 6, (6,), "float32", "other"),
+            TensorEntry("b.weight", 6, 3, (1, 3), "float32", "other"),
+        ]
+    )
     write_trajectory(str(tmp_path / "flat.zarr"), "r", [0, 1], np.ones((2, 9), np.float32), index=idx)
     with pytest.raises(WeightSpectrumError, match="no 2-D tensor"):
         sed_dask.weight_spectra(str(tmp_path / "flat.zarr"), scheduler="threads")
     assert cli_main(["weights", "compute", store, "-o", str(tmp_path / "x.zarr"), "--threads", "-k", "99"]) == 2
     err = capsys.readouterr().err
     assert "error: tensor" in err and "larger than the matrix" in err and "Traceback" not in err
-    assert cli_main(["weights", "compute", store, "-o", str(tmp_path / "x.zarr"), "--threads",
-                     "--layer", "nope"]) == 2
+    assert cli_main(["weights", "compute", store, "-o", str(tmp_path / "x.zarr"), "--threads", "--layer", "nope"]) == 2
     assert "unknown layer" in capsys.readouterr().err
     import dask
 
@@ -292,17 +305,25 @@ def test_alignment_planted_and_vs_numpy(tmp_path, client):
     rows = []
     for t in range(T):
         c = rng.standard_normal(3)
-        Wa = Wa0 + 0.05 * t * (c[0] * np.outer(Ua[:, 0], Va[:, 0]) + c[1] * np.outer(Ua[:, 1], Va[:, 1])
-                               + c[2] * np.outer(Ua[:, 0], Va[:, 1]))
+        Wa = Wa0 + 0.05 * t * (
+            c[0] * np.outer(Ua[:, 0], Va[:, 0])
+            + c[1] * np.outer(Ua[:, 1], Va[:, 1])
+            + c[2] * np.outer(Ua[:, 0], Va[:, 1])
+        )
         Wb = Wb0 + 0.05 * t * rng.standard_normal((mb, nb))
         rows.append(np.concatenate([Wa.ravel(), Wb.ravel()]))
     params = np.array(rows, np.float32)
-    idx = ParamIndex([TensorEntry("a.weight", 0, ma * na, (ma, na), "float32", "a"),
-                      TensorEntry("b.weight", ma * na, mb * nb, (mb, nb), "float32", "b")])
+    idx = ParamIndex(
+        [
+            TensorEntry("a.weight", 0, ma * na, (ma, na), "float32", "a"),
+            TensorEntry("b.weight", ma * na, mb * nb, (mb, nb), "float32", "b"),
+        ]
+    )
     store = str(tmp_path / "al.zarr")
     write_trajectory(store, "r", list(range(0, 10 * T, 10)), params, index=idx)
-    al = sed_dask.update_alignment(store, window=4, k=k, n_directions=3, client=client,
-                                   output=str(tmp_path / "align.zarr"))
+    al = sed_dask.update_alignment(
+        store, window=4, k=k, n_directions=3, client=client, output=str(tmp_path / "align.zarr")
+    )
     assert al.sizes["step"] == T - 4
     assert float(al["overlap"].sel(layer="a.weight").min()) > 0.999
     ob = al["overlap"].sel(layer="b.weight")
@@ -310,16 +331,19 @@ def test_alignment_planted_and_vs_numpy(tmp_path, client):
     X32 = params.astype(np.float32)
     for t, step in enumerate(al.step.values):
         e = int(step) // 10
-        X = np.diff(X32[e - 4:e + 1], axis=0).astype(np.float64)
+        X = np.diff(X32[e - 4 : e + 1], axis=0).astype(np.float64)
         for name, (off, m, n) in {"a.weight": (0, ma, na), "b.weight": (ma * na, mb, nb)}.items():
-            Wend = X32[e, off:off + m * n].astype(np.float64).reshape(m, n)
+            Wend = X32[e, off : off + m * n].astype(np.float64).reshape(m, n)
             # the oracle restricts the *global* directions: same as the pass
             _, sig, Vt = np.linalg.svd(X, full_matrices=False)
-            D = Vt[:3, off:off + m * n].reshape(3, m, n)
+            D = Vt[:3, off : off + m * n].reshape(3, m, n)
             w = sig[:3] ** 2
             Cl = np.einsum("j,jab,jcb->ac", w, D, D)
             Cr = np.einsum("j,jab,jac->bc", w, D, D)
-            top = lambda C: np.linalg.eigh(C)[1][:, ::-1][:, :k]
+
+            def top(C):
+                return np.linalg.eigh(C)[1][:, ::-1][:, :k]
+
             U, _, Vwt = np.linalg.svd(Wend)
             want_l = np.sort(np.degrees(subspace_angles(top(Cl), U[:, :k])))
             want_r = np.sort(np.degrees(subspace_angles(top(Cr), Vwt[:k].T)))

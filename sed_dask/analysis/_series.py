@@ -5,6 +5,7 @@ either drops them explicitly (and the caller documents it) or keeps the step gri
 NaN pairs (lag queries). Results are assembled back into xarray objects whose dims are the
 series dims (run, window, group …) of the input, in the input's order and dtypes.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -14,8 +15,8 @@ from collections.abc import Hashable, Iterator, Mapping, Sequence
 import numpy as np
 import xarray as xr
 
-from sed_dask.errors import AnalysisError
 from sed_dask.analysis.defaults import mp_adjacent_ratio  # noqa: F401  (re-exported for the query modules)
+from sed_dask.errors import AnalysisError
 
 STEP = "step"
 SERIES_DIMS_ORDER = ("run", "window", "group")
@@ -23,9 +24,9 @@ SERIES_DIMS_ORDER = ("run", "window", "group")
 # Short names used in the spec (docs/method.md §3.2) -> (variable, sv)
 _RATIO_ALIAS = re.compile(r"^r(\d+)_?(\d+)$")
 _ROLE_ALIASES = {"rank": "signal_rank", "drift": "drift_speed"}
-EDGE = "edge"   # the fixed-k edge series: ratio at k = the series' mode of k* (see fixed_edge)
+EDGE = "edge"  # the fixed-k edge series: ratio at k = the series' mode of k* (see fixed_edge)
 
-MISSING_METRIC_HINT = ("attach with sed_dask.analysis.attach_metrics or ingest --metrics")
+MISSING_METRIC_HINT = "attach with sed_dask.analysis.attach_metrics or ingest --metrics"
 
 
 def _available(ds: xr.Dataset) -> str:
@@ -63,8 +64,9 @@ def fixed_edge(ds: xr.Dataset, *, rank="k_star") -> xr.DataArray:
     idx = (k.fillna(1) - 1).astype(int).clip(0, ratio.sizes["sv"] - 1)
     edge = ratio.isel(sv=idx).drop_vars("sv", errors="ignore").where(k.notnull())
     edge = edge.assign_coords(edge_k=k)
-    edge.attrs.update(long_name="edge sigma_k / sigma_(k+1) at fixed k = the mode of k* over the series",
-                      units="1", sed_role="edge")
+    edge.attrs.update(
+        long_name="edge sigma_k / sigma_(k+1) at fixed k = the mode of k* over the series", units="1", sed_role="edge"
+    )
     return edge.rename(EDGE)
 
 
@@ -103,15 +105,19 @@ def resolve(ds: xr.Dataset, variable, *, sv: int | None = None) -> xr.DataArray:
             if len(hits) == 1:
                 da = ds[hits[0]]
             elif len(hits) > 1:
-                raise AnalysisError(f"sed_role {role!r} is ambiguous: variables {sorted(map(str, hits))}; "
-                                    "pass the variable name")
+                raise AnalysisError(
+                    f"sed_role {role!r} is ambiguous: variables {sorted(map(str, hits))}; pass the variable name"
+                )
             else:
-                raise AnalysisError(f"unknown variable {name!r}: not a variable name, sed_role or alias "
-                                    f"in this dataset ({_available(ds)})")
+                raise AnalysisError(
+                    f"unknown variable {name!r}: not a variable name, sed_role or alias "
+                    f"in this dataset ({_available(ds)})"
+                )
     if "sv" in da.dims:
         if sv is None:
-            raise AnalysisError(f"variable {da.name!r} has an 'sv' dimension; pass sv=k "
-                                f"(e.g. sv=2 for sigma_2/sigma_3 of 'ratio')")
+            raise AnalysisError(
+                f"variable {da.name!r} has an 'sv' dimension; pass sv=k (e.g. sv=2 for sigma_2/sigma_3 of 'ratio')"
+            )
         if sv not in da["sv"].values:
             raise AnalysisError(f"variable {da.name!r}: sv={sv} not in the sv coordinate")
         da = da.sel(sv=sv, drop=True)
@@ -167,12 +173,12 @@ def select(da: xr.DataArray, *, run=None, window=None, group=None) -> xr.DataArr
 def series_dims(da: xr.DataArray) -> list[Hashable]:
     """All dims except ``step``, in the canonical (run, window, group, others) order."""
     dims = [d for d in da.dims if d != STEP]
-    return sorted(dims, key=lambda d: (SERIES_DIMS_ORDER.index(d) if d in SERIES_DIMS_ORDER
-                                       else len(SERIES_DIMS_ORDER), str(d)))
+    return sorted(
+        dims, key=lambda d: (SERIES_DIMS_ORDER.index(d) if d in SERIES_DIMS_ORDER else len(SERIES_DIMS_ORDER), str(d))
+    )
 
 
-def iter_series(da: xr.DataArray, dims: Sequence[Hashable] | None = None
-                ) -> Iterator[tuple[dict, xr.DataArray]]:
+def iter_series(da: xr.DataArray, dims: Sequence[Hashable] | None = None) -> Iterator[tuple[dict, xr.DataArray]]:
     """Yield ``(key, series)``: key = {dim: label} over ``dims``, series 1-D along step."""
     dims = series_dims(da) if dims is None else list(dims)
     for labels in itertools.product(*(da[d].values.tolist() for d in dims)):
@@ -209,7 +215,7 @@ def window_steps(ds: xr.Dataset, key: Mapping, steps: np.ndarray, *, label: str 
     out = np.full(steps.size, np.nan)
     for i, j in enumerate(pos):
         if j < grid.size and grid[j] == steps[i] and j >= W - 1:
-            out[i] = grid[j - W + 1:j + 1].mean()
+            out[i] = grid[j - W + 1 : j + 1].mean()
     return out
 
 
@@ -240,8 +246,7 @@ def aligned(x: xr.DataArray, y: xr.DataArray) -> tuple[np.ndarray, np.ndarray, n
     return np.asarray(x[STEP].values)[ok], xv[ok], yv[ok]
 
 
-def paired_grid(xs: xr.DataArray, ys: xr.DataArray, *, gaps: str
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def paired_grid(xs: xr.DataArray, ys: xr.DataArray, *, gaps: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x and y on the run's own step grid, NaN unless both are finite (exact step match).
 
     The grid is the run's delta steps (``delta_span`` > 0) when available, else the steps where
@@ -262,8 +267,8 @@ def paired_grid(xs: xr.DataArray, ys: xr.DataArray, *, gaps: str
         grid = np.isfinite(x) | np.isfinite(y)
     fx = np.nonzero(np.isfinite(x))[0]
     if fx.size:
-        grid[:fx[0]] = False
-        grid[fx[-1] + 1:] = False
+        grid[: fx[0]] = False
+        grid[fx[-1] + 1 :] = False
     both = np.isfinite(x) & np.isfinite(y)
     keep = grid & (both if gaps == "drop" else True)
     x = np.where(both, x, np.nan)[keep]
@@ -277,16 +282,17 @@ def pair_series(ds, variable, target, *, sv, target_sv, run, window, group):
     y = select(resolve_target(ds, target, sv=target_sv), run=run, window=window, group=group)
     extra = [d for d in y.dims if d not in x.dims]
     if extra:
-        raise AnalysisError(f"target {y.name!r} has dims {extra} that variable {x.name!r} lacks; "
-                            "select them first (e.g. ds.sel(window=10))")
+        raise AnalysisError(
+            f"target {y.name!r} has dims {extra} that variable {x.name!r} lacks; "
+            "select them first (e.g. ds.sel(window=10))"
+        )
     return x, y
 
 
 def need(n: int, minimum: int, what: str, key: Mapping, name: str | None = None) -> None:
     """Raise when a series has fewer than ``minimum`` usable points."""
     if n < minimum:
-        raise AnalysisError(f"{describe(key, name)}: {what} needs at least {minimum} finite points, "
-                            f"got {n}")
+        raise AnalysisError(f"{describe(key, name)}: {what} needs at least {minimum} finite points, got {n}")
 
 
 class Collector:
@@ -300,14 +306,17 @@ class Collector:
         self.dims = series_dims(da) if dims is None else list(dims)
         self.coords = {d: da[d].values for d in self.dims}
         # the run's seed rides along on "run", so tables of every query keep it (cross-seed summaries)
-        self.labels = ({"seed": ("run", np.asarray(da["seed"].values))}
-                       if "run" in self.dims and "seed" in da.coords and da["seed"].dims == ("run",) else {})
+        self.labels = (
+            {"seed": ("run", np.asarray(da["seed"].values))}
+            if "run" in self.dims and "seed" in da.coords and da["seed"].dims == ("run",)
+            else {}
+        )
         self._pos = {d: {v: i for i, v in enumerate(self.coords[d].tolist())} for d in self.dims}
         self.shape = tuple(len(self.coords[d]) for d in self.dims)
         self.extra: dict[str, np.ndarray] = {}
         self.data: dict[str, tuple[tuple, np.ndarray]] = {}
         self.attrs: dict[str, dict] = {}
-        self._ints: dict[str, bool] = {}     # only integers stored so far -> int64 if complete
+        self._ints: dict[str, bool] = {}  # only integers stored so far -> int64 if complete
 
     def _index(self, key: Mapping) -> tuple:
         return tuple(self._pos[d][key[d]] for d in self.dims)
@@ -338,7 +347,8 @@ class Collector:
             arr[idx] = value
             kind = np.asarray(value).dtype.kind
             self._ints[name] = self._ints.get(name, True) and (
-                kind in "iu" or (isinstance(value, (int, np.integer)) and not isinstance(value, bool)))
+                kind in "iu" or (isinstance(value, (int, np.integer)) and not isinstance(value, bool))
+            )
 
     def set_attrs(self, name: str, **attrs) -> None:
         self.attrs.setdefault(name, {}).update(attrs)

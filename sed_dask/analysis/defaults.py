@@ -3,6 +3,7 @@
 Each value was chosen from the planted-truth tables in benchmarks/README.md ("Fidelity") and the
 real grokking runs ("Early warning"); docs/method.md gives the definitions.
 """
+
 from __future__ import annotations
 
 import numpy as np

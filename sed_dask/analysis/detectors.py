@@ -7,7 +7,8 @@ batch query (:func:`sed_dask.analysis.early_warning`) and a live watcher run the
 
 The watched series is the edge at a fixed k. Until the detector is *armed*, k is the running mode
 of k* (ties -> smallest); the detector arms when that series
-holds >= ``arm`` x tau for ``sustain`` windows (the emergence of phases.episode), and k is frozen from then on (a collapse must not be hidden by
+holds >= ``arm`` x tau for ``sustain`` windows (the emergence of phases.episode),
+and k is frozen from then on (a collapse must not be hidden by
 k* moving to another ratio). Detectors, all one-sided (a fall):
 
 * ``below_noise``: the edge is below tau (the noise-level ratio) for ``sustain`` windows;
@@ -18,6 +19,7 @@ k* moving to another ratio). Detectors, all one-sided (a fall):
 After an alarm a detector re-arms when the edge holds above ``arm`` x tau again (a rebound), so a
 second collapse raises a second alarm.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sed_dask.errors import AnalysisError
 from sed_dask.analysis.defaults import DEFAULT_TAU, SUSTAIN, describe_tau, tau_value
+from sed_dask.errors import AnalysisError
 
 DETECTORS = ("below_noise", "peak_drop", "cusum")
 # chosen on planted collapses and no-collapse controls (benchmarks/README.md "Fidelity"): drift 0.2 / h 1.5
@@ -46,8 +48,14 @@ class Alert:
     peak: float
 
     def as_dict(self) -> dict:
-        return {"step": int(self.step), "detector": self.detector, "value": float(self.value),
-                "threshold": float(self.threshold), "k": int(self.k), "peak": float(self.peak)}
+        return {
+            "step": int(self.step),
+            "detector": self.detector,
+            "value": float(self.value),
+            "threshold": float(self.threshold),
+            "k": int(self.k),
+            "peak": float(self.peak),
+        }
 
 
 def describe_detectors(*, window, tau=DEFAULT_TAU, **params) -> dict[str, str]:
@@ -117,13 +125,13 @@ class EdgeWatch:
         if self._n < self.min_windows:
             return []
         level = self.arm * self.threshold
-        self._above = self._above + 1 if x >= level else 0      # arming needs `sustain` windows, as phases
+        self._above = self._above + 1 if x >= level else 0  # arming needs `sustain` windows, as phases
         if not self.frozen and self._above >= self.sustain:
             self.frozen = True
         alerts = []
         for d, st in self._state.items():
             if not st["armed"]:
-                if self.frozen and self._above >= self.sustain:      # armed first, or re-armed by a rebound
+                if self.frozen and self._above >= self.sustain:  # armed first, or re-armed by a rebound
                     st.update(armed=True, run=0, S=0.0, peak=x)
                 continue
             st["peak"] = max(st["peak"], x)

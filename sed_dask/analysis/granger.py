@@ -5,15 +5,25 @@ Unrestricted: + feature lags 1..p — never the contemporaneous feature. p is th
 unrestricted AIC = n·ln(RSS/n) + 2k (k = columns incl. intercept). Plain numpy OLS as the
 reference; tests cross-check F, p, RSS and AIC against statsmodels.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import xarray as xr
 from scipy import stats
 
+from sed_dask.analysis._series import (
+    STEP,
+    Collector,
+    at,
+    describe,
+    iter_series,
+    pair_series,
+    paired_grid,
+    resolve_target,
+    select,
+)
 from sed_dask.errors import AnalysisError
-from sed_dask.analysis._series import (STEP, Collector, at, describe, iter_series, pair_series, paired_grid,
-                      resolve_target, select)
 
 DIRECTIONS = ("forward", "reverse")
 
@@ -23,7 +33,7 @@ def lag_matrix(v, p: int) -> np.ndarray:
     v = np.asarray(v, dtype=float)
     v = v[:, None] if v.ndim == 1 else v
     T = v.shape[0]
-    return np.concatenate([v[p - j:T - j] for j in range(1, p + 1)], axis=1)
+    return np.concatenate([v[p - j : T - j] for j in range(1, p + 1)], axis=1)
 
 
 def ols_rss(y, X) -> tuple[float, int]:
@@ -67,9 +77,20 @@ def _fit(y, x, cov, p, start):
         pv = float(stats.f.sf(F, q, df))
     else:
         F, pv = np.nan, np.nan
-    return dict(lag_order=p, n_obs=n, F=F, p_value=pv, df_num=q, df_denom=df, rss_r=rss_r,
-                rss_u=rss_u, aic_r=aic(rss_r, n, k_r), aic_u=aic(rss_u, n, k_u),
-                r2_r=1 - rss_r / tss if tss > 0 else np.nan, r2_u=1 - rss_u / tss if tss > 0 else np.nan)
+    return dict(
+        lag_order=p,
+        n_obs=n,
+        F=F,
+        p_value=pv,
+        df_num=q,
+        df_denom=df,
+        rss_r=rss_r,
+        rss_u=rss_u,
+        aic_r=aic(rss_r, n, k_r),
+        aic_u=aic(rss_u, n, k_u),
+        r2_r=1 - rss_r / tss if tss > 0 else np.nan,
+        r2_u=1 - rss_u / tss if tss > 0 else np.nan,
+    )
 
 
 def _perm_null(y, x, cov, p, *, n_perm, rng) -> np.ndarray:
@@ -94,9 +115,18 @@ def _perm_null(y, x, cov, p, *, n_perm, rng) -> np.ndarray:
     return out
 
 
-def granger_test(y, x, *, max_lag: int = 2, lag: int | None = None, covariate=None,
-                 min_obs: int = 10, aic_sample: str = "per_lag", n_perm: int = 0,
-                 seed: int | None = 0) -> dict:
+def granger_test(
+    y,
+    x,
+    *,
+    max_lag: int = 2,
+    lag: int | None = None,
+    covariate=None,
+    min_obs: int = 10,
+    aic_sample: str = "per_lag",
+    n_perm: int = 0,
+    seed: int | None = 0,
+) -> dict:
     """Does x (T,) or (T, m) Granger-cause y (T,)? NaNs allowed (rows using them are dropped).
 
     For p = 1…max_lag (skipped when fewer than ``min_obs`` rows remain) fit both models; pick
@@ -124,7 +154,7 @@ def granger_test(y, x, *, max_lag: int = 2, lag: int | None = None, covariate=No
         if lag < 1:
             raise AnalysisError(f"lag must be >= 1, got {lag}")
         max_lag, aic_sample = lag, "per_lag"
-    for p in (range(1, max_lag + 1) if lag is None else [lag]):
+    for p in range(1, max_lag + 1) if lag is None else [lag]:
         if y.size - p < 2:
             continue
         f = _fit(y, x, cov, p, p)
@@ -133,8 +163,9 @@ def granger_test(y, x, *, max_lag: int = 2, lag: int | None = None, covariate=No
         fits[p] = f
         sel[p] = f["aic_u"] if aic_sample == "per_lag" else _fit(y, x, cov, p, max_lag)["aic_u"]
     if not fits:
-        raise AnalysisError(f"Granger test needs at least {min_obs} usable rows "
-                            f"(series of {int(np.isfinite(y).sum())} finite points)")
+        raise AnalysisError(
+            f"Granger test needs at least {min_obs} usable rows (series of {int(np.isfinite(y).sum())} finite points)"
+        )
     best = min(sel, key=lambda p: (sel[p], p))
     out = dict(fits[best])
     out["delta_aic"] = out["aic_r"] - out["aic_u"]
@@ -163,23 +194,37 @@ def residualize(x, nuisance) -> np.ndarray:
     return out
 
 
-_SCALARS = ("lag_order", "n_obs", "F", "p_value", "df_num", "df_denom", "rss_r", "rss_u", "aic_r",
-            "aic_u", "delta_aic", "r2_r", "r2_u", "delta_r2", "p_perm")
+_SCALARS = (
+    "lag_order",
+    "n_obs",
+    "F",
+    "p_value",
+    "df_num",
+    "df_denom",
+    "rss_r",
+    "rss_u",
+    "aic_r",
+    "aic_u",
+    "delta_aic",
+    "r2_r",
+    "r2_u",
+    "delta_r2",
+    "p_perm",
+)
 
 
 def _grid_values(ds, name, key, steps, *, run, window, group, sv=None):
     """A series on the given steps (exact match; NaN where absent)."""
     if name == "trend":
         t = (steps - steps.min()) / max(float(np.ptp(steps)), 1.0)
-        return np.column_stack([t, t ** 2, t ** 3])
+        return np.column_stack([t, t**2, t**3])
     da = at(select(resolve_target(ds, name, sv=sv), run=run, window=window, group=group), key)
     return np.asarray(da.reindex({STEP: steps}).values, dtype=float)
 
 
 def _series_block(ds, key, xs, y, features, *, gaps, run, window, group, sv):
     steps, xv, yv = paired_grid(xs, at(y, key), gaps="keep")
-    cols = [xv] + [_grid_values(ds, f, key, steps, run=run, window=window, group=group, sv=sv)
-                   for f in features[1:]]
+    cols = [xv] + [_grid_values(ds, f, key, steps, run=run, window=window, group=group, sv=sv) for f in features[1:]]
     X = np.column_stack(cols)
     if gaps == "drop":
         ok = np.isfinite(yv) & np.all(np.isfinite(X), axis=1)
@@ -190,8 +235,7 @@ def _series_block(ds, key, xs, y, features, *, gaps, run, window, group, sv):
 def _covariates(ds, names, key, steps, *, run, window, group):
     if not names:
         return None
-    return np.column_stack([_grid_values(ds, c, key, steps, run=run, window=window, group=group)
-                            for c in names])
+    return np.column_stack([_grid_values(ds, c, key, steps, run=run, window=window, group=group) for c in names])
 
 
 def _listify(v):
@@ -200,10 +244,26 @@ def _listify(v):
     return [v] if isinstance(v, str) else list(v)
 
 
-def granger(ds: xr.Dataset, variable="edge_ratio", target="val_loss", *, max_lag: int = 2,
-            lag: int | None = None, covariate=None, direction: str = "both", nuisance=None, n_perm: int = 999,
-            seed: int | None = 0, min_obs: int = 10, aic_sample: str = "per_lag",
-            gaps: str = "keep", sv=None, run=None, window=None, group=None) -> xr.Dataset:
+def granger(
+    ds: xr.Dataset,
+    variable="edge_ratio",
+    target="val_loss",
+    *,
+    max_lag: int = 2,
+    lag: int | None = None,
+    covariate=None,
+    direction: str = "both",
+    nuisance=None,
+    n_perm: int = 999,
+    seed: int | None = 0,
+    min_obs: int = 10,
+    aic_sample: str = "per_lag",
+    gaps: str = "keep",
+    sv=None,
+    run=None,
+    window=None,
+    group=None,
+) -> xr.Dataset:
     """Univariate Granger tests per (run, W[, group]) and direction (docs/method.md §7.1, §7.2).
 
     ``direction``: ``"forward"`` (variable → target), ``"reverse"`` (target → variable) or
@@ -222,37 +282,66 @@ def granger(ds: xr.Dataset, variable="edge_ratio", target="val_loss", *, max_lag
     covs, nuis = _listify(covariate), _listify(nuisance)
     col = Collector(x)
     for key, xs in iter_series(x):
-        steps, X, yv = _series_block(ds, key, xs, y, [x.name], gaps=gaps, run=run, window=window,
-                                     group=group, sv=sv)
+        steps, X, yv = _series_block(ds, key, xs, y, [x.name], gaps=gaps, run=run, window=window, group=group, sv=sv)
         xv = X[:, 0]
         if nuis:
-            xv = residualize(xv, np.column_stack([_grid_values(ds, v, key, steps, run=run, window=window,
-                                                               group=group) for v in nuis]))
+            xv = residualize(
+                xv,
+                np.column_stack([_grid_values(ds, v, key, steps, run=run, window=window, group=group) for v in nuis]),
+            )
         cv = _covariates(ds, covs, key, steps, run=run, window=window, group=group)
         res = {k: np.full(len(dirs), np.nan) for k in _SCALARS}
         for j, d in enumerate(dirs):
             yy, xx = (yv, xv) if d == "forward" else (xv, yv)
             try:
-                r = granger_test(yy, xx, max_lag=max_lag, lag=lag, covariate=cv, min_obs=min_obs,
-                                 aic_sample=aic_sample, n_perm=n_perm, seed=seed)
+                r = granger_test(
+                    yy,
+                    xx,
+                    max_lag=max_lag,
+                    lag=lag,
+                    covariate=cv,
+                    min_obs=min_obs,
+                    aic_sample=aic_sample,
+                    n_perm=n_perm,
+                    seed=seed,
+                )
             except AnalysisError as exc:
                 raise AnalysisError(f"{describe(key, str(x.name))} vs {y.name!r}: {exc}") from None
             for k in _SCALARS:
                 res[k][j] = r[k]
         col.add(key, along=("direction", np.array(dirs)), **res)
-    out = col.dataset(variable=str(x.name), target=str(y.name), max_lag=max_lag,
-                      covariate=",".join(covs), nuisance=",".join(nuis), n_perm=n_perm,
-                      aic_sample=aic_sample, gaps=gaps,
-                      direction_meaning=f"forward: {x.name} -> {y.name}; reverse: {y.name} -> {x.name}")
+    out = col.dataset(
+        variable=str(x.name),
+        target=str(y.name),
+        max_lag=max_lag,
+        covariate=",".join(covs),
+        nuisance=",".join(nuis),
+        n_perm=n_perm,
+        aic_sample=aic_sample,
+        gaps=gaps,
+        direction_meaning=f"forward: {x.name} -> {y.name}; reverse: {y.name} -> {x.name}",
+    )
     out["p_perm"].attrs["long_name"] = "circular-shift permutation p-value of F (+1 corrected)"
     return out
 
 
-def granger_multivariate(ds: xr.Dataset, features=("edge_ratio", "k95"), target="val_loss", *,
-                         max_lag: int = 2, lag: int | None = None, covariate=None,
-                         n_perm: int = 999, seed: int | None = 0,
-                         min_obs: int = 10, aic_sample: str = "per_lag", gaps: str = "keep",
-                         run=None, window=None, group=None) -> xr.Dataset:
+def granger_multivariate(
+    ds: xr.Dataset,
+    features=("edge_ratio", "k95"),
+    target="val_loss",
+    *,
+    max_lag: int = 2,
+    lag: int | None = None,
+    covariate=None,
+    n_perm: int = 999,
+    seed: int | None = 0,
+    min_obs: int = 10,
+    aic_sample: str = "per_lag",
+    gaps: str = "keep",
+    run=None,
+    window=None,
+    group=None,
+) -> xr.Dataset:
     """Joint Granger test of several features → target: unrestricted = AR(p) of the target +
     lags 1..p of every feature (q = p·m). ``r2_u`` is the share of target variance explained —
     the README's "edge_str + k95 explains 89.5%" is most likely this R² (docs/method.md §7.2,
@@ -265,14 +354,31 @@ def granger_multivariate(ds: xr.Dataset, features=("edge_ratio", "k95"), target=
     covs = _listify(covariate)
     col = Collector(x)
     for key, xs in iter_series(x):
-        steps, X, yv = _series_block(ds, key, xs, y, [x.name] + feats[1:], gaps=gaps, run=run,
-                                     window=window, group=group, sv=None)
+        steps, X, yv = _series_block(
+            ds, key, xs, y, [x.name] + feats[1:], gaps=gaps, run=run, window=window, group=group, sv=None
+        )
         cv = _covariates(ds, covs, key, steps, run=run, window=window, group=group)
         try:
-            r = granger_test(yv, X, max_lag=max_lag, lag=lag, covariate=cv, min_obs=min_obs,
-                             aic_sample=aic_sample, n_perm=n_perm, seed=seed)
+            r = granger_test(
+                yv,
+                X,
+                max_lag=max_lag,
+                lag=lag,
+                covariate=cv,
+                min_obs=min_obs,
+                aic_sample=aic_sample,
+                n_perm=n_perm,
+                seed=seed,
+            )
         except AnalysisError as exc:
             raise AnalysisError(f"{describe(key, '+'.join(map(str, feats)))} vs {y.name!r}: {exc}") from None
         col.add(key, **{k: r[k] for k in _SCALARS})
-    return col.dataset(features=",".join(map(str, feats)), target=str(y.name), max_lag=max_lag,
-                       covariate=",".join(covs), n_perm=n_perm, aic_sample=aic_sample, gaps=gaps)
+    return col.dataset(
+        features=",".join(map(str, feats)),
+        target=str(y.name),
+        max_lag=max_lag,
+        covariate=",".join(covs),
+        n_perm=n_perm,
+        aic_sample=aic_sample,
+        gaps=gaps,
+    )

@@ -5,6 +5,7 @@ Sign convention (docs/method.md §6.2): at lag ℓ > 0 the pair is (x[t], y[t+�
 y[ℓ:n]) — **positive lag = the spectral feature leads the target**; ℓ < 0 = the target leads.
 Lags are in checkpoint-index units of the run's own step grid.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,10 +13,20 @@ import pandas as pd
 import xarray as xr
 from scipy import stats
 
-from sed_dask.errors import AnalysisError
-from sed_dask.analysis._series import (STEP, Collector, at, finite, iter_series, need, pair_series, paired_grid,
-                      resolve, select)
+from sed_dask.analysis._series import (
+    STEP,
+    Collector,
+    at,
+    finite,
+    iter_series,
+    need,
+    pair_series,
+    paired_grid,
+    resolve,
+    select,
+)
 from sed_dask.analysis.phases import phase_intervals, segment
+from sed_dask.errors import AnalysisError
 
 DETRENDS = ("cubic", "quadratic", "linear", "none", "cubic_raw")
 PEAKS = ("min", "absmax", "max")
@@ -84,7 +95,7 @@ def lagged_corr(x, y, *, lags=range(-5, 8), min_overlap: int = 6) -> tuple[np.nd
     for i, lag in enumerate(lags):
         if abs(lag) >= n:
             continue
-        a, b = (x[:n - lag], y[lag:]) if lag >= 0 else (x[-lag:], y[:n + lag])
+        a, b = (x[: n - lag], y[lag:]) if lag >= 0 else (x[-lag:], y[: n + lag])
         ok = np.isfinite(a) & np.isfinite(b)
         cnt[i] = ok.sum()
         if cnt[i] >= min_overlap:
@@ -140,9 +151,9 @@ def phase_surrogates(y, n_draws: int, *, seed: int = 0) -> np.ndarray:
     spec = np.fft.rfft(filled - filled.mean())
     rng = np.random.default_rng(seed)
     phase = rng.uniform(0.0, 2.0 * np.pi, (n_draws, spec.size))
-    phase[:, 0] = 0.0                             # keep the (zero) mean real
+    phase[:, 0] = 0.0  # keep the (zero) mean real
     if y.size % 2 == 0:
-        phase[:, -1] = 0.0                        # and the Nyquist term
+        phase[:, -1] = 0.0  # and the Nyquist term
     out = np.fft.irfft(spec[None, :] * np.exp(1j * phase), n=y.size)
     out[:, ~ok] = np.nan
     return out
@@ -155,7 +166,7 @@ def _lagged_corr_many(x: np.ndarray, Y: np.ndarray, lags: np.ndarray, min_overla
     for i, lag in enumerate(lags):
         if abs(lag) >= n:
             continue
-        a, B = (x[:n - lag], Y[:, lag:]) if lag >= 0 else (x[-lag:], Y[:, :n + lag])
+        a, B = (x[: n - lag], Y[:, lag:]) if lag >= 0 else (x[-lag:], Y[:, : n + lag])
         ok = np.isfinite(a)[None, :] & np.isfinite(B)
         cnt = ok.sum(axis=1)
         A0 = np.where(ok, a[None, :], 0.0)
@@ -171,8 +182,17 @@ def _lagged_corr_many(x: np.ndarray, Y: np.ndarray, lags: np.ndarray, min_overla
     return out
 
 
-def peak_null(x, y, *, lags=range(-5, 8), peak: str = "min", min_overlap: int = 6,
-              n_null: int = 999, seed: int = 0, chunk: int = 250) -> tuple[float, int]:
+def peak_null(
+    x,
+    y,
+    *,
+    lags=range(-5, 8),
+    peak: str = "min",
+    min_overlap: int = 6,
+    n_null: int = 999,
+    seed: int = 0,
+    chunk: int = 250,
+) -> tuple[float, int]:
     """(p, draws): the p-value of the peak statistic of r(ℓ) against phase-randomised targets.
 
     Null: x and y are independent, each with its own serial dependence. Draws replace the
@@ -200,18 +220,32 @@ def peak_null(x, y, *, lags=range(-5, 8), peak: str = "min", min_overlap: int = 
     obs = np.nanmax(_score(r, peak))
     surr = phase_surrogates(y, int(n_null), seed=seed)
     exceed = 0
-    for lo in range(0, surr.shape[0], chunk):          # bounded memory on long series
-        rn = _lagged_corr_many(x, surr[lo:lo + chunk], lags, min_overlap)
+    for lo in range(0, surr.shape[0], chunk):  # bounded memory on long series
+        rn = _lagged_corr_many(x, surr[lo : lo + chunk], lags, min_overlap)
         sc = np.where(np.isfinite(rn), _score(rn, peak), -np.inf).max(axis=1)
         exceed += int(np.sum(sc >= obs - 1e-12))
     return (1.0 + exceed) / (n_null + 1.0), int(n_null)
 
 
-def lag_correlation(ds: xr.Dataset, variable="edge_ratio", target="val_loss", *,
-                    lags=range(-5, 8), detrend: str = "cubic", peak: str = "min",
-                    gaps: str = "keep", min_overlap: int = 6, n_null: int = 999, seed: int = 0,
-                    alpha: float = 0.05, sv=None, target_sv=None, run=None,
-                    window=None, group=None) -> xr.Dataset:
+def lag_correlation(
+    ds: xr.Dataset,
+    variable="edge_ratio",
+    target="val_loss",
+    *,
+    lags=range(-5, 8),
+    detrend: str = "cubic",
+    peak: str = "min",
+    gaps: str = "keep",
+    min_overlap: int = 6,
+    n_null: int = 999,
+    seed: int = 0,
+    alpha: float = 0.05,
+    sv=None,
+    target_sv=None,
+    run=None,
+    window=None,
+    group=None,
+) -> xr.Dataset:
     """Detrended lagged Pearson r between a spectral series and a target (default val_loss).
 
     Both series are matched by exact step, detrended (``detrend``, default cubic on normalised t)
@@ -238,22 +272,38 @@ def lag_correlation(ds: xr.Dataset, variable="edge_ratio", target="val_loss", *,
     for key, xs in iter_series(x):
         steps, xv, yv = paired_grid(xs, at(y, key), gaps=gaps)
         n_pairs = int(np.sum(np.isfinite(xv)))
-        need(n_pairs, min_overlap + int(np.abs(lags).min()), f"lagged correlation with {y.name!r}",
-             key, x.name)
+        need(n_pairs, min_overlap + int(np.abs(lags).min()), f"lagged correlation with {y.name!r}", key, x.name)
         xd = detrend_series(steps, xv, method=detrend)
         yd = detrend_series(steps, yv, method=detrend)
         r, cnt = lagged_corr(xd, yd, lags=lags, min_overlap=min_overlap)
         pl, pr = peak_lag(lags, r, peak=peak)
-        p, draws = peak_null(xd, yd, lags=lags, peak=peak, min_overlap=min_overlap, n_null=n_null,
-                             seed=seed)
+        p, draws = peak_null(xd, yd, lags=lags, peak=peak, min_overlap=min_overlap, n_null=n_null, seed=seed)
         col.add(key, along=("lag", lags), r=r, n_overlap=cnt)
-        col.add(key, peak_lag=pl, peak_r=pr, peak_resolved=peak_resolved(lags, r, pl),
-                peak_p_value=p, peak_significant=bool(p <= alpha), n_null=draws, n_points=n_pairs)
-    null = ("x independent of y: Fourier phase-randomised detrended target (same autocorrelation); "
-            "statistic = peak over the whole lag grid")
-    out = col.dataset(variable=str(x.name), target=str(y.name), detrend=detrend, peak=peak,
-                      gaps=gaps, lag_convention="lag>0: variable leads target, corr(x[0:n-l], y[l:n])",
-                      null=null, alpha=alpha, seed=seed)
+        col.add(
+            key,
+            peak_lag=pl,
+            peak_r=pr,
+            peak_resolved=peak_resolved(lags, r, pl),
+            peak_p_value=p,
+            peak_significant=bool(p <= alpha),
+            n_null=draws,
+            n_points=n_pairs,
+        )
+    null = (
+        "x independent of y: Fourier phase-randomised detrended target (same autocorrelation); "
+        "statistic = peak over the whole lag grid"
+    )
+    out = col.dataset(
+        variable=str(x.name),
+        target=str(y.name),
+        detrend=detrend,
+        peak=peak,
+        gaps=gaps,
+        lag_convention="lag>0: variable leads target, corr(x[0:n-l], y[l:n])",
+        null=null,
+        alpha=alpha,
+        seed=seed,
+    )
     _describe_peak(out, x.name, y.name, peak, alpha)
     return out
 
@@ -262,21 +312,23 @@ def _describe_peak(out: xr.Dataset, xname, yname, peak: str, alpha: float) -> No
     rule = {"min": "argmin r", "absmax": "argmax |r|", "max": "argmax r"}[peak]
     out["lag"].attrs.update(units="checkpoints", long_name="lag (positive = variable leads target)")
     out["r"].attrs.update(long_name=f"lagged Pearson r({xname}, {yname})", units="1")
-    out["peak_lag"].attrs.update(units="checkpoints", long_name=(
-        f"lag of the grid's extreme r ({rule}); a located peak only where peak_resolved"))
+    out["peak_lag"].attrs.update(
+        units="checkpoints",
+        long_name=(f"lag of the grid's extreme r ({rule}); a located peak only where peak_resolved"),
+    )
     out["peak_r"].attrs.update(units="1", long_name=f"r at peak_lag ({rule} over the lag grid)")
     out["peak_resolved"].attrs["long_name"] = (
-        "peak_lag is interior to the evaluated lag grid (an extreme on its first/last finite lag "
-        "is unresolved)")
+        "peak_lag is interior to the evaluated lag grid (an extreme on its first/last finite lag is unresolved)"
+    )
     out["peak_p_value"].attrs["long_name"] = (
         "p of the peak statistic against phase-randomised detrended targets, peak over the whole "
-        "grid (look-elsewhere included); (1 + #null >= obs) / (n_null + 1)")
+        "grid (look-elsewhere included); (1 + #null >= obs) / (n_null + 1)"
+    )
     out["peak_significant"].attrs["long_name"] = f"peak_p_value <= alpha = {alpha:g}"
     out["n_null"].attrs["long_name"] = "null draws (0 = no null: p NaN, not significant)"
 
 
-def lag_sweep(ds: xr.Dataset, variable="edge_ratio", target="val_loss", *, windows=None,
-              **options) -> xr.Dataset:
+def lag_sweep(ds: xr.Dataset, variable="edge_ratio", target="val_loss", *, windows=None, **options) -> xr.Dataset:
     """:func:`lag_correlation` over every W plus lag-flip flags (docs/method.md §6.4).
 
     ``peak_sign`` = sign(peak_lag). ``sign_change_next``: the sign differs from the next larger
@@ -295,17 +347,31 @@ def lag_sweep(ds: xr.Dataset, variable="edge_ratio", target="val_loss", *, windo
     out["peak_sign"] = sign
     out["sign_change_next"] = change
     out["sign_change_next"].attrs["long_name"] = (
-        "sign of peak_lag differs from the next larger W's (whether or not the peaks are resolved)")
+        "sign of peak_lag differs from the next larger W's (whether or not the peaks are resolved)"
+    )
     out["flip_next"] = change & good & good.shift(window=-1, fill_value=False)
     out["flip_next"].attrs["long_name"] = (
-        "lag flip to the next larger W: opposite non-zero peak-lag signs, both peaks resolved and "
-        "significant")
+        "lag flip to the next larger W: opposite non-zero peak-lag signs, both peaks resolved and significant"
+    )
     return out
 
 
-FLIP_COLUMNS = ("window_a", "window_b", "peak_lag_a", "peak_lag_b", "peak_r_a", "peak_r_b",
-                "peak_resolved_a", "peak_resolved_b", "peak_p_value_a", "peak_p_value_b",
-                "peak_significant_a", "peak_significant_b", "status", "reason")
+FLIP_COLUMNS = (
+    "window_a",
+    "window_b",
+    "peak_lag_a",
+    "peak_lag_b",
+    "peak_r_a",
+    "peak_r_b",
+    "peak_resolved_a",
+    "peak_resolved_b",
+    "peak_p_value_a",
+    "peak_p_value_b",
+    "peak_significant_a",
+    "peak_significant_b",
+    "status",
+    "reason",
+)
 
 
 def _flip_verdict(W, row, alpha) -> list[str]:
@@ -315,8 +381,11 @@ def _flip_verdict(W, row, alpha) -> list[str]:
         why.append(f"W={W}: unresolved (peak on grid edge at {int(row['peak_lag']):+d})")
     if not row["peak_significant"]:
         p = row["peak_p_value"]
-        why.append(f"W={W}: not significant (p={p:.3g} > alpha={alpha:g})" if np.isfinite(p)
-                   else f"W={W}: not significant (no null p)")
+        why.append(
+            f"W={W}: not significant (p={p:.3g} > alpha={alpha:g})"
+            if np.isfinite(p)
+            else f"W={W}: not significant (no null p)"
+        )
     return why
 
 
@@ -342,37 +411,60 @@ def lag_flips(sweep: xr.Dataset, *, pairs: str = "consecutive", rejected: bool =
     other = [d for d in sweep["peak_lag"].dims if d != "window"]
     rows = []
     stacked = sweep[list(need_vars)].to_dataframe().reset_index()
-    for labels, g in (stacked.groupby(other, sort=False) if other else [((), stacked)]):
+    for labels, g in stacked.groupby(other, sort=False) if other else [((), stacked)]:
         g = g.set_index("window")
         labels = labels if isinstance(labels, tuple) else (labels,)
-        cand = ([(Ws[i], Ws[i + 1]) for i in range(len(Ws) - 1)] if pairs == "consecutive"
-                else [(a, b) for i, a in enumerate(Ws) for b in Ws[i + 1:]])
+        cand = (
+            [(Ws[i], Ws[i + 1]) for i in range(len(Ws) - 1)]
+            if pairs == "consecutive"
+            else [(a, b) for i, a in enumerate(Ws) for b in Ws[i + 1 :]]
+        )
         for a, b in cand:
             ra, rb = g.loc[a], g.loc[b]
             la, lb = ra["peak_lag"], rb["peak_lag"]
             if not (np.isfinite(la) and np.isfinite(lb) and np.sign(la) * np.sign(lb) < 0):
                 continue
             why = _flip_verdict(a, ra, alpha) + _flip_verdict(b, rb, alpha)
-            status = ("flip" if not why else "unresolved" if any("unresolved" in w for w in why)
-                      else "not significant")
+            status = "flip" if not why else "unresolved" if any("unresolved" in w for w in why) else "not significant"
             if why and not rejected:
                 continue
-            rows.append({**dict(zip(other, labels)), "window_a": a, "window_b": b,
-                         "peak_lag_a": int(la), "peak_lag_b": int(lb),
-                         "peak_r_a": ra["peak_r"], "peak_r_b": rb["peak_r"],
-                         "peak_resolved_a": bool(ra["peak_resolved"]),
-                         "peak_resolved_b": bool(rb["peak_resolved"]),
-                         "peak_p_value_a": ra["peak_p_value"], "peak_p_value_b": rb["peak_p_value"],
-                         "peak_significant_a": bool(ra["peak_significant"]),
-                         "peak_significant_b": bool(rb["peak_significant"]),
-                         "status": status, "reason": "; ".join(why)})
+            rows.append(
+                {
+                    **dict(zip(other, labels)),
+                    "window_a": a,
+                    "window_b": b,
+                    "peak_lag_a": int(la),
+                    "peak_lag_b": int(lb),
+                    "peak_r_a": ra["peak_r"],
+                    "peak_r_b": rb["peak_r"],
+                    "peak_resolved_a": bool(ra["peak_resolved"]),
+                    "peak_resolved_b": bool(rb["peak_resolved"]),
+                    "peak_p_value_a": ra["peak_p_value"],
+                    "peak_p_value_b": rb["peak_p_value"],
+                    "peak_significant_a": bool(ra["peak_significant"]),
+                    "peak_significant_b": bool(rb["peak_significant"]),
+                    "status": status,
+                    "reason": "; ".join(why),
+                }
+            )
     return pd.DataFrame(rows, columns=list(other) + list(FLIP_COLUMNS))
 
 
-def sliding_correlation(ds: xr.Dataset, variable="edge_ratio", target="val_loss", *,
-                        align: str = "center", width: int | None = None, detrend: str = "none",
-                        gaps: str = "keep", sv=None, target_sv=None, run=None, window=None,
-                        group=None) -> xr.Dataset:
+def sliding_correlation(
+    ds: xr.Dataset,
+    variable="edge_ratio",
+    target="val_loss",
+    *,
+    align: str = "center",
+    width: int | None = None,
+    detrend: str = "none",
+    gaps: str = "keep",
+    sv=None,
+    target_sv=None,
+    run=None,
+    window=None,
+    group=None,
+) -> xr.Dataset:
     """Local Pearson r(x, y) in a moving window of checkpoints (docs/method.md §10).
 
     ``align="center"``: width 11 (TinyStories), labelled by the centre step; ``"trailing"``:
@@ -409,20 +501,34 @@ def sliding_correlation(ds: xr.Dataset, variable="edge_ratio", target="val_loss"
         ok = np.isfinite(r)
         sg = np.sign(r[ok])
         col.add(key, along=(STEP, steps_all), r=r, p=p)
-        col.add(key, r_min=np.min(r[ok]) if ok.any() else np.nan,
-                r_max=np.max(r[ok]) if ok.any() else np.nan,
-                r_mean=np.mean(r[ok]) if ok.any() else np.nan,
-                n_sign_changes=int(np.sum(sg[1:] * sg[:-1] < 0)),
-                frac_abs_r_gt_0_5=float(np.mean(np.abs(r[ok]) > 0.5)) if ok.any() else np.nan,
-                frac_p_lt_0_05=float(np.mean(p[ok] < 0.05)) if ok.any() else np.nan)
-    return col.dataset(variable=str(x.name), target=str(y.name), align=align, width=width,
-                       detrend=detrend)
+        col.add(
+            key,
+            r_min=np.min(r[ok]) if ok.any() else np.nan,
+            r_max=np.max(r[ok]) if ok.any() else np.nan,
+            r_mean=np.mean(r[ok]) if ok.any() else np.nan,
+            n_sign_changes=int(np.sum(sg[1:] * sg[:-1] < 0)),
+            frac_abs_r_gt_0_5=float(np.mean(np.abs(r[ok]) > 0.5)) if ok.any() else np.nan,
+            frac_p_lt_0_05=float(np.mean(p[ok] < 0.05)) if ok.any() else np.nan,
+        )
+    return col.dataset(variable=str(x.name), target=str(y.name), align=align, width=width, detrend=detrend)
 
 
-def phase_correlation(ds: xr.Dataset, variable="edge_ratio", target="val_loss", *,
-                      method: str = "peak", segment_variable=None, min_points: int = 4,
-                      detrend: str = "none", sv=None, target_sv=None, run=None, window=None,
-                      group=None, **options) -> xr.Dataset:
+def phase_correlation(
+    ds: xr.Dataset,
+    variable="edge_ratio",
+    target="val_loss",
+    *,
+    method: str = "peak",
+    segment_variable=None,
+    min_points: int = 4,
+    detrend: str = "none",
+    sv=None,
+    target_sv=None,
+    run=None,
+    window=None,
+    group=None,
+    **options,
+) -> xr.Dataset:
     """Pearson r(x, y) within each phase of :func:`sed_dask.analysis.phases.segment`
     (docs/method.md §10.1). Phases come from ``segment_variable`` (default: ``variable``) with shared
     boundary points; fewer than ``min_points`` (4) aligned pairs give NaN. Also reports
@@ -431,21 +537,26 @@ def phase_correlation(ds: xr.Dataset, variable="edge_ratio", target="val_loss", 
     :func:`cross_seed_summary` over runs.
     """
     x, y = pair_series(ds, variable, target, sv=sv, target_sv=target_sv, run=run, window=window, group=group)
-    seg = x if segment_variable is None else select(resolve(ds, segment_variable), run=run,
-                                                    window=window, group=group)
+    seg = x if segment_variable is None else select(resolve(ds, segment_variable), run=run, window=window, group=group)
     col = Collector(x)
     names = np.array(["rise", "plateau", "collapse"])
     for key, xs in iter_series(x):
         sst, sx = finite(at(seg, key))
-        need(sx.size, max(min_points, 3 * options.get("min_size", 3) if method == "changepoint" else 1),
-             f"phase segmentation ({method})", key, seg.name)
-        a, b = segment(sx, (sst - sst[0]).astype(float) if method == "changepoint" else None,
-                       method=method, **options)
+        need(
+            sx.size,
+            max(min_points, 3 * options.get("min_size", 3) if method == "changepoint" else 1),
+            f"phase segmentation ({method})",
+            key,
+            seg.name,
+        )
+        a, b = segment(sx, (sst - sst[0]).astype(float) if method == "changepoint" else None, method=method, **options)
         steps, xv, yv = paired_grid(xs, at(y, key), gaps="drop")
         xv = detrend_series(steps, xv, method=detrend)
         yv = detrend_series(steps, yv, method=detrend)
-        res = {k: np.full(3, np.nan) for k in ("r", "p", "n", "start_step", "end_step", "x_start",
-                                               "x_end", "y_start", "y_end")}
+        res = {
+            k: np.full(3, np.nan)
+            for k in ("r", "p", "n", "start_step", "end_step", "x_start", "x_end", "y_start", "y_end")
+        }
         for j, (ph, (s0, s1)) in enumerate(phase_intervals(a, b, sx.size).items()):
             lo, hi = sst[s0], sst[s1 - 1]
             m = (steps >= lo) & (steps <= hi)
@@ -455,7 +566,13 @@ def phase_correlation(ds: xr.Dataset, variable="edge_ratio", target="val_loss", 
                 res["r"][j], res["p"][j] = pearson(xv[m], yv[m])
                 res["x_start"][j], res["x_end"][j] = xv[m][0], xv[m][-1]
                 res["y_start"][j], res["y_end"][j] = yv[m][0], yv[m][-1]
-        col.add(key, along=("phase", names), **res,
-                delta_y=res["y_start"] - res["y_end"], delta_x=res["x_end"] - res["x_start"])
-    return col.dataset(variable=str(x.name), target=str(y.name), method=method, detrend=detrend,
-                       segment_variable=str(seg.name))
+        col.add(
+            key,
+            along=("phase", names),
+            **res,
+            delta_y=res["y_start"] - res["y_end"],
+            delta_x=res["x_end"] - res["x_start"],
+        )
+    return col.dataset(
+        variable=str(x.name), target=str(y.name), method=method, detrend=detrend, segment_variable=str(seg.name)
+    )

@@ -6,6 +6,7 @@ in each variable's attrs: ``align="exact"`` (default; NaN where the step was not
 ``align="nearest"`` within a ``tolerance`` in steps. Files and objects are parsed by
 ``sed_dask.sources.metrics`` (shared with ``ingest --metrics``), so both sides read the same shapes.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,11 @@ def to_table(source, *, run=None) -> pd.DataFrame:
             raise FileNotFoundError(f"metrics file not found: {path}")
         if path.lower().endswith((".csv", ".tsv")):
             head = pd.read_csv(path, sep="\t" if path.lower().endswith(".tsv") else ",", nrows=0)
-            df = (_split(pd.read_csv(path, sep="\t" if path.lower().endswith(".tsv") else ","), path)
-                  if "run" in head.columns else pd.DataFrame(load_metrics(path)))
+            df = (
+                _split(pd.read_csv(path, sep="\t" if path.lower().endswith(".tsv") else ","), path)
+                if "run" in head.columns
+                else pd.DataFrame(load_metrics(path))
+            )
         else:
             with open(path) as f:
                 obj = json.load(f)
@@ -85,8 +89,9 @@ def _per_run(ds: xr.Dataset, metrics, run) -> dict[str, pd.DataFrame]:
     raise AnalysisError(f"metrics have no run column and the dataset has runs {runs}; pass run=")
 
 
-def attach_metrics(ds: xr.Dataset, metrics, *, run=None, names=None, align: str = "exact",
-                   tolerance=None, overwrite: bool = False) -> xr.Dataset:
+def attach_metrics(
+    ds: xr.Dataset, metrics, *, run=None, names=None, align: str = "exact", tolerance=None, overwrite: bool = False
+) -> xr.Dataset:
     """Return ``ds`` with metric variables ``name(run, step)`` added.
 
     ``metrics``: a path (.json/.csv), a DataFrame (``step`` [+ ``run``] + metric columns),
@@ -128,15 +133,20 @@ def attach_metrics(ds: xr.Dataset, metrics, *, run=None, names=None, align: str 
     out = ds.copy()
     dims = ("run", "step") if has_run else ("step",)
     for name, arr in new.items():
-        da = xr.DataArray(arr if has_run else arr[0], dims=dims,
-                          coords={d: ds[d] for d in dims})
-        attrs = {"long_name": name, "units": "as given", "sed_role": "metric", "align": align,
-                 "tolerance": "none" if tolerance is None else float(tolerance),
-                 "source": os.fspath(metrics) if isinstance(metrics, (str, os.PathLike)) else "in-memory"}
+        da = xr.DataArray(arr if has_run else arr[0], dims=dims, coords={d: ds[d] for d in dims})
+        attrs = {
+            "long_name": name,
+            "units": "as given",
+            "sed_role": "metric",
+            "align": align,
+            "tolerance": "none" if tolerance is None else float(tolerance),
+            "source": os.fspath(metrics) if isinstance(metrics, (str, os.PathLike)) else "in-memory",
+        }
         if name in out.data_vars and not overwrite:
             if out[name].notnull().all():
-                warnings.warn(f"metric {name!r} already present; not overwritten (overwrite=True to replace)",
-                              stacklevel=2)
+                warnings.warn(
+                    f"metric {name!r} already present; not overwritten (overwrite=True to replace)", stacklevel=2
+                )
             attrs = {**attrs, **out[name].attrs}
             da = out[name].combine_first(da)
         out[name] = da

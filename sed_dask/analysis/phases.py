@@ -4,21 +4,34 @@ Segmentations return two window indices (a, b) on the NaN-free series, a ≤ b: 
 plateau = [a, b+1), collapse = [b, n) — neighbouring phases share their boundary point, as in the
 reference (docs/method.md §5.2). The per-step ``phase`` label gives a shared point to the later phase.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import xarray as xr
 from scipy.ndimage import uniform_filter1d
 
-from sed_dask.errors import AnalysisError
-from sed_dask.analysis._series import (EDGE, STEP, Collector, finite, first_sustained, iter_series, need, resolve, select,
-                      window_steps)
+from sed_dask.analysis._series import (
+    EDGE,
+    STEP,
+    Collector,
+    finite,
+    first_sustained,
+    iter_series,
+    need,
+    resolve,
+    select,
+    window_steps,
+)
 from sed_dask.analysis.defaults import ARM, DEFAULT_TAU, PLATEAU, SUSTAIN, tau_value
+from sed_dask.errors import AnalysisError
 
 METHODS = ("episode", "peak", "derivative", "threshold", "changepoint")
 PHASES = ("rise", "plateau", "collapse", "rebound")
-LABELS = {"center": "centre of the window (mean step of its W deltas)",
-          "newest": "step of the newest checkpoint in the window"}
+LABELS = {
+    "center": "centre of the window (mean step of its W deltas)",
+    "newest": "step of the newest checkpoint in the window",
+}
 
 
 def _peak(x, *, plateau=0.85):
@@ -56,8 +69,7 @@ def _segment_sse(t, x, model):
     def cs(v):
         return np.concatenate([[0.0], np.cumsum(v)])
 
-    C = {k: cs(v) for k, v in (("1", np.ones(n)), ("x", x0), ("xx", x0 * x0), ("t", t),
-                                ("tt", t * t), ("tx", t * x0))}
+    C = {k: cs(v) for k, v in (("1", np.ones(n)), ("x", x0), ("xx", x0 * x0), ("t", t), ("tt", t * t), ("tx", t * x0))}
     i = np.arange(n + 1)[:, None]
     j = np.arange(n + 1)[None, :]
 
@@ -70,7 +82,7 @@ def _segment_sse(t, x, model):
         if model == "linear":
             stt = S("tt") - S("t") ** 2 / m
             stx = S("tx") - S("t") * S("x") / m
-            sse = sse - np.where(stt > 1e-15, stx ** 2 / stt, 0.0)
+            sse = sse - np.where(stt > 1e-15, stx**2 / stt, 0.0)
     return np.where(j > i, np.maximum(sse, 0.0), np.inf)
 
 
@@ -90,9 +102,18 @@ def _changepoint(x, t=None, *, model="linear", min_size=3):
     return int(i), int(j)
 
 
-def segment(x, t=None, *, method: str = "peak", plateau: float = 0.85, smooth: int = 5,
-            slope: float = -0.01, threshold: float = 1.30, model: str = "linear",
-            min_size: int = 3) -> tuple[int, int]:
+def segment(
+    x,
+    t=None,
+    *,
+    method: str = "peak",
+    plateau: float = 0.85,
+    smooth: int = 5,
+    slope: float = -0.01,
+    threshold: float = 1.30,
+    model: str = "linear",
+    min_size: int = 3,
+) -> tuple[int, int]:
     """Phase boundaries (a, b) of a NaN-free 1-D series (indices; see module docstring).
 
     * ``peak`` (primary, docs/method.md §5.2): plateau = contiguous run around argmax with
@@ -127,8 +148,7 @@ def phase_intervals(a: int, b: int, n: int) -> dict[str, tuple[int, int]]:
     return {"rise": (0, a + 1), "plateau": (a, b + 1), "collapse": (b, n)}
 
 
-def first_run(x, start: int, *, below: float | None = None, above: float | None = None,
-              sustain: int = 1) -> int | None:
+def first_run(x, start: int, *, below: float | None = None, above: float | None = None, sustain: int = 1) -> int | None:
     """First index i >= start where ``sustain`` consecutive points are < ``below`` (or >= ``above``)."""
     return first_sustained((x < below) if below is not None else (x >= above), start, sustain)
 
@@ -151,7 +171,7 @@ def episode(x, thr: float, *, plateau: float = PLATEAU, sustain: int = SUSTAIN, 
     end = x.size if c is None else c
     lo = 0 if e is None else e
     p = lo + int(np.argmax(x[lo:end]))
-    level = plateau * float(np.median(x[lo:end]))     # robust to a single spike at the peak
+    level = plateau * float(np.median(x[lo:end]))  # robust to a single spike at the peak
     above = np.nonzero(x[lo:end] >= level)[0] + lo
     a = first_run(x, lo, above=level, sustain=min(sustain, end - lo)) if above.size else p
     a = p if a is None or a >= end else a
@@ -164,9 +184,22 @@ def _check_label(label):
         raise AnalysisError(f"label must be one of {LABELS}, got {label!r}")
 
 
-def phases(ds: xr.Dataset, variable=EDGE, *, method: str = "episode", tau=DEFAULT_TAU, sustain: int = SUSTAIN,
-           rebound: float = ARM, label: str = "center", sv=None, run=None, window=None, group=None,
-           min_points: int = 5, **options) -> xr.Dataset:
+def phases(
+    ds: xr.Dataset,
+    variable=EDGE,
+    *,
+    method: str = "episode",
+    tau=DEFAULT_TAU,
+    sustain: int = SUSTAIN,
+    rebound: float = ARM,
+    label: str = "center",
+    sv=None,
+    run=None,
+    window=None,
+    group=None,
+    min_points: int = 5,
+    **options,
+) -> xr.Dataset:
     """Segment each (run, W[, group]) series into rise / plateau / collapse / rebound.
 
     ``variable`` defaults to the fixed-k edge (``edge``: the ratio at k = the series' mode of k*, so
@@ -190,13 +223,17 @@ def phases(ds: xr.Dataset, variable=EDGE, *, method: str = "episode", tau=DEFAUL
     steps_all = da[STEP].values
     for key, s in iter_series(da):
         st, x = finite(s)
-        need(x.size, max(min_points, 3 * options.get("min_size", 3) if method == "changepoint" else 1),
-             f"phase segmentation ({method})", key, da.name)
+        need(
+            x.size,
+            max(min_points, 3 * options.get("min_size", 3) if method == "changepoint" else 1),
+            f"phase segmentation ({method})",
+            key,
+            da.name,
+        )
         W = key.get("window")
         thr = tau_value(tau, W)
         if method == "episode":
-            a, b, p, c, r = episode(x, thr, plateau=options.get("plateau", PLATEAU), sustain=sustain,
-                                    rebound=rebound)
+            a, b, p, c, r = episode(x, thr, plateau=options.get("plateau", PLATEAU), sustain=sustain, rebound=rebound)
         else:
             tt = (st - st[0]).astype(float) if method == "changepoint" else None
             a, b = segment(x, tt, method=method, **options)
@@ -215,27 +252,58 @@ def phases(ds: xr.Dataset, variable=EDGE, *, method: str = "episode", tau=DEFAUL
         def at_(j):
             return np.nan if j is None else float(lab[j])
 
-        col.add(key, peak_step=at_(p), peak_value=x[p], plateau_start_step=at_(a), collapse_start_step=at_(b),
-                collapse_step=at_(c), rebound_step=at_(r), tau_value=thr, n_points=x.size,
-                edge_k=float(s["edge_k"]) if "edge_k" in s.coords else np.nan)
+        col.add(
+            key,
+            peak_step=at_(p),
+            peak_value=x[p],
+            plateau_start_step=at_(a),
+            collapse_start_step=at_(b),
+            collapse_step=at_(c),
+            rebound_step=at_(r),
+            tau_value=thr,
+            n_points=x.size,
+            edge_k=float(s["edge_k"]) if "edge_k" in s.coords else np.nan,
+        )
         col.add(key, along=(STEP, steps_all), phase=label_codes)
-    out = col.dataset(method=method, source_variable=str(da.name), tau=str(tau), sustain=int(sustain),
-                      rebound=float(rebound), step_label=LABELS[label])
-    out["phase"].attrs.update(flag_values=[0, 1, 2, 3], flag_meanings="rise plateau collapse rebound",
-                              long_name="training phase of the window (shared boundaries -> later phase)")
-    notes = {"collapse_start_step": "end of the plateau: the edge starts falling",
-             "collapse_step": f"first of {sustain} windows after the peak with the edge < tau",
-             "rebound_step": f"first of {sustain} windows after the collapse with the edge >= {rebound:g} x tau",
-             "plateau_start_step": "first window of the plateau", "peak_step": "window of the edge's maximum"}
+    out = col.dataset(
+        method=method,
+        source_variable=str(da.name),
+        tau=str(tau),
+        sustain=int(sustain),
+        rebound=float(rebound),
+        step_label=LABELS[label],
+    )
+    out["phase"].attrs.update(
+        flag_values=[0, 1, 2, 3],
+        flag_meanings="rise plateau collapse rebound",
+        long_name="training phase of the window (shared boundaries -> later phase)",
+    )
+    notes = {
+        "collapse_start_step": "end of the plateau: the edge starts falling",
+        "collapse_step": f"first of {sustain} windows after the peak with the edge < tau",
+        "rebound_step": f"first of {sustain} windows after the collapse with the edge >= {rebound:g} x tau",
+        "plateau_start_step": "first window of the plateau",
+        "peak_step": "window of the edge's maximum",
+    }
     for v, ln in notes.items():
         out[v].attrs.update(long_name=ln, units="steps", step_label=LABELS[label])
     out["edge_k"].attrs.update(long_name="k of the edge sigma_k / sigma_(k+1) (NaN: not the fixed-k edge)")
     return out
 
 
-def collapse_step(ds: xr.Dataset, variable=EDGE, *, tau=DEFAULT_TAU, sustain: int = SUSTAIN,
-                  label: str = "center", after: str = "emergence", sv=None, run=None, window=None,
-                  group=None) -> xr.Dataset:
+def collapse_step(
+    ds: xr.Dataset,
+    variable=EDGE,
+    *,
+    tau=DEFAULT_TAU,
+    sustain: int = SUSTAIN,
+    label: str = "center",
+    after: str = "emergence",
+    sv=None,
+    run=None,
+    window=None,
+    group=None,
+) -> xr.Dataset:
     """Peak and collapse of the edge series (docs/method.md §5.1, with the defaults of docs/method.md).
 
     collapse = first of ``sustain`` consecutive windows with x < tau after the edge emerged
@@ -267,26 +335,35 @@ def collapse_step(ds: xr.Dataset, variable=EDGE, *, tau=DEFAULT_TAU, sustain: in
             tval = tau_value(t, W)
             if after == "emergence":
                 _, _, pe, hit, _ = episode(x, tval, sustain=sustain)
-                peak = pe if i == 0 else peak      # the peak reported is the first (primary) tau's
+                peak = pe if i == 0 else peak  # the peak reported is the first (primary) tau's
             else:
                 hit = first_run(x, p, below=tval, sustain=sustain)
             cs.append(np.nan if hit is None else float(lab[hit]))
             tv.append(tval)
-        col.add(key, peak_step=float(lab[peak]), peak_value=x[peak],
-                edge_k=float(s["edge_k"]) if "edge_k" in s.coords else np.nan)
+        col.add(
+            key,
+            peak_step=float(lab[peak]),
+            peak_value=x[peak],
+            edge_k=float(s["edge_k"]) if "edge_k" in s.coords else np.nan,
+        )
         if multi:
             col.add(key, along=("tau", np.asarray(taus, dtype=float)), collapse_step=np.array(cs))
         else:
             col.add(key, collapse_step=cs[0], tau=tv[0])
-    out = col.dataset(source_variable=str(da.name), tau=str(tau), sustain=int(sustain), step_label=LABELS[label],
-                      after=after)
-    out["collapse_step"].attrs.update(long_name=f"first of {sustain} windows at/after the peak with edge < tau",
-                                      units="steps", step_label=LABELS[label])
+    out = col.dataset(
+        source_variable=str(da.name), tau=str(tau), sustain=int(sustain), step_label=LABELS[label], after=after
+    )
+    out["collapse_step"].attrs.update(
+        long_name=f"first of {sustain} windows at/after the peak with edge < tau",
+        units="steps",
+        step_label=LABELS[label],
+    )
     return out
 
 
-def cross_seed_summary(result: xr.Dataset | xr.DataArray, variables=None, *, dim: str = "run",
-                       ddof: int = 0) -> xr.Dataset:
+def cross_seed_summary(
+    result: xr.Dataset | xr.DataArray, variables=None, *, dim: str = "run", ddof: int = 0
+) -> xr.Dataset:
     """Mean ± std over ``dim`` (seeds) of each variable, using the seeds where it is defined.
 
     ``ddof=0`` (population std) matches the reference's ``np.std`` (docs/method.md §5.1); pass
@@ -306,10 +383,15 @@ def cross_seed_summary(result: xr.Dataset | xr.DataArray, variables=None, *, dim
         dup = sorted({x for x in known if known.count(x) > 1})
         if dup:
             runs = [str(r) for r, x in zip(result[dim].values, seeds) if x == dup[0]]
-            raise AnalysisError(f"cross_seed_summary: runs {runs} share seed {dup[0]}; a mean over seeds needs one "
-                                f"run per seed (select one configuration's runs first, e.g. ds.sel(run=[...]))")
-    names = list(result.data_vars) if variables is None else (
-        [variables] if isinstance(variables, str) else list(variables))
+            raise AnalysisError(
+                f"cross_seed_summary: runs {runs} share seed {dup[0]}; a mean over seeds needs one "
+                f"run per seed (select one configuration's runs first, e.g. ds.sel(run=[...]))"
+            )
+    names = (
+        list(result.data_vars)
+        if variables is None
+        else ([variables] if isinstance(variables, str) else list(variables))
+    )
     out = xr.Dataset()
     for v in names:
         if v not in result.data_vars:
@@ -329,5 +411,14 @@ def cross_seed_summary(result: xr.Dataset | xr.DataArray, variables=None, *, dim
     return out
 
 
-__all__ = ["segment", "phase_intervals", "phases", "collapse_step", "cross_seed_summary", "first_run",
-           "METHODS", "PHASES", "LABELS"]
+__all__ = [
+    "segment",
+    "phase_intervals",
+    "phases",
+    "collapse_step",
+    "cross_seed_summary",
+    "first_run",
+    "METHODS",
+    "PHASES",
+    "LABELS",
+]

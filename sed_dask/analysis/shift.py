@@ -4,6 +4,7 @@ None of these detectors exists in the reference code; the definitions are the sp
 ones ([INFERRED]) with textbook defaults. Each returns the detected index, a score, and a p-value
 where one is defined. Series are the finite windows (NaNs dropped explicitly), labelled by step.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,8 +12,8 @@ import xarray as xr
 from scipy import stats
 from scipy.ndimage import uniform_filter1d
 
-from sed_dask.errors import AnalysisError
 from sed_dask.analysis._series import Collector, describe, finite, iter_series, need, resolve, select
+from sed_dask.errors import AnalysisError
 
 METHODS = ("cusum", "ttest", "maxderiv")
 
@@ -50,8 +51,7 @@ def cusum(x, *, baseline: int = 8, k: float = 0.5, h: float = 4.0) -> dict:
     side = sp if sp[t] >= sn[t] else sn
     zeros = np.nonzero(side[:t] == 0)[0]
     change = int(zeros[-1]) + 1 if zeros.size else 0
-    return dict(alarm=t, change=change, score=float(s[t]), p=np.nan,
-                direction=1 if side is sp else -1)
+    return dict(alarm=t, change=change, score=float(s[t]), p=np.nan, direction=1 if side is sp else -1)
 
 
 def welch_scan(x, *, min_size: int = 5) -> dict:
@@ -92,10 +92,24 @@ def max_derivative(x, *, smooth: bool = False) -> dict:
     return dict(change=i + 1, score=float(abs(d[i])), p=np.nan, direction=int(np.sign(d[i])))
 
 
-def detect_shift(ds: xr.Dataset, variable="edge_ratio", *, methods=METHODS, true_step=None,
-                 tolerance=None, baseline: int = 8, k: float = 0.5, h: float = 4.0,
-                 min_size: int = 5, smooth: bool = False, cusum_estimate: str = "change", sv=None,
-                 run=None, window=None, group=None) -> xr.Dataset:
+def detect_shift(
+    ds: xr.Dataset,
+    variable="edge_ratio",
+    *,
+    methods=METHODS,
+    true_step=None,
+    tolerance=None,
+    baseline: int = 8,
+    k: float = 0.5,
+    h: float = 4.0,
+    min_size: int = 5,
+    smooth: bool = False,
+    cusum_estimate: str = "change",
+    sv=None,
+    run=None,
+    window=None,
+    group=None,
+) -> xr.Dataset:
     """Run the shift detectors on each (run, W[, group]) series.
 
     Returns ``step`` (detected), ``score``, ``p_value``, ``direction`` (+1 up / −1 down) on a
@@ -115,10 +129,14 @@ def detect_shift(ds: xr.Dataset, variable="edge_ratio", *, methods=METHODS, true
     col = Collector(da)
     for key, s in iter_series(da):
         st, x = finite(s)
-        need(x.size, max(2 * min_size if "ttest" in methods else 3,
-                         baseline + 1 if "cusum" in methods else 3), "shift detection", key, da.name)
-        res = {v: np.full(len(methods), np.nan) for v in ("step", "score", "p_value", "direction",
-                                                          "alarm_step")}
+        need(
+            x.size,
+            max(2 * min_size if "ttest" in methods else 3, baseline + 1 if "cusum" in methods else 3),
+            "shift detection",
+            key,
+            da.name,
+        )
+        res = {v: np.full(len(methods), np.nan) for v in ("step", "score", "p_value", "direction", "alarm_step")}
         for j, m in enumerate(methods):
             try:
                 if m == "cusum":
@@ -141,6 +159,13 @@ def detect_shift(ds: xr.Dataset, variable="edge_ratio", *, methods=METHODS, true
             if tolerance is not None:
                 res["hit"] = np.abs(res["error"]) <= float(tolerance)
         col.add(key, along=("detector", np.array(methods)), **res)
-    return col.dataset(variable=str(da.name), baseline=baseline, k=k, h=h, min_size=min_size,
-                       smooth=int(smooth), cusum_estimate=cusum_estimate,
-                       **({} if true_step is None else {"true_step": float(true_step)}))
+    return col.dataset(
+        variable=str(da.name),
+        baseline=baseline,
+        k=k,
+        h=h,
+        min_size=min_size,
+        smooth=int(smooth),
+        cusum_estimate=cusum_estimate,
+        **({} if true_step is None else {"true_step": float(true_step)}),
+    )

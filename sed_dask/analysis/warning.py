@@ -5,6 +5,7 @@ AND an absolute floor (k = 10, m = 3, floor = 20 for the commutator defect). Her
 series (edge ratio, gap, an external defect series), and ``direction="drop"`` detects collapses
 (e.g. the g₂₃ gap compression: x < baseline / k).
 """
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,18 @@ import json
 import numpy as np
 import xarray as xr
 
+from sed_dask.analysis._series import (
+    Collector,
+    at,
+    describe,
+    finite,
+    iter_series,
+    need,
+    require_metric,
+    resolve_target,
+    select,
+)
 from sed_dask.errors import AnalysisError
-from sed_dask.analysis._series import Collector, at, describe, finite, iter_series, need, require_metric, resolve_target, select
 
 _DEFAULT = "default"
 
@@ -24,8 +35,9 @@ def _floor_for(floor, direction):
     return None if floor is None else float(floor)
 
 
-def onset_index(x, *, k: float = 10.0, baseline: int = 3, floor=_DEFAULT,
-                direction: str = "rise") -> tuple[int | None, float, float]:
+def onset_index(
+    x, *, k: float = 10.0, baseline: int = 3, floor=_DEFAULT, direction: str = "rise"
+) -> tuple[int | None, float, float]:
     """(index of onset or None, baseline median, relative threshold).
 
     rise: x > k·b and x > floor; drop: x < b/k and x < floor; b = median of the first
@@ -71,9 +83,19 @@ def event_index(y, *, threshold: float = 0.9, sustain: int = 1, direction: str =
     return None
 
 
-def onset(ds: xr.Dataset, variable="edge_ratio", *, k: float = 10.0, baseline: int = 3,
-          floor=_DEFAULT, direction: str = "rise", sv=None, run=None, window=None,
-          group=None) -> xr.Dataset:
+def onset(
+    ds: xr.Dataset,
+    variable="edge_ratio",
+    *,
+    k: float = 10.0,
+    baseline: int = 3,
+    floor=_DEFAULT,
+    direction: str = "rise",
+    sv=None,
+    run=None,
+    window=None,
+    group=None,
+) -> xr.Dataset:
     """Onset step per series (see :func:`onset_index`): ``onset_step`` (NaN if none),
     ``baseline_value`` and ``threshold``. NaNs are dropped before taking the baseline."""
     da = select(resolve_target(ds, variable, sv=sv), run=run, window=window, group=group)
@@ -87,21 +109,45 @@ def onset(ds: xr.Dataset, variable="edge_ratio", *, k: float = 10.0, baseline: i
             raise AnalysisError(f"{describe(key, da.name)}: {exc}") from None
         col.add(key, onset_step=np.nan if i is None else float(st[i]), baseline_value=b, threshold=thr)
     fl = _floor_for(floor, direction)
-    return col.dataset(variable=str(da.name), k=k, baseline=baseline, direction=direction,
-                       floor="none" if fl is None else fl)
+    return col.dataset(
+        variable=str(da.name), k=k, baseline=baseline, direction=direction, floor="none" if fl is None else fl
+    )
 
 
-def lead_time(ds: xr.Dataset, variable="edge_ratio", *, event="val_acc",
-              event_threshold: float = 0.9, sustain: int = 1, event_direction: str = "above",
-              k: float = 10.0, baseline: int = 3, floor=_DEFAULT, direction: str = "rise", sv=None,
-              run=None, window=None, group=None) -> xr.Dataset:
+def lead_time(
+    ds: xr.Dataset,
+    variable="edge_ratio",
+    *,
+    event="val_acc",
+    event_threshold: float = 0.9,
+    sustain: int = 1,
+    event_direction: str = "above",
+    k: float = 10.0,
+    baseline: int = 3,
+    floor=_DEFAULT,
+    direction: str = "rise",
+    sv=None,
+    run=None,
+    window=None,
+    group=None,
+) -> xr.Dataset:
     """Lead time = event_step − onset_step (positive: the warning precedes the event).
 
     The event is the first step where metric ``event`` (default val_acc) crosses
     ``event_threshold`` for ``sustain`` consecutive evaluations, on the metric's own finite steps.
     """
-    out = onset(ds, variable, k=k, baseline=baseline, floor=floor, direction=direction, sv=sv,
-                run=run, window=window, group=group)
+    out = onset(
+        ds,
+        variable,
+        k=k,
+        baseline=baseline,
+        floor=floor,
+        direction=direction,
+        sv=sv,
+        run=run,
+        window=window,
+        group=group,
+    )
     ev = select(resolve_target(ds, event), run=run, window=window, group=group)
     x = select(resolve_target(ds, variable, sv=sv), run=run, window=window, group=group)
     col = Collector(x)
@@ -111,10 +157,10 @@ def lead_time(ds: xr.Dataset, variable="edge_ratio", *, event="val_acc",
         col.add(key, event_step=np.nan if i is None else float(st[i]))
     out["event_step"] = col.dataset()["event_step"]
     out["lead_time"] = out["event_step"] - out["onset_step"]
-    out["lead_time"].attrs.update(long_name="event_step - onset_step (positive = early warning)",
-                                  units="steps")
-    out.attrs.update(event=str(ev.name), event_threshold=event_threshold, sustain=sustain,
-                     event_direction=event_direction)
+    out["lead_time"].attrs.update(long_name="event_step - onset_step (positive = early warning)", units="steps")
+    out.attrs.update(
+        event=str(ev.name), event_threshold=event_threshold, sustain=sustain, event_direction=event_direction
+    )
     return out
 
 
@@ -130,9 +176,20 @@ def _window_inputs(ds: xr.Dataset, key: dict, rank: str):
     return np.asarray(ratio["step"].values)[ok], r[ok], kv[ok], W
 
 
-def early_warning(ds: xr.Dataset, *, detectors=None, tau=None, rank: str = "k_star", event: str | None = None,
-                  event_threshold: float = 0.9, sustain_event: int = 1, run=None, window=None, group=None,
-                  **params) -> xr.Dataset:
+def early_warning(
+    ds: xr.Dataset,
+    *,
+    detectors=None,
+    tau=None,
+    rank: str = "k_star",
+    event: str | None = None,
+    event_threshold: float = 0.9,
+    sustain_event: int = 1,
+    run=None,
+    window=None,
+    group=None,
+    **params,
+) -> xr.Dataset:
     """Causal alarms of every detector on every (run, W[, group]) edge series, and their lead.
 
     Runs :class:`sed_dask.analysis.detectors.EdgeWatch` window by window (so an alarm at step t
@@ -166,23 +223,36 @@ def early_warning(ds: xr.Dataset, *, detectors=None, tau=None, rank: str = "k_st
         for st, r, k in zip(steps.tolist(), ratios, ks):
             alerts += watch.update(st, r, k)
         first = {d: next((a for a in alerts if a.detector == d), None) for d in dets}
-        col.add(key, along=("detector", list(dets)),
-                alarm_step=np.array([np.nan if a is None else a.step for a in first.values()], float),
-                alarm_value=np.array([np.nan if a is None else a.value for a in first.values()], float),
-                alarm_threshold=np.array([np.nan if a is None else a.threshold for a in first.values()], float),
-                n_alarms=np.array([sum(a.detector == d for a in alerts) for d in dets]))
+        col.add(
+            key,
+            along=("detector", list(dets)),
+            alarm_step=np.array([np.nan if a is None else a.step for a in first.values()], float),
+            alarm_value=np.array([np.nan if a is None else a.value for a in first.values()], float),
+            alarm_threshold=np.array([np.nan if a is None else a.threshold for a in first.values()], float),
+            n_alarms=np.array([sum(a.detector == d for a in alerts) for d in dets]),
+        )
         steps_first = [a.step for a in first.values() if a is not None]
         estep = np.nan
         if ev is not None:
             es, ey = finite(at(ev, key))
             i = event_index(ey, threshold=event_threshold, sustain=sustain_event)
             estep = np.nan if i is None else float(es[i])
-        col.add(key, first_alarm_step=float(min(steps_first)) if steps_first else np.nan,
-                edge_k=np.nan if watch.k is None else float(watch.k), event_step=estep,
-                tau_value=watch.threshold, n_windows=int(steps.size))
+        col.add(
+            key,
+            first_alarm_step=float(min(steps_first)) if steps_first else np.nan,
+            edge_k=np.nan if watch.k is None else float(watch.k),
+            event_step=estep,
+            tau_value=watch.threshold,
+            n_windows=int(steps.size),
+        )
         definitions[f"W{W}"] = describe_detectors(window=W, tau=tau, **params)
-    out = col.dataset(tau=str(tau), event="" if ev is None else str(event), event_threshold=event_threshold,
-                      definitions=json.dumps(definitions), causal="alarm at step t uses windows up to t only")
+    out = col.dataset(
+        tau=str(tau),
+        event="" if ev is None else str(event),
+        event_threshold=event_threshold,
+        definitions=json.dumps(definitions),
+        causal="alarm at step t uses windows up to t only",
+    )
     out["lead"] = out["event_step"] - out["alarm_step"]
     notes = {
         "alarm_step": ("step of the detector's first alarm (decided from windows up to it)", "steps"),
@@ -191,8 +261,10 @@ def early_warning(ds: xr.Dataset, *, detectors=None, tau=None, rank: str = "k_st
         "n_alarms": ("alarms over the run (re-armed after a rebound)", "1"),
         "first_alarm_step": ("earliest alarm of any detector", "steps"),
         "edge_k": ("k of the watched edge sigma_k/sigma_(k+1), frozen when the detector armed", "1"),
-        "event_step": (f"first step with {event} >= {event_threshold:g}" if ev is not None else "no event metric",
-                       "steps"),
+        "event_step": (
+            f"first step with {event} >= {event_threshold:g}" if ev is not None else "no event metric",
+            "steps",
+        ),
         "lead": ("event_step - alarm_step (positive: the alarm came first)", "steps"),
         "tau_value": ("numeric tau at this W", "1"),
     }

@@ -1,4 +1,5 @@
 """The ``sed-dask`` command. Each subcommand lives in its own module exposing ``register(subparsers)``."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,35 +9,58 @@ import re
 import sys
 
 # subcommand modules, in the order shown by --help
-COMMANDS = ["ingest", "spectrum", "sketch", "directions", "weights", "query", "watch", "report", "demo",
-            "deploy"]
+COMMANDS = ["ingest", "spectrum", "sketch", "directions", "weights", "query", "watch", "report", "demo", "deploy"]
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
     """Where the tasks run (see sed_dask.cluster.placement): in this process unless a cluster is named."""
     g = p.add_argument_group("where the tasks run (default: threads in this process)")
-    g.add_argument("--threads", action="store_true",
-                   help="run the tasks on threads in this process (the default when no cluster is named or configured)")
-    g.add_argument("--local-cluster", type=int, metavar="N", default=None,
-                   help="start a temporary LocalCluster of N single-threaded worker processes for this command")
+    g.add_argument(
+        "--threads",
+        action="store_true",
+        help="run the tasks on threads in this process (the default when no cluster is named or configured)",
+    )
+    g.add_argument(
+        "--local-cluster",
+        type=int,
+        metavar="N",
+        default=None,
+        help="start a temporary LocalCluster of N single-threaded worker processes for this command",
+    )
     g.add_argument("--scheduler-address", metavar="ADDR", help="connect to a running Dask scheduler")
     g.add_argument("--scheduler-file", metavar="FILE", help="connect via a scheduler file (SLURM, dask-mpi)")
-    g.add_argument("--n-workers", type=int, default=None,
-                   help="workers of the temporary LocalCluster (implies --local-cluster)")
-    g.add_argument("--memory-limit", default=None,
-                   help="per-worker memory limit of the temporary LocalCluster (implies --local-cluster)")
-    g.add_argument("--config", metavar="FILE", default=None,
-                   help="YAML with sed_dask settings, e.g. a 'cluster:' section naming a cluster class "
-                        "(a top-level 'sed_dask:' key is optional); beats ~/.config/dask and DASK_* env")
-    g.add_argument("--connect-timeout", metavar="SECONDS", default=None,
-                   help="give up reaching the scheduler after this long (default: sed_dask.connect.timeout)")
+    g.add_argument(
+        "--n-workers", type=int, default=None, help="workers of the temporary LocalCluster (implies --local-cluster)"
+    )
+    g.add_argument(
+        "--memory-limit",
+        default=None,
+        help="per-worker memory limit of the temporary LocalCluster (implies --local-cluster)",
+    )
+    g.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="YAML with sed_dask settings, e.g. a 'cluster:' section naming a cluster class "
+        "(a top-level 'sed_dask:' key is optional); beats ~/.config/dask and DASK_* env",
+    )
+    g.add_argument(
+        "--connect-timeout",
+        metavar="SECONDS",
+        default=None,
+        help="give up reaching the scheduler after this long (default: sed_dask.connect.timeout)",
+    )
 
 
 def add_selection_args(p: argparse.ArgumentParser, *, policy_note: str = "") -> None:
     """Which checkpoints and tensors to read: the same flags for ``ingest`` and ``spectrum --checkpoints``."""
     p.add_argument("--steps", metavar="LIST", help="only these steps, comma-separated")
-    p.add_argument("--policy", choices=["params_dedup_no_buffers", "full_state_dict_sorted"], default=None,
-                   help=f"parameter selection (default params_dedup_no_buffers{policy_note})")
+    p.add_argument(
+        "--policy",
+        choices=["params_dedup_no_buffers", "full_state_dict_sorted"],
+        default=None,
+        help=f"parameter selection (default params_dedup_no_buffers{policy_note})",
+    )
     p.add_argument("--include", action="append", metavar="RX", help="keep only tensors matching RX (repeatable)")
     p.add_argument("--exclude", action="append", metavar="RX", help="drop tensors matching RX (repeatable)")
 
@@ -97,8 +121,9 @@ def execution_context(args, kw: dict):
     address, sfile = getattr(args, "scheduler_address", None), getattr(args, "scheduler_file", None)
     local = _local_cluster(args)
     if getattr(args, "threads", False) and (address or sfile or local):
-        raise ValueError("--threads runs in this process: drop it, or drop --scheduler-address / "
-                         "--scheduler-file / --local-cluster")
+        raise ValueError(
+            "--threads runs in this process: drop it, or drop --scheduler-address / --scheduler-file / --local-cluster"
+        )
 
     @contextlib.contextmanager
     def session():
@@ -113,8 +138,12 @@ def execution_context(args, kw: dict):
                     kw["scheduler"] = where.scheduler
                     yield None
                     return
-            with connect(address=address, scheduler_file=sfile, cluster_config=local,
-                         timeout=getattr(args, "connect_timeout", None)) as client:
+            with connect(
+                address=address,
+                scheduler_file=sfile,
+                cluster_config=local,
+                timeout=getattr(args, "connect_timeout", None),
+            ) as client:
                 yield client
 
     return session()
@@ -149,8 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="sed-dask", description="Spectral Edge Dynamics of training trajectories on Dask.")
     p.add_argument("--version", action="version", version=f"sed_dask {__version__}")
-    p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="-v: cluster start/stop and info logs; -vv: also debug logs and tracebacks on error")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="-v: cluster start/stop and info logs; -vv: also debug logs and tracebacks on error",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"sed_dask.cli.{name}").register(sub)
@@ -186,8 +220,7 @@ def main(argv=None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(attach_negative_values(sys.argv[1:] if argv is None else list(argv)))
-    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # distributed logs cluster start/stop at INFO: shown with -v only
         for h in logging.getLogger().handlers:
             h.addFilter(_quiet_dask)

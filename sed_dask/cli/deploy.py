@@ -1,4 +1,5 @@
 """``sed-dask deploy TARGET``: print or write a deployment file rendered from config."""
+
 from __future__ import annotations
 
 import os
@@ -9,12 +10,14 @@ def register(sub) -> None:
     from sed_dask.cluster.deploy import TARGETS
 
     p = sub.add_parser(
-        "deploy", help="render a SLURM job script, SLURMRunner sbatch, jobqueue.yaml, DaskCluster or Helm values",
+        "deploy",
+        help="render a SLURM job script, SLURMRunner sbatch, jobqueue.yaml, DaskCluster or Helm values",
         description="Render a deployment file from the sed_dask.deploy settings (package defaults < "
-                    "~/.config/dask < DASK_SED_DASK__DEPLOY__* < --config FILE). Targets: slurm (worker "
-                    "job script, needs dask-jobqueue), slurm-runner (one sbatch job via SLURMRunner), "
-                    "jobqueue (jobqueue.yaml), k8s (DaskCluster for the dask operator), helm (dask/dask "
-                    "chart values).")
+        "~/.config/dask < DASK_SED_DASK__DEPLOY__* < --config FILE). Targets: slurm (worker "
+        "job script, needs dask-jobqueue), slurm-runner (one sbatch job via SLURMRunner), "
+        "jobqueue (jobqueue.yaml), k8s (DaskCluster for the dask operator), helm (dask/dask "
+        "chart values).",
+    )
     p.add_argument("target", choices=TARGETS, help="what to render: " + ", ".join(TARGETS))
     p.add_argument("--config", metavar="FILE", help="YAML with a 'deploy:' section (top-level 'sed_dask:' optional)")
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
@@ -22,8 +25,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from sed_dask.config import load_config_file
     from sed_dask.cluster.deploy import render
+    from sed_dask.config import load_config_file
 
     cfg = load_config_file(args.config) if args.config else None
     text = render(args.target, cfg)

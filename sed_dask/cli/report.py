@@ -1,4 +1,5 @@
 """``sed-dask report RESULTS -o DIR``: figures and summary tables of a results Zarr."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,23 +10,43 @@ import sys
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "report", help="figures + summary.html/md of a results Zarr (standard analyses included)",
+        "report",
+        help="figures + summary.html/md of a results Zarr (standard analyses included)",
         description="Open a results Dataset (sed-dask spectrum output), run the standard queries (signal "
-                    "rank, phases, tau-collapse, lag sweep vs val_loss, early-warning candidates vs the "
-                    "first val_acc >= 0.9) and write PNG figures, summary.html, summary.md and CSV tables.")
+        "rank, phases, tau-collapse, lag sweep vs val_loss, early-warning candidates vs the "
+        "first val_acc >= 0.9) and write PNG figures, summary.html, summary.md and CSV tables.",
+    )
     p.add_argument("results", help="results Zarr path or URL")
-    p.add_argument("-o", "--out-dir", required=True,
-                   help="report directory: new, empty, or an earlier report with --overwrite (never a folder of "
-                        "other files); built beside it, then moved into place")
+    p.add_argument(
+        "-o",
+        "--out-dir",
+        required=True,
+        help="report directory: new, empty, or an earlier report with --overwrite (never a folder of "
+        "other files); built beside it, then moved into place",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out-dir")
     p.add_argument("--window", type=int, default=None, help="W of the single-W figures (default 10 if present)")
-    p.add_argument("--events", default=None, metavar="FILE",
-                   help="JSON {run: {event: step}} marked on the figures (default: grok from val_acc)")
-    p.add_argument("--title", default=None, help="title of the summary page (default \"Spectral Edge Dynamics: RESULTS\")")
-    p.add_argument("--weights", default=None, metavar="ZARR",
-                   help="add the weight-spectra section from a `sed-dask weights compute` store")
-    p.add_argument("--alignment", default=None, metavar="ZARR",
-                   help="with --weights: add the alignment heat map from a `sed-dask weights align` store")
+    p.add_argument(
+        "--events",
+        default=None,
+        metavar="FILE",
+        help="JSON {run: {event: step}} marked on the figures (default: grok from val_acc)",
+    )
+    p.add_argument(
+        "--title", default=None, help='title of the summary page (default "Spectral Edge Dynamics: RESULTS")'
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        metavar="ZARR",
+        help="add the weight-spectra section from a `sed-dask weights compute` store",
+    )
+    p.add_argument(
+        "--alignment",
+        default=None,
+        metavar="ZARR",
+        help="with --weights: add the alignment heat map from a `sed-dask weights align` store",
+    )
     p.set_defaults(func=run)
 
 
@@ -37,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
     ds = open_results(args.results).load()
     have = [int(w) for w in ds["window"].values]
     if args.window is not None and args.window not in have:
-        print(f"sed-dask report: error: --window {args.window} is not in the results (W = {have})",
-              file=sys.stderr)
+        print(f"sed-dask report: error: --window {args.window} is not in the results (W = {have})", file=sys.stderr)
         return 2
     events = None
     if args.events:
@@ -53,8 +73,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--alignment needs --weights (the section is built from the weight spectra)")
     from sed_dask.report.provenance import invocation
 
-    out = make_report(ds, args.out_dir, events=events, analysis=analysis, overwrite=args.overwrite,
-                      command=invocation(),
-                      title=args.title or f"Spectral Edge Dynamics: {args.results}")
+    out = make_report(
+        ds,
+        args.out_dir,
+        events=events,
+        analysis=analysis,
+        overwrite=args.overwrite,
+        command=invocation(),
+        title=args.title or f"Spectral Edge Dynamics: {args.results}",
+    )
     print(f"wrote {len(out)} files to {args.out_dir} (open {out['html']})")
     return 0

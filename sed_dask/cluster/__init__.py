@@ -6,8 +6,15 @@ thread; ``deploy``: SLURM / jobqueue / Kubernetes files from the ``sed_dask.depl
 ``connect`` and ``ZarrConfigPlugin`` are importable from here (``sed_dask.cluster.connect``) without
 importing ``distributed`` until they are used.
 """
-_EXPORTS = {"connect", "ZarrConfigPlugin", "PLUGIN_NAME", "probe_scheduler", "check_not_reimported",
-            "ScriptReimportError"}
+
+_EXPORTS = {
+    "connect",
+    "ZarrConfigPlugin",
+    "PLUGIN_NAME",
+    "probe_scheduler",
+    "check_not_reimported",
+    "ScriptReimportError",
+}
 
 
 def __getattr__(name):

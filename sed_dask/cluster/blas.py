@@ -8,16 +8,25 @@ made the kernel up to 50x slower (measured). Dask worker processes started by a 
 ``single_threaded_blas`` covers the in-process threaded scheduler, restoring the process-wide
 setting afterwards. No-op without OpenBLAS.
 """
+
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import functools
 
-_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads64_",
-            "openblas_set_num_threads")
-_GETTERS = ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads", "openblas_get_num_threads64_",
-            "openblas_get_num_threads")
+_SETTERS = (
+    "scipy_openblas_set_num_threads64_",
+    "scipy_openblas_set_num_threads",
+    "openblas_set_num_threads64_",
+    "openblas_set_num_threads",
+)
+_GETTERS = (
+    "scipy_openblas_get_num_threads64_",
+    "scipy_openblas_get_num_threads",
+    "openblas_get_num_threads64_",
+    "openblas_get_num_threads",
+)
 
 
 @functools.lru_cache(maxsize=1)

@@ -21,6 +21,7 @@ Every yielded client gets ``ZarrConfigPlugin`` registered (``sed_dask.connect.co
 so each worker, including replacements for lost workers, applies the client's zarr I/O settings
 before running tasks. This module must stay light: no torch, no spectral modules.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -57,8 +58,7 @@ class ZarrConfigPlugin(WorkerPlugin):
     name = PLUGIN_NAME
 
     def __init__(self, *, async_concurrency=None, threading_max_workers=None):
-        self.settings = {"async_concurrency": async_concurrency,
-                         "threading_max_workers": threading_max_workers}
+        self.settings = {"async_concurrency": async_concurrency, "threading_max_workers": threading_max_workers}
 
     def setup(self, worker):
         config.configure_zarr(**self.settings)
@@ -90,7 +90,8 @@ def check_not_reimported(what: str) -> None:
     if getattr(multiprocessing.current_process(), "_inheriting", False):  # set by spawn while importing main
         raise ScriptReimportError(
             f"{what} was called while a worker process was starting and re-importing your script: put the "
-            f'script\'s calls under `if __name__ == "__main__":`, or run in this process with scheduler="threads"')
+            f'script\'s calls under `if __name__ == "__main__":`, or run in this process with scheduler="threads"'
+        )
 
 
 def _has_main_guard(path: str) -> bool:
@@ -126,7 +127,8 @@ def check_script_guarded() -> None:
         raise ScriptReimportError(
             f"{path} starts a temporary LocalCluster from its top level, and each worker process would "
             f'import it again: put the script\'s calls under `if __name__ == "__main__":`, '
-            f'or run in this process with scheduler="threads"')
+            f'or run in this process with scheduler="threads"'
+        )
 
 
 def _import_string(path: str):
@@ -204,7 +206,8 @@ def probe_scheduler(address: str, *, timeout=None) -> dict:
         except Exception as exc:  # garbage from a non-Dask service can surface as anything
             raise ConnectionError(
                 f"{address} did not answer like a Dask scheduler ({type(exc).__name__}: {exc}); "
-                "is that the scheduler's comm port?") from exc
+                "is that the scheduler's comm port?"
+            ) from exc
     kind = ident.get("type") if isinstance(ident, dict) else None
     if kind != "Scheduler":
         raise ConnectionError(f"{address} is a Dask {kind or 'service of unknown type'}, not a scheduler")
@@ -231,8 +234,10 @@ def read_scheduler_file(path, *, timeout=None) -> str:
         except (ValueError, KeyError) as exc:  # being written, or not a scheduler file
             last = f"it holds no scheduler address ({type(exc).__name__}: {exc})"
         if time.monotonic() >= deadline:
-            raise ConnectionError(f"cannot use scheduler file {path} after waiting {t:g} s: {last} "
-                                  "(is the scheduler running, and is the file on a shared filesystem?)")
+            raise ConnectionError(
+                f"cannot use scheduler file {path} after waiting {t:g} s: {last} "
+                "(is the scheduler running, and is the file on a shared filesystem?)"
+            )
         time.sleep(0.05)
 
 
@@ -260,8 +265,10 @@ def _check_cluster_section(cfg: dict) -> dict:
     if unknown:
         raise ConfigError(f"sed_dask.cluster: unknown keys {unknown}; allowed: {sorted(_CLUSTER_KEYS)}")
     if not cfg.get("class"):
-        raise ConfigError("sed_dask.cluster needs 'class', an import string such as "
-                         "'dask_jobqueue.SLURMCluster' or 'distributed.LocalCluster'")
+        raise ConfigError(
+            "sed_dask.cluster needs 'class', an import string such as "
+            "'dask_jobqueue.SLURMCluster' or 'distributed.LocalCluster'"
+        )
     if cfg.get("scale") and cfg.get("adapt"):
         raise ConfigError("sed_dask.cluster: give either 'scale' or 'adapt', not both")
     return cfg
@@ -342,8 +349,8 @@ def connect(
                         c.wait_for_workers(n, timeout=wait)
                     except TimeoutError as exc:
                         raise ConnectionError(
-                            f"{cfg['class']}: fewer than {n} workers joined within {wait} "
-                            f"(is the job queue stuck? {c})") from exc
+                            f"{cfg['class']}: fewer than {n} workers joined within {wait} (is the job queue stuck? {c})"
+                        ) from exc
         if c is None:
             from distributed import get_client
 
@@ -355,8 +362,10 @@ def connect(
         if c is None:
             from distributed import LocalCluster
 
-            kw = _kwargs(dask.config.get("sed_dask.connect.local", None) or
-                         {"processes": True, "threads_per_worker": 1, "dashboard_address": ":0"})
+            kw = _kwargs(
+                dask.config.get("sed_dask.connect.local", None)
+                or {"processes": True, "threads_per_worker": 1, "dashboard_address": ":0"}
+            )
             kw.update(local_kwargs or {})
             if kw.get("processes", True):
                 check_script_guarded()

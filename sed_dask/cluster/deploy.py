@@ -12,6 +12,7 @@ dask-kubernetes pulls the Kubernetes client stack, and its templates start ``das
 ``dask worker``). The dict follows the operator's CRD (``kubernetes.dask.org/v1``) and the layout
 ``make_cluster_spec`` produces, so it also works as ``KubeCluster(custom_cluster_spec=...)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -126,8 +127,7 @@ def jobqueue_config(config: dict | None = None) -> dict:
     """A ``jobqueue.yaml`` document (``jobqueue: slurm: ...``): ``SLURMCluster()`` then needs no kwargs."""
     kw = slurm_cluster_kwargs(config)
     kw.setdefault("local_directory", None)
-    return {"jobqueue": {"slurm": {"name": "sed-dask-worker",
-                                   **{k.replace("_", "-"): v for k, v in kw.items()}}}}
+    return {"jobqueue": {"slurm": {"name": "sed-dask-worker", **{k.replace("_", "-"): v for k, v in kw.items()}}}}
 
 
 def slurm_job_script(config: dict | None = None) -> str:
@@ -140,16 +140,16 @@ def slurm_job_script(config: dict | None = None) -> str:
     try:
         from dask_jobqueue.slurm import SLURMJob
     except ImportError as exc:
-        raise ConfigError("rendering a SLURM job script needs dask-jobqueue: "
-                          "pip install 'sed_dask[slurm]'") from exc
+        raise ConfigError("rendering a SLURM job script needs dask-jobqueue: pip install 'sed_dask[slurm]'") from exc
     d = resolve(config)
     kw = slurm_cluster_kwargs(config)
     logdir = kw.pop("log_directory", None)
     if logdir:  # dask-jobqueue would create the directory on this machine while rendering
-        kw["job_extra_directives"] = [f"-o {logdir}/%x-%j.out", f"-e {logdir}/%x-%j.err",
-                                      *kw["job_extra_directives"]]
-    scheduler = d["slurm"].get("scheduler-address") or \
-        '"${DASK_SCHEDULER_ADDRESS:?export DASK_SCHEDULER_ADDRESS=tcp://HOST:8786}"'
+        kw["job_extra_directives"] = [f"-o {logdir}/%x-%j.out", f"-e {logdir}/%x-%j.err", *kw["job_extra_directives"]]
+    scheduler = (
+        d["slurm"].get("scheduler-address")
+        or '"${DASK_SCHEDULER_ADDRESS:?export DASK_SCHEDULER_ADDRESS=tcp://HOST:8786}"'
+    )
     job = SLURMJob(scheduler=scheduler, name="sed-dask-$SLURM_JOB_ID", job_name="sed-dask-worker", **kw)
     return job.job_script()
 
@@ -167,9 +167,14 @@ def slurm_runner_script(config: dict | None = None) -> str:
     cores = _positive(w["cores"], "worker.cores")
     mem = int(parse_bytes(w["memory"])) if isinstance(w["memory"], str) else int(w["memory"])
     mem_per_cpu = math.ceil(mem / cores / 2**20)
-    lines = ["#!/usr/bin/env bash", "#SBATCH -J sed-dask",
-             f"#SBATCH --ntasks={n + 2}", f"#SBATCH --cpus-per-task={cores}",
-             f"#SBATCH --mem-per-cpu={mem_per_cpu}M", f"#SBATCH -t {s['walltime']}"]
+    lines = [
+        "#!/usr/bin/env bash",
+        "#SBATCH -J sed-dask",
+        f"#SBATCH --ntasks={n + 2}",
+        f"#SBATCH --cpus-per-task={cores}",
+        f"#SBATCH --mem-per-cpu={mem_per_cpu}M",
+        f"#SBATCH -t {s['walltime']}",
+    ]
     if s.get("queue"):
         lines.append(f"#SBATCH -p {s['queue']}")
     if s.get("account"):
@@ -177,17 +182,16 @@ def slurm_runner_script(config: dict | None = None) -> str:
     if s.get("log-directory"):
         lines.append(f"#SBATCH -o {s['log-directory']}/%x-%j.out")
     lines += [f"#SBATCH {x}" for x in s.get("job-extra-directives") or []]
-    worker_opts = {"nthreads": cores, "memory_limit": str(w["memory"]),
-                   "death_timeout": w["death-timeout"]}
+    worker_opts = {"nthreads": cores, "memory_limit": str(w["memory"]), "death_timeout": w["death-timeout"]}
     if s.get("interface"):
         worker_opts["interface"] = s["interface"]
     scheduler_opts = {"interface": s["interface"]} if s.get("interface") else {}
-    kwargs = {"scheduler_file": r["scheduler-file"].replace("$SLURM_JOB_ID", "{job_id}"),
-              "worker_options": worker_opts}
+    kwargs = {"scheduler_file": r["scheduler-file"].replace("$SLURM_JOB_ID", "{job_id}"), "worker_options": worker_opts}
     if scheduler_opts:
         kwargs["scheduler_options"] = scheduler_opts
-    cfg = {"sed_dask": {"cluster": {"class": "dask_jobqueue.slurm.SLURMRunner", "kwargs": kwargs,
-                                    "wait-for-workers": n}}}
+    cfg = {
+        "sed_dask": {"cluster": {"class": "dask_jobqueue.slurm.SLURMRunner", "kwargs": kwargs, "wait-for-workers": n}}
+    }
     local = s.get("local-directory")
     if local and "'" in str(local):
         raise ConfigError(f"sed_dask.deploy.slurm.local-directory must not contain quotes: {local!r}")
@@ -211,7 +215,7 @@ def slurm_runner_script(config: dict | None = None) -> str:
     ]
     # each task sets its own spill dir, so $TMPDIR expands on the node that runs the task
     spill = f'export DASK_TEMPORARY_DIRECTORY="{local}"; ' if local else ""
-    lines.append(f"srun bash -c '{spill}exec sed-dask \"$@\"' sed-dask \"$@\" --config \"$CONFIG\"")
+    lines.append(f'srun bash -c \'{spill}exec sed-dask "$@"\' sed-dask "$@" --config "$CONFIG"')
     return "\n".join(lines) + "\n"
 
 
@@ -223,8 +227,14 @@ def _resources(cores, memory) -> dict:
 
 def _worker_args(d: dict, k: dict) -> list[str]:
     w = d["worker"]
-    args = ["--nthreads", str(_positive(w["cores"], "worker.cores")),
-            "--memory-limit", str(w["memory"]), "--death-timeout", str(w["death-timeout"])]
+    args = [
+        "--nthreads",
+        str(_positive(w["cores"], "worker.cores")),
+        "--memory-limit",
+        str(w["memory"]),
+        "--death-timeout",
+        str(w["death-timeout"]),
+    ]
     args += _lifetime_args(w)
     if k.get("local-directory"):
         args += ["--local-directory", str(k["local-directory"])]
@@ -239,8 +249,9 @@ def _volumes(k: dict) -> tuple[list, list]:
     if k.get("local-directory"):
         ld = str(k["local-directory"])
         if not ld.startswith("/") or "$" in ld:
-            raise ConfigError(f"sed_dask.deploy.kubernetes.local-directory must be an absolute path "
-                              f"inside the container, got {ld!r}")
+            raise ConfigError(
+                f"sed_dask.deploy.kubernetes.local-directory must be an absolute path inside the container, got {ld!r}"
+            )
         empty = {"sizeLimit": str(k["scratch-size"])} if k.get("scratch-size") else {}
         vols.append({"name": "scratch", "emptyDir": empty})
         mounts.append({"name": "scratch", "mountPath": ld})
@@ -265,8 +276,16 @@ def kubernetes_cluster_spec(config: dict | None = None) -> dict:
         "name": "worker",
         "image": image,
         "imagePullPolicy": policy,
-        "args": ["dask", "worker", "--name", "$(DASK_WORKER_NAME)", "--dashboard",
-                 "--dashboard-address", "8788", *_worker_args(d, k)],
+        "args": [
+            "dask",
+            "worker",
+            "--name",
+            "$(DASK_WORKER_NAME)",
+            "--dashboard",
+            "--dashboard-address",
+            "8788",
+            *_worker_args(d, k),
+        ],
         "env": env,
         "resources": _resources(d["worker"]["cores"], d["worker"]["memory"]),
         "ports": [{"name": "http-dashboard", "containerPort": 8788, "protocol": "TCP"}],
@@ -287,8 +306,10 @@ def kubernetes_cluster_spec(config: dict | None = None) -> dict:
         "args": ["dask", "scheduler", "--host", "0.0.0.0"],
         "env": env,
         "resources": _resources(sched.get("cores", 1), sched.get("memory", "4GiB")),
-        "ports": [{"name": "tcp-comm", "containerPort": 8786, "protocol": "TCP"},
-                  {"name": "http-dashboard", "containerPort": 8787, "protocol": "TCP"}],
+        "ports": [
+            {"name": "tcp-comm", "containerPort": 8786, "protocol": "TCP"},
+            {"name": "http-dashboard", "containerPort": 8787, "protocol": "TCP"},
+        ],
         "readinessProbe": {**probe, "initialDelaySeconds": 0, "periodSeconds": 1, "timeoutSeconds": 300},
         "livenessProbe": {**probe, "initialDelaySeconds": 15, "periodSeconds": 20},
     }
@@ -309,9 +330,10 @@ def kubernetes_cluster_spec(config: dict | None = None) -> dict:
                 "service": {
                     "type": str(k["service-type"]),
                     "selector": {"dask.org/cluster-name": name, "dask.org/component": "scheduler"},
-                    "ports": [{"name": "tcp-comm", "protocol": "TCP", "port": 8786, "targetPort": "tcp-comm"},
-                              {"name": "http-dashboard", "protocol": "TCP", "port": 8787,
-                               "targetPort": "http-dashboard"}],
+                    "ports": [
+                        {"name": "tcp-comm", "protocol": "TCP", "port": 8786, "targetPort": "tcp-comm"},
+                        {"name": "http-dashboard", "protocol": "TCP", "port": 8787, "targetPort": "http-dashboard"},
+                    ],
                 },
             },
         },
@@ -385,6 +407,8 @@ def render(target: str, config: dict | None = None) -> str:
     docs = {"jobqueue": jobqueue_config, "k8s": kubernetes_cluster_spec, "helm": helm_values}
     if target not in docs:
         raise ConfigError(f"unknown deploy target {target!r}; choose one of {', '.join(TARGETS)}")
-    head = (f"# Rendered by `sed-dask deploy {target}` from the sed_dask.deploy settings;\n"
-            "# change those (see deploy/sed-dask.yaml) and re-render rather than editing this file.\n")
+    head = (
+        f"# Rendered by `sed-dask deploy {target}` from the sed_dask.deploy settings;\n"
+        "# change those (see deploy/sed-dask.yaml) and re-render rather than editing this file.\n"
+    )
     return head + to_yaml(docs[target](config))

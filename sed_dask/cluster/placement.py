@@ -16,6 +16,7 @@ First match wins:
 In-process schedulers pin BLAS to one thread per task thread (``sed_dask.cluster.blas``). Results
 are bit-identical wherever they run (docs/architecture.md, "Determinism").
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,7 @@ from collections.abc import Iterator
 
 import dask.config
 
-LOCAL = {"threads": "threads", "threading": "threads", "sync": "sync", "synchronous": "sync",
-         "single-threaded": "sync"}
+LOCAL = {"threads": "threads", "threading": "threads", "sync": "sync", "synchronous": "sync", "single-threaded": "sync"}
 CLUSTER = ("distributed", "dask.distributed")
 
 
@@ -49,8 +49,10 @@ def _scheduler_name(value, *, what: str) -> str:
         return LOCAL[name]
     if name in CLUSTER:
         return "distributed"
-    raise ValueError(f"{what}={value!r}: use 'threads' or 'sync' (in this process), 'distributed' (a cluster), "
-                     "or pass client= / address= / scheduler_file=")
+    raise ValueError(
+        f"{what}={value!r}: use 'threads' or 'sync' (in this process), 'distributed' (a cluster), "
+        "or pass client= / address= / scheduler_file="
+    )
 
 
 def active_client():
@@ -68,16 +70,19 @@ def active_client():
     return get_client()
 
 
-def placement(*, client=None, address: str | None = None, scheduler_file: str | None = None,
-              scheduler: str | None = None) -> Placement:
+def placement(
+    *, client=None, address: str | None = None, scheduler_file: str | None = None, scheduler: str | None = None
+) -> Placement:
     """Decide where a call's tasks run (the rules of the module docstring)."""
     explicit = client is not None or bool(address) or bool(scheduler_file)
     if scheduler is not None:
         name = _scheduler_name(scheduler, what="scheduler")
         if name != "distributed":
             if explicit:
-                raise ValueError(f"scheduler={scheduler!r} runs in this process; it cannot be combined with "
-                                 "client=, address= or scheduler_file=")
+                raise ValueError(
+                    f"scheduler={scheduler!r} runs in this process; it cannot be combined with "
+                    "client=, address= or scheduler_file="
+                )
             return Placement(scheduler=name, reason=f"scheduler={scheduler!r}")
         return Placement(client=client, reason="scheduler='distributed'")
     if explicit:
@@ -97,8 +102,9 @@ def placement(*, client=None, address: str | None = None, scheduler_file: str | 
 
 
 @contextlib.contextmanager
-def running(*, client=None, address: str | None = None, scheduler_file: str | None = None,
-            scheduler: str | None = None) -> Iterator[Placement]:
+def running(
+    *, client=None, address: str | None = None, scheduler_file: str | None = None, scheduler: str | None = None
+) -> Iterator[Placement]:
     """Yield the placement of one call, connected: ``p.client`` is a live client unless ``p.local``.
 
     Only a cluster this call started (a configured or temporary one) is closed when the block ends.

@@ -30,6 +30,7 @@ uses add and mul.
 
 No dask import here: this runs wherever torch runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -190,9 +191,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, chunk: int =
     model.eval()
     loss = correct = 0.0
     for i in range(0, len(x), chunk):
-        logits = model(x[i:i + chunk])
-        loss += F.cross_entropy(logits, y[i:i + chunk], reduction="sum").item()
-        correct += (logits.argmax(-1) == y[i:i + chunk]).sum().item()
+        logits = model(x[i : i + chunk])
+        loss += F.cross_entropy(logits, y[i : i + chunk], reduction="sum").item()
+        correct += (logits.argmax(-1) == y[i : i + chunk]).sum().item()
     model.train()
     return loss / len(x), correct / len(x)
 
@@ -210,8 +211,11 @@ def grok_step(records, *, key: str = "val_acc", threshold: float = GROK_ACC) -> 
 def _config_dict(cfg: DemoConfig) -> dict:
     # "task" only when it is not the default "add": summaries (and the demo's store fingerprint)
     # written before tasks existed still match the default run
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()
-            if k != "seeds" and not (k == "task" and v == "add")}
+    return {
+        k: (list(v) if isinstance(v, tuple) else v)
+        for k, v in asdict(cfg).items()
+        if k != "seeds" and not (k == "task" and v == "add")
+    }
 
 
 def _previous(run_dir: Path, seed: int, cfg: DemoConfig, fmt: str) -> dict | None:
@@ -232,9 +236,17 @@ def _clear(run_dir: Path) -> None:
             p.unlink()
 
 
-def train_run(run_dir, *, seed: int, config: DemoConfig = SIZES["default"], fmt: str = "pt",
-              progress: bool = True, threads: int | None = 1, position: int = 0,
-              reuse: bool = True) -> dict:
+def train_run(
+    run_dir,
+    *,
+    seed: int,
+    config: DemoConfig = SIZES["default"],
+    fmt: str = "pt",
+    progress: bool = True,
+    threads: int | None = 1,
+    position: int = 0,
+    reuse: bool = True,
+) -> dict:
     """Train one seed, checkpointing every ``config.every`` steps; returns (and writes) its summary.
 
     With ``reuse`` a finished run of the same seed, config and format in ``run_dir`` is returned
@@ -260,8 +272,7 @@ def _train(run_dir: Path, seed: int, cfg: DemoConfig, fmt: str, progress: bool, 
     torch.manual_seed(seed)
     model = ModAddTransformer(cfg)
     (xtr, ytr), (xva, yva) = modadd_split(cfg, seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            betas=(cfg.beta1, cfg.beta2))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
     gen = torch.Generator().manual_seed(20_000 + seed)
     rec = TrajectoryRecorder(run_dir, every=cfg.every, fmt=fmt)
 
@@ -274,8 +285,16 @@ def _train(run_dir: Path, seed: int, cfg: DemoConfig, fmt: str, progress: bool, 
     def checkpoint(step, train_loss):
         vl, va = evaluate(model, xva, yva)
         tl, ta = evaluate(model, xtr, ytr)
-        rec.save(step, model, val_loss=vl, val_acc=va, train_loss=tl, train_acc=ta,
-                 batch_loss=train_loss, lr=opt.param_groups[0]["lr"])
+        rec.save(
+            step,
+            model,
+            val_loss=vl,
+            val_acc=va,
+            train_loss=tl,
+            train_acc=ta,
+            batch_loss=train_loss,
+            lr=opt.param_groups[0]["lr"],
+        )
         if bar is not None:
             bar.set_postfix(train_acc=f"{ta:.2f}", val_acc=f"{va:.2f}", refresh=False)
 
@@ -303,8 +322,11 @@ def _train(run_dir: Path, seed: int, cfg: DemoConfig, fmt: str, progress: bool, 
     wall = time.perf_counter() - t0
     if progress and bar is None:
         acc = (rec.records or [{}])[-1].get("val_acc", float("nan"))
-        print(f"seed {seed}: trained {cfg.steps} steps in {wall:.0f} s (val_acc {acc:.2f}) -> {run_dir}",
-              file=sys.stderr, flush=True)
+        print(
+            f"seed {seed}: trained {cfg.steps} steps in {wall:.0f} s (val_acc {acc:.2f}) -> {run_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     records = rec.records
     summary = {
@@ -341,10 +363,19 @@ def _worker(kwargs: dict) -> dict:
     return train_run(**kwargs)
 
 
-def train_demo_runs(out_dir, *, seeds=None, steps: int | None = None, every: int | None = None,
-                    quick: bool = False, progress: bool = True, workers: int | None = None,
-                    fmt: str = "pt", config: DemoConfig | None = None, reuse: bool = True
-                    ) -> dict[int, Path]:
+def train_demo_runs(
+    out_dir,
+    *,
+    seeds=None,
+    steps: int | None = None,
+    every: int | None = None,
+    quick: bool = False,
+    progress: bool = True,
+    workers: int | None = None,
+    fmt: str = "pt",
+    config: DemoConfig | None = None,
+    reuse: bool = True,
+) -> dict[int, Path]:
     """Train the demo seeds into ``out_dir/seed{S}/`` and return ``{seed: run_dir}``.
 
     ``quick`` picks the test size (one seed, 700 steps, ~30 s); ``seeds``/``steps``/``every``
@@ -366,8 +397,19 @@ def train_demo_runs(out_dir, *, seeds=None, steps: int | None = None, every: int
     n_cpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     # default: every seed at once up to 2 per core (3 seeds on 2 cores finish in one round, not two)
     workers = max(1, min(int(workers or 2 * n_cpu), len(cfg.seeds)))
-    jobs = [dict(run_dir=out_dir / f"seed{s}", seed=s, config=cfg, fmt=fmt, progress=progress,
-                 threads=1, position=i, reuse=reuse) for i, s in enumerate(cfg.seeds)]
+    jobs = [
+        dict(
+            run_dir=out_dir / f"seed{s}",
+            seed=s,
+            config=cfg,
+            fmt=fmt,
+            progress=progress,
+            threads=1,
+            position=i,
+            reuse=reuse,
+        )
+        for i, s in enumerate(cfg.seeds)
+    ]
 
     t0 = time.perf_counter()
     done = {}
@@ -393,8 +435,14 @@ def train_demo_runs(out_dir, *, seeds=None, steps: int | None = None, every: int
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init, initargs=initargs) as pool:
             summaries = list(pool.map(_worker, jobs))
     summaries = sorted(summaries + list(done.values()), key=lambda x: list(cfg.seeds).index(x["seed"]))
-    _write_json(out_dir / SUMMARY_FILE, {"wall_seconds": time.perf_counter() - t0, "workers": workers,
-                                         "runs": {f"seed{s['seed']}": s for s in summaries}})
+    _write_json(
+        out_dir / SUMMARY_FILE,
+        {
+            "wall_seconds": time.perf_counter() - t0,
+            "workers": workers,
+            "runs": {f"seed{s['seed']}": s for s in summaries},
+        },
+    )
     return {s["seed"]: out_dir / f"seed{s['seed']}" for s in summaries}
 
 
@@ -411,13 +459,16 @@ def main(argv=None) -> None:
     ap.add_argument("--workers", type=int)
     ap.add_argument("--fmt", choices=("pt", "safetensors"), default="pt")
     a = ap.parse_args(argv)
-    runs = train_demo_runs(a.out_dir, seeds=a.seeds, steps=a.steps, every=a.every, quick=a.quick,
-                           workers=a.workers, fmt=a.fmt)
+    runs = train_demo_runs(
+        a.out_dir, seeds=a.seeds, steps=a.steps, every=a.every, quick=a.quick, workers=a.workers, fmt=a.fmt
+    )
     with open(Path(a.out_dir) / SUMMARY_FILE) as f:
         summary = json.load(f)
     for name, s in summary["runs"].items():
-        print(f"{name}: memorised@{s['memorize_step']} grokked@{s['grok_step']} "
-              f"final val_acc {s['final_val_acc']:.3f}  {s['ms_per_step']:.1f} ms/step")
+        print(
+            f"{name}: memorised@{s['memorize_step']} grokked@{s['grok_step']} "
+            f"final val_acc {s['final_val_acc']:.3f}  {s['ms_per_step']:.1f} ms/step"
+        )
     print(f"{len(runs)} runs in {summary['wall_seconds']:.0f} s -> {a.out_dir}")
 
 

@@ -22,6 +22,7 @@ workers of different CPU types may differ in the last bits, as with BLAS.
 numba is optional: without it (or with ``kernel="blas"``) the BLAS path runs, with a one-time
 :class:`KernelWarning` when the fused kernel was wanted.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,7 +34,7 @@ from sed_dask import config
 
 logger = logging.getLogger(__name__)
 
-SUB_COLS = 512       # columns per float64 sub-block: 12 rows x 4 KiB stay in L1 (measured best, 256-2048)
+SUB_COLS = 512  # columns per float64 sub-block: 12 rows x 4 KiB stay in L1 (measured best, 256-2048)
 KERNELS = ("auto", "fused", "blas")
 
 try:
@@ -62,9 +63,11 @@ def _warn_fallback(where: str) -> None:
     if _warned:
         return
     _warned = True
-    msg = (f"sed_dask: the fused Gram kernel needs numba, which cannot be imported ({IMPORT_ERROR}); "
-           f"{where} uses the BLAS kernel (same accuracy, ~2x the CPU at small widths, last bits may differ "
-           f"from fused results). Install numba (deploy/constraints.txt) or set sed_dask.spectrum.gram-kernel: blas")
+    msg = (
+        f"sed_dask: the fused Gram kernel needs numba, which cannot be imported ({IMPORT_ERROR}); "
+        f"{where} uses the BLAS kernel (same accuracy, ~2x the CPU at small widths, last bits may differ "
+        f"from fused results). Install numba (deploy/constraints.txt) or set sed_dask.spectrum.gram-kernel: blas"
+    )
     logger.warning(msg)
     warnings.warn(msg, KernelWarning, stacklevel=3)
 
@@ -103,7 +106,7 @@ if numba is not None:
     @numba.njit(cache=True, nogil=True, fastmath={"contract"})
     def _convert(S, p0, n, s, m, work):
         for r in range(p0, n):
-            src = S[r, s:s + m]
+            src = S[r, s : s + m]
             dst = work[r - p0]
             for c in range(m):
                 dst[c] = src[c]
@@ -172,8 +175,9 @@ if numba is not None:
             _band_sub(work, m, t_lo - p0, n - p0, width, out)
 
 
-def band_segment(S: np.ndarray, p0: int, t_lo: int, a: int, b: int, width: int, work: np.ndarray,
-                 out: np.ndarray) -> None:
+def band_segment(
+    S: np.ndarray, p0: int, t_lo: int, a: int, b: int, width: int, work: np.ndarray, out: np.ndarray
+) -> None:
     """Add the band products of rows ``t_lo..`` of float32 ``S`` over columns ``[a, b)`` to ``out``.
 
     ``out[t - t_lo, k] += <S[t, a:b], S[t-k, a:b]>`` for ``k < width`` and partners ``t-k >= p0``

@@ -16,6 +16,7 @@ checkpoint. Nothing P-sized ever reaches the client or lives in RAM as a whole: 
 ``subspace_rotation`` gets principal angles between consecutive windows' top-k subspaces from the
 banded Gram alone (V_t^T V_{t-1} = S_t^-1 U_t^T C_t U_{t-1} S_{t-1}^-1, docs/method.md §3.3), no P-vectors.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,11 +26,18 @@ import json
 import numpy as np
 
 from sed_dask import config
-from sed_dask.errors import StoreError
-from sed_dask.engine.passes import checked_steps, column_segments, read_into
 from sed_dask.engine.grouping import ALL, resolve
-from sed_dask.engine.passes import compute_graph, pass_settings, sum_partials, tree_reduce
+from sed_dask.engine.passes import (
+    checked_steps,
+    column_segments,
+    compute_graph,
+    pass_settings,
+    read_into,
+    sum_partials,
+    tree_reduce,
+)
 from sed_dask.engine.rawread import RawChunkReader
+from sed_dask.errors import StoreError
 from sed_dask.store.outputs import check_target, quiet_consolidation, results_target, start_attrs
 from sed_dask.store.trajectory import RunStore, open_store
 
@@ -79,10 +87,10 @@ def _v_block(params, b: Block, M: np.ndarray, segments: tuple, n_groups: int, ou
     V = read_block(params, b).T @ M
     ss = np.zeros((M.shape[1], n_groups + 1))
     for lo, hi, gid in segments:
-        ss[:, gid] += np.einsum("ij,ij->j", V[lo - b.c0:hi - b.c0], V[lo - b.c0:hi - b.c0])
+        ss[:, gid] += np.einsum("ij,ij->j", V[lo - b.c0 : hi - b.c0], V[lo - b.c0 : hi - b.c0])
     res = {"sumsq": ss}
     if out is not None:
-        out[:, b.c0:b.c1] = V.T.astype(np.float32)
+        out[:, b.c0 : b.c1] = V.T.astype(np.float32)
     else:
         res["v"] = {b.c0: V.T.astype(np.float32)}
     return res
@@ -97,7 +105,7 @@ class Stack:
     d1: int
     cols: tuple
     center: bool
-    steps: np.ndarray          # checkpoint steps of the run
+    steps: np.ndarray  # checkpoint steps of the run
     zs: tuple
 
     @property
@@ -106,7 +114,7 @@ class Stack:
 
     @property
     def delta_steps(self) -> np.ndarray:
-        return self.steps[self.d0 + 1:self.d1 + 1]
+        return self.steps[self.d0 + 1 : self.d1 + 1]
 
     def blocks(self):
         return [Block(self.d0, self.d1, c0, c1, self.center, self.zs) for c0, c1 in self.cols]
@@ -115,12 +123,19 @@ class Stack:
         from dask.base import tokenize
 
         rs = self.run_store
-        return tokenize(str(rs.group.store_path), rs.name, rs.index.hash, self.d0, self.d1, self.cols,
-                        self.center, self.zs, *extra)
+        return tokenize(
+            str(rs.group.store_path), rs.name, rs.index.hash, self.d0, self.d1, self.cols, self.center, self.zs, *extra
+        )
 
 
-def window_stack(run_store: RunStore, *, window: int | None = None, end_step: int | None = None,
-                 center: bool = False, tile_bytes=None) -> Stack:
+def window_stack(
+    run_store: RunStore,
+    *,
+    window: int | None = None,
+    end_step: int | None = None,
+    center: bool = False,
+    tile_bytes=None,
+) -> Stack:
     """The deltas of the window of ``window`` deltas ending at ``end_step`` (default: the last delta);
     ``window=None``: every delta of the run (trajectory PCA)."""
     steps = checked_steps(run_store)
@@ -130,13 +145,17 @@ def window_stack(run_store: RunStore, *, window: int | None = None, end_step: in
     else:
         hit = np.flatnonzero(steps[1:] == int(end_step))
         if not hit.size:
-            raise StoreError(f"run {run_store.name!r}: end_step {end_step} is not a delta step "
-                             f"(delta steps run {int(steps[1])} .. {int(steps[-1])})")
+            raise StoreError(
+                f"run {run_store.name!r}: end_step {end_step} is not a delta step "
+                f"(delta steps run {int(steps[1])} .. {int(steps[-1])})"
+            )
         e = int(hit[0])
     W = e + 1 if window is None else int(window)
     if W < 1 or W > e + 1:
-        raise StoreError(f"run {run_store.name!r}: a window of {W} deltas ending at step "
-                         f"{int(steps[e + 1])} needs {W} deltas, only {e + 1} are available")
+        raise StoreError(
+            f"run {run_store.name!r}: a window of {W} deltas ending at step "
+            f"{int(steps[e + 1])} needs {W} deltas, only {e + 1} are available"
+        )
     d0, d1 = e + 1 - W, e + 1
     n, P = d1 - d0, run_store.n_params
     tile_bytes = config.get_bytes("spectrum.tile-bytes", tile_bytes)
@@ -148,8 +167,7 @@ def window_stack(run_store: RunStore, *, window: int | None = None, end_step: in
         C = (C // chunk) * chunk
     C = min(C, P)
     cols = [(c, min(c + C, P)) for c in range(0, P, C)]
-    return Stack(run_store, d0, d1, tuple(cols), bool(center), steps,
-                 tuple(sorted(config.zarr_settings().items())))
+    return Stack(run_store, d0, d1, tuple(cols), bool(center), steps, tuple(sorted(config.zarr_settings().items())))
 
 
 # ----------------------------------------------------------------------------- running
@@ -224,20 +242,30 @@ def exact_svd(stack: Stack, *, client=None, scheduler=None, split_every: int | N
         level.append((name, i))
     root = tree_reduce(dsk, level, rname, _r_stack, split_every=split_every)
     R = _run(dsk, [root], client=client, scheduler=scheduler)[0]
-    _, sigma, VrT = np.linalg.svd(R)       # X^T = Q R = (Q U_r) S V_r^T  =>  X = V_r S (Q U_r)^T
+    _, sigma, VrT = np.linalg.svd(R)  # X^T = Q R = (Q U_r) S V_r^T  =>  X = V_r S (Q U_r)^T
     sigma = np.concatenate([sigma, np.zeros(stack.n - sigma.size)])  # R has P < n rows when P < n
     return VrT.T, sigma
 
 
-def randomized_svd(stack: Stack, k: int, *, n_oversamples: int = 10, n_power_iter: int = 2, seed: int = 0,
-                   client=None, scheduler=None, tile_elems: int | None = None):
+def randomized_svd(
+    stack: Stack,
+    k: int,
+    *,
+    n_oversamples: int = 10,
+    n_power_iter: int = 2,
+    seed: int = 0,
+    client=None,
+    scheduler=None,
+    tile_elems: int | None = None,
+):
     """Halko et al. on the small side: ``(U (n x l), sigma (l,))``, n_power_iter + 2 passes."""
     from sed_dask.engine.jl import Operator
 
     P = stack.run_store.n_params
     l = min(stack.n, k + n_oversamples)
-    op = Operator(seed=seed, d=l, distribution="gaussian",
-                  tile_elems=int(config.get("sketch.tile-elems", tile_elems)), n_params=P)
+    op = Operator(
+        seed=seed, d=l, distribution="gaussian", tile_elems=int(config.get("sketch.tile-elems", tile_elems)), n_params=P
+    )
     Y = block_pass(stack, _omega_block, op, client=client, scheduler=scheduler)
     Q, _ = np.linalg.qr(Y)
     for _ in range(n_power_iter):
@@ -257,11 +285,27 @@ def _flip(U: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- API
-def directions(store, *, run: str, window: int | None = None, end_step: int | None = None, k: int = 3,
-               method: str = "exact", center: bool = False, groups="default", n_oversamples: int = 10,
-               n_power_iter: int = 2, seed: int | None = None, client=None, address: str | None = None,
-               scheduler_file: str | None = None, scheduler: str | None = None, output=None, tile_bytes=None,
-               overwrite: bool = False):
+def directions(
+    store,
+    *,
+    run: str,
+    window: int | None = None,
+    end_step: int | None = None,
+    k: int = 3,
+    method: str = "exact",
+    center: bool = False,
+    groups="default",
+    n_oversamples: int = 10,
+    n_power_iter: int = 2,
+    seed: int | None = None,
+    client=None,
+    address: str | None = None,
+    scheduler_file: str | None = None,
+    scheduler: str | None = None,
+    output=None,
+    tile_bytes=None,
+    overwrite: bool = False,
+):
     """Top-k right singular vectors (parameter-space directions) of a window or of the whole run.
 
     ``window`` deltas ending at ``end_step`` (default the last delta); ``window=None`` uses every
@@ -319,13 +363,21 @@ def _left_vectors(stack: Stack, req: DirectionsRequest, *, client, scheduler):
         U, sigma = exact_svd(stack, client=client, scheduler=scheduler)
         passes = 2
     else:
-        U, sigma = randomized_svd(stack, req.k, n_oversamples=req.n_oversamples, n_power_iter=req.n_power_iter,
-                                  seed=req.seed, client=client, scheduler=scheduler)
+        U, sigma = randomized_svd(
+            stack,
+            req.k,
+            n_oversamples=req.n_oversamples,
+            n_power_iter=req.n_power_iter,
+            seed=req.seed,
+            client=client,
+            scheduler=scheduler,
+        )
         passes = req.n_power_iter + 3
-    U, sig = U[:, :req.k], sigma[:req.k]
+    U, sig = U[:, : req.k], sigma[: req.k]
     if not (sig > 0).all():
-        raise StoreError(f"run {stack.run_store.name!r}: the stack has rank < k={req.k} (sigma {sig.tolist()}); "
-                         "lower k")
+        raise StoreError(
+            f"run {stack.run_store.name!r}: the stack has rank < k={req.k} (sigma {sig.tolist()}); lower k"
+        )
     return U * _flip(U)[None, :], sig, sigma, passes
 
 
@@ -333,11 +385,19 @@ def _directions_attrs(ts, rs, stack, req: DirectionsRequest, *, sigma, passes, g
     from sed_dask import __version__
 
     attrs = {
-        "sed_dask_version": __version__, "sed_kind": "directions", "source_store": ts.url, "run": rs.name,
-        "method": req.method, "window": -1 if req.window is None else int(req.window),
-        "end_step": int(stack.delta_steps[-1]), "first_delta_step": int(stack.delta_steps[0]),
-        "center": int(stack.center), "k": req.k, "passes": passes,
-        "n_params": rs.n_params, "param_index_hash": rs.index.hash,
+        "sed_dask_version": __version__,
+        "sed_kind": "directions",
+        "source_store": ts.url,
+        "run": rs.name,
+        "method": req.method,
+        "window": -1 if req.window is None else int(req.window),
+        "end_step": int(stack.delta_steps[-1]),
+        "first_delta_step": int(stack.delta_steps[0]),
+        "center": int(stack.center),
+        "k": req.k,
+        "passes": passes,
+        "n_params": rs.n_params,
+        "param_index_hash": rs.index.hash,
         "param_index": json.dumps(rs.index.to_records()),
         "groups": json.dumps(gdesc or {ALL: "the whole selected parameter vector"}),
         "sigma_all": json.dumps([float(x) for x in sigma]),
@@ -374,14 +434,18 @@ def _directions(ts, rs, stack, req: DirectionsRequest, *, client, scheduler, out
     granges, gdesc = resolve(rs.index, groups, run=rs.name)
     flat = sorted((lo, hi, gid) for gid, g in enumerate(granges, start=1) for lo, hi in granges[g])
     attrs = _directions_attrs(ts, rs, stack, req, sigma=sigma, passes=passes, gdesc=gdesc, output=output)
-    coords = {"component": ("component", np.arange(1, k + 1, dtype=np.int64),
-                            {"long_name": "singular vector index j"}),
-              "step": ("step", stack.delta_steps.astype(np.int64),
-                       {"long_name": "step of the delta", "units": "steps"})}
-    small = {"sigma": (("component",), sig,
-                       {"long_name": "singular value of the delta stack", "units": "parameter units"}),
-             "u": (("component", "step"), U.T,
-                   {"long_name": "left singular vector (coefficient of each delta)", "units": "1"})}
+    coords = {
+        "component": ("component", np.arange(1, k + 1, dtype=np.int64), {"long_name": "singular vector index j"}),
+        "step": ("step", stack.delta_steps.astype(np.int64), {"long_name": "step of the delta", "units": "steps"}),
+    }
+    small = {
+        "sigma": (("component",), sig, {"long_name": "singular value of the delta stack", "units": "parameter units"}),
+        "u": (
+            ("component", "step"),
+            U.T,
+            {"long_name": "left singular vector (coefficient of each delta)", "units": "1"},
+        ),
+    }
     dir_attrs = {"long_name": "right singular vector (unit norm) in parameter space", "units": "1"}
     out_arr = None
     if output is not None:
@@ -390,8 +454,9 @@ def _directions(ts, rs, stack, req: DirectionsRequest, *, client, scheduler, out
 
         widths = tuple(c1 - c0 for c0, c1 in stack.cols)  # uniform but the last: one Zarr chunk per task
         placeholder = da.zeros((k, rs.n_params), chunks=(k, widths), dtype=np.float32)
-        meta = xr.Dataset({**small, "direction": (("component", "param"), placeholder, dir_attrs)},
-                          coords=coords, attrs=attrs)
+        meta = xr.Dataset(
+            {**small, "direction": (("component", "param"), placeholder, dir_attrs)}, coords=coords, attrs=attrs
+        )
         with quiet_consolidation():
             meta.to_zarr(str(output), mode="w-", compute=False, consolidated=False)
         out_arr = zarr.open_group(str(output), mode="r+")["direction"]
@@ -399,16 +464,22 @@ def _directions(ts, rs, stack, req: DirectionsRequest, *, client, scheduler, out
     gnames = list(granges) or [ALL]
     res = _v_pass(stack, M, segs, len(gnames), out_arr, client=client, scheduler=scheduler)
     loading, gnames = _group_loadings(res["sumsq"], granges, gnames)
-    lvar = {"loading": (("component", "group"), loading,
-                        {"long_name": "fraction of ||v_j||^2 in the layer group", "units": "1"})}
+    lvar = {
+        "loading": (
+            ("component", "group"),
+            loading,
+            {"long_name": "fraction of ||v_j||^2 in the layer group", "units": "1"},
+        )
+    }
     gcoord = {"group": ("group", np.array(gnames, dtype=object), {"long_name": "layer group"})}
     if output is not None:
         with quiet_consolidation():
             xr.Dataset(lvar, coords=gcoord, attrs=attrs).to_zarr(str(output), mode="a", consolidated=False)
         return None  # the caller marks it complete, moves it into place and opens it there
     V = np.concatenate([res["v"][c0] for c0, _ in stack.cols], axis=1)
-    return xr.Dataset({**small, **lvar, "direction": (("component", "param"), V, dir_attrs)},
-                      coords={**coords, **gcoord}, attrs=attrs)
+    return xr.Dataset(
+        {**small, **lvar, "direction": (("component", "param"), V, dir_attrs)}, coords={**coords, **gcoord}, attrs=attrs
+    )
 
 
 def _v_pass(stack: Stack, M, segs, n_groups, out, *, client, scheduler):
@@ -435,13 +506,22 @@ def principal_angles(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     M = Qa.T @ Qb
     cos = np.sort(np.clip(np.linalg.svd(M, compute_uv=False), 0.0, 1.0))[::-1]
     sin = np.sort(np.clip(np.linalg.svd(Qb - Qa @ M, compute_uv=False), 0.0, 1.0))
-    ang = np.where(cos ** 2 >= 0.5, np.arcsin(sin[:cos.size]), np.arccos(cos))
+    ang = np.where(cos**2 >= 0.5, np.arcsin(sin[: cos.size]), np.arccos(cos))
     return np.sort(ang)
 
 
-def subspace_rotation(store_or_gram, *, run: str | None = None, window: int = 10, k: int = 2, client=None,
-                      scheduler: str | None = None, address: str | None = None, scheduler_file: str | None = None,
-                      progress: bool = False):
+def subspace_rotation(
+    store_or_gram,
+    *,
+    run: str | None = None,
+    window: int = 10,
+    k: int = 2,
+    client=None,
+    scheduler: str | None = None,
+    address: str | None = None,
+    scheduler_file: str | None = None,
+    progress: bool = False,
+):
     """Principal angles (degrees) between the top-k direction subspaces of consecutive windows.
 
     ``angle(step, component)``: window ending at ``step`` vs the one ending a delta earlier, from the
@@ -457,8 +537,15 @@ def subspace_rotation(store_or_gram, *, run: str | None = None, window: int = 10
     else:
         ts = open_store(store_or_gram, mode="r")
         rs = ts.run(run if run is not None else ts.runs[0])
-        gram = banded_gram(rs, w_max=window + 1, client=client, scheduler=scheduler, address=address,
-                           scheduler_file=scheduler_file, progress=progress)
+        gram = banded_gram(
+            rs,
+            w_max=window + 1,
+            client=client,
+            scheduler=scheduler,
+            address=address,
+            scheduler_file=scheduler_file,
+            progress=progress,
+        )
     band = gram["all"]
     if band.shape[1] < window + 1:
         raise ValueError(f"band width {band.shape[1]} < W + 1 = {window + 1}")
@@ -475,9 +562,16 @@ def subspace_rotation(store_or_gram, *, run: str | None = None, window: int = 10
                 Mt = (E[t].T @ C[t] @ E[t - 1]) / np.outer(sig[t], sig[t - 1])
                 s = np.linalg.svd(Mt, compute_uv=False)
                 ang[t] = np.degrees(np.arccos(np.clip(s, 0.0, 1.0)))
-    steps = gram.delta_steps[window - 1:]
-    return xr.DataArray(ang, dims=("step", "component"),
-                        coords={"step": steps.astype(np.int64), "component": np.arange(1, k + 1)},
-                        name="angle", attrs={"long_name": f"principal angles between top-{k} subspaces of "
-                                                          f"consecutive W={window} windows", "units": "degree",
-                                             "run": gram.run, "window": window})
+    steps = gram.delta_steps[window - 1 :]
+    return xr.DataArray(
+        ang,
+        dims=("step", "component"),
+        coords={"step": steps.astype(np.int64), "component": np.arange(1, k + 1)},
+        name="angle",
+        attrs={
+            "long_name": f"principal angles between top-{k} subspaces of consecutive W={window} windows",
+            "units": "degree",
+            "run": gram.run,
+            "window": window,
+        },
+    )

@@ -36,6 +36,7 @@ Scheme (why it is shaped like this):
 
 The graph is a plain task dict (kernels below are ordinary functions), as in ``dask.array.linalg``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,8 +49,17 @@ import numpy as np
 from sed_dask import config
 from sed_dask.engine import band_kernel
 from sed_dask.engine.grouping import ALL, resolve
-from sed_dask.engine.passes import (TileSpec, checked_steps, column_segments, execute, pass_settings, read_into,
-                                    stream_deltas, sum_partials, tree_reduce)
+from sed_dask.engine.passes import (
+    TileSpec,
+    checked_steps,
+    column_segments,
+    execute,
+    pass_settings,
+    read_into,
+    stream_deltas,
+    sum_partials,
+    tree_reduce,
+)
 from sed_dask.engine.rawread import RawChunkReader
 from sed_dask.errors import NonFiniteError, StoreError
 from sed_dask.sources.run_source import RunSource
@@ -58,10 +68,12 @@ logger = logging.getLogger(__name__)
 
 _SUB_BYTES = 2 << 20  # float64 bytes of one column sub-block (L2 sized; measured best)
 
-FLOAT32_NOTE = ("precision='float32': products are accumulated in float32 within ~1 MiB column "
-                "sub-blocks (float64 across them). Measured: singular values >= 0.1*sigma_1 within ~5e-8 "
-                "relative, sigma ~ 0.01*sigma_1 within ~2e-5 (the error grows like (sigma_1/sigma)^2), "
-                "versus <= 1e-8 in float64 mode; see benchmarks/README.md (Spectrum)")
+FLOAT32_NOTE = (
+    "precision='float32': products are accumulated in float32 within ~1 MiB column "
+    "sub-blocks (float64 across them). Measured: singular values >= 0.1*sigma_1 within ~5e-8 "
+    "relative, sigma ~ 0.01*sigma_1 within ~2e-5 (the error grows like (sigma_1/sigma)^2), "
+    "versus <= 1e-8 in float64 mode; see benchmarks/README.md (Spectrum)"
+)
 
 
 class PrecisionWarning(UserWarning):
@@ -121,12 +133,12 @@ class BandAccumulator:
         for lo, hi, gid in spec.segments:
             for a in range(lo - spec.c0, hi - spec.c0, spec.sub_cols):
                 b = min(a + spec.sub_cols, hi - spec.c0)
-                D = self._work[:, :b - a]
+                D = self._work[:, : b - a]
                 for j, q in enumerate(chunks):
-                    r0, r1 = max(q - H, g0), min(q + m, g0 + n)   # rows of the block held in S
-                    D[:r0 - (q - H)] = 0.0
-                    np.copyto(D[r0 - (q - H):r1 - (q - H)], S[r0 - g0:r1 - g0, a:b])
-                    D[r1 - (q - H):] = 0.0
+                    r0, r1 = max(q - H, g0), min(q + m, g0 + n)  # rows of the block held in S
+                    D[: r0 - (q - H)] = 0.0
+                    np.copyto(D[r0 - (q - H) : r1 - (q - H)], S[r0 - g0 : r1 - g0, a:b])
+                    D[r1 - (q - H) :] = 0.0
                     G = D @ D.T
                     acc[0][j] += G
                     if gid:
@@ -137,7 +149,7 @@ class BandAccumulator:
             out = self.out[g]
             for q, A in zip(chunks, mats):
                 lo, hi = max(q, first) - q, min(q + m, last) - q
-                out[q + lo - spec.out_lo:q + hi - spec.out_lo] = A[H + t[lo:hi], H + t[lo:hi] - kk]
+                out[q + lo - spec.out_lo : q + hi - spec.out_lo] = A[H + t[lo:hi], H + t[lo:hi] - kk]
         self.next = last
 
     def update_fused(self, S: np.ndarray, g0: int) -> None:
@@ -160,7 +172,7 @@ class BandAccumulator:
                 acc[gid] += seg
         r0 = g0 + i_out0 - spec.out_lo
         for g, A in acc.items():
-            self.out[g][r0:r0 + n - i_out0] = A
+            self.out[g][r0 : r0 + n - i_out0] = A
         self._next = g0 + n
 
     def result(self) -> dict[int, np.ndarray]:
@@ -202,8 +214,9 @@ def assemble_blocks(blocks: list, n_deltas: int, width: int) -> dict:
     Every accumulator's result is ``{key: array with one row per output delta}``; every block holds
     every key because each block spans all P-ranges.
     """
-    out = {name: {g: np.concatenate([b[name][g] for b in blocks], axis=0) for g in blocks[0][name]}
-           for name in blocks[0]}
+    out = {
+        name: {g: np.concatenate([b[name][g] for b in blocks], axis=0) for g in blocks[0][name]} for name in blocks[0]
+    }
     for g, a in out["band"].items():
         if a.shape != (n_deltas, width):
             raise RuntimeError(f"assembled band of group {g} has shape {a.shape}, expected {(n_deltas, width)}")
@@ -215,19 +228,32 @@ def assemble_blocks(blocks: list, n_deltas: int, width: int) -> dict:
 class Tiling:
     """How a run is cut into tasks (recorded in provenance)."""
 
-    blocks: tuple       # ((a, e), ...) delta ranges
-    cols: tuple         # ((c0, c1), ...) P-ranges
+    blocks: tuple  # ((a, e), ...) delta ranges
+    cols: tuple  # ((c0, c1), ...) P-ranges
     buf_rows: int
     sub_cols: int
 
     def as_dict(self) -> dict:
-        return {"step_blocks": len(self.blocks), "p_ranges": len(self.cols),
-                "p_range_width": max(c1 - c0 for c0, c1 in self.cols), "buffer_rows": self.buf_rows,
-                "sub_cols": self.sub_cols}
+        return {
+            "step_blocks": len(self.blocks),
+            "p_ranges": len(self.cols),
+            "p_range_width": max(c1 - c0 for c0, c1 in self.cols),
+            "buffer_rows": self.buf_rows,
+            "sub_cols": self.sub_cols,
+        }
 
 
-def plan_tiles(n_rows: int, n_params: int, read_chunk: int, *, width: int, tile_bytes: int,
-               block_steps: int, col_align: int = 1, max_cols: int | None = None) -> Tiling:
+def plan_tiles(
+    n_rows: int,
+    n_params: int,
+    read_chunk: int,
+    *,
+    width: int,
+    tile_bytes: int,
+    block_steps: int,
+    col_align: int = 1,
+    max_cols: int | None = None,
+) -> Tiling:
     """Cut ``(n_rows, n_params)`` into tiles for a band of ``width`` (see the module docstring).
 
     ``col_align``: every P-range starts at a multiple of it (a sketch's RNG tile); ``max_cols``
@@ -256,8 +282,11 @@ def plan_tiles(n_rows: int, n_params: int, read_chunk: int, *, width: int, tile_
         cols = tuple((s, min(s + C, P)) for s in range(0, P, C))
     else:
         piece = -(-chunk // -(-chunk // C))
-        cols = tuple((q, min(q + piece, min(s + chunk, P)))
-                     for s in range(0, P, chunk) for q in range(s, min(s + chunk, P), piece))
+        cols = tuple(
+            (q, min(q + piece, min(s + chunk, P)))
+            for s in range(0, P, chunk)
+            for q in range(s, min(s + chunk, P), piece)
+        )
     cmax = max(c1 - c0 for c0, c1 in cols)
     buf_rows = min(max(H + 1, per_buf // (4 * cmax)), max_rows - 1)
     sub_cols = int(max(256, _SUB_BYTES // (8 * (row_chunk(width) + width - 1))))
@@ -280,13 +309,23 @@ class GramPlan:
     tiling: Tiling
     params: object
     extras: tuple = ()
-    kernel: str = "blas"   # band kernel every tile runs ("fused" | "blas")
+    kernel: str = "blas"  # band kernel every tile runs ("fused" | "blas")
 
 
-def gram_graph(run_store: RunSource, *, width: int, groups=None, precision: str | None = None,
-               tile_bytes=None, block_steps: int | None = None, split_every: int | None = None,
-               direct_read: bool | None = None, extras: tuple = (), kernel: str | None = None,
-               rows: tuple[int, int] | None = None) -> GramPlan:
+def gram_graph(
+    run_store: RunSource,
+    *,
+    width: int,
+    groups=None,
+    precision: str | None = None,
+    tile_bytes=None,
+    block_steps: int | None = None,
+    split_every: int | None = None,
+    direct_read: bool | None = None,
+    extras: tuple = (),
+    kernel: str | None = None,
+    rows: tuple[int, int] | None = None,
+) -> GramPlan:
     """Build (do not run) the one-pass graph of ``run_store``'s banded Gram of ``width`` columns.
 
     ``extras``: further accumulators riding the same read (see ``gram_tile``), e.g. a JL sketch.
@@ -318,13 +357,35 @@ def gram_graph(run_store: RunSource, *, width: int, groups=None, precision: str 
     for x in extras:
         align = align * x.col_align // math.gcd(align, x.col_align)
     caps = [c for c in (x.max_cols(ps.tile_bytes) for x in extras) if c]
-    tiling = plan_tiles(n_rows, P, rs.read_unit, width=width, tile_bytes=ps.tile_bytes,
-                        block_steps=ps.block_steps, col_align=align, max_cols=min(caps) if caps else None)
+    tiling = plan_tiles(
+        n_rows,
+        P,
+        rs.read_unit,
+        width=width,
+        tile_bytes=ps.tile_bytes,
+        block_steps=ps.block_steps,
+        col_align=align,
+        max_cols=min(caps) if caps else None,
+    )
     zs = tuple(sorted(config.zarr_settings().items()))
     direct = bool(config.get("spectrum.direct-read", direct_read))
     kern = band_kernel.choose(width, precision, kernel)
-    token = tokenize(rs.token_id, rs.name, n_rows, P, index.hash, width, flat,
-                     precision, tiling, zs, direct, ps.split_every, extras, kern)
+    token = tokenize(
+        rs.token_id,
+        rs.name,
+        n_rows,
+        P,
+        index.hash,
+        width,
+        flat,
+        precision,
+        tiling,
+        zs,
+        direct,
+        ps.split_every,
+        extras,
+        kern,
+    )
     tname, rname, fname = f"sed-gram-tile-{token}", f"sed-gram-sum-{token}", f"sed-gram-{token}"
     params = rs.params
     blocks = tiling.blocks
@@ -339,15 +400,42 @@ def gram_graph(run_store: RunSource, *, width: int, groups=None, precision: str 
     for b, (a, e) in enumerate(blocks):
         level = []
         for p, (c0, c1) in enumerate(tiling.cols):
-            spec = TileSpec(a, e, c0, c1, column_segments(c0, c1, flat), width, tiling.buf_rows,
-                            tiling.sub_cols, precision, zs, direct, extras, kern)
+            spec = TileSpec(
+                a,
+                e,
+                c0,
+                c1,
+                column_segments(c0, c1, flat),
+                width,
+                tiling.buf_rows,
+                tiling.sub_cols,
+                precision,
+                zs,
+                direct,
+                extras,
+                kern,
+            )
             dsk[(tname, b, p)] = (gram_tile, params, spec)
             level.append((tname, b, p))
-        block_keys.append(tree_reduce(dsk, level, rname, combine_partials, extras,
-                                      split_every=ps.split_every, prefix=(b,)))
+        block_keys.append(
+            tree_reduce(dsk, level, rname, combine_partials, extras, split_every=ps.split_every, prefix=(b,))
+        )
     dsk[(fname,)] = (assemble_blocks, block_keys, sum(e - a for a, e in blocks), width)
-    return GramPlan(rs.name, dsk, (fname,), names, sizes, {ALL: "the whole selected parameter vector", **gdesc},
-                    steps, width, precision, tiling, params, extras, kern)
+    return GramPlan(
+        rs.name,
+        dsk,
+        (fname,),
+        names,
+        sizes,
+        {ALL: "the whole selected parameter vector", **gdesc},
+        steps,
+        width,
+        precision,
+        tiling,
+        params,
+        extras,
+        kern,
+    )
 
 
 # ----------------------------------------------------------------------------- running
@@ -356,11 +444,11 @@ class GramResult:
     """The banded Gram of one run: ``band[g, i, k] = <delta_i, delta_{i-k}>`` of group ``groups[g]``."""
 
     run: str
-    band: np.ndarray               # (n_groups, N, width) float64; NaN where i - k < 0
-    groups: list[str]              # "all" first
-    n_params: dict[str, int]       # parameter count per group
+    band: np.ndarray  # (n_groups, N, width) float64; NaN where i - k < 0
+    groups: list[str]  # "all" first
+    n_params: dict[str, int]  # parameter count per group
     group_desc: dict[str, str]
-    steps: np.ndarray              # (N + 1,) checkpoint steps
+    steps: np.ndarray  # (N + 1,) checkpoint steps
     width: int
     precision: str
     tiling: dict
@@ -399,11 +487,21 @@ def finish(plan: GramPlan, out: dict) -> GramResult:
         describe = getattr(plan.params, "describe_nonfinite", None)  # a checkpoint source names its files
         if describe is not None:
             raise NonFiniteError(f"run {plan.run!r}: {describe(rows)}; the Gram of those deltas is undefined")
-        raise StoreError(f"run {plan.run!r}: NaN/Inf in the store at step(s) "
-                         f"{[int(plan.steps[r]) for r in rows]} (row(s) {rows})")
-    return GramResult(plan.run, band, list(plan.groups), dict(plan.n_params), dict(plan.group_desc),
-                      plan.steps, w, plan.precision, {**plan.tiling.as_dict(), "kernel": plan.kernel},
-                      {x.name: x.finish(out[x.name]) for x in plan.extras})
+        raise StoreError(
+            f"run {plan.run!r}: NaN/Inf in the store at step(s) {[int(plan.steps[r]) for r in rows]} (row(s) {rows})"
+        )
+    return GramResult(
+        plan.run,
+        band,
+        list(plan.groups),
+        dict(plan.n_params),
+        dict(plan.group_desc),
+        plan.steps,
+        w,
+        plan.precision,
+        {**plan.tiling.as_dict(), "kernel": plan.kernel},
+        {x.name: x.finish(out[x.name]) for x in plan.extras},
+    )
 
 
 def find_nonfinite_rows(params, bad_deltas) -> list[int]:
@@ -415,7 +513,7 @@ def find_nonfinite_rows(params, bad_deltas) -> list[int]:
     found = []
     for r in cand:
         for c in range(0, P, chunk):
-            part = buf[:, :min(chunk, P - c)]
+            part = buf[:, : min(chunk, P - c)]
             read_into(params, r, r + 1, c, c + part.shape[1], part)
             if not np.isfinite(part).all():
                 found.append(r)
@@ -423,24 +521,48 @@ def find_nonfinite_rows(params, bad_deltas) -> list[int]:
     return found
 
 
-def banded_gram(run_store: RunSource, *, w_max: int, groups=None, client=None, scheduler: str | None = None,
-                address: str | None = None, scheduler_file: str | None = None, precision: str | None = None,
-                tile_bytes=None, block_steps: int | None = None, split_every: int | None = None,
-                direct_read: bool | None = None, progress: bool = False, kernel: str | None = None) -> GramResult:
+def banded_gram(
+    run_store: RunSource,
+    *,
+    w_max: int,
+    groups=None,
+    client=None,
+    scheduler: str | None = None,
+    address: str | None = None,
+    scheduler_file: str | None = None,
+    precision: str | None = None,
+    tile_bytes=None,
+    block_steps: int | None = None,
+    split_every: int | None = None,
+    direct_read: bool | None = None,
+    progress: bool = False,
+    kernel: str | None = None,
+) -> GramResult:
     """The banded Gram (entries ``|i-j| < w_max``) of one run in one pass, global and per group.
 
     Runs where ``sed_dask.cluster.placement`` decides: a local ``scheduler`` ("threads", "sync"),
     ``client``/``address``/``scheduler_file``, an active Client, a configured cluster, the dask.config
     scheduler, else threads in this process.
     """
-    plan = gram_graph(run_store, width=w_max, groups=groups, precision=precision, tile_bytes=tile_bytes,
-                      block_steps=block_steps, split_every=split_every, direct_read=direct_read, kernel=kernel)
-    return run_plans([plan], client=client, scheduler=scheduler, address=address,
-                     scheduler_file=scheduler_file, progress=progress)[0]
+    plan = gram_graph(
+        run_store,
+        width=w_max,
+        groups=groups,
+        precision=precision,
+        tile_bytes=tile_bytes,
+        block_steps=block_steps,
+        split_every=split_every,
+        direct_read=direct_read,
+        kernel=kernel,
+    )
+    return run_plans(
+        [plan], client=client, scheduler=scheduler, address=address, scheduler_file=scheduler_file, progress=progress
+    )[0]
 
 
-def run_plans(plans: list[GramPlan], *, client=None, scheduler=None, address=None, scheduler_file=None,
-              progress=False) -> list[GramResult]:
+def run_plans(
+    plans: list[GramPlan], *, client=None, scheduler=None, address=None, scheduler_file=None, progress=False
+) -> list[GramResult]:
     """Compute several runs' graphs as one submission (so runs share the workers)."""
     dsk = {}
     for p in plans:
@@ -448,8 +570,7 @@ def run_plans(plans: list[GramPlan], *, client=None, scheduler=None, address=Non
     keys = [p.key for p in plans]
     if any(p.precision == "float32" for p in plans):
         warnings.warn(FLOAT32_NOTE, PrecisionWarning, stacklevel=3)
-    outs = execute(dsk, keys, client=client, scheduler=scheduler, address=address,
-                   scheduler_file=scheduler_file, progress=progress)
+    outs = execute(
+        dsk, keys, client=client, scheduler=scheduler, address=address, scheduler_file=scheduler_file, progress=progress
+    )
     return [finish(p, o) for p, o in zip(plans, outs)]
-
-

@@ -12,6 +12,7 @@ Requests:
 * ``{name: regex}`` - user groups (first matching pattern wins; unmatched tensors go to ``other``);
 * a list of names - a subset of the ``default`` or ``blocks`` groups.
 """
+
 from __future__ import annotations
 
 import re
@@ -62,8 +63,10 @@ def resolve(index: ParamIndex, request, *, run: str) -> tuple[dict[str, list[tup
             ranges = index.regroup(lambda n, _lab={e.name: e.group for e in index}: block_label(_lab[n])).group_ranges()
             desc = {g: (f"all tensors of {g}" if _BLOCK_LABEL.match(g) else f"stored label {g!r}") for g in ranges}
         else:
-            raise ValueError(f"unknown grouping {request!r}: use 'default', 'blocks', a {{name: regex}} "
-                             "dict or a list of group names")
+            raise ValueError(
+                f"unknown grouping {request!r}: use 'default', 'blocks', a {{name: regex}} "
+                "dict or a list of group names"
+            )
     elif isinstance(request, Mapping):
         if not request:
             raise ValueError("empty group mapping")
@@ -76,12 +79,15 @@ def resolve(index: ParamIndex, request, *, run: str) -> tuple[dict[str, list[tup
         found = index.regroup(mapping).group_ranges()
         empty = [g for g in request if g not in found]
         if empty:
-            raise StoreError(f"run {run!r}: group(s) {empty} match no parameter tensor "
-                             f"(patterns {[request[g] for g in empty]}); tensors are e.g. {index.names[:5]}")
+            raise StoreError(
+                f"run {run!r}: group(s) {empty} match no parameter tensor "
+                f"(patterns {[request[g] for g in empty]}); tensors are e.g. {index.names[:5]}"
+            )
         order = list(request) + (["other"] if "other" in found and "other" not in request else [])
         ranges = {g: found[g] for g in order}
-        desc = {g: (f"tensors matching {request[g]!r}" if g in request else "tensors matching no pattern")
-                for g in order}
+        desc = {
+            g: (f"tensors matching {request[g]!r}" if g in request else "tensors matching no pattern") for g in order
+        }
     elif isinstance(request, Sequence):
         names = list(request)
         default = index.group_ranges()
@@ -92,8 +98,10 @@ def resolve(index: ParamIndex, request, *, run: str) -> tuple[dict[str, list[tup
             src, kind = blocks, "block"
         else:
             unknown = [n for n in names if n not in default and n not in blocks]
-            raise StoreError(f"run {run!r}: unknown group(s) {unknown or names}; available: "
-                             f"{sorted(set(default) | set(blocks))} (names must all come from one grouping)")
+            raise StoreError(
+                f"run {run!r}: unknown group(s) {unknown or names}; available: "
+                f"{sorted(set(default) | set(blocks))} (names must all come from one grouping)"
+            )
         ranges = {n: src[n] for n in names}
         desc = {n: f"{kind} {n!r}" for n in names}
     else:

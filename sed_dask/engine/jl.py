@@ -23,6 +23,7 @@ Why it is built like this:
   sqrt(s/d) for sparse, 1/sqrt(s) for osnap) is applied once to the finished sketch, so
   E[Phi_pj^2] = 1/d throughout (osnap: every row has squared norm exactly 1).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,8 @@ import numpy as np
 DISTRIBUTIONS = ("gaussian", "rademacher", "sparse", "osnap")
 NESTED_DISTRIBUTIONS = ("gaussian", "rademacher", "sparse")  # first d columns of a wider operator = the d one
 OSNAP_S = 1  # osnap nonzeros per row unless given (benchmarks/README.md "Sketch and directions")
-_TWO53 = 2.0 ** 53
-_INV53 = 2.0 ** -53
+_TWO53 = 2.0**53
+_INV53 = 2.0**-53
 _SHIFT = np.uint64(11)
 
 
@@ -52,11 +53,11 @@ class Operator:
     distribution: str
     tile_elems: int
     n_params: int
-    s: float | None = None   # sparse: an entry is nonzero with probability 1/s (default sqrt(P));
+    s: float | None = None  # sparse: an entry is nonzero with probability 1/s (default sqrt(P));
     #                          osnap: nonzeros per row, an integer 1..d (default OSNAP_S, at most d)
 
     def __post_init__(self):
-        if not 0 <= int(self.seed) < 2 ** 64:
+        if not 0 <= int(self.seed) < 2**64:
             raise ValueError(f"sketch seed must be an integer in [0, 2**64), got {self.seed!r}")
         if int(self.d) < 1:
             raise ValueError(f"sketch dimension d must be >= 1, got {self.d!r}")
@@ -77,8 +78,9 @@ class Operator:
                 raise ValueError(f"osnap sketch s (nonzeros per row) must be an integer in 1..d={self.d}, got {s!r}")
             object.__setattr__(self, "s", int(s))
         elif self.s is not None:
-            raise ValueError(f"s is a parameter of the 'sparse' and 'osnap' distributions; not valid for "
-                             f"{self.distribution!r}")
+            raise ValueError(
+                f"s is a parameter of the 'sparse' and 'osnap' distributions; not valid for {self.distribution!r}"
+            )
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -116,12 +118,18 @@ class Operator:
 
     def describe(self) -> dict:
         """JSON-safe provenance."""
-        out = {"seed": int(self.seed), "d": int(self.d), "distribution": self.distribution,
-               "tile_elems": int(self.tile_elems), "n_params": int(self.n_params), "scale": self.scale,
-               "rng": "numpy Philox4x64, key=(seed, tile), counter=(row//4, column, 0, 0), random_raw; "
-                      "gaussian: Box-Muller on 53-bit uniforms; rademacher: top bit; sparse: 53-bit "
-                      "threshold + bit 0 sign; osnap: counter column b = block b of d // s columns, "
-                      "column (w >> 32) * size >> 32 in the block, bit 0 sign"}
+        out = {
+            "seed": int(self.seed),
+            "d": int(self.d),
+            "distribution": self.distribution,
+            "tile_elems": int(self.tile_elems),
+            "n_params": int(self.n_params),
+            "scale": self.scale,
+            "rng": "numpy Philox4x64, key=(seed, tile), counter=(row//4, column, 0, 0), random_raw; "
+            "gaussian: Box-Muller on 53-bit uniforms; rademacher: top bit; sparse: 53-bit "
+            "threshold + bit 0 sign; osnap: counter column b = block b of d // s columns, "
+            "column (w >> 32) * size >> 32 in the block, bit 0 sign",
+        }
         if self.distribution == "osnap":
             out["s"] = int(self.s)
         if self.distribution == "sparse":
@@ -138,7 +146,7 @@ class Operator:
         out = np.empty((len(cols), q1 - q0), np.uint64)
         for i, j in enumerate(cols):
             out[i] = np.random.Philox(key=key, counter=(int(j) << 64) | (q0 // 4)).random_raw(q1 - q0)
-        return out[:, lo - q0:hi - q0]
+        return out[:, lo - q0 : hi - q0]
 
     # ------------------------------------------------------------------ tiles
     def tile_dense(self, t: int) -> np.ndarray:
@@ -165,7 +173,7 @@ class Operator:
             return tile_csr(self.raw(t, 0, p1 - p0, cols=range(self.s)), self.d)
         w = self.raw(t, 0, p1 - p0)
         nz = (w >> _SHIFT) < np.uint64(self.threshold)
-        r, c = np.nonzero(nz)                      # row-major: sorted by column j, then row p
+        r, c = np.nonzero(nz)  # row-major: sorted by column j, then row p
         vals = 1.0 - 2.0 * (w[r, c] & np.uint64(1)).astype(np.float64)
         indptr = np.zeros(self.d + 1, np.int64)
         np.cumsum(np.bincount(r, minlength=self.d), out=indptr[1:])
@@ -184,7 +192,7 @@ class Operator:
         parts = []
         for t in range(p0 // T, -(-p1 // T)):
             a, b = self.tile_bounds(t)
-            parts.append(self.tile_T(t)[:, max(p0, a) - a:min(p1, b) - a])
+            parts.append(self.tile_T(t)[:, max(p0, a) - a : min(p1, b) - a])
         out = np.concatenate(parts, axis=1).T if parts else np.zeros((0, self.d))
         return np.ascontiguousarray(out) * self.scale
 
@@ -195,7 +203,7 @@ class Operator:
         O(T s) like the operator (the dense tile at d = 1000 took 0.3 s, as long as the whole pass).
         """
         if self.distribution == "osnap":
-            c = self.tile_sparse(0).tocsc()        # rows of Phi = columns of the transposed tile
+            c = self.tile_sparse(0).tocsc()  # rows of Phi = columns of the transposed tile
             c.sort_indices()
             pairs = np.empty((c.nnz, 2), "<f8")
             pairs[:, 0].view("<i8")[:] = c.indices
@@ -219,7 +227,7 @@ def _box_muller(w: np.ndarray) -> np.ndarray:
     h = n // 2
     a = (w[:, :h] >> _SHIFT).view(np.int64).astype(np.float64)
     b = (w[:, h:] >> _SHIFT).view(np.int64)
-    lower = b <= (1 << 52)                      # th <= pi: sin >= 0
+    lower = b <= (1 << 52)  # th <= pi: sin >= 0
     th = b.astype(np.float64)
     th *= 2.0 * math.pi * _INV53
     a += 1.0

@@ -5,6 +5,7 @@ over the leading axis, and ``P`` = the parameter count of the vector (or layer g
 Because sqrt(W/P) is ~1e-4 for real models, the MP "edge" is essentially the root-mean of the
 bottom-half eigenvalues; it is what the paper's Fig 1A greys out as "below MP".
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,7 +19,7 @@ def mp_adjacent_ratio(W) -> np.ndarray:
 def noise_energy(lam: np.ndarray) -> np.ndarray:
     """n-bar: mean of the bottom-half eigenvalues, zero-based indices W//2 .. W-1 (§4.1)."""
     W = lam.shape[-1]
-    return lam[..., W // 2:].mean(axis=-1)
+    return lam[..., W // 2 :].mean(axis=-1)
 
 
 def mp_edge(lam: np.ndarray, P: int) -> np.ndarray:
@@ -38,7 +39,7 @@ def bbp_ratio(lam: np.ndarray, P: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------- signal count
-COUNT_ALPHA = 0.01      # per-step false-positive rate of the sequential test (benchmarks/fidelity.py)
+COUNT_ALPHA = 0.01  # per-step false-positive rate of the sequential test (benchmarks/fidelity.py)
 _NULL_DRAWS = 4000
 _quantile_cache: dict = {}
 

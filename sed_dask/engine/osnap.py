@@ -21,6 +21,7 @@ Why it is built like this:
   use column prefixes (``spectra_from_sketch(d=...)``, ``jl_error_report(nested=True)``) refuses
   such a sketch (``Operator.nests`` / ``NESTED_DISTRIBUTIONS``).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -39,7 +40,7 @@ def columns_and_signs(words: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray
     s = words.shape[0]
     lo = block_bounds(d, s)
     size = np.diff(lo).astype(np.uint64)[:, None]
-    cols = ((words >> _HI) * size) >> _HI          # < size: (w >> 32) < 2^32, size < 2^32
+    cols = ((words >> _HI) * size) >> _HI  # < size: (w >> 32) < 2^32, size < 2^32
     cols = cols.astype(np.int64) + lo[:-1, None]
     return cols, (words & _ONE).astype(bool)
 
@@ -54,7 +55,7 @@ def tile_csr(words: np.ndarray, d: int):
 
     s, n = words.shape
     cols, neg = columns_and_signs(words, d)
-    flat = cols.ravel()                             # block-major, p ascending inside each block
+    flat = cols.ravel()  # block-major, p ascending inside each block
     # a stable sort by column keeps p ascending within a column (a column belongs to one block)
     order = np.argsort(flat.astype(np.uint16) if d <= 1 << 16 else flat, kind="stable")
     indices = np.tile(np.arange(n, dtype=np.int32 if n < 1 << 31 else np.int64), s)[order]

@@ -11,6 +11,7 @@ this module holds what all of them share:
 * the fixed-order reduction (:func:`tree_reduce`, :func:`sum_partials`);
 * running a graph where dask's rules say (:func:`execute`, via ``sed_dask.cluster.placement``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,19 +29,19 @@ from sed_dask.sources.run_source import RunSource
 class TileSpec:
     """Everything one tile task needs (a plain object, so the legacy task tuple keeps it literal)."""
 
-    out_lo: int            # first delta whose band row this tile emits
-    out_hi: int            # one past the last
-    c0: int                # P-range [c0, c1)
+    out_lo: int  # first delta whose band row this tile emits
+    out_hi: int  # one past the last
+    c0: int  # P-range [c0, c1)
     c1: int
-    segments: tuple        # ((lo, hi, gid), ...) absolute columns; gid 0 = only "all", >= 1 a group
-    width: int             # band width (entries k = 0 .. width-1)
-    buf_rows: int          # delta rows per buffer (carried width-1 + new rows read per batch)
-    sub_cols: int          # columns per float64 sub-block
-    precision: str         # "float64" | "float32"
+    segments: tuple  # ((lo, hi, gid), ...) absolute columns; gid 0 = only "all", >= 1 a group
+    width: int  # band width (entries k = 0 .. width-1)
+    buf_rows: int  # delta rows per buffer (carried width-1 + new rows read per batch)
+    sub_cols: int  # columns per float64 sub-block
+    precision: str  # "float64" | "float32"
     zarr_settings: tuple = ()
     direct_read: bool = True  # positioned reads of raw local chunk files when the layout allows
-    extras: tuple = ()        # further accumulators fed by the same read (see ``gram_tile``)
-    kernel: str = "blas"      # band kernel: "blas" | "fused" (sed_dask.engine.band_kernel), chosen once per pass
+    extras: tuple = ()  # further accumulators fed by the same read (see ``gram_tile``)
+    kernel: str = "blas"  # band kernel: "blas" | "fused" (sed_dask.engine.band_kernel), chosen once per pass
 
 
 def read_into(params, r0: int, r1: int, c0: int, c1: int, out: np.ndarray) -> None:
@@ -141,8 +142,9 @@ def stream_deltas(params, spec: TileSpec):
             if nr_next <= 0 < row_hi - r_next:
                 raise RuntimeError(f"tile buffer of {R} rows cannot carry {keep} deltas and read more")
             if nr_next > 0:
-                pending = _Prefetch(params, r_next, r_next + nr_next, spec.c0, spec.c1,
-                                    bufs[1 - cur][keep:keep + nr_next])
+                pending = _Prefetch(
+                    params, r_next, r_next + nr_next, spec.c0, spec.c1, bufs[1 - cur][keep : keep + nr_next]
+                )
             nxt[:] = buf[n - 1]
             for i in range(n - 1, k, -1):  # backwards, in place: row i becomes a delta
                 np.subtract(buf[i], buf[i - 1], out=buf[i])
@@ -151,7 +153,7 @@ def stream_deltas(params, spec: TileSpec):
             yield buf[:n], r - 1 - k
             if nr_next <= 0:
                 return
-            bufs[1 - cur][:keep] = buf[n - keep:n]
+            bufs[1 - cur][:keep] = buf[n - keep : n]
             pending.wait()
             pending = None
             cur, k, r, nr = 1 - cur, keep, r_next, nr_next
@@ -182,14 +184,17 @@ def checked_steps(rs: RunSource) -> np.ndarray:
     """The run's checkpoint steps, after checking that every row is complete and finite."""
     steps = rs.check_complete()
     if steps.size < 2:
-        raise StoreError(f"run {rs.name!r} has {steps.size} checkpoint(s), so no deltas; "
-                         "a spectrum needs at least 2 checkpoints")
+        raise StoreError(
+            f"run {rs.name!r} has {steps.size} checkpoint(s), so no deltas; a spectrum needs at least 2 checkpoints"
+        )
     bad = rs.attrs.get("nonfinite") or []
     if bad:
         where = sorted({int(r["step"]) for r in bad if "step" in r})
         tensors = sorted({str(r.get("tensor")) for r in bad})[:5]
-        raise StoreError(f"run {rs.name!r}: NaN/Inf recorded at ingestion in step(s) {where} "
-                         f"(tensors {tensors}); the Gram of those deltas is undefined")
+        raise StoreError(
+            f"run {rs.name!r}: NaN/Inf recorded at ingestion in step(s) {where} "
+            f"(tensors {tensors}); the Gram of those deltas is undefined"
+        )
     return steps
 
 
@@ -197,9 +202,9 @@ def checked_steps(rs: RunSource) -> np.ndarray:
 class PassSettings:
     """Tuning of one pass, from keywords or the ``sed_dask.spectrum`` config section."""
 
-    tile_bytes: int      # float32 bytes of rows one task holds at once
-    block_steps: int     # deltas per task along step
-    split_every: int     # fan-in of the reduction tree
+    tile_bytes: int  # float32 bytes of rows one task holds at once
+    block_steps: int  # deltas per task along step
+    split_every: int  # fan-in of the reduction tree
 
 
 def pass_settings(*, tile_bytes=None, block_steps=None, split_every=None) -> PassSettings:
@@ -230,7 +235,7 @@ def tree_reduce(dsk: dict, keys: list, name: str, func, *args, split_every: int,
         nxt = []
         for q in range(0, len(level), split_every):
             key = (name, *prefix, depth, q // split_every)
-            dsk[key] = (func, level[q:q + split_every], *args)
+            dsk[key] = (func, level[q : q + split_every], *args)
             nxt.append(key)
         level, depth = nxt, depth + 1
     return level[0]
@@ -248,8 +253,15 @@ def sum_partials(parts: list):
     return out
 
 
-def compute_graph(dsk: dict, keys: list, *, client=None, scheduler: str | None = None, progress: bool = False,
-                  desc: str = "sed_dask pass"):
+def compute_graph(
+    dsk: dict,
+    keys: list,
+    *,
+    client=None,
+    scheduler: str | None = None,
+    progress: bool = False,
+    desc: str = "sed_dask pass",
+):
     """Run a task dict on a distributed ``client`` or a local dask ``scheduler``; return results for ``keys``.
 
     ``progress`` draws a bar to 100 % and ends it with one line (:mod:`sed_dask.progress`).
@@ -267,8 +279,13 @@ def compute_graph(dsk: dict, keys: list, *, client=None, scheduler: str | None =
 
     from sed_dask.progress import dask_local_bar
 
-    get = {"threads": dask.threaded.get, "threading": dask.threaded.get,
-           "sync": dask.get, "synchronous": dask.get, "single-threaded": dask.get}.get(scheduler)
+    get = {
+        "threads": dask.threaded.get,
+        "threading": dask.threaded.get,
+        "sync": dask.get,
+        "synchronous": dask.get,
+        "single-threaded": dask.get,
+    }.get(scheduler)
     if get is None:
         raise ValueError(f"unknown local scheduler {scheduler!r} (use 'threads' or 'sync', or pass a client)")
     from sed_dask.cluster.blas import single_threaded_blas
@@ -277,12 +294,20 @@ def compute_graph(dsk: dict, keys: list, *, client=None, scheduler: str | None =
         return get(dsk, keys)
 
 
-def execute(dsk: dict, keys: list, *, client=None, scheduler: str | None = None, address: str | None = None,
-            scheduler_file: str | None = None, progress: bool = False, desc: str = "sed_dask pass"):
+def execute(
+    dsk: dict,
+    keys: list,
+    *,
+    client=None,
+    scheduler: str | None = None,
+    address: str | None = None,
+    scheduler_file: str | None = None,
+    progress: bool = False,
+    desc: str = "sed_dask pass",
+):
     """Run a task dict where ``sed_dask.cluster.placement`` says (dask's rules; in-process threads
     by default) and return the results for ``keys``."""
     from sed_dask.cluster.placement import running
 
     with running(client=client, address=address, scheduler_file=scheduler_file, scheduler=scheduler) as where:
-        return compute_graph(dsk, keys, client=where.client, scheduler=where.scheduler, progress=progress,
-                             desc=desc)
+        return compute_graph(dsk, keys, client=where.client, scheduler=where.scheduler, progress=progress, desc=desc)

@@ -11,6 +11,7 @@ stores, big-endian, ...) returns ``None`` from :meth:`RawChunkReader.for_array` 
 zarr. The shard index is parsed as the Zarr v3 sharding spec lays it out (``(offset, nbytes)``
 uint64 pairs per inner chunk, optional crc32c, at the start or end of the shard).
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,8 @@ class RawChunkReader:
         self.root = root
         self.meta = meta
         self.shape = shape
-        self.chunk = chunk          # inner chunk shape (rows, cols)
-        self.shard = shard          # shard shape, or None when unsharded
+        self.chunk = chunk  # inner chunk shape (rows, cols)
+        self.shard = shard  # shard shape, or None when unsharded
         self.index_at_end = index_at_end
         self.index_crc = index_crc
         self._index: dict[tuple, np.ndarray | None] = {}
@@ -51,8 +52,12 @@ class RawChunkReader:
             codecs = tuple(m.codecs)
 
             def raw(cs):
-                return len(cs) == 1 and isinstance(cs[0], BytesCodec) and cs[0].endian is not None \
+                return (
+                    len(cs) == 1
+                    and isinstance(cs[0], BytesCodec)
+                    and cs[0].endian is not None
                     and cs[0].endian.value == "little"
+                )
 
             root = os.path.join(str(a.store.root), a.path) if a.path else str(a.store.root)
             if raw(codecs):
@@ -65,8 +70,9 @@ class RawChunkReader:
                 if len(ic) == 2 and not isinstance(ic[1], Crc32cCodec) or len(ic) > 2:
                     return None
                 shard = tuple(m.chunk_grid.chunk_shape)
-                return cls(root, m, a.shape, tuple(sc.chunk_shape), shard, sc.index_location.value == "end",
-                           len(ic) == 2)
+                return cls(
+                    root, m, a.shape, tuple(sc.chunk_shape), shard, sc.index_location.value == "end", len(ic) == 2
+                )
         except Exception:
             return None
         return None
@@ -84,7 +90,7 @@ class RawChunkReader:
             raw = os.pread(fd, size, off)
             if len(raw) != size:
                 return None
-            self._index[key] = np.frombuffer(raw[:n * 16], dtype="<u8").reshape(per + (2,))
+            self._index[key] = np.frombuffer(raw[: n * 16], dtype="<u8").reshape(per + (2,))
         return self._index[key]
 
     def read(self, r0: int, r1: int, c0: int, c1: int, out: np.ndarray) -> None:
@@ -95,7 +101,7 @@ class RawChunkReader:
             j0, j1 = c0 // cc, (c1 - 1) // cc
             for j in range(j0, j1 + 1):
                 lo, hi = max(c0, j * cc), min(c1, (j + 1) * cc)
-                dest = memoryview(row[lo - c0:hi - c0]).cast("B")
+                dest = memoryview(row[lo - c0 : hi - c0]).cast("B")
                 within = ((r % cr) * cc + (lo - j * cc)) * 4
                 if self.shard is None:
                     self._pread(self._path((r // cr, j)), within, dest, (r, j))
@@ -106,7 +112,7 @@ class RawChunkReader:
                     try:
                         fd = os.open(path, os.O_RDONLY)
                     except FileNotFoundError:
-                        row[lo - c0:hi - c0] = np.nan
+                        row[lo - c0 : hi - c0] = np.nan
                         continue
                     try:
                         idx = self._shard_index(fd, (path,))
@@ -115,7 +121,7 @@ class RawChunkReader:
                         li = ((r % sr) // cr, (j * cc % sc) // cc)
                         offset, nbytes = idx[li]
                         if offset == _EMPTY:
-                            row[lo - c0:hi - c0] = np.nan
+                            row[lo - c0 : hi - c0] = np.nan
                             continue
                         if int(nbytes) != cr * cc * 4:
                             raise OSError(f"unexpected inner chunk size {int(nbytes)} in {path}")

@@ -26,6 +26,7 @@ Scope: bit-identity holds across chunkings, task layouts, schedulers and worker 
 that share a CPU kernel family and BLAS build; different CPUs may pick gemm kernels (and, for the
 Gaussian operator, libm/SIMD ``log``) that round differently.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,12 +36,11 @@ import json
 import numpy as np
 
 from sed_dask import config
-from sed_dask.errors import StoreError
-from sed_dask.engine.passes import TileSpec, checked_steps, stream_deltas
 from sed_dask.engine.jl import Operator
-from sed_dask.schema import metric_variables
-from sed_dask.engine.passes import execute, pass_settings, tree_reduce
+from sed_dask.engine.passes import TileSpec, checked_steps, execute, pass_settings, stream_deltas, tree_reduce
 from sed_dask.engine.rawread import RawChunkReader
+from sed_dask.errors import StoreError
+from sed_dask.schema import metric_variables
 from sed_dask.store.outputs import check_target, write_dataset
 from sed_dask.store.trajectory import RunStore, open_store
 
@@ -99,18 +99,18 @@ def tile_product(D: np.ndarray, g0: int, phi_t) -> np.ndarray:
     """
     n, K = D.shape
     if not isinstance(phi_t, np.ndarray):  # CSR: y[j, k] += a * x[p, k] in the tile's nonzero order
-        X = np.empty((K, n), np.float64)   # deltas as rows of the product: upcast and transpose in one
-        np.copyto(X.T, D)                  # copy (3-5x faster than .T.astype on a strided column slice)
+        X = np.empty((K, n), np.float64)  # deltas as rows of the product: upcast and transpose in one
+        np.copyto(X.T, D)  # copy (3-5x faster than .T.astype on a strided column slice)
         return (phi_t @ X).T
     d = phi_t.shape[0]
     out = np.empty((n, d), np.float64)
     A = np.zeros((ROW_BLOCK, K), np.float64)
     for blk in range((g0 // ROW_BLOCK) * ROW_BLOCK, g0 + n, ROW_BLOCK):
         lo, hi = max(blk, g0), min(blk + ROW_BLOCK, g0 + n)
-        A[:lo - blk] = 0.0
-        A[lo - blk:hi - blk] = D[lo - g0:hi - g0]
-        A[hi - blk:] = 0.0
-        out[lo - g0:hi - g0] = (A @ phi_t.T)[lo - blk:hi - blk]
+        A[: lo - blk] = 0.0
+        A[lo - blk : hi - blk] = D[lo - g0 : hi - g0]
+        A[hi - blk :] = 0.0
+        out[lo - g0 : hi - g0] = (A @ phi_t.T)[lo - blk : hi - blk]
     return out
 
 
@@ -129,8 +129,9 @@ class SketchAccumulator:
 
     name = "sketch"
 
-    def __init__(self, out_lo: int, out_hi: int, c0: int, c1: int, op: Operator, *,
-                 phi_cache_bytes: int = PHI_CACHE_BYTES):
+    def __init__(
+        self, out_lo: int, out_hi: int, c0: int, c1: int, op: Operator, *, phi_cache_bytes: int = PHI_CACHE_BYTES
+    ):
         T, P = op.tile_elems, op.n_params
         if c0 % T or (c1 % T and c1 != P):
             raise ValueError(f"sketch columns [{c0}, {c1}) are not whole RNG tiles of {T}")
@@ -152,17 +153,17 @@ class SketchAccumulator:
         start, end = max(self.done, g0), min(self.out_hi, g0 + S.shape[0])
         if start >= end:
             return
-        rows = S[start - g0:end - g0]
+        rows = S[start - g0 : end - g0]
         nodes: dict = {}
         for t in self.tiles:
             a, b = self.op.tile_bounds(t)
-            nodes[(0, t)] = tile_product(rows[:, a - self.c0:b - self.c0], start, self._phi(t))
+            nodes[(0, t)] = tile_product(rows[:, a - self.c0 : b - self.c0], start, self._phi(t))
             nodes = merge_nodes(nodes, self.op.n_tiles)
         n_out = self.out_hi - self.out_lo
         for k, v in nodes.items():
             if k not in self.nodes:
                 self.nodes[k] = np.full((n_out, self.op.d), np.nan)
-            self.nodes[k][start - self.out_lo:end - self.out_lo] = v
+            self.nodes[k][start - self.out_lo : end - self.out_lo] = v
         self.done = end
         if end == self.out_hi:
             self._cache = None
@@ -245,17 +246,22 @@ def assemble(blocks: list, scale: float) -> np.ndarray:
 # ----------------------------------------------------------------------------- planning
 @dataclasses.dataclass(frozen=True)
 class SketchTiling:
-    blocks: tuple        # ((a, e), ...) delta ranges
-    cols: tuple          # ((c0, c1), ...) whole-tile P-ranges
-    buf_rows: int        # delta rows per read batch (the Gram reader's two buffers of this size)
+    blocks: tuple  # ((a, e), ...) delta ranges
+    cols: tuple  # ((c0, c1), ...) whole-tile P-ranges
+    buf_rows: int  # delta rows per read batch (the Gram reader's two buffers of this size)
 
     def as_dict(self) -> dict:
-        return {"step_blocks": len(self.blocks), "p_ranges": len(self.cols),
-                "p_range_width": max(c1 - c0 for c0, c1 in self.cols), "buffer_rows": self.buf_rows}
+        return {
+            "step_blocks": len(self.blocks),
+            "p_ranges": len(self.cols),
+            "p_range_width": max(c1 - c0 for c0, c1 in self.cols),
+            "buffer_rows": self.buf_rows,
+        }
 
 
-def plan_sketch(n_rows: int, op: Operator, *, tile_bytes: int, block_steps: int,
-                tiles_per_task: int | None = None) -> SketchTiling:
+def plan_sketch(
+    n_rows: int, op: Operator, *, tile_bytes: int, block_steps: int, tiles_per_task: int | None = None
+) -> SketchTiling:
     """Step blocks x P-ranges of whole RNG tiles (a power of two of them unless ``tiles_per_task``)."""
     if block_steps < 1:
         raise ValueError(f"block_steps must be >= 1, got {block_steps}")
@@ -286,8 +292,15 @@ class SketchPlan:
     tiling: SketchTiling
 
 
-def sketch_graph(run_store: RunStore, op: Operator, *, tile_bytes=None, block_steps: int | None = None,
-                 tiles_per_task: int | None = None, split_every: int | None = None) -> SketchPlan:
+def sketch_graph(
+    run_store: RunStore,
+    op: Operator,
+    *,
+    tile_bytes=None,
+    block_steps: int | None = None,
+    tiles_per_task: int | None = None,
+    split_every: int | None = None,
+) -> SketchPlan:
     """Build (do not run) the one-pass sketch graph of one run."""
     from dask.base import tokenize
 
@@ -296,8 +309,9 @@ def sketch_graph(run_store: RunStore, op: Operator, *, tile_bytes=None, block_st
     steps = checked_steps(rs)
     if rs.n_params != op.n_params:
         raise ValueError(f"operator is for P={op.n_params} but run {rs.name!r} has P={rs.n_params}")
-    tiling = plan_sketch(steps.size, op, tile_bytes=ps.tile_bytes, block_steps=ps.block_steps,
-                         tiles_per_task=tiles_per_task)
+    tiling = plan_sketch(
+        steps.size, op, tile_bytes=ps.tile_bytes, block_steps=ps.block_steps, tiles_per_task=tiles_per_task
+    )
     zs = tuple(sorted(config.zarr_settings().items()))
     token = tokenize(str(rs.group.store_path), rs.name, steps.size, rs.index.hash, op, tiling, ps.split_every, zs)
     tname, rname, bname, fname = (f"sed-sketch-{x}-{token}" for x in ("tile", "sum", "block", "out"))
@@ -317,14 +331,22 @@ def sketch_graph(run_store: RunStore, op: Operator, *, tile_bytes=None, block_st
     return SketchPlan(rs.name, dsk, (fname,), op, steps, tiling)
 
 
-def run_sketch_plans(plans: list[SketchPlan], *, client=None, scheduler=None, address=None,
-                     scheduler_file=None, progress=False) -> list[np.ndarray]:
+def run_sketch_plans(
+    plans: list[SketchPlan], *, client=None, scheduler=None, address=None, scheduler_file=None, progress=False
+) -> list[np.ndarray]:
     """Compute several runs' sketch graphs as one submission; returns ``(N, d)`` arrays."""
     dsk = {}
     for p in plans:
         dsk.update(p.dsk)
-    return execute(dsk, [p.key for p in plans], client=client, scheduler=scheduler, address=address,
-                   scheduler_file=scheduler_file, progress=progress)
+    return execute(
+        dsk,
+        [p.key for p in plans],
+        client=client,
+        scheduler=scheduler,
+        address=address,
+        scheduler_file=scheduler_file,
+        progress=progress,
+    )
 
 
 # ----------------------------------------------------------------------------- API
@@ -333,16 +355,37 @@ def make_operator(n_params: int, *, d=None, seed=None, distribution=None, s=None
     dist, d = str(config.get("sketch.distribution", distribution)), int(config.get("sketch.d", d))
     if dist == "osnap":  # nonzeros per row: an integer; the default is capped at d
         s = min(int(config.get("sketch.osnap-s")), d) if s is None else s
-    return Operator(seed=int(config.get("sketch.seed", seed)), d=d, distribution=dist,
-                    tile_elems=int(config.get("sketch.tile-elems", tile_elems)), n_params=int(n_params),
-                    s=None if s is None else float(s))
+    return Operator(
+        seed=int(config.get("sketch.seed", seed)),
+        d=d,
+        distribution=dist,
+        tile_elems=int(config.get("sketch.tile-elems", tile_elems)),
+        n_params=int(n_params),
+        s=None if s is None else float(s),
+    )
 
 
-def sketch(store, *, runs=None, d: int | None = None, seed: int | None = None, distribution: str | None = None,
-           s: float | None = None, tile_elems: int | None = None, client=None, address: str | None = None,
-           scheduler_file: str | None = None, scheduler: str | None = None, output=None, progress: bool = True,
-           tile_bytes=None, block_steps: int | None = None, tiles_per_task: int | None = None,
-           split_every: int | None = None, overwrite: bool = False):
+def sketch(
+    store,
+    *,
+    runs=None,
+    d: int | None = None,
+    seed: int | None = None,
+    distribution: str | None = None,
+    s: float | None = None,
+    tile_elems: int | None = None,
+    client=None,
+    address: str | None = None,
+    scheduler_file: str | None = None,
+    scheduler: str | None = None,
+    output=None,
+    progress: bool = True,
+    tile_bytes=None,
+    block_steps: int | None = None,
+    tiles_per_task: int | None = None,
+    split_every: int | None = None,
+    overwrite: bool = False,
+):
     """JL sketches ``S_i = Phi^T delta_i`` of every run in one pass each; an xarray Dataset.
 
     ``sketch(run, step, dim)`` float64 (NaN where a run lacks a step), ``delta_span`` and the runs'
@@ -364,10 +407,19 @@ def sketch(store, *, runs=None, d: int | None = None, seed: int | None = None, d
     plans = []
     for rs in run_stores:
         op = make_operator(rs.n_params, d=d, seed=seed, distribution=distribution, s=s, tile_elems=tile_elems)
-        plans.append(sketch_graph(rs, op, tile_bytes=tile_bytes, block_steps=block_steps,
-                                  tiles_per_task=tiles_per_task, split_every=split_every))
-    outs = run_sketch_plans(plans, client=client, scheduler=scheduler, address=address,
-                            scheduler_file=scheduler_file, progress=progress)
+        plans.append(
+            sketch_graph(
+                rs,
+                op,
+                tile_bytes=tile_bytes,
+                block_steps=block_steps,
+                tiles_per_task=tiles_per_task,
+                split_every=split_every,
+            )
+        )
+    outs = run_sketch_plans(
+        plans, client=client, scheduler=scheduler, address=address, scheduler_file=scheduler_file, progress=progress
+    )
     prov = provenance({p.run: p.op for p in plans})
     attrs = {
         "sed_dask_version": __version__,
@@ -381,8 +433,9 @@ def sketch(store, *, runs=None, d: int | None = None, seed: int | None = None, d
         "tiling": json.dumps({p.run: p.tiling.as_dict() for p in plans}),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    ds = build_sketch_dataset([(p.run, p.steps, S) for p, S in zip(plans, outs)],
-                              {rs.name: rs.metrics() for rs in run_stores}, attrs, prov)
+    ds = build_sketch_dataset(
+        [(p.run, p.steps, S) for p, S in zip(plans, outs)], {rs.name: rs.metrics() for rs in run_stores}, attrs, prov
+    )
     if output is not None:
         write_zarr(ds, output, overwrite=overwrite)
     return ds
@@ -430,15 +483,27 @@ def build_sketch_dataset(items: list, metrics: dict, attrs: dict, prov: dict | N
         pos = np.searchsorted(steps, st[1:])
         S[r, pos] = arr
         span[r, pos] = np.diff(st)
-    vars_ = {"sketch": (("run", "step", "dim"), S,
-                        {"long_name": "JL sketch Phi^T delta of the delta labelled by step",
-                         "units": "parameter units", "sed_role": "jl_sketch", **(prov or {})})}
+    vars_ = {
+        "sketch": (
+            ("run", "step", "dim"),
+            S,
+            {
+                "long_name": "JL sketch Phi^T delta of the delta labelled by step",
+                "units": "parameter units",
+                "sed_role": "jl_sketch",
+                **(prov or {}),
+            },
+        )
+    }
     vars_.update(metric_variables(metrics, runs, steps, {"sketch", "delta_span", "run", "step", "dim"}))
     coords = {
         "run": ("run", np.array(runs, dtype=object), {"long_name": "run / seed"}),
         "step": ("step", steps, {"long_name": "step of the newer checkpoint of the delta", "units": "steps"}),
         "dim": ("dim", np.arange(d, dtype=np.int64), {"long_name": "sketch coordinate (column of Phi)"}),
-        "delta_span": (("run", "step"), span, {"long_name": "s_i - s_(i-1) of the delta (-1: run lacks the step)",
-                                               "units": "steps"}),
+        "delta_span": (
+            ("run", "step"),
+            span,
+            {"long_name": "s_i - s_(i-1) of the delta (-1: run lacks the step)", "units": "steps"},
+        ),
     }
     return xr.Dataset(vars_, coords=coords, attrs=attrs)

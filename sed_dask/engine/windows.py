@@ -6,12 +6,14 @@ Windows are never dropped: where a quantity is undefined (an all-zero window, a 
 a ratio with a zero denominator) it is NaN. "Zero" is scale-relative: sigma_j <= zero_rtol * sigma_1,
 because a Gram resolves eigenvalues only to ~eps * lambda_1, i.e. singular values to ~1e-8 sigma_1.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 from sed_dask import config
 from sed_dask.engine.noise import bbp_ratio, mp_edge, signal_count
+
 
 def window_grams(band: np.ndarray, W: int, *, shift: int = 0) -> np.ndarray:
     """``(n_windows, W, W)`` Grams of the windows ending at deltas W-1 .. N-1 (from ``band[i, k]``).
@@ -38,7 +40,7 @@ def _masked_argmax(score: np.ndarray, ok: np.ndarray) -> np.ndarray:
 
 
 K_STAR_RULES = ("numerator", "denominator", "naive", "weighted", "count")
-K_STAR_DEFAULT = "numerator"   # chosen from the recovery table in benchmarks/README.md ("Fidelity")
+K_STAR_DEFAULT = "numerator"  # chosen from the recovery table in benchmarks/README.md ("Fidelity")
 
 
 def k_star_rules(sigma: np.ndarray, *, floor: np.ndarray, n_signal: np.ndarray) -> dict[str, np.ndarray]:
@@ -95,7 +97,7 @@ def split_half(G: np.ndarray, *, zero_rtol: float) -> np.ndarray:
         lam, U = np.linalg.eigh(Gh)
         s = np.sqrt(np.clip(lam[:, ::-1], 0.0, None))[:, :b]
         U = U[:, :, ::-1][:, :, :b]
-        ok = s > zero_rtol * s[:, :1]          # False everywhere for an all-zero half
+        ok = s > zero_rtol * s[:, :1]  # False everywhere for an all-zero half
         return s, U, ok
 
     sA, UA, okA = half(G[:, :a, :a])
@@ -160,11 +162,25 @@ def window_features(band: np.ndarray, W: int, *, n_params: int, zero_rtol: float
         bbp = np.where(live, bbp_ratio(lam, n_params), np.nan)
     halves = split_half(G, zero_rtol=zero_rtol)
     return {
-        "sigma": sigma, "ratio": ratio, "pc_frac": pc_frac,
-        "k_star": k_star, "k_star_naive": k_naive, "k_star_weighted": k_weighted, "n_signal": n_signal,
-        "edge_ratio": edge_ratio, "edge_gap": edge_gap, "k95": k95, "drift_speed": drift,
-        "noise_floor": nf, "bbp_ratio": bbp, "gamma": gamma, "kappa": 1.0 - gamma,
-        "align_u": align, "a_speed": a_speed, "r_speed": r_speed, "split_half": halves,
+        "sigma": sigma,
+        "ratio": ratio,
+        "pc_frac": pc_frac,
+        "k_star": k_star,
+        "k_star_naive": k_naive,
+        "k_star_weighted": k_weighted,
+        "n_signal": n_signal,
+        "edge_ratio": edge_ratio,
+        "edge_gap": edge_gap,
+        "k95": k95,
+        "drift_speed": drift,
+        "noise_floor": nf,
+        "bbp_ratio": bbp,
+        "gamma": gamma,
+        "kappa": 1.0 - gamma,
+        "align_u": align,
+        "a_speed": a_speed,
+        "r_speed": r_speed,
+        "split_half": halves,
     }
 
 

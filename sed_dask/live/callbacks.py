@@ -9,6 +9,7 @@
 Scalars, per window W (global group): ``sed/W{W}/edge_ratio``, ``sed/W{W}/k_star``,
 ``sed/W{W}/sigma1_sigma2`` and ``sed/alerts`` (alerts raised at this checkpoint).
 """
+
 from __future__ import annotations
 
 import os
@@ -27,15 +28,26 @@ class LiveRecorder:
     completed a window, else None. Re-creating it on the same folders resumes.
     """
 
-    def __init__(self, out_dir, *, every: int = 100, windows=(10,), results=None, run: str | None = None,
-                 groups=None, fmt: str = "pt", echo=print):
+    def __init__(
+        self,
+        out_dir,
+        *,
+        every: int = 100,
+        windows=(10,),
+        results=None,
+        run: str | None = None,
+        groups=None,
+        fmt: str = "pt",
+        echo=print,
+    ):
         self.recorder = TrajectoryRecorder(out_dir, every=every, fmt=fmt)
         out_dir = os.path.normpath(os.fspath(out_dir))
         self.results = os.fspath(results) if results is not None else f"{out_dir}-live.zarr"
         self.store, alerts = default_paths(self.results)
         self.run = run or os.path.basename(out_dir)
-        self.engine = LiveSpectrum(self.store, self.results, run=self.run, windows=windows, groups=groups,
-                                   scheduler="threads")
+        self.engine = LiveSpectrum(
+            self.store, self.results, run=self.run, windows=windows, groups=groups, scheduler="threads"
+        )
         self.alert_log = AlertLog(alerts)
         self.echo = echo
         self.alerts: list[dict] = []
@@ -49,7 +61,7 @@ class LiveRecorder:
         from sed_dask.store.ingest import ingest
 
         self._pending.append(int(step))
-        if len(self._pending) + self._n_ingested < 2:   # a run needs two checkpoints
+        if len(self._pending) + self._n_ingested < 2:  # a run needs two checkpoints
             return None
         todo = {s: str(self.recorder.path_for(s)) for s in self._pending}
         recs = [r for r in self.recorder.records if int(r["step"]) in todo] or None

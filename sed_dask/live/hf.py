@@ -1,4 +1,5 @@
 """A Hugging Face ``transformers.TrainerCallback`` for live SED (optional: needs ``transformers``)."""
+
 from __future__ import annotations
 
 from transformers import TrainerCallback
@@ -16,8 +17,9 @@ class SEDTrainerCallback(TrainerCallback):
     """
 
     def __init__(self, out_dir, *, every: int = 100, windows=(10,), results=None, run=None, groups=None, echo=print):
-        self.live = LiveRecorder(out_dir, every=every, windows=windows, results=results, run=run, groups=groups,
-                                 echo=echo)
+        self.live = LiveRecorder(
+            out_dir, every=every, windows=windows, results=results, run=run, groups=groups, echo=echo
+        )
         self.pending: dict | None = None
 
     def attach(self, trainer):

@@ -20,6 +20,7 @@ windows need. Appends are kill-safe: every array with a ``step`` dimension is gr
 then the committed length is recorded in the root attrs and the metadata consolidated; readers (and
 a resumed engine, which truncates longer arrays back) see only committed steps.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,9 +42,9 @@ from sed_dask.sources.run_source import run_seed
 from sed_dask.store.outputs import COMPLETE_ATTR, quiet_consolidation, write_dataset
 from sed_dask.store.trajectory import open_store
 
-LIVE_ATTR = "sed_dask_live"     # root attr: the committed length and the settings the store was made with
+LIVE_ATTR = "sed_dask_live"  # root attr: the committed length and the settings the store was made with
 BAND_VAR = "live_band"
-STEP_CHUNK = 64                 # Zarr chunk along step: an append rewrites at most one chunk per array
+STEP_CHUNK = 64  # Zarr chunk along step: an append rewrites at most one chunk per array
 
 
 @dataclasses.dataclass
@@ -71,11 +72,27 @@ class LiveSpectrum:
     the set ``sed-dask query warning`` runs) evaluated on every new window.
     """
 
-    def __init__(self, store, results, *, run: str | None = None, windows=(10,), groups=None,
-                 normalize_spacing: bool = False, zero_rtol: float | None = None, precision: str | None = None,
-                 tile_bytes=None, split_every: int | None = None, detectors=DETECTORS, tau=None,
-                 detector_params: dict | None = None, client=None, scheduler: str | None = None,
-                 address: str | None = None, scheduler_file: str | None = None):
+    def __init__(
+        self,
+        store,
+        results,
+        *,
+        run: str | None = None,
+        windows=(10,),
+        groups=None,
+        normalize_spacing: bool = False,
+        zero_rtol: float | None = None,
+        precision: str | None = None,
+        tile_bytes=None,
+        split_every: int | None = None,
+        detectors=DETECTORS,
+        tau=None,
+        detector_params: dict | None = None,
+        client=None,
+        scheduler: str | None = None,
+        address: str | None = None,
+        scheduler_file: str | None = None,
+    ):
         self.store, self.results = store, os.fspath(results)
         self.windows = window_sizes(windows)
         self.width = max(self.windows) + 1
@@ -87,9 +104,9 @@ class LiveSpectrum:
         self.where = {"client": client, "scheduler": scheduler, "address": address, "scheduler_file": scheduler_file}
         self.detectors, self.tau, self.detector_params = tuple(detectors), tau, dict(detector_params or {})
         self.run = run
-        self.n = 0                  # committed deltas
-        self.ckpt_steps = None      # the last <= width + 1 checkpoint steps (None before the store exists)
-        self.band_tail = None       # (groups, <= width, width) float64: the last committed band rows
+        self.n = 0  # committed deltas
+        self.ckpt_steps = None  # the last <= width + 1 checkpoint steps (None before the store exists)
+        self.band_tail = None  # (groups, <= width, width) float64: the last committed band rows
         self.watches: dict = {}
         self.last_scalars: dict = {}
         if os.path.exists(os.path.join(self.results, "zarr.json")):
@@ -97,8 +114,14 @@ class LiveSpectrum:
 
     # ------------------------------------------------------------------ settings and state
     def _settings(self) -> dict:
-        return {"run": self.run, "windows": self.windows, "groups": self.groups,
-                "normalize_spacing": self.normalize_spacing, "precision": self.precision, "zero_rtol": self.zero_rtol}
+        return {
+            "run": self.run,
+            "windows": self.windows,
+            "groups": self.groups,
+            "normalize_spacing": self.normalize_spacing,
+            "precision": self.precision,
+            "zero_rtol": self.zero_rtol,
+        }
 
     def _open_run(self):
         ts = open_store(self.store, mode="r")
@@ -117,20 +140,24 @@ class LiveSpectrum:
             g = zarr.open_group(self.results, mode="r+", use_consolidated=False)
         live = g.attrs.get(LIVE_ATTR)
         if live is None:
-            raise StoreError(f"{self.results} exists but is not a live results store (no {LIVE_ATTR} attr); "
-                             "give a new --results path")
+            raise StoreError(
+                f"{self.results} exists but is not a live results store (no {LIVE_ATTR} attr); "
+                "give a new --results path"
+            )
         if self.run is None:
             self.run = live["run"]
         want, have = _settings_key(self._settings()), _settings_key(live)
         if json.loads(json.dumps(want)) != have:
-            raise StoreError(f"live results {self.results} were made with {have}; this watcher asks for {want} "
-                             "(use the same settings or a new --results path)")
+            raise StoreError(
+                f"live results {self.results} were made with {have}; this watcher asks for {want} "
+                "(use the same settings or a new --results path)"
+            )
         n = int(live["n_steps"])
-        truncate(g, n)   # a kill between growing the arrays and the commit left them longer
+        truncate(g, n)  # a kill between growing the arrays and the commit left them longer
         steps = np.asarray(g["step"][:n], np.int64)
         self.n = n
-        self.ckpt_steps = np.concatenate([[int(live["first_step"])], steps])[-(self.width + 1):]
-        self.band_tail = np.asarray(g[BAND_VAR][0, :, max(0, n - self.width):n, :])
+        self.ckpt_steps = np.concatenate([[int(live["first_step"])], steps])[-(self.width + 1) :]
+        self.band_tail = np.asarray(g[BAND_VAR][0, :, max(0, n - self.width) : n, :])
         self._replay(g, n)
 
     # ------------------------------------------------------------------ detectors
@@ -146,7 +173,7 @@ class LiveSpectrum:
         for wi, W in enumerate(self.windows):
             for gi, gname in enumerate(gnames):
                 sel = {"run": 0, "window": wi, **({"group": gi} if gname is not None else {})}
-                r = ds["ratio"].isel(sel).transpose("step", "sv").values[:, :W - 1].astype(float)
+                r = ds["ratio"].isel(sel).transpose("step", "sv").values[:, : W - 1].astype(float)
                 k = np.asarray(ds["k_star"].isel(sel).values, float)
                 yield W, gname or "all", np.asarray(ds["step"].values), r, k
 
@@ -162,8 +189,12 @@ class LiveSpectrum:
             if steps.size:
                 i = -1
                 self.last_scalars[(W, gname)] = {
-                    "step": int(steps[i]), "edge_ratio": _edge(ds, W, gname, self.windows),
-                    "k_star": float(k[i]), "sigma1_sigma2": float(r[i, 0]), "edge_k": watch.k}
+                    "step": int(steps[i]),
+                    "edge_ratio": _edge(ds, W, gname, self.windows),
+                    "k_star": float(k[i]),
+                    "sigma1_sigma2": float(r[i, 0]),
+                    "edge_k": watch.k,
+                }
         return alerts
 
     def _replay(self, g, n: int) -> None:
@@ -171,23 +202,29 @@ class LiveSpectrum:
         import xarray as xr
 
         with quiet_consolidation():
-            ds = xr.open_zarr(self.results, consolidated=False)[["ratio", "k_star", "edge_ratio"]].isel(
-                step=slice(0, n)).load()
+            ds = (
+                xr.open_zarr(self.results, consolidated=False)[["ratio", "k_star", "edge_ratio"]]
+                .isel(step=slice(0, n))
+                .load()
+            )
         self.replayed_alerts = self._feed(ds)
 
     # ------------------------------------------------------------------ the engine
     def _rows(self, rs, lo: int, hi: int) -> np.ndarray:
         """Band rows ``lo .. hi-1`` of every group, by the batch pass's graph restricted to them."""
-        plan = gram_graph(rs, width=self.width, groups=self.groups, precision=self.precision, rows=(lo, hi),
-                          **self.pass_kw)
+        plan = gram_graph(
+            rs, width=self.width, groups=self.groups, precision=self.precision, rows=(lo, hi), **self.pass_kw
+        )
         out = execute(plan.dsk, [plan.key], **self.where, desc="sed_dask live rows")[0]
         band = np.stack([out["band"].get(g, np.zeros((hi - lo, self.width))) for g in range(len(plan.groups))])
         i = np.arange(lo, hi)[:, None]
         band[:, np.broadcast_to(i - np.arange(self.width)[None, :] < 0, band.shape[1:])] = np.nan
         bad = np.flatnonzero(~np.isfinite(band[0, :, 0]))
         if bad.size:
-            raise StoreError(f"run {rs.name!r}: NaN/Inf in the checkpoint(s) of step(s) "
-                             f"{[int(plan.steps[lo + b + 1]) for b in bad]}; the Gram of those deltas is undefined")
+            raise StoreError(
+                f"run {rs.name!r}: NaN/Inf in the checkpoint(s) of step(s) "
+                f"{[int(plan.steps[lo + b + 1]) for b in bad]}; the Gram of those deltas is undefined"
+            )
         self._plan = plan
         return band
 
@@ -202,43 +239,73 @@ class LiveSpectrum:
         N = steps.size - 1
         if self.ckpt_steps is not None:
             k = min(self.ckpt_steps.size, self.n + 1)
-            if N < self.n or not np.array_equal(steps[self.n + 1 - k:self.n + 1], self.ckpt_steps[-k:]):
-                raise StoreError(f"run {rs.name!r} of {self.store} no longer holds the steps these live results were "
-                                 f"computed from (last {self.ckpt_steps[-k:].tolist()}); start a new --results")
+            if N < self.n or not np.array_equal(steps[self.n + 1 - k : self.n + 1], self.ckpt_steps[-k:]):
+                raise StoreError(
+                    f"run {rs.name!r} of {self.store} no longer holds the steps these live results were "
+                    f"computed from (last {self.ckpt_steps[-k:].tolist()}); start a new --results"
+                )
         if N <= self.n or N < max(self.windows):
             return None
         lo = self.n if self.ckpt_steps is not None else 0
-        new = self._rows(rs, lo, N)   # StoreError / RunLockedError while another ingest is writing rows
+        new = self._rows(rs, lo, N)  # StoreError / RunLockedError while another ingest is writing rows
         if not np.array_equal(self._plan.steps, steps):
             raise StoreError(f"run {rs.name!r}: its rows changed while being read; retry")
         if self.ckpt_steps is None:
             band, ck = new, steps
         else:
-            band, ck = np.concatenate([self.band_tail, new], axis=1), np.concatenate([self.ckpt_steps, steps[self.n + 1:]])
+            band, ck = (
+                np.concatenate([self.band_tail, new], axis=1),
+                np.concatenate([self.ckpt_steps, steps[self.n + 1 :]]),
+            )
         plan = self._plan
-        gram = GramResult(rs.name, band, list(plan.groups), dict(plan.n_params), dict(plan.group_desc), ck,
-                          self.width, plan.precision, plan.tiling.as_dict())
-        ds = build_dataset([gram], self.windows, grouped=self.groups is not None, metrics={rs.name: rs.metrics()},
-                           attrs={}, normalize_spacing=self.normalize_spacing, zero_rtol=self.zero_rtol,
-                           seeds=[run_seed(rs)])
+        gram = GramResult(
+            rs.name,
+            band,
+            list(plan.groups),
+            dict(plan.n_params),
+            dict(plan.group_desc),
+            ck,
+            self.width,
+            plan.precision,
+            plan.tiling.as_dict(),
+        )
+        ds = build_dataset(
+            [gram],
+            self.windows,
+            grouped=self.groups is not None,
+            metrics={rs.name: rs.metrics()},
+            attrs={},
+            normalize_spacing=self.normalize_spacing,
+            zero_rtol=self.zero_rtol,
+            seeds=[run_seed(rs)],
+        )
         ds = ds.isel(step=slice(-(N - lo), None))
-        band_da = (("run", "live_group", "step", "lag"), band[None, :, -(N - lo):, :],
-                   {"long_name": "band rows <delta_i, delta_(i-k)> the next windows need (live engine state)"})
+        band_da = (
+            ("run", "live_group", "step", "lag"),
+            band[None, :, -(N - lo) :, :],
+            {"long_name": "band rows <delta_i, delta_(i-k)> the next windows need (live engine state)"},
+        )
         ds = ds.assign({BAND_VAR: band_da})
         if self.ckpt_steps is None:
             self._create(ds, rs, steps)
         else:
             append(self.results, ds, self.n, N, self._live_attrs(N))
         self.n = N
-        self.ckpt_steps = ck[-(self.width + 1):]
-        self.band_tail = band[:, -self.width:, :]
+        self.ckpt_steps = ck[-(self.width + 1) :]
+        self.band_tail = band[:, -self.width :, :]
         alerts = self._feed(ds)
-        return LiveUpdate([int(s) for s in ds["step"].values], ds, alerts, dict(self.last_scalars),
-                          time.perf_counter() - t0)
+        return LiveUpdate(
+            [int(s) for s in ds["step"].values], ds, alerts, dict(self.last_scalars), time.perf_counter() - t0
+        )
 
     def _live_attrs(self, n: int) -> dict:
-        return {**self._settings(), "n_steps": int(n), "first_step": int(self._first_step), "store": str(self.store),
-                "width": self.width}
+        return {
+            **self._settings(),
+            "n_steps": int(n),
+            "first_step": int(self._first_step),
+            "store": str(self.store),
+            "width": self.width,
+        }
 
     @property
     def _first_step(self) -> int:
@@ -246,22 +313,30 @@ class LiveSpectrum:
 
         if not hasattr(self, "_first"):
             with quiet_consolidation():
-                self._first = int(zarr.open_group(self.results, mode="r", use_consolidated=False).attrs[LIVE_ATTR]
-                                  ["first_step"])
+                self._first = int(
+                    zarr.open_group(self.results, mode="r", use_consolidated=False).attrs[LIVE_ATTR]["first_step"]
+                )
         return self._first
 
     def _create(self, ds, rs, steps) -> None:
         from sed_dask import __version__
 
         self._first = int(steps[0])
-        attrs = {"sed_dask_version": __version__, "windows": self.windows, "source_store": str(self.store),
-                 "runs": [rs.name], "n_params": json.dumps({rs.name: rs.n_params}),
-                 "param_index_hash": json.dumps({rs.name: rs.index.hash}),
-                 "selection_policy": json.dumps({rs.name: rs.policy}), "precision": self.precision,
-                 "step_normalised": int(self.normalize_spacing), "band_width": self.width,
-                 "zero_rtol": self.zero_rtol,
-                 "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                 LIVE_ATTR: self._live_attrs(steps.size - 1)}
+        attrs = {
+            "sed_dask_version": __version__,
+            "windows": self.windows,
+            "source_store": str(self.store),
+            "runs": [rs.name],
+            "n_params": json.dumps({rs.name: rs.n_params}),
+            "param_index_hash": json.dumps({rs.name: rs.index.hash}),
+            "selection_policy": json.dumps({rs.name: rs.policy}),
+            "precision": self.precision,
+            "step_normalised": int(self.normalize_spacing),
+            "band_width": self.width,
+            "zero_rtol": self.zero_rtol,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            LIVE_ATTR: self._live_attrs(steps.size - 1),
+        }
         if self.groups is not None:
             attrs["groups"] = json.dumps(self._plan.group_desc)
         write_dataset(ds.assign_attrs(attrs).chunk({"step": STEP_CHUNK}), self.results, kind="spectra")
@@ -290,29 +365,34 @@ def truncate(g, n: int) -> int:
     for _, arr, ax in _step_arrays(g):
         if arr.shape[ax] != n:
             if arr.shape[ax] < n:
-                raise StoreError(f"live results: array {arr.name} has {arr.shape[ax]} steps, fewer than the "
-                                 f"{n} committed; the store is damaged, start a new --results")
+                raise StoreError(
+                    f"live results: array {arr.name} has {arr.shape[ax]} steps, fewer than the "
+                    f"{n} committed; the store is damaged, start a new --results"
+                )
             arr.resize(tuple(n if i == ax else s for i, s in enumerate(arr.shape)))
             fixed += 1
     return fixed
 
 
 def append(path: str, ds, n: int, n_new: int, live_attrs: dict) -> None:
-    """Grow every step array of the store at ``path`` from ``n`` to ``n_new`` steps with ``ds``'s values, then commit."""
+    """Grow every step array of the store at ``path`` from ``n`` to ``n_new`` steps with ``ds``'s values,
+    then commit."""
     import zarr
 
     with quiet_consolidation():
         g = zarr.open_group(path, mode="r+", use_consolidated=False)
         for name, arr, ax in _step_arrays(g):
             if name not in ds.variables:
-                raise StoreError(f"live results {path}: the new steps lack variable {name!r} (the run's metrics "
-                                 "changed names?); start a new --results")
+                raise StoreError(
+                    f"live results {path}: the new steps lack variable {name!r} (the run's metrics "
+                    "changed names?); start a new --results"
+                )
             dims = arr.metadata.dimension_names
             vals = np.asarray(ds[name].transpose(*dims).values)
             arr.resize(tuple(n_new if i == ax else s for i, s in enumerate(arr.shape)))
             idx = tuple(slice(n, n_new) if i == ax else slice(None) for i in range(arr.ndim))
             arr[idx] = vals.astype(arr.dtype, copy=False)
-        g.attrs[LIVE_ATTR] = live_attrs          # the commit: readers and a resumed engine trust this length
+        g.attrs[LIVE_ATTR] = live_attrs  # the commit: readers and a resumed engine trust this length
         g.attrs[COMPLETE_ATTR] = True
         zarr.consolidate_metadata(path)
 

@@ -15,6 +15,7 @@ SIGINT/SIGTERM, which are honoured between updates, so nothing is half-written; 
 is repaired on restart (the results store only trusts committed steps), and a restarted watcher
 resumes where the store is. Alerts a killed watcher had not written yet are written on resume.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,7 +46,10 @@ class WatchSummary:
 
 
 def default_paths(results) -> tuple[str, str]:
-    """``(trajectory store, alerts file)`` beside ``results`` (``live.zarr`` -> ``live-trajectory.zarr``, ``live-alerts.jsonl``)."""
+    """``(trajectory store, alerts file)`` beside ``results``.
+
+    ``live.zarr`` -> ``live-trajectory.zarr``, ``live-alerts.jsonl``.
+    """
     base = os.path.splitext(os.path.normpath(os.fspath(results)))[0]
     return f"{base}-trajectory.zarr", f"{base}-alerts.jsonl"
 
@@ -59,7 +63,7 @@ class AlertLog:
         if os.path.exists(self.path):
             with open(self.path, "rb") as f:
                 data = f.read()
-            keep = data[:data.rfind(b"\n") + 1]
+            keep = data[: data.rfind(b"\n") + 1]
             if len(keep) != len(data):  # killed mid-line
                 with open(self.path, "wb") as f:
                     f.write(keep)
@@ -85,8 +89,10 @@ class AlertLog:
 
 def format_alert(a: dict) -> str:
     """The one line an alert is printed as."""
-    return (f"ALERT step={a['step']} run={a['run']} W={a['window']} group={a['group']} detector={a['detector']} "
-            f"value={a['value']:.4g} threshold={a['threshold']:.4g} k={a['k']}")
+    return (
+        f"ALERT step={a['step']} run={a['run']} W={a['window']} group={a['group']} detector={a['detector']} "
+        f"value={a['value']:.4g} threshold={a['threshold']:.4g} k={a['k']}"
+    )
 
 
 def format_update(u) -> str:
@@ -133,11 +139,31 @@ def _metrics_for(folder: str, steps: set) -> list | None:
     return recs or None
 
 
-def watch(source, *, results, windows=(10,), store=None, run: str | None = None, groups=None, alerts=None,
-          until: int | None = None, idle_timeout: float | None = None, poll: float = 0.5, settle: float = 1.0,
-          normalize_spacing: bool = False, detectors=DETECTORS, tau=None, detector_params: dict | None = None,
-          echo=print, client=None, scheduler: str | None = None, address: str | None = None,
-          scheduler_file: str | None = None, stop: threading.Event | None = None, tile_bytes=None) -> WatchSummary:
+def watch(
+    source,
+    *,
+    results,
+    windows=(10,),
+    store=None,
+    run: str | None = None,
+    groups=None,
+    alerts=None,
+    until: int | None = None,
+    idle_timeout: float | None = None,
+    poll: float = 0.5,
+    settle: float = 1.0,
+    normalize_spacing: bool = False,
+    detectors=DETECTORS,
+    tau=None,
+    detector_params: dict | None = None,
+    echo=print,
+    client=None,
+    scheduler: str | None = None,
+    address: str | None = None,
+    scheduler_file: str | None = None,
+    stop: threading.Event | None = None,
+    tile_bytes=None,
+) -> WatchSummary:
     """Follow ``source`` (a checkpoint folder or a trajectory store) and keep ``results`` up to date.
 
     ``store``: where a folder's checkpoints are ingested (default beside ``results``); ``run``: the
@@ -158,9 +184,22 @@ def watch(source, *, results, windows=(10,), store=None, run: str | None = None,
     else:
         raise StoreError(f"watch {source}: expected a checkpoint folder or a trajectory store, found a {kind}")
     alert_log = AlertLog(alerts or default_paths(results)[1])
-    engine = LiveSpectrum(store, results, run=run, windows=windows, groups=groups, normalize_spacing=normalize_spacing,
-                          detectors=detectors, tau=tau, detector_params=detector_params, client=client,
-                          scheduler=scheduler, address=address, scheduler_file=scheduler_file, tile_bytes=tile_bytes)
+    engine = LiveSpectrum(
+        store,
+        results,
+        run=run,
+        windows=windows,
+        groups=groups,
+        normalize_spacing=normalize_spacing,
+        detectors=detectors,
+        tau=tau,
+        detector_params=detector_params,
+        client=client,
+        scheduler=scheduler,
+        address=address,
+        scheduler_file=scheduler_file,
+        tile_bytes=tile_bytes,
+    )
     raised: list[dict] = []
     mtimes: dict[int, float] = {}
 
@@ -173,12 +212,14 @@ def watch(source, *, results, windows=(10,), store=None, run: str | None = None,
                 raised.append(a)
                 echo(format_alert(a))
 
-    emit(getattr(engine, "replayed_alerts", []))   # what a killed watcher decided but had not written
+    emit(getattr(engine, "replayed_alerts", []))  # what a killed watcher decided but had not written
     stopping = {"why": None}
     old = {}
     if threading.current_thread() is threading.main_thread():
+
         def handler(signum, frame):
             stopping["why"] = signal.Signals(signum).name
+
         for s in (signal.SIGINT, signal.SIGTERM):
             old[s] = signal.signal(s, handler)
     seen: dict = {}
@@ -196,7 +237,7 @@ def watch(source, *, results, windows=(10,), store=None, run: str | None = None,
             try:
                 u = engine.update()
             except RunLockedError:
-                u = None          # another ingest is writing rows; they are taken when complete
+                u = None  # another ingest is writing rows; they are taken when complete
             except StoreError as exc:
                 if not any(s in str(exc) for s in ("ingestion is incomplete", "has no run", "no trajectory store")):
                     raise
@@ -235,7 +276,7 @@ def _ingest(ready: dict, store, run, folder, steps: set) -> None:
 
     try:
         ingest(ready, store, run, metrics=_metrics_for(folder, steps), progress=False, scheduler="threads")
-    except SEDError as exc:   # e.g. a foreign writer's file that is stable but not loadable yet: retry
+    except SEDError as exc:  # e.g. a foreign writer's file that is stable but not loadable yet: retry
         if isinstance(exc, StoreError) and "earlier than the last stored step" in str(exc):
             raise
         import logging

@@ -6,6 +6,7 @@ sharded checkpoint (``*.index.json``), a single ``model.safetensors`` or a ``pyt
 (the layout of HF Trainer ``checkpoint-N/`` folders), or a PyTorch Distributed Checkpoint
 (``.metadata`` + ``__{rank}_{i}.distcp``).
 """
+
 from __future__ import annotations
 
 import os
@@ -20,9 +21,21 @@ from sed_dask.readers.torch_pt import TorchReader, find_state_dict
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 SINGLE_FILES_IN_DIR = ("model.safetensors", "pytorch_model.bin")
 
-__all__ = ["CheckpointReader", "TensorInfo", "ReaderBase", "TorchReader", "SafetensorsReader", "ShardedReader",
-           "DCPReader", "is_dcp_dir", "open_checkpoint", "open_file", "checkpoint_format", "flat_slices",
-           "find_state_dict"]
+__all__ = [
+    "CheckpointReader",
+    "TensorInfo",
+    "ReaderBase",
+    "TorchReader",
+    "SafetensorsReader",
+    "ShardedReader",
+    "DCPReader",
+    "is_dcp_dir",
+    "open_checkpoint",
+    "open_file",
+    "checkpoint_format",
+    "flat_slices",
+    "find_state_dict",
+]
 
 
 def open_file(path: str) -> ReaderBase:
@@ -59,8 +72,10 @@ def _reader_class(path: str):
                 return SafetensorsReader if name.endswith(".safetensors") else TorchReader
         if is_dcp_dir(path):
             return DCPReader
-        raise CheckpointError(f"{path}: directory holds no checkpoint (looked for *.index.json, "
-                              f"{', '.join(SINGLE_FILES_IN_DIR)}, DCP .metadata/*.distcp)")
+        raise CheckpointError(
+            f"{path}: directory holds no checkpoint (looked for *.index.json, "
+            f"{', '.join(SINGLE_FILES_IN_DIR)}, DCP .metadata/*.distcp)"
+        )
     return type(open_file(path))
 
 

@@ -4,14 +4,24 @@ That unpickler (the house rule for every pickle) speaks protocol 2, while Python
 by default, e.g. DCP's ``.metadata``. The rewrite changes only the encoding (no object is built),
 and refuses any opcode the unpickler lacks, so what the unpickler then allows is all that loads.
 """
+
 from __future__ import annotations
 
 import pickletools
 import struct
 
 #: opcodes torch's weights_only unpickler reads, copied as they are: code -> fixed argument bytes
-_PASS = {**dict.fromkeys(b"\x81RbaesuNt\x85\x86\x87\x88\x89)]}\x8f(Q.", 0), ord("K"): 1, ord("h"): 1,
-         ord("q"): 1, ord("M"): 2, ord("J"): 4, ord("j"): 4, ord("r"): 4, ord("G"): 8}
+_PASS = {
+    **dict.fromkeys(b"\x81RbaesuNt\x85\x86\x87\x88\x89)]}\x8f(Q.", 0),
+    ord("K"): 1,
+    ord("h"): 1,
+    ord("q"): 1,
+    ord("M"): 2,
+    ord("J"): 4,
+    ord("j"): 4,
+    ord("r"): 4,
+    ord("G"): 8,
+}
 _U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 _BINGET, _LONG_BINGET, _BINPUT, _LONG_BINPUT, _STOP, _BINUNICODE, _SHORT_BINSTRING, _GLOBAL = b"hjqr.XUc"
 
@@ -82,15 +92,15 @@ def as_protocol2(data: bytes) -> bytes:
             i += 2 if op == 0x80 else 9
         elif op == 0x8C:  # SHORT_BINUNICODE
             want = data[i + 1]
-            string(data[i + 2:i + 2 + want], want)
+            string(data[i + 2 : i + 2 + want], want)
             i += 2 + want
         elif op == _BINUNICODE:  # BINUNICODE
             want = _U32.unpack_from(data, i + 1)[0]
-            string(data[i + 5:i + 5 + want], want)
+            string(data[i + 5 : i + 5 + want], want)
             i += 5 + want
         elif op == 0x8D:  # BINUNICODE8
             want = _U64.unpack_from(data, i + 1)[0]
-            string(data[i + 9:i + 9 + want], want)
+            string(data[i + 9 : i + 9 + want], want)
             i += 9 + want
         elif op == _SHORT_BINSTRING or op == 0x8A:  # SHORT_BINSTRING, LONG1: one length byte
             j = i + 2 + data[i + 1]

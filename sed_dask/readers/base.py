@@ -4,6 +4,7 @@ A reader lists tensors (name -> dtype, shape) from headers/metadata only and rea
 float32 slice ``[lo:hi]`` of one tensor (C order) without materialising the whole file, so an
 ingestion task's memory is bounded by its P-range, not by the model.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -88,8 +89,9 @@ class ReaderBase:
             except CheckpointError:
                 raise
             except Exception as exc:  # truncated / vanished / corrupted files surface here
-                raise CheckpointError(f"{self.path}: cannot read tensor {name!r} [{lo}:{hi}]: "
-                                      f"{type(exc).__name__}: {exc}") from exc
+                raise CheckpointError(
+                    f"{self.path}: cannot read tensor {name!r} [{lo}:{hi}]: {type(exc).__name__}: {exc}"
+                ) from exc
         return out
 
     def close(self) -> None:

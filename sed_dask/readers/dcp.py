@@ -46,6 +46,7 @@ layout is then compact tables (numpy arrays per tensor), shared by every checkpo
 ``Chunk`` records are made only for the tensors a reader touches. ``torch`` selects the
 weights_only path above (slow: seconds per FSDP-sized file).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -107,16 +108,33 @@ def _allowed_globals() -> list:
         from torch.distributed.checkpoint import metadata as m
         from torch.distributed.checkpoint.filesystem import _StorageInfo
     except Exception as exc:  # a torch build without torch.distributed
-        raise CheckpointError(f"reading DCP checkpoints needs torch.distributed.checkpoint, which this torch "
-                              f"cannot import: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(
+            f"reading DCP checkpoints needs torch.distributed.checkpoint, which this torch "
+            f"cannot import: {type(exc).__name__}: {exc}"
+        ) from exc
     # StorageMeta.checkpoint_id may be a path object: rebuilt as a pure path (no filesystem access,
     # and a WindowsPath written on Windows still loads on Linux)
-    paths = [(pathlib.PurePosixPath, f"{mod}.{cls}") for mod in ("pathlib", "pathlib._local")
-             for cls in ("PosixPath", "PurePosixPath")]
-    paths += [(pathlib.PureWindowsPath, f"{mod}.{cls}") for mod in ("pathlib", "pathlib._local")
-              for cls in ("WindowsPath", "PureWindowsPath")]
-    return [m.Metadata, m.TensorStorageMetadata, m.BytesStorageMetadata, m.ChunkStorageMetadata, m.TensorProperties,
-            m._MEM_FORMAT_ENCODING, m.StorageMeta, m.MetadataIndex, _StorageInfo] + paths
+    paths = [
+        (pathlib.PurePosixPath, f"{mod}.{cls}")
+        for mod in ("pathlib", "pathlib._local")
+        for cls in ("PosixPath", "PurePosixPath")
+    ]
+    paths += [
+        (pathlib.PureWindowsPath, f"{mod}.{cls}")
+        for mod in ("pathlib", "pathlib._local")
+        for cls in ("WindowsPath", "PureWindowsPath")
+    ]
+    return [
+        m.Metadata,
+        m.TensorStorageMetadata,
+        m.BytesStorageMetadata,
+        m.ChunkStorageMetadata,
+        m.TensorProperties,
+        m._MEM_FORMAT_ENCODING,
+        m.StorageMeta,
+        m.MetadataIndex,
+        _StorageInfo,
+    ] + paths
 
 
 def load_metadata(path: str):
@@ -129,15 +147,18 @@ def load_metadata(path: str):
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        raise CheckpointError(f"{os.path.dirname(path)}: no {METADATA_NAME} file, so not a complete DCP "
-                              f"checkpoint (is dcp.save still running, or did it fail?)") from None
+        raise CheckpointError(
+            f"{os.path.dirname(path)}: no {METADATA_NAME} file, so not a complete DCP "
+            f"checkpoint (is dcp.save still running, or did it fail?)"
+        ) from None
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read DCP metadata: {exc}") from exc
     try:
         data = as_protocol2(raw)
     except Exception as exc:
-        raise CheckpointError(f"{path}: not a DCP metadata pickle (truncated or corrupt?): "
-                              f"{type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(
+            f"{path}: not a DCP metadata pickle (truncated or corrupt?): {type(exc).__name__}: {exc}"
+        ) from exc
     allowed = _allowed_globals()
     from torch.distributed.checkpoint.metadata import Metadata
 
@@ -152,10 +173,13 @@ def load_metadata(path: str):
                 msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 hint = ""
                 if "global" in msg.lower() or "reduce" in msg.lower() or "allowlisted" in msg:
-                    hint = (" (a DCP .metadata may hold only torch.distributed.checkpoint's metadata classes; this "
-                            "one pickles something else, refused for safety)")
-                raise CheckpointError(f"{path}: refused or unreadable DCP metadata: {type(exc).__name__}: "
-                                      f"{msg}{hint}") from exc
+                    hint = (
+                        " (a DCP .metadata may hold only torch.distributed.checkpoint's metadata classes; this "
+                        "one pickles something else, refused for safety)"
+                    )
+                raise CheckpointError(
+                    f"{path}: refused or unreadable DCP metadata: {type(exc).__name__}: {msg}{hint}"
+                ) from exc
     if not isinstance(md, Metadata):
         raise CheckpointError(f"{path}: holds a {type(md).__name__}, not DCP Metadata")
     return md
@@ -228,11 +252,11 @@ def _cover_problem(size: tuple, boxes: list[tuple[tuple, tuple]]) -> str | None:
     lo = np.array([o for o, _ in nz], dtype=np.int64)
     hi = lo + np.array([z for _, z in nz], dtype=np.int64)
     for i in range(0, len(nz), 256):
-        over = np.all(np.maximum(lo[i:i + 256, None], lo[None]) < np.minimum(hi[i:i + 256, None], hi[None]), axis=2)
+        over = np.all(np.maximum(lo[i : i + 256, None], lo[None]) < np.minimum(hi[i : i + 256, None], hi[None]), axis=2)
         over[np.arange(over.shape[0]), np.arange(i, i + over.shape[0])] = False
         if over.any():
             a, b = np.argwhere(over)[0]
-            return (f"chunks at offsets {list(nz[i + a][0])} and {list(nz[b][0])} overlap (and others leave a gap)")
+            return f"chunks at offsets {list(nz[i + a][0])} and {list(nz[b][0])} overlap (and others leave a gap)"
     return None
 
 
@@ -254,8 +278,10 @@ def _served_names(fqns, planner_data, where: str) -> dict[str, str]:
     top = {fqn: fqn for fqn, p in by_path.items() if len(p) == 1}
     if not top:
         keys = list(dict.fromkeys(str(p[0]) for p in by_path.values()))
-        raise CheckpointError(f"{where}: no tensors found at the top level or under {'/'.join(STATE_DICT_KEYS)} "
-                              f"(top-level keys: {keys[:10]})")
+        raise CheckpointError(
+            f"{where}: no tensors found at the top level or under {'/'.join(STATE_DICT_KEYS)} "
+            f"(top-level keys: {keys[:10]})"
+        )
     return top
 
 
@@ -267,8 +293,10 @@ def _build_layout(directory: str, meta_path: str, key: tuple) -> Layout:
     md = load_metadata(meta_path)
     sdm, storage = md.state_dict_metadata, md.storage_data
     if not isinstance(sdm, Mapping) or not isinstance(storage, Mapping):
-        raise CheckpointError(f"{meta_path}: DCP metadata without state_dict_metadata/storage_data mappings "
-                              f"(written by a custom storage writer?)")
+        raise CheckpointError(
+            f"{meta_path}: DCP metadata without state_dict_metadata/storage_data mappings "
+            f"(written by a custom storage writer?)"
+        )
     where: dict[tuple, object] = {}
     for idx, info in storage.items():
         off = getattr(idx, "offset", None)
@@ -291,20 +319,23 @@ def _build_layout(directory: str, meta_path: str, key: tuple) -> Layout:
         boxes = [(tuple(int(x) for x in c.offsets), tuple(int(x) for x in c.sizes)) for c in m.chunks]
         why = _cover_problem(size, boxes)
         if why:
-            raise CheckpointError(f"{meta_path}: tensor {fqn!r} of size {list(size)} is not covered by its chunks: "
-                                  f"{why}")
+            raise CheckpointError(
+                f"{meta_path}: tensor {fqn!r} of size {list(size)} is not covered by its chunks: {why}"
+            )
         found = []
         for o, z in boxes:
             if math.prod(z) == 0:
                 continue
             info = where.get((fqn, o))
             if info is None:
-                raise CheckpointError(f"{meta_path}: tensor {fqn!r}: no storage entry for its chunk at offsets "
-                                      f"{list(o)}")
+                raise CheckpointError(
+                    f"{meta_path}: tensor {fqn!r}: no storage entry for its chunk at offsets {list(o)}"
+                )
             rel = str(getattr(info, "relative_path", ""))
             if not rel or os.path.isabs(rel) or os.path.normpath(rel).startswith(os.pardir):
-                raise CheckpointError(f"{meta_path}: tensor {fqn!r}: chunk file {rel!r} is not inside the checkpoint "
-                                      f"directory")
+                raise CheckpointError(
+                    f"{meta_path}: tensor {fqn!r}: chunk file {rel!r} is not inside the checkpoint directory"
+                )
             start, length = int(info.offset), int(info.length)
             transforms = tuple(str(t) for t in (getattr(info, "transform_descriptors", None) or ()))
             if rel not in files:
@@ -312,13 +343,16 @@ def _build_layout(directory: str, meta_path: str, key: tuple) -> Layout:
                 try:
                     st = os.stat(p)
                 except FileNotFoundError:
-                    raise CheckpointError(f"{directory}: DCP data file {rel} (holding tensor {fqn!r}) does not "
-                                          f"exist") from None
+                    raise CheckpointError(
+                        f"{directory}: DCP data file {rel} (holding tensor {fqn!r}) does not exist"
+                    ) from None
                 files[rel] = (st.st_size, st.st_mtime_ns)
             if start < 0 or length <= 0 or start + length > files[rel][0]:
-                raise CheckpointError(f"{os.path.join(directory, rel)}: truncated: the metadata puts tensor {fqn!r} "
-                                      f"(chunk at offsets {list(o)}) at bytes [{start}:{start + length}], the file "
-                                      f"holds {files[rel][0]}")
+                raise CheckpointError(
+                    f"{os.path.join(directory, rel)}: truncated: the metadata puts tensor {fqn!r} "
+                    f"(chunk at offsets {list(o)}) at bytes [{start}:{start + length}], the file "
+                    f"holds {files[rel][0]}"
+                )
             found.append(Chunk(o, z, rel, start, length, transforms))
         infos[name] = TensorInfo(dtype, size)
         chunks[fqn] = found
@@ -354,9 +388,12 @@ class _Tables:
         if got is None:
             offs, sizes, fidx, start, length = self.arrays[fqn]
             tr = self.transforms.get(fqn, {})
-            got = [Chunk(tuple(o), tuple(z), self.files[f], s, n, tr.get(i, ()))
-                   for i, (o, z, f, s, n) in enumerate(zip(offs.tolist(), sizes.tolist(), fidx.tolist(),
-                                                           start.tolist(), length.tolist()))]
+            got = [
+                Chunk(tuple(o), tuple(z), self.files[f], s, n, tr.get(i, ()))
+                for i, (o, z, f, s, n) in enumerate(
+                    zip(offs.tolist(), sizes.tolist(), fidx.tolist(), start.tolist(), length.tolist())
+                )
+            ]
             got = self.made.setdefault(fqn, got)
         return got
 
@@ -398,21 +435,24 @@ def _make_tables(rec, directory: str, meta_path: str) -> _Tables:
         if o is None or z is None or not tiles_exactly(size, o, z):
             why = _cover_problem(size, list(zip(offs, sizes)))
             if why:
-                raise CheckpointError(f"{meta_path}: tensor {fqn!r} of size {list(size)} is not covered by its "
-                                      f"chunks: {why}")
+                raise CheckpointError(
+                    f"{meta_path}: tensor {fqn!r} of size {list(size)} is not covered by its chunks: {why}"
+                )
         keep = [i for i, zz in enumerate(sizes) if math.prod(zz) > 0]
         fidx, st, ln, tr = [], [], [], {}
         for j, i in enumerate(keep):
             info = storage.get((fqn, offs[i]))
             if info is None:
-                raise CheckpointError(f"{meta_path}: tensor {fqn!r}: no storage entry for its chunk at offsets "
-                                      f"{list(offs[i])}")
+                raise CheckpointError(
+                    f"{meta_path}: tensor {fqn!r}: no storage entry for its chunk at offsets {list(offs[i])}"
+                )
             rel, start, length, trans = info
             f = files.get(rel)
             if f is None:
                 if not rel or os.path.isabs(rel) or os.path.normpath(rel).startswith(os.pardir):
-                    raise CheckpointError(f"{meta_path}: tensor {fqn!r}: chunk file {rel!r} is not inside the "
-                                          f"checkpoint directory")
+                    raise CheckpointError(
+                        f"{meta_path}: tensor {fqn!r}: chunk file {rel!r} is not inside the checkpoint directory"
+                    )
                 f = files[rel] = len(files)
                 first_fqn.append(fqn)
             fidx.append(f)
@@ -420,18 +460,34 @@ def _make_tables(rec, directory: str, meta_path: str) -> _Tables:
             ln.append(length)
             if trans:
                 tr[j] = trans
-        arrays[fqn] = (o[keep] if o is not None else np.zeros((0, nd), np.int64),
-                       z[keep] if z is not None else np.zeros((0, nd), np.int64),
-                       np.array(fidx, dtype=np.int32), np.array(st, dtype=np.int64), np.array(ln, dtype=np.int64))
+        arrays[fqn] = (
+            o[keep] if o is not None else np.zeros((0, nd), np.int64),
+            z[keep] if z is not None else np.zeros((0, nd), np.int64),
+            np.array(fidx, dtype=np.int32),
+            np.array(st, dtype=np.int64),
+            np.array(ln, dtype=np.int64),
+        )
         if tr:
             transforms[fqn] = tr
         infos[name] = TensorInfo(dtype, tuple(size))
         owner_f.append(arrays[fqn][2])
         starts.append(arrays[fqn][3])
         ends.append(arrays[fqn][3] + arrays[fqn][4])
-    cat = (lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt))
-    return _Tables(infos, names, arrays, transforms, tuple(files), tuple(first_fqn), cat(owner_f, np.int32),
-                   cat(starts, np.int64), cat(ends, np.int64))
+
+    def cat(parts, dt):
+        return np.concatenate(parts) if parts else np.zeros(0, dt)
+
+    return _Tables(
+        infos,
+        names,
+        arrays,
+        transforms,
+        tuple(files),
+        tuple(first_fqn),
+        cat(owner_f, np.int32),
+        cat(starts, np.int64),
+        cat(ends, np.int64),
+    )
 
 
 def _build_fast(directory: str, meta_path: str, key: tuple) -> Layout:
@@ -448,8 +504,9 @@ def _build_fast(directory: str, meta_path: str, key: tuple) -> Layout:
         try:
             st = os.stat(os.path.join(directory, rel))
         except FileNotFoundError:
-            raise CheckpointError(f"{directory}: DCP data file {rel} (holding tensor {tables.first_fqn[i]!r}) does "
-                                  f"not exist") from None
+            raise CheckpointError(
+                f"{directory}: DCP data file {rel} (holding tensor {tables.first_fqn[i]!r}) does not exist"
+            ) from None
         stats[rel] = (st.st_size, st.st_mtime_ns)
         fsize[i] = st.st_size
     bad = (tables.start < 0) | (tables.end <= tables.start) | (tables.end > fsize[tables.owner])
@@ -459,9 +516,11 @@ def _build_fast(directory: str, meta_path: str, key: tuple) -> Layout:
             if at < fidx.size:
                 rel = tables.files[int(fidx[at])]
                 a, n = int(start[at]), int(length[at])
-                raise CheckpointError(f"{os.path.join(directory, rel)}: truncated: the metadata puts tensor {fqn!r} "
-                                      f"(chunk at offsets {offs[at].tolist()}) at bytes [{a}:{a + n}], the file "
-                                      f"holds {stats[rel][0]}")
+                raise CheckpointError(
+                    f"{os.path.join(directory, rel)}: truncated: the metadata puts tensor {fqn!r} "
+                    f"(chunk at offsets {offs[at].tolist()}) at bytes [{a}:{a + n}], the file "
+                    f"holds {stats[rel][0]}"
+                )
             at -= fidx.size
     lay = Layout(key, tables.infos, tables.fqns, _ChunkMap(tables), stats)
     # shared tables are charged to the layout that parsed them; a match adds its file stats only
@@ -483,10 +542,15 @@ def get_layout(directory: str) -> Layout:
         os.stat(meta)
     except FileNotFoundError:
         ranks = sorted(n for n in os.listdir(directory) if n.startswith("__") and n.endswith(METADATA_NAME))
-        extra = (f"; it holds rank-local {', '.join(ranks[:3])} (saved without collectives), which this reader "
-                 "does not merge" if ranks else " (is dcp.save still running, or did it fail?)")
-        raise CheckpointError(f"{directory}: no {METADATA_NAME} file, so not a complete DCP "
-                              f"checkpoint{extra}") from None
+        extra = (
+            f"; it holds rank-local {', '.join(ranks[:3])} (saved without collectives), which this reader "
+            "does not merge"
+            if ranks
+            else " (is dcp.save still running, or did it fail?)"
+        )
+        raise CheckpointError(
+            f"{directory}: no {METADATA_NAME} file, so not a complete DCP checkpoint{extra}"
+        ) from None
     return _LAYOUTS.for_file(meta, lambda key: _build_layout(directory, meta, key), size=_layout_nbytes)
 
 
@@ -610,20 +674,25 @@ class DCPReader(ReaderBase):
             except FileNotFoundError:
                 raise CheckpointError(f"{self.path}: DCP data file {rel} does not exist") from None
             if fd is None:
-                raise CheckpointError(f"{p}: the file changed since the checkpoint's metadata was read "
-                                      f"(size/mtime differ); open it again")
+                raise CheckpointError(
+                    f"{p}: the file changed since the checkpoint's metadata was read (size/mtime differ); open it again"
+                )
             self._fds[rel] = fd
         return fd
 
     def _pread(self, ch: Chunk, view: memoryview, offset: int, fqn: str) -> None:
         if not pread_full(self._fd(ch.file), view, offset):
-            raise CheckpointError(f"{os.path.join(self.path, ch.file)}: truncated: the chunk of tensor {fqn!r} "
-                                  f"at offsets {list(ch.offsets)} ends before byte {offset + view.nbytes}")
+            raise CheckpointError(
+                f"{os.path.join(self.path, ch.file)}: truncated: the chunk of tensor {fqn!r} "
+                f"at offsets {list(ch.offsets)} ends before byte {offset + view.nbytes}"
+            )
 
     # -- chunk archives
     def _chunk_error(self, ch: Chunk, fqn: str, what: str) -> CheckpointError:
-        return CheckpointError(f"{os.path.join(self.path, ch.file)}: bytes [{ch.start}:{ch.start + ch.length}] "
-                               f"(tensor {fqn!r}, chunk at offsets {list(ch.offsets)}): {what}")
+        return CheckpointError(
+            f"{os.path.join(self.path, ch.file)}: bytes [{ch.start}:{ch.start + ch.length}] "
+            f"(tensor {fqn!r}, chunk at offsets {list(ch.offsets)}): {what}"
+        )
 
     def _stored(self, fqn: str, ch: Chunk, info: TensorInfo) -> Stored:
         key = (fqn, ch.offsets)
@@ -642,8 +711,9 @@ class DCPReader(ReaderBase):
         try:
             zf = zipfile.ZipFile(view)
         except (zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise self._chunk_error(ch, fqn, f"not a torch.save archive ({exc}); written by a non-default "
-                                             f"serialization format?") from exc
+            raise self._chunk_error(
+                ch, fqn, f"not a torch.save archive ({exc}); written by a non-default serialization format?"
+            ) from exc
         with zf:
             names = zf.namelist()
             pkl = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
@@ -662,22 +732,29 @@ class DCPReader(ReaderBase):
                 dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
                 nbytes = int(numel) * torch._utils._element_size(dtype)
                 storages.append((torch.serialization._maybe_decode_ascii(skey), nbytes))
-                return torch.storage.TypedStorage(wrap_storage=torch.UntypedStorage(nbytes, device="meta"),
-                                                  dtype=dtype, _internal=True)
+                return torch.storage.TypedStorage(
+                    wrap_storage=torch.UntypedStorage(nbytes, device="meta"), dtype=dtype, _internal=True
+                )
 
             try:
                 up = Unpickler(io.BytesIO(zf.read(pkl[0])), encoding="utf-8")
                 up.persistent_load = persistent_load
                 t = up.load()
             except Exception as exc:
-                raise self._chunk_error(ch, fqn, f"refused or unreadable data.pkl: {type(exc).__name__}: {exc}") \
-                    from exc
+                raise self._chunk_error(
+                    ch, fqn, f"refused or unreadable data.pkl: {type(exc).__name__}: {exc}"
+                ) from exc
             if not isinstance(t, torch.Tensor) or len(storages) != 1:
-                raise self._chunk_error(ch, fqn, f"data.pkl holds {type(t).__name__} with {len(storages)} storages, "
-                                                 "not one tensor")
+                raise self._chunk_error(
+                    ch, fqn, f"data.pkl holds {type(t).__name__} with {len(storages)} storages, not one tensor"
+                )
             if tuple(t.shape) != ch.sizes or _dtype_name(t.dtype) != info.dtype:
-                raise self._chunk_error(ch, fqn, f"holds a {_dtype_name(t.dtype)} tensor of shape {list(t.shape)}, "
-                                                 f"the metadata says {info.dtype} {list(ch.sizes)}")
+                raise self._chunk_error(
+                    ch,
+                    fqn,
+                    f"holds a {_dtype_name(t.dtype)} tensor of shape {list(t.shape)}, "
+                    f"the metadata says {info.dtype} {list(ch.sizes)}",
+                )
             skey, nbytes = storages[0]
             try:
                 entry = zf.getinfo(f"{prefix}data/{skey}")
@@ -706,8 +783,12 @@ class DCPReader(ReaderBase):
         try:
             exts = (self.extension_registry or ExtensionRegistry()).from_descriptor_list(list(ch.transforms))
         except Exception as exc:
-            raise self._chunk_error(ch, fqn, f"stored with transforms {list(ch.transforms)} that cannot be undone "
-                                             f"here ({type(exc).__name__}: {exc}); pass an extension_registry") from exc
+            raise self._chunk_error(
+                ch,
+                fqn,
+                f"stored with transforms {list(ch.transforms)} that cannot be undone "
+                f"here ({type(exc).__name__}: {exc}); pass an extension_registry",
+            ) from exc
         raw = bytearray(ch.length)
         self._pread(ch, memoryview(raw), ch.start, fqn)
         stream = io.BytesIO(raw)
@@ -717,8 +798,9 @@ class DCPReader(ReaderBase):
         try:
             t = torch.load(io.BytesIO(stream.read(-1)), map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise self._chunk_error(ch, fqn, f"unreadable after undoing {list(ch.transforms)}: "
-                                             f"{type(exc).__name__}: {exc}") from exc
+            raise self._chunk_error(
+                ch, fqn, f"unreadable after undoing {list(ch.transforms)}: {type(exc).__name__}: {exc}"
+            ) from exc
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != ch.sizes or _dtype_name(t.dtype) != info.dtype:
             raise self._chunk_error(ch, fqn, f"does not hold a {info.dtype} tensor of shape {list(ch.sizes)}")
         return t
@@ -727,8 +809,10 @@ class DCPReader(ReaderBase):
     def _read_into(self, name, info, lo, hi, out):
         dtype = info.dtype
         if dtype not in RAW_DTYPES and dtype not in _TORCH_DTYPES:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {dtype}, which this reader does not convert "
-                                  f"to float32 (supported: {', '.join(list(RAW_DTYPES) + list(_TORCH_DTYPES))})")
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} has dtype {dtype}, which this reader does not convert "
+                f"to float32 (supported: {', '.join(list(RAW_DTYPES) + list(_TORCH_DTYPES))})"
+            )
         fqn = self.layout.fqns[name]
         shape = info.shape
         boxes = None
@@ -742,15 +826,15 @@ class DCPReader(ReaderBase):
                 if not ch.transforms:
                     st = self._stored(fqn, ch, info)
                     if _is_c_order(st.strides, ch.sizes):  # Shard(0) and whole chunks: one positioned read
-                        self._read_run(fqn, ch, st, dtype, st.offset + a - span[0], out[a - lo:b - lo])
+                        self._read_run(fqn, ch, st, dtype, st.offset + a - span[0], out[a - lo : b - lo])
                         continue
             if boxes is None:  # rectangular pieces of the slice, each a strided view of ``out``
                 boxes, pos = [], 0
                 for box in flat_slices(shape, lo, hi):
-                    full = tuple(box) + tuple(slice(0, s) for s in shape[len(box):])
+                    full = tuple(box) + tuple(slice(0, s) for s in shape[len(box) :])
                     bshape = tuple(s.stop - s.start for s in full)
                     n = math.prod(bshape)
-                    boxes.append((full, out[pos:pos + n].reshape(bshape)))
+                    boxes.append((full, out[pos : pos + n].reshape(bshape)))
                     pos += n
             for full, dst_box in boxes:
                 inter = []
@@ -760,8 +844,11 @@ class DCPReader(ReaderBase):
                         break
                     inter.append((a, b))
                 else:
-                    dst = dst_box[tuple(slice(a - s.start, b - s.start) for (a, b), s in zip(inter, full))] \
-                        if inter else dst_box
+                    dst = (
+                        dst_box[tuple(slice(a - s.start, b - s.start) for (a, b), s in zip(inter, full))]
+                        if inter
+                        else dst_box
+                    )
                     local = [(a - o, b - o) for (a, b), o in zip(inter, ch.offsets)]
                     if ch.transforms:
                         t = decoded.get(ch.offsets)
@@ -785,14 +872,13 @@ class DCPReader(ReaderBase):
         count = sum((b - a - 1) * s for (a, b), s in zip(local, st.strides)) + 1
         if count == math.prod(shape) and _is_c_order(st.strides, shape) and dst.flags.c_contiguous:
             self._read_run(fqn, ch, st, dtype, first, dst)  # the box is one run of the chunk (always, for
-            return                                         # C-order chunks: see flat_slices), and of out
+            return  # C-order chunks: see flat_slices), and of out
         raw = np.dtype(RAW_DTYPES.get(dtype, "u1"))
         buf = np.empty(count, dtype=raw)
         self._pread(ch, memoryview(buf).cast("B"), st.start + first * raw.itemsize, fqn)
         if dtype in _TORCH_DTYPES:
             buf, dtype = _torch_decode(buf, dtype), "float32"
-        src = np.lib.stride_tricks.as_strided(buf, shape, tuple(s * buf.itemsize for s in st.strides),
-                                              writeable=False)
+        src = np.lib.stride_tricks.as_strided(buf, shape, tuple(s * buf.itemsize for s in st.strides), writeable=False)
         to_float32(dtype, src, dst)
 
     def close(self) -> None:

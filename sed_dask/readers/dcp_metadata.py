@@ -24,6 +24,7 @@ Two steps, both building nothing but inert data:
   except those strings, so its tensors, chunks and storage are the template's, exactly. Anything
   else is parsed in full. Both paths read and check every byte of every file.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -42,10 +43,33 @@ from sed_dask.errors import CheckpointError
 _MD = "torch.distributed.checkpoint.metadata"
 _FS = "torch.distributed.checkpoint.filesystem"
 #: attribute names of the metadata dataclasses (strings that must never change in a differential parse)
-_FIELDS = ("state_dict_metadata", "planner_data", "storage_data", "storage_meta", "version", "properties", "size",
-           "chunks", "offsets", "sizes", "fqn", "offset", "index", "relative_path", "length",
-           "transform_descriptors", "checkpoint_id", "save_id", "load_id", "modules", "dtype", "layout",
-           "requires_grad", "memory_format", "pin_memory")
+_FIELDS = (
+    "state_dict_metadata",
+    "planner_data",
+    "storage_data",
+    "storage_meta",
+    "version",
+    "properties",
+    "size",
+    "chunks",
+    "offsets",
+    "sizes",
+    "fqn",
+    "offset",
+    "index",
+    "relative_path",
+    "length",
+    "transform_descriptors",
+    "checkpoint_id",
+    "save_id",
+    "load_id",
+    "modules",
+    "dtype",
+    "layout",
+    "requires_grad",
+    "memory_format",
+    "pin_memory",
+)
 
 
 class _Sealed(type):
@@ -102,16 +126,46 @@ class PathValue(tuple):
         return head + "/".join(rest) if head.endswith(("/", "\\")) else "/".join(self)
 
 
-_STAND_INS = {name: _Sealed(name, (_Record,), {"__module__": __name__})
-              for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-                           "StorageMeta", "MetadataIndex", "_StorageInfo")}
-_GLOBALS = {(_MD, n): _STAND_INS[n] for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
-                                                "ChunkStorageMetadata", "StorageMeta", "MetadataIndex")}
-_GLOBALS.update({(_MD, "TensorProperties"): _Properties, (_MD, "_MEM_FORMAT_ENCODING"): int,
-                 (_FS, "_StorageInfo"): _STAND_INS["_StorageInfo"], ("torch", "Size"): tuple,
-                 ("torch.serialization", "_get_layout"): str, ("collections", "OrderedDict"): dict})
-_GLOBALS.update({(mod, cls): _PathParts for mod in ("pathlib", "pathlib._local")
-                 for cls in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path", "PurePath")})
+_STAND_INS = {
+    name: _Sealed(name, (_Record,), {"__module__": __name__})
+    for name in (
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "StorageMeta",
+        "MetadataIndex",
+        "_StorageInfo",
+    )
+}
+_GLOBALS = {
+    (_MD, n): _STAND_INS[n]
+    for n in (
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "StorageMeta",
+        "MetadataIndex",
+    )
+}
+_GLOBALS.update(
+    {
+        (_MD, "TensorProperties"): _Properties,
+        (_MD, "_MEM_FORMAT_ENCODING"): int,
+        (_FS, "_StorageInfo"): _STAND_INS["_StorageInfo"],
+        ("torch", "Size"): tuple,
+        ("torch.serialization", "_get_layout"): str,
+        ("collections", "OrderedDict"): dict,
+    }
+)
+_GLOBALS.update(
+    {
+        (mod, cls): _PathParts
+        for mod in ("pathlib", "pathlib._local")
+        for cls in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path", "PurePath")
+    }
+)
 _DTYPES: dict[str, DTypeName] = {}
 
 
@@ -175,10 +229,15 @@ def _record(md, where: str) -> MetadataRecord:
     f = md.__dict__
     sdm, storage = f.get("state_dict_metadata"), f.get("storage_data")
     if type(sdm) is not dict or type(storage) is not dict:
-        raise CheckpointError(f"{where}: DCP metadata without state_dict_metadata/storage_data mappings "
-                              f"(written by a custom storage writer?)")
-    tcls, bcls, ccls = _STAND_INS["TensorStorageMetadata"], _STAND_INS["BytesStorageMetadata"], \
-        _STAND_INS["ChunkStorageMetadata"]
+        raise CheckpointError(
+            f"{where}: DCP metadata without state_dict_metadata/storage_data mappings "
+            f"(written by a custom storage writer?)"
+        )
+    tcls, bcls, ccls = (
+        _STAND_INS["TensorStorageMetadata"],
+        _STAND_INS["BytesStorageMetadata"],
+        _STAND_INS["ChunkStorageMetadata"],
+    )
     tensors, others = {}, []
     for fqn, m in sdm.items():
         if type(fqn) is not str:
@@ -214,8 +273,10 @@ def _record(md, where: str) -> MetadataRecord:
     out = {}
     for idx, info in storage.items():
         try:
-            ix, sf = _fields(idx, "MetadataIndex", "a storage_data key"), _fields(info, "_StorageInfo",
-                                                                                 "a storage_data value")
+            ix, sf = (
+                _fields(idx, "MetadataIndex", "a storage_data key"),
+                _fields(info, "_StorageInfo", "a storage_data value"),
+            )
             fqn, off = ix.get("fqn"), ix.get("offset")
             if type(fqn) is not str:
                 raise ValueError("a storage_data key has no fqn")
@@ -232,8 +293,15 @@ def _record(md, where: str) -> MetadataRecord:
         out[(fqn, off)] = (rel, start, length, tuple(tr))
     del icls, scls
     pd = f.get("planner_data")
-    planner = {k: tuple(v) for k, v in pd.items() if type(k) is str and type(v) in (tuple, list)
-               and all(type(p) in (str, int) for p in v)} if type(pd) is dict else {}
+    planner = (
+        {
+            k: tuple(v)
+            for k, v in pd.items()
+            if type(k) is str and type(v) in (tuple, list) and all(type(p) in (str, int) for p in v)
+        }
+        if type(pd) is dict
+        else {}
+    )
     sm = f.get("storage_meta")
     meta = {}
     if type(sm) is _STAND_INS["StorageMeta"]:
@@ -277,12 +345,15 @@ def _parse(raw: bytes, where: str) -> MetadataRecord:
     try:
         md = _Unpickler(io.BytesIO(raw), fix_imports=False).load()
     except _Refused as exc:
-        raise CheckpointError(f"{where}: refused or unreadable DCP metadata: {exc} (a DCP .metadata may hold only "
-                              f"torch.distributed.checkpoint's metadata classes; this one pickles something "
-                              f"else, refused for safety)") from None
+        raise CheckpointError(
+            f"{where}: refused or unreadable DCP metadata: {exc} (a DCP .metadata may hold only "
+            f"torch.distributed.checkpoint's metadata classes; this one pickles something "
+            f"else, refused for safety)"
+        ) from None
     except Exception as exc:  # noqa: BLE001  truncated, corrupt, or a stand-in used the wrong way (BUILD on a class, ...)
-        raise CheckpointError(f"{where}: not a DCP metadata pickle (truncated or corrupt?): "
-                              f"{type(exc).__name__}: {exc}") from None
+        raise CheckpointError(
+            f"{where}: not a DCP metadata pickle (truncated or corrupt?): {type(exc).__name__}: {exc}"
+        ) from None
     return _record(md, where)
 
 

@@ -4,6 +4,7 @@ Both ``model.safetensors.index.json`` (safetensors shards) and ``pytorch_model.b
 (``torch.save`` shards) are read; each shard is opened lazily by the reader for its format, so a
 task touching two tensors opens at most the shards that hold them.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,7 @@ def _read_weight_map(index: str) -> dict[str, str]:
 def weight_map(index: str) -> dict[str, str]:
     """``{tensor: shard file}`` of an index, parsed once per process for unchanged size and mtime."""
     try:
-        return _INDEXES.for_file(index, lambda _key: _read_weight_map(index),
-                                 size=lambda wm: approx_nbytes((wm, 200)))
+        return _INDEXES.for_file(index, lambda _key: _read_weight_map(index), size=lambda wm: approx_nbytes((wm, 200)))
     except FileNotFoundError:
         raise CheckpointError(f"sharded checkpoint index {index} does not exist") from None
     except OSError as exc:
@@ -96,8 +96,9 @@ class ShardedReader(ReaderBase):
                 have = self._sub(shard).tensors()
                 for name in (n for n, s in self.weight_map.items() if s == shard):
                     if name not in have:
-                        raise CheckpointError(f"{self.index_file}: tensor {name!r} is mapped to shard "
-                                              f"{shard}, which does not contain it")
+                        raise CheckpointError(
+                            f"{self.index_file}: tensor {name!r} is mapped to shard {shard}, which does not contain it"
+                        )
                     infos[name] = have[name]
             self._infos = infos
         return self._infos

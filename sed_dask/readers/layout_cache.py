@@ -11,6 +11,7 @@ layouts of a few hundred tensors each), not a count.
 Concurrent first opens of one file wait for a single build; a layout is cached under its file's
 identity (real path, size, mtime) only if the file did not change while it was built.
 """
+
 from __future__ import annotations
 
 import collections
@@ -57,8 +58,14 @@ class LayoutCache:
         self._bytes = 0
         self._building: dict[Hashable, threading.Lock] = {}
 
-    def get(self, key: Hashable, build: Callable[[], object], *, size: Callable[[object], int],
-            still_valid: Callable[[], bool] = lambda: True):
+    def get(
+        self,
+        key: Hashable,
+        build: Callable[[], object],
+        *,
+        size: Callable[[object], int],
+        still_valid: Callable[[], bool] = lambda: True,
+    ):
         """The cached layout of ``key``, else ``build()`` (once, however many threads ask)."""
         with self._lock:
             hit = self._hit(key)

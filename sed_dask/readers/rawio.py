@@ -6,6 +6,7 @@ bit-identical across formats: which stored dtypes are read raw, how each becomes
 shifting its bits, the rest by numpy's casts, which match torch's ``copy_``), and how a zip
 entry's data offset is found (from its *local* header, whatever padding the writer used).
 """
+
 from __future__ import annotations
 
 import os
@@ -15,9 +16,21 @@ from collections.abc import Callable
 import numpy as np
 
 #: torch dtype name -> little-endian numpy dtype of the stored bytes (bfloat16 as its bit pattern)
-RAW_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "float64": "<f8", "int64": "<i8",
-              "int32": "<i4", "int16": "<i2", "int8": "i1", "uint64": "<u8", "uint32": "<u4", "uint16": "<u2",
-              "uint8": "u1", "bool": "?"}
+RAW_DTYPES = {
+    "float32": "<f4",
+    "float16": "<f2",
+    "bfloat16": "<u2",
+    "float64": "<f8",
+    "int64": "<i8",
+    "int32": "<i4",
+    "int16": "<i2",
+    "int8": "i1",
+    "uint64": "<u8",
+    "uint32": "<u4",
+    "uint16": "<u2",
+    "uint8": "u1",
+    "bool": "?",
+}
 #: elements converted per positioned read for dtypes other than float32 (bounds the temporary)
 PIECE = 1 << 20
 ZIP_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zip local file header (30 bytes)
@@ -56,8 +69,14 @@ def to_float32(dtype: str, src: np.ndarray, dst: np.ndarray) -> None:
             dst[...] = src  # numpy casts f16/f64/int/bool to float32 as torch's copy_ does
 
 
-def read_float32(pread: Callable[[memoryview, int], None], dtype: str, start: int, out: np.ndarray, *,
-                 decode: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+def read_float32(
+    pread: Callable[[memoryview, int], None],
+    dtype: str,
+    start: int,
+    out: np.ndarray,
+    *,
+    decode: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> None:
     """``out`` (contiguous float32) <- ``out.size`` values of ``dtype`` stored from byte ``start``.
 
     ``pread(view, offset)`` fills a byte view or raises. float32 is read straight into ``out``;

@@ -13,6 +13,7 @@ into the float32 output (other dtypes through a bounded source-dtype buffer, the
 Other dtypes (float8, float4) go through ``safe_open(framework="pt")`` + ``get_slice``, which is
 also available for every dtype with ``method="safe_open"``.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,15 +30,41 @@ from sed_dask.readers.rawio import RAW_DTYPES, pread_full, read_float32
 
 #: safetensors dtype code -> (torch dtype name, bytes per element or None when sub-byte)
 DTYPES = {
-    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
-    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1), "F8_E8M0": ("float8_e8m0fnu", 1),
-    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
-    "U64": ("uint64", 8), "U32": ("uint32", 4), "U16": ("uint16", 2), "U8": ("uint8", 1),
-    "BOOL": ("bool", 1), "C64": ("complex64", 8), "F4": ("float4_e2m1fn_x2", None),
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "F8_E8M0": ("float8_e8m0fnu", 1),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U64": ("uint64", 8),
+    "U32": ("uint32", 4),
+    "U16": ("uint16", 2),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "C64": ("complex64", 8),
+    "F4": ("float4_e2m1fn_x2", None),
 }
 MAX_HEADER = 100_000_000
-_NUMPY_DTYPES = {"float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint64", "uint32", "uint16",
-                 "uint8", "bool", "complex64"}
+_NUMPY_DTYPES = {
+    "float64",
+    "float32",
+    "float16",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint64",
+    "uint32",
+    "uint16",
+    "uint8",
+    "bool",
+    "complex64",
+}
 
 
 def _read_header(path: str):
@@ -50,8 +77,9 @@ def _read_header(path: str):
                 raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER or n > size - 8:
-                raise CheckpointError(f"{path}: not a safetensors file or truncated "
-                                      f"(header length {n} for a {size}-byte file)")
+                raise CheckpointError(
+                    f"{path}: not a safetensors file or truncated (header length {n} for a {size}-byte file)"
+                )
             raw = f.read(n)
         header = json.loads(raw)
     except CheckpointError:
@@ -74,14 +102,17 @@ def _read_header(path: str):
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}: {d!r}") from exc
         if item is not None and e - b != math.prod(shape) * item:
-            raise CheckpointError(f"{path}: tensor {name!r} spans {e - b} bytes, its shape {shape} "
-                                  f"and dtype {d['dtype']} need {math.prod(shape) * item}")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} spans {e - b} bytes, its shape {shape} "
+                f"and dtype {d['dtype']} need {math.prod(shape) * item}"
+            )
         infos[name] = TensorInfo(dtype, shape)
         offsets[name] = 8 + n + b
         end = max(end, e)
     if 8 + n + end > size:
-        raise CheckpointError(f"{path}: truncated safetensors file: the header promises {8 + n + end} bytes, "
-                              f"the file holds {size}")
+        raise CheckpointError(
+            f"{path}: truncated safetensors file: the header promises {8 + n + end} bytes, the file holds {size}"
+        )
     return infos, meta, offsets
 
 
@@ -93,8 +124,7 @@ _HEADERS = LayoutCache()
 def cached_header(path: str):
     """``_read_header(path)``, parsed once per process for a file of unchanged size and mtime."""
     try:
-        return _HEADERS.for_file(path, lambda _key: _read_header(path),
-                                 size=lambda h: approx_nbytes((h[0], 300)))
+        return _HEADERS.for_file(path, lambda _key: _read_header(path), size=lambda h: approx_nbytes((h[0], 300)))
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {path} does not exist") from None
     except OSError as exc:
@@ -163,8 +193,10 @@ class SafetensorsReader(ReaderBase):
 
         def pread(view, at):
             if not pread_full(self._fd, view, at):
-                raise CheckpointError(f"{self.path}: truncated: tensor {name!r} ends before element {hi} "
-                                      f"(file shorter than its header says)")
+                raise CheckpointError(
+                    f"{self.path}: truncated: tensor {name!r} ends before element {hi} "
+                    f"(file shorter than its header says)"
+                )
 
         read_float32(pread, info.dtype, self._offsets[name] + lo * raw.itemsize, out)
 
@@ -178,8 +210,10 @@ class SafetensorsReader(ReaderBase):
             def put(a, b, piece):
                 dst[a:b].copy_(piece.reshape(-1))
         else:
+
             def put(a, b, piece):
                 out[a:b] = piece.reshape(-1)  # numpy casts f16/f64/int/bool to float32 here
+
         if not info.shape:
             put(0, 1, f.get_tensor(name))
             return

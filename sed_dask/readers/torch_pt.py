@@ -20,6 +20,7 @@ dtypes numpy cannot read (float8, complex32...) are read through the mapping as 
 Legacy (non-zip) files cannot be mapped; they are loaded whole, once per process (a one-entry
 cache), which is the best that format allows.
 """
+
 from __future__ import annotations
 
 import collections
@@ -63,8 +64,10 @@ def find_state_dict(obj, path: str) -> dict:
             return {str(k): v for k, v in sub.items() if _is_tensor(v)}
     top = {str(k): v for k, v in obj.items() if _is_tensor(v)}
     if not top:
-        raise CheckpointError(f"{path}: no tensors found at the top level or under "
-                              f"{'/'.join(STATE_DICT_KEYS)} (top-level keys: {list(obj)[:10]})")
+        raise CheckpointError(
+            f"{path}: no tensors found at the top level or under "
+            f"{'/'.join(STATE_DICT_KEYS)} (top-level keys: {list(obj)[:10]})"
+        )
     return top
 
 
@@ -114,10 +117,13 @@ def _load_error(path: str, exc: Exception) -> CheckpointError:
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     hint = ""
     if "weights_only" in str(exc) or "Weights only load failed" in str(exc):
-        hint = (" (the file pickles objects that weights_only=True refuses; allow-list them with "
-                "torch.serialization.add_safe_globals)")
-    return CheckpointError(f"cannot read checkpoint {path}: unreadable or truncated torch file: "
-                           f"{type(exc).__name__}: {msg}{hint}")
+        hint = (
+            " (the file pickles objects that weights_only=True refuses; allow-list them with "
+            "torch.serialization.add_safe_globals)"
+        )
+    return CheckpointError(
+        f"cannot read checkpoint {path}: unreadable or truncated torch file: {type(exc).__name__}: {msg}{hint}"
+    )
 
 
 def _tensor_infos(sd: dict) -> dict[str, TensorInfo]:
@@ -142,8 +148,14 @@ class Layout:
     __slots__ = ("key", "infos", "groups", "offsets", "legacy", "why", "step")
 
     def __init__(self, key, infos, groups, offsets, legacy, why, step=None):
-        self.key, self.infos, self.groups, self.offsets, self.legacy, self.why = \
-            key, infos, groups, offsets, legacy, why
+        self.key, self.infos, self.groups, self.offsets, self.legacy, self.why = (
+            key,
+            infos,
+            groups,
+            offsets,
+            legacy,
+            why,
+        )
         self.step = step  # the training step the file records about itself (None: none recorded)
 
 
@@ -230,8 +242,9 @@ def _storage_offsets(path: str, obj) -> tuple[dict[int, int] | None, str]:
     sets = {n: set(offs) for n, offs in entries.items()}
     fits = [b for b in fits if all(p - b in sets.get(n, ()) for p, n in storages.items())]
     if len(fits) != 1:
-        return None, ("storages are not views of one mapping of the file" if not fits
-                      else "storage offsets are ambiguous")
+        return None, (
+            "storages are not views of one mapping of the file" if not fits else "storage offsets are ambiguous"
+        )
     base = fits[0]
     located = {p: p - base for p in storages}
     if len(set(located.values())) != len(located):
@@ -250,8 +263,7 @@ def _build_layout(path: str, key: tuple) -> Layout:
         except Exception as exc2:
             raise _load_error(path, exc2) from exc2
         sd = find_state_dict(obj, path)
-        return Layout(key, _tensor_infos(sd), _shared_groups(sd), {}, True, "legacy (non-zip) file",
-                      recorded_step(obj))
+        return Layout(key, _tensor_infos(sd), _shared_groups(sd), {}, True, "legacy (non-zip) file", recorded_step(obj))
     except Exception as exc:
         raise _load_error(path, exc) from exc
     sd = find_state_dict(obj, path)
@@ -353,8 +365,10 @@ class TorchReader(ReaderBase):
         if offset is not None:
             self._pread_into(name, info, offset, lo, hi, out)
         elif self.method == "pread":
-            raise CheckpointError(f"{self.path}: tensor {name!r} cannot be read with positioned reads "
-                                  f"({self.layout.why or 'not located'})")
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} cannot be read with positioned reads "
+                f"({self.layout.why or 'not located'})"
+            )
         else:
             self._mmap_into(name, lo, hi, out)
 
@@ -369,15 +383,18 @@ class TorchReader(ReaderBase):
         if self._fd is None:
             fd = open_if_unchanged(self.path, self.layout.key[1:])
             if fd is None:
-                raise CheckpointError(f"{self.path}: the file changed since it was opened "
-                                      f"(size/mtime differ); open it again")
+                raise CheckpointError(
+                    f"{self.path}: the file changed since it was opened (size/mtime differ); open it again"
+                )
             self._fd = fd
         return self._fd
 
     def _pread(self, view: memoryview, offset: int, name: str, hi: int) -> None:
         if not pread_full(self._open_fd(), view, offset):
-            raise CheckpointError(f"{self.path}: truncated: tensor {name!r} ends before element {hi} "
-                                  f"(file shorter than its zip directory says)")
+            raise CheckpointError(
+                f"{self.path}: truncated: tensor {name!r} ends before element {hi} "
+                f"(file shorter than its zip directory says)"
+            )
 
     def _pread_into(self, name, info, offset, lo, hi, out):
         start = offset + lo * np.dtype(RAW_DTYPES[info.dtype]).itemsize

@@ -6,6 +6,7 @@ group already selected) plus the already-normalised inputs of :func:`sed_dask.re
 the helpers here also read per-run numbers from analysis outputs (Datasets from
 ``sed_dask.analysis``, DataFrames or plain mappings).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,14 +20,28 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator
 
-__all__ = ["spectrum_figure", "edge_phases_figure", "edge_val_loss_figure", "lag_figure", "warning_figure",
-           "signals_figure", "noise_figure", "phase_intervals", "run_value"]
+__all__ = [
+    "spectrum_figure",
+    "edge_phases_figure",
+    "edge_val_loss_figure",
+    "lag_figure",
+    "warning_figure",
+    "signals_figure",
+    "noise_figure",
+    "phase_intervals",
+    "run_value",
+]
 
 PHASE_COLORS = {"rise": "#9ecae1", "plateau": "#a1d99b", "collapse": "#fdae6b", "rebound": "#d9b3ff"}
 C_EDGE, C_LOSS, C_ACC, C_EVENT, C_ONSET = "#1f4e9a", "#c0392b", "#2e8b57", "#6a1b9a", "#e67e22"
 EDGE_LABEL = r"edge ratio $\sigma_{k^*}/\sigma_{k^*+1}$"
-NICE = {"edge_ratio": EDGE_LABEL, "val_loss": "validation loss", "val_acc": "validation accuracy",
-        "edge_gap": r"edge gap $\sigma_{k^*}-\sigma_{k^*+1}$", "drift_speed": "drift speed"}
+NICE = {
+    "edge_ratio": EDGE_LABEL,
+    "val_loss": "validation loss",
+    "val_acc": "validation accuracy",
+    "edge_gap": r"edge gap $\sigma_{k^*}-\sigma_{k^*+1}$",
+    "drift_speed": "drift speed",
+}
 
 _STEPS_FMT = FuncFormatter(lambda x, _: f"{x / 1000:g}k" if abs(x) >= 1000 else f"{x:g}")
 
@@ -120,8 +135,14 @@ def _fig_legend(fig, axes, ncol: int = 4):
         for h, lab in zip(*a.get_legend_handles_labels()):
             seen.setdefault(lab, h)
     if seen:
-        fig.legend(list(seen.values()), list(seen.keys()), loc="outside lower center",
-                   ncol=min(ncol, len(seen)), fontsize=9, frameon=False)
+        fig.legend(
+            list(seen.values()),
+            list(seen.keys()),
+            loc="outside lower center",
+            ncol=min(ncol, len(seen)),
+            fontsize=9,
+            frameon=False,
+        )
 
 
 def _runs_grid(n: int, height: float = 2.5, width: float = 10.0):
@@ -149,11 +170,17 @@ def spectrum_figure(ds, *, run, step, window) -> Figure:
     a1, a2 = fig.subplots(1, 2)
     a1.bar(j[above], sig[above], color=C_EDGE, label=r"$\sigma_j$ above the noise floor")
     a1.bar(j[~above], sig[~above], color="#bbbbbb", label=r"$\sigma_j$ below the noise floor")
-    a1.bar([ks, ks + 1], sig[[ks - 1, ks]], color="none", edgecolor=C_ONSET, lw=2.4,
-           label=rf"edge pair $\sigma_{{{ks}}}, \sigma_{{{ks + 1}}}$")
+    a1.bar(
+        [ks, ks + 1],
+        sig[[ks - 1, ks]],
+        color="none",
+        edgecolor=C_ONSET,
+        lw=2.4,
+        label=rf"edge pair $\sigma_{{{ks}}}, \sigma_{{{ks + 1}}}$",
+    )
     a1.axhline(floor, color=C_LOSS, ls="--", lw=1.5, label=rf"MP noise floor $\sigma_{{MP}}$ = {floor:.3g}")
     pos = sig[sig > 0]
-    if pos.size and pos.max() / pos.min() > 20:       # log only when the values span decades
+    if pos.size and pos.max() / pos.min() > 20:  # log only when the values span decades
         a1.set_yscale("log")
         a1.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         a1.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
@@ -164,9 +191,8 @@ def spectrum_figure(ds, *, run, step, window) -> Figure:
     a1.set_title("Singular values of the window" + (" (log scale)" if a1.get_yscale() == "log" else ""))
     a1.legend(fontsize=8.5, loc="upper right")
     k = np.arange(1, rho.size + 1)
-    ok = sig[1:] >= floor               # ratio k is informative only if σ_{k+1} is above the floor
-    bars = a2.bar(k, rho, color=np.where(ok, "#6baed6", "#e0e0e0"),
-                  edgecolor=np.where(ok, "#3182bd", "#9e9e9e"))
+    ok = sig[1:] >= floor  # ratio k is informative only if σ_{k+1} is above the floor
+    bars = a2.bar(k, rho, color=np.where(ok, "#6baed6", "#e0e0e0"), edgecolor=np.where(ok, "#3182bd", "#9e9e9e"))
     for b, good in zip(bars, ok):
         if not good:
             b.set_hatch("///")
@@ -174,9 +200,16 @@ def spectrum_figure(ds, *, run, step, window) -> Figure:
     bars[ks - 1].set_edgecolor("black")
     # keep the label inside the axes when the edge is the first or the last ratio
     ha, dx = ("left", -8) if ks == 1 else (("right", 8) if ks == rho.size else ("center", 0))
-    a2.annotate(f"$k^*$ = {ks}\n" + rf"$\sigma_{{{ks}}}/\sigma_{{{ks + 1}}}$ = {rho[ks - 1]:.3f}",
-                xy=(ks, rho[ks - 1]), xytext=(dx, 6), textcoords="offset points", ha=ha,
-                va="bottom", fontsize=9.5, fontweight="bold")
+    a2.annotate(
+        f"$k^*$ = {ks}\n" + rf"$\sigma_{{{ks}}}/\sigma_{{{ks + 1}}}$ = {rho[ks - 1]:.3f}",
+        xy=(ks, rho[ks - 1]),
+        xytext=(dx, 6),
+        textcoords="offset points",
+        ha=ha,
+        va="bottom",
+        fontsize=9.5,
+        fontweight="bold",
+    )
     if "mp_adjacent_ratio" in ds.coords:
         mp = float(ds["mp_adjacent_ratio"].sel(window=W))
         a2.axhline(mp, color=C_LOSS, ls=":", lw=1.5, label=f"MP noise-level ratio $1+2W^{{-2/3}}$ = {mp:.3f}")
@@ -188,10 +221,11 @@ def spectrum_figure(ds, *, run, step, window) -> Figure:
     a2.set_ylabel(r"consecutive ratio $\rho_k$  [1]")
     a2.set_title("Consecutive ratios: $k^*$ = argmax above the floor")
     handles, _ = a2.get_legend_handles_labels()
-    handles += [Patch(facecolor="#6baed6", edgecolor="#3182bd", label=r"$\sigma_{k+1}$ above the floor"),
-                Patch(facecolor="#e0e0e0", edgecolor="#9e9e9e", hatch="///",
-                      label=r"$\sigma_{k+1}$ below the floor (noise)"),
-                Patch(facecolor=C_ONSET, edgecolor="black", label="spectral edge $k^*$")]
+    handles += [
+        Patch(facecolor="#6baed6", edgecolor="#3182bd", label=r"$\sigma_{k+1}$ above the floor"),
+        Patch(facecolor="#e0e0e0", edgecolor="#9e9e9e", hatch="///", label=r"$\sigma_{k+1}$ below the floor (noise)"),
+        Patch(facecolor=C_ONSET, edgecolor="black", label="spectral edge $k^*$"),
+    ]
     a2.legend(handles=handles, fontsize=8.5, loc="upper right")
     fig.suptitle(f"Window spectrum: run {run}, W = {W}, window ending at step {int(step):,}", fontsize=12)
     return fig
@@ -217,8 +251,15 @@ def edge_phases_figure(ds, *, runs, window, phases=None, events=None, collapse=N
         label_k.add(k)
         for name, s0, s1 in phase_intervals(phases, r, W, st):
             ax.axvspan(s0, s1, color=PHASE_COLORS.get(name, "#eeeeee"), alpha=0.5, lw=0, label=f"{name} phase")
-        ax.plot(st, e, color=C_EDGE, lw=1.8, marker="o", ms=2.5,
-                label=rf"edge $\sigma_k/\sigma_{{k+1}}$ at fixed k (mode of $k^*$), W={W}")
+        ax.plot(
+            st,
+            e,
+            color=C_EDGE,
+            lw=1.8,
+            marker="o",
+            ms=2.5,
+            label=rf"edge $\sigma_k/\sigma_{{k+1}}$ at fixed k (mode of $k^*$), W={W}",
+        )
         tau = run_value(phases, "tau_value", r, W)
         if not np.isfinite(tau) and "mp_adjacent_ratio" in ds.coords:
             tau = float(ds["mp_adjacent_ratio"].sel(window=W))
@@ -227,8 +268,12 @@ def edge_phases_figure(ds, *, runs, window, phases=None, events=None, collapse=N
         c = run_value(phases if phases is not None else collapse, "collapse_step", r, W)
         _vline(ax, c, C_LOSS, "collapse step (edge < tau, 2 windows)", ":")
         for i, (name, s) in enumerate(sorted(events.get(r, {}).items())):
-            _vline(ax, s, C_EVENT if name == "grok" else f"C{i + 4}",
-                   "grok step (val acc ≥ 0.9)" if name == "grok" else f"{name} step")
+            _vline(
+                ax,
+                s,
+                C_EVENT if name == "grok" else f"C{i + 4}",
+                "grok step (val acc ≥ 0.9)" if name == "grok" else f"{name} step",
+            )
         ax.set_ylabel("edge  [1]")
         ax.set_title(f"run {r}" + (f"  (k = {k:.0f})" if np.isfinite(k) else ""), loc="left", fontsize=10)
         if e.size and e.max() / max(e.min(), 1e-12) > 8:
@@ -269,8 +314,9 @@ def edge_val_loss_figure(ds, *, runs, window, events=None) -> Figure:
     return fig
 
 
-def lag_figure(r_da: xr.DataArray, *, runs, windows, spacing=None, computed_here: bool = False,
-               peaks: xr.Dataset | None = None) -> Figure:
+def lag_figure(
+    r_da: xr.DataArray, *, runs, windows, spacing=None, computed_here: bool = False, peaks: xr.Dataset | None = None
+) -> Figure:
     """r(ℓ) per W. A filled star marks a peak that is resolved (inside the lag grid) and significant
     (``peaks``: a lag sweep with peak_resolved / peak_significant); a hollow one a peak that is not:
     only filled stars can make a lag flip."""
@@ -297,10 +343,25 @@ def lag_figure(r_da: xr.DataArray, *, runs, windows, spacing=None, computed_here
                 sig = bool(run_value(peaks, "peak_significant", r, W)) if "peak_significant" in peaks else True
                 ok = res and sig
                 what = "" if ok else (" (grid edge: unresolved)" if not res else " (not significant)")
-            ax.plot(lags, y, color=c, lw=1.8, marker="o", ms=3.5,
-                    label=f"W={W}: peak {int(lags[p]):+d}{what}".replace("-", "−"))
-            ax.plot(lags[p], y[p], marker="*", ms=15, color=c if ok else "white", markeredgecolor="black",
-                    markeredgewidth=1.2, ls="none")
+            ax.plot(
+                lags,
+                y,
+                color=c,
+                lw=1.8,
+                marker="o",
+                ms=3.5,
+                label=f"W={W}: peak {int(lags[p]):+d}{what}".replace("-", "−"),
+            )
+            ax.plot(
+                lags[p],
+                y[p],
+                marker="*",
+                ms=15,
+                color=c if ok else "white",
+                markeredgecolor="black",
+                markeredgewidth=1.2,
+                ls="none",
+            )
         ax.axvline(0, color="black", lw=0.9)
         ax.axhline(0, color="grey", lw=0.7)
         ax.set_title(f"run {r}", loc="left", fontsize=10)
@@ -316,20 +377,43 @@ def lag_figure(r_da: xr.DataArray, *, runs, windows, spacing=None, computed_here
         ax.set_visible(False)
     for ax in axes[::cols]:
         ax.set_ylabel("Pearson r(edge ratio, val loss)  [1]")
-    fig.suptitle("Lagged correlation of the edge ratio with validation loss, per W\n"
-                 "(a lag flip = filled-star peaks of opposite sign)", fontsize=11.5)
+    fig.suptitle(
+        "Lagged correlation of the edge ratio with validation loss, per W\n"
+        "(a lag flip = filled-star peaks of opposite sign)",
+        fontsize=11.5,
+    )
     if computed_here:
-        fig.text(0.01, 0.0, "r computed by the report (cubic detrend on exact-step pairs, docs/method.md §6); "
-                 "ℓ > 0: edge at t vs val loss at t+ℓ", fontsize=8, color="dimgrey", va="bottom")
+        fig.text(
+            0.01,
+            0.0,
+            "r computed by the report (cubic detrend on exact-step pairs, docs/method.md §6); "
+            "ℓ > 0: edge at t vs val loss at t+ℓ",
+            fontsize=8,
+            color="dimgrey",
+            va="bottom",
+        )
     return fig
 
 
-_DET_STYLE = {"below_noise": ("#c0392b", "-"), "peak_drop": ("#e67e22", "--"), "cusum": ("#8e44ad", "-."),
-              "onset": (C_ONSET, "-")}
+_DET_STYLE = {
+    "below_noise": ("#c0392b", "-"),
+    "peak_drop": ("#e67e22", "--"),
+    "cusum": ("#8e44ad", "-."),
+    "onset": (C_ONSET, "-"),
+}
 
 
-def warning_figure(ds, *, runs, window, variable="edge_ratio", events=None, warning=None,
-                   collapse=None, alarms: xr.Dataset | None = None) -> Figure:
+def warning_figure(
+    ds,
+    *,
+    runs,
+    window,
+    variable="edge_ratio",
+    events=None,
+    warning=None,
+    collapse=None,
+    alarms: xr.Dataset | None = None,
+) -> Figure:
     """The watched edge with each causal detector's first alarm and the grokking step; the lead from
     the earliest alarm to grokking is shaded. Alarm labels sit at staggered heights so that alarms at
     the same step stay readable. Without ``alarms``: ``warning`` onsets (or the collapse)."""
@@ -351,7 +435,7 @@ def warning_figure(ds, *, runs, window, variable="edge_ratio", events=None, warn
         ax.plot(st, x, color=C_EDGE, lw=1.8, label=label)
         ax.set_ylabel("edge  [1]", color=C_EDGE)
         ax.tick_params(axis="y", colors=C_EDGE)
-        marks = []        # (step, name)
+        marks = []  # (step, name)
         if alarms is not None:
             a = alarms["alarm_step"].sel(run=r, window=W)
             if "group" in a.dims:
@@ -375,21 +459,39 @@ def warning_figure(ds, *, runs, window, variable="edge_ratio", events=None, warn
             if metric == "val_acc":
                 ax2.set_ylim(-0.03, 1.08)
         top = all_axes[-1] if metric else ax
-        if np.isfinite(grok):    # wide and pale, under the alarms: an alarm at the grok step stays visible
+        if np.isfinite(grok):  # wide and pale, under the alarms: an alarm at the grok step stays visible
             ax.axvline(grok, color=C_EVENT, lw=5, alpha=0.3, zorder=1, label="grok step (val acc ≥ 0.9)")
         for i, (step, name) in enumerate(sorted(marks)):
             color, ls = _DET_STYLE.get(name, (C_ONSET, "-"))
             ax.axvline(step, color=color, ls=ls, lw=1.6, zorder=3, label=f"first alarm: {name}")
-            top.text(step, 0.96 - 0.13 * i, f" {name} @ {step:,.0f}", transform=top.get_xaxis_transform(), ha="left",
-                     va="top", fontsize=8, color=color, zorder=4,
-                     bbox=dict(facecolor="white", alpha=0.8, edgecolor="none", pad=0.8))
+            top.text(
+                step,
+                0.96 - 0.13 * i,
+                f" {name} @ {step:,.0f}",
+                transform=top.get_xaxis_transform(),
+                ha="left",
+                va="top",
+                fontsize=8,
+                color=color,
+                zorder=4,
+                bbox=dict(facecolor="white", alpha=0.8, edgecolor="none", pad=0.8),
+            )
         first = min((s for s, _ in marks), default=math.nan)
         if np.isfinite(first) and np.isfinite(grok):
             ax.axvspan(min(first, grok), max(first, grok), color=C_ONSET, alpha=0.12, lw=0)
             lead = grok - first
             txt = f"lead = {lead:,.0f} steps" + (" (alarm after grokking)" if lead < 0 else "")
-            top.text(0.99, 0.04, txt.replace("-", "−"), transform=top.transAxes, ha="right", va="bottom",
-                     fontsize=9.5, fontweight="bold", bbox=dict(facecolor="white", alpha=0.85, edgecolor="none"))
+            top.text(
+                0.99,
+                0.04,
+                txt.replace("-", "−"),
+                transform=top.transAxes,
+                ha="right",
+                va="bottom",
+                fontsize=9.5,
+                fontweight="bold",
+                bbox=dict(facecolor="white", alpha=0.85, edgecolor="none"),
+            )
         elif not marks:
             top.text(0.99, 0.04, "no alarm", transform=top.transAxes, ha="right", va="bottom", fontsize=9.5)
         ax.set_title(f"run {r}", loc="left", fontsize=10)
@@ -432,17 +534,25 @@ def noise_figure(summary: xr.Dataset, *, runs, window, events=None) -> Figure:
             _vline(ax, float(s["pc2_emerge_step"]), "#2980b9", "PC2 rises above its null", "--")
         _vline(ax, t, C_LOSS, "noise transition (PC2 falls back into the null)", ":")
         if kind != 1:
-            ax.text(0.99, 0.92, {0: "no transition: PC2 never held above its null (2 windows)",
-                                 2: "no transition: PC2 stays above its null"}.get(kind, ""),
-                    transform=ax.transAxes, ha="right", va="top", fontsize=9,
-                    bbox=dict(facecolor="white", alpha=0.85, edgecolor="none"))
+            ax.text(
+                0.99,
+                0.92,
+                {
+                    0: "no transition: PC2 never held above its null (2 windows)",
+                    2: "no transition: PC2 stays above its null",
+                }.get(kind, ""),
+                transform=ax.transAxes,
+                ha="right",
+                va="top",
+                fontsize=9,
+                bbox=dict(facecolor="white", alpha=0.85, edgecolor="none"),
+            )
         _vline(ax, events.get(r, {}).get("grok"), C_EVENT, "grok step (val acc ≥ 0.9)")
         ax.set_title(f"run {r}", loc="left", fontsize=10)
         ax.grid(alpha=0.3)
     _step_axis(axes[-1])
     _fig_legend(fig, all_axes, ncol=3)
-    fig.suptitle(f"Is PC2 signal? PC2 vs a random-direction null and its split-half stability, W = {W}",
-                 fontsize=12)
+    fig.suptitle(f"Is PC2 signal? PC2 vs a random-direction null and its split-half stability, W = {W}", fontsize=12)
     return fig
 
 
@@ -470,8 +580,14 @@ def signals_figure(ds, *, runs, window, signals: pd.DataFrame, events=None) -> F
             all_axes.append(ax2)
             sg, g = finite(ds["g23"].sel(run=r, window=W))
             pos = g > 0
-            ax2.plot(sg[pos], g[pos], color="#7f8c8d", lw=1.2, alpha=0.8,
-                     label=r"$g_{23}=\sigma_2^2-\sigma_3^2$ (right axis, log)")
+            ax2.plot(
+                sg[pos],
+                g[pos],
+                color="#7f8c8d",
+                lw=1.2,
+                alpha=0.8,
+                label=r"$g_{23}=\sigma_2^2-\sigma_3^2$ (right axis, log)",
+            )
             ax2.set_yscale("log")
             ax2.set_ylabel(r"$g_{23}$", color="#7f8c8d")
         sel = signals[(signals["run"] == r) & (signals["window"] == W)]

@@ -3,6 +3,7 @@
 A report outlives the session that made it, so nothing here is a link to something transient (a
 dashboard, a temporary folder): paths are given as text, marked when they no longer exist.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -15,8 +16,19 @@ import sys
 
 import xarray as xr
 
-PACKAGES = ("sed_dask", "numpy", "scipy", "dask", "distributed", "zarr", "xarray", "pandas", "matplotlib", "torch",
-            "safetensors")
+PACKAGES = (
+    "sed_dask",
+    "numpy",
+    "scipy",
+    "dask",
+    "distributed",
+    "zarr",
+    "xarray",
+    "pandas",
+    "matplotlib",
+    "torch",
+    "safetensors",
+)
 
 
 def package_versions() -> dict[str, str]:
@@ -32,7 +44,7 @@ def package_versions() -> dict[str, str]:
 
 def _path_note(path: str) -> str:
     """The path as text, marked when a local one no longer exists (a report must not point at nothing)."""
-    local = path[len("file://"):] if path.startswith("file://") else path
+    local = path[len("file://") :] if path.startswith("file://") else path
     if not local or "://" in local or ";" in local:
         return path
     return path if os.path.exists(local) else f"{path} (no longer there)"
@@ -53,8 +65,7 @@ def provenance(ds: xr.Dataset, *, command: str | None = None, settings: dict | N
     rows = [
         ("data", _path_note(str(a.get("source_store", "")))),
         ("runs", _runs(ds)),
-        ("steps", f"{int(steps.min()):,} … {int(steps.max()):,} ({steps.size} update steps)" if steps.size
-         else "none"),
+        ("steps", f"{int(steps.min()):,} … {int(steps.max()):,} ({steps.size} update steps)" if steps.size else "none"),
         ("windows W", ", ".join(str(int(w)) for w in ds["window"].values)),
     ]
     if a.get("n_params"):
@@ -69,8 +80,12 @@ def provenance(ds: xr.Dataset, *, command: str | None = None, settings: dict | N
             rows.append(("parameter selection", "; ".join(sorted(pol))))
         except (TypeError, ValueError):
             pass
-    for key, label in (("precision", "Gram precision"), ("spectra_source", "spectra from"),
-                       ("sed_dask_version", "results written by sed_dask"), ("created", "results written at")):
+    for key, label in (
+        ("precision", "Gram precision"),
+        ("spectra_source", "spectra from"),
+        ("sed_dask_version", "results written by sed_dask"),
+        ("created", "results written at"),
+    ):
         if a.get(key) is not None:
             rows.append((label, str(a[key])))
     for k, v in (settings or {}).items():

@@ -44,6 +44,7 @@ Inputs (all optional, keyword-only):
 
 :func:`standard_analysis` computes all of these from a Dataset (the demo and ``sed-dask report``).
 """
+
 from __future__ import annotations
 
 import html
@@ -54,14 +55,35 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from sed_dask.report.figures import (base, edge_phases_figure, edge_val_loss_figure, finite, lag_figure, noise_figure,
-                      phase_intervals, run_value, signals_figure, spectrum_figure, warning_figure)
 from sed_dask.report.captions import caption
+from sed_dask.report.figures import (
+    base,
+    edge_phases_figure,
+    edge_val_loss_figure,
+    finite,
+    lag_figure,
+    noise_figure,
+    phase_intervals,
+    run_value,
+    signals_figure,
+    spectrum_figure,
+    warning_figure,
+)
 from sed_dask.report.provenance import provenance
 from sed_dask.store.outputs import ReportTarget
 
-__all__ = ["make_report", "FIGURES", "findings_table", "normalize_events", "phase_intervals",
-           "lag_correlation_simple", "standard_analysis", "warning_signals", "add_g23", "SIGNALS"]
+__all__ = [
+    "make_report",
+    "FIGURES",
+    "findings_table",
+    "normalize_events",
+    "phase_intervals",
+    "lag_correlation_simple",
+    "standard_analysis",
+    "warning_signals",
+    "add_g23",
+    "SIGNALS",
+]
 
 FIGURES = ("spectrum", "edge_phases", "edge_val_loss", "lag_flip", "early_warning")
 REQUIRED = ("sigma", "ratio", "k_star", "edge_ratio", "noise_floor")
@@ -87,8 +109,7 @@ def normalize_events(events, ds: xr.Dataset, runs) -> dict[str, dict[str, float]
         events = {idx: row.to_dict() for idx, row in events.iterrows()}
     for r, ev in events.items():
         if str(r) in out:
-            out[str(r)].update({str(k): float(v) for k, v in ev.items()
-                                if v is not None and np.isfinite(float(v))})
+            out[str(r)].update({str(k): float(v) for k, v in ev.items() if v is not None and np.isfinite(float(v))})
     return out
 
 
@@ -97,8 +118,9 @@ def _detrend(t: np.ndarray, v: np.ndarray) -> np.ndarray:
     return v - np.polyval(np.polyfit(tn, v, 3), tn)
 
 
-def lag_correlation_simple(ds: xr.Dataset, *, runs, windows, lags=range(-5, 8), variable="edge_ratio",
-                           target="val_loss", min_overlap: int = 6) -> xr.DataArray:
+def lag_correlation_simple(
+    ds: xr.Dataset, *, runs, windows, lags=range(-5, 8), variable="edge_ratio", target="val_loss", min_overlap: int = 6
+) -> xr.DataArray:
     """r(run, window, lag): cubic-detrended lagged Pearson r (docs/method.md §6.1–6.2).
 
     Only the report's fallback when no lag analysis is given: exact-step pairs, lags in the run's
@@ -118,13 +140,16 @@ def lag_correlation_simple(ds: xr.Dataset, *, runs, windows, lags=range(-5, 8), 
             x, y = _detrend(t, xv[ok]), _detrend(t, yv[ok])
             n = x.size
             for k, L in enumerate(lags):
-                a, b = (x[:n - L], y[L:]) if L >= 0 else (x[-L:], y[:n + L])
+                a, b = (x[: n - L], y[L:]) if L >= 0 else (x[-L:], y[: n + L])
                 if a.size >= min_overlap and a.std() > 0 and b.std() > 0:
                     out[i, j, k] = float(np.corrcoef(a, b)[0, 1])
-    return xr.DataArray(out, dims=("run", "window", "lag"),
-                        coords={"run": list(runs), "window": list(windows), "lag": lags}, name="r",
-                        attrs={"long_name": f"lagged Pearson r({variable}, {target}), cubic-detrended",
-                               "units": "1"})
+    return xr.DataArray(
+        out,
+        dims=("run", "window", "lag"),
+        coords={"run": list(runs), "window": list(windows), "lag": lags},
+        name="r",
+        attrs={"long_name": f"lagged Pearson r({variable}, {target}), cubic-detrended", "units": "1"},
+    )
 
 
 def _lag_r(lag, runs) -> xr.DataArray | None:
@@ -145,19 +170,33 @@ def _lag_r(lag, runs) -> xr.DataArray | None:
 # windows up to t; a peak, a segmentation boundary or the tau-collapse after the global peak
 # needs the later series, so it is a retrospective marker, not a warning.
 SIGNALS = {
-    "alarm_below_noise": ("causal detector: fixed-k edge below tau = 1 + 2 W^(-2/3) for 2 windows, "
-                          "armed once it held >= 1.25 tau for 2 windows", True),
-    "alarm_peak_drop": ("causal detector: fixed-k edge below 0.5 x its running peak for 2 windows, armed "
-                        "once it held >= 1.25 tau for 2 windows", True),
-    "alarm_cusum": ("causal detector: CUSUM of log(running peak / edge) - 0.5 above 1.0, armed once the "
-                    "edge held >= 1.25 tau for 2 windows", True),
-    "edge_onset_k10": ("companion rule verbatim on the edge ratio: first step with edge > 10 x "
-                       "median(first 3 windows) and > 20", True),
+    "alarm_below_noise": (
+        "causal detector: fixed-k edge below tau = 1 + 2 W^(-2/3) for 2 windows, "
+        "armed once it held >= 1.25 tau for 2 windows",
+        True,
+    ),
+    "alarm_peak_drop": (
+        "causal detector: fixed-k edge below 0.5 x its running peak for 2 windows, armed "
+        "once it held >= 1.25 tau for 2 windows",
+        True,
+    ),
+    "alarm_cusum": (
+        "causal detector: CUSUM of log(running peak / edge) - 0.5 above 1.0, armed once the "
+        "edge held >= 1.25 tau for 2 windows",
+        True,
+    ),
+    "edge_onset_k10": (
+        "companion rule verbatim on the edge ratio: first step with edge > 10 x median(first 3 windows) and > 20",
+        True,
+    ),
     "edge_peak": ("step of the fixed-k edge's maximum in its first episode", False),
     "edge_decline_start": ("end of the plateau (last window >= 0.85 x the episode median)", False),
     "edge_collapse": ("collapse: first of 2 windows below tau after the edge emerged above 1.25 tau", False),
-    "g23_onset_k10": ("g23 = sigma_2^2 - sigma_3^2 compression onset: first step with g23 < "
-                      "median(first 3 windows) / 10 (the companion's 10x rule, direction 'drop')", True),
+    "g23_onset_k10": (
+        "g23 = sigma_2^2 - sigma_3^2 compression onset: first step with g23 < "
+        "median(first 3 windows) / 10 (the companion's 10x rule, direction 'drop')",
+        True,
+    ),
 }
 
 
@@ -171,8 +210,9 @@ def add_g23(ds: xr.Dataset) -> xr.Dataset:
     return ds.assign(g23=g)
 
 
-def warning_signals(ds: xr.Dataset, *, windows=None, phases=None, alarms=None, event="val_acc",
-                    event_threshold: float = GROK_ACC) -> pd.DataFrame:
+def warning_signals(
+    ds: xr.Dataset, *, windows=None, phases=None, alarms=None, event="val_acc", event_threshold: float = GROK_ACC
+) -> pd.DataFrame:
     """Long table (signal, run, window, signal_step, grok_step, lead, causal) for :data:`SIGNALS`.
 
     Every candidate is reported for every W, including those that never fire (NaN step and lead),
@@ -196,26 +236,37 @@ def warning_signals(ds: xr.Dataset, *, windows=None, phases=None, alarms=None, e
     if alarms is None:
         alarms = A.early_warning(sub, window=ws, event=None)
     steps = {f"alarm_{d}": alarms["alarm_step"].sel(detector=d, drop=True) for d in alarms["detector"].values}
-    steps.update({
-        "edge_onset_k10": A.onset(sub, "edge_ratio", k=10.0, baseline=3)["onset_step"],
-        "edge_peak": phases["peak_step"],
-        "edge_decline_start": phases["collapse_start_step"],
-        "edge_collapse": phases["collapse_step"],
-        "g23_onset_k10": (A.onset(sub, "g23", k=10.0, baseline=3, direction="drop")["onset_step"]
-                          if "g23" in sub else None),
-    })
+    steps.update(
+        {
+            "edge_onset_k10": A.onset(sub, "edge_ratio", k=10.0, baseline=3)["onset_step"],
+            "edge_peak": phases["peak_step"],
+            "edge_decline_start": phases["collapse_start_step"],
+            "edge_collapse": phases["collapse_step"],
+            "g23_onset_k10": (
+                A.onset(sub, "g23", k=10.0, baseline=3, direction="drop")["onset_step"] if "g23" in sub else None
+            ),
+        }
+    )
     rows = []
     for name, da in steps.items():
         for r in runs:
             for W in ws:
                 v = run_value(da, name, r, W) if da is not None else math.nan
-                rows.append({"signal": name, "run": r, "window": W, "signal_step": v, "grok_step": grok[r],
-                             "lead": grok[r] - v, "causal": SIGNALS[name][1]})
+                rows.append(
+                    {
+                        "signal": name,
+                        "run": r,
+                        "window": W,
+                        "signal_step": v,
+                        "grok_step": grok[r],
+                        "lead": grok[r] - v,
+                        "causal": SIGNALS[name][1],
+                    }
+                )
     return pd.DataFrame(rows)
 
 
-def standard_analysis(ds: xr.Dataset, *, windows=None, window=None, lags=range(-3, 6),
-                      progress: bool = False) -> dict:
+def standard_analysis(ds: xr.Dataset, *, windows=None, window=None, lags=range(-3, 6), progress: bool = False) -> dict:
     """The demo's queries on a results Dataset, as the ``analysis`` mapping of :func:`make_report`.
 
     All with the package defaults (sed_dask/analysis/defaults.py, printed in the report): signal
@@ -290,15 +341,21 @@ def definitions(ds: xr.Dataset, window: int, analysis: dict) -> list[str]:
     ]
     if "lag" in analysis:
         lag = analysis["lag"]
-        lines.append(f"Lag: detrended Pearson r(edge_ratio at t, val_loss at t + l) over lags "
-                     f"{int(lag['lag'].min())}..{int(lag['lag'].max())} checkpoints; peak = most negative r; a "
-                     "peak on the grid edge is unresolved; p from 999 phase-randomised val-loss series (peak over "
-                     "the whole grid); a lag flip needs both peaks resolved and p <= 0.05.")
+        lines.append(
+            f"Lag: detrended Pearson r(edge_ratio at t, val_loss at t + l) over lags "
+            f"{int(lag['lag'].min())}..{int(lag['lag'].max())} checkpoints; peak = most negative r; a "
+            "peak on the grid edge is unresolved; p from 999 phase-randomised val-loss series (peak over "
+            "the whole grid); a lag flip needs both peaks resolved and p <= 0.05."
+        )
     if isinstance(analysis.get("pc2"), xr.Dataset):
-        lines.append(f"PC2 noise transition: the first of {SUSTAIN} windows with PC2 not above its matched-norm null "
-                     "95% quantile after PC2 held above it; 'none' when PC2 never rose above its null.")
-    lines.append(f"The table and the single-W figures are at W = {window}; the method is written down in "
-                 "docs/method.md of the sed_dask repository.")
+        lines.append(
+            f"PC2 noise transition: the first of {SUSTAIN} windows with PC2 not above its matched-norm null "
+            "95% quantile after PC2 held above it; 'none' when PC2 never rose above its null."
+        )
+    lines.append(
+        f"The table and the single-W figures are at W = {window}; the method is written down in "
+        "docs/method.md of the sed_dask repository."
+    )
     return lines
 
 
@@ -318,19 +375,28 @@ def _seed_lines(df: pd.DataFrame, ds: xr.Dataset) -> list[str]:
         v = v[np.isfinite(v)]
         if v.size >= 2:
             head, fmt = _COLUMNS.get(col, (col, "{:.3g}"))
-            out.append(f"{head}: {fmt.format(v.mean())} ± {fmt.format(v.std(ddof=1))} (mean ± sample std over "
-                       f"{v.size} seeds)")
+            out.append(
+                f"{head}: {fmt.format(v.mean())} ± {fmt.format(v.std(ddof=1))} (mean ± sample std over {v.size} seeds)"
+            )
     return ["Across seeds: " + "; ".join(out)] if out else []
 
 
 # ---------------------------------------------------------------------------- findings table
 _COLUMNS = {  # column -> (header, format)
-    "window": ("W", "{:.0f}"), "k_star": ("k* (mode)", "{:.0f}"), "n_signal": ("n_signal (mode)", "{:.0f}"),
-    "edge_k": ("edge k", "{:.0f}"), "peak_edge": ("peak edge", "{:.3f}"), "peak_step": ("peak step", "{:.0f}"),
-    "collapse_step": ("collapse step", "{:.0f}"), "rebound_step": ("rebound step", "{:.0f}"),
-    "alarm_step": ("first alarm step", "{:.0f}"), "alarm_detector": ("first alarm by", "{}"),
-    "grok_step": ("grok step", "{:.0f}"), "lead": ("lead: grok - alarm", "{:.0f}"),
-    "peak_lag": ("peak lag (ckpts)", "{:+.0f}"), "noise_transition_step": ("PC2 noise transition", "{:.0f}"),
+    "window": ("W", "{:.0f}"),
+    "k_star": ("k* (mode)", "{:.0f}"),
+    "n_signal": ("n_signal (mode)", "{:.0f}"),
+    "edge_k": ("edge k", "{:.0f}"),
+    "peak_edge": ("peak edge", "{:.3f}"),
+    "peak_step": ("peak step", "{:.0f}"),
+    "collapse_step": ("collapse step", "{:.0f}"),
+    "rebound_step": ("rebound step", "{:.0f}"),
+    "alarm_step": ("first alarm step", "{:.0f}"),
+    "alarm_detector": ("first alarm by", "{}"),
+    "grok_step": ("grok step", "{:.0f}"),
+    "lead": ("lead: grok - alarm", "{:.0f}"),
+    "peak_lag": ("peak lag (ckpts)", "{:+.0f}"),
+    "noise_transition_step": ("PC2 noise transition", "{:.0f}"),
     "final_val_loss": ("final val loss", "{:.4f}"),
 }
 
@@ -352,8 +418,13 @@ def findings_table(ds: xr.Dataset, *, runs, window, events, analysis, lag_r=None
             if var in ds.data_vars:
                 row[col] = float(mode_rank(ds[var].sel(run=[r], window=[window])).values.ravel()[0])
         if isinstance(ph, xr.Dataset):
-            for col, v in (("edge_k", "edge_k"), ("peak_edge", "peak_value"), ("peak_step", "peak_step"),
-                           ("collapse_step", "collapse_step"), ("rebound_step", "rebound_step")):
+            for col, v in (
+                ("edge_k", "edge_k"),
+                ("peak_edge", "peak_value"),
+                ("peak_step", "peak_step"),
+                ("collapse_step", "collapse_step"),
+                ("rebound_step", "rebound_step"),
+            ):
                 row[col] = run_value(ph, v, r, window)
         else:
             st, e = finite(ds["edge_ratio"].sel(run=r, window=window))
@@ -391,9 +462,13 @@ def findings_table(ds: xr.Dataset, *, runs, window, events, analysis, lag_r=None
         if isinstance(pc2, xr.Dataset):
             t = run_value(pc2, "noise_transition_step", r, window)
             kind = run_value(pc2, "transition_kind", r, window)
-            row["noise_transition_step"] = (t if np.isfinite(t) else
-                                            {0: "none: PC2 never above its null",
-                                             2: "none: PC2 stays above"}.get(int(kind) if np.isfinite(kind) else -1, "—"))
+            row["noise_transition_step"] = (
+                t
+                if np.isfinite(t)
+                else {0: "none: PC2 never above its null", 2: "none: PC2 stays above"}.get(
+                    int(kind) if np.isfinite(kind) else -1, "—"
+                )
+            )
         if "val_loss" in ds.data_vars:
             _, vl = finite(ds["val_loss"].sel(run=r))
             row["final_val_loss"] = float(vl[-1]) if vl.size else math.nan
@@ -432,13 +507,16 @@ def lead_table(sig: pd.DataFrame) -> pd.DataFrame:
 
 def _plain_rows(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     head = [df.index.name or ""] + [str(c) for c in df.columns]
-    body = [[str(i)] + ["—" if not np.isfinite(v) else f"{v:+.0f}" for v in row] for i, row in
-            zip(df.index, df.to_numpy(dtype=float))]
+    body = [
+        [str(i)] + ["—" if not np.isfinite(v) else f"{v:+.0f}" for v in row]
+        for i, row in zip(df.index, df.to_numpy(dtype=float))
+    ]
     return head, body
 
 
-def _markdown(df, figures: dict[str, Path], title: str, notes: list[str], extra=None, *, captions=None,
-              definitions=(), prov=()) -> str:
+def _markdown(
+    df, figures: dict[str, Path], title: str, notes: list[str], extra=None, *, captions=None, definitions=(), prov=()
+) -> str:
     head, body = _table_rows(df)
     lines = [f"# {title}", "", "## Findings", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in body]
@@ -468,30 +546,49 @@ def _html_table(head, body) -> str:
     return f"<div class='scroll'><table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table></div>"
 
 
-def _html(df, figures: dict[str, Path], title: str, notes: list[str], extra=None, *, captions=None,
-          definitions=(), prov=()) -> str:
+def _html(
+    df, figures: dict[str, Path], title: str, notes: list[str], extra=None, *, captions=None, definitions=(), prov=()
+) -> str:
     esc = html.escape
-    tables = "<h2>Findings</h2>" + _html_table(*_table_rows(df)) + "".join(
-        f"<h3>{esc(cap)}</h3>" + _html_table(*_plain_rows(t)) for cap, t in (extra or {}).items())
+    tables = (
+        "<h2>Findings</h2>"
+        + _html_table(*_table_rows(df))
+        + "".join(f"<h3>{esc(cap)}</h3>" + _html_table(*_plain_rows(t)) for cap, t in (extra or {}).items())
+    )
     figs = ""
     for n, p in figures.items():
         t, text = (captions or {}).get(n, (n.replace("_", " "), ""))
         stop = "" if t.endswith(("?", ".", "!")) else "."
-        figs += (f'<figure id="{esc(n)}"><img src="{esc(p.name)}" alt="{esc(t)}"><figcaption><b>{esc(t)}{stop}</b> '
-                 f"{esc(text)}</figcaption></figure>")
-    defs = ("<h2>Definitions and thresholds</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in definitions)
-            + "</ul>") if definitions else ""
+        figs += (
+            f'<figure id="{esc(n)}"><img src="{esc(p.name)}" alt="{esc(t)}"><figcaption><b>{esc(t)}{stop}</b> '
+            f"{esc(text)}</figcaption></figure>"
+        )
+    defs = (
+        ("<h2>Definitions and thresholds</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in definitions) + "</ul>")
+        if definitions
+        else ""
+    )
     li = ("<h2>Notes</h2><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>") if notes else ""
-    prov_html = ("<h2>How this report was made</h2><table class='prov'><tbody>" + "".join(
-        f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in prov) + "</tbody></table>") if prov else ""
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>"
-            "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;line-height:1.4}"
-            "table{border-collapse:collapse;font-size:.92em}div.scroll{overflow-x:auto}th,td{border:1px solid #bbb;padding:4px 10px;text-align:right}"
-            "th{background:#eef}td:first-child{text-align:left}img{max-width:100%}"
-            "table.prov th,table.prov td{text-align:left;vertical-align:top}table.prov th{white-space:nowrap}"
-            "figure{margin:2em 0}figcaption{color:#333;max-width:60em}</style></head><body>"
-            f"<h1>{esc(title)}</h1>{tables}{defs}{li}"
-            f"<h2>Figures</h2>{figs}{prov_html}</body></html>")
+    prov_html = (
+        (
+            "<h2>How this report was made</h2><table class='prov'><tbody>"
+            + "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in prov)
+            + "</tbody></table>"
+        )
+        if prov
+        else ""
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>"
+        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;line-height:1.4}"
+        "table{border-collapse:collapse;font-size:.92em}div.scroll{overflow-x:auto}"
+        "th,td{border:1px solid #bbb;padding:4px 10px;text-align:right}"
+        "th{background:#eef}td:first-child{text-align:left}img{max-width:100%}"
+        "table.prov th,table.prov td{text-align:left;vertical-align:top}table.prov th{white-space:nowrap}"
+        "figure{margin:2em 0}figcaption{color:#333;max-width:60em}</style></head><body>"
+        f"<h1>{esc(title)}</h1>{tables}{defs}{li}"
+        f"<h2>Figures</h2>{figs}{prov_html}</body></html>"
+    )
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -528,9 +625,19 @@ def _spacing(ds, run) -> float | None:
     return float(np.median(v)) if v.size else None
 
 
-def make_report(ds: xr.Dataset, out_dir, *, runs=None, windows=None, events=None, analysis=None,
-                title: str = "Spectral Edge Dynamics report", dpi: int = 120,
-                overwrite: bool = False, command: str | None = None) -> dict[str, Path]:
+def make_report(
+    ds: xr.Dataset,
+    out_dir,
+    *,
+    runs=None,
+    windows=None,
+    events=None,
+    analysis=None,
+    title: str = "Spectral Edge Dynamics report",
+    dpi: int = 120,
+    overwrite: bool = False,
+    command: str | None = None,
+) -> dict[str, Path]:
     """Write the figures, ``summary.html``, ``summary.md`` and ``findings.csv`` to ``out_dir``.
 
     Each figure gets a caption saying what it shows and how to read it; the summary gives the
@@ -580,8 +687,12 @@ def make_report(ds: xr.Dataset, out_dir, *, runs=None, windows=None, events=None
             raise ValueError(f"make_report: run {run0!r} has no finite edge ratio at W={W}")
         step0 = int(st[int(np.argmax(e))])
     save("spectrum", spectrum_figure(ds, run=run0, step=step0, window=W))
-    save("edge_phases", edge_phases_figure(ds, runs=runs, window=W, phases=analysis.get("phases"), events=ev,
-                                          collapse=analysis.get("collapse")))
+    save(
+        "edge_phases",
+        edge_phases_figure(
+            ds, runs=runs, window=W, phases=analysis.get("phases"), events=ev, collapse=analysis.get("collapse")
+        ),
+    )
     has_loss = "val_loss" in ds.data_vars
     if has_loss:
         save("edge_val_loss", edge_val_loss_figure(ds, runs=runs, window=W, events=ev))
@@ -589,20 +700,44 @@ def make_report(ds: xr.Dataset, out_dir, *, runs=None, windows=None, events=None
     computed = r_da is None and has_loss
     if computed:
         r_da = lag_correlation_simple(ds, runs=runs, windows=windows)
-        notes.append("Lag correlations computed by the report's fallback (cubic detrend, "
-                     "lags −5…+7 checkpoints, argmin r as the peak).")
+        notes.append(
+            "Lag correlations computed by the report's fallback (cubic detrend, "
+            "lags −5…+7 checkpoints, argmin r as the peak)."
+        )
     if r_da is not None:
         lag = analysis.get("lag")
-        save("lag_flip", lag_figure(r_da, runs=runs, windows=windows, spacing=_spacing(ds, runs[0]),
-                                    computed_here=computed, peaks=lag if isinstance(lag, xr.Dataset) else None))
+        save(
+            "lag_flip",
+            lag_figure(
+                r_da,
+                runs=runs,
+                windows=windows,
+                spacing=_spacing(ds, runs[0]),
+                computed_here=computed,
+                peaks=lag if isinstance(lag, xr.Dataset) else None,
+            ),
+        )
     if not has_loss:
-        notes.append("No val_loss in the Dataset: the edge-vs-loss figure"
-                     + ("" if r_da is not None else " and the lag figure") + " were skipped.")
+        notes.append(
+            "No val_loss in the Dataset: the edge-vs-loss figure"
+            + ("" if r_da is not None else " and the lag figure")
+            + " were skipped."
+        )
     var = str(analysis.get("warning_variable", "edge_ratio"))
     alarms = analysis.get("alarms")
-    save("early_warning", warning_figure(ds, runs=runs, window=W, variable=var, events=ev,
-                                         warning=analysis.get("warning"), collapse=analysis.get("collapse"),
-                                         alarms=alarms if isinstance(alarms, xr.Dataset) else None))
+    save(
+        "early_warning",
+        warning_figure(
+            ds,
+            runs=runs,
+            window=W,
+            variable=var,
+            events=ev,
+            warning=analysis.get("warning"),
+            collapse=analysis.get("collapse"),
+            alarms=alarms if isinstance(alarms, xr.Dataset) else None,
+        ),
+    )
 
     pc2 = analysis.get("pc2")
     if isinstance(pc2, xr.Dataset):
@@ -630,8 +765,12 @@ def make_report(ds: xr.Dataset, out_dir, *, runs=None, windows=None, events=None
     if isinstance(rej, pd.DataFrame) and len(rej):
         bad = rej[rej["status"] != "flip"] if "status" in rej else rej.iloc[0:0]
         if len(bad):
-            notes.append("Lag sign changes that are not flips: " + "; ".join(
-                f"{row['run']} W={row['window_a']}->{row['window_b']}: {row['reason']}" for _, row in bad.iterrows()))
+            notes.append(
+                "Lag sign changes that are not flips: "
+                + "; ".join(
+                    f"{row['run']} W={row['window_a']}->{row['window_b']}: {row['reason']}" for _, row in bad.iterrows()
+                )
+            )
         if "status" in rej and not (rej["status"] == "flip").any():
             notes.append("No lag flip: no pair of W has resolved, significant peaks of opposite sign.")
     figs = dict(written)
@@ -644,10 +783,14 @@ def make_report(ds: xr.Dataset, out_dir, *, runs=None, windows=None, events=None
         p = out / "warning_signals.csv"
         sig.to_csv(p, index=False)
         written["signals"] = p
-        extra["Early-warning candidates: lead = grok step − signal step (steps; negative = after "
-              "grokking; — = never fired; [r] = retrospective marker, not a warning)"] = lead_table(sig)
-        notes.append("Warning candidates (all defined before looking at any outcome; none dropped): "
-                     + "; ".join(f"{k}: {d}{'' if c else ' [retrospective]'}" for k, (d, c) in SIGNALS.items()))
+        extra[
+            "Early-warning candidates: lead = grok step − signal step (steps; negative = after "
+            "grokking; — = never fired; [r] = retrospective marker, not a warning)"
+        ] = lead_table(sig)
+        notes.append(
+            "Warning candidates (all defined before looking at any outcome; none dropped): "
+            + "; ".join(f"{k}: {d}{'' if c else ' [retrospective]'}" for k, (d, c) in SIGNALS.items())
+        )
     notes.extend(str(n) for n in analysis.get("notes", ()))
     caps = {n: caption(n, window=W, grok_acc=GROK_ACC) for n in figs}
     prov = provenance(ds, command=command, settings=analysis_settings(ds, W, analysis))

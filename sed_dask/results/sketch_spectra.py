@@ -5,6 +5,7 @@ A sketch row is ``S_i = Phi^T delta_i``, so ``<S_i, S_j>`` estimates ``<delta_i,
 (``sed_dask.results.spectra.build_dataset``), giving a results Dataset in the same schema for any W.
 Kept apart from ``sed_dask.engine.sketch`` so that the engine may import the sketch kernel without a cycle.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -15,8 +16,8 @@ import numpy as np
 
 from sed_dask import config
 from sed_dask.engine.gram import GramResult
-from sed_dask.results.spectra import build_dataset, window_sizes
 from sed_dask.engine.jl import NESTED_DISTRIBUTIONS
+from sed_dask.results.spectra import build_dataset, window_sizes
 
 RATIOS = ("r12", "r23", "edge")
 
@@ -26,7 +27,7 @@ def sketch_band(S: np.ndarray, width: int) -> np.ndarray:
     N = S.shape[0]
     band = np.full((N, width), np.nan)
     for k in range(min(width, N)):
-        band[k:, k] = np.einsum("ij,ij->i", S[k:], S[:N - k])
+        band[k:, k] = np.einsum("ij,ij->i", S[k:], S[: N - k])
     return band
 
 
@@ -36,8 +37,10 @@ def sketch_attrs(sketch_ds) -> dict:
     Accepts a ``sed_dask.sketch`` Dataset or a spectrum Dataset made with ``spectrum(..., sketch=...)``.
     """
     if "sketch" not in sketch_ds.variables:
-        raise ValueError("the Dataset has no 'sketch' variable; make one with sed_dask.sketch(...) or "
-                         "sed_dask.spectrum(..., sketch=...)")
+        raise ValueError(
+            "the Dataset has no 'sketch' variable; make one with sed_dask.sketch(...) or "
+            "sed_dask.spectrum(..., sketch=...)"
+        )
     return {**sketch_ds.attrs, **sketch_ds["sketch"].attrs}
 
 
@@ -79,8 +82,10 @@ def sketch_grams(sketch_ds, *, width: int, runs=None, d: int | None = None) -> l
     if not 1 <= d <= dmax:
         raise ValueError(f"d={d} is outside the sketch's 1..{dmax} columns")
     if d < dmax and attrs.get("distribution") not in NESTED_DISTRIBUTIONS:
-        raise ValueError(f"d={d} < {dmax}: the first d columns of a {attrs.get('distribution')!r} sketch are not a "
-                         f"d-dimensional sketch (its columns do not nest); sketch again with d={d}")
+        raise ValueError(
+            f"d={d} < {dmax}: the first d columns of a {attrs.get('distribution')!r} sketch are not a "
+            f"d-dimensional sketch (its columns do not nest); sketch again with d={d}"
+        )
     out = []
     for run in runs:
         steps, S = _run_rows(sketch_ds, run)
@@ -91,14 +96,32 @@ def sketch_grams(sketch_ds, *, width: int, runs=None, d: int | None = None) -> l
         # noise in the data they see: a d-column sketch of isotropic noise is Wishart with d, not P
         # (with P, pure noise gave n_signal = 9 of 10 from a d = 100 sketch; exact: 0)
         P = min(int(n_params[run]), d)
-        out.append(GramResult(run, band[None], ["all"], {"all": P},
-                              {"all": f"JL sketch (d={d}) of the whole selected parameter vector"},
-                              steps, width, "float64", {"source": "sketch"}))
+        out.append(
+            GramResult(
+                run,
+                band[None],
+                ["all"],
+                {"all": P},
+                {"all": f"JL sketch (d={d}) of the whole selected parameter vector"},
+                steps,
+                width,
+                "float64",
+                {"source": "sketch"},
+            )
+        )
     return out
 
 
-def spectra_from_sketch(sketch_ds, *, windows=(10,), runs=None, d: int | None = None,
-                        normalize_spacing: bool = False, zero_rtol: float | None = None, output=None):
+def spectra_from_sketch(
+    sketch_ds,
+    *,
+    windows=(10,),
+    runs=None,
+    d: int | None = None,
+    normalize_spacing: bool = False,
+    zero_rtol: float | None = None,
+    output=None,
+):
     """Results Dataset (docs/result_schema.md) of every W from a sketch Dataset, without the store.
 
     ``d`` uses only the first d sketch columns (refused for osnap, whose columns do not nest).
@@ -139,8 +162,16 @@ def spectra_from_sketch(sketch_ds, *, windows=(10,), runs=None, d: int | None = 
     if "seed" in sketch_ds.coords and "run" in sketch_ds["seed"].dims:
         known = {str(r): int(s) for r, s in zip(sketch_ds["run"].values, sketch_ds["seed"].values)}
         seeds = [None if known.get(r, -1) < 0 else known[r] for r in used]
-    ds = build_dataset(grams, ws, grouped=False, metrics=metrics, attrs=attrs,
-                       normalize_spacing=normalize_spacing, zero_rtol=zero_rtol, seeds=seeds)
+    ds = build_dataset(
+        grams,
+        ws,
+        grouped=False,
+        metrics=metrics,
+        attrs=attrs,
+        normalize_spacing=normalize_spacing,
+        zero_rtol=zero_rtol,
+        seeds=seeds,
+    )
     if output is not None:
         from sed_dask.engine.sketch import write_zarr
 
@@ -161,11 +192,24 @@ def edge_ratios(sigma: np.ndarray, k_star: np.ndarray) -> dict[str, np.ndarray]:
     return {"r12": r12, "r23": r23, "edge": edge}
 
 
-def jl_error_report(source, *, run: str | None = None, windows=(10,), ds: Sequence[int] = (50, 100, 200, 500, 1000),
-                    seeds: Sequence[int] = (0, 1, 2), distribution: str | None = None, nested: bool | None = None,
-                    store=None, sketches=None, client=None, address: str | None = None,
-                    scheduler_file: str | None = None, scheduler: str | None = None, progress: bool = False,
-                    **sketch_kw):
+def jl_error_report(
+    source,
+    *,
+    run: str | None = None,
+    windows=(10,),
+    ds: Sequence[int] = (50, 100, 200, 500, 1000),
+    seeds: Sequence[int] = (0, 1, 2),
+    distribution: str | None = None,
+    nested: bool | None = None,
+    store=None,
+    sketches=None,
+    client=None,
+    address: str | None = None,
+    scheduler_file: str | None = None,
+    scheduler: str | None = None,
+    progress: bool = False,
+    **sketch_kw,
+):
     """Relative error of JL edge ratios against the exact engine (docs/method.md §11), per W and d.
 
     ``source``: a trajectory store (the exact spectra are computed) or an exact results Dataset
@@ -193,10 +237,18 @@ def jl_error_report(source, *, run: str | None = None, windows=(10,), ds: Sequen
         store = source
         exact = None
     if run is None:
-        run = (str(exact["run"].values[0]) if exact is not None else open_store(store, mode="r").runs[0])
+        run = str(exact["run"].values[0]) if exact is not None else open_store(store, mode="r").runs[0]
     if exact is None:
-        exact = spectrum(store, runs=[run], windows=ws, client=client, address=address,
-                         scheduler_file=scheduler_file, scheduler=scheduler, progress=progress)
+        exact = spectrum(
+            store,
+            runs=[run],
+            windows=ws,
+            client=client,
+            address=address,
+            scheduler_file=scheduler_file,
+            scheduler=scheduler,
+            progress=progress,
+        )
     missing = [W for W in ws if W not in exact["window"].values]
     if missing:
         raise ValueError(f"the exact Dataset lacks window(s) {missing}")
@@ -204,18 +256,33 @@ def jl_error_report(source, *, run: str | None = None, windows=(10,), ds: Sequen
     if nested is None:
         nested = dist in NESTED_DISTRIBUTIONS
     elif nested and dist not in NESTED_DISTRIBUTIONS:
-        raise ValueError(f"nested=True uses the first d columns of one max(d) sketch, but {dist!r} columns do not "
-                         f"nest; use nested=False (an independent operator per (d, seed))")
+        raise ValueError(
+            f"nested=True uses the first d columns of one max(d) sketch, but {dist!r} columns do not "
+            f"nest; use nested=False (an independent operator per (d, seed))"
+        )
     sketches = dict(sketches or {})
-    wanted = {seed: (seed, max(ds_list)) for seed in seeds} if nested else \
-        {(seed, d): (1000 * seed + d, d) for seed in seeds for d in ds_list}
+    wanted = (
+        {seed: (seed, max(ds_list)) for seed in seeds}
+        if nested
+        else {(seed, d): (1000 * seed + d, d) for seed in seeds for d in ds_list}
+    )
     for key, (op_seed, op_d) in wanted.items():
         if key not in sketches:
             from sed_dask.engine.sketch import sketch
 
-            sketches[key] = sketch(store, runs=[run], d=op_d, seed=op_seed, distribution=distribution,
-                                   client=client, address=address, scheduler_file=scheduler_file,
-                                   scheduler=scheduler, progress=progress, **sketch_kw)
+            sketches[key] = sketch(
+                store,
+                runs=[run],
+                d=op_d,
+                seed=op_seed,
+                distribution=distribution,
+                client=client,
+                address=address,
+                scheduler_file=scheduler_file,
+                scheduler=scheduler,
+                progress=progress,
+                **sketch_kw,
+            )
     stats = np.full((3, len(ws), len(ds_list), len(RATIOS)), np.nan)
     n_win = np.zeros(len(ws), np.int64)
     for wi, W in enumerate(ws):
@@ -247,21 +314,34 @@ def jl_error_report(source, *, run: str | None = None, windows=(10,), ds: Sequen
     dims = ("window", "d", "ratio")
     first = next(iter(sketches.values()))
     return xr.Dataset(
-        {"mean": (dims, stats[0], {"long_name": "mean relative error |r_JL - r| / r"}),
-         "std": (dims, stats[1], {"long_name": "std of the relative error"}),
-         "max": (dims, stats[2], {"long_name": "max relative error"}),
-         "n_windows": ("window", n_win, {"long_name": "windows compared per seed"})},
+        {
+            "mean": (dims, stats[0], {"long_name": "mean relative error |r_JL - r| / r"}),
+            "std": (dims, stats[1], {"long_name": "std of the relative error"}),
+            "max": (dims, stats[2], {"long_name": "max relative error"}),
+            "n_windows": ("window", n_win, {"long_name": "windows compared per seed"}),
+        },
         coords=coords,
-        attrs={"run": run, "seeds": [int(s) for s in seeds], "distribution": sketch_attrs(first)["distribution"],
-               "tile_elems": int(sketch_attrs(first)["tile_elems"]), "nested_d": int(bool(nested)),
-               "note": ("each d uses the first d columns of one max(d) sketch per seed" if nested else
-                        "an independent operator per (d, seed), seed 1000*seed + d")})
+        attrs={
+            "run": run,
+            "seeds": [int(s) for s in seeds],
+            "distribution": sketch_attrs(first)["distribution"],
+            "tile_elems": int(sketch_attrs(first)["tile_elems"]),
+            "nested_d": int(bool(nested)),
+            "note": (
+                "each d uses the first d columns of one max(d) sketch per seed"
+                if nested
+                else "an independent operator per (d, seed), seed 1000*seed + d"
+            ),
+        },
+    )
 
 
 def jl_table(report) -> str:
     """Markdown table of a ``jl_error_report`` (percent), one row per (W, d)."""
-    lines = ["| W | d | d/W | windows x seeds | r12 mean / std / max | r23 mean / std / max | "
-             "edge (k*) mean / std / max |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| W | d | d/W | windows x seeds | r12 mean / std / max | r23 mean / std / max | edge (k*) mean / std / max |",
+        "|---|---|---|---|---|---|---|",
+    ]
     n_seeds = len(report.attrs.get("seeds", [])) or 1
     for W in report["window"].values:
         for d in report["d"].values:

@@ -4,6 +4,7 @@
 (all runs in one graph), compute every window's features on the client, align metrics by exact
 step, and optionally write Zarr that plain ``xr.open_zarr`` reads back.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -14,14 +15,14 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from sed_dask import config
-from sed_dask.errors import StoreError
 from sed_dask.engine.gram import GramResult, gram_graph, run_plans
 from sed_dask.engine.noise import mp_adjacent_ratio
+from sed_dask.engine.windows import normalise_spacing, window_features
+from sed_dask.errors import StoreError
+from sed_dask.schema import COORD_ATTRS, PER_SV, VARIABLES, metric_variables, var_attrs
 from sed_dask.sources.run_source import run_seed, seed_from_name
 from sed_dask.store.outputs import check_target, write_dataset
-from sed_dask.schema import COORD_ATTRS, PER_SV, VARIABLES, metric_variables, var_attrs
 from sed_dask.store.trajectory import open_store
-from sed_dask.engine.windows import normalise_spacing, window_features
 
 
 class SpacingWarning(UserWarning):
@@ -43,16 +44,24 @@ def window_sizes(windows) -> list[int]:
 
 def _check_spacing(run: str, spans: np.ndarray, normalize: bool) -> None:
     if spans.size and spans.min() != spans.max():
-        what = ("deltas are divided by their step spans (normalize_spacing=True)" if normalize else
-                "deltas are NOT normalised (docs/method.md §2.3 default); pass normalize_spacing=True to divide "
-                "each delta by its step span")
+        what = (
+            "deltas are divided by their step spans (normalize_spacing=True)"
+            if normalize
+            else "deltas are NOT normalised (docs/method.md §2.3 default); pass normalize_spacing=True to divide "
+            "each delta by its step span"
+        )
         uniq = np.unique(spans)
-        warnings.warn(f"run {run!r}: uneven checkpoint spacing (delta spans {uniq[:6].tolist()}"
-                      f"{'...' if uniq.size > 6 else ''}); {what}", SpacingWarning, stacklevel=3)
+        warnings.warn(
+            f"run {run!r}: uneven checkpoint spacing (delta spans {uniq[:6].tolist()}"
+            f"{'...' if uniq.size > 6 else ''}); {what}",
+            SpacingWarning,
+            stacklevel=3,
+        )
 
 
-def features_for(gram: GramResult, windows: Sequence[int], *, normalize_spacing: bool = False,
-                 zero_rtol: float | None = None) -> dict:
+def features_for(
+    gram: GramResult, windows: Sequence[int], *, normalize_spacing: bool = False, zero_rtol: float | None = None
+) -> dict:
     """``{(W, group): features}`` of one run's band (see ``sed_dask.engine.windows.window_features``)."""
     out = {}
     for gi, g in enumerate(gram.groups):
@@ -72,9 +81,17 @@ def seed_coordinate(runs: Sequence[str], seeds: Sequence[int | None] | None = No
     return np.array([-1 if s is None else int(s) for s in seeds], np.int64)
 
 
-def build_dataset(grams: list[GramResult], windows: Sequence[int], *, grouped: bool, metrics: dict,
-                  attrs: dict, normalize_spacing: bool = False, zero_rtol: float | None = None,
-                  seeds: Sequence[int | None] | None = None):
+def build_dataset(
+    grams: list[GramResult],
+    windows: Sequence[int],
+    *,
+    grouped: bool,
+    metrics: dict,
+    attrs: dict,
+    normalize_spacing: bool = False,
+    zero_rtol: float | None = None,
+    seeds: Sequence[int | None] | None = None,
+):
     """Assemble the schema Dataset from computed Grams (one per run) and ``{run: metrics dict}``.
 
     ``seeds``: each run's training seed (None: not known), the ``seed`` coordinate on ``run``; by
@@ -107,10 +124,10 @@ def build_dataset(grams: list[GramResult], windows: Sequence[int], *, grouped: b
             dnorm[r, gi, pos] = np.sqrt(np.maximum(d0, 0.0))
             for wi, W in enumerate(windows):
                 f = feats[(W, gname)]
-                wpos = pos[W - 1:]
+                wpos = pos[W - 1 :]
                 for name, arr in f.items():
                     if name in PER_SV:
-                        data[name][r, wi, gi, wpos, :arr.shape[1]] = arr
+                        data[name][r, wi, gi, wpos, : arr.shape[1]] = arr
                     else:
                         data[name][r, wi, gi, wpos] = arr
     dims = ("run", "window", "group", "step")
@@ -120,8 +137,11 @@ def build_dataset(grams: list[GramResult], windows: Sequence[int], *, grouped: b
         if not grouped:
             arr, d = arr[:, :, 0], tuple(x for x in d if x != "group")
         vars_[name] = (d, arr, var_attrs(name, normalised=normalize_spacing))
-    vars_["delta_norm"] = ((("run", "group", "step") if grouped else ("run", "step")),
-                           dnorm if grouped else dnorm[:, 0], var_attrs("delta_norm", normalised=normalize_spacing))
+    vars_["delta_norm"] = (
+        (("run", "group", "step") if grouped else ("run", "step")),
+        dnorm if grouped else dnorm[:, 0],
+        var_attrs("delta_norm", normalised=normalize_spacing),
+    )
     vars_.update(metric_variables(metrics, runs, steps, set(vars_) | set(COORD_ATTRS) | {"sketch", "dim"}))
     coords = {
         "run": ("run", np.array(runs, dtype=object), COORD_ATTRS["run"]),
@@ -180,22 +200,41 @@ def _open_runs(store, runs) -> tuple[list, str]:
             raise StoreError(f"store {ts.url} holds no runs")
         return [ts.run(n) for n in (_as_list(runs) or available)], ts.url
     if not items or not all(isinstance(x, CheckpointRun) for x in items):
-        raise TypeError("spectrum(store): a list must hold checkpoint runs from sed_dask.open_checkpoints(); "
-                        f"got {[type(x).__name__ for x in items]}")
+        raise TypeError(
+            "spectrum(store): a list must hold checkpoint runs from sed_dask.open_checkpoints(); "
+            f"got {[type(x).__name__ for x in items]}"
+        )
     names = [x.name for x in items]
     if len(set(names)) != len(names):
         raise ValueError(f"checkpoint runs need distinct names, got {names}")
     if runs is not None and _as_list(runs) != names:
-        raise ValueError(f"runs={_as_list(runs)} does not match the checkpoint runs' names {names}; "
-                         "name runs with open_checkpoints(..., run=NAME) and leave runs=None")
+        raise ValueError(
+            f"runs={_as_list(runs)} does not match the checkpoint runs' names {names}; "
+            "name runs with open_checkpoints(..., run=NAME) and leave runs=None"
+        )
     return list(items), "; ".join(x.description for x in items)
 
 
-def spectrum(store, *, runs=None, windows=(10,), groups=None, client=None, address: str | None = None,
-             scheduler_file: str | None = None, scheduler: str | None = None, precision: str | None = None,
-             normalize_spacing: bool = False, output=None, progress: bool = True, tile_bytes=None,
-             block_steps: int | None = None, zero_rtol: float | None = None, sketch=None,
-             overwrite: bool = False):
+def spectrum(
+    store,
+    *,
+    runs=None,
+    windows=(10,),
+    groups=None,
+    client=None,
+    address: str | None = None,
+    scheduler_file: str | None = None,
+    scheduler: str | None = None,
+    precision: str | None = None,
+    normalize_spacing: bool = False,
+    output=None,
+    progress: bool = True,
+    tile_bytes=None,
+    block_steps: int | None = None,
+    zero_rtol: float | None = None,
+    sketch=None,
+    overwrite: bool = False,
+):
     """Rolling-window spectra of every requested W (and layer group) for runs of a trajectory store.
 
     ``store``: a trajectory store, or one or a list of :func:`sed_dask.open_checkpoints` runs,
@@ -231,17 +270,27 @@ def spectrum(store, *, runs=None, windows=(10,), groups=None, client=None, addre
             from sed_dask.engine.sketch import SketchExtra, make_operator
 
             extras = (SketchExtra(make_operator(rs.n_params, **sketch_req)),)
-        plan = gram_graph(rs, width=max(ws) + 1, groups=groups, precision=precision, tile_bytes=tile_bytes,
-                          block_steps=block_steps, extras=extras)
+        plan = gram_graph(
+            rs,
+            width=max(ws) + 1,
+            groups=groups,
+            precision=precision,
+            tile_bytes=tile_bytes,
+            block_steps=block_steps,
+            extras=extras,
+        )
         n_deltas = plan.steps.size - 1
         too_long = [W for W in ws if W > n_deltas]
         if too_long:
-            raise StoreError(f"run {rs.name!r} has only {n_deltas} deltas ({n_deltas + 1} checkpoints); "
-                             f"window(s) W={too_long} need at least W deltas (drop those W or the run via runs=)")
+            raise StoreError(
+                f"run {rs.name!r} has only {n_deltas} deltas ({n_deltas + 1} checkpoints); "
+                f"window(s) W={too_long} need at least W deltas (drop those W or the run via runs=)"
+            )
         _check_spacing(rs.name, np.diff(plan.steps), normalize_spacing)
         plans.append(plan)
-    grams = run_plans(plans, client=client, scheduler=scheduler, address=address,
-                      scheduler_file=scheduler_file, progress=progress)
+    grams = run_plans(
+        plans, client=client, scheduler=scheduler, address=address, scheduler_file=scheduler_file, progress=progress
+    )
     metrics = {rs.name: rs.metrics() for rs in run_stores}
     group_desc = {}
     for g in grams:
@@ -264,9 +313,16 @@ def spectrum(store, *, runs=None, windows=(10,), groups=None, client=None, addre
     }
     if groups is not None:
         attrs["groups"] = json.dumps(group_desc)
-    ds = build_dataset(grams, ws, grouped=groups is not None, metrics=metrics, attrs=attrs,
-                       normalize_spacing=normalize_spacing, zero_rtol=zero_rtol,
-                       seeds=[run_seed(rs) for rs in run_stores])
+    ds = build_dataset(
+        grams,
+        ws,
+        grouped=groups is not None,
+        metrics=metrics,
+        attrs=attrs,
+        normalize_spacing=normalize_spacing,
+        zero_rtol=zero_rtol,
+        seeds=[run_seed(rs) for rs in run_stores],
+    )
     if sketch_req is not None:
         from sed_dask.engine.sketch import build_sketch_dataset, provenance
 

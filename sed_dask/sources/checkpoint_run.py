@@ -3,7 +3,8 @@
 Ingestion is write-bound: it copies every parameter into the store at disk-write speed, 5-19 % of
 a raw read of the same files (benchmarks/README.md, "Ingest"). For a one-off analysis that copy
 is pure overhead: the Gram pass reads each checkpoint once anyway. :func:`open_checkpoints`
-builds a :class:`CheckpointRun`, a read-only :class:`~sed_dask.sources.run_source.RunSource` like :class:`~sed_dask.store.RunStore`
+builds a :class:`CheckpointRun`, a read-only :class:`~sed_dask.sources.run_source.RunSource`
+like :class:`~sed_dask.store.RunStore`
 holding everything ``gram_graph``/``spectrum`` use (name, index, steps, metrics, policy, read
 unit), and whose ``params`` (:class:`CheckpointParams`) fills a Gram tile's ``(rows x P-range)``
 buffer from the files with each reader's slice reads (``read_block``).
@@ -21,6 +22,7 @@ re-reads the checkpoint files: positioned reads of the stored tensor bytes, each
 once per process), NaN/Inf recorded up front (here they surface at the end of the pass, naming step and file),
 and reads on workers that cannot see the checkpoint paths.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,9 +32,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sed_dask.sources.discover import discover_checkpoints
 from sed_dask.errors import CheckpointError
 from sed_dask.readers import open_checkpoint
+from sed_dask.sources.discover import discover_checkpoints
 from sed_dask.sources.param_index import ParamIndex, read_chunk_elems
 from sed_dask.sources.run_source import check_seed, seed_from_name
 from sed_dask.sources.validate import CheckpointTodo, check_headers, load_metrics_arg, policy_for, require_deltas
@@ -68,7 +70,7 @@ class CheckpointParams:
             try:
                 with open_checkpoint(path) as reader:
                     for e, lo, hi in segs:
-                        reader.read(names[e.name], lo, hi, out=row[pos:pos + hi - lo])
+                        reader.read(names[e.name], lo, hi, out=row[pos : pos + hi - lo])
                         pos += hi - lo
             except CheckpointError as exc:
                 raise type(exc)(f"step {step}: {exc}") from exc
@@ -88,8 +90,10 @@ class CheckpointParams:
                         n_inf += int(np.isinf(a).sum())
                     if n_nan or n_inf:
                         found.append(f"tensor {e.name!r} holds {n_nan} NaN and {n_inf} Inf")
-            parts.append(f"{path} (step {step}): {'; '.join(found[:3]) or 'non-finite values'}"
-                         f"{f' (and {len(found) - 3} more tensors)' if len(found) > 3 else ''}")
+            parts.append(
+                f"{path} (step {step}): {'; '.join(found[:3]) or 'non-finite values'}"
+                f"{f' (and {len(found) - 3} more tensors)' if len(found) > 3 else ''}"
+            )
         if not parts:
             return "the Gram has non-finite entries, but no checkpoint holds NaN/Inf (float32 overflow of a delta?)"
         return "NaN/Inf in checkpoint " + "; ".join(parts)
@@ -102,8 +106,17 @@ class CheckpointRun:
     alike. Build it with :func:`open_checkpoints`.
     """
 
-    def __init__(self, name: str, todo: list[CheckpointTodo], selection, fmt: str, *, metrics=None,
-                 metrics_source: str | None = None, read_unit: int):
+    def __init__(
+        self,
+        name: str,
+        todo: list[CheckpointTodo],
+        selection,
+        fmt: str,
+        *,
+        metrics=None,
+        metrics_source: str | None = None,
+        read_unit: int,
+    ):
         self.name = name
         self._steps = np.array([td.step for td in todo], dtype=np.int64)
         self._selection = selection
@@ -111,9 +124,14 @@ class CheckpointRun:
         self.params = CheckpointParams([(td.step, td.path, td.names) for td in todo], selection.index, read_unit)
         stamp = [(td.step, td.path, *_stat(td.path)) for td in todo]
         self.token_id = "checkpoints:" + hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:20]
-        self.attrs = {"selection_policy": selection.record(), "param_index_hash": selection.index.hash,
-                      "n_params": selection.index.n_params, "source_format": fmt,
-                      "sources": {str(td.step): td.path for td in todo}, "metrics_source": metrics_source}
+        self.attrs = {
+            "selection_policy": selection.record(),
+            "param_index_hash": selection.index.hash,
+            "n_params": selection.index.n_params,
+            "source_format": fmt,
+            "sources": {str(td.step): td.path for td in todo},
+            "metrics_source": metrics_source,
+        }
 
     @property
     def index(self) -> ParamIndex:
@@ -159,12 +177,14 @@ class CheckpointRun:
         stop = self.n_params if stop is None else stop
         out = np.empty((len(r), stop - start), np.float32)
         for i, row in enumerate(r):
-            self.params.read_block(row, row + 1, start, stop, out[i:i + 1])
+            self.params.read_block(row, row + 1, start, stop, out[i : i + 1])
         return out
 
     def __repr__(self) -> str:
-        return (f"CheckpointRun({self.name!r}: {self.n_rows} checkpoints x {self.n_params:,} params, "
-                f"{self.attrs['source_format']}, steps {int(self._steps[0])}..{int(self._steps[-1])})")
+        return (
+            f"CheckpointRun({self.name!r}: {self.n_rows} checkpoints x {self.n_params:,} params, "
+            f"{self.attrs['source_format']}, steps {int(self._steps[0])}..{int(self._steps[-1])})"
+        )
 
 
 def _stat(path: str) -> tuple[int, int]:
@@ -176,8 +196,18 @@ def _stat(path: str) -> tuple[int, int]:
     return sum(s.st_size for s in sts), max((s.st_mtime_ns for s in sts), default=0)
 
 
-def open_checkpoints(sources, *, run: str, steps=None, metrics=None, policy=None, include=None, exclude=None,
-                     chunk_bytes=None, seed: int | None = None) -> CheckpointRun:
+def open_checkpoints(
+    sources,
+    *,
+    run: str,
+    steps=None,
+    metrics=None,
+    policy=None,
+    include=None,
+    exclude=None,
+    chunk_bytes=None,
+    seed: int | None = None,
+) -> CheckpointRun:
     """Validate a run's checkpoints now and return a source that ``spectrum`` reads directly.
 
     ``sources``, ``steps``, ``metrics``, ``policy``/``include``/``exclude``: as for
@@ -202,7 +232,14 @@ def open_checkpoints(sources, *, run: str, steps=None, metrics=None, policy=None
     require_deltas(run, len(todo), ckpts.values())
     pol = policy_for(None, policy, include, exclude)
     sel, fmt = check_headers(todo, pol, None, run)
-    cr = CheckpointRun(run, todo, sel, fmt, metrics=metric_data, metrics_source=metric_source,
-                       read_unit=read_chunk_elems(sel.index.n_params, chunk_bytes))
+    cr = CheckpointRun(
+        run,
+        todo,
+        sel,
+        fmt,
+        metrics=metric_data,
+        metrics_source=metric_source,
+        read_unit=read_chunk_elems(sel.index.n_params, chunk_bytes),
+    )
     cr.attrs["seed"] = seed if seed is not None else seed_from_name(run)
     return cr

@@ -6,6 +6,7 @@ Steps come from file or directory names (``ckpt_000200.pt``, ``step200``, ``glob
 explicit ``{step: path}`` mapping, and are sorted numerically (not lexicographically, docs/method.md §2.1).
 Two files claiming one step is an error naming both: silently picking one would change the run.
 """
+
 from __future__ import annotations
 
 import glob as _glob
@@ -44,8 +45,11 @@ def step_from_name(path) -> int | None:
 def _is_checkpoint_dir(path: str) -> bool:
     from sed_dask.readers import SINGLE_FILES_IN_DIR, find_index, is_dcp_dir
 
-    return (bool(find_index(path)) or any(os.path.isfile(os.path.join(path, n)) for n in SINGLE_FILES_IN_DIR)
-            or is_dcp_dir(path))
+    return (
+        bool(find_index(path))
+        or any(os.path.isfile(os.path.join(path, n)) for n in SINGLE_FILES_IN_DIR)
+        or is_dcp_dir(path)
+    )
 
 
 def _scan_dir(path: str) -> list[str]:
@@ -77,8 +81,10 @@ def discover_checkpoints(sources, *, steps: Iterable[int] | None = None) -> dict
         if step < 0:
             raise CheckpointError(f"negative step {step} for {path}")
         if step in found and os.path.realpath(found[step]) != os.path.realpath(path):
-            raise CheckpointError(f"duplicate step {step}: both {found[step]} and {path} claim it; "
-                                  "remove one or pass an explicit {step: path} mapping")
+            raise CheckpointError(
+                f"duplicate step {step}: both {found[step]} and {path} claim it; "
+                "remove one or pass an explicit {step: path} mapping"
+            )
         found[step] = path
 
     if isinstance(sources, Mapping):
@@ -117,14 +123,17 @@ def discover_checkpoints(sources, *, steps: Iterable[int] | None = None) -> dict
             for p in explicit:
                 s = step_from_name(p)
                 if s is None:
-                    raise CheckpointError(f"cannot find a training step in the name {p!r}; "
-                                          "pass an explicit {step: path} mapping")
+                    raise CheckpointError(
+                        f"cannot find a training step in the name {p!r}; pass an explicit {{step: path}} mapping"
+                    )
                 add(s, p)
     if steps is not None:
         want = sorted({int(s) for s in steps})
         missing = [s for s in want if s not in found]
         if missing:
-            raise CheckpointError(f"requested steps {missing[:10]} are not among the discovered checkpoints "
-                                  f"(found steps {sorted(found)[:10]}{'...' if len(found) > 10 else ''})")
+            raise CheckpointError(
+                f"requested steps {missing[:10]} are not among the discovered checkpoints "
+                f"(found steps {sorted(found)[:10]}{'...' if len(found) > 10 else ''})"
+            )
         found = {s: found[s] for s in want}
     return dict(sorted(found.items()))

@@ -10,22 +10,30 @@ after anything else is not a block: in ``mlp.0.weight`` the ``0`` is a position 
 for blocks under a ``decoder``, so an encoder-decoder's block 0s stay apart), ``final_norm``,
 ``head``, and ``attn``, ``mlp``, ``norm`` for those parts outside any block, else ``other``.
 """
+
 from __future__ import annotations
 
 import re
 
-_CONTAINERS = frozenset({"blocks", "block", "h", "layers", "layer", "decoder_layers", "encoder_layers",
-                         "resblocks", "transformer_blocks"})
-_EMBED = re.compile(r"(?:tok_|token_|word_|pos_|position_|positional_|patch_|token_type_)?"
-                    r"(?:emb|embed|embeds|embedding|embeddings)|tok_embeddings|embed_(?:tokens|positions|in)|"
-                    r"wte|wpe|pos")
+_CONTAINERS = frozenset(
+    {"blocks", "block", "h", "layers", "layer", "decoder_layers", "encoder_layers", "resblocks", "transformer_blocks"}
+)
+_EMBED = re.compile(
+    r"(?:tok_|token_|word_|pos_|position_|positional_|patch_|token_type_)?"
+    r"(?:emb|embed|embeds|embedding|embeddings)|tok_embeddings|embed_(?:tokens|positions|in)|"
+    r"wte|wpe|pos"
+)
 _HEAD = re.compile(r"lm_head|head|heads|output|classifier|unembed|embed_out|score|pooler|cls")
 _FINAL_NORM = re.compile(r"ln_f|norm_f|final_layer_norm|final_layernorm|final_norm|ln_out|norm")
 _NORM = re.compile(r"ln(?:_?\d+|_[a-z]+)?|.*norm.*")
-_ATTN = re.compile(r".*(?:attn|attention).*|(?:in|out|[qkvo])_proj(?:_weight|_bias)?|qkv|query|key|value|"
-                   r"w[qkvo]|[qkvo]")
-_MLP = re.compile(r"mlp|ffn|feed_?forward|(?:c_)?fc(?:\d+|_\w+)?|linear\d+|(?:up|down|gate)_proj|w\d|"
-                  r"intermediate|dense_?relu_?dense|wi(?:_\d+)?|experts?|gate")
+_ATTN = re.compile(
+    r".*(?:attn|attention).*|(?:in|out|[qkvo])_proj(?:_weight|_bias)?|qkv|query|key|value|"
+    r"w[qkvo]|[qkvo]"
+)
+_MLP = re.compile(
+    r"mlp|ffn|feed_?forward|(?:c_)?fc(?:\d+|_\w+)?|linear\d+|(?:up|down|gate)_proj|w\d|"
+    r"intermediate|dense_?relu_?dense|wi(?:_\d+)?|experts?|gate"
+)
 
 
 def _split_block(parts: list[str]) -> tuple[str | None, list[str]]:
@@ -33,9 +41,9 @@ def _split_block(parts: list[str]) -> tuple[str | None, list[str]]:
     for j in range(len(parts) - 1):
         if parts[j].lower() in _CONTAINERS and parts[j + 1].isdigit():
             if _kind(parts[:j], in_block=True) is not None:
-                break                             # mlp.layers.0: a Sequential inside the MLP
+                break  # mlp.layers.0: a Sequential inside the MLP
             prefix = "decoder." if any(p.lower() == "decoder" for p in parts[:j]) else ""
-            return f"{prefix}block{int(parts[j + 1])}", parts[j + 2:]
+            return f"{prefix}block{int(parts[j + 1])}", parts[j + 2 :]
     return None, parts
 
 

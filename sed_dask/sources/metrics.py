@@ -16,15 +16,15 @@ be stored (``val/loss``, empty, hidden) is an error naming the file. Explicit Na
 naming the file, metric and steps), "raise" (a :class:`~sed_dask.errors.MetricsError`) or "ignore".
 Missing entries (None, empty CSV cells, a metric absent from a record) are NaN without a word.
 """
+
 from __future__ import annotations
 
 import csv
 import json
 import math
 import os
-from collections.abc import Mapping
-
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -67,10 +67,18 @@ def _as_value(v):
 def check_name(name, where: str) -> None:
     """A metric name must be usable as a variable and a Zarr array name (no '/', not empty or hidden)."""
     text = str(name)
-    if not text.strip() or "/" in text or "\\" in text or text.startswith(".") or text != text.strip() \
-            or any(ord(c) < 32 for c in text):
-        raise MetricsError(f"{where}: metric column {text!r} cannot be stored (names must be non-empty, without "
-                           "'/', '\\', control characters, surrounding spaces or a leading '.'); rename it")
+    if (
+        not text.strip()
+        or "/" in text
+        or "\\" in text
+        or text.startswith(".")
+        or text != text.strip()
+        or any(ord(c) < 32 for c in text)
+    ):
+        raise MetricsError(
+            f"{where}: metric column {text!r} cannot be stored (names must be non-empty, without "
+            "'/', '\\', control characters, surrounding spaces or a leading '.'); rename it"
+        )
 
 
 def _report_nonfinite(bad: dict[str, list[int]], where: str, nonfinite: str) -> None:
@@ -78,11 +86,16 @@ def _report_nonfinite(bad: dict[str, list[int]], where: str, nonfinite: str) -> 
         return
     what = "; ".join(f"{k!r} at step(s) {sorted(v)[:8]}{'...' if len(v) > 8 else ''}" for k, v in bad.items())
     if nonfinite == "raise":
-        raise MetricsError(f"{where}: NaN/Inf metric values ({what}); fix the file, or pass "
-                           "metrics_nonfinite='warn' (--metrics-nonfinite warn) to keep them")
-    warnings.warn(f"{where}: NaN/Inf metric values kept as they are ({what}); analyses skip them "
-                  "(metrics_nonfinite='raise' / --metrics-nonfinite raise refuses such a file)", MetricsWarning,
-                  stacklevel=4)
+        raise MetricsError(
+            f"{where}: NaN/Inf metric values ({what}); fix the file, or pass "
+            "metrics_nonfinite='warn' (--metrics-nonfinite warn) to keep them"
+        )
+    warnings.warn(
+        f"{where}: NaN/Inf metric values kept as they are ({what}); analyses skip them "
+        "(metrics_nonfinite='raise' / --metrics-nonfinite raise refuses such a file)",
+        MetricsWarning,
+        stacklevel=4,
+    )
 
 
 def _from_records(records, where: str, nonfinite: str = "warn") -> dict[str, np.ndarray]:
@@ -149,19 +162,22 @@ def parse_metrics(obj, *, where: str = "metrics", nonfinite: str = "warn") -> di
         steps = None
     if steps is not None:
         if not all(isinstance(v, Mapping) for v in obj.values()):
-            raise MetricsError(f"{where}: a mapping from step to a bare number has no metric name; "
-                               "use {step: {\"val_loss\": x}} or a list of records")
+            raise MetricsError(
+                f"{where}: a mapping from step to a bare number has no metric name; "
+                'use {step: {"val_loss": x}} or a list of records'
+            )
         return _from_records([{"step": s, **v} for s, v in zip(steps, obj.values())], where, nonfinite)
-    lists = {k: v for k, v in obj.items()
-             if isinstance(v, list) and v and all(isinstance(r, Mapping) for r in v)}
+    lists = {k: v for k, v in obj.items() if isinstance(v, list) and v and all(isinstance(r, Mapping) for r in v)}
     for w in _WRAPPERS:
         if w in lists:
             return _from_records(lists[w], f"{where}[{w!r}]", nonfinite)
     if len(lists) == 1:
-        (k, v), = lists.items()
+        ((k, v),) = lists.items()
         return _from_records(v, f"{where}[{k!r}]", nonfinite)
-    raise MetricsError(f"{where}: unrecognised metrics layout (top-level keys {keys[:10]}); expected records, "
-                       "{step: {...}} or {\"step\": [...], name: [...]}")
+    raise MetricsError(
+        f"{where}: unrecognised metrics layout (top-level keys {keys[:10]}); expected records, "
+        '{step: {...}} or {"step": [...], name: [...]}'
+    )
 
 
 def _load_csv(path: str, nonfinite: str = "warn") -> dict[str, np.ndarray]:
@@ -179,8 +195,7 @@ def _load_csv(path: str, nonfinite: str = "warn") -> dict[str, np.ndarray]:
             numeric.append(k)
         except ValueError:
             continue
-    records = [{sk: r[sk], **{k: (float(r[k]) if r.get(k) not in (None, "") else None) for k in numeric}}
-               for r in rows]
+    records = [{sk: r[sk], **{k: (float(r[k]) if r.get(k) not in (None, "") else None) for k in numeric}} for r in rows]
     return _from_records(records, path, nonfinite)
 
 

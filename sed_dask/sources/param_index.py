@@ -3,6 +3,7 @@
 Every source (checkpoint files, a store run, a recorder) and every pass agrees on a run's meaning through
 this index; the store persists it (``param_index`` attrs) but does not define it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,9 @@ class ParamIndex:
         off = 0
         for e in self.entries:
             if e.offset != off:
-                raise StoreError(f"parameter index is not contiguous at tensor {e.name!r} "
-                                 f"(offset {e.offset}, expected {off})")
+                raise StoreError(
+                    f"parameter index is not contiguous at tensor {e.name!r} (offset {e.offset}, expected {off})"
+                )
             off += e.size
         self.n_params = off
 
@@ -59,15 +61,20 @@ class ParamIndex:
         entries, off = [], 0
         for name, shape, dtype in tensors:
             size = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
-            entries.append(TensorEntry(name, off, size, tuple(int(s) for s in shape), str(dtype),
-                                       group_of(name)))
+            entries.append(TensorEntry(name, off, size, tuple(int(s) for s in shape), str(dtype), group_of(name)))
             off += size
         return cls(entries)
 
     @classmethod
     def from_records(cls, records: Sequence[dict]) -> "ParamIndex":
-        return cls([TensorEntry(r["name"], int(r["offset"]), int(r["size"]), tuple(r["shape"]),
-                                r["source_dtype"], r["group"]) for r in records])
+        return cls(
+            [
+                TensorEntry(
+                    r["name"], int(r["offset"]), int(r["size"]), tuple(r["shape"]), r["source_dtype"], r["group"]
+                )
+                for r in records
+            ]
+        )
 
     def to_records(self) -> list[dict]:
         return [e.to_record() for e in self.entries]

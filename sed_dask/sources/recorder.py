@@ -16,6 +16,7 @@ resumes: earlier metric records are kept.
 This module deliberately imports only torch (and safetensors on demand), never dask, so that it
 can run inside training jobs that have nothing else of sed_dask installed.
 """
+
 from __future__ import annotations
 
 import json
@@ -159,10 +160,12 @@ class TrajectoryRecorder:
         else:
             from safetensors.torch import save_model
 
-            if self.upcast and any(p.is_floating_point() and p.dtype != torch.float32
-                                   for p in model.state_dict().values()):
-                raise ValueError("upcast=True is only supported with fmt='pt' (save_model stores the "
-                                 "module's own dtypes)")
+            if self.upcast and any(
+                p.is_floating_point() and p.dtype != torch.float32 for p in model.state_dict().values()
+            ):
+                raise ValueError(
+                    "upcast=True is only supported with fmt='pt' (save_model stores the module's own dtypes)"
+                )
             atomic_write(path, lambda tmp: save_model(model, tmp, metadata={"step": str(step)}))
         if metrics:
             self.log_metrics(step, **metrics)

@@ -4,6 +4,7 @@ files read directly (:class:`sed_dask.sources.checkpoint_run.CheckpointRun`).
 The two give the same tiles, and so the same float64 sums (docs/architecture.md, "Determinism"), because
 the passes see only this protocol.
 """
+
 from __future__ import annotations
 
 import re
@@ -19,8 +20,8 @@ class RunSource(Protocol):
     """A run of checkpoints in step order, readable as float32 row blocks of its flat parameter vector."""
 
     name: str
-    params: Any                      # a zarr array, or any object with ``read_block(r0, r1, c0, c1, out)``
-    attrs: dict                      # provenance written into results (selection policy, sources, ...)
+    params: Any  # a zarr array, or any object with ``read_block(r0, r1, c0, c1, out)``
+    attrs: dict  # provenance written into results (selection policy, sources, ...)
 
     @property
     def index(self) -> ParamIndex: ...

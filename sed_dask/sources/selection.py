@@ -20,6 +20,7 @@ explicit, versioned, JSON-recordable policy stored with every run:
 Both accept ``include``/``exclude`` regexes (``re.search`` on the normalised name).
 The policy record (``spec`` + ``dropped: {name: reason}``) is stored in the run attrs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,14 +38,33 @@ POLICIES = {"params_dedup_no_buffers": 1, "full_state_dict_sorted": 1}
 _DEFAULT_STRIP = {"params_dedup_no_buffers": ("_orig_mod.", "module."), "full_state_dict_sorted": ()}
 
 #: last name components that are always non-trainable buffers
-BUFFER_NAMES = frozenset({
-    "running_mean", "running_var", "num_batches_tracked", "masked_bias", "inv_freq", "position_ids",
-    "_float_tensor", "cos_cached", "sin_cached", "_cos_cached", "_sin_cached",
-})
+BUFFER_NAMES = frozenset(
+    {
+        "running_mean",
+        "running_var",
+        "num_batches_tracked",
+        "masked_bias",
+        "inv_freq",
+        "position_ids",
+        "_float_tensor",
+        "cos_cached",
+        "sin_cached",
+        "_cos_cached",
+        "_sin_cached",
+    }
+)
 #: output heads that are commonly tied to the input embedding
 HEAD_ALIASES = ("lm_head.weight", "embed_out.weight", "output.weight")
-EMBED_ALIASES = ("wte.weight", "tok_emb.weight", "embed_tokens.weight", "word_embeddings.weight",
-                 "embed_in.weight", "token_embedding.weight", "tok_embeddings.weight", "shared.weight")
+EMBED_ALIASES = (
+    "wte.weight",
+    "tok_emb.weight",
+    "embed_tokens.weight",
+    "word_embeddings.weight",
+    "embed_in.weight",
+    "token_embedding.weight",
+    "tok_embeddings.weight",
+    "shared.weight",
+)
 _BLOCK_ELEMS = 1 << 22  # elements per read when comparing/inspecting tensors on the client
 _NUM = re.compile(r"(\d+)")
 
@@ -99,18 +119,31 @@ class SelectionPolicy:
 
     def spec(self) -> dict:
         """JSON-safe identity of the policy (what must match to append to a run)."""
-        return {"name": self.name, "version": self.version,
-                "options": {"include": list(self.include), "exclude": list(self.exclude),
-                            "strip_prefixes": list(self.strip_prefixes), "order": self.order}}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "options": {
+                "include": list(self.include),
+                "exclude": list(self.exclude),
+                "strip_prefixes": list(self.strip_prefixes),
+                "order": self.order,
+            },
+        }
 
     @classmethod
     def from_spec(cls, spec: Mapping) -> "SelectionPolicy":
         opts = dict(spec.get("options") or {})
         if int(spec.get("version", POLICIES.get(spec["name"], 0))) != POLICIES.get(spec["name"]):
-            raise ValueError(f"selection policy {spec['name']!r} version {spec.get('version')} is not "
-                             f"supported by this sed_dask (has {POLICIES.get(spec['name'])})")
-        return cls(spec["name"], tuple(opts.get("include", ())), tuple(opts.get("exclude", ())),
-                   tuple(opts["strip_prefixes"]) if "strip_prefixes" in opts else None)
+            raise ValueError(
+                f"selection policy {spec['name']!r} version {spec.get('version')} is not "
+                f"supported by this sed_dask (has {POLICIES.get(spec['name'])})"
+            )
+        return cls(
+            spec["name"],
+            tuple(opts.get("include", ())),
+            tuple(opts.get("exclude", ())),
+            tuple(opts["strip_prefixes"]) if "strip_prefixes" in opts else None,
+        )
 
     def same_as(self, spec: Mapping) -> bool:
         """True when a stored policy record describes this policy (``dropped`` is ignored)."""
@@ -125,7 +158,7 @@ class SelectionPolicy:
             changed = False
             for p in self.strip_prefixes:
                 if p and name.startswith(p) and len(name) > len(p):
-                    name, changed = name[len(p):], True
+                    name, changed = name[len(p) :], True
         return name
 
     def names(self, tensors: Mapping[str, TensorInfo], *, path: str = "?") -> dict[str, str]:
@@ -134,8 +167,10 @@ class SelectionPolicy:
         for raw in tensors:
             n = self.normalize(raw)
             if n in out:
-                raise CheckpointError(f"{path}: tensors {out[n]!r} and {raw!r} both become {n!r} after "
-                                      f"stripping prefixes {list(self.strip_prefixes)}")
+                raise CheckpointError(
+                    f"{path}: tensors {out[n]!r} and {raw!r} both become {n!r} after "
+                    f"stripping prefixes {list(self.strip_prefixes)}"
+                )
             out[n] = raw
         return out
 
@@ -173,9 +208,9 @@ class Selection:
 
     policy: SelectionPolicy
     index: ParamIndex
-    sources: dict[str, str]          # index name -> tensor name in that checkpoint
-    dropped: dict[str, str]          # name -> why it is not in the vector
-    keys: dict[str, TensorInfo]      # every (normalised) tensor of the checkpoint: the key set later files must match
+    sources: dict[str, str]  # index name -> tensor name in that checkpoint
+    dropped: dict[str, str]  # name -> why it is not in the vector
+    keys: dict[str, TensorInfo]  # every (normalised) tensor of the checkpoint: the key set later files must match
     ties: dict[str, str] = dataclasses.field(default_factory=dict)  # dropped tied copy -> the name kept
 
     def record(self) -> dict:
@@ -284,8 +319,10 @@ def select(reader, policy=None, *, include=None, exclude=None, group_of=None) ->
             dropped[n] = why
             cands.pop(n)
     if not cands:
-        raise CheckpointError(f"{path}: the selection policy {pol.name} keeps no tensor "
-                              f"(include={list(pol.include)}, exclude={list(pol.exclude)})")
+        raise CheckpointError(
+            f"{path}: the selection policy {pol.name} keeps no tensor "
+            f"(include={list(pol.include)}, exclude={list(pol.exclude)})"
+        )
     order = pol.sort(cands)
     index = ParamIndex.from_tensors([(n, cands[n].shape, cands[n].dtype) for n in order], group_of=group_of)
     return Selection(pol, index, {n: norm[n] for n in order}, dropped, keys, ties)
@@ -314,8 +351,15 @@ def tie_broken(reader, copy: str, kept: str, *, n_probes: int = 8, probe: int = 
     return None
 
 
-def check_same_keys(reference: Mapping[str, TensorInfo], other: Mapping[str, TensorInfo], *,
-                    path: str, step: int, ref_path: str, ref_step: int) -> None:
+def check_same_keys(
+    reference: Mapping[str, TensorInfo],
+    other: Mapping[str, TensorInfo],
+    *,
+    path: str,
+    step: int,
+    ref_path: str,
+    ref_step: int,
+) -> None:
     """Raise naming the keys/shapes/dtypes in which ``other`` differs from the reference checkpoint."""
     if reference == other:
         return
@@ -323,8 +367,10 @@ def check_same_keys(reference: Mapping[str, TensorInfo], other: Mapping[str, Ten
     missing = [k for k in reference if k not in other]
     extra = [k for k in other if k not in reference]
     if missing or extra:
-        raise CheckpointError(f"{head}: key set differs: missing {sorted(missing, key=natural_key)[:10]}, "
-                              f"unexpected {sorted(extra, key=natural_key)[:10]}")
+        raise CheckpointError(
+            f"{head}: key set differs: missing {sorted(missing, key=natural_key)[:10]}, "
+            f"unexpected {sorted(extra, key=natural_key)[:10]}"
+        )
     for k, ri in reference.items():
         oi = other[k]
         if ri.shape != oi.shape:

@@ -4,6 +4,7 @@
 ``ingest``: checkpoints -> store, parallel and resumable; ``outputs``: the safe writers and readers of
 every output (results stores, report folders) that never destroy and never pass off a partial result.
 """
+
 from sed_dask.store.trajectory import (  # noqa: F401  (the store's public names, as before the move)
     RunLockedError,
     RunStore,

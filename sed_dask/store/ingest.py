@@ -21,6 +21,7 @@ Steps 3-4, the 2-checkpoint rule and the metrics parsing are :mod:`sed_dask.sour
 with :func:`sed_dask.open_checkpoints` (spectra straight from the files), which must refuse the
 same inputs and build the same parameter index.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -38,17 +39,24 @@ from collections.abc import Mapping
 import numpy as np
 
 from sed_dask import config
-from sed_dask.sources.discover import discover_checkpoints
 from sed_dask.errors import CheckpointError, NonFiniteError, SEDError, StoreError
 from sed_dask.readers import open_checkpoint
-from sed_dask.sources.selection import Selection
-from sed_dask.store.trajectory import RunStore, is_in_memory, open_store, refuse_foreign, run_lock
+from sed_dask.sources.discover import discover_checkpoints
 from sed_dask.sources.run_source import check_seed, seed_from_name
-from sed_dask.sources.validate import CheckpointTodo, check_headers, load_metrics_arg, policy_for
-from sed_dask.sources.validate import STEP_SOURCES, check_metric_steps, require_deltas, steps_from_files
+from sed_dask.sources.selection import Selection
+from sed_dask.sources.validate import (
+    STEP_SOURCES,
+    CheckpointTodo,
+    check_headers,
+    check_metric_steps,
+    load_metrics_arg,
+    policy_for,
+    require_deltas,
+    steps_from_files,
+)
+from sed_dask.store.trajectory import RunStore, is_in_memory, open_store, refuse_foreign, run_lock
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +64,11 @@ class IngestSummary:
     """What one :func:`ingest` call did."""
 
     run: str
-    n_new: int                 # checkpoints written by this call
-    n_skipped: int             # checkpoints already complete in the store, left untouched
-    steps: list[int]           # completed steps of the run after this call
+    n_new: int  # checkpoints written by this call
+    n_skipped: int  # checkpoints already complete in the store, left untouched
+    steps: list[int]  # completed steps of the run after this call
     n_params: int
-    bytes: int                 # float32 bytes written by this call
+    bytes: int  # float32 bytes written by this call
     seconds: float
     nonfinite: list[dict] = dataclasses.field(default_factory=list)
 
@@ -69,14 +77,26 @@ class IngestSummary:
         return self.bytes / 1e9 / self.seconds if self.seconds > 0 else float("nan")
 
     def __str__(self) -> str:
-        return (f"run {self.run!r}: {self.n_new} checkpoint(s) ingested, {self.n_skipped} already complete; "
-                f"{len(self.steps)} steps x {self.n_params:,} params; {self.bytes / 1e9:.3f} GB in "
-                f"{self.seconds:.1f} s ({self.gb_per_s:.2f} GB/s)")
+        return (
+            f"run {self.run!r}: {self.n_new} checkpoint(s) ingested, {self.n_skipped} already complete; "
+            f"{len(self.steps)} steps x {self.n_params:,} params; {self.bytes / 1e9:.3f} GB in "
+            f"{self.seconds:.1f} s ({self.gb_per_s:.2f} GB/s)"
+        )
 
 
 # ----------------------------------------------------------------------------- the task
-def ingest_range(path: str, step: int, row: int, lo: int, hi: int, segments, params, complete,
-                 on_nonfinite: str, zarr_settings: dict | None = None) -> dict:
+def ingest_range(
+    path: str,
+    step: int,
+    row: int,
+    lo: int,
+    hi: int,
+    segments,
+    params,
+    complete,
+    on_nonfinite: str,
+    zarr_settings: dict | None = None,
+) -> dict:
     """Copy flat params ``[lo, hi)`` of one checkpoint into ``params[row, lo:hi]``.
 
     ``segments`` are ``(index name, name in file, start, stop)`` slices of the tensors overlapping
@@ -91,7 +111,7 @@ def ingest_range(path: str, step: int, row: int, lo: int, hi: int, segments, par
     with open_checkpoint(path) as reader:
         pos = 0
         for _, raw, a, b in segments:
-            reader.read(raw, a, b, out=buf[pos:pos + b - a])
+            reader.read(raw, a, b, out=buf[pos : pos + b - a])
             pos += b - a
     if pos != hi - lo:
         raise CheckpointError(f"{path}: segments cover {pos} elements of range [{lo}:{hi})")
@@ -99,19 +119,29 @@ def ingest_range(path: str, step: int, row: int, lo: int, hi: int, segments, par
     if not np.isfinite(buf.sum()):  # one cheap pass; locate offenders only when it fails
         pos = 0
         for name, raw, a, b in segments:
-            part = buf[pos:pos + b - a]
+            part = buf[pos : pos + b - a]
             pos += b - a
             n_nan, n_inf = int(np.isnan(part).sum()), int(np.isinf(part).sum())
             if n_nan or n_inf:
-                bad.append({"step": int(step), "file": path, "tensor": name, "name_in_file": raw,
-                            "elements": [int(a), int(b)], "n_nan": n_nan, "n_inf": n_inf})
+                bad.append(
+                    {
+                        "step": int(step),
+                        "file": path,
+                        "tensor": name,
+                        "name_in_file": raw,
+                        "elements": [int(a), int(b)],
+                        "n_nan": n_nan,
+                        "n_inf": n_inf,
+                    }
+                )
         if bad and on_nonfinite == "raise":
             b0 = bad[0]
             also = f" (and {len(bad) - 1} more tensor(s) in this range)" if len(bad) > 1 else ""
             raise NonFiniteError(
                 f"{path} (step {step}): tensor {b0['tensor']!r} holds {b0['n_nan']} NaN and {b0['n_inf']} Inf "
                 f"values in elements [{b0['elements'][0]}:{b0['elements'][1]}]{also}; pass "
-                "on_nonfinite='record' (--on-nonfinite record) to store it and record it in the run attrs")
+                "on_nonfinite='record' (--on-nonfinite record) to store it and record it in the run attrs"
+            )
     params.with_config({"write_empty_chunks": True})[row, lo:hi] = buf
     return {"row": row, "nbytes": int(buf.nbytes), "nonfinite": bad, "skipped": False}
 
@@ -151,8 +181,9 @@ class _LocalExecutor:
     kind = "threads"
 
     def __init__(self, n: int | None):
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=n or os.cpu_count() or 1,
-                                                          thread_name_prefix="sed-ingest")
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=n or os.cpu_count() or 1, thread_name_prefix="sed-ingest"
+        )
 
     def submit(self, fn, *args, key=None, priority=0):
         return self.pool.submit(fn, *args)
@@ -220,20 +251,42 @@ def _plan(existing: RunStore | None, ckpts: Mapping[int, str], run: str) -> tupl
             else:
                 todo.append(CheckpointTodo(step, path, row_of[step], {}))
         elif last is not None and step < last:
-            raise StoreError(f"run {run!r}: step {step} ({path}) is earlier than the last stored step {last}; "
-                             "a run can only be extended with later steps (nothing was written)")
+            raise StoreError(
+                f"run {run!r}: step {step} ({path}) is earlier than the last stored step {last}; "
+                "a run can only be extended with later steps (nothing was written)"
+            )
         else:
             todo.append(CheckpointTodo(step, path, None, {}))
     require_deltas(run, len(set(row_of) | set(ckpts)), ckpts.values())
     return todo, skipped
 
 
-def ingest(sources, store, run: str, *, client=None, address: str | None = None,
-           scheduler_file: str | None = None, scheduler: str | None = None, steps=None, metrics=None,
-           policy=None, include=None, exclude=None, on_nonfinite: str | None = None, chunk_bytes=None,
-           shard_bytes=None, compressor=None, storage_options: dict | None = None,
-           tasks_in_flight: int | None = None, lock_timeout: float = 0, progress: bool = True,
-           step_source: str = "name", metrics_nonfinite: str = "warn", seed: int | None = None) -> IngestSummary:
+def ingest(
+    sources,
+    store,
+    run: str,
+    *,
+    client=None,
+    address: str | None = None,
+    scheduler_file: str | None = None,
+    scheduler: str | None = None,
+    steps=None,
+    metrics=None,
+    policy=None,
+    include=None,
+    exclude=None,
+    on_nonfinite: str | None = None,
+    chunk_bytes=None,
+    shard_bytes=None,
+    compressor=None,
+    storage_options: dict | None = None,
+    tasks_in_flight: int | None = None,
+    lock_timeout: float = 0,
+    progress: bool = True,
+    step_source: str = "name",
+    metrics_nonfinite: str = "warn",
+    seed: int | None = None,
+) -> IngestSummary:
     """Ingest checkpoints into run ``run`` of a trajectory store; resumable and idempotent.
 
     ``sources``: a directory, a glob, a list of files/directories, or a ``{step: path}`` mapping.
@@ -280,32 +333,46 @@ def ingest(sources, store, run: str, *, client=None, address: str | None = None,
         existing = _existing_run(store, run, storage_options)  # read-only: nothing is written before validation
         seed = _run_seed(existing, run, seed)
         todo, skipped = _plan(existing, ckpts, run)
-        check_metric_steps(metric_data, metric_source,
-                           list(ckpts) + ([] if existing is None else existing.row_steps().tolist()))
+        check_metric_steps(
+            metric_data, metric_source, list(ckpts) + ([] if existing is None else existing.row_steps().tolist())
+        )
         pol = policy_for(existing, policy, include, exclude)
         if existing is not None and not pol.same_as(existing.policy):
-            raise StoreError(f"run {run!r} was written with selection policy {_spec_str(existing.policy)}; "
-                             f"this call asks for {_spec_str(pol.spec())}; use the same policy or a new run")
+            raise StoreError(
+                f"run {run!r} was written with selection policy {_spec_str(existing.policy)}; "
+                f"this call asks for {_spec_str(pol.spec())}; use the same policy or a new run"
+            )
         if not todo:
             rs = open_store(store, storage_options=storage_options).run(run)
             if metric_data is not None:
                 _store_metrics(rs, metric_data, metric_source)
             if seed is not None and rs.attrs.get("seed") is None:
                 rs.update_attrs(seed=seed)
-            return IngestSummary(run, 0, len(skipped), [int(s) for s in rs.steps], rs.n_params, 0,
-                                 time.perf_counter() - t0)
+            return IngestSummary(
+                run, 0, len(skipped), [int(s) for s in rs.steps], rs.n_params, 0, time.perf_counter() - t0
+            )
         # the first checkpoint to ingest defines the key set; every other one must match it
         sel, fmt = check_headers(todo, pol, existing, run, step_source=step_source)
-        with _executor(is_in_memory(store), client=client, address=address, scheduler_file=scheduler_file,
-                       scheduler=scheduler) as ex:
-            rs = _allocate(store, run, storage_options, existing, todo, sel, fmt, chunk_bytes=chunk_bytes,
-                           shard_bytes=shard_bytes, compressor=compressor)
+        with _executor(
+            is_in_memory(store), client=client, address=address, scheduler_file=scheduler_file, scheduler=scheduler
+        ) as ex:
+            rs = _allocate(
+                store,
+                run,
+                storage_options,
+                existing,
+                todo,
+                sel,
+                fmt,
+                chunk_bytes=chunk_bytes,
+                shard_bytes=shard_bytes,
+                compressor=compressor,
+            )
             if seed is not None and rs.attrs.get("seed") is None:
                 rs.update_attrs(seed=seed)
             if metric_data is not None:
                 _store_metrics(rs, metric_data, metric_source)
-            res = _run_tasks(ex, rs, run, todo, sel, on_nonfinite, tasks_in_flight, progress, t0,
-                             where=str(store))
+            res = _run_tasks(ex, rs, run, todo, sel, on_nonfinite, tasks_in_flight, progress, t0, where=str(store))
     n_new, nbytes, nonfinite, failed = res
     if failed:
         by_step = sorted(((td.step, failed[td.row]) for td in todo if td.row in failed), key=lambda x: x[0])
@@ -315,31 +382,48 @@ def ingest(sources, store, run: str, *, client=None, address: str | None = None,
             raise first
         cls = type(first) if isinstance(first, SEDError) else CheckpointError
         detail = "; ".join(f"step {s}: {e}" for s, e in by_step[:3])
-        raise cls(f"ingestion of run {run!r} failed for {len(failed)} checkpoint(s), whose rows stay incomplete "
-                  f"(completed rows are kept; fix the input and re-run): {detail}") from first
-    return IngestSummary(run, n_new, len(skipped), [int(s) for s in rs.steps], rs.n_params, nbytes,
-                         time.perf_counter() - t0, nonfinite)
+        raise cls(
+            f"ingestion of run {run!r} failed for {len(failed)} checkpoint(s), whose rows stay incomplete "
+            f"(completed rows are kept; fix the input and re-run): {detail}"
+        ) from first
+    return IngestSummary(
+        run, n_new, len(skipped), [int(s) for s in rs.steps], rs.n_params, nbytes, time.perf_counter() - t0, nonfinite
+    )
 
 
 def _run_seed(existing: RunStore | None, run: str, seed: int | None) -> int | None:
     """The seed to record: the one given, else the name's; an existing run's recorded seed must agree."""
     recorded = None if existing is None else existing.attrs.get("seed")
     if recorded is not None and seed is not None and int(recorded) != seed:
-        raise StoreError(f"run {run!r} was recorded with seed {recorded}; this call says seed={seed} "
-                         "(a run keeps its seed: use a new run name)")
+        raise StoreError(
+            f"run {run!r} was recorded with seed {recorded}; this call says seed={seed} "
+            "(a run keeps its seed: use a new run name)"
+        )
     return seed if seed is not None else seed_from_name(run) if recorded is None else int(recorded)
 
 
-def _allocate(store, run, storage_options, existing, todo, sel, fmt, *, chunk_bytes, shard_bytes,
-              compressor) -> RunStore:
+def _allocate(
+    store, run, storage_options, existing, todo, sel, fmt, *, chunk_bytes, shard_bytes, compressor
+) -> RunStore:
     """Create the run or open it, and give every new step a row: the first writes of a call."""
     ts = open_store(store, storage_options=storage_options)
     if existing is None:
-        prov = {"created": _now(), "source_format": fmt, "library_versions": _versions(),
-                "first_checkpoint": os.path.abspath(todo[0].path),
-                "source_dtypes": sorted({e.source_dtype for e in sel.index})}
-        rs = ts.create_run(run, index=sel.index, policy=sel.record(), chunk_bytes=chunk_bytes,
-                           shard_bytes=shard_bytes, compressor=compressor, attrs={"provenance": prov})
+        prov = {
+            "created": _now(),
+            "source_format": fmt,
+            "library_versions": _versions(),
+            "first_checkpoint": os.path.abspath(todo[0].path),
+            "source_dtypes": sorted({e.source_dtype for e in sel.index}),
+        }
+        rs = ts.create_run(
+            run,
+            index=sel.index,
+            policy=sel.record(),
+            chunk_bytes=chunk_bytes,
+            shard_bytes=shard_bytes,
+            compressor=compressor,
+            attrs={"provenance": prov},
+        )
     else:
         rs = ts.run(run)
         if chunk_bytes is not None or shard_bytes is not None:
@@ -356,8 +440,19 @@ def _allocate(store, run, storage_options, existing, todo, sel, fmt, *, chunk_by
     return rs
 
 
-def _run_tasks(ex, rs: RunStore, run: str, todo: list[CheckpointTodo], sel: Selection, on_nonfinite: str,
-               tasks_in_flight, progress: bool, t0: float, *, where: str | None = None):
+def _run_tasks(
+    ex,
+    rs: RunStore,
+    run: str,
+    todo: list[CheckpointTodo],
+    sel: Selection,
+    on_nonfinite: str,
+    tasks_in_flight,
+    progress: bool,
+    t0: float,
+    *,
+    where: str | None = None,
+):
     """Run the data tasks, marking rows complete as they finish; ``(n_new, bytes, nonfinite, failed)``."""
     ranges = rs.write_ranges()
     segs_of = [[(e.name, lo0, hi0) for e, lo0, hi0 in sel.index.segments(lo, hi)] for lo, hi in ranges]
@@ -377,9 +472,21 @@ def _run_tasks(ex, rs: RunStore, run: str, todo: list[CheckpointTodo], sel: Sele
         # 600k tasks on the scheduler, and earlier checkpoints complete (and are marked) first
         for i, td, lo, hi, segs in itertools.islice(jobs, max(0, window - len(pending))):
             s = [(n, td.names[n], a, b) for n, a, b in segs]
-            f = ex.submit(ingest_range, td.path, td.step, td.row, lo, hi, s, rs.params, rs._complete,
-                          on_nonfinite, settings, key=f"sed-ingest-{run}-{td.step}-{lo}-{uuid.uuid4().hex[:8]}",
-                          priority=-i)
+            f = ex.submit(
+                ingest_range,
+                td.path,
+                td.step,
+                td.row,
+                lo,
+                hi,
+                s,
+                rs.params,
+                rs._complete,
+                on_nonfinite,
+                settings,
+                key=f"sed-ingest-{run}-{td.step}-{lo}-{uuid.uuid4().hex[:8]}",
+                priority=-i,
+            )
             pending[f] = td
             f.add_done_callback(done_q.put)
 
@@ -422,8 +529,15 @@ def _run_tasks(ex, rs: RunStore, run: str, todo: list[CheckpointTodo], sel: Sele
         if nonfinite:
             rs.record_nonfinite(sorted(nonfinite, key=lambda d: (d["step"], d["elements"][0])))
         log = list(rs.attrs.get("ingest_log", []))
-        log.append({"time": _now(), "executor": ex.kind, "n_new": n_new, "n_failed": len(failed),
-                    "seconds": round(time.perf_counter() - t0, 3)})
+        log.append(
+            {
+                "time": _now(),
+                "executor": ex.kind,
+                "n_new": n_new,
+                "n_failed": len(failed),
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+        )
         rs.update_attrs(ingest_log=log[-50:])
     return n_new, nbytes, nonfinite, failed
 

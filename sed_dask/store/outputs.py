@@ -23,6 +23,7 @@ whether the write finished.
 :func:`open_results` is the reading side: it names what a path is when it is not a complete
 results store (a trajectory store, a foreign group, an interrupted write and its missing variables).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,10 +41,10 @@ from collections.abc import Iterable, Iterator
 
 from sed_dask.errors import StoreError
 
-COMPLETE_ATTR = "sed_dask_complete"      # True once the write finished (written last)
-KIND_ATTR = "sed_dask_results"           # "spectra", "jl_sketch", "directions" (written first)
-VARIABLES_ATTR = "sed_dask_variables"    # every variable and coordinate the complete store holds
-REPORT_MARKER = ".sed_dask_report"       # a report folder's completion marker (a file, written last)
+COMPLETE_ATTR = "sed_dask_complete"  # True once the write finished (written last)
+KIND_ATTR = "sed_dask_results"  # "spectra", "jl_sketch", "directions" (written first)
+VARIABLES_ATTR = "sed_dask_variables"  # every variable and coordinate the complete store holds
+REPORT_MARKER = ".sed_dask_report"  # a report folder's completion marker (a file, written last)
 REPORT_FILES = ("summary.html", "summary.md", "findings.csv")
 _TMP, _OLD = ".sed_dask-tmp-", ".sed_dask-old-"
 
@@ -96,8 +97,12 @@ def _child_groups(directory: str) -> list[str]:
         names = sorted(os.listdir(directory))
     except OSError:
         return []
-    return [n for n in names if os.path.isfile(os.path.join(directory, n, "zarr.json"))
-            or os.path.isfile(os.path.join(directory, n, ".zgroup"))]
+    return [
+        n
+        for n in names
+        if os.path.isfile(os.path.join(directory, n, "zarr.json"))
+        or os.path.isfile(os.path.join(directory, n, ".zgroup"))
+    ]
 
 
 def results_kind(attrs: dict) -> str | None:
@@ -183,18 +188,26 @@ def check_target(path, *, overwrite: bool, what: str = "results") -> str:
         raise TargetError(f"output {path} is a file, not a {what} store; choose another output path")
     if kind == "folder":
         n = len(os.listdir(_local(path)))
-        raise TargetError(f"output {path} is a folder holding {n} entr{'y' if n == 1 else 'ies'} that is not a "
-                          f"Zarr store; refusing to replace it (choose a new output path); nothing was written")
+        raise TargetError(
+            f"output {path} is a folder holding {n} entr{'y' if n == 1 else 'ies'} that is not a "
+            f"Zarr store; refusing to replace it (choose a new output path); nothing was written"
+        )
     if kind == "trajectory":
-        raise TargetError(f"output {path} is a sed_dask trajectory store; writing {what} there would destroy "
-                          "its checkpoints. Choose another output path (e.g. results.zarr); nothing was written")
+        raise TargetError(
+            f"output {path} is a sed_dask trajectory store; writing {what} there would destroy "
+            "its checkpoints. Choose another output path (e.g. results.zarr); nothing was written"
+        )
     if kind == "zarr":
-        raise TargetError(f"output {path} is a Zarr store that sed_dask did not write (root attrs "
-                          f"{sorted(attrs)[:8]}); refusing to replace it; choose another output path")
+        raise TargetError(
+            f"output {path} is a Zarr store that sed_dask did not write (root attrs "
+            f"{sorted(attrs)[:8]}); refusing to replace it; choose another output path"
+        )
     if kind == "results" and not overwrite:
         when = attrs.get("created", "at an unknown time")
-        raise TargetError(f"output {path} already holds a sed_dask {results_kind(attrs)} store (created {when}); "
-                          f"{flag}; nothing was written")
+        raise TargetError(
+            f"output {path} already holds a sed_dask {results_kind(attrs)} store (created {when}); "
+            f"{flag}; nothing was written"
+        )
     loc = _local(path)
     if loc is not None:
         outer = _inside_zarr(loc)
@@ -218,7 +231,7 @@ def _siblings(loc: str, tag: str) -> list[tuple[str, str, int]]:
         for n in os.listdir(parent or "."):
             if not n.startswith(head):
                 continue
-            parts = n[len(head):].rsplit("-", 2)  # host (may hold '-'), pid, token
+            parts = n[len(head) :].rsplit("-", 2)  # host (may hold '-'), pid, token
             if len(parts) == 3 and parts[1].isdigit():
                 out.append((os.path.join(parent, n), parts[0], int(parts[1])))
     return out
@@ -406,15 +419,19 @@ def check_report_dir(out: str, *, overwrite: bool) -> None:
     if not names:
         return
     if _zarr_attrs(out) is not None:
-        raise TargetError(f"report folder {out} is a Zarr store; writing a report there would replace it; "
-                          "choose another --out-dir")
+        raise TargetError(
+            f"report folder {out} is a Zarr store; writing a report there would replace it; choose another --out-dir"
+        )
     is_report = REPORT_MARKER in names or all(n in names for n in REPORT_FILES)
     if not is_report:
-        raise TargetError(f"report folder {out} holds {len(names)} entr{'y' if len(names) == 1 else 'ies'} that "
-                          "are not a sed_dask report; refusing to replace them (choose a new or empty --out-dir)")
+        raise TargetError(
+            f"report folder {out} holds {len(names)} entr{'y' if len(names) == 1 else 'ies'} that "
+            "are not a sed_dask report; refusing to replace them (choose a new or empty --out-dir)"
+        )
     if not overwrite:
-        raise TargetError(f"report folder {out} already holds a report; pass overwrite=True (--overwrite) to "
-                          "replace it")
+        raise TargetError(
+            f"report folder {out} already holds a report; pass overwrite=True (--overwrite) to replace it"
+        )
 
 
 # ----------------------------------------------------------------------------- the reader's side
@@ -460,8 +477,10 @@ def _interrupted_hint(path: str) -> str:
         return ""
     olds = _siblings(loc, _OLD)
     if olds:
-        return (f"; an interrupted write kept the previous result at {olds[0][0]} (the next write to this "
-                "path moves it back)")
+        return (
+            f"; an interrupted write kept the previous result at {olds[0][0]} (the next write to this "
+            "path moves it back)"
+        )
     return ""
 
 
@@ -485,16 +504,22 @@ def open_results(path, *, partial: str = "raise", **open_kw):
     if kind == "folder":
         raise StoreError(f"{path} is a folder but not a Zarr store (no zarr.json)")
     if kind == "trajectory":
-        raise StoreError(f"{path} is a trajectory store (checkpoints), not a results store; run "
-                         f"`sed-dask spectrum {path} -o results.zarr` first and query the results")
+        raise StoreError(
+            f"{path} is a trajectory store (checkpoints), not a results store; run "
+            f"`sed-dask spectrum {path} -o results.zarr` first and query the results"
+        )
     if kind == "zarr":
-        raise StoreError(f"{path} is a Zarr store but not a sed_dask results store (no sed_dask attrs; root "
-                         f"attrs {sorted(attrs)[:8]}); results come from `sed-dask spectrum ... -o`")
+        raise StoreError(
+            f"{path} is a Zarr store but not a sed_dask results store (no sed_dask attrs; root "
+            f"attrs {sorted(attrs)[:8]}); results come from `sed-dask spectrum ... -o`"
+        )
     miss = missing_parts(path, attrs)
     if miss:
-        msg = (f"{path} is an incomplete {results_kind(attrs)} results store (its write was interrupted): "
-               f"missing {', '.join(miss[:12])}{' ...' if len(miss) > 12 else ''}; re-run the command that "
-               "wrote it (with --overwrite)")
+        msg = (
+            f"{path} is an incomplete {results_kind(attrs)} results store (its write was interrupted): "
+            f"missing {', '.join(miss[:12])}{' ...' if len(miss) > 12 else ''}; re-run the command that "
+            "wrote it (with --overwrite)"
+        )
         if partial == "raise":
             raise PartialResultsError(msg)
         warnings.warn(msg, PartialResultsWarning, stacklevel=2)

@@ -17,6 +17,7 @@ One client at a time may plan and write a run: :func:`run_lock` takes an OS file
 *next to* the store (``<parent>/.<store name>.sed_dask-locks/<run>.lock``), because zarr warns
 about any file it does not recognise inside the hierarchy.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,9 +35,9 @@ import zarr
 
 from sed_dask import config
 from sed_dask.errors import StoreError
+from sed_dask.sources.param_index import ParamIndex, TensorEntry, read_chunk_elems  # noqa: F401  (re-exported)
 from sed_dask.store.outputs import describe as describe_path
 from sed_dask.store.outputs import results_kind
-from sed_dask.sources.param_index import ParamIndex, TensorEntry, read_chunk_elems  # noqa: F401  (re-exported)
 
 try:
     import fcntl
@@ -94,14 +95,16 @@ class TrajectoryStore:
             raise StoreError(f"unknown run {name!r} in store {self.url}; runs present: {self.runs}") from None
         state = run_state(g)
         if state == "half-created":
-            raise StoreError(f"run {name!r} of store {self.url} was interrupted while being created (it holds no "
-                             "checkpoints yet); the next `sed-dask ingest` into it rebuilds it")
+            raise StoreError(
+                f"run {name!r} of store {self.url} was interrupted while being created (it holds no "
+                "checkpoints yet); the next `sed-dask ingest` into it rebuilds it"
+            )
         if state != "ready":
             raise StoreError(f"{name!r} in store {self.url} is not a trajectory run: {state}")
         return RunStore(g, name, root=self.root)
 
     def run_state(self, name: str) -> str:
-        """"absent", "half-created" (a run creation was interrupted: rebuilt by the next ingest),
+        """ "absent", "half-created" (a run creation was interrupted: rebuilt by the next ingest),
         "ready", or why the member is not a trajectory run."""
         try:
             g = self.root[name]
@@ -153,30 +156,52 @@ class TrajectoryStore:
             shard = chunk
         comp = compressor if compressor is not None else config.get("store.compressor")
         compressors = None if comp in (None, "none") else _compressor(comp)
-        creating = {"pid": os.getpid(), "host": socket.gethostname(),
-                    "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        creating = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
         # overwrite: only a half-created run (no rows) or leftovers of one are ever replaced here
         g = self.root.create_group(name, overwrite=state == "half-created", attributes={CREATING_ATTR: creating})
-        g.create_array("params", shape=(0, P), chunks=(1, chunk), shards=shards, dtype="float32",
-                       fill_value=np.nan, compressors=compressors, overwrite=True,
-                       dimension_names=("row", "param"), config={"write_empty_chunks": True})
-        g.create_array("steps", shape=(0,), chunks=(_STEP_CHUNK,), dtype="int64", fill_value=-1,
-                       dimension_names=("row",), overwrite=True)
-        g.create_array("complete", shape=(0,), chunks=(1,), dtype="uint8", fill_value=0,
-                       dimension_names=("row",), overwrite=True)
+        g.create_array(
+            "params",
+            shape=(0, P),
+            chunks=(1, chunk),
+            shards=shards,
+            dtype="float32",
+            fill_value=np.nan,
+            compressors=compressors,
+            overwrite=True,
+            dimension_names=("row", "param"),
+            config={"write_empty_chunks": True},
+        )
+        g.create_array(
+            "steps",
+            shape=(0,),
+            chunks=(_STEP_CHUNK,),
+            dtype="int64",
+            fill_value=-1,
+            dimension_names=("row",),
+            overwrite=True,
+        )
+        g.create_array(
+            "complete", shape=(0,), chunks=(1,), dtype="uint8", fill_value=0, dimension_names=("row",), overwrite=True
+        )
         from sed_dask import __version__
 
-        g.attrs.put({  # one write, replacing the creating marker: the run is ready from here
-            "sed_dask_version": __version__,
-            "selection_policy": policy,
-            "param_index": index.to_records(),
-            "param_index_hash": index.hash,
-            "n_params": P,
-            "write_unit": shard,
-            "sources": {},
-            "nonfinite": [],
-            **(attrs or {}),
-        })
+        g.attrs.put(
+            {  # one write, replacing the creating marker: the run is ready from here
+                "sed_dask_version": __version__,
+                "selection_policy": policy,
+                "param_index": index.to_records(),
+                "param_index_hash": index.hash,
+                "n_params": P,
+                "write_unit": shard,
+                "sources": {},
+                "nonfinite": [],
+                **(attrs or {}),
+            }
+        )
         return RunStore(g, name, root=self.root)
 
 
@@ -186,7 +211,7 @@ RUN_ATTRS = ("param_index", "param_index_hash", "selection_policy", "n_params", 
 
 
 def run_state(g) -> str:
-    """"ready", "half-created" or what makes the Zarr member ``g`` not a trajectory run.
+    """ "ready", "half-created" or what makes the Zarr member ``g`` not a trajectory run.
 
     Half-created: the group lacks the run attrs and holds nothing but (some of) the run's three
     arrays, all with 0 rows, i.e. a ``create_run`` that was killed; nothing is lost by rebuilding it.
@@ -322,12 +347,16 @@ class RunStore:
             return np.zeros(0, np.int64)
         if np.any(np.diff(steps) <= 0):
             d = steps[1:][np.diff(steps) <= 0][0]
-            raise StoreError(f"run {self.name!r}: steps to append must be strictly increasing; "
-                             f"step {int(d)} is duplicated or out of order")
+            raise StoreError(
+                f"run {self.name!r}: steps to append must be strictly increasing; "
+                f"step {int(d)} is duplicated or out of order"
+            )
         have = self.row_steps()
         if have.size and steps[0] <= have[-1]:
-            raise StoreError(f"run {self.name!r}: cannot append step {int(steps[0])}; the run already "
-                             f"holds steps up to {int(have[-1])} (appending must add later steps)")
+            raise StoreError(
+                f"run {self.name!r}: cannot append step {int(steps[0])}; the run already "
+                f"holds steps up to {int(have[-1])} (appending must add later steps)"
+            )
         self.repair()
         n0 = self.n_rows
         n1 = n0 + steps.size
@@ -365,11 +394,14 @@ class RunStore:
             steps = f"{missing[:10].tolist()}{'...' if missing.size > 10 else ''}"
             holder = lock_holder(self.root, self.name) if self.root is not None else None
             if holder is not None:
-                raise RunLockedError(f"run {self.name!r} is being ingested right now by {holder} (it holds the "
-                                     f"run's writer lock; steps {steps} are not written yet); wait for that "
-                                     "ingestion to finish, then re-run")
-            raise StoreError(f"run {self.name!r}: ingestion is incomplete for steps {steps}; "
-                             "re-run `sed-dask ingest` to finish it")
+                raise RunLockedError(
+                    f"run {self.name!r} is being ingested right now by {holder} (it holds the "
+                    f"run's writer lock; steps {steps} are not written yet); wait for that "
+                    "ingestion to finish, then re-run"
+                )
+            raise StoreError(
+                f"run {self.name!r}: ingestion is incomplete for steps {steps}; re-run `sed-dask ingest` to finish it"
+            )
         return self.row_steps()
 
     # ----------------------------------------------------------------- metrics
@@ -407,8 +439,7 @@ class RunStore:
         mg = self.group.require_group("metrics")
         for k, v in merged.items():
             dtype = "int64" if k == "step" else "float64"
-            mg.create_array(k, shape=v.shape, dtype=dtype, overwrite=True,
-                            dimension_names=("metric_step",))[:] = v
+            mg.create_array(k, shape=v.shape, dtype=dtype, overwrite=True, dimension_names=("metric_step",))[:] = v
 
     def metrics(self) -> dict[str, np.ndarray]:
         """``{"step": ..., name: values}``; empty if the run has no metrics."""
@@ -460,12 +491,16 @@ def _check_root(g: zarr.Group, store, *, writing: bool) -> None:
         return
     if not writing:
         what = f"groups {sorted(n for n, _ in groups)[:8]} are not trajectory runs" if groups else "no runs"
-        raise StoreError(f"{_name(store)} is not a sed_dask trajectory store (no sed_dask_store_format attr; "
-                         f"{what}); make one with `sed-dask ingest`")
+        raise StoreError(
+            f"{_name(store)} is not a sed_dask trajectory store (no sed_dask_store_format attr; "
+            f"{what}); make one with `sed-dask ingest`"
+        )
     members = sorted(g.keys())
     if attrs or members:
-        raise StoreError(f"{_name(store)} is a Zarr group that sed_dask did not write (attrs {sorted(attrs)[:8]}, "
-                         f"members {members[:8]}){nothing}")
+        raise StoreError(
+            f"{_name(store)} is a Zarr group that sed_dask did not write (attrs {sorted(attrs)[:8]}, "
+            f"members {members[:8]}){nothing}"
+        )
 
 
 def refuse_foreign(store, storage_options: dict | None = None) -> None:
@@ -475,8 +510,10 @@ def refuse_foreign(store, storage_options: dict | None = None) -> None:
     if isinstance(store, (str, os.PathLike)):
         kind, _ = describe_path(store)
         if kind in ("file", "folder"):
-            raise StoreError(f"{os.fspath(store)} is a {'file' if kind == 'file' else 'folder of other files'}, "
-                             "not a Zarr trajectory store; choose a new --store path (nothing was written)")
+            raise StoreError(
+                f"{os.fspath(store)} is a {'file' if kind == 'file' else 'folder of other files'}, "
+                "not a Zarr trajectory store; choose a new --store path (nothing was written)"
+            )
         if kind in ("missing", "empty"):
             return
     try:
@@ -491,8 +528,17 @@ def _name(store) -> str:
     return str(store.store_path) if isinstance(store, zarr.Group) else os.fspath(store)
 
 
-def write_trajectory(store, run: str, steps: Sequence[int], params, *, index: ParamIndex | None = None,
-                     policy: dict | None = None, metrics: dict | None = None, **create_kw) -> RunStore:
+def write_trajectory(
+    store,
+    run: str,
+    steps: Sequence[int],
+    params,
+    *,
+    index: ParamIndex | None = None,
+    policy: dict | None = None,
+    metrics: dict | None = None,
+    **create_kw,
+) -> RunStore:
     """Write an in-memory or array-like ``(n_steps, P)`` trajectory as a run, one row at a time.
 
     For trajectories that already exist as arrays (tests, simulations, other tools); checkpoint
@@ -634,8 +680,9 @@ def _acquire(path: str, store, run: str, timeout: float) -> int | None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:  # e.g. a read-only parent directory: do not refuse to work
-        logger.warning("cannot create the writer lock %s (%s); concurrent writers of run %r are not "
-                       "locked out", path, exc, run)
+        logger.warning(
+            "cannot create the writer lock %s (%s); concurrent writers of run %r are not locked out", path, exc, run
+        )
         return None
     deadline = time.monotonic() + max(0.0, float(timeout))
     try:
@@ -645,8 +692,13 @@ def _acquire(path: str, store, run: str, timeout: float) -> int | None:
                 break
             except OSError as exc:
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    logger.warning("cannot lock %s (%s: this filesystem has no flock); concurrent writers "
-                                   "of run %r are not locked out", path, exc, run)
+                    logger.warning(
+                        "cannot lock %s (%s: this filesystem has no flock); concurrent writers "
+                        "of run %r are not locked out",
+                        path,
+                        exc,
+                        run,
+                    )
                     os.close(fd)
                     return None
             left = deadline - time.monotonic()
@@ -658,10 +710,15 @@ def _acquire(path: str, store, run: str, timeout: float) -> int | None:
                     f"run {run!r} of store {where} is being ingested by {_holder(fd)}{waited}; wait for "
                     "that ingestion to finish (or pass lock_timeout= seconds) and re-run; nothing was "
                     f"written. Its lock {path} is released when that process exits, even if it is "
-                    "killed: do not delete it")
+                    "killed: do not delete it"
+                )
             time.sleep(min(0.1, left))
-        rec = {"pid": os.getpid(), "host": socket.gethostname(), "run": run,
-               "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        rec = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "run": run,
+            "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(rec).encode(), 0)
     except BaseException:

@@ -4,6 +4,7 @@ Used by tests and benchmarks to check that the lag and shift queries recover wha
 (issue 12). Steps are on a regular checkpoint grid (``spacing`` apart, first at ``spacing``),
 so lags and shift positions are in checkpoint-index units, as in :mod:`sed_dask.analysis.lag`.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,9 +34,17 @@ def _driver(m: int, ar: float, rng: np.random.Generator) -> np.ndarray:
     return s
 
 
-def planted_lag_pair(n: int, lag: int, *, coupling: float = -0.8, noise: float = 0.5,
-                     trend: float = 1.0, ar: float = 0.0, spacing: int = 200, seed: int = 0
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def planted_lag_pair(
+    n: int,
+    lag: int,
+    *,
+    coupling: float = -0.8,
+    noise: float = 0.5,
+    trend: float = 1.0,
+    ar: float = 0.0,
+    spacing: int = 200,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(steps, x, y)`` where y follows x by ``lag`` checkpoints: y[t + lag] = coupling·s[t] + …
 
     x[t] = s[t] + trend·(smooth curve), y[t] = coupling·s[t − lag] + noise·e[t] + trend·(a
@@ -46,14 +55,23 @@ def planted_lag_pair(n: int, lag: int, *, coupling: float = -0.8, noise: float =
     negative edge/val-loss coupling. The trends are smooth but not cubic, so detrending is
     exercised, not bypassed. ``coupling=0`` gives an independent pair (a null).
     """
-    steps, X, y = planted_lag_family(n, [lag], coupling=coupling, noise=noise, trend=trend, ar=ar,
-                                     spacing=spacing, seed=seed)
+    steps, X, y = planted_lag_family(
+        n, [lag], coupling=coupling, noise=noise, trend=trend, ar=ar, spacing=spacing, seed=seed
+    )
     return steps, X[0], y
 
 
-def planted_lag_family(n: int, lags, *, coupling: float = -0.8, noise: float = 0.5,
-                       trend: float = 1.0, ar: float = 0.0, spacing: int = 200, seed: int = 0
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def planted_lag_family(
+    n: int,
+    lags,
+    *,
+    coupling: float = -0.8,
+    noise: float = 0.5,
+    trend: float = 1.0,
+    ar: float = 0.0,
+    spacing: int = 200,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(steps, X, y)``: one target y and one series X[i] per entry of ``lags``, X[i] leading y
     by ``lags[i]`` checkpoints (as :func:`planted_lag_pair`), all driven by the same s.
 
@@ -69,14 +87,21 @@ def planted_lag_family(n: int, lags, *, coupling: float = -0.8, noise: float = 0
     rng = np.random.default_rng(seed)
     s = _driver(n + 2 * m, ar, rng)
     t = np.linspace(0.0, 1.0, n)
-    X = np.stack([s[m + v:m + v + n] + trend * (1.5 + np.sin(2.5 * t)) for v in lags])
-    y = coupling * s[m:m + n] + noise * rng.standard_normal(n) + trend * (1.0 + 3.0 * np.exp(-3.0 * t))
+    X = np.stack([s[m + v : m + v + n] + trend * (1.5 + np.sin(2.5 * t)) for v in lags])
+    y = coupling * s[m : m + n] + noise * rng.standard_normal(n) + trend * (1.0 + 3.0 * np.exp(-3.0 * t))
     return _steps(n, spacing), X, y
 
 
-def planted_shift_series(n: int, shift_index: int, *, size: float = 1.0, noise: float = 0.1,
-                         level: float = 1.0, spacing: int = 200, seed: int | None = 0
-                         ) -> tuple[np.ndarray, np.ndarray]:
+def planted_shift_series(
+    n: int,
+    shift_index: int,
+    *,
+    size: float = 1.0,
+    noise: float = 0.1,
+    level: float = 1.0,
+    spacing: int = 200,
+    seed: int | None = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """``(steps, values)``: ``level`` + noise before ``shift_index``, ``level + size`` from it on.
 
     A mean shift of known position and size (``size`` in the series' units; size/noise is the

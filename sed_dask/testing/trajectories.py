@@ -25,6 +25,7 @@ never held. The exact truth per window is available: :meth:`PlantedTrajectory.si
 singular values of the signal part alone (exact, from the r x r coefficients), :meth:`noise_edge` the
 expected top noise singular value.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-BLOCK = 1 << 16   # columns per RNG block: part of the trajectory's definition, like a seed
+BLOCK = 1 << 16  # columns per RNG block: part of the trajectory's definition, like a seed
 
 
 def fourier_coefficients(n: int, rank: int, W: int) -> np.ndarray:
@@ -85,8 +86,10 @@ class PlantedTrajectory:
 
     def __post_init__(self):
         if self.rank < 0 or self.n_deltas < 2 or self.n_params < max(1, 2 * self.rank):
-            raise ValueError(f"need rank >= 0, n_deltas >= 2 and n_params >= 2 rank; got rank={self.rank}, "
-                             f"n_deltas={self.n_deltas}, n_params={self.n_params}")
+            raise ValueError(
+                f"need rank >= 0, n_deltas >= 2 and n_params >= 2 rank; got rank={self.rank}, "
+                f"n_deltas={self.n_deltas}, n_params={self.n_params}"
+            )
         if self.noise not in ("isotropic", "anisotropic"):
             raise ValueError(f"noise must be 'isotropic' or 'anisotropic', got {self.noise!r}")
         if self.coefficients not in ("gaussian", "fourier"):
@@ -110,7 +113,7 @@ class PlantedTrajectory:
     def n_params_effective(self) -> float:
         """(sum c^2)^2 / sum c^4: the degrees of freedom that set the spread of the noise spectrum."""
         c2 = self._scales() ** 2
-        return float(c2.sum() ** 2 / (c2 ** 2).sum())
+        return float(c2.sum() ** 2 / (c2**2).sum())
 
     def noise_edge(self, W: int) -> float:
         """Expected top singular value of a window's noise alone: sqrt(P) (1 + sqrt(W / P_eff)).
@@ -161,7 +164,7 @@ class PlantedTrajectory:
             else:
                 rng = np.random.Generator(np.random.Philox(key=[self.seed, 0x5CA1E]))
                 c = self.spread ** rng.uniform(-0.5, 0.5, self.n_params)
-                c /= np.sqrt(np.mean(c ** 2))
+                c /= np.sqrt(np.mean(c**2))
             self._cache["scales"] = c
         return self._cache["scales"]
 
@@ -172,9 +175,9 @@ class PlantedTrajectory:
             rng = np.random.Generator(np.random.Philox(key=[self.seed, 0xD1 + which]))
             if which == 0 or self.shift_at is None:
                 q, _ = np.linalg.qr(rng.standard_normal((self.n_params, self.rank)))
-            else:   # a fresh set orthogonal to the first: the shift moves the signal elsewhere
+            else:  # a fresh set orthogonal to the first: the shift moves the signal elsewhere
                 both = np.concatenate([self._directions(0), rng.standard_normal((self.n_params, self.rank))], 1)
-                q = np.linalg.qr(both)[0][:, self.rank:]
+                q = np.linalg.qr(both)[0][:, self.rank :]
             self._cache[key] = q
         return self._cache[key]
 
@@ -196,14 +199,14 @@ class PlantedTrajectory:
             rng = np.random.Generator(np.random.Philox(key=[self.seed, 0x7A0 + b]))
             z = rng.standard_normal((self.n_deltas, b1 - b0))[rows]
             s0, s1 = max(lo, b0), min(hi, b1)
-            block = z[:, s0 - b0:s1 - b0] * c[None, s0:s1]
+            block = z[:, s0 - b0 : s1 - b0] * c[None, s0:s1]
             if self.rank:
                 U0 = self._directions(0)[s0:s1]
                 sig = A @ U0.T
                 if shifted.any():
                     sig[shifted] = A[shifted] @ self._directions(1)[s0:s1].T
                 block += sig
-            out[:, s0 - lo:s1 - lo] = block
+            out[:, s0 - lo : s1 - lo] = block
         return out
 
     def gram(self, *, block_cols: int = 4 * BLOCK) -> np.ndarray:
@@ -242,7 +245,7 @@ class PlantedTrajectory:
                 after = rows >= self.shift_at
                 blk = np.concatenate([np.where(after[:, None], 0.0, blk), np.where(after[:, None], blk, 0.0)], 1)
             s = np.linalg.svd(blk, compute_uv=False) if blk.size else np.zeros(0)
-            out.append(s[:min(W, self.rank)])
+            out.append(s[: min(W, self.rank)])
         return np.asarray(out).reshape(self.n_deltas - W + 1, min(W, self.rank))
 
     def true_rank(self, W: int, *, min_snr: float = 1.0) -> np.ndarray:
@@ -258,10 +261,14 @@ class PlantedTrajectory:
         def step(i):
             return None if i is None else int(st[min(i, self.n_deltas - 1)])
 
-        d.update(rise_end_step=step(self.rise_end) if self.rise_end else None,
-                 collapse_step=step(self.collapse_at), rebound_step=step(self.rebound_at),
-                 shift_step=step(self.shift_at), strength_values=self.strength_values().tolist(),
-                 noise_edge_W10=self.noise_edge(10))
+        d.update(
+            rise_end_step=step(self.rise_end) if self.rise_end else None,
+            collapse_step=step(self.collapse_at),
+            rebound_step=step(self.rebound_at),
+            shift_step=step(self.shift_at),
+            strength_values=self.strength_values().tolist(),
+            noise_edge_W10=self.noise_edge(10),
+        )
         return d
 
     def val_loss(self, *, lag: int = 0, noise: float = 0.01, seed: int | None = None) -> np.ndarray:
@@ -273,8 +280,9 @@ class PlantedTrajectory:
         return 2.0 - shifted + noise * rng.standard_normal(self.n_deltas)
 
     # ------------------------------------------------------------------ files
-    def write_checkpoints(self, folder, *, theta0_scale: float = 0.0, metrics: dict | None = None,
-                          tensors: int = 2) -> Path:
+    def write_checkpoints(
+        self, folder, *, theta0_scale: float = 0.0, metrics: dict | None = None, tensors: int = 2
+    ) -> Path:
         """θ_0 .. θ_N as real ``ckpt_{step:06d}.pt`` files (float32 state dicts split over ``tensors``
         tensors) plus ``metrics.json`` and ``truth.json``: what a training loop would have left.
 
@@ -294,8 +302,9 @@ class PlantedTrajectory:
             theta[1:, lo:hi] = np.cumsum(X, axis=0).astype(np.float32)
         bounds = np.linspace(0, P, tensors + 1).astype(int)
         for i, s in enumerate(self.steps):
-            sd = {f"layer{j}.weight": torch.from_numpy(theta[i, bounds[j]:bounds[j + 1]].copy())
-                  for j in range(tensors)}
+            sd = {
+                f"layer{j}.weight": torch.from_numpy(theta[i, bounds[j] : bounds[j + 1]].copy()) for j in range(tensors)
+            }
             torch.save(sd, folder / f"ckpt_{int(s):06d}.pt")
         if metrics is None:
             metrics = {"step": self.steps.tolist(), "val_loss": [2.0] + self.val_loss().tolist()}
@@ -320,12 +329,28 @@ def planted_results(trajectories: dict, windows=(10,), *, metrics: dict | None =
     for run, t in trajectories.items():
         width = max(windows) + 1
         band = t.band(width)[None]
-        grams.append(GramResult(run=run, band=band, groups=["all"], n_params={"all": t.n_params},
-                                group_desc={"all": "planted"}, steps=t.steps, width=width,
-                                precision="float64", tiling={}))
+        grams.append(
+            GramResult(
+                run=run,
+                band=band,
+                groups=["all"],
+                n_params={"all": t.n_params},
+                group_desc={"all": "planted"},
+                steps=t.steps,
+                width=width,
+                precision="float64",
+                tiling={},
+            )
+        )
         mets[run] = (metrics or {}).get(run) or {"step": t.delta_steps.tolist(), "val_loss": t.val_loss().tolist()}
-    attrs = {"sed_dask_version": "planted", "windows": windows, "runs": list(trajectories),
-             "n_params": json.dumps({r: t.n_params for r, t in trajectories.items()}),
-             "source_store": "sed_dask.testing.planted_results", "precision": "float64", "step_normalised": 0,
-             "truth": json.dumps({r: t.truth() for r, t in trajectories.items()})}
+    attrs = {
+        "sed_dask_version": "planted",
+        "windows": windows,
+        "runs": list(trajectories),
+        "n_params": json.dumps({r: t.n_params for r, t in trajectories.items()}),
+        "source_store": "sed_dask.testing.planted_results",
+        "precision": "float64",
+        "step_normalised": 0,
+        "truth": json.dumps({r: t.truth() for r, t in trajectories.items()}),
+    }
     return build_dataset(grams, windows, grouped=False, metrics=mets, attrs=attrs)

@@ -12,6 +12,7 @@ of every checkpoint, out of core, next to it:
 * queries (:mod:`.queries`): :func:`escape_steps`, :func:`series`, :func:`layer_table`,
   :func:`alignment_summary`; figures (:mod:`.figures`) and the report section (:mod:`.report`).
 """
+
 from __future__ import annotations
 
 from sed_dask.weights.alignment import update_alignment
@@ -20,13 +21,13 @@ from sed_dask.weights.queries import alignment_summary, escape_steps, layer_tabl
 from sed_dask.weights.spectra import WeightSpectrumError, matrix_spectrum, settings
 
 __all__ = [
-           "WeightSpectrumError",
-           "alignment_summary",
-           "escape_steps",
-           "layer_table",
-           "matrix_spectrum",
-           "series",
-           "settings",
-           "update_alignment",
-           "weight_spectra",
+    "WeightSpectrumError",
+    "alignment_summary",
+    "escape_steps",
+    "layer_table",
+    "matrix_spectrum",
+    "series",
+    "settings",
+    "update_alignment",
+    "weight_spectra",
 ]

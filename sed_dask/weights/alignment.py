@@ -15,6 +15,7 @@ layer's weight at step s (the window's newest checkpoint): principal angles (deg
 ``overlap`` = mean cos^2 of the k angles (1: the updates lie in the weight's top-k subspace; a random
 k-subspace of R^d gives k / d, stored as ``chance``).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -23,10 +24,9 @@ import json
 import numpy as np
 
 from sed_dask import config
-from sed_dask.errors import StoreError
-from sed_dask.engine.passes import read_into
-from sed_dask.engine.passes import execute
+from sed_dask.engine.passes import execute, read_into
 from sed_dask.engine.rawread import RawChunkReader
+from sed_dask.errors import StoreError
 from sed_dask.store.outputs import check_target, write_dataset
 from sed_dask.weights.compute import open_sources, select_layers
 from sed_dask.weights.spectra import (
@@ -47,8 +47,9 @@ def _angles(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     return np.degrees(np.arccos(cos))
 
 
-def window_layer_task(params, d0: int, d1: int, entry, M: np.ndarray, sig: np.ndarray, k: int, s,
-                      block_bytes: int) -> dict:
+def window_layer_task(
+    params, d0: int, d1: int, entry, M: np.ndarray, sig: np.ndarray, k: int, s, block_bytes: int
+) -> dict:
     """Angles of one layer in one window: checkpoints ``d0 .. d1`` (rows), ``M = U_q / sigma_q`` (W x q)."""
     m, n = matrix_shape(entry.shape)
     src = RawChunkReader.for_array(params) or params
@@ -60,11 +61,11 @@ def window_layer_task(params, d0: int, d1: int, entry, M: np.ndarray, sig: np.nd
         r1 = min(r0 + rows_per, m)
         buf = np.empty((d1 - d0 + 1, (r1 - r0) * n), np.float32)
         read_into(src, d0, d1 + 1, entry.offset + r0 * n, entry.offset + r1 * n, buf)
-        X = np.diff(buf, axis=0).astype(np.float64)        # float32 differences, as the Gram engine
+        X = np.diff(buf, axis=0).astype(np.float64)  # float32 differences, as the Gram engine
         D[:, r0:r1] = (X.T @ M).T.reshape(q, r1 - r0, n)
         Wend[r0:r1] = buf[-1].reshape(r1 - r0, n)
-    energy = np.einsum("j,jab,jab->", sig ** 2, D, D)
-    out = {"loading": float(energy / np.sum(sig ** 2)), "angle": np.full((2, k), np.nan)}
+    energy = np.einsum("j,jab,jab->", sig**2, D, D)
+    out = {"loading": float(energy / np.sum(sig**2)), "angle": np.full((2, k), np.nan)}
     if not energy > 0:
         return out
     # the eigenvectors of sum_j sigma_j^2 D_j D_j^T (D_j^T D_j) are the left (right) singular vectors of
@@ -81,10 +82,25 @@ def window_layer_task(params, d0: int, d1: int, entry, M: np.ndarray, sig: np.nd
     return out
 
 
-def update_alignment(source, *, run: str | None = None, window: int = 10, k: int = 3, n_directions: int = 3,
-                     layers=None, exclude=None, stride: int = 1, client=None, address: str | None = None,
-                     scheduler_file: str | None = None, scheduler: str | None = None, output=None,
-                     overwrite: bool = False, progress: bool = False, block_bytes=None):
+def update_alignment(
+    source,
+    *,
+    run: str | None = None,
+    window: int = 10,
+    k: int = 3,
+    n_directions: int = 3,
+    layers=None,
+    exclude=None,
+    stride: int = 1,
+    client=None,
+    address: str | None = None,
+    scheduler_file: str | None = None,
+    scheduler: str | None = None,
+    output=None,
+    overwrite: bool = False,
+    progress: bool = False,
+    block_bytes=None,
+):
     """Principal angles between each window's top update directions, restricted to a layer and reshaped
     to its matrix, and the layer weight's top-k left/right singular subspaces (module docstring).
 
@@ -118,10 +134,9 @@ def update_alignment(source, *, run: str | None = None, window: int = 10, k: int
     steps = np.asarray(rs.check_complete(), np.int64)
     if steps.size - 1 < W:
         raise StoreError(f"run {rs.name!r} has {steps.size - 1} deltas; a window of W={W} needs at least W")
-    gram = banded_gram(rs, w_max=W, client=client, scheduler=scheduler, address=address,
-                       scheduler_file=scheduler_file)
+    gram = banded_gram(rs, w_max=W, client=client, scheduler=scheduler, address=address, scheduler_file=scheduler_file)
     G = window_grams(gram["all"], W)
-    ends = np.arange(W - 1, steps.size - 1)[::-1][::stride][::-1]   # the last window is always in
+    ends = np.arange(W - 1, steps.size - 1)[::-1][::stride][::-1]  # the last window is always in
     zero_rtol = float(config.get("spectrum.zero-rtol"))
     dsk, keys, meta = {}, [], []
     from dask.base import tokenize
@@ -142,8 +157,19 @@ def update_alignment(source, *, run: str | None = None, window: int = 10, k: int
             dsk[key] = (window_layer_task, rs.params, d0, d1, ent, M, sig, k, s, block_bytes)
             keys.append(key)
             meta.append((t, j))
-    results = execute(dsk, keys, client=client, scheduler=scheduler, address=address,
-                      scheduler_file=scheduler_file, progress=progress) if keys else []
+    results = (
+        execute(
+            dsk,
+            keys,
+            client=client,
+            scheduler=scheduler,
+            address=address,
+            scheduler_file=scheduler_file,
+            progress=progress,
+        )
+        if keys
+        else []
+    )
     L = len(entries)
     angle = np.full((ends.size, L, 2, k), np.nan)
     loading = np.full((ends.size, L), np.nan)
@@ -155,31 +181,67 @@ def update_alignment(source, *, run: str | None = None, window: int = 10, k: int
     chance = k / dims
     wsteps = steps[ends + 1]
     ds = xr.Dataset(
-        {"angle": (("step", "layer", "side", "component"), angle,
-                   {"long_name": "principal angle between the window's update subspace (restricted to the layer) "
-                                 "and the weight's top-k singular subspace", "units": "degree"}),
-         "overlap": (("step", "layer", "side"), overlap,
-                     {"long_name": "mean cos^2 of the principal angles (1 = inside the weight's top-k subspace)",
-                      "units": "1"}),
-         "chance": (("layer", "side"), chance, {"long_name": "overlap of a random k-subspace: k / dimension",
-                                                "units": "1"}),
-         "loading": (("step", "layer"), loading,
-                     {"long_name": "fraction of the window's top-q update energy in the layer", "units": "1"}),
-         "sigma": (("step", "direction"), sig_all, {"long_name": "window singular values of the top-q directions",
-                                                    "units": "parameter units"})},
-        coords={"step": ("step", wsteps.astype(np.int64), {"long_name": "newest checkpoint of the window",
-                                                           "units": "steps"}),
-                "layer": ("layer", np.array([e.name for e in entries], dtype=object)),
-                "side": ("side", np.array(SIDES, dtype=object)),
-                "component": ("component", np.arange(1, k + 1, dtype=np.int64)),
-                "direction": ("direction", np.arange(1, q + 1, dtype=np.int64))},
-        attrs={"sed_dask_version": __version__, "sed_kind": KIND, "source_store": described, "run": rs.name,
-               "window": W, "k": k, "n_directions": q, "stride": stride,
-               "definition": "update subspace: top-k eigenvectors of sum_j sigma_j^2 D_j D_j^T (left) / D_j^T D_j "
-                             "(right), D_j = window direction v_j restricted to the layer, reshaped; weight subspace: "
-                             "top-k singular vectors of the layer at the window's newest checkpoint",
-               "layers": json.dumps([e.name for e in entries]),
-               "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
+        {
+            "angle": (
+                ("step", "layer", "side", "component"),
+                angle,
+                {
+                    "long_name": "principal angle between the window's update subspace (restricted to the layer) "
+                    "and the weight's top-k singular subspace",
+                    "units": "degree",
+                },
+            ),
+            "overlap": (
+                ("step", "layer", "side"),
+                overlap,
+                {
+                    "long_name": "mean cos^2 of the principal angles (1 = inside the weight's top-k subspace)",
+                    "units": "1",
+                },
+            ),
+            "chance": (
+                ("layer", "side"),
+                chance,
+                {"long_name": "overlap of a random k-subspace: k / dimension", "units": "1"},
+            ),
+            "loading": (
+                ("step", "layer"),
+                loading,
+                {"long_name": "fraction of the window's top-q update energy in the layer", "units": "1"},
+            ),
+            "sigma": (
+                ("step", "direction"),
+                sig_all,
+                {"long_name": "window singular values of the top-q directions", "units": "parameter units"},
+            ),
+        },
+        coords={
+            "step": (
+                "step",
+                wsteps.astype(np.int64),
+                {"long_name": "newest checkpoint of the window", "units": "steps"},
+            ),
+            "layer": ("layer", np.array([e.name for e in entries], dtype=object)),
+            "side": ("side", np.array(SIDES, dtype=object)),
+            "component": ("component", np.arange(1, k + 1, dtype=np.int64)),
+            "direction": ("direction", np.arange(1, q + 1, dtype=np.int64)),
+        },
+        attrs={
+            "sed_dask_version": __version__,
+            "sed_kind": KIND,
+            "source_store": described,
+            "run": rs.name,
+            "window": W,
+            "k": k,
+            "n_directions": q,
+            "stride": stride,
+            "definition": "update subspace: top-k eigenvectors of sum_j sigma_j^2 D_j D_j^T (left) / D_j^T D_j "
+            "(right), D_j = window direction v_j restricted to the layer, reshaped; weight subspace: "
+            "top-k singular vectors of the layer at the window's newest checkpoint",
+            "layers": json.dumps([e.name for e in entries]),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        },
+    )
     if output is not None:
         write_dataset(ds, output, kind=KIND, overwrite=overwrite)
     return ds

@@ -5,6 +5,7 @@
                                   and the outlier threshold;
 * :func:`alignment_figure`      - heat map (layer x step) of the update/weight subspace overlap over chance.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,14 @@ def alpha_outliers_figure(ds: xr.Dataset, *, run: str, layers=None, events: dict
         if ok.any():
             ax1.plot(steps[ok], a[ok], color=c, lw=1.3, label=_short(layer))
         ok = np.isfinite(n)
-        ax2.plot(steps[ok], n[ok] + 0.04 * (i - len(layers) / 2), color=c, lw=1.3, drawstyle="steps-post",
-                 label=_short(layer))
+        ax2.plot(
+            steps[ok],
+            n[ok] + 0.04 * (i - len(layers) / 2),
+            color=c,
+            lw=1.3,
+            drawstyle="steps-post",
+            label=_short(layer),
+        )
     for ax in (ax1, ax2):
         _events(ax, events)
         ax.grid(alpha=0.3)
@@ -97,19 +104,31 @@ def esd_figure(ds: xr.Dataset, *, run: str, layers, steps) -> Figure:
             s2 = float(y["mp_s2"])
             thr = float(y["outlier_threshold"]) ** 2
             lo, hi = np.log10(lam.min()) - 0.1, np.log10(max(lam.max(), thr if np.isfinite(thr) else 0)) + 0.1
-            ax.hist(np.log10(lam), bins=min(50, max(10, lam.size // 3)), range=(lo, hi), density=True,
-                    color="#9ecae1", edgecolor="#4a90c2", lw=0.4, label="ESD")
+            ax.hist(
+                np.log10(lam),
+                bins=min(50, max(10, lam.size // 3)),
+                range=(lo, hi),
+                density=True,
+                color="#9ecae1",
+                edgecolor="#4a90c2",
+                lw=0.4,
+                label="ESD",
+            )
             out = lam[lam > thr] if np.isfinite(thr) else lam[:0]
             if np.isfinite(s2):
                 grid = np.logspace(lo, hi, 800)
-                bulk = 1.0 - out.size / lam.size   # the MP law describes the bulk's share of the histogram
-                ax.plot(np.log10(grid), bulk * mp_density(grid, s2, N, M) * grid * math.log(10), color="#c0392b",
-                        lw=1.3, label="MP fit (bulk share)")
+                bulk = 1.0 - out.size / lam.size  # the MP law describes the bulk's share of the histogram
+                ax.plot(
+                    np.log10(grid),
+                    bulk * mp_density(grid, s2, N, M) * grid * math.log(10),
+                    color="#c0392b",
+                    lw=1.3,
+                    label="MP fit (bulk share)",
+                )
                 ax.axvline(np.log10(float(y["mp_edge"]) ** 2), color="#c0392b", ls=":", lw=1, label="MP edge")
                 ax.axvline(np.log10(thr), color="#e67e22", ls="--", lw=1, label="edge + TW margin")
             if out.size:
-                ax.plot(np.log10(out), np.zeros_like(out), "v", color="#6a1b9a", ms=5, label="outliers",
-                        clip_on=False)
+                ax.plot(np.log10(out), np.zeros_like(out), "v", color="#6a1b9a", ms=5, label="outliers", clip_on=False)
             a = float(y["alpha"])
             tail = f", α={a:.2f}" if np.isfinite(a) else ""
             ax.set_title(f"{_short(layer)} @ {step}\n{int(out.size)} of {lam.size} above the edge{tail}", fontsize=8)
@@ -127,17 +146,30 @@ def alignment_figure(al: xr.Dataset, *, events: dict | None = None) -> Figure:
     steps = np.asarray(al["step"].values)
     fig = Figure(figsize=(11, 0.35 * len(layers) + 2.6), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
-    vals = {side: np.log2(np.asarray(al["overlap"].sel(side=side).values, float).T
-                          / np.asarray(al["chance"].sel(side=side).values, float)[:, None])
-            for side in ("left", "right")}
+    vals = {
+        side: np.log2(
+            np.asarray(al["overlap"].sel(side=side).values, float).T
+            / np.asarray(al["chance"].sel(side=side).values, float)[:, None]
+        )
+        for side in ("left", "right")
+    }
     vmax = max(1.0, np.nanmax([np.nanmax(v) if np.isfinite(v).any() else 1.0 for v in vals.values()]))
-    norm = TwoSlopeNorm(vcenter=0.0, vmin=min(-1.0, np.nanmin([np.nanmin(v) if np.isfinite(v).any() else -1.0
-                                                               for v in vals.values()])), vmax=vmax)
+    norm = TwoSlopeNorm(
+        vcenter=0.0,
+        vmin=min(-1.0, np.nanmin([np.nanmin(v) if np.isfinite(v).any() else -1.0 for v in vals.values()])),
+        vmax=vmax,
+    )
     im = None
     for ax, side in zip(axes, ("left", "right")):
         half = np.diff(steps).min() / 2 if steps.size > 1 else 0.5
-        im = ax.imshow(vals[side], aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest",
-                       extent=(steps[0] - half, steps[-1] + half, len(layers) - 0.5, -0.5))
+        im = ax.imshow(
+            vals[side],
+            aspect="auto",
+            cmap="RdBu_r",
+            norm=norm,
+            interpolation="nearest",
+            extent=(steps[0] - half, steps[-1] + half, len(layers) - 0.5, -0.5),
+        )
         ax.set_yticks(range(len(layers)), [_short(x) for x in layers], fontsize=7)
         ax.set_xlabel("window's newest step")
         ax.set_title(f"{side} singular subspace (k={al.attrs.get('k')})", fontsize=9)
@@ -145,9 +177,12 @@ def alignment_figure(al: xr.Dataset, *, events: dict | None = None) -> Figure:
             if step is not None and np.isfinite(step):
                 ax.axvline(step, color="k", ls="--", lw=1.2)
     fig.colorbar(im, ax=axes, label=r"$\log_2$(overlap / chance)")
-    fig.suptitle(f"{al.attrs.get('run')}: top-{al.attrs.get('n_directions')} update directions (W="
-                 f"{al.attrs.get('window')}) vs the weight's top-{al.attrs.get('k')} singular subspace"
-                 + (f"; dashed: {', '.join(str(k) for k in events)}" if events else ""), fontsize=10)
+    fig.suptitle(
+        f"{al.attrs.get('run')}: top-{al.attrs.get('n_directions')} update directions (W="
+        f"{al.attrs.get('window')}) vs the weight's top-{al.attrs.get('k')} singular subspace"
+        + (f"; dashed: {', '.join(str(k) for k in events)}" if events else ""),
+        fontsize=10,
+    )
     return fig
 
 

@@ -20,6 +20,7 @@ eigenvalues ``lam = sigma**2`` of the small-side Gram. Under the null "iid entri
   and the ``xmin`` whose fitted CDF is nearest the empirical tail in KS distance. Standard error
   ``(alpha - 1) / sqrt(n)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -118,12 +119,18 @@ def mp_fit(lam: np.ndarray, m: int, n: int, *, outlier_alpha: float = 0.01, max_
     emp_cdf = np.arange(1, bulk.size + 1) / bulk.size
     model = mp_cdf(bulk / (s2 * N), q)
     ks = float(max(np.abs(emp_cdf - model).max(), np.abs(emp_cdf - 1 / bulk.size - model).max()))
-    return {"s2": s2, "edge": math.sqrt(s2) * (math.sqrt(N) + math.sqrt(M)),
-            "threshold": math.sqrt(s2 * (mu + t * sg)), "n_outliers": k, "ks": ks}
+    return {
+        "s2": s2,
+        "edge": math.sqrt(s2) * (math.sqrt(N) + math.sqrt(M)),
+        "threshold": math.sqrt(s2 * (mu + t * sg)),
+        "n_outliers": k,
+        "ks": ks,
+    }
 
 
-def mp_fit_trace(top_sigma: np.ndarray, frobenius: float, m: int, n: int, *, outlier_alpha: float = 0.01,
-                 max_iter: int = 20) -> dict:
+def mp_fit_trace(
+    top_sigma: np.ndarray, frobenius: float, m: int, n: int, *, outlier_alpha: float = 0.01, max_iter: int = 20
+) -> dict:
     """MP fit without the ESD (matrices beyond ``esd-max-dim``): s2 from the trace with the outliers'
     energy taken out, ``(||A||_F^2 - sum_{i<=k} sigma_i^2) / (N (M - k))``, iterated on the top-k values.
 
@@ -136,14 +143,19 @@ def mp_fit_trace(top_sigma: np.ndarray, frobenius: float, m: int, n: int, *, out
     k = 0
     s2 = math.nan
     for _ in range(max_iter):
-        s2 = (frobenius ** 2 - lam[:k].sum()) / (N * (M - k))
+        s2 = (frobenius**2 - lam[:k].sum()) / (N * (M - k))
         k_new = int((lam > s2 * (mu + t * sg)).sum())
         if k_new == k:
             break
         k = k_new
-    return {"s2": s2, "edge": math.sqrt(s2) * (math.sqrt(N) + math.sqrt(M)),
-            "threshold": math.sqrt(s2 * (mu + t * sg)), "n_outliers": k, "ks": math.nan,
-            "censored": bool(k == lam.size)}
+    return {
+        "s2": s2,
+        "edge": math.sqrt(s2) * (math.sqrt(N) + math.sqrt(M)),
+        "threshold": math.sqrt(s2 * (mu + t * sg)),
+        "n_outliers": k,
+        "ks": math.nan,
+        "censored": bool(k == lam.size),
+    }
 
 
 def powerlaw_alpha(lam: np.ndarray, *, min_tail: int = 10) -> dict:
@@ -156,9 +168,9 @@ def powerlaw_alpha(lam: np.ndarray, *, min_tail: int = 10) -> dict:
     if x.size < max(int(min_tail), 2):
         return nan
     logs = np.log(x)
-    suffix = np.cumsum(logs[::-1])[::-1]            # sum_{i >= j} ln x_i
+    suffix = np.cumsum(logs[::-1])[::-1]  # sum_{i >= j} ln x_i
     js = np.arange(x.size - int(min_tail) + 1)
-    js = js[(js == 0) | (x[js] != x[js - 1])]       # one candidate per distinct value
+    js = js[(js == 0) | (x[js] != x[js - 1])]  # one candidate per distinct value
     n = x.size - js
     s = suffix[js] - n * logs[js]
     keep = s > 0
@@ -168,13 +180,13 @@ def powerlaw_alpha(lam: np.ndarray, *, min_tail: int = 10) -> dict:
     a = 1.0 + n / s
     D = np.empty(js.size)
     i = np.arange(x.size)
-    for b0 in range(0, js.size, 256):               # (256 x M) at a time: bounded memory for M up to 4096
-        jb, ab, nb = js[b0:b0 + 256, None], a[b0:b0 + 256, None], n[b0:b0 + 256, None]
+    for b0 in range(0, js.size, 256):  # (256 x M) at a time: bounded memory for M up to 4096
+        jb, ab, nb = js[b0 : b0 + 256, None], a[b0 : b0 + 256, None], n[b0 : b0 + 256, None]
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             model = 1.0 - (x[None, :] / x[jb]) ** (1.0 - ab)
         emp = (i[None, :] - jb) / nb
         dev = np.maximum(np.abs(model - emp), np.abs(model - emp - 1.0 / nb))
-        D[b0:b0 + 256] = np.where(i[None, :] >= jb, dev, -np.inf).max(axis=1)
-    best = int(np.argmin(D))                         # first minimum: the smallest xmin among ties
+        D[b0 : b0 + 256] = np.where(i[None, :] >= jb, dev, -np.inf).max(axis=1)
+    best = int(np.argmin(D))  # first minimum: the smallest xmin among ties
     d, a, xm, n = float(D[best]), float(a[best]), float(x[js[best]]), int(n[best])
     return {"alpha": a, "xmin": xm, "ks": d, "n_tail": n, "sigma": (a - 1) / math.sqrt(n)}

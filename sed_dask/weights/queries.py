@@ -3,6 +3,7 @@
 All return pandas DataFrames (one row per run x layer, or long series), so the CLI prints them and
 ``--json`` serialises them as they are; ``ds.sed.weight_escape()`` etc. forward here.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,15 +14,26 @@ import xarray as xr
 
 from sed_dask.errors import AnalysisError
 
-SERIES_VARS = ("n_outliers", "alpha", "spectral_norm", "frobenius_norm", "stable_rank", "mp_edge", "mp_s2",
-               "mp_ks", "outlier_threshold")
+SERIES_VARS = (
+    "n_outliers",
+    "alpha",
+    "spectral_norm",
+    "frobenius_norm",
+    "stable_rank",
+    "mp_edge",
+    "mp_s2",
+    "mp_ks",
+    "outlier_threshold",
+)
 
 
 def _need(ds: xr.Dataset, *names):
     miss = [n for n in names if n not in ds.variables]
     if miss:
-        raise AnalysisError(f"not a weight-spectra Dataset: it lacks {miss} (compute it with sed_dask.weight_spectra "
-                            "or `sed-dask weights compute`)")
+        raise AnalysisError(
+            f"not a weight-spectra Dataset: it lacks {miss} (compute it with sed_dask.weight_spectra "
+            "or `sed-dask weights compute`)"
+        )
 
 
 def _runs(ds, runs):
@@ -88,12 +100,21 @@ def escape_steps(ds: xr.Dataset, *, runs=None, layers=None, sustain: int = 2) ->
             edge = np.asarray(x["mp_edge"].values, float)[ok]
             jmax = int(np.argmax(n))
             M = int(min(int(x["layer_rows"]), int(x["layer_cols"])))
-            rows.append({"run": run, "layer": layer, "init_outliers": int(base),
-                         "escape_step": int(st_ok[i]) if i is not None else None,
-                         "sigma1_over_edge_at_escape": float(s1[i] / edge[i]) if i is not None else math.nan,
-                         "max_outliers": int(n[jmax]), "max_outlier_fraction": float(n[jmax] / M),
-                         "step_of_max": int(st_ok[jmax]),
-                         "final_outliers": int(n[-1]), "alpha_first": float(al[0]), "alpha_last": float(al[-1])})
+            rows.append(
+                {
+                    "run": run,
+                    "layer": layer,
+                    "init_outliers": int(base),
+                    "escape_step": int(st_ok[i]) if i is not None else None,
+                    "sigma1_over_edge_at_escape": float(s1[i] / edge[i]) if i is not None else math.nan,
+                    "max_outliers": int(n[jmax]),
+                    "max_outlier_fraction": float(n[jmax] / M),
+                    "step_of_max": int(st_ok[jmax]),
+                    "final_outliers": int(n[-1]),
+                    "alpha_first": float(al[0]),
+                    "alpha_last": float(al[-1]),
+                }
+            )
     df = pd.DataFrame(rows)
     if len(df):
         df = df.sort_values(["run", "escape_step", "layer"], na_position="last", kind="stable").reset_index(drop=True)
@@ -129,14 +150,23 @@ def layer_table(ds: xr.Dataset, *, run: str | None = None, step: int | None = No
     rows = []
     for layer in [str(v) for v in ds["layer"].values]:
         y = x.sel(layer=layer)
-        rows.append({"layer": layer, "shape": f"{int(y['layer_rows'])}x{int(y['layer_cols'])}",
-                     "method": str(y["layer_method"].values), "spectral_norm": float(y["spectral_norm"]),
-                     "frobenius_norm": float(y["frobenius_norm"]), "stable_rank": float(y["stable_rank"]),
-                     "mp_edge": float(y["mp_edge"]), "sigma1_over_edge": float(y["sigma"].isel(sv=0) / y["mp_edge"]),
-                     "n_outliers": float(y["n_outliers"]),
-                     "outlier_fraction": float(y["n_outliers"]) / min(int(y["layer_rows"]), int(y["layer_cols"])),
-                     "mp_ks": float(y["mp_ks"]), "alpha": float(y["alpha"]),
-                     "escape_step": esc["escape_step"].get(layer) if layer in esc.index else None})
+        rows.append(
+            {
+                "layer": layer,
+                "shape": f"{int(y['layer_rows'])}x{int(y['layer_cols'])}",
+                "method": str(y["layer_method"].values),
+                "spectral_norm": float(y["spectral_norm"]),
+                "frobenius_norm": float(y["frobenius_norm"]),
+                "stable_rank": float(y["stable_rank"]),
+                "mp_edge": float(y["mp_edge"]),
+                "sigma1_over_edge": float(y["sigma"].isel(sv=0) / y["mp_edge"]),
+                "n_outliers": float(y["n_outliers"]),
+                "outlier_fraction": float(y["n_outliers"]) / min(int(y["layer_rows"]), int(y["layer_cols"])),
+                "mp_ks": float(y["mp_ks"]),
+                "alpha": float(y["alpha"]),
+                "escape_step": esc["escape_step"].get(layer) if layer in esc.index else None,
+            }
+        )
     out = pd.DataFrame(rows)
     out.insert(0, "step", int(step))
     out.insert(0, "run", run)
@@ -147,8 +177,9 @@ def alignment_summary(al: xr.Dataset, *, layers=None) -> pd.DataFrame:
     """Per (layer, side): mean/max overlap over windows, its ratio to chance, and the first window step
     where the overlap exceeds 10x chance (the update subspace is then far from random in that layer)."""
     if "overlap" not in al or "chance" not in al:
-        raise AnalysisError("not an alignment Dataset (compute it with sed_dask.weights.update_alignment or "
-                            "`sed-dask weights align`)")
+        raise AnalysisError(
+            "not an alignment Dataset (compute it with sed_dask.weights.update_alignment or `sed-dask weights align`)"
+        )
     rows = []
     st = np.asarray(al["step"].values)
     for layer in _layers(al, layers):
@@ -157,10 +188,16 @@ def alignment_summary(al: xr.Dataset, *, layers=None) -> pd.DataFrame:
             c = float(al["chance"].sel(layer=layer, side=side))
             ok = np.isfinite(o)
             hit = np.flatnonzero(ok & (o > 10 * c))
-            rows.append({"layer": layer, "side": side, "chance": c,
-                         "mean_overlap": float(np.nanmean(o)) if ok.any() else math.nan,
-                         "max_overlap": float(np.nanmax(o)) if ok.any() else math.nan,
-                         "mean_over_chance": float(np.nanmean(o) / c) if ok.any() else math.nan,
-                         "first_step_10x_chance": int(st[hit[0]]) if hit.size else None,
-                         "mean_loading": float(np.nanmean(al["loading"].sel(layer=layer).values))})
+            rows.append(
+                {
+                    "layer": layer,
+                    "side": side,
+                    "chance": c,
+                    "mean_overlap": float(np.nanmean(o)) if ok.any() else math.nan,
+                    "max_overlap": float(np.nanmax(o)) if ok.any() else math.nan,
+                    "mean_over_chance": float(np.nanmean(o) / c) if ok.any() else math.nan,
+                    "first_step_10x_chance": int(st[hit[0]]) if hit.size else None,
+                    "mean_loading": float(np.nanmean(al["loading"].sel(layer=layer).values)),
+                }
+            )
     return pd.DataFrame(rows)

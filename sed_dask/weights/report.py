@@ -3,6 +3,7 @@
 :func:`sed_dask.report.make_report` calls :func:`weight_section` when ``analysis["weights"]`` holds a
 weight-spectra Dataset (and ``analysis["weight_alignment"]`` an alignment Dataset).
 """
+
 from __future__ import annotations
 
 import math
@@ -30,14 +31,21 @@ def weight_section(wds, save, out_dir, *, events=None, alignment=None) -> tuple[
     esc = escape_steps(wds)
     notes = []
     for r in runs:
-        save(f"weights_alpha_outliers_{r}" if len(runs) > 1 else "weights_alpha_outliers",
-             alpha_outliers_figure(wds, run=r, events=events.get(r, {})))
+        save(
+            f"weights_alpha_outliers_{r}" if len(runs) > 1 else "weights_alpha_outliers",
+            alpha_outliers_figure(wds, run=r, events=events.get(r, {})),
+        )
     if "esd" in wds:
         e_run = esc[esc["run"] == run]
-        first = {x.layer: x.escape_step for x in e_run.itertuples() if x.escape_step is not None
-                 and not (isinstance(x.escape_step, float) and math.isnan(x.escape_step))}
-        save("weights_esd", esd_figure(wds, run=run, layers=pick_layers(wds.sel(run=[run])),
-                                       steps=esd_snapshot_steps(wds, run, first)))
+        first = {
+            x.layer: x.escape_step
+            for x in e_run.itertuples()
+            if x.escape_step is not None and not (isinstance(x.escape_step, float) and math.isnan(x.escape_step))
+        }
+        save(
+            "weights_esd",
+            esd_figure(wds, run=run, layers=pick_layers(wds.sel(run=[run])), steps=esd_snapshot_steps(wds, run, first)),
+        )
     files = {}
     table = layer_table(wds, run=run)
     p = Path(out_dir) / "weights_layers.csv"
@@ -48,16 +56,26 @@ def weight_section(wds, save, out_dir, *, events=None, alignment=None) -> tuple[
         done = e[e["escape_step"].notna()]
         grok = events.get(r, {}).get("grok")
         if not len(done):
-            notes.append(f"Weight spectra ({r}): no layer's outlier count rose above its first-checkpoint value "
-                         f"for 2 consecutive checkpoints.")
+            notes.append(
+                f"Weight spectra ({r}): no layer's outlier count rose above its first-checkpoint value "
+                f"for 2 consecutive checkpoints."
+            )
             continue
-        order = "; ".join(f"{x.layer} at {int(x.escape_step)} (σ1/edge {x.sigma1_over_edge_at_escape:.2f})"
-                          for x in done.head(4).itertuples())
+        order = "; ".join(
+            f"{x.layer} at {int(x.escape_step)} (σ1/edge {x.sigma1_over_edge_at_escape:.2f})"
+            for x in done.head(4).itertuples()
+        )
         first = int(done["escape_step"].min())
-        rel = "" if grok is None or not np.isfinite(grok) else \
-            f"; first escape {'precedes' if first < grok else 'follows'} grokking ({int(grok)}) by {abs(int(grok) - first)} steps"
-        notes.append(f"Weight spectra ({r}): first outlier escapes (sustained 2 checkpoints): {order}{rel}; "
-                     f"{len(done)}/{len(e)} layers escape.")
+        rel = (
+            ""
+            if grok is None or not np.isfinite(grok)
+            else f"; first escape {'precedes' if first < grok else 'follows'} grokking ({int(grok)}) "
+            f"by {abs(int(grok) - first)} steps"
+        )
+        notes.append(
+            f"Weight spectra ({r}): first outlier escapes (sustained 2 checkpoints): {order}{rel}; "
+            f"{len(done)}/{len(e)} layers escape."
+        )
     if alignment is not None:
         save("weights_alignment", alignment_figure(alignment, events=ev))
         s = alignment_summary(alignment)
@@ -65,9 +83,12 @@ def weight_section(wds, save, out_dir, *, events=None, alignment=None) -> tuple[
         s.to_csv(p, index=False)
         files["weights_alignment"] = p
         top = s.sort_values("mean_over_chance", ascending=False).head(3)
-        notes.append("Update/weight alignment (overlap = mean cos² of principal angles, chance = k/dim): highest "
-                     + "; ".join(f"{x.layer} {x.side} {x.mean_overlap:.2f} ({x.mean_over_chance:.1f}× chance)"
-                                 for x in top.itertuples()))
+        notes.append(
+            "Update/weight alignment (overlap = mean cos² of principal angles, chance = k/dim): highest "
+            + "; ".join(
+                f"{x.layer} {x.side} {x.mean_overlap:.2f} ({x.mean_over_chance:.1f}× chance)" for x in top.itertuples()
+            )
+        )
     notes.append("Weight-spectra definitions: " + "; ".join(f"{k}: {v}" for k, v in _defs(wds).items()))
     return notes, files
 

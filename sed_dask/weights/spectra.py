@@ -17,6 +17,7 @@ chosen by size (``weights`` config section):
 
 Conv kernels ``(out, in, *k)`` are viewed as ``out x (in * prod k)`` (the flat layout already is).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,7 +60,7 @@ class SpectrumSettings:
     outlier_alpha: float
     alpha_min_tail: int
     keep_esd: bool
-    strict_k: bool = True   # k was asked for: a matrix with fewer singular values is an error (else: all it has)
+    strict_k: bool = True  # k was asked for: a matrix with fewer singular values is an error (else: all it has)
 
     def method(self, m: int, n: int) -> str:
         if 8 * m * n <= self.exact_bytes:
@@ -72,22 +73,37 @@ class SpectrumSettings:
         return max(1, self.block_bytes // (4 * n))
 
 
-def settings(*, k=None, exact_bytes=None, esd_max_dim=None, block_bytes=None, oversamples=None, power_iter=None,
-             seed=None, tile_elems=None, outlier_alpha=None, alpha_min_tail=None, keep_esd=None) -> SpectrumSettings:
+def settings(
+    *,
+    k=None,
+    exact_bytes=None,
+    esd_max_dim=None,
+    block_bytes=None,
+    oversamples=None,
+    power_iter=None,
+    seed=None,
+    tile_elems=None,
+    outlier_alpha=None,
+    alpha_min_tail=None,
+    keep_esd=None,
+) -> SpectrumSettings:
     """Resolve keyword overrides against the ``sed_dask.weights`` config section and validate them."""
     from sed_dask.weights.fit import tw_quantile
 
     s = SpectrumSettings(
-        strict_k=k is not None, k=int(config.get("weights.k", k)),
+        strict_k=k is not None,
+        k=int(config.get("weights.k", k)),
         exact_bytes=config.get_bytes("weights.exact-bytes", exact_bytes),
         esd_max_dim=int(config.get("weights.esd-max-dim", esd_max_dim)),
         block_bytes=config.get_bytes("weights.block-bytes", block_bytes),
         oversamples=int(config.get("weights.oversamples", oversamples)),
         power_iter=int(config.get("weights.power-iter", power_iter)),
-        seed=int(config.get("sketch.seed", seed)), tile_elems=int(config.get("sketch.tile-elems", tile_elems)),
+        seed=int(config.get("sketch.seed", seed)),
+        tile_elems=int(config.get("sketch.tile-elems", tile_elems)),
         outlier_alpha=float(config.get("weights.outlier-alpha", outlier_alpha)),
         alpha_min_tail=int(config.get("weights.alpha-min-tail", alpha_min_tail)),
-        keep_esd=bool(config.get("weights.keep-esd", keep_esd)))
+        keep_esd=bool(config.get("weights.keep-esd", keep_esd)),
+    )
     if s.k < 1:
         raise ValueError(f"k={s.k}: the number of top singular values must be >= 1")
     for name in ("exact_bytes", "block_bytes"):
@@ -124,7 +140,7 @@ def _gram_eigenvalues(rows, m: int, n: int, rows_per: int) -> tuple[np.ndarray, 
         for i, (a0, a1) in enumerate(blocks):
             Bi = rows(a0, a1)
             G[a0:a1, a0:a1] = Bi @ Bi.T
-            for b0, b1 in blocks[i + 1:]:
+            for b0, b1 in blocks[i + 1 :]:
                 C = Bi @ rows(b0, b1).T
                 G[a0:a1, b0:b1] = C
                 G[b0:b1, a0:a1] = C.T
@@ -159,20 +175,22 @@ def _randomized(rows, m: int, n: int, l: int, s: SpectrumSettings, *, vectors: b
         for r0, r1 in blocks:
             Y[r0:r1] = rows(r0, r1) @ Z
         Q = np.linalg.qr(Y)[0]
-    Bt = np.zeros((n, l))                      # (Q^T A)^T
+    Bt = np.zeros((n, l))  # (Q^T A)^T
     for r0, r1 in blocks:
         Bt += rows(r0, r1).T @ Q[r0:r1]
     if not vectors:
         return np.linalg.svd(Bt, compute_uv=False), fro2, None, None
-    Vb, sig, UbT = np.linalg.svd(Bt, full_matrices=False)   # Bt = Vb S Ub^T  =>  A ~ Q Ub S Vb^T
+    Vb, sig, UbT = np.linalg.svd(Bt, full_matrices=False)  # Bt = Vb S Ub^T  =>  A ~ Q Ub S Vb^T
     return sig, fro2, Q @ UbT.T, Vb
 
 
 def check_k(name: str, m: int, n: int, k: int, strict: bool = True) -> None:
     """An explicit k must fit every matrix; the configured default k is cut to what a small matrix has."""
     if strict and k > min(m, n):
-        raise WeightSpectrumError(f"tensor {name!r} ({m} x {n}) has {min(m, n)} singular values; k={k} is larger "
-                                  f"than the matrix: lower k, or leave the tensor out (exclude=)")
+        raise WeightSpectrumError(
+            f"tensor {name!r} ({m} x {n}) has {min(m, n)} singular values; k={k} is larger "
+            f"than the matrix: lower k, or leave the tensor out (exclude=)"
+        )
 
 
 def matrix_spectrum(rows, m: int, n: int, s: SpectrumSettings, *, name: str = "matrix") -> dict:
@@ -195,20 +213,25 @@ def matrix_spectrum(rows, m: int, n: int, s: SpectrumSettings, *, name: str = "m
         A = rows(0, m)
         sig = np.linalg.svd(A, compute_uv=False)
         fro2 = float(np.einsum("ij,ij->", A, A))
-        esd = sig ** 2
-        top = sig[:s.k]
+        esd = sig**2
+        top = sig[: s.k]
     elif method == "gram":
         esd, fro2 = _gram_eigenvalues(rows, m, n, s.block_rows(n))
-        top = np.sqrt(esd[:s.k])
+        top = np.sqrt(esd[: s.k])
     else:
         l = min(min(m, n), s.k + s.oversamples)
         sig, fro2, _, _ = _randomized(rows, m, n, l, s, vectors=False)
-        top = sig[:s.k]
+        top = sig[: s.k]
     if not np.isfinite(fro2):
         raise WeightSpectrumError(f"{name}: the matrix holds NaN/Inf")
     top = np.concatenate([np.asarray(top, np.float64), np.full(s.k - len(top), np.nan)])  # NaN past min(m, n)
-    out = {"method": method, "sigma": top, "frobenius": math.sqrt(max(fro2, 0.0)),
-           "spectral": float(top[0]), "esd": esd}
+    out = {
+        "method": method,
+        "sigma": top,
+        "frobenius": math.sqrt(max(fro2, 0.0)),
+        "spectral": float(top[0]),
+        "esd": esd,
+    }
     out["stable_rank"] = out["frobenius"] ** 2 / out["spectral"] ** 2 if out["spectral"] > 0 else math.nan
     if esd is not None:
         out["mp"] = mp_fit(esd, m, n, outlier_alpha=s.outlier_alpha)
@@ -220,8 +243,9 @@ def matrix_spectrum(rows, m: int, n: int, s: SpectrumSettings, *, name: str = "m
     return out
 
 
-def top_singular_vectors(rows, m: int, n: int, k: int, s: SpectrumSettings) -> tuple[np.ndarray, np.ndarray,
-                                                                                       np.ndarray]:
+def top_singular_vectors(
+    rows, m: int, n: int, k: int, s: SpectrumSettings
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(U (m x k), sigma (k,), V (n x k))``: exact for matrices under ``exact-bytes``, randomized otherwise."""
     if 8 * m * n <= s.exact_bytes:
         U, sig, Vt = np.linalg.svd(rows(0, m), full_matrices=False)
