@@ -39,6 +39,8 @@ _LAZY = {
     "watch": "sed_dask.live.watch",
     "LiveSpectrum": "sed_dask.live.incremental",
     "open_live": "sed_dask.live.incremental",
+    "LiveRecorder": "sed_dask.live.callbacks",
+    "watch_in_background": "sed_dask.live.callbacks",
 }
 
 

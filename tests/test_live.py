@@ -228,3 +228,30 @@ def test_watch_cli_bad_source_exits_2(tmp_path):
         check=False,
     )
     assert p.returncode == 2 and "Traceback" not in p.stderr and "x.txt" in p.stderr
+
+
+@pytest.mark.parametrize("layout", ["columns", "by_step", "csv"])
+def test_watch_takes_the_folders_metrics_in_any_layout_ingest_reads(tmp_path, layout):
+    """A metrics file next to the checkpoints reaches the store whatever its layout (the watcher
+    once read only a list of records and crashed on {"step": [...], "val_loss": [...]})."""
+    from sed_dask.live.watch import watch
+    from sed_dask.store.trajectory import open_store
+
+    ck = tmp_path / "run"
+    steps = list(range(0, 80, 10))
+    _record(ck, steps)
+    for f in ck.glob("metrics.*"):
+        f.unlink()
+    vals = [1.0 / (1 + s) for s in steps]
+    if layout == "columns":
+        (ck / "metrics.json").write_text(json.dumps({"step": steps, "val_loss": vals}))
+    elif layout == "by_step":
+        (ck / "metrics.json").write_text(json.dumps({str(s): {"val_loss": v} for s, v in zip(steps, vals)}))
+    else:
+        (ck / "metrics.csv").write_text("step,val_loss\n" + "".join(f"{s},{v!r}\n" for s, v in zip(steps, vals)))
+    res = tmp_path / "live.zarr"
+    summary = watch(ck, results=res, windows=(3,), idle_timeout=0.5, poll=0.05, settle=0, echo=None)
+    assert summary.last_step == steps[-1]
+    m = open_store(str(tmp_path / "live-trajectory.zarr"), mode="r").run("run").metrics()
+    assert m["step"].tolist() == steps
+    np.testing.assert_array_equal(m["val_loss"], vals)

@@ -127,16 +127,39 @@ def _ready(folder: str, after: int | None, settle: float, seen: dict) -> dict[in
     return out
 
 
-def _metrics_for(folder: str, steps: set) -> list | None:
-    """``metrics.json`` records of the ingested steps (ingest refuses metrics of steps it has not got)."""
-    path = os.path.join(folder, "metrics.json")
-    try:
-        with open(path) as f:
-            recs = json.load(f)
-    except (FileNotFoundError, ValueError):
-        return None
-    recs = [r for r in recs if int(r.get("step", -1)) in steps]
-    return recs or None
+def _silent(line: str) -> None:
+    pass
+
+
+def _metrics_for(folder: str, steps: set) -> dict | None:
+    """The folder's metrics (``metrics.json`` or ``.csv``, any layout ingest reads) for the ingested steps.
+
+    Ingest refuses metrics of steps it has not got, so the file is cut to ``steps``. A file that does
+    not parse (a writer mid-way through rewriting it) is skipped for this batch, as if absent.
+    """
+    import math
+
+    from sed_dask.errors import MetricsError
+    from sed_dask.sources.metrics import load_metrics
+
+    for name in ("metrics.json", "metrics.csv"):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            data = load_metrics(path, nonfinite="ignore")
+        except (MetricsError, OSError):
+            return None
+        keep = [i for i, s in enumerate(data["step"].tolist()) if s in steps]
+        if not keep:
+            return None
+        cols = {
+            k: [None if not math.isfinite(float(v[i])) else float(v[i]) for i in keep]
+            for k, v in data.items()
+            if k != "step"
+        }
+        return {"step": [int(data["step"][i]) for i in keep], **cols}
+    return None
 
 
 def watch(
@@ -169,9 +192,11 @@ def watch(
     ``store``: where a folder's checkpoints are ingested (default beside ``results``); ``run``: the
     run name (default: the folder's name, or the store's only run). ``alerts``: the JSON-lines file
     (default beside ``results``). ``echo``: called with every printed line (alerts and one status line
-    per update). ``stop``: an Event that ends the watch between updates (for callers in a thread).
-    Returns a :class:`WatchSummary`.
+    per update; None: silent, the alerts still go to the file). ``stop``: an Event that ends the watch
+    between updates (for callers in a thread). Returns a :class:`WatchSummary`.
     """
+    if echo is None:
+        echo = _silent
     source = os.fspath(source)
     kind = describe(source)[0] if os.path.exists(source) else "missing"
     folder = None
