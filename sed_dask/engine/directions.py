@@ -38,7 +38,7 @@ from sed_dask.engine.passes import (
 )
 from sed_dask.engine.rawread import RawChunkReader
 from sed_dask.errors import StoreError
-from sed_dask.store.outputs import check_target, quiet_consolidation, results_target, start_attrs
+from sed_dask.store.outputs import check_target, quiet_consolidation, results_target, start_attrs, write_part
 from sed_dask.store.trajectory import RunStore, open_store
 
 METHODS = ("exact", "randomized")
@@ -457,8 +457,7 @@ def _directions(ts, rs, stack, req: DirectionsRequest, *, client, scheduler, out
         meta = xr.Dataset(
             {**small, "direction": (("component", "param"), placeholder, dir_attrs)}, coords=coords, attrs=attrs
         )
-        with quiet_consolidation():
-            meta.to_zarr(str(output), mode="w-", compute=False, consolidated=False)
+        write_part(meta, output, mode="w-", compute=False)
         out_arr = zarr.open_group(str(output), mode="r+")["direction"]
     segs = tuple(column_segments(c0, c1, flat) for c0, c1 in stack.cols)
     gnames = list(granges) or [ALL]
@@ -473,8 +472,7 @@ def _directions(ts, rs, stack, req: DirectionsRequest, *, client, scheduler, out
     }
     gcoord = {"group": ("group", np.array(gnames, dtype=object), {"long_name": "layer group"})}
     if output is not None:
-        with quiet_consolidation():
-            xr.Dataset(lvar, coords=gcoord, attrs=attrs).to_zarr(str(output), mode="a", consolidated=False)
+        write_part(xr.Dataset(lvar, coords=gcoord, attrs=attrs), output, mode="a")
         return None  # the caller marks it complete, moves it into place and opens it there
     V = np.concatenate([res["v"][c0] for c0, _ in stack.cols], axis=1)
     return xr.Dataset(

@@ -437,7 +437,7 @@ def sketch(
         [(p.run, p.steps, S) for p, S in zip(plans, outs)], {rs.name: rs.metrics() for rs in run_stores}, attrs, prov
     )
     if output is not None:
-        write_zarr(ds, output, overwrite=overwrite)
+        write_dataset(ds, output, kind="jl_sketch", overwrite=overwrite)
     return ds
 
 
@@ -460,11 +460,6 @@ def provenance(ops: dict) -> dict:
         "sparse_s": json.dumps({r: op.s for r, op in ops.items()}),
         "phi_checksum": json.dumps({r: op.checksum() for r, op in ops.items()}),
     }
-
-
-def write_zarr(ds, path, *, overwrite: bool = False) -> None:
-    """Write safely (:func:`sed_dask.store.outputs.write_dataset`); ``xr.open_zarr(path)`` gives the Dataset back."""
-    write_dataset(ds, path, kind=str(ds.attrs.get("sed_kind") or "spectra"), overwrite=overwrite)
 
 
 def build_sketch_dataset(items: list, metrics: dict, attrs: dict, prov: dict | None = None):

@@ -173,9 +173,9 @@ def spectra_from_sketch(
         seeds=seeds,
     )
     if output is not None:
-        from sed_dask.engine.sketch import write_zarr
+        from sed_dask.store.outputs import write_dataset
 
-        write_zarr(ds, output)
+        write_dataset(ds, output, kind="spectra")
     return ds
 
 

@@ -330,10 +330,5 @@ def spectrum(
         sk = build_sketch_dataset([(g.run, g.steps, g.extras["sketch"]) for g in grams], {}, {}, prov)
         ds = ds.assign_coords(dim=sk["dim"]).assign(sketch=sk["sketch"])
     if output is not None:
-        write_zarr(ds, output, overwrite=overwrite)
+        write_dataset(ds, output, kind="spectra", overwrite=overwrite)
     return ds
-
-
-def write_zarr(ds, path, *, overwrite: bool = False) -> None:
-    """Write safely (:func:`sed_dask.store.outputs.write_dataset`); ``xr.open_zarr(path)`` returns the Dataset."""
-    write_dataset(ds, path, kind="spectra", overwrite=overwrite)

@@ -23,7 +23,7 @@ from sed_dask import config
 from sed_dask.engine.passes import execute, read_into
 from sed_dask.engine.rawread import RawChunkReader
 from sed_dask.errors import StoreError
-from sed_dask.store.outputs import check_target, quiet_consolidation, results_target, start_attrs
+from sed_dask.store.outputs import check_target, quiet_consolidation, results_target, start_attrs, write_part
 from sed_dask.weights.spectra import (
     WeightSpectrumError,
     check_k,
@@ -339,8 +339,7 @@ def _compute(plan, s, described, client, address, scheduler_file, scheduler, pro
 
             ph = da.full((R, T, L, E), np.nan, chunks=(1, 1, 1, E), dtype=np.float64)
             meta = xr.Dataset({"esd": (("run", "step", "layer", "eig"), ph, esd_attrs)}, coords=coords, attrs=attrs)
-            with quiet_consolidation():
-                meta.to_zarr(out_path, mode="w-", compute=False, consolidated=False)
+            write_part(meta, out_path, mode="w-", compute=False)
             esd_arr = zarr.open_group(out_path, mode="r+")["esd"]
     token = tokenize(described, runs, layers, steps, s, out_path)
     tname = f"sed-weights-{token}"
@@ -397,8 +396,7 @@ def _compute(plan, s, described, client, address, scheduler_file, scheduler, pro
     if out_path is None:
         return xr.Dataset(data, coords=coords, attrs=attrs)
     ds = xr.Dataset(data, coords={c: v for c, v in coords.items() if c != "eig" or not keep}, attrs=attrs)
-    with quiet_consolidation():
-        ds.to_zarr(out_path, mode="a" if keep else "w-", consolidated=False)
+    write_part(ds, out_path, mode="a" if keep else "w-")
     return None
 
 
