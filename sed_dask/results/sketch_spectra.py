@@ -8,7 +8,6 @@ Kept apart from ``sed_dask.engine.sketch`` so that the engine may import the ske
 
 from __future__ import annotations
 
-import datetime
 import json
 from collections.abc import Sequence
 
@@ -18,6 +17,7 @@ from sed_dask import config
 from sed_dask.engine.gram import GramResult
 from sed_dask.engine.jl import NESTED_DISTRIBUTIONS
 from sed_dask.results.spectra import build_dataset, window_sizes
+from sed_dask.schema import provenance_attrs
 
 RATIOS = ("r12", "r23", "edge")
 
@@ -128,7 +128,6 @@ def spectra_from_sketch(
     Singular values estimate the exact ones with a relative error of order sqrt(W/d) (docs/method.md
     §11: d = 10W keeps the edge ratio within ~6%).
     """
-    from sed_dask import __version__
 
     ws = window_sizes(windows)
     grams = sketch_grams(sketch_ds, width=max(ws) + 1, runs=runs, d=d)
@@ -137,25 +136,25 @@ def spectra_from_sketch(
             raise ValueError(f"run {g.run!r} has only {g.n_deltas} deltas; W={max(ws)} needs more")
     a = sketch_attrs(sketch_ds)
     used = [g.run for g in grams]
-    attrs = {
-        "sed_dask_version": __version__,
-        "windows": ws,
-        "source_store": a.get("source_store", ""),
-        "runs": used,
-        "n_params": json.dumps({g.run: g.n_params["all"] for g in grams}),
-        "param_index_hash": json.dumps({r: json.loads(a["param_index_hash"])[r] for r in used}),
-        "selection_policy": json.dumps({r: json.loads(a.get("selection_policy", "{}")).get(r) for r in used}),
-        "precision": "float64",
-        "step_normalised": int(bool(normalize_spacing)),
-        "band_width": max(ws) + 1,
-        "spectra_source": "jl_sketch",
-        "sketch_seed": int(a["seed"]),
-        "sketch_d": int(d or sketch_ds.sizes["dim"]),
-        "sketch_distribution": a["distribution"],
-        "sketch_tile_elems": int(a["tile_elems"]),
-        "sketch_phi_checksum": a["phi_checksum"],
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    attrs = provenance_attrs(
+        {
+            "windows": ws,
+            "source_store": a.get("source_store", ""),
+            "runs": used,
+            "n_params": json.dumps({g.run: g.n_params["all"] for g in grams}),
+            "param_index_hash": json.dumps({r: json.loads(a["param_index_hash"])[r] for r in used}),
+            "selection_policy": json.dumps({r: json.loads(a.get("selection_policy", "{}")).get(r) for r in used}),
+            "precision": "float64",
+            "step_normalised": int(bool(normalize_spacing)),
+            "band_width": max(ws) + 1,
+            "spectra_source": "jl_sketch",
+            "sketch_seed": int(a["seed"]),
+            "sketch_d": int(d or sketch_ds.sizes["dim"]),
+            "sketch_distribution": a["distribution"],
+            "sketch_tile_elems": int(a["tile_elems"]),
+            "sketch_phi_checksum": a["phi_checksum"],
+        }
+    )
     attrs["zero_rtol"] = float(config.get("spectrum.zero-rtol", zero_rtol))
     metrics = {r: m for r, m in _metrics(sketch_ds).items() if r in used}
     seeds = None

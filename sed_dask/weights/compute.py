@@ -12,7 +12,6 @@ client only gathers per-matrix summaries (k values and a dozen scalars), never a
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import math
 import re
@@ -23,6 +22,7 @@ from sed_dask import config
 from sed_dask.engine.passes import execute, read_into
 from sed_dask.engine.rawread import RawChunkReader
 from sed_dask.errors import StoreError
+from sed_dask.schema import provenance_attrs
 from sed_dask.store.outputs import check_target, quiet_consolidation, results_target, start_attrs, write_part
 from sed_dask.weights.spectra import (
     WeightSpectrumError,
@@ -266,8 +266,6 @@ def _compute(plan, s, described, client, address, scheduler_file, scheduler, pro
     import xarray as xr
     from dask.base import tokenize
 
-    from sed_dask import __version__
-
     runs = [rs.name for rs, _, _, _ in plan["runs"]]
     layers, steps = plan["layers"], plan["steps"]
     R, T, L, E = len(runs), steps.size, len(layers), plan["n_eig"]
@@ -310,17 +308,17 @@ def _compute(plan, s, described, client, address, scheduler_file, scheduler, pro
     }
     if keep:
         coords["eig"] = ("eig", np.arange(1, E + 1, dtype=np.int64), {"long_name": "eigenvalue index (descending)"})
-    attrs = {
-        "sed_dask_version": __version__,
-        "sed_kind": KIND,
-        "source_store": described,
-        "runs": runs,
-        "k": s.k,
-        "settings": json.dumps({f: getattr(s, f) for f in s.__dataclass_fields__}),
-        "n_tasks": int(sum(r.size * len(en) for _, r, _, en in plan["runs"])),
-        "definitions": json.dumps(_definitions(s)),
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
+    attrs = provenance_attrs(
+        {
+            "sed_kind": KIND,
+            "source_store": described,
+            "runs": runs,
+            "k": s.k,
+            "settings": json.dumps({f: getattr(s, f) for f in s.__dataclass_fields__}),
+            "n_tasks": int(sum(r.size * len(en) for _, r, _, en in plan["runs"])),
+            "definitions": json.dumps(_definitions(s)),
+        }
+    )
     esd_attrs = {
         "long_name": "ESD: eigenvalues sigma^2 of the small-side Gram, descending (NaN padded)",
         "units": "parameter units^2",
