@@ -222,13 +222,28 @@ def jl_error_report(
     ``mean/std/max(window, d, ratio)`` with ratio in r12 (sigma1/sigma2), r23 (sigma2/sigma3), edge
     (sigma_k*/sigma_k*+1 at the exact k*), and ``n_windows(window)``; ``jl_table`` renders it.
     """
+    ws = window_sizes(windows)
+    ds_list = sorted({int(x) for x in ds})
+    where = dict(client=client, address=address, scheduler_file=scheduler_file, scheduler=scheduler, progress=progress)
+    exact, store, run = _exact_spectra(source, store, run, ws, where)
+    nested = _nesting(distribution, nested)
+    wanted = (
+        {seed: (seed, max(ds_list)) for seed in seeds}
+        if nested
+        else {(seed, d): (1000 * seed + d, d) for seed in seeds for d in ds_list}
+    )
+    sketches = _missing_sketches(dict(sketches or {}), wanted, store, run, distribution, where, sketch_kw)
+    stats, n_win = _error_stats(exact, sketches, run, ws, ds_list, seeds, nested)
+    return _error_dataset(stats, n_win, ws, ds_list, next(iter(sketches.values())), run, seeds, nested)
+
+
+def _exact_spectra(source, store, run, ws: list[int], where: dict):
+    """``(exact results, store, run)``: the exact spectra given, or computed from the store ``source``."""
     import xarray as xr
 
     from sed_dask.results.spectra import spectrum
     from sed_dask.store.trajectory import open_store
 
-    ws = window_sizes(windows)
-    ds_list = sorted({int(x) for x in ds})
     if isinstance(source, xr.Dataset):
         exact = source
         store = store if store is not None else exact.attrs.get("source_store")
@@ -238,50 +253,40 @@ def jl_error_report(
     if run is None:
         run = str(exact["run"].values[0]) if exact is not None else open_store(store, mode="r").runs[0]
     if exact is None:
-        exact = spectrum(
-            store,
-            runs=[run],
-            windows=ws,
-            client=client,
-            address=address,
-            scheduler_file=scheduler_file,
-            scheduler=scheduler,
-            progress=progress,
-        )
+        exact = spectrum(store, runs=[run], windows=ws, **where)
     missing = [W for W in ws if W not in exact["window"].values]
     if missing:
         raise ValueError(f"the exact Dataset lacks window(s) {missing}")
+    return exact, store, run
+
+
+def _nesting(distribution: str | None, nested: bool | None) -> bool:
+    """Whether each d uses the first d columns of one sketch; refused for operators whose columns do not nest."""
     dist = str(config.get("sketch.distribution", distribution))
     if nested is None:
-        nested = dist in NESTED_DISTRIBUTIONS
-    elif nested and dist not in NESTED_DISTRIBUTIONS:
+        return dist in NESTED_DISTRIBUTIONS
+    if nested and dist not in NESTED_DISTRIBUTIONS:
         raise ValueError(
             f"nested=True uses the first d columns of one max(d) sketch, but {dist!r} columns do not "
             f"nest; use nested=False (an independent operator per (d, seed))"
         )
-    sketches = dict(sketches or {})
-    wanted = (
-        {seed: (seed, max(ds_list)) for seed in seeds}
-        if nested
-        else {(seed, d): (1000 * seed + d, d) for seed in seeds for d in ds_list}
-    )
+    return nested
+
+
+def _missing_sketches(sketches: dict, wanted: dict, store, run, distribution, where: dict, sketch_kw: dict) -> dict:
+    """``sketches`` completed with a sketch for every key of ``wanted`` (``{key: (seed, d)}``) it lacks."""
     for key, (op_seed, op_d) in wanted.items():
         if key not in sketches:
             from sed_dask.engine.sketch import sketch
 
             sketches[key] = sketch(
-                store,
-                runs=[run],
-                d=op_d,
-                seed=op_seed,
-                distribution=distribution,
-                client=client,
-                address=address,
-                scheduler_file=scheduler_file,
-                scheduler=scheduler,
-                progress=progress,
-                **sketch_kw,
+                store, runs=[run], d=op_d, seed=op_seed, distribution=distribution, **where, **sketch_kw
             )
+    return sketches
+
+
+def _error_stats(exact, sketches: dict, run, ws, ds_list, seeds, nested: bool):
+    """``(stats (mean/std/max, window, d, ratio), windows compared per W)`` of the relative errors."""
     stats = np.full((3, len(ws), len(ds_list), len(RATIOS)), np.nan)
     n_win = np.zeros(len(ws), np.int64)
     for wi, W in enumerate(ws):
@@ -296,11 +301,7 @@ def jl_error_report(
             errs = {r: [] for r in RATIOS}
             for seed in seeds:
                 sk = sketches[seed] if nested else sketches[(seed, d)]
-                if int(sk.sizes["dim"]) < d:
-                    raise ValueError(f"sketch of seed {seed} has {sk.sizes['dim']} columns, fewer than d={d}")
-                approx = spectra_from_sketch(sk, windows=[W], runs=[run], d=d).sel(run=run, window=W)
-                asig = np.asarray(approx["sigma"].sel(step=steps_keep).values)[:, :W]
-                est = edge_ratios(asig, kst[keep])
+                est = _sketch_ratios(sk, seed, run, W, d, steps_keep, kst[keep])
                 for r in RATIOS:
                     with np.errstate(divide="ignore", invalid="ignore"):
                         e = np.abs(est[r] - truth[r]) / truth[r]
@@ -309,9 +310,24 @@ def jl_error_report(
                 e = np.concatenate(errs[r]) if errs[r] else np.zeros(0)
                 if e.size:
                     stats[:, wi, di, ri] = (e.mean(), e.std(), e.max())
+    return stats, n_win
+
+
+def _sketch_ratios(sk, seed, run, W: int, d: int, steps, k_star) -> dict:
+    """The edge ratios of one sketch's first ``d`` columns at ``steps``, at the exact ``k_star``."""
+    if int(sk.sizes["dim"]) < d:
+        raise ValueError(f"sketch of seed {seed} has {sk.sizes['dim']} columns, fewer than d={d}")
+    approx = spectra_from_sketch(sk, windows=[W], runs=[run], d=d).sel(run=run, window=W)
+    asig = np.asarray(approx["sigma"].sel(step=steps).values)[:, :W]
+    return edge_ratios(asig, k_star)
+
+
+def _error_dataset(stats, n_win, ws, ds_list, first, run, seeds, nested: bool):
+    """The report Dataset (see :func:`jl_error_report`); ``first``: any sketch, for the operator's attrs."""
+    import xarray as xr
+
     coords = {"window": np.array(ws, np.int64), "d": np.array(ds_list, np.int64), "ratio": list(RATIOS)}
     dims = ("window", "d", "ratio")
-    first = next(iter(sketches.values()))
     return xr.Dataset(
         {
             "mean": (dims, stats[0], {"long_name": "mean relative error |r_JL - r| / r"}),
