@@ -6,6 +6,8 @@ Kept apart from the computation so that analysis and report code can import the 
 
 from __future__ import annotations
 
+import datetime
+
 PU = "parameter units"
 
 # name -> (long_name, units, sed_role or None); units "PU" are replaced per dataset (step normalisation)
@@ -92,3 +94,37 @@ COORD_ATTRS = {
     "mp_adjacent_ratio": {"long_name": "MP noise-level adjacent ratio 1 + 2 W^(-2/3)", "units": "1"},
     "param_count": {"long_name": "parameters in the group", "units": "1"},
 }
+
+
+# ----------------------------------------------------------------------------- provenance
+def utc_now() -> str:
+    """The ``created`` stamp of results and stores: UTC, ISO 8601, to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def provenance_attrs(fields: dict) -> dict:
+    """A result's attrs: ``sed_dask_version``, then ``fields``, then ``created`` (docs/result_schema.md).
+
+    Every results writer stamps its Dataset here, so the names and formats a reader relies on
+    (the report's provenance table, ``open_results``' interrupted-write hint) are the same everywhere.
+    """
+    from sed_dask import __version__
+
+    return {"sed_dask_version": __version__, **fields, "created": utc_now()}
+
+
+def package_versions(names, *, missing: str | None = None) -> dict[str, str]:
+    """``{package: installed version}`` read from metadata (nothing is imported).
+
+    A package that is not installed is left out, or given the text ``missing`` when that is set.
+    """
+    import importlib.metadata as md
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            if missing is not None:
+                out[name] = missing
+    return out

@@ -349,256 +349,320 @@ def _tau_line(ds, args, tau) -> str:
 
 def tables(ds, args) -> tuple[dict, list[str]]:
     """Run the query in ``args.query``; return ({title: DataFrame}, definition and note lines)."""
-    from sed_dask import analysis as A
-
     sel = dict(run=args.run, window=args.window, group=args.group)
-    sv = args.sv
     var = args.var or ("edge" if args.query in ("phases", "events", "warning") else "edge_ratio")
     out, notes = {}, []
-    if args.query == "edge":
-        summ = A.edge_summary(ds, variable=var, sv=sv, **sel)
-        cols = [
-            "k_mode",
-            "k_mode_freq",
-            "k_lo",
-            "k_hi",
-            "count_mode",
-            "count_mode_freq",
-            "count_lo",
-            "count_hi",
-            "agree",
-            "n_windows",
-        ]
-        out["signal rank: k* (edge location) and n_signal (count above noise)"] = _table(summ, cols)
-        out[f"edge summary ({summ.attrs.get('edge_variable', var)})"] = _table(
-            summ,
-            [
-                "edge_mean",
-                "edge_median",
-                "edge_min",
-                "edge_max",
-                "edge_max_step",
-                "mp_adjacent_ratio",
-                "n_above_mp",
-                "excess_over_mp",
-            ],
-        )
-        notes += [K_STAR_DEF, "k_lo..k_hi, count_lo..count_hi: 5th..95th percentile over windows"]
-        notes += A.rank_notes(summ)
-        if args.null:
-            r = A.edge_null(ds, n_null=args.n_null, norms=args.norms, seed=args.seed, **sel)
-            out["edge vs matched-norm null (per series)"] = _table(r, ["frac_significant", "n_windows"])
-            out["edge vs matched-norm null (per window)"] = _table(
-                r, ["observed", "null_quantile", "p_value", "significant"]
-            ).dropna(subset=["observed"])
-            notes.append(
-                f"null: the window's deltas keep their norms ({args.norms}) in uniformly random directions; "
-                f"{args.n_null} draws, p = (1 + #null >= obs) / (n + 1)"
-            )
-    elif args.query == "pc2":
-        sh = "split_half" if "split_half" in ds.data_vars else None
-        r = A.pc2_summary(
-            ds,
-            split_half=sh,
-            n_null=args.n_null,
-            q=args.q,
-            norms=args.norms,
-            seed=args.seed,
-            sustain=args.sustain,
-            ddof=args.ddof,
-            **sel,
-        )
-        if sh is None:
-            notes.append("the store has no split_half (computed before it existed); split-half fields skipped")
-        out["pc2 vs null (per series)"] = _table(
-            r,
-            [
-                "pc2_emerge_step",
-                "noise_transition_step",
-                "transition_kind",
-                "pc2_cv",
-                "pc2_mean",
-                "null_pc2_mean",
-                "split_half_k2_mean",
-                "n_above_null",
-                "n_windows",
-            ],
-        )
-        out["pc2 vs null (per window)"] = _table(r, ["pc2_pct", "null_pc2", "pc2_above_null", "split_half_k2"]).dropna(
-            subset=["pc2_pct"]
-        )
-        notes += [
-            f"PC2 = 100 lambda_2 / sum(lambda) against the {args.q:g} quantile of a matched-norm random-direction "
-            f"null ({args.n_null} draws); pc2_emerge_step = first of {args.sustain} windows above it; "
-            f"noise_transition_step = first of {args.sustain} windows not above it after that",
-            "transition_kind: 0 = no transition (PC2 never above its null), 1 = above -> below, "
-            "2 = no transition (stays above)",
-        ]
-    elif args.query == "phases":
-        taus = args.tau or ["auto"]
-        ph = A.phases(ds, var, method=args.method, tau=taus[0], sustain=args.sustain, label=args.label, sv=sv, **sel)
-        out[f"phases ({args.method})"] = _table(
-            ph,
-            [
-                "edge_k",
-                "peak_step",
-                "peak_value",
-                "plateau_start_step",
-                "collapse_start_step",
-                "collapse_step",
-                "rebound_step",
-                "tau_value",
-                "n_points",
-            ],
-        )
-        cs = A.collapse_step(
-            ds, var, sv=sv, tau=taus if len(taus) > 1 else taus[0], sustain=args.sustain, label=args.label, **sel
-        )
-        if len(taus) > 1:
-            out["collapse step per tau"] = _table(cs, ["collapse_step"])
-        if "run" in cs.dims and cs.sizes["run"] > 1:
-            out[f"cross-seed (ddof={args.ddof})"] = _table(
-                A.cross_seed_summary(cs, ["collapse_step", "peak_value"], ddof=args.ddof)
-            )
-        notes += [
-            EDGE_DEF if var == "edge" else f"series: {var}",
-            f"collapse = first of {args.sustain} windows below tau after the edge first held >= 1.25 tau; "
-            f"rebound = first of {args.sustain} windows back >= 1.25 tau after it; {_tau_line(ds, args, taus)}",
-            f"steps: {ph.attrs['step_label']}",
-        ]
-    elif args.query == "events":
-        taus = args.tau if args.tau and len(args.tau) > 1 else (args.tau[0] if args.tau else "auto")
-        r = A.event_study(
-            ds,
-            var,
-            args.target,
-            taus=taus,
-            baseline=args.baseline,
-            factor=args.factor,
-            fallback=args.fallback,
-            sustain=args.sustain,
-            label=args.label,
-            sv=sv,
-            **sel,
-        )
-        out[f"event study: edge collapse -> {args.target} stabilisation"] = _table(
-            r, ["collapse_step", "stab_step", "stab_delay"] + ([] if "tau" in r.dims else ["tau"])
-        )
-        out["event study (per series)"] = _table(
-            r, ["peak_step", "peak_value", "threshold", "n_baseline", "threshold_fallback", "n_points"]
-        )
-        notes += [
-            EDGE_DEF if var == "edge" else f"series: {var}",
-            f"stab_delay = stab_step - collapse_step: how long after the collapse {args.target} settles "
-            f"(smoothed |change| < {args.factor:g} x the median of its first {args.baseline}); "
-            "not a lead before grokking (see `query warning`)",
-            _tau_line(ds, args, taus if isinstance(taus, list) else taus),
-        ]
-    elif args.query == "lag":
-        kw = dict(
-            lags=args.lags,
-            detrend=args.detrend,
-            peak=args.peak,
-            n_null=args.n_null,
-            alpha=args.alpha,
-            seed=args.seed,
-            sv=sv,
-        )
-        peak_cols = ["peak_lag", "peak_r", "peak_resolved", "peak_p_value", "peak_significant", "n_points"]
-        if args.sweep:
-            sw = A.lag_sweep(ds, var, args.target, windows=args.window, run=args.run, group=args.group, **kw)
-            out["peak lag per W"] = _table(sw, peak_cols + ["sign_change_next", "flip_next"])
-            out["lag flips"] = A.lag_flips(sw, rejected=True)  # status 'flip', or why rejected
-        else:
-            lc = A.lag_correlation(ds, var, args.target, **kw, **sel)
-            out["peak lag"] = _table(lc, peak_cols)
-            r = lc["r"].to_dataframe().reset_index()
-            keys = [d for d in lc["r"].dims if d != "lag"]
-            out["r by lag"] = r.pivot_table(index=keys, columns="lag", values="r").reset_index()
-        notes.append(
-            f"peak rule '{args.peak}' over lags {min(args.lags)}..{max(args.lags)} (checkpoints; positive = "
-            f"{var} leads {args.target}); a peak on the grid edge is unresolved; p from {args.n_null} "
-            f"phase-randomised detrended targets, peak over the whole grid, alpha = {args.alpha:g}"
-            + ("; a lag flip needs both peaks resolved and significant" if args.sweep else "")
-        )
-        if args.sliding:
-            sl = A.sliding_correlation(ds, var, args.target, align=args.sliding, sv=sv, **sel)
-            out[f"sliding r ({args.sliding})"] = _table(
-                sl, ["r_min", "r_max", "r_mean", "n_sign_changes", "frac_abs_r_gt_0_5", "frac_p_lt_0_05"]
-            )
-        if args.phase_method:
-            pc = A.phase_correlation(ds, var, args.target, method=args.phase_method, sv=sv, **sel)
-            out[f"phase r ({args.phase_method})"] = _table(pc, ["r", "p", "n", "start_step", "end_step", "delta_y"])
-    elif args.query == "granger":
-        kw = dict(max_lag=args.max_lag, covariate=args.covariate, n_perm=args.n_perm, seed=args.seed)
-        if args.features:
-            g = A.granger_multivariate(ds, args.features, args.target, **kw, **sel)
-            out["multivariate Granger"] = _table(g)
-        else:
-            g = A.granger(ds, var, args.target, direction=args.direction, nuisance=args.nuisance, sv=sv, **kw, **sel)
-            out[f"Granger ({g.attrs['direction_meaning']})"] = _table(
-                g, ["lag_order", "n_obs", "F", "p_value", "p_perm", "delta_aic", "delta_r2", "r2_u"]
-            )
-    elif args.query == "shift":
-        r = A.detect_shift(
-            ds,
-            var,
-            methods=args.method or ("cusum", "ttest", "maxderiv"),
-            true_step=args.true_step,
-            tolerance=args.tolerance,
-            baseline=args.baseline,
-            k=args.cusum_k,
-            h=args.cusum_h,
-            min_size=args.min_size,
-            smooth=args.smooth,
-            sv=sv,
-            **sel,
-        )
-        out["shift detection"] = _table(r, ["step", "score", "p_value", "direction", "alarm_step", "error", "hit"])
-    elif args.query == "warning":
-        event = args.event
-        if args.method == "onset":
-            kw = dict(k=args.k, baseline=args.baseline, floor=args.floor, direction=args.direction, sv=sv, **sel)
-            v = args.var or "edge_ratio"
-            if event:
-                r = A.lead_time(ds, v, event=event, event_threshold=args.event_threshold, sustain=args.sustain, **kw)
-                out["onset and lead time"] = _table(
-                    r, ["onset_step", "event_step", "lead_time", "baseline_value", "threshold"]
-                )
-            else:
-                out["onset"] = _table(A.onset(ds, v, **kw))
-            notes.append(
-                f"onset = first point {'>' if args.direction == 'rise' else '<'} {args.k:g} x (or 1/{args.k:g} "
-                f"of) the median of the first {args.baseline} points (companion papers' rule; retrospective "
-                "baseline, not one of the causal detectors)"
-            )
-        else:
-            if args.var not in (None, "edge"):
-                raise ValueError("warning --method detectors watches the fixed-k edge; --var applies to --method onset")
-            params = dict(drop=args.drop, drift=args.drift, h=args.h, sustain=args.alarm_sustain)
-            r = A.early_warning(
-                ds,
-                detectors=args.detector,
-                tau=args.tau,
-                event=event,
-                event_threshold=args.event_threshold,
-                sustain_event=args.sustain,
-                **sel,
-                **params,
-            )
-            out["early-warning alarms (causal)"] = _table(
-                r, ["alarm_step", "alarm_value", "alarm_threshold", "n_alarms", "lead"]
-            )
-            out["per series"] = _table(r, ["edge_k", "first_alarm_step", "event_step", "tau_value", "n_windows"])
-            defs = json.loads(r.attrs["definitions"])
-            for W, d in defs.items():
-                notes += [f"{W} {name}: {text}" for name, text in d.items()]
-            event = r.attrs.get("event") or None
-            notes.append(
-                "causal: an alarm at step t used only the windows up to t; lead = event_step - alarm_step "
-                + (f"(event: first {event} >= {args.event_threshold:g})" if event else "(no event metric)")
-            )
+    handler = TABLE_BUILDERS.get(args.query)
+    if handler is not None:
+        handler(ds, args, var, sel, out, notes)
     return out, notes
+
+
+def _edge_tables(ds, args, var: str, sel: dict, out: dict, notes: list) -> None:
+    """The signal rank (k*, n_signal) and edge summary tables, with the matched-norm null when asked."""
+    from sed_dask import analysis as A
+
+    sv = args.sv
+    summ = A.edge_summary(ds, variable=var, sv=sv, **sel)
+    cols = [
+        "k_mode",
+        "k_mode_freq",
+        "k_lo",
+        "k_hi",
+        "count_mode",
+        "count_mode_freq",
+        "count_lo",
+        "count_hi",
+        "agree",
+        "n_windows",
+    ]
+    out["signal rank: k* (edge location) and n_signal (count above noise)"] = _table(summ, cols)
+    out[f"edge summary ({summ.attrs.get('edge_variable', var)})"] = _table(
+        summ,
+        [
+            "edge_mean",
+            "edge_median",
+            "edge_min",
+            "edge_max",
+            "edge_max_step",
+            "mp_adjacent_ratio",
+            "n_above_mp",
+            "excess_over_mp",
+        ],
+    )
+    notes += [K_STAR_DEF, "k_lo..k_hi, count_lo..count_hi: 5th..95th percentile over windows"]
+    notes += A.rank_notes(summ)
+    if args.null:
+        r = A.edge_null(ds, n_null=args.n_null, norms=args.norms, seed=args.seed, **sel)
+        out["edge vs matched-norm null (per series)"] = _table(r, ["frac_significant", "n_windows"])
+        out["edge vs matched-norm null (per window)"] = _table(
+            r, ["observed", "null_quantile", "p_value", "significant"]
+        ).dropna(subset=["observed"])
+        notes.append(
+            f"null: the window's deltas keep their norms ({args.norms}) in uniformly random directions; "
+            f"{args.n_null} draws, p = (1 + #null >= obs) / (n + 1)"
+        )
+
+
+def _pc2_tables(ds, args, var: str, sel: dict, out: dict, notes: list) -> None:
+    """PC2 energy share against its matched-norm null, per series and per window."""
+    from sed_dask import analysis as A
+
+    sh = "split_half" if "split_half" in ds.data_vars else None
+    r = A.pc2_summary(
+        ds,
+        split_half=sh,
+        n_null=args.n_null,
+        q=args.q,
+        norms=args.norms,
+        seed=args.seed,
+        sustain=args.sustain,
+        ddof=args.ddof,
+        **sel,
+    )
+    if sh is None:
+        notes.append("the store has no split_half (computed before it existed); split-half fields skipped")
+    out["pc2 vs null (per series)"] = _table(
+        r,
+        [
+            "pc2_emerge_step",
+            "noise_transition_step",
+            "transition_kind",
+            "pc2_cv",
+            "pc2_mean",
+            "null_pc2_mean",
+            "split_half_k2_mean",
+            "n_above_null",
+            "n_windows",
+        ],
+    )
+    out["pc2 vs null (per window)"] = _table(r, ["pc2_pct", "null_pc2", "pc2_above_null", "split_half_k2"]).dropna(
+        subset=["pc2_pct"]
+    )
+    notes += [
+        f"PC2 = 100 lambda_2 / sum(lambda) against the {args.q:g} quantile of a matched-norm random-direction "
+        f"null ({args.n_null} draws); pc2_emerge_step = first of {args.sustain} windows above it; "
+        f"noise_transition_step = first of {args.sustain} windows not above it after that",
+        "transition_kind: 0 = no transition (PC2 never above its null), 1 = above -> below, "
+        "2 = no transition (stays above)",
+    ]
+
+
+def _phases_tables(ds, args, var: str, sel: dict, out: dict, notes: list) -> None:
+    """Edge phases (peak, plateau, collapse, rebound), collapse per tau and across seeds."""
+    from sed_dask import analysis as A
+
+    sv = args.sv
+    taus = args.tau or ["auto"]
+    ph = A.phases(ds, var, method=args.method, tau=taus[0], sustain=args.sustain, label=args.label, sv=sv, **sel)
+    out[f"phases ({args.method})"] = _table(
+        ph,
+        [
+            "edge_k",
+            "peak_step",
+            "peak_value",
+            "plateau_start_step",
+            "collapse_start_step",
+            "collapse_step",
+            "rebound_step",
+            "tau_value",
+            "n_points",
+        ],
+    )
+    cs = A.collapse_step(
+        ds, var, sv=sv, tau=taus if len(taus) > 1 else taus[0], sustain=args.sustain, label=args.label, **sel
+    )
+    if len(taus) > 1:
+        out["collapse step per tau"] = _table(cs, ["collapse_step"])
+    if "run" in cs.dims and cs.sizes["run"] > 1:
+        out[f"cross-seed (ddof={args.ddof})"] = _table(
+            A.cross_seed_summary(cs, ["collapse_step", "peak_value"], ddof=args.ddof)
+        )
+    notes += [
+        EDGE_DEF if var == "edge" else f"series: {var}",
+        f"collapse = first of {args.sustain} windows below tau after the edge first held >= 1.25 tau; "
+        f"rebound = first of {args.sustain} windows back >= 1.25 tau after it; {_tau_line(ds, args, taus)}",
+        f"steps: {ph.attrs['step_label']}",
+    ]
+
+
+def _events_tables(ds, args, var: str, sel: dict, out: dict, notes: list) -> None:
+    """Event study: how long after the edge collapse the target metric settles."""
+    from sed_dask import analysis as A
+
+    sv = args.sv
+    taus = args.tau if args.tau and len(args.tau) > 1 else (args.tau[0] if args.tau else "auto")
+    r = A.event_study(
+        ds,
+        var,
+        args.target,
+        taus=taus,
+        baseline=args.baseline,
+        factor=args.factor,
+        fallback=args.fallback,
+        sustain=args.sustain,
+        label=args.label,
+        sv=sv,
+        **sel,
+    )
+    out[f"event study: edge collapse -> {args.target} stabilisation"] = _table(
+        r, ["collapse_step", "stab_step", "stab_delay"] + ([] if "tau" in r.dims else ["tau"])
+    )
+    out["event study (per series)"] = _table(
+        r, ["peak_step", "peak_value", "threshold", "n_baseline", "threshold_fallback", "n_points"]
+    )
+    notes += [
+        EDGE_DEF if var == "edge" else f"series: {var}",
+        f"stab_delay = stab_step - collapse_step: how long after the collapse {args.target} settles "
+        f"(smoothed |change| < {args.factor:g} x the median of its first {args.baseline}); "
+        "not a lead before grokking (see `query warning`)",
+        _tau_line(ds, args, taus if isinstance(taus, list) else taus),
+    ]
+
+
+def _lag_tables(ds, args, var: str, sel: dict, out: dict, notes: list) -> None:
+    """Lagged correlation of the series with the target: peak lag (or a sweep over W) and r by lag."""
+    from sed_dask import analysis as A
+
+    sv = args.sv
+    kw = dict(
+        lags=args.lags,
+        detrend=args.detrend,
+        peak=args.peak,
+        n_null=args.n_null,
+        alpha=args.alpha,
+        seed=args.seed,
+        sv=sv,
+    )
+    peak_cols = ["peak_lag", "peak_r", "peak_resolved", "peak_p_value", "peak_significant", "n_points"]
+    if args.sweep:
+        sw = A.lag_sweep(ds, var, args.target, windows=args.window, run=args.run, group=args.group, **kw)
+        out["peak lag per W"] = _table(sw, peak_cols + ["sign_change_next", "flip_next"])
+        out["lag flips"] = A.lag_flips(sw, rejected=True)  # status 'flip', or why rejected
+    else:
+        lc = A.lag_correlation(ds, var, args.target, **kw, **sel)
+        out["peak lag"] = _table(lc, peak_cols)
+        r = lc["r"].to_dataframe().reset_index()
+        keys = [d for d in lc["r"].dims if d != "lag"]
+        out["r by lag"] = r.pivot_table(index=keys, columns="lag", values="r").reset_index()
+    notes.append(
+        f"peak rule '{args.peak}' over lags {min(args.lags)}..{max(args.lags)} (checkpoints; positive = "
+        f"{var} leads {args.target}); a peak on the grid edge is unresolved; p from {args.n_null} "
+        f"phase-randomised detrended targets, peak over the whole grid, alpha = {args.alpha:g}"
+        + ("; a lag flip needs both peaks resolved and significant" if args.sweep else "")
+    )
+    if args.sliding:
+        sl = A.sliding_correlation(ds, var, args.target, align=args.sliding, sv=sv, **sel)
+        out[f"sliding r ({args.sliding})"] = _table(
+            sl, ["r_min", "r_max", "r_mean", "n_sign_changes", "frac_abs_r_gt_0_5", "frac_p_lt_0_05"]
+        )
+    if args.phase_method:
+        pc = A.phase_correlation(ds, var, args.target, method=args.phase_method, sv=sv, **sel)
+        out[f"phase r ({args.phase_method})"] = _table(pc, ["r", "p", "n", "start_step", "end_step", "delta_y"])
+
+
+def _granger_tables(ds, args, var: str, sel: dict, out: dict, notes: list) -> None:
+    """Granger tests of the series (or several features) against the target."""
+    from sed_dask import analysis as A
+
+    sv = args.sv
+    kw = dict(max_lag=args.max_lag, covariate=args.covariate, n_perm=args.n_perm, seed=args.seed)
+    if args.features:
+        g = A.granger_multivariate(ds, args.features, args.target, **kw, **sel)
+        out["multivariate Granger"] = _table(g)
+    else:
+        g = A.granger(ds, var, args.target, direction=args.direction, nuisance=args.nuisance, sv=sv, **kw, **sel)
+        out[f"Granger ({g.attrs['direction_meaning']})"] = _table(
+            g, ["lag_order", "n_obs", "F", "p_value", "p_perm", "delta_aic", "delta_r2", "r2_u"]
+        )
+
+
+def _shift_tables(ds, args, var: str, sel: dict, out: dict, notes: list) -> None:
+    """Change-point detection on the series."""
+    from sed_dask import analysis as A
+
+    sv = args.sv
+    r = A.detect_shift(
+        ds,
+        var,
+        methods=args.method or ("cusum", "ttest", "maxderiv"),
+        true_step=args.true_step,
+        tolerance=args.tolerance,
+        baseline=args.baseline,
+        k=args.cusum_k,
+        h=args.cusum_h,
+        min_size=args.min_size,
+        smooth=args.smooth,
+        sv=sv,
+        **sel,
+    )
+    out["shift detection"] = _table(r, ["step", "score", "p_value", "direction", "alarm_step", "error", "hit"])
+
+
+def _warning_tables(ds, args, var: str, sel: dict, out: dict, notes: list) -> None:
+    """Early warning: the onset rule (``--method onset``) or the causal detectors."""
+    from sed_dask import analysis as A
+
+    if args.method != "onset":
+        _detector_tables(ds, args, sel, out, notes)
+        return
+    event = args.event
+    kw = dict(k=args.k, baseline=args.baseline, floor=args.floor, direction=args.direction, sv=args.sv, **sel)
+    v = args.var or "edge_ratio"
+    if event:
+        r = A.lead_time(ds, v, event=event, event_threshold=args.event_threshold, sustain=args.sustain, **kw)
+        out["onset and lead time"] = _table(r, ["onset_step", "event_step", "lead_time", "baseline_value", "threshold"])
+    else:
+        out["onset"] = _table(A.onset(ds, v, **kw))
+    notes.append(
+        f"onset = first point {'>' if args.direction == 'rise' else '<'} {args.k:g} x (or 1/{args.k:g} "
+        f"of) the median of the first {args.baseline} points (companion papers' rule; retrospective "
+        "baseline, not one of the causal detectors)"
+    )
+
+
+def _detector_tables(ds, args, sel: dict, out: dict, notes: list) -> None:
+    """The causal early-warning detectors' alarms and lead times (``warning --method detectors``)."""
+    from sed_dask import analysis as A
+
+    if args.var not in (None, "edge"):
+        raise ValueError("warning --method detectors watches the fixed-k edge; --var applies to --method onset")
+    params = dict(drop=args.drop, drift=args.drift, h=args.h, sustain=args.alarm_sustain)
+    r = A.early_warning(
+        ds,
+        detectors=args.detector,
+        tau=args.tau,
+        event=args.event,
+        event_threshold=args.event_threshold,
+        sustain_event=args.sustain,
+        **sel,
+        **params,
+    )
+    out["early-warning alarms (causal)"] = _table(
+        r, ["alarm_step", "alarm_value", "alarm_threshold", "n_alarms", "lead"]
+    )
+    out["per series"] = _table(r, ["edge_k", "first_alarm_step", "event_step", "tau_value", "n_windows"])
+    defs = json.loads(r.attrs["definitions"])
+    for W, d in defs.items():
+        notes += [f"{W} {name}: {text}" for name, text in d.items()]
+    event = r.attrs.get("event") or None
+    notes.append(
+        "causal: an alarm at step t used only the windows up to t; lead = event_step - alarm_step "
+        + (f"(event: first {event} >= {args.event_threshold:g})" if event else "(no event metric)")
+    )
+
+
+#: the tables of each query in QUERIES: handler(ds, args, var, sel, out, notes) fills out and notes
+TABLE_BUILDERS = {
+    "edge": _edge_tables,
+    "pc2": _pc2_tables,
+    "phases": _phases_tables,
+    "events": _events_tables,
+    "lag": _lag_tables,
+    "granger": _granger_tables,
+    "shift": _shift_tables,
+    "warning": _warning_tables,
+}
 
 
 def run(args) -> int:

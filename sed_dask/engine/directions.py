@@ -20,7 +20,6 @@ banded Gram alone (V_t^T V_{t-1} = S_t^-1 U_t^T C_t U_{t-1} S_{t-1}^-1, docs/met
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 
 import numpy as np
@@ -38,7 +37,8 @@ from sed_dask.engine.passes import (
 )
 from sed_dask.engine.rawread import RawChunkReader
 from sed_dask.errors import StoreError
-from sed_dask.store.outputs import check_target, quiet_consolidation, results_target, start_attrs
+from sed_dask.schema import provenance_attrs
+from sed_dask.store.outputs import check_target, quiet_consolidation, results_target, start_attrs, write_part
 from sed_dask.store.trajectory import RunStore, open_store
 
 METHODS = ("exact", "randomized")
@@ -382,27 +382,25 @@ def _left_vectors(stack: Stack, req: DirectionsRequest, *, client, scheduler):
 
 
 def _directions_attrs(ts, rs, stack, req: DirectionsRequest, *, sigma, passes, gdesc, output) -> dict:
-    from sed_dask import __version__
-
-    attrs = {
-        "sed_dask_version": __version__,
-        "sed_kind": "directions",
-        "source_store": ts.url,
-        "run": rs.name,
-        "method": req.method,
-        "window": -1 if req.window is None else int(req.window),
-        "end_step": int(stack.delta_steps[-1]),
-        "first_delta_step": int(stack.delta_steps[0]),
-        "center": int(stack.center),
-        "k": req.k,
-        "passes": passes,
-        "n_params": rs.n_params,
-        "param_index_hash": rs.index.hash,
-        "param_index": json.dumps(rs.index.to_records()),
-        "groups": json.dumps(gdesc or {ALL: "the whole selected parameter vector"}),
-        "sigma_all": json.dumps([float(x) for x in sigma]),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    attrs = provenance_attrs(
+        {
+            "sed_kind": "directions",
+            "source_store": ts.url,
+            "run": rs.name,
+            "method": req.method,
+            "window": -1 if req.window is None else int(req.window),
+            "end_step": int(stack.delta_steps[-1]),
+            "first_delta_step": int(stack.delta_steps[0]),
+            "center": int(stack.center),
+            "k": req.k,
+            "passes": passes,
+            "n_params": rs.n_params,
+            "param_index_hash": rs.index.hash,
+            "param_index": json.dumps(rs.index.to_records()),
+            "groups": json.dumps(gdesc or {ALL: "the whole selected parameter vector"}),
+            "sigma_all": json.dumps([float(x) for x in sigma]),
+        }
+    )
     if req.method == "randomized":
         attrs.update(n_oversamples=int(req.n_oversamples), n_power_iter=int(req.n_power_iter), seed=int(req.seed))
     if output is not None:
@@ -457,8 +455,7 @@ def _directions(ts, rs, stack, req: DirectionsRequest, *, client, scheduler, out
         meta = xr.Dataset(
             {**small, "direction": (("component", "param"), placeholder, dir_attrs)}, coords=coords, attrs=attrs
         )
-        with quiet_consolidation():
-            meta.to_zarr(str(output), mode="w-", compute=False, consolidated=False)
+        write_part(meta, output, mode="w-", compute=False)
         out_arr = zarr.open_group(str(output), mode="r+")["direction"]
     segs = tuple(column_segments(c0, c1, flat) for c0, c1 in stack.cols)
     gnames = list(granges) or [ALL]
@@ -473,8 +470,7 @@ def _directions(ts, rs, stack, req: DirectionsRequest, *, client, scheduler, out
     }
     gcoord = {"group": ("group", np.array(gnames, dtype=object), {"long_name": "layer group"})}
     if output is not None:
-        with quiet_consolidation():
-            xr.Dataset(lvar, coords=gcoord, attrs=attrs).to_zarr(str(output), mode="a", consolidated=False)
+        write_part(xr.Dataset(lvar, coords=gcoord, attrs=attrs), output, mode="a")
         return None  # the caller marks it complete, moves it into place and opens it there
     V = np.concatenate([res["v"][c0] for c0, _ in stack.cols], axis=1)
     return xr.Dataset(

@@ -30,7 +30,6 @@ Gaussian operator, libm/SIMD ``log``) that round differently.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 
 import numpy as np
@@ -40,7 +39,7 @@ from sed_dask.engine.jl import Operator
 from sed_dask.engine.passes import TileSpec, checked_steps, execute, pass_settings, stream_deltas, tree_reduce
 from sed_dask.engine.rawread import RawChunkReader
 from sed_dask.errors import StoreError
-from sed_dask.schema import metric_variables
+from sed_dask.schema import metric_variables, provenance_attrs
 from sed_dask.store.outputs import check_target, write_dataset
 from sed_dask.store.trajectory import RunStore, open_store
 
@@ -395,7 +394,6 @@ def sketch(
     safely (checked before the pass; an existing results store only with ``overwrite=True``;
     see :mod:`sed_dask.store.outputs`).
     """
-    from sed_dask import __version__
 
     if output is not None:
         check_target(output, overwrite=overwrite)
@@ -421,23 +419,23 @@ def sketch(
         plans, client=client, scheduler=scheduler, address=address, scheduler_file=scheduler_file, progress=progress
     )
     prov = provenance({p.run: p.op for p in plans})
-    attrs = {
-        "sed_dask_version": __version__,
-        "sed_kind": "jl_sketch",
-        "source_store": ts.url,
-        "runs": list(names),
-        **prov,
-        "n_params": json.dumps({p.run: p.op.n_params for p in plans}),
-        "param_index_hash": json.dumps({rs.name: rs.index.hash for rs in run_stores}),
-        "selection_policy": json.dumps({rs.name: rs.policy for rs in run_stores}),
-        "tiling": json.dumps({p.run: p.tiling.as_dict() for p in plans}),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    attrs = provenance_attrs(
+        {
+            "sed_kind": "jl_sketch",
+            "source_store": ts.url,
+            "runs": list(names),
+            **prov,
+            "n_params": json.dumps({p.run: p.op.n_params for p in plans}),
+            "param_index_hash": json.dumps({rs.name: rs.index.hash for rs in run_stores}),
+            "selection_policy": json.dumps({rs.name: rs.policy for rs in run_stores}),
+            "tiling": json.dumps({p.run: p.tiling.as_dict() for p in plans}),
+        }
+    )
     ds = build_sketch_dataset(
         [(p.run, p.steps, S) for p, S in zip(plans, outs)], {rs.name: rs.metrics() for rs in run_stores}, attrs, prov
     )
     if output is not None:
-        write_zarr(ds, output, overwrite=overwrite)
+        write_dataset(ds, output, kind="jl_sketch", overwrite=overwrite)
     return ds
 
 
@@ -460,11 +458,6 @@ def provenance(ops: dict) -> dict:
         "sparse_s": json.dumps({r: op.s for r, op in ops.items()}),
         "phi_checksum": json.dumps({r: op.checksum() for r, op in ops.items()}),
     }
-
-
-def write_zarr(ds, path, *, overwrite: bool = False) -> None:
-    """Write safely (:func:`sed_dask.store.outputs.write_dataset`); ``xr.open_zarr(path)`` gives the Dataset back."""
-    write_dataset(ds, path, kind=str(ds.attrs.get("sed_kind") or "spectra"), overwrite=overwrite)
 
 
 def build_sketch_dataset(items: list, metrics: dict, attrs: dict, prov: dict | None = None):

@@ -24,7 +24,6 @@ a resumed engine, which truncates longer arrays back) see only committed steps.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import math
 import os
@@ -38,6 +37,7 @@ from sed_dask.engine.gram import GramResult, gram_graph
 from sed_dask.engine.passes import execute
 from sed_dask.errors import StoreError
 from sed_dask.results.spectra import build_dataset, window_sizes
+from sed_dask.schema import provenance_attrs
 from sed_dask.sources.run_source import run_seed
 from sed_dask.store.outputs import COMPLETE_ATTR, quiet_consolidation, write_dataset
 from sed_dask.store.trajectory import open_store
@@ -319,24 +319,22 @@ class LiveSpectrum:
         return self._first
 
     def _create(self, ds, rs, steps) -> None:
-        from sed_dask import __version__
-
         self._first = int(steps[0])
-        attrs = {
-            "sed_dask_version": __version__,
-            "windows": self.windows,
-            "source_store": str(self.store),
-            "runs": [rs.name],
-            "n_params": json.dumps({rs.name: rs.n_params}),
-            "param_index_hash": json.dumps({rs.name: rs.index.hash}),
-            "selection_policy": json.dumps({rs.name: rs.policy}),
-            "precision": self.precision,
-            "step_normalised": int(self.normalize_spacing),
-            "band_width": self.width,
-            "zero_rtol": self.zero_rtol,
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            LIVE_ATTR: self._live_attrs(steps.size - 1),
-        }
+        attrs = provenance_attrs(
+            {
+                "windows": self.windows,
+                "source_store": str(self.store),
+                "runs": [rs.name],
+                "n_params": json.dumps({rs.name: rs.n_params}),
+                "param_index_hash": json.dumps({rs.name: rs.index.hash}),
+                "selection_policy": json.dumps({rs.name: rs.policy}),
+                "precision": self.precision,
+                "step_normalised": int(self.normalize_spacing),
+                "band_width": self.width,
+                "zero_rtol": self.zero_rtol,
+                LIVE_ATTR: self._live_attrs(steps.size - 1),
+            }
+        )
         if self.groups is not None:
             attrs["groups"] = json.dumps(self._plan.group_desc)
         write_dataset(ds.assign_attrs(attrs).chunk({"step": STEP_CHUNK}), self.results, kind="spectra")

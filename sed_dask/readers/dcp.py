@@ -99,6 +99,22 @@ def is_dcp_dir(path) -> bool:
         return False
 
 
+def can_open(path) -> bool:
+    """By markers alone: a DCP folder (:func:`is_dcp_dir`) or its ``.metadata`` file."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return is_dcp_dir(path)
+    return os.path.basename(path) == METADATA_NAME
+
+
+def refusal(path) -> str | None:
+    """Why ``path`` cannot be opened although it is DCP: one ``.distcp`` file is a fragment of a checkpoint."""
+    path = os.fspath(path)
+    if path.endswith(SUFFIX) and not os.path.isdir(path):
+        return f"{path} is one data file of a DCP checkpoint; pass its directory"
+    return None
+
+
 # ----------------------------------------------------------------------------- safe metadata
 def _allowed_globals() -> list:
     """The classes a DCP ``.metadata`` pickle may name (nothing else is unpickled)."""

@@ -30,6 +30,14 @@ def find_index(directory: str) -> str | None:
     return os.path.join(directory, others[0]) if others else None
 
 
+def can_open(path) -> bool:
+    """By name alone: an ``*.index.json`` file, or a folder holding one (no index is parsed)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return find_index(path) is not None
+    return path.endswith(".index.json")
+
+
 #: parsed indexes of this process: a Gram task opens every checkpoint of its step block
 _INDEXES = LayoutCache()
 

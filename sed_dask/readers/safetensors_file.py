@@ -236,6 +236,26 @@ class SafetensorsReader(ReaderBase):
                 self._handle = self._f = None
 
 
+#: the folder layout of HF Trainer ``checkpoint-N/``: one safetensors file under this name
+DIR_FILE = "model.safetensors"
+#: file suffixes a folder scan picks up as safetensors checkpoints
+SCAN_SUFFIXES = (".safetensors",)
+
+
+def can_open(path) -> bool:
+    """By name alone (no bytes read): a ``*.safetensors`` file, or a folder holding ``model.safetensors``."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, DIR_FILE))
+    return path.endswith(".safetensors")
+
+
+def open_path(path) -> SafetensorsReader:
+    """The reader of a path :func:`can_open` or :func:`is_safetensors` accepted (a folder: its model.safetensors)."""
+    path = os.fspath(path)
+    return SafetensorsReader(os.path.join(path, DIR_FILE) if os.path.isdir(path) else path)
+
+
 def is_safetensors(path: str) -> bool:
     """Sniff the format: an 8-byte little-endian length followed by a JSON object."""
     try:

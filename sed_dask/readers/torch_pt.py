@@ -405,3 +405,25 @@ class TorchReader(ReaderBase):
             os.close(self._fd)
             self._fd = None
         self._sd = None  # drops the mapping once no tensor references it
+
+
+#: ``torch.save`` suffixes opened by name (``.tar``: old ``torch.save`` archives, opened when named)
+SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
+#: file suffixes a folder scan picks up (not ``.tar``: a folder's tar files are seldom checkpoints)
+SCAN_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+#: the folder layout of HF Trainer ``checkpoint-N/`` written with ``save_safetensors=False``
+DIR_FILE = "pytorch_model.bin"
+
+
+def can_open(path) -> bool:
+    """By name alone (no bytes read): a file with a ``torch.save`` suffix, or a folder holding ``pytorch_model.bin``."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, DIR_FILE))
+    return path.endswith(SUFFIXES)
+
+
+def open_path(path) -> TorchReader:
+    """The reader of a path :func:`can_open` accepted (a folder: its ``pytorch_model.bin``)."""
+    path = os.fspath(path)
+    return TorchReader(os.path.join(path, DIR_FILE) if os.path.isdir(path) else path)

@@ -6,8 +6,6 @@ dashboard, a temporary folder): paths are given as text, marked when they no lon
 
 from __future__ import annotations
 
-import datetime
-import importlib.metadata
 import json
 import os
 import platform
@@ -15,6 +13,9 @@ import shlex
 import sys
 
 import xarray as xr
+
+from sed_dask.schema import package_versions as installed_versions
+from sed_dask.schema import utc_now
 
 PACKAGES = (
     "sed_dask",
@@ -32,14 +33,9 @@ PACKAGES = (
 
 
 def package_versions() -> dict[str, str]:
-    """Installed versions of the packages the results depend on (read from metadata: nothing is imported)."""
+    """Python, platform and the installed versions of the packages the results depend on."""
     out = {"python": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}"}
-    for name in PACKAGES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    return out | installed_versions(PACKAGES, missing="not installed")
 
 
 def _path_note(path: str) -> str:
@@ -93,7 +89,7 @@ def provenance(ds: xr.Dataset, *, command: str | None = None, settings: dict | N
     versions = package_versions()
     rows.append(("software", ", ".join(f"{k} {v}" for k, v in versions.items())))
     rows.append(("command", command or "make_report() from Python"))
-    rows.append(("report written at", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")))
+    rows.append(("report written at", utc_now()))
     return rows
 
 

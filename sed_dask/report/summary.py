@@ -651,10 +651,53 @@ def make_report(
     ``html``, ``markdown``, ``findings``). Figures whose inputs are missing (e.g. no
     ``val_loss``) are skipped and listed in the summary's notes.
     """
+    ds, runs, windows = _checked_selection(ds, runs, windows)
+    analysis = dict(analysis or {})
+    W = _default_window(windows, analysis)
+    ev = normalize_events(events, ds, runs)
+    staging = ReportTarget(out_dir, overwrite=overwrite)  # refuses a folder of other files up front
+    out = Path(staging.path)
+    written: dict[str, Path] = {}
+    save = _saver(out, dpi, written)
+    notes: list[str] = []
+    r_da = _edge_figures(ds, save, runs, windows, W, ev, analysis, notes)
+    wts, wfiles = analysis.get("weights"), {}
+    if isinstance(wts, xr.Dataset):  # weight spectra over the trajectory (sed_dask.weights)
+        from sed_dask.weights.report import weight_section
+
+        wnotes, wfiles = weight_section(wts, save, out, events=ev, alignment=analysis.get("weight_alignment"))
+        notes.extend(wnotes)
+    fnd = analysis.get("findings")
+    if fnd is None:
+        df = findings_table(ds, runs=runs, window=W, events=ev, analysis=analysis, lag_r=r_da)
+    else:
+        df = fnd if isinstance(fnd, pd.DataFrame) else pd.DataFrame.from_dict(fnd, orient="index")
+    notes[:0] = _seed_lines(df, ds)
+    notes.extend(str(n) for n in analysis.get("rank_notes", ()))
+    notes.extend(_lag_rejection_notes(analysis.get("lag_rejected")))
+    figs = dict(written)
+    written.update(wfiles)
+    written["findings"] = out / "findings.csv"
+    df.to_csv(written["findings"])
+    extra = _signal_tables(analysis.get("signals"), out, written, notes)
+    notes.extend(str(n) for n in analysis.get("notes", ()))
+    text = {
+        "title": title,
+        "notes": notes,
+        "extra": extra,
+        "captions": {n: caption(n, window=W, grok_acc=GROK_ACC) for n in figs},
+        "definitions": definitions(ds, W, analysis),
+        "prov": provenance(ds, command=command, settings=analysis_settings(ds, W, analysis)),
+    }
+    written.update(_write_summaries(out, df, figs, text))
+    return staging.commit(written)
+
+
+def _checked_selection(ds, runs, windows):
+    """``(base Dataset, runs, windows)`` of the report, refusing what the Dataset does not hold."""
     missing = [v for v in REQUIRED if v not in ds.data_vars]
     if missing:
         raise ValueError(f"make_report: the results Dataset lacks {missing} (docs/result_schema.md)")
-    analysis = dict(analysis or {})
     ds = base(ds)
     all_runs = [_label(r) for r in ds["run"].values]
     runs = all_runs if runs is None else [str(r) for r in runs]
@@ -665,27 +708,35 @@ def make_report(
     windows = all_w if windows is None else [int(w) for w in windows]
     if set(windows) - set(all_w):
         raise ValueError(f"make_report: windows {sorted(set(windows) - set(all_w))} not in {all_w}")
-    W = _default_window(windows, analysis)
-    ev = normalize_events(events, ds, runs)
-    staging = ReportTarget(out_dir, overwrite=overwrite)  # refuses a folder of other files up front
-    out = Path(staging.path)
-    written: dict[str, Path] = {}
-    notes: list[str] = []
+    return ds, runs, windows
+
+
+def _saver(out: Path, dpi: int, written: dict):
+    """``save(name, figure)``: write ``<name>.png`` into the report and record it in ``written``."""
 
     def save(name, fig):
         p = out / f"{name}.png"
         fig.savefig(p, dpi=dpi)
         written[name] = p
 
+    return save
+
+
+def _spectrum_at(ds, analysis: dict, runs, W: int) -> tuple[str, int]:
+    """The (run, step) of the spectrum figure: as asked, else the first run's largest edge ratio."""
     at = analysis.get("spectrum_at") or {}
     run0 = str(at.get("run", runs[0]))
     if "step" in at:
-        step0 = int(at["step"])
-    else:
-        st, e = finite(ds["edge_ratio"].sel(run=run0, window=W))
-        if not e.size:
-            raise ValueError(f"make_report: run {run0!r} has no finite edge ratio at W={W}")
-        step0 = int(st[int(np.argmax(e))])
+        return run0, int(at["step"])
+    st, e = finite(ds["edge_ratio"].sel(run=run0, window=W))
+    if not e.size:
+        raise ValueError(f"make_report: run {run0!r} has no finite edge ratio at W={W}")
+    return run0, int(st[int(np.argmax(e))])
+
+
+def _edge_figures(ds, save, runs, windows, W: int, ev, analysis: dict, notes: list):
+    """Save the spectral-edge figures in the summary's order; returns the lag correlations used (or None)."""
+    run0, step0 = _spectrum_at(ds, analysis, runs, W)
     save("spectrum", spectrum_figure(ds, run=run0, step=step0, window=W))
     save(
         "edge_phases",
@@ -693,6 +744,32 @@ def make_report(
             ds, runs=runs, window=W, phases=analysis.get("phases"), events=ev, collapse=analysis.get("collapse")
         ),
     )
+    r_da = _loss_and_lag_figures(ds, save, runs, windows, W, ev, analysis, notes)
+    alarms = analysis.get("alarms")
+    save(
+        "early_warning",
+        warning_figure(
+            ds,
+            runs=runs,
+            window=W,
+            variable=str(analysis.get("warning_variable", "edge_ratio")),
+            events=ev,
+            warning=analysis.get("warning"),
+            collapse=analysis.get("collapse"),
+            alarms=alarms if isinstance(alarms, xr.Dataset) else None,
+        ),
+    )
+    pc2 = analysis.get("pc2")
+    if isinstance(pc2, xr.Dataset):
+        save("noise_pc2", noise_figure(pc2, runs=runs, window=W, events=ev))
+    sig = analysis.get("signals")
+    if isinstance(sig, pd.DataFrame) and not sig.empty:
+        save("warning_signals", signals_figure(add_g23(ds), runs=runs, window=W, signals=sig, events=ev))
+    return r_da
+
+
+def _loss_and_lag_figures(ds, save, runs, windows, W: int, ev, analysis: dict, notes: list):
+    """Edge vs validation loss and the lag figure (the lag computed here when not given and a loss exists)."""
     has_loss = "val_loss" in ds.data_vars
     if has_loss:
         save("edge_val_loss", edge_val_loss_figure(ds, runs=runs, window=W, events=ev))
@@ -723,82 +800,49 @@ def make_report(
             + ("" if r_da is not None else " and the lag figure")
             + " were skipped."
         )
-    var = str(analysis.get("warning_variable", "edge_ratio"))
-    alarms = analysis.get("alarms")
-    save(
-        "early_warning",
-        warning_figure(
-            ds,
-            runs=runs,
-            window=W,
-            variable=var,
-            events=ev,
-            warning=analysis.get("warning"),
-            collapse=analysis.get("collapse"),
-            alarms=alarms if isinstance(alarms, xr.Dataset) else None,
-        ),
-    )
+    return r_da
 
-    pc2 = analysis.get("pc2")
-    if isinstance(pc2, xr.Dataset):
-        save("noise_pc2", noise_figure(pc2, runs=runs, window=W, events=ev))
-    sig = analysis.get("signals")
-    if isinstance(sig, pd.DataFrame) and not sig.empty:
-        save("warning_signals", signals_figure(add_g23(ds), runs=runs, window=W, signals=sig, events=ev))
 
-    wts, wfiles = analysis.get("weights"), {}
-    if isinstance(wts, xr.Dataset):  # weight spectra over the trajectory (sed_dask.weights)
-        from sed_dask.weights.report import weight_section
-
-        wnotes, wfiles = weight_section(wts, save, out, events=ev, alignment=analysis.get("weight_alignment"))
-        notes.extend(wnotes)
-
-    fnd = analysis.get("findings")
-    if fnd is None:
-        df = findings_table(ds, runs=runs, window=W, events=ev, analysis=analysis, lag_r=r_da)
-    else:
-        df = fnd if isinstance(fnd, pd.DataFrame) else pd.DataFrame.from_dict(fnd, orient="index")
-    defs = definitions(ds, W, analysis)
-    notes[:0] = _seed_lines(df, ds)
-    notes.extend(str(n) for n in analysis.get("rank_notes", ()))
-    rej = analysis.get("lag_rejected")
-    if isinstance(rej, pd.DataFrame) and len(rej):
-        bad = rej[rej["status"] != "flip"] if "status" in rej else rej.iloc[0:0]
-        if len(bad):
-            notes.append(
-                "Lag sign changes that are not flips: "
-                + "; ".join(
-                    f"{row['run']} W={row['window_a']}->{row['window_b']}: {row['reason']}" for _, row in bad.iterrows()
-                )
+def _lag_rejection_notes(rej) -> list[str]:
+    """Notes on lag sign changes the analysis did not accept as flips (``analysis["lag_rejected"]``)."""
+    if not isinstance(rej, pd.DataFrame) or not len(rej):
+        return []
+    out = []
+    bad = rej[rej["status"] != "flip"] if "status" in rej else rej.iloc[0:0]
+    if len(bad):
+        out.append(
+            "Lag sign changes that are not flips: "
+            + "; ".join(
+                f"{row['run']} W={row['window_a']}->{row['window_b']}: {row['reason']}" for _, row in bad.iterrows()
             )
-        if "status" in rej and not (rej["status"] == "flip").any():
-            notes.append("No lag flip: no pair of W has resolved, significant peaks of opposite sign.")
-    figs = dict(written)
-    written.update(wfiles)
-    p = out / "findings.csv"
-    df.to_csv(p)
-    written["findings"] = p
-    extra = {}
-    if isinstance(sig, pd.DataFrame) and not sig.empty:
-        p = out / "warning_signals.csv"
-        sig.to_csv(p, index=False)
-        written["signals"] = p
-        extra[
-            "Early-warning candidates: lead = grok step − signal step (steps; negative = after "
-            "grokking; — = never fired; [r] = retrospective marker, not a warning)"
-        ] = lead_table(sig)
-        notes.append(
-            "Warning candidates (all defined before looking at any outcome; none dropped): "
-            + "; ".join(f"{k}: {d}{'' if c else ' [retrospective]'}" for k, (d, c) in SIGNALS.items())
         )
-    notes.extend(str(n) for n in analysis.get("notes", ()))
-    caps = {n: caption(n, window=W, grok_acc=GROK_ACC) for n in figs}
-    prov = provenance(ds, command=command, settings=analysis_settings(ds, W, analysis))
-    kw = dict(captions=caps, definitions=defs, prov=prov)
-    p = out / "summary.md"
-    p.write_text(_markdown(df, figs, title, notes, extra, **kw), encoding="utf-8")
-    written["markdown"] = p
-    p = out / "summary.html"
-    p.write_text(_html(df, figs, title, notes, extra, **kw), encoding="utf-8")
-    written["html"] = p
-    return staging.commit(written)
+    if "status" in rej and not (rej["status"] == "flip").any():
+        out.append("No lag flip: no pair of W has resolved, significant peaks of opposite sign.")
+    return out
+
+
+def _signal_tables(sig, out: Path, written: dict, notes: list) -> dict:
+    """Write ``warning_signals.csv`` and return the lead table for the summary (none without signals)."""
+    if not isinstance(sig, pd.DataFrame) or sig.empty:
+        return {}
+    p = out / "warning_signals.csv"
+    sig.to_csv(p, index=False)
+    written["signals"] = p
+    notes.append(
+        "Warning candidates (all defined before looking at any outcome; none dropped): "
+        + "; ".join(f"{k}: {d}{'' if c else ' [retrospective]'}" for k, (d, c) in SIGNALS.items())
+    )
+    return {
+        "Early-warning candidates: lead = grok step − signal step (steps; negative = after "
+        "grokking; — = never fired; [r] = retrospective marker, not a warning)": lead_table(sig)
+    }
+
+
+def _write_summaries(out: Path, df, figs: dict, text: dict) -> dict[str, Path]:
+    """Write ``summary.md`` and ``summary.html`` (``text``: title, notes, extra tables, captions, ...)."""
+    args = (df, figs, text["title"], text["notes"], text["extra"])
+    kw = dict(captions=text["captions"], definitions=text["definitions"], prov=text["prov"])
+    md, html = out / "summary.md", out / "summary.html"
+    md.write_text(_markdown(*args, **kw), encoding="utf-8")
+    html.write_text(_html(*args, **kw), encoding="utf-8")
+    return {"markdown": md, "html": html}

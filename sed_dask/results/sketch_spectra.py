@@ -8,7 +8,6 @@ Kept apart from ``sed_dask.engine.sketch`` so that the engine may import the ske
 
 from __future__ import annotations
 
-import datetime
 import json
 from collections.abc import Sequence
 
@@ -18,6 +17,7 @@ from sed_dask import config
 from sed_dask.engine.gram import GramResult
 from sed_dask.engine.jl import NESTED_DISTRIBUTIONS
 from sed_dask.results.spectra import build_dataset, window_sizes
+from sed_dask.schema import provenance_attrs
 
 RATIOS = ("r12", "r23", "edge")
 
@@ -128,7 +128,6 @@ def spectra_from_sketch(
     Singular values estimate the exact ones with a relative error of order sqrt(W/d) (docs/method.md
     §11: d = 10W keeps the edge ratio within ~6%).
     """
-    from sed_dask import __version__
 
     ws = window_sizes(windows)
     grams = sketch_grams(sketch_ds, width=max(ws) + 1, runs=runs, d=d)
@@ -137,25 +136,25 @@ def spectra_from_sketch(
             raise ValueError(f"run {g.run!r} has only {g.n_deltas} deltas; W={max(ws)} needs more")
     a = sketch_attrs(sketch_ds)
     used = [g.run for g in grams]
-    attrs = {
-        "sed_dask_version": __version__,
-        "windows": ws,
-        "source_store": a.get("source_store", ""),
-        "runs": used,
-        "n_params": json.dumps({g.run: g.n_params["all"] for g in grams}),
-        "param_index_hash": json.dumps({r: json.loads(a["param_index_hash"])[r] for r in used}),
-        "selection_policy": json.dumps({r: json.loads(a.get("selection_policy", "{}")).get(r) for r in used}),
-        "precision": "float64",
-        "step_normalised": int(bool(normalize_spacing)),
-        "band_width": max(ws) + 1,
-        "spectra_source": "jl_sketch",
-        "sketch_seed": int(a["seed"]),
-        "sketch_d": int(d or sketch_ds.sizes["dim"]),
-        "sketch_distribution": a["distribution"],
-        "sketch_tile_elems": int(a["tile_elems"]),
-        "sketch_phi_checksum": a["phi_checksum"],
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    attrs = provenance_attrs(
+        {
+            "windows": ws,
+            "source_store": a.get("source_store", ""),
+            "runs": used,
+            "n_params": json.dumps({g.run: g.n_params["all"] for g in grams}),
+            "param_index_hash": json.dumps({r: json.loads(a["param_index_hash"])[r] for r in used}),
+            "selection_policy": json.dumps({r: json.loads(a.get("selection_policy", "{}")).get(r) for r in used}),
+            "precision": "float64",
+            "step_normalised": int(bool(normalize_spacing)),
+            "band_width": max(ws) + 1,
+            "spectra_source": "jl_sketch",
+            "sketch_seed": int(a["seed"]),
+            "sketch_d": int(d or sketch_ds.sizes["dim"]),
+            "sketch_distribution": a["distribution"],
+            "sketch_tile_elems": int(a["tile_elems"]),
+            "sketch_phi_checksum": a["phi_checksum"],
+        }
+    )
     attrs["zero_rtol"] = float(config.get("spectrum.zero-rtol", zero_rtol))
     metrics = {r: m for r, m in _metrics(sketch_ds).items() if r in used}
     seeds = None
@@ -173,9 +172,9 @@ def spectra_from_sketch(
         seeds=seeds,
     )
     if output is not None:
-        from sed_dask.engine.sketch import write_zarr
+        from sed_dask.store.outputs import write_dataset
 
-        write_zarr(ds, output)
+        write_dataset(ds, output, kind="spectra")
     return ds
 
 
@@ -223,13 +222,28 @@ def jl_error_report(
     ``mean/std/max(window, d, ratio)`` with ratio in r12 (sigma1/sigma2), r23 (sigma2/sigma3), edge
     (sigma_k*/sigma_k*+1 at the exact k*), and ``n_windows(window)``; ``jl_table`` renders it.
     """
+    ws = window_sizes(windows)
+    ds_list = sorted({int(x) for x in ds})
+    where = dict(client=client, address=address, scheduler_file=scheduler_file, scheduler=scheduler, progress=progress)
+    exact, store, run = _exact_spectra(source, store, run, ws, where)
+    nested = _nesting(distribution, nested)
+    wanted = (
+        {seed: (seed, max(ds_list)) for seed in seeds}
+        if nested
+        else {(seed, d): (1000 * seed + d, d) for seed in seeds for d in ds_list}
+    )
+    sketches = _missing_sketches(dict(sketches or {}), wanted, store, run, distribution, where, sketch_kw)
+    stats, n_win = _error_stats(exact, sketches, run, ws, ds_list, seeds, nested)
+    return _error_dataset(stats, n_win, ws, ds_list, next(iter(sketches.values())), run, seeds, nested)
+
+
+def _exact_spectra(source, store, run, ws: list[int], where: dict):
+    """``(exact results, store, run)``: the exact spectra given, or computed from the store ``source``."""
     import xarray as xr
 
     from sed_dask.results.spectra import spectrum
     from sed_dask.store.trajectory import open_store
 
-    ws = window_sizes(windows)
-    ds_list = sorted({int(x) for x in ds})
     if isinstance(source, xr.Dataset):
         exact = source
         store = store if store is not None else exact.attrs.get("source_store")
@@ -239,50 +253,40 @@ def jl_error_report(
     if run is None:
         run = str(exact["run"].values[0]) if exact is not None else open_store(store, mode="r").runs[0]
     if exact is None:
-        exact = spectrum(
-            store,
-            runs=[run],
-            windows=ws,
-            client=client,
-            address=address,
-            scheduler_file=scheduler_file,
-            scheduler=scheduler,
-            progress=progress,
-        )
+        exact = spectrum(store, runs=[run], windows=ws, **where)
     missing = [W for W in ws if W not in exact["window"].values]
     if missing:
         raise ValueError(f"the exact Dataset lacks window(s) {missing}")
+    return exact, store, run
+
+
+def _nesting(distribution: str | None, nested: bool | None) -> bool:
+    """Whether each d uses the first d columns of one sketch; refused for operators whose columns do not nest."""
     dist = str(config.get("sketch.distribution", distribution))
     if nested is None:
-        nested = dist in NESTED_DISTRIBUTIONS
-    elif nested and dist not in NESTED_DISTRIBUTIONS:
+        return dist in NESTED_DISTRIBUTIONS
+    if nested and dist not in NESTED_DISTRIBUTIONS:
         raise ValueError(
             f"nested=True uses the first d columns of one max(d) sketch, but {dist!r} columns do not "
             f"nest; use nested=False (an independent operator per (d, seed))"
         )
-    sketches = dict(sketches or {})
-    wanted = (
-        {seed: (seed, max(ds_list)) for seed in seeds}
-        if nested
-        else {(seed, d): (1000 * seed + d, d) for seed in seeds for d in ds_list}
-    )
+    return nested
+
+
+def _missing_sketches(sketches: dict, wanted: dict, store, run, distribution, where: dict, sketch_kw: dict) -> dict:
+    """``sketches`` completed with a sketch for every key of ``wanted`` (``{key: (seed, d)}``) it lacks."""
     for key, (op_seed, op_d) in wanted.items():
         if key not in sketches:
             from sed_dask.engine.sketch import sketch
 
             sketches[key] = sketch(
-                store,
-                runs=[run],
-                d=op_d,
-                seed=op_seed,
-                distribution=distribution,
-                client=client,
-                address=address,
-                scheduler_file=scheduler_file,
-                scheduler=scheduler,
-                progress=progress,
-                **sketch_kw,
+                store, runs=[run], d=op_d, seed=op_seed, distribution=distribution, **where, **sketch_kw
             )
+    return sketches
+
+
+def _error_stats(exact, sketches: dict, run, ws, ds_list, seeds, nested: bool):
+    """``(stats (mean/std/max, window, d, ratio), windows compared per W)`` of the relative errors."""
     stats = np.full((3, len(ws), len(ds_list), len(RATIOS)), np.nan)
     n_win = np.zeros(len(ws), np.int64)
     for wi, W in enumerate(ws):
@@ -297,11 +301,7 @@ def jl_error_report(
             errs = {r: [] for r in RATIOS}
             for seed in seeds:
                 sk = sketches[seed] if nested else sketches[(seed, d)]
-                if int(sk.sizes["dim"]) < d:
-                    raise ValueError(f"sketch of seed {seed} has {sk.sizes['dim']} columns, fewer than d={d}")
-                approx = spectra_from_sketch(sk, windows=[W], runs=[run], d=d).sel(run=run, window=W)
-                asig = np.asarray(approx["sigma"].sel(step=steps_keep).values)[:, :W]
-                est = edge_ratios(asig, kst[keep])
+                est = _sketch_ratios(sk, seed, run, W, d, steps_keep, kst[keep])
                 for r in RATIOS:
                     with np.errstate(divide="ignore", invalid="ignore"):
                         e = np.abs(est[r] - truth[r]) / truth[r]
@@ -310,9 +310,24 @@ def jl_error_report(
                 e = np.concatenate(errs[r]) if errs[r] else np.zeros(0)
                 if e.size:
                     stats[:, wi, di, ri] = (e.mean(), e.std(), e.max())
+    return stats, n_win
+
+
+def _sketch_ratios(sk, seed, run, W: int, d: int, steps, k_star) -> dict:
+    """The edge ratios of one sketch's first ``d`` columns at ``steps``, at the exact ``k_star``."""
+    if int(sk.sizes["dim"]) < d:
+        raise ValueError(f"sketch of seed {seed} has {sk.sizes['dim']} columns, fewer than d={d}")
+    approx = spectra_from_sketch(sk, windows=[W], runs=[run], d=d).sel(run=run, window=W)
+    asig = np.asarray(approx["sigma"].sel(step=steps).values)[:, :W]
+    return edge_ratios(asig, k_star)
+
+
+def _error_dataset(stats, n_win, ws, ds_list, first, run, seeds, nested: bool):
+    """The report Dataset (see :func:`jl_error_report`); ``first``: any sketch, for the operator's attrs."""
+    import xarray as xr
+
     coords = {"window": np.array(ws, np.int64), "d": np.array(ds_list, np.int64), "ratio": list(RATIOS)}
     dims = ("window", "d", "ratio")
-    first = next(iter(sketches.values()))
     return xr.Dataset(
         {
             "mean": (dims, stats[0], {"long_name": "mean relative error |r_JL - r| / r"}),

@@ -7,7 +7,6 @@ step, and optionally write Zarr that plain ``xr.open_zarr`` reads back.
 
 from __future__ import annotations
 
-import datetime
 import json
 import warnings
 from collections.abc import Mapping, Sequence
@@ -19,7 +18,7 @@ from sed_dask.engine.gram import GramResult, gram_graph, run_plans
 from sed_dask.engine.noise import mp_adjacent_ratio
 from sed_dask.engine.windows import normalise_spacing, window_features
 from sed_dask.errors import StoreError
-from sed_dask.schema import COORD_ATTRS, PER_SV, VARIABLES, metric_variables, var_attrs
+from sed_dask.schema import COORD_ATTRS, PER_SV, VARIABLES, metric_variables, provenance_attrs, var_attrs
 from sed_dask.sources.run_source import run_seed, seed_from_name
 from sed_dask.store.outputs import check_target, write_dataset
 from sed_dask.store.trajectory import open_store
@@ -254,7 +253,6 @@ def spectrum(
     ``sketch(run, step, dim)`` with its operator provenance in the variable's attrs, bit-identical
     to ``sed_dask.sketch(...)``'s, and ``spectra_from_sketch(ds)`` accepts the Dataset.
     """
-    from sed_dask import __version__
 
     if output is not None:
         check_target(output, overwrite=overwrite)
@@ -296,21 +294,21 @@ def spectrum(
     for g in grams:
         for k, v in g.group_desc.items():
             group_desc.setdefault(k, v)
-    attrs = {
-        "sed_dask_version": __version__,
-        "windows": ws,
-        "source_store": source,
-        "runs": list(names),
-        "n_params": json.dumps({rs.name: rs.n_params for rs in run_stores}),
-        "param_index_hash": json.dumps({rs.name: rs.index.hash for rs in run_stores}),
-        "selection_policy": json.dumps({rs.name: rs.policy for rs in run_stores}),
-        "precision": precision,
-        "step_normalised": int(bool(normalize_spacing)),
-        "band_width": max(ws) + 1,
-        "zero_rtol": float(config.get("spectrum.zero-rtol", zero_rtol)),
-        "tiling": json.dumps({g.run: g.tiling for g in grams}),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    attrs = provenance_attrs(
+        {
+            "windows": ws,
+            "source_store": source,
+            "runs": list(names),
+            "n_params": json.dumps({rs.name: rs.n_params for rs in run_stores}),
+            "param_index_hash": json.dumps({rs.name: rs.index.hash for rs in run_stores}),
+            "selection_policy": json.dumps({rs.name: rs.policy for rs in run_stores}),
+            "precision": precision,
+            "step_normalised": int(bool(normalize_spacing)),
+            "band_width": max(ws) + 1,
+            "zero_rtol": float(config.get("spectrum.zero-rtol", zero_rtol)),
+            "tiling": json.dumps({g.run: g.tiling for g in grams}),
+        }
+    )
     if groups is not None:
         attrs["groups"] = json.dumps(group_desc)
     ds = build_dataset(
@@ -330,10 +328,5 @@ def spectrum(
         sk = build_sketch_dataset([(g.run, g.steps, g.extras["sketch"]) for g in grams], {}, {}, prov)
         ds = ds.assign_coords(dim=sk["dim"]).assign(sketch=sk["sketch"])
     if output is not None:
-        write_zarr(ds, output, overwrite=overwrite)
+        write_dataset(ds, output, kind="spectra", overwrite=overwrite)
     return ds
-
-
-def write_zarr(ds, path, *, overwrite: bool = False) -> None:
-    """Write safely (:func:`sed_dask.store.outputs.write_dataset`); ``xr.open_zarr(path)`` returns the Dataset."""
-    write_dataset(ds, path, kind="spectra", overwrite=overwrite)

@@ -16,10 +16,11 @@ import re
 from collections.abc import Iterable, Mapping
 
 from sed_dask.errors import CheckpointError
+from sed_dask.readers import claims_dir, scan_suffixes
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+CHECKPOINT_SUFFIXES = scan_suffixes()  # what a folder scan picks up (sed_dask.readers.registry)
 _STEP_RX = (
     re.compile(r"(?:^|[^a-z])(?:global_)?step[_\-=]?(\d+)", re.I),
     re.compile(r"(?:^|[^a-z])(?:checkpoint|ckpt|iter|iteration)[_\-=]?(\d+)", re.I),
@@ -42,16 +43,6 @@ def step_from_name(path) -> int | None:
     return int(ints[0]) if len(ints) == 1 else None
 
 
-def _is_checkpoint_dir(path: str) -> bool:
-    from sed_dask.readers import SINGLE_FILES_IN_DIR, find_index, is_dcp_dir
-
-    return (
-        bool(find_index(path))
-        or any(os.path.isfile(os.path.join(path, n)) for n in SINGLE_FILES_IN_DIR)
-        or is_dcp_dir(path)
-    )
-
-
 def _scan_dir(path: str) -> list[str]:
     """Checkpoint files and checkpoint subdirectories directly inside ``path``."""
     out = []
@@ -59,7 +50,7 @@ def _scan_dir(path: str) -> list[str]:
         p = os.path.join(path, name)
         if os.path.isfile(p) and name.endswith(CHECKPOINT_SUFFIXES):
             out.append(p)
-        elif os.path.isdir(p) and _is_checkpoint_dir(p):
+        elif os.path.isdir(p) and claims_dir(p):
             out.append(p)
     return out
 
@@ -108,7 +99,7 @@ def discover_checkpoints(sources, *, steps: Iterable[int] | None = None) -> dict
                 if not matches:
                     raise CheckpointError(f"the pattern {item!r} matches no checkpoint")
                 explicit = matches
-            elif os.path.isdir(item) and not _is_checkpoint_dir(item):
+            elif os.path.isdir(item) and not claims_dir(item):
                 for p in _scan_dir(item):
                     s = step_from_name(p)
                     if s is None:

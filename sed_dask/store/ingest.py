@@ -27,7 +27,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import datetime
 import itertools
 import logging
 import os
@@ -41,6 +40,7 @@ import numpy as np
 from sed_dask import config
 from sed_dask.errors import CheckpointError, NonFiniteError, SEDError, StoreError
 from sed_dask.readers import open_checkpoint
+from sed_dask.schema import package_versions, utc_now
 from sed_dask.sources.discover import discover_checkpoints
 from sed_dask.sources.run_source import check_seed, seed_from_name
 from sed_dask.sources.selection import Selection
@@ -160,18 +160,8 @@ def _existing_run(store, run: str, storage_options) -> RunStore | None:
     return ts.run(run)
 
 
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("torch", "safetensors", "zarr", "numpy", "dask", "distributed"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[pkg] = md.version(pkg)
-    return out
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+#: the packages whose versions a run's provenance records (the ones that read and store the weights)
+INGEST_PACKAGES = ("torch", "safetensors", "zarr", "numpy", "dask", "distributed")
 
 
 # ----------------------------------------------------------------------------- executors
@@ -409,9 +399,9 @@ def _allocate(
     ts = open_store(store, storage_options=storage_options)
     if existing is None:
         prov = {
-            "created": _now(),
+            "created": utc_now(),
             "source_format": fmt,
-            "library_versions": _versions(),
+            "library_versions": package_versions(INGEST_PACKAGES),
             "first_checkpoint": os.path.abspath(todo[0].path),
             "source_dtypes": sorted({e.source_dtype for e in sel.index}),
         }
@@ -531,7 +521,7 @@ def _run_tasks(
         log = list(rs.attrs.get("ingest_log", []))
         log.append(
             {
-                "time": _now(),
+                "time": utc_now(),
                 "executor": ex.kind,
                 "n_new": n_new,
                 "n_failed": len(failed),

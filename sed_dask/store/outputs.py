@@ -377,6 +377,19 @@ def write_dataset(ds, output, *, kind: str, overwrite: bool = False) -> None:
     ds.attrs[COMPLETE_ATTR] = True
 
 
+def write_part(ds, path: str, *, mode: str, compute: bool = True) -> None:
+    """Write part of a store that a streaming writer builds at ``results_target(...).path``.
+
+    ``mode="w-"`` creates it (``compute=False``: metadata and placeholders only, the big arrays
+    are filled by region later), ``mode="a"`` adds variables. Not consolidated: consolidation
+    comes last, with the completion marker, so that a half-built store is never taken as whole.
+    """
+    if mode not in ("w-", "a"):
+        raise ValueError(f"mode must be 'w-' (never replace) or 'a' (add variables), got {mode!r}")
+    with quiet_consolidation():
+        ds.to_zarr(str(path), mode=mode, compute=compute, consolidated=False)
+
+
 # ----------------------------------------------------------------------------- the report folder
 class ReportTarget:
     """A report folder under construction: ``path`` (a sibling) until :meth:`commit` moves it to ``out``.

@@ -18,7 +18,6 @@ k-subspace of R^d gives k / d, stored as ``chance``).
 
 from __future__ import annotations
 
-import datetime
 import json
 
 import numpy as np
@@ -27,6 +26,7 @@ from sed_dask import config
 from sed_dask.engine.passes import execute, read_into
 from sed_dask.engine.rawread import RawChunkReader
 from sed_dask.errors import StoreError
+from sed_dask.schema import provenance_attrs
 from sed_dask.store.outputs import check_target, write_dataset
 from sed_dask.weights.compute import open_sources, select_layers
 from sed_dask.weights.spectra import (
@@ -111,7 +111,6 @@ def update_alignment(
     """
     import xarray as xr
 
-    from sed_dask import __version__
     from sed_dask.engine.gram import banded_gram
     from sed_dask.engine.windows import window_grams
 
@@ -226,21 +225,21 @@ def update_alignment(
             "component": ("component", np.arange(1, k + 1, dtype=np.int64)),
             "direction": ("direction", np.arange(1, q + 1, dtype=np.int64)),
         },
-        attrs={
-            "sed_dask_version": __version__,
-            "sed_kind": KIND,
-            "source_store": described,
-            "run": rs.name,
-            "window": W,
-            "k": k,
-            "n_directions": q,
-            "stride": stride,
-            "definition": "update subspace: top-k eigenvectors of sum_j sigma_j^2 D_j D_j^T (left) / D_j^T D_j "
-            "(right), D_j = window direction v_j restricted to the layer, reshaped; weight subspace: "
-            "top-k singular vectors of the layer at the window's newest checkpoint",
-            "layers": json.dumps([e.name for e in entries]),
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        },
+        attrs=provenance_attrs(
+            {
+                "sed_kind": KIND,
+                "source_store": described,
+                "run": rs.name,
+                "window": W,
+                "k": k,
+                "n_directions": q,
+                "stride": stride,
+                "definition": "update subspace: top-k eigenvectors of sum_j sigma_j^2 D_j D_j^T (left) / D_j^T D_j "
+                "(right), D_j = window direction v_j restricted to the layer, reshaped; weight subspace: "
+                "top-k singular vectors of the layer at the window's newest checkpoint",
+                "layers": json.dumps([e.name for e in entries]),
+            }
+        ),
     )
     if output is not None:
         write_dataset(ds, output, kind=KIND, overwrite=overwrite)

@@ -12,7 +12,6 @@ client only gathers per-matrix summaries (k values and a dozen scalars), never a
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import math
 import re
@@ -23,7 +22,8 @@ from sed_dask import config
 from sed_dask.engine.passes import execute, read_into
 from sed_dask.engine.rawread import RawChunkReader
 from sed_dask.errors import StoreError
-from sed_dask.store.outputs import check_target, quiet_consolidation, results_target, start_attrs
+from sed_dask.schema import provenance_attrs
+from sed_dask.store.outputs import check_target, quiet_consolidation, results_target, start_attrs, write_part
 from sed_dask.weights.spectra import (
     WeightSpectrumError,
     check_k,
@@ -266,8 +266,6 @@ def _compute(plan, s, described, client, address, scheduler_file, scheduler, pro
     import xarray as xr
     from dask.base import tokenize
 
-    from sed_dask import __version__
-
     runs = [rs.name for rs, _, _, _ in plan["runs"]]
     layers, steps = plan["layers"], plan["steps"]
     R, T, L, E = len(runs), steps.size, len(layers), plan["n_eig"]
@@ -310,17 +308,17 @@ def _compute(plan, s, described, client, address, scheduler_file, scheduler, pro
     }
     if keep:
         coords["eig"] = ("eig", np.arange(1, E + 1, dtype=np.int64), {"long_name": "eigenvalue index (descending)"})
-    attrs = {
-        "sed_dask_version": __version__,
-        "sed_kind": KIND,
-        "source_store": described,
-        "runs": runs,
-        "k": s.k,
-        "settings": json.dumps({f: getattr(s, f) for f in s.__dataclass_fields__}),
-        "n_tasks": int(sum(r.size * len(en) for _, r, _, en in plan["runs"])),
-        "definitions": json.dumps(_definitions(s)),
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
+    attrs = provenance_attrs(
+        {
+            "sed_kind": KIND,
+            "source_store": described,
+            "runs": runs,
+            "k": s.k,
+            "settings": json.dumps({f: getattr(s, f) for f in s.__dataclass_fields__}),
+            "n_tasks": int(sum(r.size * len(en) for _, r, _, en in plan["runs"])),
+            "definitions": json.dumps(_definitions(s)),
+        }
+    )
     esd_attrs = {
         "long_name": "ESD: eigenvalues sigma^2 of the small-side Gram, descending (NaN padded)",
         "units": "parameter units^2",
@@ -339,8 +337,7 @@ def _compute(plan, s, described, client, address, scheduler_file, scheduler, pro
 
             ph = da.full((R, T, L, E), np.nan, chunks=(1, 1, 1, E), dtype=np.float64)
             meta = xr.Dataset({"esd": (("run", "step", "layer", "eig"), ph, esd_attrs)}, coords=coords, attrs=attrs)
-            with quiet_consolidation():
-                meta.to_zarr(out_path, mode="w-", compute=False, consolidated=False)
+            write_part(meta, out_path, mode="w-", compute=False)
             esd_arr = zarr.open_group(out_path, mode="r+")["esd"]
     token = tokenize(described, runs, layers, steps, s, out_path)
     tname = f"sed-weights-{token}"
@@ -397,8 +394,7 @@ def _compute(plan, s, described, client, address, scheduler_file, scheduler, pro
     if out_path is None:
         return xr.Dataset(data, coords=coords, attrs=attrs)
     ds = xr.Dataset(data, coords={c: v for c, v in coords.items() if c != "eig" or not keep}, attrs=attrs)
-    with quiet_consolidation():
-        ds.to_zarr(out_path, mode="a" if keep else "w-", consolidated=False)
+    write_part(ds, out_path, mode="a" if keep else "w-")
     return None
 
 
