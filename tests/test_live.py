@@ -354,6 +354,16 @@ def test_live_sketch_resumes_after_a_kill_between_the_two_commits(tmp_path, monk
     feed(16)
     LiveSpectrum(store, res, **kw).update()
     _assert_sketch_same(sk_path, store, "osnap")
+    # killed after creating the sketch store, before the results store: the orphan is replaced
+    import shutil
+
+    shutil.rmtree(res)
+    LiveSpectrum(store, res, **kw).update()
+    _assert_sketch_same(sk_path, store, "osnap")
+    # a store that is not this results path's live sketch is never replaced
+    shutil.rmtree(res)
+    with pytest.raises(StoreError, match="not this watcher's live sketch"):
+        LiveSpectrum(store, str(tmp_path / "other.zarr"), **kw).update()
 
 
 def test_live_sketch_bad_arguments(tmp_path):

@@ -12,7 +12,8 @@ Cost per update: one read of the last ``width + 1`` checkpoints (the new one and
 rows; the first version the issue allows; the floor is one read of the new checkpoint), a
 ``(3 width - 1)``-row product per column sub-block, ``len(windows)`` small eigendecompositions per
 group, and an append of one step to each stored array. None of it grows with N
-(``benchmarks/live.py``).
+(``benchmarks/live.py``). With a sketch, add one read of the new checkpoints (and one halo row), their
+``Phi`` products, and a ``(2 width - 1 + new)``-row band of ``S S^T`` for the new windows.
 
 The store is an ordinary results store (``sed_dask.open_results`` / ``xr.open_zarr`` read it, and
 ``sed-dask query`` works on it) plus ``live_band`` (run, live_group, step, lag): the band rows the next
