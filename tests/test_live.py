@@ -23,6 +23,7 @@ from sed_dask.sources.recorder import TrajectoryRecorder
 from sed_dask.store.ingest import ingest
 
 WINDOWS = (3, 5)
+SK_D = 12  # live sketch dimension in these tests
 
 
 class Tiny(torch.nn.Module):
@@ -168,7 +169,7 @@ def test_watcher_subprocess_survives_sigkill_and_matches_batch(tmp_path):
     ck, res = tmp_path / "run", tmp_path / "live.zarr"
     steps = list(range(0, 10 * 40, 10))
     model = _record(ck, steps[:8], collapse_at=200)
-    w = _watcher(ck, res)
+    w = _watcher(ck, res, "--sketch-d", str(SK_D))
     seen = _wait_steps(res, 7, w)
     _assert_same(seen, _batch(ck, steps[:8]))
     model = _record(ck, steps[8:9], model=model, seed=1, collapse_at=200)  # one at a time
@@ -178,11 +179,15 @@ def test_watcher_subprocess_survives_sigkill_and_matches_batch(tmp_path):
     w.send_signal(signal.SIGKILL)
     w.wait(timeout=30)
     model = _record(ck, steps[14:], model=model, seed=3, collapse_at=200)  # written while nobody watches
-    w2 = _watcher(ck, res, "--until", str(steps[-1]), "--idle-timeout", "60")
+    w2 = _watcher(ck, res, "--until", str(steps[-1]), "--idle-timeout", "60", "--sketch-d", str(SK_D))
     out, _ = w2.communicate(timeout=300)
     assert w2.returncode == 0, out
     assert f"watch stopped (until step {steps[-1]})" in out
     _assert_same(open_live(res), _batch(ck, steps))
+    # the live sketch survived the same kill: equal to the batch sketch of the ingested store
+    _assert_sketch_same(
+        str(res).replace(".zarr", "-sketch.zarr"), str(res).replace(".zarr", "-trajectory.zarr"), "osnap"
+    )
     # the alerts file holds exactly the alarms the batch detectors (`query warning`) raise, each once
     from sed_dask.analysis.detectors import EdgeWatch
     from sed_dask.analysis.warning import early_warning
@@ -255,3 +260,154 @@ def test_watch_takes_the_folders_metrics_in_any_layout_ingest_reads(tmp_path, la
     m = open_store(str(tmp_path / "live-trajectory.zarr"), mode="r").run("run").metrics()
     assert m["step"].tolist() == steps
     np.testing.assert_array_equal(m["val_loss"], vals)
+
+
+# ----------------------------------------------------------------------------- the live JL sketch
+
+
+def _batch_sketch(store, dist, d=SK_D, seed=None):
+    from sed_dask.engine.sketch import sketch
+
+    return sketch(store, d=d, seed=seed, distribution=dist, progress=False, scheduler="threads")
+
+
+def _assert_sketch_same(res_sketch, store, dist, seed=None):
+    """The live sketch store = ``sketch(store)`` bit for bit, and its spectra = ``spectra_from_sketch`` of it."""
+    from sed_dask.results.sketch_spectra import spectra_from_sketch
+
+    got, ref = open_live(res_sketch), _batch_sketch(store, dist, seed=seed)
+    a, b = got["sketch"].values, ref["sketch"].values
+    assert a.shape == b.shape and np.isfinite(a).all()
+    assert np.array_equal(a, b), np.max(np.abs(a - b))
+    assert np.array_equal(got["step"].values, ref["step"].values)
+    _assert_same(got, spectra_from_sketch(ref, windows=WINDOWS))
+    for k in ("seed", "d", "distribution", "tile_elems", "phi_checksum"):
+        assert got["sketch"].attrs[k] == ref["sketch"].attrs[k], k
+    return got
+
+
+@pytest.mark.parametrize(("dist", "groups"), [("osnap", None), ("gaussian", "default")])
+def test_live_sketch_one_at_a_time_and_bursts_is_bit_identical_to_batch(tmp_path, dist, groups):
+    import dask
+
+    ck, store, res = tmp_path / "r", str(tmp_path / "s.zarr"), str(tmp_path / "live.zarr")
+    steps = list(range(0, 200, 10))
+    _record(ck, steps)
+    # P = 413 over 5 RNG tiles of 100: the canonical tree's promotion past the last tile is exercised
+    with dask.config.set({"sed_dask.sketch.tile-elems": 100}):
+        live = LiveSpectrum(
+            store,
+            res,
+            run="r",
+            windows=WINDOWS,
+            groups=groups,
+            scheduler="threads",
+            sketch_d=SK_D,
+            sketch_distribution=dist,
+        )
+        for upto in (2, 6, 7, 11, 12, 20):  # nothing yet, creation, singles, bursts of 4 and 8
+            ingest(
+                {s: str(ck / f"ckpt_{s:06d}.pt") for s in steps[:upto]},
+                store,
+                "r",
+                progress=False,
+                scheduler="threads",
+            )
+            u = live.update()
+            if upto - 1 < max(WINDOWS):
+                assert u is None and not os.path.exists(str(tmp_path / "live-sketch.zarr"))
+                continue
+            got = _assert_sketch_same(str(tmp_path / "live-sketch.zarr"), store, dist)
+            assert got.attrs["sketch_tile_elems"] == 100
+            assert u.sketch["sketch"].shape[1] == len(u.steps)
+            _assert_same(open_live(res), _batch(ck, steps[:upto], groups))  # the exact spectra are untouched
+
+
+def test_live_sketch_resumes_after_a_kill_between_the_two_commits(tmp_path, monkeypatch):
+    """A kill after the sketch store's commit (or mid-append, before it) leaves it longer than the
+    results; a new engine truncates it back, refuses other sketch settings, and continues bit for bit."""
+    import sed_dask.live.incremental as inc
+
+    ck, store, res = tmp_path / "r", str(tmp_path / "s.zarr"), str(tmp_path / "live.zarr")
+    sk_path = str(tmp_path / "elsewhere.zarr")
+    steps = list(range(0, 160, 10))
+    _record(ck, steps)
+
+    def feed(upto):
+        ingest({s: str(ck / f"ckpt_{s:06d}.pt") for s in steps[:upto]}, store, "r", progress=False, scheduler="threads")
+
+    kw = {"run": "r", "windows": WINDOWS, "scheduler": "threads", "sketch_d": SK_D, "sketch_store": sk_path}
+    feed(8)
+    assert LiveSpectrum(store, res, **kw).update() is not None
+    real = inc.append
+
+    class Killed(Exception):
+        pass
+
+    def killed_after_sketch_commit(path, ds, n, n_new, live_attrs):
+        if path == sk_path:
+            return real(path, ds, n, n_new, live_attrs)
+        raise Killed
+
+    def killed_mid_sketch_append(path, ds, n, n_new, live_attrs):  # arrays grown with garbage, no commit
+        import zarr
+
+        g = zarr.open_group(path, mode="r+", use_consolidated=False)
+        for _, arr in g.arrays():
+            dims = arr.metadata.dimension_names or ()
+            if "step" in dims:
+                arr.resize(tuple(n_new if d == "step" else s for d, s in zip(dims, arr.shape)))
+        g["sketch"][0, n:n_new] = 7.0
+        raise Killed
+
+    for fake, upto in ((killed_after_sketch_commit, 10), (killed_mid_sketch_append, 13)):
+        feed(upto)
+        monkeypatch.setattr(inc, "append", fake)
+        with pytest.raises(Killed):
+            LiveSpectrum(store, res, **kw).update()
+        monkeypatch.setattr(inc, "append", real)
+        assert open_live(res).sizes["step"] == 7
+    for other in ({"sketch_d": SK_D + 1}, {"sketch_seed": 5}, {"sketch_distribution": "gaussian"}):
+        with pytest.raises(StoreError, match="were made with"):
+            LiveSpectrum(store, res, **{**kw, **other})
+    with pytest.raises(StoreError, match="were made with"):
+        LiveSpectrum(store, res, run="r", windows=WINDOWS, scheduler="threads")  # without the sketch
+    again = LiveSpectrum(store, res, **kw)  # the resume truncates the sketch store to the results' 7 steps
+    assert again.n == 7 and open_live(sk_path).sizes["step"] == 7
+    u = again.update()
+    assert u.steps[-1] == steps[12]
+    _assert_sketch_same(sk_path, store, "osnap")
+    _assert_same(open_live(res), _batch(ck, steps[:13]))
+    feed(16)
+    LiveSpectrum(store, res, **kw).update()
+    _assert_sketch_same(sk_path, store, "osnap")
+    # killed after creating the sketch store, before the results store: the orphan is replaced
+    import shutil
+
+    shutil.rmtree(res)
+    LiveSpectrum(store, res, **kw).update()
+    _assert_sketch_same(sk_path, store, "osnap")
+    # a store that is not this results path's live sketch is never replaced
+    shutil.rmtree(res)
+    with pytest.raises(StoreError, match="not this watcher's live sketch"):
+        LiveSpectrum(store, str(tmp_path / "other.zarr"), **kw).update()
+
+
+def test_live_sketch_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="sketch_d"):
+        LiveSpectrum(str(tmp_path / "s.zarr"), str(tmp_path / "live.zarr"), sketch_d=0)
+    with pytest.raises(ValueError, match="sketch_d"):
+        LiveSpectrum(str(tmp_path / "s.zarr"), str(tmp_path / "live.zarr"), sketch_d=2.5)
+    with pytest.raises(ValueError, match="need sketch_d"):
+        LiveSpectrum(str(tmp_path / "s.zarr"), str(tmp_path / "live.zarr"), sketch_seed=3)
+    with pytest.raises(ValueError, match="distribution"):
+        LiveSpectrum(str(tmp_path / "s.zarr"), str(tmp_path / "live.zarr"), sketch_d=8, sketch_distribution="x")
+    for flags, needle in ((["--sketch-d", "0"], "--sketch-d"), (["--sketch-seed", "1"], "need --sketch-d")):
+        p = subprocess.run(
+            [sys.executable, "-m", "sed_dask", "watch", str(tmp_path), "--results", str(tmp_path / "r.zarr"), *flags],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert p.returncode == 2 and "Traceback" not in p.stderr and needle in p.stderr, p.stderr
+    assert not os.path.exists(tmp_path / "r.zarr")

@@ -512,3 +512,30 @@ def test_several_runs_on_a_union_step_grid(tmp_path):
     res = spectra_from_sketch(ds, windows=(4,))
     assert np.isnan(res["sigma"].sel(run="b", window=4).values[~have]).all()
     assert np.isfinite(res["sigma"].sel(run="b", window=4).values[have][3:]).all()
+
+
+@pytest.mark.parametrize("dist", ["gaussian", "osnap"])
+def test_sketch_rows_of_any_split_equal_the_full_pass(tmp_path, dist):
+    """The live engine's ``sketch_graph(rows=...)``: rows sketched in any bursts (single rows, ones
+    straddling a ROW_BLOCK boundary, a long one) are the full pass's rows bit for bit."""
+    from sed_dask.engine.passes import execute
+    from sed_dask.engine.sketch import sketch_graph
+    from sed_dask.store.trajectory import open_store
+
+    n = 2 * ROW_BLOCK + 20
+    path = str(tmp_path / "long.zarr")
+    write_trajectory(path, "r", 10 * np.arange(n), _trajectory(seed=3, n=n, p=P), chunk_bytes=4 * 1024)
+    rs = open_store(path, mode="r").run("r")
+    op = _op(dist)  # 6 RNG tiles: the canonical tree promotes a left node past the end
+    full = sketch_graph(rs, op, tiles_per_task=1)  # other tasks than the row graphs' (one P-range)
+    want = execute(full.dsk, [full.key], scheduler="threads")[0]
+    cuts = [0, 1, 2, ROW_BLOCK - 1, ROW_BLOCK + 2, ROW_BLOCK + 3, 2 * ROW_BLOCK + 5, n - 1]
+    parts = []
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        plan = sketch_graph(rs, op, rows=(lo, hi), steps=full.steps)
+        parts.append(execute(plan.dsk, [plan.key], scheduler="threads")[0])
+        assert parts[-1].shape == (hi - lo, D)
+    got = np.concatenate(parts)
+    assert np.array_equal(got, want), np.max(np.abs(got - want))
+    with pytest.raises(ValueError, match="rows="):
+        sketch_graph(rs, op, rows=(5, n))

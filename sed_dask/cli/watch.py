@@ -15,8 +15,10 @@ def register(sub) -> None:
         "a store another ingest appends to; append each new checkpoint's band row and windows to the "
         "live results store R (bit-identical to `sed-dask spectrum` over the same checkpoints), run "
         "the causal detectors of `sed-dask query warning` on every new window, print each alert as one "
-        "line and append it to a JSON-lines file. Stops on --until, --idle-timeout or Ctrl-C (between "
-        "updates: nothing half-written); re-running the same command resumes.",
+        "line and append it to a JSON-lines file (with --sketch-d, also append each new delta's JL "
+        "sketch and its sketch spectra to a live sketch store, bit-identical to `sed-dask sketch`). "
+        "Stops on --until, --idle-timeout or Ctrl-C (between updates: nothing half-written); "
+        "re-running the same command resumes.",
     )
     p.add_argument("source", metavar="DIR|STORE", help="checkpoint folder, or trajectory store")
     p.add_argument("--results", "-o", required=True, metavar="R", help="live results store (Zarr; created or resumed)")
@@ -46,6 +48,27 @@ def register(sub) -> None:
         help="a file not renamed into place atomically is taken once unchanged this long (default 1)",
     )
     p.add_argument("--normalize-spacing", action="store_true", help="divide each delta by its step span")
+    p.add_argument(
+        "--sketch-d",
+        type=int,
+        default=None,
+        metavar="D",
+        help="also keep a live JL sketch (D columns) of every delta and its sketch spectra, bit-identical "
+        "to `sed-dask sketch` over the same checkpoints (default: no sketch)",
+    )
+    p.add_argument("--sketch-seed", type=int, default=None, help="sketch operator seed (default sed_dask.sketch.seed)")
+    p.add_argument(
+        "--sketch-distribution",
+        choices=["gaussian", "rademacher", "sparse", "osnap"],
+        default=None,
+        help="entries of the sketch operator (default sed_dask.sketch.distribution)",
+    )
+    p.add_argument(
+        "--sketch-store",
+        default=None,
+        metavar="PATH",
+        help="live sketch store (Zarr; default beside R, R-sketch.zarr)",
+    )
     add_cluster_args(p)
     p.set_defaults(func=run)
 
@@ -66,9 +89,19 @@ def run(args: argparse.Namespace) -> int:
         "poll": args.poll,
         "settle": args.settle,
         "normalize_spacing": args.normalize_spacing,
+        "sketch_d": args.sketch_d,
+        "sketch_seed": args.sketch_seed,
+        "sketch_distribution": args.sketch_distribution,
+        "sketch_store": args.sketch_store,
     }
     if args.poll <= 0 or args.settle < 0:
         raise ValueError("--poll must be > 0 and --settle >= 0")
+    if args.sketch_d is not None and args.sketch_d < 1:
+        raise ValueError(f"--sketch-d {args.sketch_d}: the sketch dimension must be >= 1")
+    if args.sketch_d is None and any(
+        x is not None for x in (args.sketch_seed, args.sketch_distribution, args.sketch_store)
+    ):
+        raise ValueError("--sketch-seed/--sketch-distribution/--sketch-store need --sketch-d D")
     with execution_context(args, kw) as client:
         summary = watch(args.source, client=client, echo=lambda line: print(line, flush=True), **kw)
     print(

@@ -299,18 +299,34 @@ def sketch_graph(
     block_steps: int | None = None,
     tiles_per_task: int | None = None,
     split_every: int | None = None,
+    rows: tuple[int, int] | None = None,
+    steps: np.ndarray | None = None,
 ) -> SketchPlan:
-    """Build (do not run) the one-pass sketch graph of one run."""
+    """Build (do not run) the one-pass sketch graph of one run.
+
+    ``rows=(lo, hi)``: sketch only deltas ``lo .. hi-1`` (one step block; the live engine's new
+    deltas). A row's bits do not depend on which rows share its task (fixed-shape kernel aligned to
+    the absolute delta index, canonical tree), so they equal the full pass's rows. ``steps``: the
+    run's already checked checkpoint steps, when the caller has just checked them (skips a re-check).
+    """
     from dask.base import tokenize
 
     ps = pass_settings(tile_bytes=tile_bytes, block_steps=block_steps, split_every=split_every)
     rs = run_store
-    steps = checked_steps(rs)
+    steps = checked_steps(rs) if steps is None else np.asarray(steps, np.int64)
     if rs.n_params != op.n_params:
         raise ValueError(f"operator is for P={op.n_params} but run {rs.name!r} has P={rs.n_params}")
-    tiling = plan_sketch(
-        steps.size, op, tile_bytes=ps.tile_bytes, block_steps=ps.block_steps, tiles_per_task=tiles_per_task
-    )
+    if rows is None:
+        tiling = plan_sketch(
+            steps.size, op, tile_bytes=ps.tile_bytes, block_steps=ps.block_steps, tiles_per_task=tiles_per_task
+        )
+    else:
+        lo, hi = int(rows[0]), int(rows[1])
+        if not 0 <= lo < hi <= steps.size - 1:
+            raise ValueError(f"rows={rows!r}: need 0 <= lo < hi <= {steps.size - 1} (the run's deltas)")
+        # planned as a run of hi - lo deltas (memory per task), then moved to the absolute rows
+        t = plan_sketch(hi - lo + 1, op, tile_bytes=ps.tile_bytes, block_steps=hi - lo, tiles_per_task=tiles_per_task)
+        tiling = dataclasses.replace(t, blocks=((lo, hi),))
     zs = tuple(sorted(config.zarr_settings().items()))
     token = tokenize(str(rs.group.store_path), rs.name, steps.size, rs.index.hash, op, tiling, ps.split_every, zs)
     tname, rname, bname, fname = (f"sed-sketch-{x}-{token}" for x in ("tile", "sum", "block", "out"))

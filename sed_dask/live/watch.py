@@ -186,6 +186,10 @@ def watch(
     scheduler_file: str | None = None,
     stop: threading.Event | None = None,
     tile_bytes=None,
+    sketch_d: int | None = None,
+    sketch_seed: int | None = None,
+    sketch_distribution: str | None = None,
+    sketch_store=None,
 ) -> WatchSummary:
     """Follow ``source`` (a checkpoint folder or a trajectory store) and keep ``results`` up to date.
 
@@ -193,7 +197,11 @@ def watch(
     run name (default: the folder's name, or the store's only run). ``alerts``: the JSON-lines file
     (default beside ``results``). ``echo``: called with every printed line (alerts and one status line
     per update; None: silent, the alerts still go to the file). ``stop``: an Event that ends the watch
-    between updates (for callers in a thread). Returns a :class:`WatchSummary`.
+    between updates (for callers in a thread).
+    ``sketch_d`` (with ``sketch_seed``, ``sketch_distribution``): also keep a live JL sketch of every
+    delta and its sketch spectra in ``sketch_store`` (default beside ``results``, ``R-sketch.zarr``),
+    bit-identical to ``sed_dask.sketch`` over the same checkpoints (:class:`LiveSpectrum`).
+    Returns a :class:`WatchSummary`.
     """
     if echo is None:
         echo = _silent
@@ -224,6 +232,10 @@ def watch(
         address=address,
         scheduler_file=scheduler_file,
         tile_bytes=tile_bytes,
+        sketch_d=sketch_d,
+        sketch_seed=sketch_seed,
+        sketch_distribution=sketch_distribution,
+        sketch_store=sketch_store,
     )
     raised: list[dict] = []
     mtimes: dict[int, float] = {}
